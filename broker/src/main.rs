@@ -1,0 +1,88 @@
+//! `holdfastd`: command line, logging, and the runtime around [`relay::run`].
+
+mod config;
+mod duration;
+mod fanout;
+mod link_monitor;
+mod listener;
+mod nats_convert;
+mod nats_link;
+mod outbox;
+mod relay;
+mod router;
+mod session;
+mod stats;
+mod status;
+mod subscription_table;
+
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+
+/// holdfastd: the node-local relay that keeps inference components working
+/// through NATS and etcd outages.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file (see deploy/holdfast.toml); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Unix socket clients connect to [default: /run/holdfast/holdfast.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Upstream NATS servers, comma-separated [default: nats://127.0.0.1:4222].
+    #[arg(long, value_name = "URLS")]
+    nats: Option<String>,
+    /// Log format; the level comes from RUST_LOG (default "info").
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let overrides = config::Overrides {
+        socket: args.socket,
+        nats_servers: args.nats,
+    };
+    let config = match config::Config::load(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("holdfastd: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("holdfastd: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(relay::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "holdfastd cannot start");
+            eprintln!("holdfastd: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,75 @@
+//! Conversions between holdfast's wire types and async-nats types.
+
+use async_nats::{HeaderMap, Subject};
+use holdfast_wire::{Headers, Text};
+
+/// Why a wire value cannot be handed to async-nats.
+#[derive(Debug, thiserror::Error)]
+#[error("header {name:?} is not a valid NATS header name")]
+pub struct InvalidHeader {
+    pub name: String,
+}
+
+pub fn to_subject(text: &Text) -> Subject {
+    Subject::from(text.as_str())
+}
+
+/// Wire headers as an async-nats map; `None` when there are none, so a
+/// header-less publish stays a plain PUB upstream.
+pub fn to_header_map(headers: &Headers) -> Result<Option<HeaderMap>, InvalidHeader> {
+    if headers.is_empty() {
+        return Ok(None);
+    }
+    let mut map = HeaderMap::new();
+    for (name, value) in headers.iter() {
+        let header_name: async_nats::header::HeaderName =
+            name.as_str().parse().map_err(|_| InvalidHeader {
+                name: name.to_string(),
+            })?;
+        map.append(header_name, value.as_str());
+    }
+    Ok(Some(map))
+}
+
+pub fn from_header_map(map: Option<&HeaderMap>) -> Headers {
+    let mut headers = Headers::new();
+    if let Some(map) = map {
+        for (name, values) in map.iter() {
+            for value in values {
+                headers.insert(Text::from(name.as_ref()), Text::from(value.as_str()));
+            }
+        }
+    }
+    headers
+}
+
+pub fn from_subject(subject: &Subject) -> Text {
+    Text::from(subject.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_with_repeated_names() {
+        let mut headers = Headers::new();
+        headers.insert("Trace-Id", "abc");
+        headers.insert("Tag", "one");
+        headers.insert("Tag", "two");
+        let map = to_header_map(&headers).unwrap().unwrap();
+        let mut back = from_header_map(Some(&map)).0;
+        back.sort();
+        let mut expected = headers.0.clone();
+        expected.sort();
+        assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn empty_headers_stay_absent_and_bad_names_are_rejected() {
+        assert!(to_header_map(&Headers::new()).unwrap().is_none());
+        let mut headers = Headers::new();
+        headers.insert("bad name", "x");
+        assert!(to_header_map(&headers).is_err());
+    }
+}

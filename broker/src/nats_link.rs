@@ -1,0 +1,252 @@
+//! The relay's one connection to the upstream NATS cluster, and its link state.
+//!
+//! async-nats owns the socket, reconnects and re-subscribes; this file adds
+//! what the relay needs on top: a round-trip probe through the server so a
+//! stopped server is noticed within `link_timeout`, a lock-free "is it up"
+//! flag for the publish hot path, and a watch channel that sessions follow
+//! to tell their clients (LINK_STATE frames).
+
+use crate::config::NatsConfig;
+use crate::link_monitor::LinkMonitor;
+use async_nats::{client::RequestErrorKind, connection::State, Event};
+use holdfast_wire::LinkStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The link as sessions and the status document see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkSnapshot {
+    pub status: LinkStatus,
+    pub since: SystemTime,
+    pub outages: u64,
+}
+
+/// Why the NATS link could not be set up at all (a config problem; an
+/// unreachable server is not an error, it is a `Down` link).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot use NATS servers {servers:?}: {message}")]
+pub struct NatsLinkError {
+    pub servers: Vec<String>,
+    pub message: String,
+}
+
+/// A cheap handle to the upstream connection.
+#[derive(Clone)]
+pub struct NatsLink {
+    client: async_nats::Client,
+    is_up: Arc<AtomicBool>,
+    state: watch::Receiver<LinkSnapshot>,
+}
+
+impl NatsLink {
+    /// Connects in the background and starts the link monitor; returns at
+    /// once even when no server is reachable.
+    pub async fn start(
+        config: &NatsConfig,
+        relay_id: &str,
+        shutdown: CancellationToken,
+    ) -> Result<NatsLink, NatsLinkError> {
+        let (event_tx, event_rx) = mpsc::channel::<Event>(64);
+        let reconnect_delay_max = config.reconnect_delay_max;
+        let options = async_nats::ConnectOptions::new()
+            .name(format!("holdfastd {relay_id}"))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(config.connect_timeout)
+            .request_timeout(Some(config.request_timeout))
+            .reconnect_delay_callback(move |attempts| {
+                let exponent = attempts.min(10) as u32;
+                Duration::from_millis(50u64.saturating_mul(1 << exponent)).min(reconnect_delay_max)
+            })
+            .event_callback(move |event| {
+                let event_tx = event_tx.clone();
+                async move {
+                    // Events only speed detection up; the probe catches what
+                    // a full channel would lose, so never wait here.
+                    let _ = event_tx.try_send(event);
+                }
+            });
+        let client = options
+            .connect(config.servers.clone())
+            .await
+            .map_err(|error| NatsLinkError {
+                servers: config.servers.clone(),
+                message: error.to_string(),
+            })?;
+        let now = Instant::now();
+        let initial = LinkSnapshot {
+            status: LinkStatus::Unknown,
+            since: SystemTime::now(),
+            outages: 0,
+        };
+        let (state_tx, state_rx) = watch::channel(initial);
+        let is_up = Arc::new(AtomicBool::new(false));
+        let monitor = MonitorTask {
+            client: client.clone(),
+            monitor: LinkMonitor::new(now, config.link_timeout),
+            probe_subject: format!("_HOLDFAST.probe.{relay_id}"),
+            probe_interval: config.probe_interval,
+            link_timeout: config.link_timeout,
+            servers: config.servers.join(","),
+            is_up: is_up.clone(),
+            state_tx,
+        };
+        tokio::spawn(monitor.run(event_rx, shutdown));
+        Ok(NatsLink {
+            client,
+            is_up,
+            state: state_rx,
+        })
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// Whether publishes should go upstream now. One atomic load: this is
+    /// read for every publish.
+    pub fn is_up(&self) -> bool {
+        self.is_up.load(Ordering::Acquire)
+    }
+
+    pub fn snapshot(&self) -> LinkSnapshot {
+        *self.state.borrow()
+    }
+
+    /// Waits until the link has a known state (up, or down after the first
+    /// connect attempt timed out), at most `limit`.
+    pub async fn settled(&self, limit: Duration) -> LinkStatus {
+        let mut state = self.state.clone();
+        let known = state.wait_for(|snapshot| snapshot.status != LinkStatus::Unknown);
+        let _ = tokio::time::timeout(limit, known).await;
+        self.snapshot().status
+    }
+
+    /// A receiver that wakes on every status change.
+    pub fn watch(&self) -> watch::Receiver<LinkSnapshot> {
+        self.state.clone()
+    }
+
+    /// The server the client is connected to, if any.
+    pub fn connected_server(&self) -> Option<String> {
+        if self.client.connection_state() != State::Connected {
+            return None;
+        }
+        self.client
+            .try_server_info()
+            .map(|info| format!("{}:{}", info.host, info.port))
+    }
+}
+
+struct MonitorTask {
+    client: async_nats::Client,
+    monitor: LinkMonitor,
+    probe_subject: String,
+    probe_interval: Duration,
+    link_timeout: Duration,
+    servers: String,
+    is_up: Arc<AtomicBool>,
+    state_tx: watch::Sender<LinkSnapshot>,
+}
+
+impl MonitorTask {
+    async fn run(mut self, mut events: mpsc::Receiver<Event>, shutdown: CancellationToken) {
+        let (probe_tx, mut probe_rx) = mpsc::channel::<bool>(1);
+        let mut probe_in_flight = false;
+        let mut ticker = tokio::time::interval(self.probe_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let change = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                Some(event) = events.recv() => self.on_event(event),
+                Some(alive) = probe_rx.recv() => {
+                    probe_in_flight = false;
+                    if alive { self.monitor.on_probe_ok(Instant::now()) } else { None }
+                }
+                _ = ticker.tick() => {
+                    let now = Instant::now();
+                    // The event channel can miss a connect; the client's own
+                    // state is the backstop.
+                    let connected = self.client.connection_state() == State::Connected;
+                    let mut change = None;
+                    if connected && !self.monitor.wants_probe() {
+                        change = self.monitor.on_connected(now);
+                    } else if !connected && self.monitor.wants_probe() {
+                        change = self.monitor.on_disconnected();
+                    }
+                    change = change.or(self.monitor.on_tick(now));
+                    if self.monitor.wants_probe() && !probe_in_flight {
+                        probe_in_flight = true;
+                        tokio::spawn(probe(
+                            self.client.clone(),
+                            self.probe_subject.clone(),
+                            self.link_timeout,
+                            probe_tx.clone(),
+                        ));
+                    }
+                    change
+                }
+            };
+            if let Some(status) = change {
+                self.publish(status);
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) -> Option<LinkStatus> {
+        let now = Instant::now();
+        match event {
+            Event::Connected => self.monitor.on_connected(now),
+            Event::Disconnected | Event::Closed => self.monitor.on_disconnected(),
+            Event::SlowConsumer(sid) => {
+                warn!(
+                    upstream_sid = sid,
+                    "NATS client dropped messages for an upstream subscription (relay not keeping up)"
+                );
+                None
+            }
+            other => {
+                warn!(event = %other, "NATS connection event");
+                None
+            }
+        }
+    }
+
+    fn publish(&mut self, status: LinkStatus) {
+        self.is_up.store(status == LinkStatus::Up, Ordering::Release);
+        let snapshot = LinkSnapshot {
+            status,
+            since: SystemTime::now(),
+            outages: self.monitor.outages(),
+        };
+        match status {
+            LinkStatus::Down => warn!(
+                servers = %self.servers,
+                outages = snapshot.outages,
+                "NATS link down: publishes are rejected with NatsUnavailable and delivered to local subscribers"
+            ),
+            _ => info!(servers = %self.servers, status = ?status, "NATS link state changed"),
+        }
+        self.state_tx.send_replace(snapshot);
+    }
+}
+
+/// One round trip through the server: a request to a subject nobody serves
+/// comes back at once as "no responders" from a live server.
+async fn probe(
+    client: async_nats::Client,
+    subject: String,
+    timeout: Duration,
+    done: mpsc::Sender<bool>,
+) {
+    let request = async_nats::Request::new().timeout(Some(timeout));
+    let alive = match client.send_request(subject, request).await {
+        Ok(_) => true,
+        Err(error) => error.kind() == RequestErrorKind::NoResponders,
+    };
+    let _ = done.send(alive).await;
+}

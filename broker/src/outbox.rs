@@ -1,0 +1,275 @@
+//! A session's outbound queue: bounded in frames and in bytes, with the
+//! slow-consumer policy applied at the door.
+//!
+//! Two kinds of producers write here. The session itself (acks, pongs,
+//! responses) waits for room: that only slows the client that is not reading
+//! its own answers. Fan-out tasks delivering subscription messages never
+//! wait: a full outbox drops the message (counted, reported to the client)
+//! or asks the session to disconnect, so one slow subscriber cannot stall
+//! delivery to anyone else.
+
+use crate::config::SlowConsumerPolicy;
+use crate::stats::{bump, RelayStats};
+use holdfast_wire::Frame;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, Notify};
+use tracing::warn;
+
+/// What became of a message offered by a fan-out task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Queued,
+    /// The outbox was full; nothing was counted yet (see [`Outbox::try_offer`]).
+    Full,
+    /// The outbox was full; the message was dropped for this subscriber.
+    Dropped,
+    /// The session is gone or going.
+    Closed,
+}
+
+/// The session has ended; nothing more can be sent to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("session closed")]
+pub struct OutboxClosed;
+
+struct Shared {
+    session_id: u64,
+    queued_bytes: AtomicUsize,
+    max_bytes: usize,
+    policy: SlowConsumerPolicy,
+    /// Drops not yet reported to the client.
+    unreported_drops: AtomicU64,
+    close_requested: AtomicBool,
+    close_notify: Notify,
+    stats: Arc<RelayStats>,
+}
+
+/// The sending side; clones go to every fan-out task the session subscribes to.
+#[derive(Clone)]
+pub struct Outbox {
+    sender: mpsc::Sender<Frame>,
+    shared: Arc<Shared>,
+}
+
+/// The receiving side, owned by the session's writer.
+pub struct OutboxReceiver {
+    receiver: mpsc::Receiver<Frame>,
+    shared: Arc<Shared>,
+}
+
+/// Creates a session's outbox.
+pub fn outbox(
+    session_id: u64,
+    max_frames: usize,
+    max_bytes: usize,
+    policy: SlowConsumerPolicy,
+    stats: Arc<RelayStats>,
+) -> (Outbox, OutboxReceiver) {
+    let (sender, receiver) = mpsc::channel(max_frames);
+    let shared = Arc::new(Shared {
+        session_id,
+        queued_bytes: AtomicUsize::new(0),
+        max_bytes,
+        policy,
+        unreported_drops: AtomicU64::new(0),
+        close_requested: AtomicBool::new(false),
+        close_notify: Notify::new(),
+        stats,
+    });
+    (
+        Outbox {
+            sender,
+            shared: shared.clone(),
+        },
+        OutboxReceiver { receiver, shared },
+    )
+}
+
+/// Bytes a frame holds in memory while queued. Only subscription messages
+/// count: they are the only frames others push at a session uninvited.
+fn queued_size(frame: &Frame) -> usize {
+    match frame {
+        Frame::Message(message) => {
+            message.payload.len()
+                + message.subject.len()
+                + message.reply.as_ref().map_or(0, |reply| reply.len())
+                + message
+                    .headers
+                    .iter()
+                    .map(|(name, value)| name.len() + value.len())
+                    .sum::<usize>()
+        }
+        _ => 0,
+    }
+}
+
+impl Outbox {
+    /// Queues a frame of the session's own, waiting for room.
+    pub async fn send(&self, frame: Frame) -> Result<(), OutboxClosed> {
+        self.sender.send(frame).await.map_err(|_| OutboxClosed)
+    }
+
+    /// Offers a subscription message without waiting; a full outbox
+    /// applies the slow-consumer policy.
+    pub fn offer(&self, frame: Frame) -> Delivery {
+        match self.try_offer(frame) {
+            Delivery::Full => self.overflow(),
+            other => other,
+        }
+    }
+
+    /// Like [`Outbox::offer`], but a full outbox only answers `Full`, so a
+    /// queue group can try another member before anything counts as dropped.
+    pub fn try_offer(&self, frame: Frame) -> Delivery {
+        if self.shared.close_requested.load(Ordering::Relaxed) {
+            return Delivery::Closed;
+        }
+        let size = queued_size(&frame);
+        let queued = self.shared.queued_bytes.fetch_add(size, Ordering::AcqRel);
+        if queued + size > self.shared.max_bytes {
+            self.shared.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+            return Delivery::Full;
+        }
+        match self.sender.try_send(frame) {
+            Ok(()) => Delivery::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.shared.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                Delivery::Full
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.shared.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                Delivery::Closed
+            }
+        }
+    }
+
+    /// Applies the slow-consumer policy to one message that found no room.
+    pub fn overflow(&self) -> Delivery {
+        let shared = &self.shared;
+        match shared.policy {
+            SlowConsumerPolicy::Drop => {
+                bump(&shared.stats.slow_consumer_drops);
+                let earlier = shared.unreported_drops.fetch_add(1, Ordering::Relaxed);
+                if earlier == 0 {
+                    warn!(
+                        session = shared.session_id,
+                        reason = "slow_consumer",
+                        "dropping messages for a subscriber whose outbound queue is full"
+                    );
+                }
+                Delivery::Dropped
+            }
+            SlowConsumerPolicy::Disconnect => {
+                if !shared.close_requested.swap(true, Ordering::AcqRel) {
+                    bump(&shared.stats.slow_consumer_disconnects);
+                    warn!(
+                        session = shared.session_id,
+                        reason = "slow_consumer",
+                        "disconnecting a subscriber whose outbound queue is full"
+                    );
+                    shared.close_notify.notify_one();
+                }
+                // The message is lost for this subscriber along with the
+                // connection; count it like any other drop.
+                bump(&shared.stats.slow_consumer_drops);
+                Delivery::Dropped
+            }
+        }
+    }
+
+    /// Resolves when a fan-out task asked for this session to be closed.
+    pub async fn close_requested(&self) {
+        loop {
+            let notified = self.shared.close_notify.notified();
+            if self.shared.close_requested.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl OutboxReceiver {
+    /// Moves up to `limit` queued frames into `batch`; 0 means every sender
+    /// is gone.
+    pub async fn recv_many(&mut self, batch: &mut Vec<Frame>, limit: usize) -> usize {
+        let received = self.receiver.recv_many(batch, limit).await;
+        let released: usize = batch[batch.len() - received..]
+            .iter()
+            .map(queued_size)
+            .sum();
+        self.shared
+            .queued_bytes
+            .fetch_sub(released, Ordering::AcqRel);
+        received
+    }
+
+    /// Takes the count of drops since the last call, to report to the client.
+    pub fn take_unreported_drops(&self) -> u64 {
+        self.shared.unreported_drops.swap(0, Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use holdfast_wire::{Headers, Message, Ping, Text};
+
+    fn message(size: usize) -> Frame {
+        Frame::Message(Message {
+            sid: 1,
+            subject: Text::from_static("s"),
+            reply: None,
+            headers: Headers::new(),
+            payload: Bytes::from(vec![0u8; size]),
+        })
+    }
+
+    #[tokio::test]
+    async fn byte_budget_drops_and_counts_then_recovers_after_drain() {
+        let stats = Arc::new(RelayStats::default());
+        let (outbox, mut receiver) = outbox(7, 100, 1_000, SlowConsumerPolicy::Drop, stats.clone());
+        assert_eq!(outbox.offer(message(600)), Delivery::Queued);
+        assert_eq!(outbox.offer(message(600)), Delivery::Dropped);
+        assert_eq!(stats.snapshot().slow_consumer_drops, 1);
+        assert_eq!(receiver.take_unreported_drops(), 1);
+        assert_eq!(receiver.take_unreported_drops(), 0);
+        let mut batch = Vec::new();
+        assert_eq!(receiver.recv_many(&mut batch, 10).await, 1);
+        assert_eq!(outbox.offer(message(600)), Delivery::Queued);
+    }
+
+    #[tokio::test]
+    async fn frame_budget_drops_without_blocking() {
+        let stats = Arc::new(RelayStats::default());
+        let (outbox, _receiver) = outbox(7, 2, usize::MAX, SlowConsumerPolicy::Drop, stats);
+        assert_eq!(outbox.offer(message(1)), Delivery::Queued);
+        assert_eq!(outbox.offer(message(1)), Delivery::Queued);
+        assert_eq!(outbox.offer(message(1)), Delivery::Dropped);
+    }
+
+    #[tokio::test]
+    async fn disconnect_policy_requests_close_once() {
+        let stats = Arc::new(RelayStats::default());
+        let (outbox, _receiver) =
+            outbox(7, 1, usize::MAX, SlowConsumerPolicy::Disconnect, stats.clone());
+        outbox.send(Frame::Ping(Ping { nonce: 1 })).await.unwrap();
+        assert_eq!(outbox.offer(message(1)), Delivery::Dropped);
+        assert_eq!(outbox.offer(message(1)), Delivery::Closed);
+        tokio::time::timeout(std::time::Duration::from_secs(1), outbox.close_requested())
+            .await
+            .unwrap();
+        assert_eq!(stats.snapshot().slow_consumer_disconnects, 1);
+    }
+
+    #[tokio::test]
+    async fn offers_to_a_closed_session_say_closed() {
+        let stats = Arc::new(RelayStats::default());
+        let (outbox, receiver) = outbox(7, 4, usize::MAX, SlowConsumerPolicy::Drop, stats);
+        drop(receiver);
+        assert_eq!(outbox.offer(message(1)), Delivery::Closed);
+        assert_eq!(outbox.send(Frame::Ping(Ping { nonce: 1 })).await, Err(OutboxClosed));
+    }
+}

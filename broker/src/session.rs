@@ -1,0 +1,658 @@
+//! One client connection: handshake, then frames in, answers out.
+//!
+//! The session task reads frames (many per socket read) and handles them in
+//! order; a separate writer task drains the session's [`Outbox`] and writes
+//! everything queued in one syscall. Publishes go straight to the NATS
+//! client; subscriptions and node-local delivery go through the router.
+
+use crate::config::{Config, DEFAULT_CLASSES};
+use crate::fanout::LocalMessage;
+use crate::nats_convert::{from_header_map, to_header_map, to_subject};
+use crate::nats_link::NatsLink;
+use crate::outbox::{outbox, Outbox, OutboxReceiver};
+use crate::router::RouterHandle;
+use crate::stats::{bump, RelayStats};
+use crate::status;
+use crate::subscription_table::SubscriptionKey;
+use async_nats::client::RequestErrorKind;
+use bytes::BytesMut;
+use futures::StreamExt;
+use holdfast_wire::subject::{
+    validate_publish_subject, validate_queue_group, validate_subscribe_subject,
+};
+use holdfast_wire::{
+    encode, AckOutcome, CodecError, ErrorCode, ErrorFrame, Frame, FrameCodec, GoAway, Hello,
+    LinkState, Pong, PubAck, Publish, Request, Response, ResponseOutcome, Service,
+    StatusResponse, Subscribe, Text, Welcome, PROTOCOL_VERSION,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::Semaphore;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// A client must say HELLO within this long after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a PING barrier waits for the NATS client to flush.
+const BARRIER_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Socket read buffer: big enough that one read carries many small frames.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Frames the writer takes from the outbox per batch.
+const WRITE_BATCH_FRAMES: usize = 512;
+/// Flush the write buffer early once it holds this much.
+const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+
+/// What every session shares: configuration and handles to the relay's tasks.
+pub struct SessionContext {
+    pub config: Arc<Config>,
+    pub nats: NatsLink,
+    pub router: RouterHandle,
+    pub stats: Arc<RelayStats>,
+    pub relay_id: Text,
+    pub started_at: Instant,
+    pub shutdown: CancellationToken,
+    next_session_id: AtomicU64,
+}
+
+impl SessionContext {
+    pub fn new(
+        config: Arc<Config>,
+        nats: NatsLink,
+        router: RouterHandle,
+        stats: Arc<RelayStats>,
+        relay_id: Text,
+        shutdown: CancellationToken,
+    ) -> SessionContext {
+        SessionContext {
+            config,
+            nats,
+            router,
+            stats,
+            relay_id,
+            started_at: Instant::now(),
+            shutdown,
+            next_session_id: AtomicU64::new(1),
+        }
+    }
+}
+
+type Reader = FramedRead<OwnedReadHalf, FrameCodec>;
+
+/// Whether the session goes on after a frame.
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct Session {
+    id: u64,
+    ctx: Arc<SessionContext>,
+    outbox: Outbox,
+    requests_in_flight: Arc<Semaphore>,
+}
+
+/// Keeps the active-sessions gauge right however the session ends.
+struct ActiveGuard(Arc<RelayStats>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.sessions_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves one connection until it closes, errs, or the relay shuts down.
+pub async fn run(stream: UnixStream, ctx: Arc<SessionContext>) {
+    let id = ctx.next_session_id.fetch_add(1, Ordering::Relaxed);
+    bump(&ctx.stats.sessions_total);
+    ctx.stats.sessions_active.fetch_add(1, Ordering::Relaxed);
+    let _active = ActiveGuard(ctx.stats.clone());
+
+    let max_frame = ctx.config.relay.max_frame_bytes;
+    let (read_half, write_half) = stream.into_split();
+    let mut reader = FramedRead::with_capacity(read_half, FrameCodec::new(max_frame), READ_BUFFER_BYTES);
+    let sessions = &ctx.config.sessions;
+    let (outbox, outbox_receiver) = outbox(
+        id,
+        sessions.outbound_queue_frames,
+        sessions.outbound_queue_bytes,
+        sessions.slow_consumer,
+        ctx.stats.clone(),
+    );
+    let writer = tokio::spawn(write_loop(write_half, outbox_receiver, max_frame));
+    let session = Session {
+        id,
+        ctx: ctx.clone(),
+        outbox,
+        requests_in_flight: Arc::new(Semaphore::new(sessions.max_inflight_requests)),
+    };
+    session.serve(&mut reader).await;
+    ctx.router.remove_session(id).await;
+    drop(session);
+    // The writer ends once it has written GO_AWAY or every outbox handle is
+    // gone; bound the wait so a peer that stopped reading cannot hold us.
+    if tokio::time::timeout(ctx.config.relay.shutdown_grace, writer)
+        .await
+        .is_err()
+    {
+        debug!(session = id, "writer did not finish in time; connection dropped");
+    }
+}
+
+impl Session {
+    async fn serve(&self, reader: &mut Reader) {
+        let Some(hello) = self.handshake(reader).await else {
+            return;
+        };
+        info!(session = self.id, client = %hello.client_name, "session started");
+        let mut link = self.ctx.nats.watch();
+        link.borrow_and_update();
+        loop {
+            let flow = tokio::select! {
+                _ = self.ctx.shutdown.cancelled() => {
+                    self.go_away(ErrorCode::ShuttingDown, "relay is shutting down; reconnect").await;
+                    Flow::Close
+                }
+                _ = self.outbox.close_requested() => {
+                    self.go_away(ErrorCode::SlowConsumer, "subscriber did not keep up; disconnected").await;
+                    Flow::Close
+                }
+                changed = link.changed() => match changed {
+                    Ok(()) => {
+                        let status = link.borrow_and_update().status;
+                        let frame = Frame::LinkState(LinkState { service: Service::Nats, status });
+                        self.send(frame).await
+                    }
+                    Err(_) => Flow::Continue,
+                },
+                frame = reader.next() => match frame {
+                    Some(Ok(frame)) => self.on_frame(frame).await,
+                    Some(Err(error)) => {
+                        self.on_read_error(error).await;
+                        Flow::Close
+                    }
+                    None => Flow::Close,
+                },
+            };
+            if matches!(flow, Flow::Close) {
+                break;
+            }
+        }
+        debug!(session = self.id, "session ended");
+    }
+
+    async fn handshake(&self, reader: &mut Reader) -> Option<Hello> {
+        let first = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
+            Err(_) => {
+                self.go_away(ErrorCode::Timeout, "no HELLO within 10 s").await;
+                return None;
+            }
+            Ok(None) => return None,
+            Ok(Some(Err(error))) => {
+                self.on_read_error(error).await;
+                return None;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Frame::Hello(hello) = first else {
+            self.go_away(ErrorCode::ProtocolViolation, "the first frame must be HELLO")
+                .await;
+            return None;
+        };
+        if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) {
+            let message = format!(
+                "client speaks versions {}..={}, relay speaks {PROTOCOL_VERSION}",
+                hello.min_version, hello.max_version
+            );
+            self.go_away(ErrorCode::UnsupportedVersion, &message).await;
+            return None;
+        }
+        let instance_id = if hello.instance_id == 0 {
+            new_instance_id(self.id)
+        } else {
+            hello.instance_id
+        };
+        let link = self.ctx.nats.snapshot();
+        let welcome = Frame::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            session_id: self.id,
+            instance_id,
+            relay_id: self.ctx.relay_id.clone(),
+            max_frame_bytes: self.ctx.config.relay.max_frame_bytes,
+            nats: link.status,
+            etcd: holdfast_wire::LinkStatus::Unknown,
+        });
+        match self.send(welcome).await {
+            Flow::Continue => Some(hello),
+            Flow::Close => None,
+        }
+    }
+
+    async fn on_frame(&self, frame: Frame) -> Flow {
+        match frame {
+            Frame::Publish(publish) => self.on_publish(publish).await,
+            Frame::Subscribe(subscribe) => self.on_subscribe(subscribe).await,
+            Frame::Unsubscribe(unsubscribe) => {
+                self.ctx.router.unsubscribe((self.id, unsubscribe.sid)).await;
+                Flow::Continue
+            }
+            Frame::Request(request) => self.on_request(request).await,
+            Frame::Ping(ping) => {
+                // Barrier: everything before this PING was handed to the NATS
+                // client in order; flushing it makes "handed" mean "written".
+                if self.ctx.nats.is_up() {
+                    let flush = self.ctx.nats.client().flush();
+                    let _ = tokio::time::timeout(BARRIER_FLUSH_TIMEOUT, flush).await;
+                }
+                self.send(Frame::Pong(Pong { nonce: ping.nonce })).await
+            }
+            Frame::StatusRequest(request) => {
+                let document = status::document(&self.ctx).await;
+                let json = serde_json::to_vec(&document).unwrap_or_default();
+                self.send(Frame::StatusResponse(StatusResponse {
+                    request_id: request.request_id,
+                    json: json.into(),
+                }))
+                .await
+            }
+            Frame::Pong(_) => Flow::Continue,
+            Frame::Error(error) => {
+                debug!(session = self.id, code = %error.code, message = %error.message, "client reported an error");
+                Flow::Continue
+            }
+            Frame::GoAway(_) => Flow::Close,
+            other => {
+                let message = format!(
+                    "frame type 0x{:02x} is only sent by the relay",
+                    other.frame_type()
+                );
+                self.go_away(ErrorCode::ProtocolViolation, &message).await;
+                Flow::Close
+            }
+        }
+    }
+
+    async fn on_publish(&self, publish: Publish) -> Flow {
+        if let Some(refusal) = check_publish(&publish) {
+            bump(&self.ctx.stats.publishes_rejected_invalid);
+            return self.reject(publish.ack_id, refusal.0, refusal.1, 0).await;
+        }
+        let message = LocalMessage {
+            subject: publish.subject,
+            reply: publish.reply,
+            headers: publish.headers,
+            payload: publish.payload,
+        };
+        if message.subject.starts_with(self.ctx.router.local_inbox_prefix()) {
+            self.ctx.router.reply_local(message).await;
+            return self.ack(publish.ack_id, AckOutcome::Forwarded, 1).await;
+        }
+        if self.ctx.nats.is_up() {
+            return match self.forward(message).await {
+                Ok(()) => {
+                    bump(&self.ctx.stats.publishes_forwarded);
+                    self.ack(publish.ack_id, AckOutcome::Forwarded, 0).await
+                }
+                Err((code, reason)) => {
+                    bump(&self.ctx.stats.publishes_rejected_nats_unavailable);
+                    self.reject(publish.ack_id, code, reason, 0).await
+                }
+            };
+        }
+        // NATS is down: node-local subscribers still get the message, and the
+        // publisher learns it did not reach NATS.
+        let delivered = self.ctx.router.deliver_local(message).await;
+        bump(&self.ctx.stats.publishes_rejected_nats_unavailable);
+        let reason = format!(
+            "NATS is unreachable: not forwarded; delivered to {delivered} subscriber(s) on this relay"
+        );
+        self.reject(publish.ack_id, ErrorCode::NatsUnavailable, reason, delivered)
+            .await
+    }
+
+    async fn forward(&self, message: LocalMessage) -> Result<(), (ErrorCode, String)> {
+        let headers = to_header_map(&message.headers)
+            .map_err(|error| (ErrorCode::ProtocolViolation, error.to_string()))?;
+        let client = self.ctx.nats.client();
+        let subject = to_subject(&message.subject);
+        let result = match (message.reply, headers) {
+            (None, None) => client.publish(subject, message.payload).await,
+            (None, Some(headers)) => {
+                client
+                    .publish_with_headers(subject, headers, message.payload)
+                    .await
+            }
+            (Some(reply), None) => {
+                client
+                    .publish_with_reply(subject, to_subject(&reply), message.payload)
+                    .await
+            }
+            (Some(reply), Some(headers)) => {
+                client
+                    .publish_with_reply_and_headers(
+                        subject,
+                        to_subject(&reply),
+                        headers,
+                        message.payload,
+                    )
+                    .await
+            }
+        };
+        result.map_err(|error| (ErrorCode::NatsUnavailable, error.to_string()))
+    }
+
+    async fn on_subscribe(&self, subscribe: Subscribe) -> Flow {
+        let sid = subscribe.sid;
+        let valid = validate_subscribe_subject(&subscribe.subject).and_then(|()| {
+            subscribe
+                .queue_group
+                .as_deref()
+                .map_or(Ok(()), validate_queue_group)
+        });
+        if let Err(error) = valid {
+            return self
+                .error(ErrorCode::InvalidSubject, u64::from(sid), error.to_string())
+                .await;
+        }
+        let key = SubscriptionKey {
+            subject: subscribe.subject,
+            queue_group: subscribe.queue_group,
+        };
+        match self
+            .ctx
+            .router
+            .subscribe((self.id, sid), key, self.outbox.clone())
+            .await
+        {
+            Ok(()) => Flow::Continue,
+            Err(refusal) => {
+                if refusal.code == ErrorCode::LimitExceeded {
+                    bump(&self.ctx.stats.limit_rejections);
+                }
+                self.error(refusal.code, u64::from(sid), refusal.message)
+                    .await
+            }
+        }
+    }
+
+    async fn on_request(&self, request: Request) -> Flow {
+        bump(&self.ctx.stats.requests_total);
+        let request_id = request.request_id;
+        let Ok(permit) = self.requests_in_flight.clone().try_acquire_owned() else {
+            bump(&self.ctx.stats.limit_rejections);
+            let message = format!(
+                "more than {} requests in flight on this connection",
+                self.ctx.config.sessions.max_inflight_requests
+            );
+            return self
+                .fail_request(request_id, ErrorCode::LimitExceeded, message)
+                .await;
+        };
+        if let Err(error) = validate_publish_subject(&request.subject) {
+            return self
+                .fail_request(request_id, ErrorCode::InvalidSubject, error.to_string())
+                .await;
+        }
+        let nats_config = &self.ctx.config.nats;
+        let timeout = match request.timeout_ms {
+            0 => nats_config.request_timeout,
+            millis => Duration::from_millis(u64::from(millis)).min(nats_config.max_request_timeout),
+        };
+        let ctx = self.ctx.clone();
+        let outbox = self.outbox.clone();
+        // Requests run concurrently; their answers may overtake each other,
+        // which the request ids make harmless.
+        tokio::spawn(async move {
+            let outcome = serve_request(&ctx, request, timeout).await;
+            if let ResponseOutcome::Failed { code, .. } = &outcome {
+                bump(&ctx.stats.requests_failed);
+                debug!(request_id, %code, "request failed");
+            }
+            let _ = outbox
+                .send(Frame::Response(Response {
+                    request_id,
+                    outcome,
+                }))
+                .await;
+            drop(permit);
+        });
+        Flow::Continue
+    }
+
+    async fn fail_request(&self, request_id: u64, code: ErrorCode, message: String) -> Flow {
+        bump(&self.ctx.stats.requests_failed);
+        self.send(Frame::Response(Response {
+            request_id,
+            outcome: ResponseOutcome::Failed {
+                code,
+                message: Text::from(message),
+            },
+        }))
+        .await
+    }
+
+    async fn on_read_error(&self, error: CodecError) {
+        match error {
+            CodecError::Decode(error) => {
+                bump(&self.ctx.stats.frame_errors);
+                warn!(session = self.id, %error, "bad frame from client; closing the connection");
+                self.go_away(error.code(), &error.to_string()).await;
+            }
+            CodecError::Io(error) => {
+                // The tokio codec reports a stream that ended mid-frame as an
+                // I/O error; the peer gets told if it is still listening.
+                bump(&self.ctx.stats.frame_errors);
+                debug!(session = self.id, %error, "connection read failed");
+                self.go_away(ErrorCode::BadFrame, &format!("truncated frame or read error: {error}"))
+                    .await;
+            }
+            CodecError::Encode(error) => {
+                warn!(session = self.id, %error, "unexpected encode error on the read side");
+            }
+        }
+    }
+
+    async fn ack(&self, ack_id: u64, outcome: AckOutcome, local_deliveries: u32) -> Flow {
+        if ack_id == 0 {
+            return Flow::Continue;
+        }
+        self.send(Frame::PubAck(PubAck {
+            ack_id,
+            outcome,
+            local_deliveries,
+        }))
+        .await
+    }
+
+    async fn reject(
+        &self,
+        ack_id: u64,
+        code: ErrorCode,
+        message: String,
+        local_deliveries: u32,
+    ) -> Flow {
+        if ack_id == 0 {
+            return self.error(code, 0, message).await;
+        }
+        let outcome = AckOutcome::Rejected {
+            code,
+            message: Text::from(message),
+        };
+        self.ack(ack_id, outcome, local_deliveries).await
+    }
+
+    async fn error(&self, code: ErrorCode, reference: u64, message: String) -> Flow {
+        self.send(Frame::Error(ErrorFrame {
+            code,
+            reference,
+            message: Text::from(message),
+        }))
+        .await
+    }
+
+    async fn go_away(&self, code: ErrorCode, message: &str) {
+        let frame = Frame::GoAway(GoAway {
+            code,
+            message: Text::from(message),
+        });
+        let _ = self.outbox.send(frame).await;
+    }
+
+    async fn send(&self, frame: Frame) -> Flow {
+        match self.outbox.send(frame).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Close,
+        }
+    }
+}
+
+/// Checks a publish before anything is done with it.
+fn check_publish(publish: &Publish) -> Option<(ErrorCode, String)> {
+    if let Err(error) = validate_publish_subject(&publish.subject) {
+        return Some((ErrorCode::InvalidSubject, format!("subject: {error}")));
+    }
+    if let Some(reply) = &publish.reply {
+        if let Err(error) = validate_publish_subject(reply) {
+            return Some((ErrorCode::InvalidSubject, format!("reply subject: {error}")));
+        }
+    }
+    if let Some(class) = &publish.class {
+        if !DEFAULT_CLASSES.contains(&class.as_str()) {
+            return Some((
+                ErrorCode::UnknownClass,
+                format!(
+                    "unknown message class {class:?}; known classes: {}",
+                    DEFAULT_CLASSES.join(", ")
+                ),
+            ));
+        }
+    }
+    None
+}
+
+async fn serve_request(ctx: &SessionContext, request: Request, timeout: Duration) -> ResponseOutcome {
+    let failed = |code: ErrorCode, message: String| ResponseOutcome::Failed {
+        code,
+        message: Text::from(message),
+    };
+    if !ctx.nats.is_up() {
+        let message = LocalMessage {
+            subject: request.subject,
+            reply: None,
+            headers: request.headers,
+            payload: request.payload,
+        };
+        return match ctx.router.request_local(message, timeout).await {
+            Ok(reply) => ResponseOutcome::Reply {
+                headers: reply.headers,
+                payload: reply.payload,
+            },
+            Err(ErrorCode::NatsUnavailable) => failed(
+                ErrorCode::NatsUnavailable,
+                "NATS is unreachable and no subscriber on this relay serves the subject".into(),
+            ),
+            Err(code) => failed(code, "no local responder answered in time".into()),
+        };
+    }
+    let headers = match to_header_map(&request.headers) {
+        Ok(headers) => headers,
+        Err(error) => return failed(ErrorCode::ProtocolViolation, error.to_string()),
+    };
+    let mut nats_request = async_nats::Request::new()
+        .payload(request.payload)
+        .timeout(Some(timeout));
+    if let Some(headers) = headers {
+        nats_request = nats_request.headers(headers);
+    }
+    match ctx
+        .nats
+        .client()
+        .send_request(to_subject(&request.subject), nats_request)
+        .await
+    {
+        Ok(reply) => ResponseOutcome::Reply {
+            headers: from_header_map(reply.headers.as_ref()),
+            payload: reply.payload,
+        },
+        Err(error) => {
+            let code = match error.kind() {
+                RequestErrorKind::TimedOut => ErrorCode::Timeout,
+                RequestErrorKind::NoResponders => ErrorCode::NoResponders,
+                RequestErrorKind::InvalidSubject => ErrorCode::InvalidSubject,
+                _ => ErrorCode::NatsUnavailable,
+            };
+            failed(code, error.to_string())
+        }
+    }
+}
+
+/// An instance id for a client that has none yet: unique per relay run and
+/// unlikely to collide across relays (time and pid mixed into the session id).
+fn new_instance_id(session_id: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos() as u64)
+        .unwrap_or_default();
+    let mixed = nanos ^ (u64::from(std::process::id()) << 40) ^ session_id.rotate_left(17);
+    // 0 means "none" on the wire.
+    mixed.max(1)
+}
+
+/// Writes everything the outbox holds, batch by batch, until GO_AWAY is
+/// written or every sender is gone.
+async fn write_loop(mut socket: OwnedWriteHalf, mut outbox: OutboxReceiver, max_frame: u32) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH_FRAMES);
+    let mut buffer = BytesMut::with_capacity(WRITE_BUFFER_BYTES);
+    loop {
+        if outbox.recv_many(&mut batch, WRITE_BATCH_FRAMES).await == 0 {
+            break;
+        }
+        let drops = outbox.take_unreported_drops();
+        if drops > 0 {
+            let report = Frame::Error(ErrorFrame {
+                code: ErrorCode::SlowConsumer,
+                reference: 0,
+                message: Text::from(format!(
+                    "{drops} message(s) dropped: this connection's subscriptions are not keeping up"
+                )),
+            });
+            let _ = encode(&report, max_frame, &mut buffer);
+        }
+        let mut closing = false;
+        for frame in batch.drain(..) {
+            closing = matches!(frame, Frame::GoAway(_));
+            if let Err(error) = encode(&frame, max_frame, &mut buffer) {
+                // Only frames built from validated input reach here; a frame
+                // that still cannot be encoded is skipped, not fatal.
+                warn!(%error, frame_type = frame.frame_type(), "frame not sent: cannot be encoded");
+            }
+            if buffer.len() >= WRITE_BUFFER_BYTES || closing {
+                if socket.write_all(&buffer).await.is_err() {
+                    return;
+                }
+                buffer.clear();
+            }
+            if closing {
+                break;
+            }
+        }
+        if !buffer.is_empty() {
+            if socket.write_all(&buffer).await.is_err() {
+                return;
+            }
+            buffer.clear();
+        }
+        if closing {
+            let _ = socket.shutdown().await;
+            return;
+        }
+        if buffer.capacity() > 4 * WRITE_BUFFER_BYTES {
+            // One huge frame should not pin its buffer for the session's life.
+            buffer = BytesMut::with_capacity(WRITE_BUFFER_BYTES);
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Hostile or broken connections get a typed error and are closed; nobody
+//! else notices.
+
+use crate::support::{within, Stack};
+use bytes::{BufMut, BytesMut};
+use futures::StreamExt;
+use holdfast_wire::{
+    encode, ErrorCode, Frame, FrameDecoder, Hello, Ping, Publish, Headers, Text, PROTOCOL_VERSION,
+};
+use std::path::Path;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+fn hello(min_version: u16, max_version: u16) -> Vec<u8> {
+    frame_bytes(&Frame::Hello(Hello {
+        min_version,
+        max_version,
+        client_name: Text::from_static("raw-test"),
+        instance_id: 0,
+    }))
+}
+
+fn frame_bytes(frame: &Frame) -> Vec<u8> {
+    let mut buffer = BytesMut::new();
+    encode(frame, u32::MAX, &mut buffer).unwrap();
+    buffer.to_vec()
+}
+
+/// Sends `bytes` (optionally half-closing), then reads frames until the
+/// relay closes the connection.
+async fn exchange(socket: &Path, chunks: &[&[u8]], half_close: bool) -> Vec<Frame> {
+    let mut stream = UnixStream::connect(socket).await.unwrap();
+    for chunk in chunks {
+        stream.write_all(chunk).await.unwrap();
+    }
+    if half_close {
+        stream.shutdown().await.unwrap();
+    }
+    let mut received = BytesMut::new();
+    within("relay closes the connection", async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => received.put_slice(&chunk[..read]),
+            }
+        }
+    })
+    .await;
+    let mut decoder = FrameDecoder::new(u32::MAX);
+    let mut frames = Vec::new();
+    while let Ok(Some(frame)) = decoder.decode(&mut received) {
+        frames.push(frame);
+    }
+    frames
+}
+
+fn go_away_code(frames: &[Frame]) -> Option<ErrorCode> {
+    frames.iter().find_map(|frame| match frame {
+        Frame::GoAway(go_away) => Some(go_away.code),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_connections_are_closed_with_a_code_and_others_carry_on() {
+    let stack = Stack::start();
+    let good = stack.client().await;
+    let mut subscriber = good.subscribe("steady").await.unwrap();
+    let socket = stack.relay.socket().to_path_buf();
+    let welcome_then = |bytes: Vec<u8>| [hello(PROTOCOL_VERSION, PROTOCOL_VERSION), bytes].concat();
+
+    let mut checks = 0;
+    let mut still_fine = || {
+        checks += 1;
+        let good = good.clone();
+        let payload = format!("still fine {checks}");
+        async move {
+            good.publish("steady", payload.clone()).await.unwrap();
+            payload
+        }
+    };
+
+    // Garbage: a small length prefix and an unknown frame type.
+    let garbage = welcome_then(vec![0, 0, 0, 5, 0xEE, 1, 2, 3, 4]);
+    let frames = exchange(&socket, &[&garbage], false).await;
+    assert!(matches!(frames.first(), Some(Frame::Welcome(_))), "{frames:?}");
+    assert_eq!(go_away_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+    let expected = still_fine().await;
+    assert_eq!(within("good client", subscriber.next()).await.unwrap().payload, expected);
+
+    // Oversized: a length prefix far beyond the limit; nothing is allocated for it.
+    let oversized = welcome_then(vec![0x40, 0, 0, 0, 0x10]);
+    let frames = exchange(&socket, &[&oversized], false).await;
+    assert_eq!(go_away_code(&frames), Some(ErrorCode::FrameTooLarge), "{frames:?}");
+    let expected = still_fine().await;
+    assert_eq!(within("good client", subscriber.next()).await.unwrap().payload, expected);
+
+    // Truncated: half a PUBLISH, then the client stops sending.
+    let publish = frame_bytes(&Frame::Publish(Publish {
+        ack_id: 1,
+        subject: Text::from_static("steady"),
+        reply: None,
+        class: None,
+        headers: Headers::new(),
+        payload: vec![7u8; 100].into(),
+    }));
+    let truncated = welcome_then(publish[..publish.len() / 2].to_vec());
+    let frames = exchange(&socket, &[&truncated], true).await;
+    assert_eq!(go_away_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+    let expected = still_fine().await;
+    assert_eq!(within("good client", subscriber.next()).await.unwrap().payload, expected);
+
+    // Garbage before any HELLO.
+    let frames = exchange(&socket, &[b"\x00\x00\x00\x03\xff\xff\xff"], false).await;
+    assert_eq!(go_away_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+
+    let status = good.status().await.unwrap();
+    assert!(status["counters"]["frame_errors"].as_u64().unwrap() >= 4, "{status}");
+    // The truncated publish never reached anyone.
+    let nothing = tokio::time::timeout(std::time::Duration::from_millis(200), subscriber.next()).await;
+    assert!(nothing.is_err(), "a partial frame was delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_rules_are_enforced() {
+    let stack = Stack::start();
+    let socket = stack.relay.socket().to_path_buf();
+
+    let ping_first = frame_bytes(&Frame::Ping(Ping { nonce: 1 }));
+    let frames = exchange(&socket, &[&ping_first], false).await;
+    assert_eq!(go_away_code(&frames), Some(ErrorCode::ProtocolViolation), "{frames:?}");
+
+    let frames = exchange(&socket, &[&hello(7, 9)], false).await;
+    assert_eq!(go_away_code(&frames), Some(ErrorCode::UnsupportedVersion), "{frames:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_refuses_a_live_socket() {
+    let stack = Stack::start();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_holdfastd"))
+        .arg("--socket")
+        .arg(stack.relay.socket())
+        .arg("--nats")
+        .arg(stack.nats.url())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("already listening"), "{stderr}");
+    // The first relay still serves.
+    let client = stack.client().await;
+    client.flush().await.unwrap();
+}

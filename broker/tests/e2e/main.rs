@@ -1,0 +1,13 @@
+//! End-to-end tests of holdfastd against real nats-server processes.
+//!
+//! One test binary (so it links once); each test starts its own NATS and
+//! relay on free loopback ports and a temp-dir socket, so tests run in
+//! parallel without sharing anything.
+
+mod bad_input;
+mod cli;
+mod outage;
+mod passthrough;
+mod restart;
+mod slow_consumer;
+mod support;

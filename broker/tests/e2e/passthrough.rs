@@ -1,0 +1,168 @@
+//! The relay as a faithful pass-through while NATS is up.
+
+use crate::support::{within, Stack};
+use bytes::Bytes;
+use futures::StreamExt;
+use holdfast_client::{AckStatus, OutboundMessage};
+
+const MESSAGES: usize = 2_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holdfast_publishes_reach_a_plain_nats_subscriber_in_order() {
+    let stack = Stack::start();
+    let nats = stack.direct_nats().await;
+    let mut plain = nats.subscribe("orders.>").await.unwrap();
+    nats.flush().await.unwrap();
+    let client = stack.client().await;
+
+    for index in 0..MESSAGES {
+        let mut message = OutboundMessage::new(format!("orders.{}", index % 3), format!("m{index}"));
+        if index % 10 == 0 {
+            message = message.header("Trace-Id", format!("t{index}"));
+        }
+        client.publish_message(message).await.unwrap();
+    }
+    client.flush().await.unwrap();
+
+    for index in 0..MESSAGES {
+        let message = within("plain subscriber receives", plain.next()).await.unwrap();
+        assert_eq!(message.subject.as_str(), format!("orders.{}", index % 3));
+        assert_eq!(message.payload, Bytes::from(format!("m{index}")));
+        if index % 10 == 0 {
+            let trace = message.headers.as_ref().and_then(|headers| headers.get("Trace-Id"));
+            assert_eq!(trace.map(|value| value.as_str()), Some(format!("t{index}").as_str()));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_nats_publishes_reach_a_holdfast_subscriber_in_order() {
+    let stack = Stack::start();
+    let client = stack.client().await;
+    let mut subscriber = client.subscribe("events.*").await.unwrap();
+    let nats = stack.direct_nats().await;
+
+    for index in 0..MESSAGES {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Seq", index.to_string().as_str());
+        nats.publish_with_headers(format!("events.e{}", index % 5), headers, format!("p{index}").into())
+            .await
+            .unwrap();
+    }
+    nats.flush().await.unwrap();
+
+    for index in 0..MESSAGES {
+        let message = within("holdfast subscriber receives", subscriber.next()).await.unwrap();
+        assert_eq!(message.subject.as_str(), format!("events.e{}", index % 5));
+        assert_eq!(message.payload, Bytes::from(format!("p{index}")));
+        assert_eq!(message.headers.get("Seq").map(|v| v.to_string()), Some(index.to_string()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_publish_says_forwarded() {
+    let stack = Stack::start();
+    let client = stack.client().await;
+    let ack = client
+        .publish_with_ack(OutboundMessage::new("work.prefill", "x").class("prefill"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.outcome, AckStatus::Forwarded);
+
+    let refused = client
+        .publish_with_ack(OutboundMessage::new("work.prefill", "x").class("no-such-class"))
+        .await
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(holdfast_client::ErrorCode::UnknownClass));
+    assert!(!refused.is_retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_work_in_both_directions() {
+    let stack = Stack::start();
+    let nats = stack.direct_nats().await;
+    let client = stack.client().await;
+
+    // holdfast client asks, a plain NATS service answers.
+    let mut service = nats.subscribe("svc.upper").await.unwrap();
+    let responder = nats.clone();
+    tokio::spawn(async move {
+        while let Some(request) = service.next().await {
+            let reply = request.reply.unwrap();
+            let text = String::from_utf8_lossy(&request.payload).to_uppercase();
+            responder.publish(reply, text.into()).await.unwrap();
+        }
+    });
+    nats.flush().await.unwrap();
+    let reply = client.request("svc.upper", "hello").await.unwrap();
+    assert_eq!(reply.payload, Bytes::from("HELLO"));
+
+    // A plain NATS client asks, a holdfast subscriber answers.
+    let mut requests = client.subscribe("svc.reverse").await.unwrap();
+    let answering = client.clone();
+    tokio::spawn(async move {
+        while let Some(request) = requests.next().await {
+            let reversed: String = String::from_utf8_lossy(&request.payload).chars().rev().collect();
+            answering.publish(request.reply.unwrap(), reversed).await.unwrap();
+        }
+    });
+    let reply = within("plain request answered", nats.request("svc.reverse", "abc".into()))
+        .await
+        .unwrap();
+    assert_eq!(reply.payload, Bytes::from("cba"));
+
+    // Nobody serves this subject: a typed, retryable error, not a hang.
+    let error = client.request("svc.nobody", "x").await.unwrap_err();
+    assert_eq!(error.code(), Some(holdfast_client::ErrorCode::NoResponders));
+    assert!(error.is_retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_share_one_upstream_and_queue_groups_split_work() {
+    let stack = Stack::start();
+    let first = stack.client().await;
+    let second = stack.client().await;
+    let mut plain_a = first.subscribe("jobs.>").await.unwrap();
+    let mut plain_b = second.subscribe("jobs.>").await.unwrap();
+    let mut worker_a = first.queue_subscribe("jobs.>", "workers").await.unwrap();
+    let mut worker_b = second.queue_subscribe("jobs.>", "workers").await.unwrap();
+
+    let status = first.status().await.unwrap();
+    assert_eq!(status["subscriptions"]["local"], 4);
+    assert_eq!(status["subscriptions"]["upstream"], 2, "{status}");
+
+    let nats = stack.direct_nats().await;
+    for index in 0..100 {
+        nats.publish(format!("jobs.{index}"), "j".into()).await.unwrap();
+    }
+    nats.flush().await.unwrap();
+    for _ in 0..100 {
+        within("plain a", plain_a.next()).await.unwrap();
+        within("plain b", plain_b.next()).await.unwrap();
+    }
+    let mut worked = 0;
+    while worked < 100 {
+        tokio::select! {
+            Some(_) = worker_a.next() => worked += 1,
+            Some(_) = worker_b.next() => worked += 1,
+            _ = tokio::time::sleep(crate::support::WAIT) => panic!("queue group got only {worked} of 100"),
+        }
+    }
+    // Each job went to exactly one worker: nothing more is waiting.
+    let extra = tokio::time::timeout(std::time::Duration::from_millis(300), async {
+        tokio::select! { _ = worker_a.next() => (), _ = worker_b.next() => () }
+    })
+    .await;
+    assert!(extra.is_err(), "a job was delivered to both queue members");
+
+    drop(plain_a);
+    drop(plain_b);
+    crate::support::wait_until_async("upstream subscription released", || async {
+        first.status().await.unwrap()["subscriptions"]["upstream"] == 1
+    })
+    .await;
+}

@@ -1,0 +1,328 @@
+//! Test harness: real nats-server and holdfastd processes on loopback.
+//!
+//! Every process is started on a free port or a temp-dir socket, owned by a
+//! value whose `Drop` kills it by PID, so a failing test leaves nothing
+//! behind. NATS can be killed (SIGKILL), paused (SIGSTOP), resumed and
+//! restarted on the same port; the relay can be killed, terminated and
+//! restarted on the same socket.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// Upper bound for anything a test waits for.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("no free loopback port")
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+fn find_binary(name: &str, env: &str) -> PathBuf {
+    if let Ok(path) = std::env::var(env) {
+        return PathBuf::from(path);
+    }
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin"] {
+        let candidate = Path::new(dir).join(name);
+        if candidate.exists() {
+            return candidate;
+        }
+    }
+    panic!("{name} not found: install it (deploy/test.sh does) or set {env}");
+}
+
+/// Polls `ready` every 20 ms until it is true or `WAIT` passes.
+pub fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A nats-server process.
+pub struct NatsServer {
+    port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let mut server = NatsServer {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let binary = find_binary("nats-server", "HOLDFAST_NATS_SERVER");
+        let log = std::fs::File::create(self.dir.path().join("nats.log")).expect("log file");
+        let child = Command::new(binary)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .arg("--store_dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let address = format!("127.0.0.1:{}", self.port);
+        // The port may still be held by the previous process for a moment
+        // after a restart; a server that exited is started again.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if std::net::TcpStream::connect(&address).is_ok() {
+                return;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    assert!(Instant::now() < deadline, "nats-server keeps exiting");
+                    std::thread::sleep(Duration::from_millis(100));
+                    return self.spawn();
+                }
+            }
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: the TCP connection stays open but nothing answers.
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGSTOP);
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGCONT);
+        }
+    }
+
+    /// Starts a fresh process on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A holdfastd process on a socket in its own temp dir.
+pub struct Relay {
+    dir: TempDir,
+    socket: PathBuf,
+    config: PathBuf,
+    nats_url: String,
+    child: Option<Child>,
+    starts: u32,
+}
+
+/// Config for tests: production defaults except where noted by the caller.
+pub const TEST_CONFIG: &str = "";
+
+impl Relay {
+    pub fn start(nats_url: &str) -> Relay {
+        Relay::start_with_config(nats_url, TEST_CONFIG)
+    }
+
+    /// Starts with extra TOML (e.g. "[sessions]\nslow_consumer = \"disconnect\"").
+    pub fn start_with_config(nats_url: &str, config_toml: &str) -> Relay {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("holdfast.sock");
+        let config = dir.path().join("holdfast.toml");
+        std::fs::write(&config, config_toml).expect("write config");
+        let mut relay = Relay {
+            dir,
+            socket,
+            config,
+            nats_url: nats_url.to_string(),
+            child: None,
+            starts: 0,
+        };
+        relay.spawn();
+        relay
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log_path = self.log_path(self.starts);
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_holdfastd"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--nats")
+            .arg(&self.nats_url)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start holdfastd");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("holdfastd exited with {status}:\n{}", self.logs());
+            }
+            assert!(Instant::now() < deadline, "holdfastd did not listen:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_path(&self, start: u32) -> PathBuf {
+        self.dir.path().join(format!("holdfastd.{start}.log"))
+    }
+
+    /// Everything every run of this relay logged.
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        for start in 1..=self.starts {
+            let mut text = String::new();
+            if let Ok(mut file) = std::fs::File::open(self.log_path(start)) {
+                let _ = file.read_to_string(&mut text);
+            }
+            all.push_str(&text);
+        }
+        all
+    }
+
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and the exit status, bounded by `WAIT`.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("relay is running");
+        signal(&child, libc::SIGTERM);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                signal(&child, libc::SIGKILL);
+                let _ = child.wait();
+                panic!("holdfastd ignored SIGTERM:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the relay again on the same socket (after kill or terminate).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- holdfastd logs ---\n{}", self.logs());
+        }
+        self.kill();
+    }
+}
+
+/// A relay in front of its own NATS server, plus a plain async-nats client
+/// for "the other side".
+pub struct Stack {
+    pub nats: NatsServer,
+    pub relay: Relay,
+}
+
+impl Stack {
+    pub fn start() -> Stack {
+        Stack::start_with_config(TEST_CONFIG)
+    }
+
+    pub fn start_with_config(config_toml: &str) -> Stack {
+        let nats = NatsServer::start();
+        let relay = Relay::start_with_config(&nats.url(), config_toml);
+        Stack { nats, relay }
+    }
+
+    pub async fn client(&self) -> holdfast_client::Client {
+        holdfast_client::Client::connect(&self.relay.url())
+            .await
+            .expect("connect to holdfastd")
+    }
+
+    pub async fn direct_nats(&self) -> async_nats::Client {
+        async_nats::connect(self.nats.url())
+            .await
+            .expect("connect to nats-server")
+    }
+}
+
+/// Awaits `future` for at most `WAIT`, failing the test with `what`.
+pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Async twin of [`wait_until`].
+pub async fn wait_until_async<F, Fut>(what: &str, mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !ready().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

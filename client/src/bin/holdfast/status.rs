@@ -1,0 +1,155 @@
+//! `holdfast status [--json]`: the relay's status document, raw or summarised.
+
+use clap::Args;
+use holdfast_client::Client;
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// Print the whole status document as pretty JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The keys the summary shows, in order; dotted keys are nested.
+const SUMMARY_KEYS: [&str; 8] = [
+    "relay_id",
+    "version",
+    "uptime_seconds",
+    "nats.status",
+    "nats.server",
+    "sessions",
+    "subscriptions",
+    "counters",
+];
+
+pub(crate) async fn run(client: &Client, args: StatusArgs) -> ExitCode {
+    let document = match client.status().await {
+        Ok(document) => document,
+        Err(error) => return crate::fail(&error),
+    };
+    let text = if args.json {
+        pretty(&document)
+    } else {
+        summarize(&document).unwrap_or_else(|| pretty(&document))
+    };
+    println!("{text}");
+    ExitCode::SUCCESS
+}
+
+fn pretty(document: &Value) -> String {
+    serde_json::to_string_pretty(document).unwrap_or_else(|_| document.to_string())
+}
+
+/// A short human summary, or `None` when the document has none of the
+/// known keys (an unknown shape is then shown as JSON instead).
+fn summarize(document: &Value) -> Option<String> {
+    document.as_object()?;
+    let mut summary = String::new();
+    for key in SUMMARY_KEYS {
+        let Some(value) = lookup(document, key) else {
+            continue;
+        };
+        match value {
+            Value::Object(entries) => {
+                let _ = writeln!(summary, "{key}:");
+                for (name, entry) in entries {
+                    let _ = writeln!(summary, "  {name}: {}", scalar(entry));
+                }
+            }
+            Value::Array(items) => {
+                let _ = writeln!(summary, "{key}: {}", items.len());
+            }
+            Value::Number(seconds) if key == "uptime_seconds" => match seconds.as_u64() {
+                Some(whole) => {
+                    let _ = writeln!(summary, "{key}: {whole} ({})", human_duration(whole));
+                }
+                None => {
+                    let _ = writeln!(summary, "{key}: {seconds}");
+                }
+            },
+            other => {
+                let _ = writeln!(summary, "{key}: {}", scalar(other));
+            }
+        }
+    }
+    if summary.is_empty() {
+        return None;
+    }
+    summary.truncate(summary.trim_end().len());
+    Some(summary)
+}
+
+fn lookup<'a>(document: &'a Value, dotted_key: &str) -> Option<&'a Value> {
+    dotted_key
+        .split('.')
+        .try_fold(document, |value, key| value.get(key))
+}
+
+/// Strings without quotes; everything else as compact JSON.
+fn scalar(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn human_duration(total_seconds: u64) -> String {
+    let days = total_seconds / 86_400;
+    let hours = total_seconds % 86_400 / 3600;
+    let minutes = total_seconds % 3600 / 60;
+    let seconds = total_seconds % 60;
+    match (days, hours, minutes) {
+        (0, 0, 0) => format!("{seconds}s"),
+        (0, 0, _) => format!("{minutes}m {seconds}s"),
+        (0, _, _) => format!("{hours}h {minutes}m {seconds}s"),
+        _ => format!("{days}d {hours}h {minutes}m {seconds}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn summary_shows_known_keys_in_order() {
+        let document = json!({
+            "relay_id": "r-1",
+            "version": "0.1.0",
+            "uptime_seconds": 3723,
+            "nats": {"status": "up", "server": "nats://127.0.0.1:4222", "other": 1},
+            "sessions": [{"id": 1}, {"id": 2}],
+            "subscriptions": 4,
+            "counters": {"published": 10},
+            "ignored": true,
+        });
+        assert_eq!(
+            summarize(&document).unwrap(),
+            "relay_id: r-1\n\
+             version: 0.1.0\n\
+             uptime_seconds: 3723 (1h 2m 3s)\n\
+             nats.status: up\n\
+             nats.server: nats://127.0.0.1:4222\n\
+             sessions: 2\n\
+             subscriptions: 4\n\
+             counters:\n  published: 10"
+        );
+    }
+
+    #[test]
+    fn unknown_shapes_fall_back_to_json() {
+        assert_eq!(summarize(&json!({"something": "else"})), None);
+        assert_eq!(summarize(&json!([1, 2])), None);
+        assert_eq!(summarize(&json!("text")), None);
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_duration(5), "5s");
+        assert_eq!(human_duration(65), "1m 5s");
+        assert_eq!(human_duration(90_061), "1d 1h 1m 1s");
+    }
+}
