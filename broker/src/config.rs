@@ -50,7 +50,7 @@ pub enum SlowConsumerPolicy {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub relay: RelayConfig,
@@ -68,6 +68,8 @@ pub struct RelayConfig {
     pub max_frame_bytes: u32,
     #[serde(deserialize_with = "duration::deserialize")]
     pub shutdown_grace: Duration,
+    /// Where `/metrics`, `/livez`, `/readyz` and `/status` are served.
+    pub metrics_addr: String,
 }
 
 /// `[nats]`: the upstream NATS cluster.
@@ -100,16 +102,6 @@ pub struct SessionConfig {
     pub max_subscriptions: usize,
 }
 
-impl Default for Config {
-    fn default() -> Config {
-        Config {
-            relay: RelayConfig::default(),
-            nats: NatsConfig::default(),
-            sessions: SessionConfig::default(),
-        }
-    }
-}
-
 impl Default for RelayConfig {
     fn default() -> RelayConfig {
         RelayConfig {
@@ -117,6 +109,7 @@ impl Default for RelayConfig {
             socket_mode: "0660".to_string(),
             max_frame_bytes: holdfast_wire::DEFAULT_MAX_FRAME_BYTES,
             shutdown_grace: Duration::from_secs(5),
+            metrics_addr: "127.0.0.1:9477".to_string(),
         }
     }
 }
@@ -152,6 +145,7 @@ impl Default for SessionConfig {
 pub struct Overrides {
     pub socket: Option<PathBuf>,
     pub nats_servers: Option<String>,
+    pub metrics_addr: Option<String>,
 }
 
 impl Config {
@@ -164,6 +158,9 @@ impl Config {
         };
         if let Some(socket) = &overrides.socket {
             config.relay.socket = socket.clone();
+        }
+        if let Some(address) = &overrides.metrics_addr {
+            config.relay.metrics_addr = address.clone();
         }
         if let Some(servers) = &overrides.nats_servers {
             config.nats.servers = split_list(servers);
@@ -191,6 +188,8 @@ impl Config {
         };
         self.socket_mode()
             .map_err(|message| invalid("relay.socket_mode", message))?;
+        self.metrics_addr()
+            .map_err(|message| invalid("relay.metrics_addr", message))?;
         if self.relay.max_frame_bytes < 1024 {
             return Err(invalid(
                 "relay.max_frame_bytes",
@@ -211,10 +210,22 @@ impl Config {
             ));
         }
         let positive = [
-            ("sessions.outbound_queue_frames", self.sessions.outbound_queue_frames),
-            ("sessions.outbound_queue_bytes", self.sessions.outbound_queue_bytes),
-            ("sessions.max_inflight_requests", self.sessions.max_inflight_requests),
-            ("sessions.max_subscriptions", self.sessions.max_subscriptions),
+            (
+                "sessions.outbound_queue_frames",
+                self.sessions.outbound_queue_frames,
+            ),
+            (
+                "sessions.outbound_queue_bytes",
+                self.sessions.outbound_queue_bytes,
+            ),
+            (
+                "sessions.max_inflight_requests",
+                self.sessions.max_inflight_requests,
+            ),
+            (
+                "sessions.max_subscriptions",
+                self.sessions.max_subscriptions,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -222,6 +233,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The metrics endpoint's address.
+    pub fn metrics_addr(&self) -> Result<std::net::SocketAddr, String> {
+        self.relay.metrics_addr.parse().map_err(|_| {
+            format!(
+                "{:?} is not an IP address and port like \"127.0.0.1:9477\"",
+                self.relay.metrics_addr
+            )
+        })
     }
 
     /// The socket file's permission bits.
@@ -261,7 +282,10 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let config = Config::load(None, &Overrides::default()).unwrap();
-        assert_eq!(config.relay.socket, Path::new("/run/holdfast/holdfast.sock"));
+        assert_eq!(
+            config.relay.socket,
+            Path::new("/run/holdfast/holdfast.sock")
+        );
         assert_eq!(config.socket_mode(), Ok(0o660));
         assert_eq!(config.nats.link_timeout, Duration::from_secs(1));
     }
@@ -274,10 +298,15 @@ mod tests {
         let overrides = Overrides {
             socket: None,
             nats_servers: Some("nats://127.0.0.1:1, nats://127.0.0.1:2".to_string()),
+            metrics_addr: Some("127.0.0.1:19477".to_string()),
         };
         let config = Config::load(Some(file.path()), &overrides).unwrap();
         assert_eq!(config.relay.socket, Path::new("/tmp/a.sock"));
         assert_eq!(config.nats.request_timeout, Duration::from_secs(2));
+        assert_eq!(
+            config.metrics_addr(),
+            Ok("127.0.0.1:19477".parse().unwrap())
+        );
         assert_eq!(
             config.nats.servers,
             vec!["nats://127.0.0.1:1", "nats://127.0.0.1:2"]
@@ -291,7 +320,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("sokcet"), "{error}");
-        assert!(error.contains(&file.path().display().to_string()), "{error}");
+        assert!(
+            error.contains(&file.path().display().to_string()),
+            "{error}"
+        );
     }
 
     #[test]

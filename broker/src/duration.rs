@@ -21,7 +21,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
-        other => return Err(format!("duration {text:?} has unknown unit {other:?} (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "duration {text:?} has unknown unit {other:?} (use ms, s, m or h)"
+            ))
+        }
     };
     value
         .checked_mul(millis_per_unit)
@@ -52,6 +56,8 @@ mod tests {
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
         assert!(parse_duration("ms").unwrap_err().contains("whole number"));
         assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("99999999999999999h").unwrap_err().contains("too large"));
+        assert!(parse_duration("99999999999999999h")
+            .unwrap_err()
+            .contains("too large"));
     }
 }

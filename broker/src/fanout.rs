@@ -217,12 +217,7 @@ mod tests {
         }
     }
 
-    fn member(
-        fanout: &mut Fanout,
-        session: u64,
-        sid: u32,
-        capacity: usize,
-    ) -> OutboxReceiver {
+    fn member(fanout: &mut Fanout, session: u64, sid: u32, capacity: usize) -> OutboxReceiver {
         let (outbox, receiver) = outbox(
             session,
             capacity,
@@ -273,8 +268,14 @@ mod tests {
         let mut second = member(&mut fanout, 2, 20, 16);
         assert_eq!(fanout.deliver(message("a")), 2);
         assert_eq!(fanout.deliver(message("b")), 2);
-        assert_eq!(payloads(&mut first).await, vec![(10, "a".into()), (10, "b".into())]);
-        assert_eq!(payloads(&mut second).await, vec![(20, "a".into()), (20, "b".into())]);
+        assert_eq!(
+            payloads(&mut first).await,
+            vec![(10, "a".into()), (10, "b".into())]
+        );
+        assert_eq!(
+            payloads(&mut second).await,
+            vec![(20, "a".into()), (20, "b".into())]
+        );
     }
 
     #[tokio::test]

@@ -35,7 +35,10 @@ pub enum ListenError {
 
 /// Binds `path` with permission bits `mode`, replacing a stale socket file.
 pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
-    if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
         std::fs::create_dir_all(parent).map_err(|source| ListenError::Directory {
             path: parent.to_path_buf(),
             source,
@@ -105,7 +108,10 @@ mod tests {
         let live = bind(&path, 0o660).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
-        assert!(matches!(bind(&path, 0o660), Err(ListenError::AlreadyRunning(_))));
+        assert!(matches!(
+            bind(&path, 0o660),
+            Err(ListenError::AlreadyRunning(_))
+        ));
         drop(live);
         // The file is still there, but nobody answers: it is stale.
         assert!(path.exists());
@@ -117,7 +123,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("holdfast.sock");
         std::fs::write(&path, b"not a socket").unwrap();
-        assert!(matches!(bind(&path, 0o660), Err(ListenError::NotASocket(_))));
+        assert!(matches!(
+            bind(&path, 0o660),
+            Err(ListenError::NotASocket(_))
+        ));
         assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
     }
 }

@@ -7,6 +7,8 @@ mod link_monitor;
 mod listener;
 mod nats_convert;
 mod nats_link;
+mod notify;
+mod ops_http;
 mod outbox;
 mod relay;
 mod router;
@@ -14,6 +16,7 @@ mod session;
 mod stats;
 mod status;
 mod subscription_table;
+mod telemetry;
 
 use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
@@ -34,6 +37,9 @@ struct Args {
     /// Upstream NATS servers, comma-separated [default: nats://127.0.0.1:4222].
     #[arg(long, value_name = "URLS")]
     nats: Option<String>,
+    /// Address of /metrics, /livez, /readyz and /status [default: 127.0.0.1:9477].
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
     /// Log format; the level comes from RUST_LOG (default "info").
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -51,6 +57,7 @@ fn main() -> ExitCode {
     let overrides = config::Overrides {
         socket: args.socket,
         nats_servers: args.nats,
+        metrics_addr: args.metrics_addr,
     };
     let config = match config::Config::load(args.config.as_deref(), &overrides) {
         Ok(config) => config,
@@ -59,7 +66,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("holdfastd: cannot start the async runtime: {error}");

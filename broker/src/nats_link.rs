@@ -23,6 +23,25 @@ pub struct LinkSnapshot {
     pub status: LinkStatus,
     pub since: SystemTime,
     pub outages: u64,
+    /// Time spent down before the current state began.
+    pub past_downtime: Duration,
+}
+
+impl LinkSnapshot {
+    /// How long the current outage has lasted; zero while not down.
+    pub fn current_outage(&self) -> Duration {
+        if self.status != LinkStatus::Down {
+            return Duration::ZERO;
+        }
+        SystemTime::now()
+            .duration_since(self.since)
+            .unwrap_or_default()
+    }
+
+    /// Total time down since the relay started, the current outage included.
+    pub fn downtime(&self) -> Duration {
+        self.past_downtime + self.current_outage()
+    }
 }
 
 /// Why the NATS link could not be set up at all (a config problem; an
@@ -82,6 +101,7 @@ impl NatsLink {
             status: LinkStatus::Unknown,
             since: SystemTime::now(),
             outages: 0,
+            past_downtime: Duration::ZERO,
         };
         let (state_tx, state_rx) = watch::channel(initial);
         let is_up = Arc::new(AtomicBool::new(false));
@@ -217,11 +237,14 @@ impl MonitorTask {
     }
 
     fn publish(&mut self, status: LinkStatus) {
-        self.is_up.store(status == LinkStatus::Up, Ordering::Release);
+        self.is_up
+            .store(status == LinkStatus::Up, Ordering::Release);
+        let previous = *self.state_tx.borrow();
         let snapshot = LinkSnapshot {
             status,
             since: SystemTime::now(),
             outages: self.monitor.outages(),
+            past_downtime: previous.downtime(),
         };
         match status {
             LinkStatus::Down => warn!(

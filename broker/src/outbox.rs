@@ -253,8 +253,13 @@ mod tests {
     #[tokio::test]
     async fn disconnect_policy_requests_close_once() {
         let stats = Arc::new(RelayStats::default());
-        let (outbox, _receiver) =
-            outbox(7, 1, usize::MAX, SlowConsumerPolicy::Disconnect, stats.clone());
+        let (outbox, _receiver) = outbox(
+            7,
+            1,
+            usize::MAX,
+            SlowConsumerPolicy::Disconnect,
+            stats.clone(),
+        );
         outbox.send(Frame::Ping(Ping { nonce: 1 })).await.unwrap();
         assert_eq!(outbox.offer(message(1)), Delivery::Dropped);
         assert_eq!(outbox.offer(message(1)), Delivery::Closed);
@@ -270,6 +275,9 @@ mod tests {
         let (outbox, receiver) = outbox(7, 4, usize::MAX, SlowConsumerPolicy::Drop, stats);
         drop(receiver);
         assert_eq!(outbox.offer(message(1)), Delivery::Closed);
-        assert_eq!(outbox.send(Frame::Ping(Ping { nonce: 1 })).await, Err(OutboxClosed));
+        assert_eq!(
+            outbox.send(Frame::Ping(Ping { nonce: 1 })).await,
+            Err(OutboxClosed)
+        );
     }
 }

@@ -1,24 +1,33 @@
 //! Starting and stopping the relay: the order things come up and go down.
 //!
 //! Up: bind the socket first (so a second relay fails before touching
-//! NATS), connect NATS in the background, start the router, accept.
-//! Down (SIGTERM/SIGINT): stop accepting, tell every session GO_AWAY after
-//! the frames it already read, wait for them within `shutdown_grace`, flush
-//! NATS, exit 0.
+//! NATS), connect NATS in the background and give the first connect a
+//! moment to settle, start the router and the operations endpoint, accept,
+//! then tell systemd READY=1. Down (SIGTERM/SIGINT): not ready, stop
+//! accepting, tell every session GO_AWAY after the frames it already read,
+//! wait for them within `shutdown_grace`, flush NATS, exit 0.
 
 use crate::config::Config;
 use crate::listener::{self, ListenError};
 use crate::nats_link::{NatsLink, NatsLinkError};
-use crate::router;
+use crate::notify::Notifier;
+use crate::ops_http::{self, OpsListenError, OpsState};
+use crate::router::{self, RouterHandle};
 use crate::session::SessionContext;
 use crate::stats::RelayStats;
+use crate::status::link_status_name;
+use crate::telemetry::Telemetry;
 use holdfast_wire::Text;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
+
+/// How often systemd's STATUS= line is refreshed.
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +36,10 @@ pub enum RelayError {
     Listen(#[from] ListenError),
     #[error(transparent)]
     Nats(#[from] NatsLinkError),
+    #[error(transparent)]
+    Ops(#[from] OpsListenError),
+    #[error("cannot install the metrics recorder: {0}")]
+    Telemetry(#[from] metrics_exporter_prometheus::BuildError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("invalid configuration: {0}")]
@@ -38,8 +51,12 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(RelayError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(RelayError::Signals)?;
     let mode = config.socket_mode().map_err(RelayError::Config)?;
+    let metrics_addr = config.metrics_addr().map_err(RelayError::Config)?;
     let socket = config.relay.socket.clone();
     let listener = listener::bind(&socket, mode)?;
+    let ops_listener = ops_http::bind(metrics_addr).await?;
+    let telemetry = Telemetry::install()?;
+    let notifier = Arc::new(Notifier::from_env());
 
     let relay_id = new_relay_id();
     let background = CancellationToken::new();
@@ -60,11 +77,22 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     let ctx = Arc::new(SessionContext::new(
         Arc::new(config),
         nats.clone(),
-        router,
+        router.clone(),
         stats,
         Text::from(relay_id.as_str()),
         sessions_stop.clone(),
     ));
+    let ops = Arc::new(OpsState {
+        ctx: ctx.clone(),
+        telemetry,
+        ready: Default::default(),
+    });
+    tokio::spawn(ops_http::serve(
+        ops_listener,
+        ops.clone(),
+        background.clone(),
+    ));
+
     let tracker = TaskTracker::new();
     let accept_stop = CancellationToken::new();
     let accept = tokio::spawn(listener::serve(
@@ -74,11 +102,20 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         tracker.clone(),
         accept_stop.clone(),
     ));
+    ops.ready.store(true, Ordering::Release);
+    notifier.notify(&format!("READY=1\nSTATUS={}", status_line(&ctx)));
+    tokio::spawn(report_to_systemd(
+        notifier.clone(),
+        ctx.clone(),
+        router,
+        background.clone(),
+    ));
     info!(
         relay_id = %relay_id,
         socket = %socket.display(),
+        metrics = %metrics_addr,
         nats = %ctx.config.nats.servers.join(","),
-        nats_link = crate::status::link_status_name(initial_link),
+        nats_link = link_status_name(initial_link),
         "holdfastd ready"
     );
 
@@ -86,7 +123,13 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         _ = terminate.recv() => "SIGTERM",
         _ = interrupt.recv() => "SIGINT",
     };
-    info!(signal = signal_name, sessions = ctx.stats.sessions_active(), "shutting down: no new connections, draining sessions");
+    ops.ready.store(false, Ordering::Release);
+    notifier.notify("STOPPING=1");
+    info!(
+        signal = signal_name,
+        sessions = ctx.stats.sessions_active(),
+        "shutting down: no new connections, draining sessions"
+    );
     accept_stop.cancel();
     let _ = accept.await;
     sessions_stop.cancel();
@@ -106,6 +149,52 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     background.cancel();
     info!("holdfastd stopped");
     Ok(())
+}
+
+/// One line for systemd's STATUS=: the link and the load.
+fn status_line(ctx: &SessionContext) -> String {
+    format!(
+        "nats {}; {} session(s)",
+        link_status_name(ctx.nats.snapshot().status),
+        ctx.stats.sessions_active()
+    )
+}
+
+/// Keeps systemd informed: STATUS= on every link change and periodically,
+/// and WATCHDOG=1 only while the router answers, so a wedged relay stops
+/// pinging and gets restarted.
+async fn report_to_systemd(
+    notifier: Arc<Notifier>,
+    ctx: Arc<SessionContext>,
+    router: RouterHandle,
+    stop: CancellationToken,
+) {
+    let watchdog = Notifier::watchdog_interval();
+    let tick = watchdog.map_or(STATUS_INTERVAL, |interval| interval.min(STATUS_INTERVAL));
+    let mut ticker = tokio::time::interval(tick);
+    let mut link = ctx.nats.watch();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = link.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                notifier.notify(&format!("STATUS={}", status_line(&ctx)));
+            }
+            _ = ticker.tick() => {
+                if let Some(interval) = watchdog {
+                    if tokio::time::timeout(interval, router.stats()).await.is_ok() {
+                        notifier.notify(&format!("WATCHDOG=1\nSTATUS={}", status_line(&ctx)));
+                    } else {
+                        warn!("router unresponsive; withholding the systemd watchdog ping");
+                    }
+                } else {
+                    notifier.notify(&format!("STATUS={}", status_line(&ctx)));
+                }
+            }
+        }
+    }
 }
 
 /// An id for this relay process: a single NATS subject token, different on

@@ -281,7 +281,9 @@ impl Router {
                             payload: message.payload,
                         }));
                     }
-                    None => debug!(subject = %message.subject, "late or unknown local reply ignored"),
+                    None => {
+                        debug!(subject = %message.subject, "late or unknown local reply ignored")
+                    }
                 }
             }
             Command::Stats { done } => {
@@ -371,8 +373,13 @@ impl Router {
                     .await
                     .is_ok()
                 {
-                    let reached = if key.queue_group.is_some() { 1 } else { members };
-                    delivered = delivered.saturating_add(u32::try_from(reached).unwrap_or(u32::MAX));
+                    let reached = if key.queue_group.is_some() {
+                        1
+                    } else {
+                        members
+                    };
+                    delivered =
+                        delivered.saturating_add(u32::try_from(reached).unwrap_or(u32::MAX));
                 }
             }
         }

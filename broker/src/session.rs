@@ -11,9 +11,10 @@ use crate::nats_convert::{from_header_map, to_header_map, to_subject};
 use crate::nats_link::NatsLink;
 use crate::outbox::{outbox, Outbox, OutboxReceiver};
 use crate::router::RouterHandle;
-use crate::stats::{bump, RelayStats};
+use crate::stats::{bump, class_index, PublishOutcome, RelayStats};
 use crate::status;
 use crate::subscription_table::SubscriptionKey;
+use crate::telemetry::{PUBLISH_ACK_SECONDS, REQUEST_DURATION_SECONDS};
 use async_nats::client::RequestErrorKind;
 use bytes::BytesMut;
 use futures::StreamExt;
@@ -22,8 +23,8 @@ use holdfast_wire::subject::{
 };
 use holdfast_wire::{
     encode, AckOutcome, CodecError, ErrorCode, ErrorFrame, Frame, FrameCodec, GoAway, Hello,
-    LinkState, Pong, PubAck, Publish, Request, Response, ResponseOutcome, Service,
-    StatusResponse, Subscribe, Text, Welcome, PROTOCOL_VERSION,
+    LinkState, Pong, PubAck, Publish, Request, Response, ResponseOutcome, Service, StatusResponse,
+    Subscribe, Text, Welcome, PROTOCOL_VERSION,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -94,6 +95,9 @@ struct Session {
     ctx: Arc<SessionContext>,
     outbox: Outbox,
     requests_in_flight: Arc<Semaphore>,
+    /// Ack latency histograms by class index, looked up once per session so
+    /// the publish path does not touch the metrics registry.
+    ack_latency: Vec<metrics::Histogram>,
 }
 
 /// Keeps the active-sessions gauge right however the session ends.
@@ -114,7 +118,8 @@ pub async fn run(stream: UnixStream, ctx: Arc<SessionContext>) {
 
     let max_frame = ctx.config.relay.max_frame_bytes;
     let (read_half, write_half) = stream.into_split();
-    let mut reader = FramedRead::with_capacity(read_half, FrameCodec::new(max_frame), READ_BUFFER_BYTES);
+    let mut reader =
+        FramedRead::with_capacity(read_half, FrameCodec::new(max_frame), READ_BUFFER_BYTES);
     let sessions = &ctx.config.sessions;
     let (outbox, outbox_receiver) = outbox(
         id,
@@ -129,6 +134,10 @@ pub async fn run(stream: UnixStream, ctx: Arc<SessionContext>) {
         ctx: ctx.clone(),
         outbox,
         requests_in_flight: Arc::new(Semaphore::new(sessions.max_inflight_requests)),
+        ack_latency: DEFAULT_CLASSES
+            .iter()
+            .map(|class| metrics::histogram!(PUBLISH_ACK_SECONDS, "class" => *class))
+            .collect(),
     };
     session.serve(&mut reader).await;
     ctx.router.remove_session(id).await;
@@ -139,7 +148,10 @@ pub async fn run(stream: UnixStream, ctx: Arc<SessionContext>) {
         .await
         .is_err()
     {
-        debug!(session = id, "writer did not finish in time; connection dropped");
+        debug!(
+            session = id,
+            "writer did not finish in time; connection dropped"
+        );
     }
 }
 
@@ -188,7 +200,8 @@ impl Session {
     async fn handshake(&self, reader: &mut Reader) -> Option<Hello> {
         let first = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
             Err(_) => {
-                self.go_away(ErrorCode::Timeout, "no HELLO within 10 s").await;
+                self.go_away(ErrorCode::Timeout, "no HELLO within 10 s")
+                    .await;
                 return None;
             }
             Ok(None) => return None,
@@ -199,8 +212,11 @@ impl Session {
             Ok(Some(Ok(frame))) => frame,
         };
         let Frame::Hello(hello) = first else {
-            self.go_away(ErrorCode::ProtocolViolation, "the first frame must be HELLO")
-                .await;
+            self.go_away(
+                ErrorCode::ProtocolViolation,
+                "the first frame must be HELLO",
+            )
+            .await;
             return None;
         };
         if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) {
@@ -237,7 +253,10 @@ impl Session {
             Frame::Publish(publish) => self.on_publish(publish).await,
             Frame::Subscribe(subscribe) => self.on_subscribe(subscribe).await,
             Frame::Unsubscribe(unsubscribe) => {
-                self.ctx.router.unsubscribe((self.id, unsubscribe.sid)).await;
+                self.ctx
+                    .router
+                    .unsubscribe((self.id, unsubscribe.sid))
+                    .await;
                 Flow::Continue
             }
             Frame::Request(request) => self.on_request(request).await,
@@ -276,10 +295,25 @@ impl Session {
         }
     }
 
+    /// Handles a publish; for those that asked for an ack, records how long
+    /// the relay took to answer.
     async fn on_publish(&self, publish: Publish) -> Flow {
-        if let Some(refusal) = check_publish(&publish) {
-            bump(&self.ctx.stats.publishes_rejected_invalid);
-            return self.reject(publish.ack_id, refusal.0, refusal.1, 0).await;
+        let class = class_index(publish.class.as_deref());
+        if publish.ack_id == 0 {
+            return self.publish(publish, class).await;
+        }
+        let started = Instant::now();
+        let flow = self.publish(publish, class).await;
+        if let Some(histogram) = self.ack_latency.get(class) {
+            histogram.record(started.elapsed().as_secs_f64());
+        }
+        flow
+    }
+
+    async fn publish(&self, publish: Publish, class: usize) -> Flow {
+        if let Some((code, reason)) = check_publish(&publish) {
+            self.ctx.stats.record_rejection(class, code);
+            return self.reject(publish.ack_id, code, reason, 0).await;
         }
         let message = LocalMessage {
             subject: publish.subject,
@@ -287,18 +321,26 @@ impl Session {
             headers: publish.headers,
             payload: publish.payload,
         };
-        if message.subject.starts_with(self.ctx.router.local_inbox_prefix()) {
+        if message
+            .subject
+            .starts_with(self.ctx.router.local_inbox_prefix())
+        {
             self.ctx.router.reply_local(message).await;
+            self.ctx
+                .stats
+                .record_publish(class, PublishOutcome::Forwarded);
             return self.ack(publish.ack_id, AckOutcome::Forwarded, 1).await;
         }
         if self.ctx.nats.is_up() {
             return match self.forward(message).await {
                 Ok(()) => {
-                    bump(&self.ctx.stats.publishes_forwarded);
+                    self.ctx
+                        .stats
+                        .record_publish(class, PublishOutcome::Forwarded);
                     self.ack(publish.ack_id, AckOutcome::Forwarded, 0).await
                 }
                 Err((code, reason)) => {
-                    bump(&self.ctx.stats.publishes_rejected_nats_unavailable);
+                    self.ctx.stats.record_rejection(class, code);
                     self.reject(publish.ack_id, code, reason, 0).await
                 }
             };
@@ -306,12 +348,19 @@ impl Session {
         // NATS is down: node-local subscribers still get the message, and the
         // publisher learns it did not reach NATS.
         let delivered = self.ctx.router.deliver_local(message).await;
-        bump(&self.ctx.stats.publishes_rejected_nats_unavailable);
+        self.ctx
+            .stats
+            .record_rejection(class, ErrorCode::NatsUnavailable);
         let reason = format!(
             "NATS is unreachable: not forwarded; delivered to {delivered} subscriber(s) on this relay"
         );
-        self.reject(publish.ack_id, ErrorCode::NatsUnavailable, reason, delivered)
-            .await
+        self.reject(
+            publish.ack_id,
+            ErrorCode::NatsUnavailable,
+            reason,
+            delivered,
+        )
+        .await
     }
 
     async fn forward(&self, message: LocalMessage) -> Result<(), (ErrorCode, String)> {
@@ -406,10 +455,11 @@ impl Session {
         let outbox = self.outbox.clone();
         // Requests run concurrently; their answers may overtake each other,
         // which the request ids make harmless.
+        let started = Instant::now();
         tokio::spawn(async move {
             let outcome = serve_request(&ctx, request, timeout).await;
             if let ResponseOutcome::Failed { code, .. } = &outcome {
-                bump(&ctx.stats.requests_failed);
+                ctx.stats.request_failures.bump(*code);
                 debug!(request_id, %code, "request failed");
             }
             let _ = outbox
@@ -418,13 +468,14 @@ impl Session {
                     outcome,
                 }))
                 .await;
+            metrics::histogram!(REQUEST_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
             drop(permit);
         });
         Flow::Continue
     }
 
     async fn fail_request(&self, request_id: u64, code: ErrorCode, message: String) -> Flow {
-        bump(&self.ctx.stats.requests_failed);
+        self.ctx.stats.request_failures.bump(code);
         self.send(Frame::Response(Response {
             request_id,
             outcome: ResponseOutcome::Failed {
@@ -438,17 +489,20 @@ impl Session {
     async fn on_read_error(&self, error: CodecError) {
         match error {
             CodecError::Decode(error) => {
-                bump(&self.ctx.stats.frame_errors);
+                self.ctx.stats.frame_errors.bump(error.code());
                 warn!(session = self.id, %error, "bad frame from client; closing the connection");
                 self.go_away(error.code(), &error.to_string()).await;
             }
             CodecError::Io(error) => {
                 // The tokio codec reports a stream that ended mid-frame as an
                 // I/O error; the peer gets told if it is still listening.
-                bump(&self.ctx.stats.frame_errors);
+                self.ctx.stats.frame_errors.bump(ErrorCode::BadFrame);
                 debug!(session = self.id, %error, "connection read failed");
-                self.go_away(ErrorCode::BadFrame, &format!("truncated frame or read error: {error}"))
-                    .await;
+                self.go_away(
+                    ErrorCode::BadFrame,
+                    &format!("truncated frame or read error: {error}"),
+                )
+                .await;
             }
             CodecError::Encode(error) => {
                 warn!(session = self.id, %error, "unexpected encode error on the read side");
@@ -534,7 +588,11 @@ fn check_publish(publish: &Publish) -> Option<(ErrorCode, String)> {
     None
 }
 
-async fn serve_request(ctx: &SessionContext, request: Request, timeout: Duration) -> ResponseOutcome {
+async fn serve_request(
+    ctx: &SessionContext,
+    request: Request,
+    timeout: Duration,
+) -> ResponseOutcome {
     let failed = |code: ErrorCode, message: String| ResponseOutcome::Failed {
         code,
         message: Text::from(message),

@@ -1,32 +1,124 @@
 //! Relay-wide counters, shared by every session as relaxed atomics.
 //!
-//! Counting is one uncontended-in-practice atomic add per event, never a
-//! lock; `/status` and `holdfast status` read a snapshot. (The Prometheus
-//! exporter of the operations issue reads the same counters.)
+//! Counting is one atomic add per event, never a lock. Two readers: the
+//! status document (`holdfast status`, `/status`) takes a snapshot, and the
+//! Prometheus exporter copies the same numbers at scrape time
+//! (`telemetry.rs`), so there is one set of books.
 
+use crate::config::DEFAULT_CLASSES;
+use holdfast_wire::ErrorCode;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The counters. Field names are the names shown in the status document.
+/// What became of a publish, as counted per class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishOutcome {
+    Forwarded,
+    Journaled,
+    Queued,
+    Rejected,
+}
+
+impl PublishOutcome {
+    pub const ALL: [PublishOutcome; 4] = [
+        PublishOutcome::Forwarded,
+        PublishOutcome::Journaled,
+        PublishOutcome::Queued,
+        PublishOutcome::Rejected,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PublishOutcome::Forwarded => "forwarded",
+            PublishOutcome::Journaled => "journaled",
+            PublishOutcome::Queued => "queued",
+            PublishOutcome::Rejected => "rejected",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Index of a publish's class in [`DEFAULT_CLASSES`]; no class (or one the
+/// relay refused) counts as `default`.
+pub fn class_index(class: Option<&str>) -> usize {
+    let default = DEFAULT_CLASSES.len() - 1;
+    class
+        .and_then(|name| DEFAULT_CLASSES.iter().position(|known| *known == name))
+        .unwrap_or(default)
+}
+
+const CODE_SLOTS: usize = ErrorCode::ALL.len() + 1;
+
+/// One counter per error code (plus one for codes this build does not know).
+#[derive(Debug, Default)]
+pub struct CodeCounters([AtomicU64; CODE_SLOTS]);
+
+impl CodeCounters {
+    fn slot(code: ErrorCode) -> usize {
+        ErrorCode::ALL
+            .iter()
+            .position(|known| *known == code)
+            .unwrap_or(CODE_SLOTS - 1)
+    }
+
+    pub fn bump(&self, code: ErrorCode) {
+        bump(&self.0[CodeCounters::slot(code)]);
+    }
+
+    pub fn get(&self, code: ErrorCode) -> u64 {
+        self.0[CodeCounters::slot(code)].load(Ordering::Relaxed)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|counter| counter.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Non-zero counters by code name.
+    pub fn by_name(&self) -> BTreeMap<&'static str, u64> {
+        let mut names = BTreeMap::new();
+        for code in ErrorCode::ALL {
+            let value = self.get(code);
+            if value > 0 {
+                names.insert(code.name(), value);
+            }
+        }
+        let unknown = self.0[CODE_SLOTS - 1].load(Ordering::Relaxed);
+        if unknown > 0 {
+            names.insert("unknown", unknown);
+        }
+        names
+    }
+}
+
+/// The counters.
 #[derive(Debug, Default)]
 pub struct RelayStats {
     pub sessions_active: AtomicU64,
     pub sessions_total: AtomicU64,
-    pub publishes_forwarded: AtomicU64,
-    pub publishes_rejected_nats_unavailable: AtomicU64,
-    pub publishes_rejected_invalid: AtomicU64,
+    publishes: [[AtomicU64; PublishOutcome::ALL.len()]; DEFAULT_CLASSES.len()],
+    /// Rejected publishes by reason.
+    pub publish_rejections: CodeCounters,
     pub local_deliveries: AtomicU64,
     pub messages_delivered: AtomicU64,
     pub slow_consumer_drops: AtomicU64,
     pub slow_consumer_disconnects: AtomicU64,
-    pub frame_errors: AtomicU64,
+    /// Connections closed for bad input, by code.
+    pub frame_errors: CodeCounters,
     pub requests_total: AtomicU64,
-    pub requests_failed: AtomicU64,
+    /// Failed requests by code.
+    pub request_failures: CodeCounters,
     pub requests_served_locally: AtomicU64,
     pub limit_rejections: AtomicU64,
 }
 
-/// A point-in-time copy of [`RelayStats`].
+/// A point-in-time copy of [`RelayStats`], as the status document shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct StatsSnapshot {
     pub sessions_total: u64,
@@ -42,6 +134,10 @@ pub struct StatsSnapshot {
     pub requests_failed: u64,
     pub requests_served_locally: u64,
     pub limit_rejections: u64,
+    /// Publishes by class, then by outcome.
+    pub publishes_by_class: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    /// Rejected publishes by reason (error code name).
+    pub publish_rejections: BTreeMap<&'static str, u64>,
 }
 
 /// Adds one to a counter.
@@ -54,27 +150,94 @@ pub fn add(counter: &AtomicU64, amount: u64) {
     counter.fetch_add(amount, Ordering::Relaxed);
 }
 
+fn read(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
 impl RelayStats {
     pub fn sessions_active(&self) -> u64 {
-        self.sessions_active.load(Ordering::Relaxed)
+        read(&self.sessions_active)
+    }
+
+    pub fn record_publish(&self, class: usize, outcome: PublishOutcome) {
+        if let Some(counters) = self.publishes.get(class) {
+            bump(&counters[outcome.index()]);
+        }
+    }
+
+    pub fn record_rejection(&self, class: usize, code: ErrorCode) {
+        self.record_publish(class, PublishOutcome::Rejected);
+        self.publish_rejections.bump(code);
+    }
+
+    /// Publishes of class `class` (index into [`DEFAULT_CLASSES`]) with `outcome`.
+    pub fn publishes(&self, class: usize, outcome: PublishOutcome) -> u64 {
+        self.publishes
+            .get(class)
+            .map_or(0, |counters| read(&counters[outcome.index()]))
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
-        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let mut publishes_by_class = BTreeMap::new();
+        let mut forwarded = 0;
+        for (class, name) in DEFAULT_CLASSES.iter().enumerate() {
+            let mut outcomes = BTreeMap::new();
+            for outcome in PublishOutcome::ALL {
+                outcomes.insert(outcome.name(), self.publishes(class, outcome));
+            }
+            forwarded += self.publishes(class, PublishOutcome::Forwarded);
+            publishes_by_class.insert(*name, outcomes);
+        }
+        let nats_unavailable = self.publish_rejections.get(ErrorCode::NatsUnavailable);
         StatsSnapshot {
             sessions_total: read(&self.sessions_total),
-            publishes_forwarded: read(&self.publishes_forwarded),
-            publishes_rejected_nats_unavailable: read(&self.publishes_rejected_nats_unavailable),
-            publishes_rejected_invalid: read(&self.publishes_rejected_invalid),
+            publishes_forwarded: forwarded,
+            publishes_rejected_nats_unavailable: nats_unavailable,
+            publishes_rejected_invalid: self.publish_rejections.total() - nats_unavailable,
             local_deliveries: read(&self.local_deliveries),
             messages_delivered: read(&self.messages_delivered),
             slow_consumer_drops: read(&self.slow_consumer_drops),
             slow_consumer_disconnects: read(&self.slow_consumer_disconnects),
-            frame_errors: read(&self.frame_errors),
+            frame_errors: self.frame_errors.total(),
             requests_total: read(&self.requests_total),
-            requests_failed: read(&self.requests_failed),
+            requests_failed: self.request_failures.total(),
             requests_served_locally: read(&self.requests_served_locally),
             limit_rejections: read(&self.limit_rejections),
+            publishes_by_class,
+            publish_rejections: self.publish_rejections.by_name(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishes_are_counted_by_class_and_rejections_by_reason() {
+        let stats = RelayStats::default();
+        stats.record_publish(class_index(Some("prefill")), PublishOutcome::Forwarded);
+        stats.record_publish(class_index(None), PublishOutcome::Forwarded);
+        stats.record_rejection(class_index(Some("decode")), ErrorCode::NatsUnavailable);
+        stats.record_rejection(class_index(Some("bogus")), ErrorCode::UnknownClass);
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.publishes_forwarded, 2);
+        assert_eq!(snapshot.publishes_by_class["prefill"]["forwarded"], 1);
+        assert_eq!(snapshot.publishes_by_class["default"]["forwarded"], 1);
+        assert_eq!(snapshot.publishes_by_class["decode"]["rejected"], 1);
+        assert_eq!(snapshot.publishes_by_class["default"]["rejected"], 1);
+        assert_eq!(snapshot.publishes_rejected_nats_unavailable, 1);
+        assert_eq!(snapshot.publishes_rejected_invalid, 1);
+        assert_eq!(snapshot.publish_rejections["unknown_class"], 1);
+    }
+
+    #[test]
+    fn codes_this_build_does_not_know_are_still_counted() {
+        let counters = CodeCounters::default();
+        counters.bump(ErrorCode::Unknown(999));
+        counters.bump(ErrorCode::BadFrame);
+        assert_eq!(counters.total(), 2);
+        assert_eq!(counters.by_name()["unknown"], 1);
+        assert_eq!(counters.by_name()["bad_frame"], 1);
     }
 }

@@ -155,13 +155,28 @@ mod tests {
     #[test]
     fn one_upstream_per_distinct_subject_and_queue() {
         let mut table = SubscriptionTable::new();
-        assert_eq!(table.subscribe((1, 1), key("a.>", None), 10), Ok(Joined::NewKey));
-        assert_eq!(table.subscribe((2, 1), key("a.>", None), 10), Ok(Joined::ExistingKey));
-        assert_eq!(table.subscribe((2, 2), key("a.>", Some("q")), 10), Ok(Joined::NewKey));
+        assert_eq!(
+            table.subscribe((1, 1), key("a.>", None), 10),
+            Ok(Joined::NewKey)
+        );
+        assert_eq!(
+            table.subscribe((2, 1), key("a.>", None), 10),
+            Ok(Joined::ExistingKey)
+        );
+        assert_eq!(
+            table.subscribe((2, 2), key("a.>", Some("q")), 10),
+            Ok(Joined::NewKey)
+        );
         assert_eq!(table.upstream_count(), 2);
         assert_eq!(table.local_count(), 3);
-        assert_eq!(table.unsubscribe((1, 1)), Some((key("a.>", None), Left::StillShared)));
-        assert_eq!(table.unsubscribe((2, 1)), Some((key("a.>", None), Left::LastMember)));
+        assert_eq!(
+            table.unsubscribe((1, 1)),
+            Some((key("a.>", None), Left::StillShared))
+        );
+        assert_eq!(
+            table.unsubscribe((2, 1)),
+            Some((key("a.>", None), Left::LastMember))
+        );
         assert_eq!(table.unsubscribe((2, 1)), None);
         assert_eq!(table.upstream_count(), 1);
     }
@@ -207,8 +222,12 @@ mod tests {
     #[test]
     fn matching_finds_wildcard_and_literal_keys() {
         let mut table = SubscriptionTable::new();
-        table.subscribe((1, 1), key("kv.*.events", None), 10).unwrap();
-        table.subscribe((1, 2), key("kv.>", Some("workers")), 10).unwrap();
+        table
+            .subscribe((1, 1), key("kv.*.events", None), 10)
+            .unwrap();
+        table
+            .subscribe((1, 2), key("kv.>", Some("workers")), 10)
+            .unwrap();
         table.subscribe((2, 1), key("other", None), 10).unwrap();
         let mut found: Vec<_> = table
             .matching("kv.node1.events")

@@ -5,7 +5,7 @@ use crate::support::{within, Stack};
 use bytes::{BufMut, BytesMut};
 use futures::StreamExt;
 use holdfast_wire::{
-    encode, ErrorCode, Frame, FrameDecoder, Hello, Ping, Publish, Headers, Text, PROTOCOL_VERSION,
+    encode, ErrorCode, Frame, FrameDecoder, Headers, Hello, Ping, Publish, Text, PROTOCOL_VERSION,
 };
 use std::path::Path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -84,17 +84,40 @@ async fn broken_connections_are_closed_with_a_code_and_others_carry_on() {
     // Garbage: a small length prefix and an unknown frame type.
     let garbage = welcome_then(vec![0, 0, 0, 5, 0xEE, 1, 2, 3, 4]);
     let frames = exchange(&socket, &[&garbage], false).await;
-    assert!(matches!(frames.first(), Some(Frame::Welcome(_))), "{frames:?}");
-    assert_eq!(go_away_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+    assert!(
+        matches!(frames.first(), Some(Frame::Welcome(_))),
+        "{frames:?}"
+    );
+    assert_eq!(
+        go_away_code(&frames),
+        Some(ErrorCode::BadFrame),
+        "{frames:?}"
+    );
     let expected = still_fine().await;
-    assert_eq!(within("good client", subscriber.next()).await.unwrap().payload, expected);
+    assert_eq!(
+        within("good client", subscriber.next())
+            .await
+            .unwrap()
+            .payload,
+        expected
+    );
 
     // Oversized: a length prefix far beyond the limit; nothing is allocated for it.
     let oversized = welcome_then(vec![0x40, 0, 0, 0, 0x10]);
     let frames = exchange(&socket, &[&oversized], false).await;
-    assert_eq!(go_away_code(&frames), Some(ErrorCode::FrameTooLarge), "{frames:?}");
+    assert_eq!(
+        go_away_code(&frames),
+        Some(ErrorCode::FrameTooLarge),
+        "{frames:?}"
+    );
     let expected = still_fine().await;
-    assert_eq!(within("good client", subscriber.next()).await.unwrap().payload, expected);
+    assert_eq!(
+        within("good client", subscriber.next())
+            .await
+            .unwrap()
+            .payload,
+        expected
+    );
 
     // Truncated: half a PUBLISH, then the client stops sending.
     let publish = frame_bytes(&Frame::Publish(Publish {
@@ -107,18 +130,36 @@ async fn broken_connections_are_closed_with_a_code_and_others_carry_on() {
     }));
     let truncated = welcome_then(publish[..publish.len() / 2].to_vec());
     let frames = exchange(&socket, &[&truncated], true).await;
-    assert_eq!(go_away_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+    assert_eq!(
+        go_away_code(&frames),
+        Some(ErrorCode::BadFrame),
+        "{frames:?}"
+    );
     let expected = still_fine().await;
-    assert_eq!(within("good client", subscriber.next()).await.unwrap().payload, expected);
+    assert_eq!(
+        within("good client", subscriber.next())
+            .await
+            .unwrap()
+            .payload,
+        expected
+    );
 
     // Garbage before any HELLO.
     let frames = exchange(&socket, &[b"\x00\x00\x00\x03\xff\xff\xff"], false).await;
-    assert_eq!(go_away_code(&frames), Some(ErrorCode::BadFrame), "{frames:?}");
+    assert_eq!(
+        go_away_code(&frames),
+        Some(ErrorCode::BadFrame),
+        "{frames:?}"
+    );
 
     let status = good.status().await.unwrap();
-    assert!(status["counters"]["frame_errors"].as_u64().unwrap() >= 4, "{status}");
+    assert!(
+        status["counters"]["frame_errors"].as_u64().unwrap() >= 4,
+        "{status}"
+    );
     // The truncated publish never reached anyone.
-    let nothing = tokio::time::timeout(std::time::Duration::from_millis(200), subscriber.next()).await;
+    let nothing =
+        tokio::time::timeout(std::time::Duration::from_millis(200), subscriber.next()).await;
     assert!(nothing.is_err(), "a partial frame was delivered");
 }
 
@@ -129,10 +170,18 @@ async fn handshake_rules_are_enforced() {
 
     let ping_first = frame_bytes(&Frame::Ping(Ping { nonce: 1 }));
     let frames = exchange(&socket, &[&ping_first], false).await;
-    assert_eq!(go_away_code(&frames), Some(ErrorCode::ProtocolViolation), "{frames:?}");
+    assert_eq!(
+        go_away_code(&frames),
+        Some(ErrorCode::ProtocolViolation),
+        "{frames:?}"
+    );
 
     let frames = exchange(&socket, &[&hello(7, 9)], false).await;
-    assert_eq!(go_away_code(&frames), Some(ErrorCode::UnsupportedVersion), "{frames:?}");
+    assert_eq!(
+        go_away_code(&frames),
+        Some(ErrorCode::UnsupportedVersion),
+        "{frames:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

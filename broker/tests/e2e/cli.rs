@@ -8,7 +8,11 @@ use std::process::{Command, Stdio};
 
 fn holdfast() -> PathBuf {
     let path = std::path::Path::new(env!("CARGO_BIN_EXE_holdfastd")).with_file_name("holdfast");
-    assert!(path.exists(), "{} missing: build the workspace (cargo test --workspace does)", path.display());
+    assert!(
+        path.exists(),
+        "{} missing: build the workspace (cargo test --workspace does)",
+        path.display()
+    );
     path
 }
 
@@ -38,7 +42,12 @@ async fn pub_lines_from_stdin_reach_sub_in_order() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    publisher.stdin.take().unwrap().write_all(b"first\nsecond\nthird\n").unwrap();
+    publisher
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"first\nsecond\nthird\n")
+        .unwrap();
     let published = publisher.wait_with_output().unwrap();
     assert!(published.status.success(), "{published:?}");
     let summary = String::from_utf8_lossy(&published.stderr);
@@ -51,7 +60,10 @@ async fn pub_lines_from_stdin_reach_sub_in_order() {
     })
     .await;
     assert!(output.status.success());
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "first\nsecond\nthird\n");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "first\nsecond\nthird\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,16 +103,28 @@ async fn req_and_status_print_what_the_relay_says() {
         while let Some(request) = service.next().await {
             let mut answer = b"echo:".to_vec();
             answer.extend_from_slice(&request.payload);
-            responder.publish(request.reply.unwrap(), answer.into()).await.unwrap();
+            responder
+                .publish(request.reply.unwrap(), answer.into())
+                .await
+                .unwrap();
         }
     });
     nats.flush().await.unwrap();
 
-    let output = cli(&stack).args(["req", "cli.echo", "ping", "--timeout", "5s"]).output().unwrap();
+    let output = cli(&stack)
+        .args(["req", "cli.echo", "ping", "--timeout", "5s"])
+        .output()
+        .unwrap();
     assert!(output.status.success(), "{output:?}");
-    assert_eq!(String::from_utf8_lossy(&output.stdout).trim_end(), "echo:ping");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim_end(),
+        "echo:ping"
+    );
 
-    let output = cli(&stack).args(["req", "cli.nobody", "ping"]).output().unwrap();
+    let output = cli(&stack)
+        .args(["req", "cli.nobody", "ping"])
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no_responders"));
 
@@ -109,5 +133,8 @@ async fn req_and_status_print_what_the_relay_says() {
     let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(status["nats"]["status"], "up");
     let output = cli(&stack).arg("status").output().unwrap();
-    assert!(String::from_utf8_lossy(&output.stdout).contains("up"), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("up"),
+        "{output:?}"
+    );
 }

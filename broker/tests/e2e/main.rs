@@ -6,6 +6,7 @@
 
 mod bad_input;
 mod cli;
+mod ops;
 mod outage;
 mod passthrough;
 mod restart;

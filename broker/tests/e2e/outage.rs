@@ -8,14 +8,18 @@ use holdfast_client::{Client, ErrorCode, LinkEvent, LinkStatus, OutboundMessage,
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
-async fn wait_for_nats(events: &mut broadcast::Receiver<LinkEvent>, wanted: LinkStatus) -> Duration {
+async fn wait_for_nats(
+    events: &mut broadcast::Receiver<LinkEvent>,
+    wanted: LinkStatus,
+) -> Duration {
     let started = Instant::now();
     within("NATS link event", async {
         loop {
             match events.recv().await {
-                Ok(LinkEvent::Upstream { service: Service::Nats, status }) if status == wanted => {
-                    return started.elapsed()
-                }
+                Ok(LinkEvent::Upstream {
+                    service: Service::Nats,
+                    status,
+                }) if status == wanted => return started.elapsed(),
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(error) => panic!("link events ended: {error}"),
             }
@@ -34,12 +38,20 @@ async fn assert_nats_unavailable_fast(client: &Client) {
         .unwrap_err();
     assert_eq!(error.code(), Some(ErrorCode::NatsUnavailable), "{error}");
     assert!(error.is_retryable());
-    assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "took {:?}",
+        started.elapsed()
+    );
 
     let started = Instant::now();
     let error = client.request("remote.service", "x").await.unwrap_err();
     assert_eq!(error.code(), Some(ErrorCode::NatsUnavailable), "{error}");
-    assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,9 +60,15 @@ async fn nats_killed_then_restarted() {
     let client = stack.client().await;
     let mut events = client.link_events();
     let mut local = client.subscribe("node.kv.>").await.unwrap();
-    let mut worker = client.queue_subscribe("node.work", "workers").await.unwrap();
+    let mut worker = client
+        .queue_subscribe("node.work", "workers")
+        .await
+        .unwrap();
     let second = stack.client().await;
-    let mut other_worker = second.queue_subscribe("node.work", "workers").await.unwrap();
+    let mut other_worker = second
+        .queue_subscribe("node.work", "workers")
+        .await
+        .unwrap();
     let mut service = second.subscribe("node.service").await.unwrap();
     let answering = second.clone();
     tokio::spawn(async move {
@@ -63,7 +81,10 @@ async fn nats_killed_then_restarted() {
 
     stack.nats.kill();
     let detected = wait_for_nats(&mut events, LinkStatus::Down).await;
-    assert!(detected < Duration::from_millis(1500), "outage noticed after {detected:?}");
+    assert!(
+        detected < Duration::from_millis(1500),
+        "outage noticed after {detected:?}"
+    );
     assert_eq!(client.nats_status(), LinkStatus::Down);
 
     assert_nats_unavailable_fast(&client).await;
@@ -82,7 +103,7 @@ async fn nats_killed_then_restarted() {
 
     // A queue group gets each local message once.
     for index in 0..10 {
-        let _ = client.publish(format!("node.work"), format!("w{index}")).await;
+        let _ = client.publish("node.work", format!("w{index}")).await;
     }
     let mut got = 0;
     while got < 10 {
@@ -103,9 +124,13 @@ async fn nats_killed_then_restarted() {
 
     // The subscription made before the outage works again, untouched.
     let nats = stack.direct_nats().await;
-    nats.publish("node.kv.after", "remote".into()).await.unwrap();
+    nats.publish("node.kv.after", "remote".into())
+        .await
+        .unwrap();
     nats.flush().await.unwrap();
-    let message = within("delivery after recovery", local.next()).await.unwrap();
+    let message = within("delivery after recovery", local.next())
+        .await
+        .unwrap();
     assert_eq!(message.payload, Bytes::from("remote"));
     let ack = client
         .publish_with_ack(OutboundMessage::new("node.kv.after2", "x"))
@@ -118,7 +143,10 @@ async fn nats_killed_then_restarted() {
     let status = client.status().await.unwrap();
     assert_eq!(status["nats"]["status"], "up");
     assert!(status["nats"]["outages"].as_u64().unwrap() >= 1, "{status}");
-    assert!(status["counters"]["local_deliveries"].as_u64().unwrap() >= 11, "{status}");
+    assert!(
+        status["counters"]["local_deliveries"].as_u64().unwrap() >= 11,
+        "{status}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,7 +159,10 @@ async fn stopped_nats_is_noticed_within_the_link_timeout() {
     stack.nats.pause();
     let detected = wait_for_nats(&mut events, LinkStatus::Down).await;
     // link_timeout is 1 s; allow a probe interval and scheduling slack.
-    assert!(detected < Duration::from_millis(2000), "stall noticed after {detected:?}");
+    assert!(
+        detected < Duration::from_millis(2000),
+        "stall noticed after {detected:?}"
+    );
     assert_nats_unavailable_fast(&client).await;
 
     stack.nats.resume();
@@ -139,7 +170,9 @@ async fn stopped_nats_is_noticed_within_the_link_timeout() {
     let nats = stack.direct_nats().await;
     nats.publish("paused.after", "back".into()).await.unwrap();
     nats.flush().await.unwrap();
-    let message = within("delivery after resume", subscriber.next()).await.unwrap();
+    let message = within("delivery after resume", subscriber.next())
+        .await
+        .unwrap();
     assert_eq!(message.payload, Bytes::from("back"));
 }
 
@@ -163,7 +196,9 @@ async fn relay_starts_degraded_without_nats_and_recovers() {
     let direct = async_nats::connect(nats.url()).await.unwrap();
     direct.publish("late.start", "ok".into()).await.unwrap();
     direct.flush().await.unwrap();
-    let message = within("delivery once NATS appeared", subscriber.next()).await.unwrap();
+    let message = within("delivery once NATS appeared", subscriber.next())
+        .await
+        .unwrap();
     assert_eq!(message.payload, Bytes::from("ok"));
     drop(relay);
 }

@@ -16,7 +16,8 @@ async fn holdfast_publishes_reach_a_plain_nats_subscriber_in_order() {
     let client = stack.client().await;
 
     for index in 0..MESSAGES {
-        let mut message = OutboundMessage::new(format!("orders.{}", index % 3), format!("m{index}"));
+        let mut message =
+            OutboundMessage::new(format!("orders.{}", index % 3), format!("m{index}"));
         if index % 10 == 0 {
             message = message.header("Trace-Id", format!("t{index}"));
         }
@@ -25,12 +26,20 @@ async fn holdfast_publishes_reach_a_plain_nats_subscriber_in_order() {
     client.flush().await.unwrap();
 
     for index in 0..MESSAGES {
-        let message = within("plain subscriber receives", plain.next()).await.unwrap();
+        let message = within("plain subscriber receives", plain.next())
+            .await
+            .unwrap();
         assert_eq!(message.subject.as_str(), format!("orders.{}", index % 3));
         assert_eq!(message.payload, Bytes::from(format!("m{index}")));
         if index % 10 == 0 {
-            let trace = message.headers.as_ref().and_then(|headers| headers.get("Trace-Id"));
-            assert_eq!(trace.map(|value| value.as_str()), Some(format!("t{index}").as_str()));
+            let trace = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get("Trace-Id"));
+            assert_eq!(
+                trace.map(|value| value.as_str()),
+                Some(format!("t{index}").as_str())
+            );
         }
     }
 }
@@ -45,17 +54,26 @@ async fn plain_nats_publishes_reach_a_holdfast_subscriber_in_order() {
     for index in 0..MESSAGES {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Seq", index.to_string().as_str());
-        nats.publish_with_headers(format!("events.e{}", index % 5), headers, format!("p{index}").into())
-            .await
-            .unwrap();
+        nats.publish_with_headers(
+            format!("events.e{}", index % 5),
+            headers,
+            format!("p{index}").into(),
+        )
+        .await
+        .unwrap();
     }
     nats.flush().await.unwrap();
 
     for index in 0..MESSAGES {
-        let message = within("holdfast subscriber receives", subscriber.next()).await.unwrap();
+        let message = within("holdfast subscriber receives", subscriber.next())
+            .await
+            .unwrap();
         assert_eq!(message.subject.as_str(), format!("events.e{}", index % 5));
         assert_eq!(message.payload, Bytes::from(format!("p{index}")));
-        assert_eq!(message.headers.get("Seq").map(|v| v.to_string()), Some(index.to_string()));
+        assert_eq!(
+            message.headers.get("Seq").map(|v| v.to_string()),
+            Some(index.to_string())
+        );
     }
 }
 
@@ -77,7 +95,10 @@ async fn acked_publish_says_forwarded() {
         .unwrap()
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), Some(holdfast_client::ErrorCode::UnknownClass));
+    assert_eq!(
+        refused.code(),
+        Some(holdfast_client::ErrorCode::UnknownClass)
+    );
     assert!(!refused.is_retryable());
 }
 
@@ -106,13 +127,22 @@ async fn requests_work_in_both_directions() {
     let answering = client.clone();
     tokio::spawn(async move {
         while let Some(request) = requests.next().await {
-            let reversed: String = String::from_utf8_lossy(&request.payload).chars().rev().collect();
-            answering.publish(request.reply.unwrap(), reversed).await.unwrap();
+            let reversed: String = String::from_utf8_lossy(&request.payload)
+                .chars()
+                .rev()
+                .collect();
+            answering
+                .publish(request.reply.unwrap(), reversed)
+                .await
+                .unwrap();
         }
     });
-    let reply = within("plain request answered", nats.request("svc.reverse", "abc".into()))
-        .await
-        .unwrap();
+    let reply = within(
+        "plain request answered",
+        nats.request("svc.reverse", "abc".into()),
+    )
+    .await
+    .unwrap();
     assert_eq!(reply.payload, Bytes::from("cba"));
 
     // Nobody serves this subject: a typed, retryable error, not a hang.
@@ -137,7 +167,9 @@ async fn subscriptions_share_one_upstream_and_queue_groups_split_work() {
 
     let nats = stack.direct_nats().await;
     for index in 0..100 {
-        nats.publish(format!("jobs.{index}"), "j".into()).await.unwrap();
+        nats.publish(format!("jobs.{index}"), "j".into())
+            .await
+            .unwrap();
     }
     nats.flush().await.unwrap();
     for _ in 0..100 {

@@ -35,7 +35,9 @@ async fn killed_relay_comes_back_and_subscriptions_work_again() {
     let nats = stack.direct_nats().await;
     nats.publish("restart.after", "again".into()).await.unwrap();
     nats.flush().await.unwrap();
-    let message = within("delivery after relay restart", subscriber.next()).await.unwrap();
+    let message = within("delivery after relay restart", subscriber.next())
+        .await
+        .unwrap();
     assert_eq!(message.payload, Bytes::from("again"));
 }
 

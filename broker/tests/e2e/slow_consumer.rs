@@ -4,7 +4,9 @@
 use crate::support::{within, Stack};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use holdfast_wire::{encode, ErrorCode, Frame, FrameDecoder, Hello, Subscribe, Text, PROTOCOL_VERSION};
+use holdfast_wire::{
+    encode, ErrorCode, Frame, FrameDecoder, Hello, Subscribe, Text, PROTOCOL_VERSION,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -64,21 +66,29 @@ async fn flood_and_check_fast(stack: &Stack, fast: &mut holdfast_client::Subscri
         for _ in 0..PER_ROUND {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Seq", expected.to_string().as_str());
-            nats.publish_with_headers("flood", headers, payload.clone()).await.unwrap();
+            nats.publish_with_headers("flood", headers, payload.clone())
+                .await
+                .unwrap();
             expected += 1;
         }
         nats.flush().await.unwrap();
         while next_seen < expected {
-            let seen = within("fast subscriber keeps up", fast.next()).await.unwrap();
+            let seen = within("fast subscriber keeps up", fast.next())
+                .await
+                .unwrap();
             let seq: usize = seen.headers.get("Seq").unwrap().parse().unwrap();
-            assert_eq!(seq, next_seen, "fast subscriber lost or reordered a message");
+            assert_eq!(
+                seq, next_seen,
+                "fast subscriber lost or reordered a message"
+            );
             next_seen += 1;
         }
     }
     assert_eq!(fast.dropped(), 0);
 }
 
-const SMALL_QUEUES: &str = "[sessions]\noutbound_queue_frames = 4096\noutbound_queue_bytes = 1048576\n";
+const SMALL_QUEUES: &str =
+    "[sessions]\noutbound_queue_frames = 4096\noutbound_queue_bytes = 1048576\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_policy_counts_and_reports_and_spares_the_fast_subscriber() {
@@ -92,9 +102,10 @@ async fn drop_policy_counts_and_reports_and_spares_the_fast_subscriber() {
     let status = client.status().await.unwrap();
     let drops = status["counters"]["slow_consumer_drops"].as_u64().unwrap();
     assert!(drops > 0, "{status}");
-    let told = read_until(&mut stalled, |frame| {
-        matches!(frame, Frame::Error(error) if error.code == ErrorCode::SlowConsumer)
-    })
+    let told = read_until(
+        &mut stalled,
+        |frame| matches!(frame, Frame::Error(error) if error.code == ErrorCode::SlowConsumer),
+    )
     .await;
     assert!(told, "the slow subscriber was not told about its drops");
 }
@@ -109,11 +120,18 @@ async fn disconnect_policy_closes_only_the_slow_connection() {
 
     flood_and_check_fast(&stack, &mut fast).await;
 
-    let got_go_away = read_until(&mut stalled, |frame| {
-        matches!(frame, Frame::GoAway(go_away) if go_away.code == ErrorCode::SlowConsumer)
-    })
+    let got_go_away = read_until(
+        &mut stalled,
+        |frame| matches!(frame, Frame::GoAway(go_away) if go_away.code == ErrorCode::SlowConsumer),
+    )
     .await;
-    assert!(got_go_away, "the slow subscriber was not sent GO_AWAY SlowConsumer");
+    assert!(
+        got_go_away,
+        "the slow subscriber was not sent GO_AWAY SlowConsumer"
+    );
     let status = client.status().await.unwrap();
-    assert_eq!(status["counters"]["slow_consumer_disconnects"], 1, "{status}");
+    assert_eq!(
+        status["counters"]["slow_consumer_disconnects"], 1,
+        "{status}"
+    );
 }

@@ -149,6 +149,8 @@ pub struct Relay {
     socket: PathBuf,
     config: PathBuf,
     nats_url: String,
+    metrics_port: u16,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     starts: u32,
 }
@@ -163,6 +165,11 @@ impl Relay {
 
     /// Starts with extra TOML (e.g. "[sessions]\nslow_consumer = \"disconnect\"").
     pub fn start_with_config(nats_url: &str, config_toml: &str) -> Relay {
+        Relay::start_with(nats_url, config_toml, &[])
+    }
+
+    /// Starts with extra TOML and extra environment variables.
+    pub fn start_with(nats_url: &str, config_toml: &str, env: &[(&str, &str)]) -> Relay {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("holdfast.sock");
         let config = dir.path().join("holdfast.toml");
@@ -172,6 +179,11 @@ impl Relay {
             socket,
             config,
             nats_url: nats_url.to_string(),
+            metrics_port: free_port(),
+            env: env
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
             child: None,
             starts: 0,
         };
@@ -190,6 +202,9 @@ impl Relay {
             .arg(&self.socket)
             .arg("--nats")
             .arg(&self.nats_url)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -201,7 +216,11 @@ impl Relay {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!("holdfastd exited with {status}:\n{}", self.logs());
             }
-            assert!(Instant::now() < deadline, "holdfastd did not listen:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "holdfastd did not listen:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -229,6 +248,27 @@ impl Relay {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// GET on the operations endpoint: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
+            .expect("connect to the metrics endpoint");
+        stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("send request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read response");
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default();
+        (status, body)
     }
 
     pub fn pid(&self) -> Option<u32> {

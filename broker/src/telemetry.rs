@@ -1,0 +1,215 @@
+//! Prometheus metrics: names, help texts, and the copy from the relay's
+//! counters at scrape time.
+//!
+//! Counters live in [`RelayStats`] (one atomic add per event on the hot
+//! path); a scrape copies them into the `metrics` recorder and renders the
+//! exposition text. Histograms are recorded where the latency happens. The
+//! README's metrics table lists every series below; keep the two in step.
+
+use crate::config::DEFAULT_CLASSES;
+use crate::router::RouterStats;
+use crate::session::SessionContext;
+use crate::stats::PublishOutcome;
+use holdfast_wire::{ErrorCode, LinkStatus};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Latency buckets in seconds: 50 µs to 10 s.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+
+pub const PUBLISH_ACK_SECONDS: &str = "holdfast_publish_ack_seconds";
+pub const REQUEST_DURATION_SECONDS: &str = "holdfast_request_duration_seconds";
+
+/// The installed Prometheus recorder.
+#[derive(Clone)]
+pub struct Telemetry {
+    handle: PrometheusHandle,
+}
+
+impl Telemetry {
+    /// Installs the process-wide recorder; call once, before sessions start.
+    pub fn install() -> Result<Telemetry, BuildError> {
+        let handle = PrometheusBuilder::new()
+            .set_buckets(&LATENCY_BUCKETS)?
+            .install_recorder()?;
+        describe();
+        Ok(Telemetry { handle })
+    }
+
+    /// The exposition text, with counters brought up to date.
+    pub fn render(&self, ctx: &SessionContext, router: RouterStats) -> String {
+        copy_counters(ctx, router);
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+fn describe() {
+    describe_gauge!(
+        "holdfast_build_info",
+        "Always 1; the version label says which build runs."
+    );
+    describe_gauge!(
+        "holdfast_uptime_seconds",
+        Unit::Seconds,
+        "Seconds since the relay started."
+    );
+    describe_gauge!(
+        "holdfast_upstream_up",
+        "1 while the link to the upstream service is up, else 0."
+    );
+    describe_gauge!(
+        "holdfast_upstream_last_change_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the link's last state change."
+    );
+    describe_counter!(
+        "holdfast_upstream_outages_total",
+        "Times the link went down."
+    );
+    describe_gauge!(
+        "holdfast_upstream_current_outage_seconds",
+        Unit::Seconds,
+        "Length of the current outage; 0 while the link is up."
+    );
+    describe_gauge!(
+        "holdfast_upstream_downtime_seconds",
+        Unit::Seconds,
+        "Total time the link has been down since the relay started."
+    );
+    describe_gauge!("holdfast_sessions", "Client connections open now.");
+    describe_counter!(
+        "holdfast_sessions_opened_total",
+        "Client connections accepted."
+    );
+    describe_gauge!(
+        "holdfast_subscriptions",
+        "Subscriptions: kind=local counts client subscriptions, kind=upstream the distinct ones held with NATS."
+    );
+    describe_counter!(
+        "holdfast_publishes_total",
+        "Publishes by class and outcome."
+    );
+    describe_counter!(
+        "holdfast_publish_rejections_total",
+        "Rejected publishes by reason (error code)."
+    );
+    describe_counter!(
+        "holdfast_messages_dropped_total",
+        "Messages dropped by the relay, by reason."
+    );
+    describe_counter!(
+        "holdfast_slow_consumer_disconnects_total",
+        "Connections closed because their subscriber did not keep up."
+    );
+    describe_counter!(
+        "holdfast_local_deliveries_total",
+        "Messages delivered node-locally while NATS was down."
+    );
+    describe_counter!(
+        "holdfast_messages_delivered_total",
+        "Messages queued to local subscribers (from NATS or node-local)."
+    );
+    describe_counter!(
+        "holdfast_frame_errors_total",
+        "Connections closed for malformed input, by error code."
+    );
+    describe_counter!("holdfast_requests_total", "Requests received from clients.");
+    describe_counter!(
+        "holdfast_request_failures_total",
+        "Failed requests by error code."
+    );
+    describe_counter!(
+        "holdfast_requests_served_locally_total",
+        "Requests answered by subscribers on this relay while NATS was down."
+    );
+    describe_counter!(
+        "holdfast_limit_rejections_total",
+        "Operations refused because a per-connection limit was reached."
+    );
+    describe_histogram!(
+        PUBLISH_ACK_SECONDS,
+        Unit::Seconds,
+        "From a publish arriving to its ack being queued, for publishes that asked for one."
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "From a request arriving to its response being queued."
+    );
+}
+
+fn unix_seconds(time: SystemTime) -> f64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs_f64())
+        .unwrap_or_default()
+}
+
+fn copy_counters(ctx: &SessionContext, router: RouterStats) {
+    let stats = &ctx.stats;
+    gauge!("holdfast_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!("holdfast_uptime_seconds").set(ctx.started_at.elapsed().as_secs_f64());
+
+    let link = ctx.nats.snapshot();
+    let up = if link.status == LinkStatus::Up {
+        1.0
+    } else {
+        0.0
+    };
+    gauge!("holdfast_upstream_up", "service" => "nats").set(up);
+    gauge!("holdfast_upstream_last_change_timestamp_seconds", "service" => "nats")
+        .set(unix_seconds(link.since));
+    counter!("holdfast_upstream_outages_total", "service" => "nats").absolute(link.outages);
+    gauge!("holdfast_upstream_current_outage_seconds", "service" => "nats")
+        .set(link.current_outage().as_secs_f64());
+    gauge!("holdfast_upstream_downtime_seconds", "service" => "nats")
+        .set(link.downtime().as_secs_f64());
+
+    gauge!("holdfast_sessions").set(stats.sessions_active() as f64);
+    counter!("holdfast_sessions_opened_total").absolute(read(&stats.sessions_total));
+    gauge!("holdfast_subscriptions", "kind" => "local").set(router.local_subscriptions as f64);
+    gauge!("holdfast_subscriptions", "kind" => "upstream")
+        .set(router.upstream_subscriptions as f64);
+
+    for (class, name) in DEFAULT_CLASSES.iter().enumerate() {
+        for outcome in PublishOutcome::ALL {
+            counter!("holdfast_publishes_total", "class" => *name, "outcome" => outcome.name())
+                .absolute(stats.publishes(class, outcome));
+        }
+    }
+    // Always show the outage reason so dashboards have a series before the
+    // first outage; other reasons appear once they happen.
+    counter!("holdfast_publish_rejections_total", "reason" => ErrorCode::NatsUnavailable.name())
+        .absolute(stats.publish_rejections.get(ErrorCode::NatsUnavailable));
+    for (reason, value) in stats.publish_rejections.by_name() {
+        counter!("holdfast_publish_rejections_total", "reason" => reason).absolute(value);
+    }
+    counter!("holdfast_messages_dropped_total", "reason" => "slow_consumer")
+        .absolute(read(&stats.slow_consumer_drops));
+    counter!("holdfast_slow_consumer_disconnects_total")
+        .absolute(read(&stats.slow_consumer_disconnects));
+    counter!("holdfast_local_deliveries_total").absolute(read(&stats.local_deliveries));
+    counter!("holdfast_messages_delivered_total").absolute(read(&stats.messages_delivered));
+    for code in [ErrorCode::BadFrame, ErrorCode::FrameTooLarge] {
+        counter!("holdfast_frame_errors_total", "code" => code.name())
+            .absolute(stats.frame_errors.get(code));
+    }
+    for (code, value) in stats.frame_errors.by_name() {
+        counter!("holdfast_frame_errors_total", "code" => code).absolute(value);
+    }
+    counter!("holdfast_requests_total").absolute(read(&stats.requests_total));
+    for (code, value) in stats.request_failures.by_name() {
+        counter!("holdfast_request_failures_total", "code" => code).absolute(value);
+    }
+    counter!("holdfast_requests_served_locally_total")
+        .absolute(read(&stats.requests_served_locally));
+    counter!("holdfast_limit_rejections_total").absolute(read(&stats.limit_rejections));
+}
+
+fn read(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(std::sync::atomic::Ordering::Relaxed)
+}

@@ -1,0 +1,210 @@
+//! Operations: Prometheus metrics, health endpoints and systemd notify,
+//! checked the way an operator and the orchestrator see them.
+
+use crate::support::{wait_until, wait_until_async, within, NatsServer, Relay, Stack};
+use holdfast_client::{ErrorCode, LinkStatus, OutboundMessage};
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+/// The value of one series in Prometheus text, matched by name and labels.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let wanted: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .find_map(|(series, value)| {
+            let (series_name, label_text) = match series.split_once('{') {
+                Some((series_name, rest)) => (series_name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let found: BTreeMap<&str, &str> = label_text
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(key, value)| (key, value.trim_matches('"')))
+                .collect();
+            (series_name == name && found == wanted).then(|| value.parse().ok())?
+        })
+}
+
+fn scrape(relay: &Relay) -> String {
+    let (status, body) = relay.http_get("/metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_follow_a_nats_outage() {
+    let mut stack = Stack::start();
+    let relay = &stack.relay;
+    assert_eq!(relay.http_get("/readyz").0, 200);
+    assert_eq!(relay.http_get("/livez").0, 200);
+    assert_eq!(relay.http_get("/nope").0, 404);
+
+    let client = stack.client().await;
+    for _ in 0..5 {
+        let ack = client
+            .publish_with_ack(OutboundMessage::new("ops.work", "x").class("prefill"))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(ack.outcome, holdfast_client::AckStatus::Forwarded);
+    }
+    let _subscriber = client.subscribe("ops.>").await.unwrap();
+    let text = scrape(relay);
+    let nats = [("service", "nats")];
+    assert_eq!(metric(&text, "holdfast_upstream_up", &nats), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "holdfast_upstream_outages_total", &nats), Some(0.0));
+    let prefill_forwarded = [("class", "prefill"), ("outcome", "forwarded")];
+    assert_eq!(metric(&text, "holdfast_publishes_total", &prefill_forwarded), Some(5.0));
+    assert_eq!(metric(&text, "holdfast_sessions", &[]), Some(1.0));
+    assert_eq!(metric(&text, "holdfast_subscriptions", &[("kind", "upstream")]), Some(1.0));
+    assert_eq!(
+        metric(&text, "holdfast_publish_ack_seconds_count", &[("class", "prefill")]),
+        Some(5.0),
+        "{text}"
+    );
+    assert!(text.contains("# HELP holdfast_publishes_total"), "{text}");
+
+    let mut events = client.link_events();
+    stack.nats.kill();
+    within("outage noticed", async {
+        while client.nats_status() != LinkStatus::Down {
+            let _ = events.recv().await;
+        }
+    })
+    .await;
+    let error = client
+        .publish_with_ack(OutboundMessage::new("ops.work", "y").class("decode"))
+        .await
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::NatsUnavailable));
+
+    // Degraded, not dead: liveness holds, the outage shows everywhere.
+    let relay = &stack.relay;
+    assert_eq!(relay.http_get("/livez").0, 200);
+    assert_eq!(relay.http_get("/readyz").0, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let text = scrape(relay);
+    assert_eq!(metric(&text, "holdfast_upstream_up", &nats), Some(0.0), "{text}");
+    assert_eq!(metric(&text, "holdfast_upstream_outages_total", &nats), Some(1.0));
+    assert!(metric(&text, "holdfast_upstream_current_outage_seconds", &nats).unwrap() > 0.0);
+    let decode_rejected = [("class", "decode"), ("outcome", "rejected")];
+    assert_eq!(metric(&text, "holdfast_publishes_total", &decode_rejected), Some(1.0));
+    assert_eq!(
+        metric(&text, "holdfast_publish_rejections_total", &[("reason", "nats_unavailable")]),
+        Some(1.0)
+    );
+    assert_eq!(metric(&text, "holdfast_local_deliveries_total", &[]), Some(1.0), "{text}");
+    let (status, body) = relay.http_get("/status");
+    assert_eq!(status, 200);
+    let document: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(document["nats"]["status"], "down");
+
+    stack.nats.restart();
+    let relay = &stack.relay;
+    wait_until_async("NATS back in the metrics", || async {
+        metric(&scrape(relay), "holdfast_upstream_up", &nats) == Some(1.0)
+    })
+    .await;
+    let text = scrape(relay);
+    assert_eq!(metric(&text, "holdfast_upstream_current_outage_seconds", &nats), Some(0.0));
+    assert!(metric(&text, "holdfast_upstream_downtime_seconds", &nats).unwrap() > 0.0);
+}
+
+/// Reads notifications until `wanted` has been seen `times` times.
+fn wait_for_notification(socket: &UnixDatagram, wanted: &str, times: usize) {
+    let deadline = Instant::now() + crate::support::WAIT;
+    let mut seen = 0;
+    let mut buffer = [0u8; 4096];
+    while seen < times {
+        assert!(Instant::now() < deadline, "saw {wanted} only {seen} of {times} times");
+        if let Ok(read) = socket.recv(&mut buffer) {
+            let text = String::from_utf8_lossy(&buffer[..read]);
+            if text.lines().any(|line| line == wanted) {
+                seen += 1;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notifications = UnixDatagram::bind(&notify_path).unwrap();
+    notifications
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let nats = NatsServer::start();
+    let mut relay = Relay::start_with(
+        &nats.url(),
+        "",
+        &[
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+            // systemd would set WatchdogSec=0.4s; pings come every 200 ms.
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    wait_for_notification(&notifications, "READY=1", 1);
+    wait_for_notification(&notifications, "WATCHDOG=1", 3);
+    assert!(relay.terminate().success());
+    wait_for_notification(&notifications, "STOPPING=1", 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_holds_with_nats_never_reachable() {
+    let mut nats = NatsServer::start();
+    nats.kill();
+    let relay = Relay::start(&nats.url());
+    wait_until("degraded state reported", || {
+        metric(&scrape(&relay), "holdfast_upstream_up", &[("service", "nats")]) == Some(0.0)
+    });
+    assert_eq!(relay.http_get("/livez").0, 200);
+    assert_eq!(relay.http_get("/readyz").0, 200);
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    let Ok(analyze) = which("systemd-analyze") else {
+        eprintln!("systemd-analyze not installed; skipping the unit check");
+        return;
+    };
+    let unit_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd");
+    let dir = tempfile::tempdir().unwrap();
+    let binary = env!("CARGO_BIN_EXE_holdfastd");
+    for unit in ["holdfastd.service", "holdfast-nats.service", "holdfast-etcd.service"] {
+        let text = std::fs::read_to_string(unit_dir.join(unit)).unwrap();
+        // Point ExecStart at binaries that exist here; the rest is verified as shipped.
+        let text = text
+            .replace("/usr/local/bin/holdfastd", binary)
+            .replace("/usr/sbin/nats-server", "/bin/true")
+            .replace("/usr/bin/etcd", "/bin/true");
+        std::fs::write(dir.path().join(unit), text).unwrap();
+    }
+    let output = std::process::Command::new(analyze)
+        .arg("verify")
+        .args(
+            ["holdfastd.service", "holdfast-nats.service", "holdfast-etcd.service"]
+                .map(|unit| dir.path().join(unit)),
+        )
+        .env("SYSTEMD_LOG_LEVEL", "warning")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "systemd-analyze verify failed:\n{stderr}");
+}
+
+fn which(binary: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .chain([std::path::PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join(binary))
+        .find(|path| path.exists())
+        .ok_or(())
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Starts a working local holdfast demo: a nats-server and holdfastd on
+# loopback, in the foreground. Ctrl-C stops both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+deploy/install-deps.sh
+export PATH="/usr/sbin:$PATH"
+cargo build --release --bins
+
+demo_dir="${HOLDFAST_DEMO_DIR:-$(mktemp -d -t holdfast-demo.XXXXXX)}"
+nats_port="${HOLDFAST_DEMO_NATS_PORT:-4222}"
+socket="$demo_dir/holdfast.sock"
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+nats-server -a 127.0.0.1 -p "$nats_port" >"$demo_dir/nats.log" 2>&1 &
+pids+=($!)
+target/release/holdfastd --socket "$socket" --nats "nats://127.0.0.1:$nats_port" \
+  2>"$demo_dir/holdfastd.log" &
+pids+=($!)
+
+for _ in $(seq 1 100); do
+  [ -S "$socket" ] && break
+  sleep 0.1
+done
+[ -S "$socket" ] || { echo "holdfastd did not start; see $demo_dir/holdfastd.log" >&2; exit 1; }
+
+cat <<MSG
+holdfast demo is running (logs in $demo_dir). In another terminal:
+
+  export HOLDFAST_URL=unix://$socket PATH="$PWD/target/release:\$PATH"
+  holdfast status
+  holdfast sub demo.greetings &
+  echo hello | holdfast pub demo.greetings --ack
+  holdfast req demo.nobody ping        # a typed error: no_responders
+
+Stop NATS to see an outage:  kill ${pids[0]}   (then: holdfast status)
+Ctrl-C here stops everything.
+MSG
+wait "${pids[1]}"
