@@ -23,8 +23,8 @@ use holdfast_wire::subject::{
 };
 use holdfast_wire::{
     encode, AckOutcome, CodecError, ErrorCode, ErrorFrame, Frame, FrameCodec, GoAway, Hello,
-    LinkState, Pong, PubAck, Publish, Request, Response, ResponseOutcome, Service, StatusResponse,
-    Subscribe, Text, Welcome, PROTOCOL_VERSION,
+    LinkState, LinkStatus, Pong, PubAck, Publish, Request, Response, ResponseOutcome, Service,
+    StatusResponse, Subscribe, Text, Welcome, PROTOCOL_VERSION,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -240,7 +240,7 @@ impl Session {
             relay_id: self.ctx.relay_id.clone(),
             max_frame_bytes: self.ctx.config.relay.max_frame_bytes,
             nats: link.status,
-            etcd: holdfast_wire::LinkStatus::Unknown,
+            etcd: LinkStatus::Unknown,
         });
         match self.send(welcome).await {
             Flow::Continue => Some(hello),
@@ -368,27 +368,49 @@ impl Session {
             .map_err(|error| (ErrorCode::ProtocolViolation, error.to_string()))?;
         let client = self.ctx.nats.client();
         let subject = to_subject(&message.subject);
-        let result = match (message.reply, headers) {
-            (None, None) => client.publish(subject, message.payload).await,
-            (None, Some(headers)) => {
-                client
-                    .publish_with_headers(subject, headers, message.payload)
-                    .await
+        let handover = async move {
+            match (message.reply, headers) {
+                (None, None) => client.publish(subject, message.payload).await,
+                (None, Some(headers)) => {
+                    client
+                        .publish_with_headers(subject, headers, message.payload)
+                        .await
+                }
+                (Some(reply), None) => {
+                    client
+                        .publish_with_reply(subject, to_subject(&reply), message.payload)
+                        .await
+                }
+                (Some(reply), Some(headers)) => {
+                    client
+                        .publish_with_reply_and_headers(
+                            subject,
+                            to_subject(&reply),
+                            headers,
+                            message.payload,
+                        )
+                        .await
+                }
             }
-            (Some(reply), None) => {
-                client
-                    .publish_with_reply(subject, to_subject(&reply), message.payload)
-                    .await
-            }
-            (Some(reply), Some(headers)) => {
-                client
-                    .publish_with_reply_and_headers(
-                        subject,
-                        to_subject(&reply),
-                        headers,
-                        message.payload,
-                    )
-                    .await
+        };
+        // The NATS client's queue blocks when its connection stalls; a
+        // publish caught there must not hang the session for the whole
+        // outage. `biased` keeps the common case free of any watch access:
+        // the link check is only built when the handover did not finish at once.
+        let link_lost = async {
+            let mut link = self.ctx.nats.watch();
+            let _ = link
+                .wait_for(|snapshot| snapshot.status != LinkStatus::Up)
+                .await;
+        };
+        let result = tokio::select! {
+            biased;
+            result = handover => result,
+            () = link_lost => {
+                return Err((
+                    ErrorCode::NatsUnavailable,
+                    "NATS link went down before the message was handed over; not forwarded".to_string(),
+                ));
             }
         };
         result.map_err(|error| (ErrorCode::NatsUnavailable, error.to_string()))

@@ -55,14 +55,31 @@ async fn metrics_and_health_follow_a_nats_outage() {
     let _subscriber = client.subscribe("ops.>").await.unwrap();
     let text = scrape(relay);
     let nats = [("service", "nats")];
-    assert_eq!(metric(&text, "holdfast_upstream_up", &nats), Some(1.0), "{text}");
-    assert_eq!(metric(&text, "holdfast_upstream_outages_total", &nats), Some(0.0));
-    let prefill_forwarded = [("class", "prefill"), ("outcome", "forwarded")];
-    assert_eq!(metric(&text, "holdfast_publishes_total", &prefill_forwarded), Some(5.0));
-    assert_eq!(metric(&text, "holdfast_sessions", &[]), Some(1.0));
-    assert_eq!(metric(&text, "holdfast_subscriptions", &[("kind", "upstream")]), Some(1.0));
     assert_eq!(
-        metric(&text, "holdfast_publish_ack_seconds_count", &[("class", "prefill")]),
+        metric(&text, "holdfast_upstream_up", &nats),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "holdfast_upstream_outages_total", &nats),
+        Some(0.0)
+    );
+    let prefill_forwarded = [("class", "prefill"), ("outcome", "forwarded")];
+    assert_eq!(
+        metric(&text, "holdfast_publishes_total", &prefill_forwarded),
+        Some(5.0)
+    );
+    assert_eq!(metric(&text, "holdfast_sessions", &[]), Some(1.0));
+    assert_eq!(
+        metric(&text, "holdfast_subscriptions", &[("kind", "upstream")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "holdfast_publish_ack_seconds_count",
+            &[("class", "prefill")]
+        ),
         Some(5.0),
         "{text}"
     );
@@ -90,16 +107,34 @@ async fn metrics_and_health_follow_a_nats_outage() {
     assert_eq!(relay.http_get("/readyz").0, 200);
     std::thread::sleep(Duration::from_millis(300));
     let text = scrape(relay);
-    assert_eq!(metric(&text, "holdfast_upstream_up", &nats), Some(0.0), "{text}");
-    assert_eq!(metric(&text, "holdfast_upstream_outages_total", &nats), Some(1.0));
-    assert!(metric(&text, "holdfast_upstream_current_outage_seconds", &nats).unwrap() > 0.0);
-    let decode_rejected = [("class", "decode"), ("outcome", "rejected")];
-    assert_eq!(metric(&text, "holdfast_publishes_total", &decode_rejected), Some(1.0));
     assert_eq!(
-        metric(&text, "holdfast_publish_rejections_total", &[("reason", "nats_unavailable")]),
+        metric(&text, "holdfast_upstream_up", &nats),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "holdfast_upstream_outages_total", &nats),
         Some(1.0)
     );
-    assert_eq!(metric(&text, "holdfast_local_deliveries_total", &[]), Some(1.0), "{text}");
+    assert!(metric(&text, "holdfast_upstream_current_outage_seconds", &nats).unwrap() > 0.0);
+    let decode_rejected = [("class", "decode"), ("outcome", "rejected")];
+    assert_eq!(
+        metric(&text, "holdfast_publishes_total", &decode_rejected),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "holdfast_publish_rejections_total",
+            &[("reason", "nats_unavailable")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "holdfast_local_deliveries_total", &[]),
+        Some(1.0),
+        "{text}"
+    );
     let (status, body) = relay.http_get("/status");
     assert_eq!(status, 200);
     let document: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -112,7 +147,10 @@ async fn metrics_and_health_follow_a_nats_outage() {
     })
     .await;
     let text = scrape(relay);
-    assert_eq!(metric(&text, "holdfast_upstream_current_outage_seconds", &nats), Some(0.0));
+    assert_eq!(
+        metric(&text, "holdfast_upstream_current_outage_seconds", &nats),
+        Some(0.0)
+    );
     assert!(metric(&text, "holdfast_upstream_downtime_seconds", &nats).unwrap() > 0.0);
 }
 
@@ -122,7 +160,10 @@ fn wait_for_notification(socket: &UnixDatagram, wanted: &str, times: usize) {
     let mut seen = 0;
     let mut buffer = [0u8; 4096];
     while seen < times {
-        assert!(Instant::now() < deadline, "saw {wanted} only {seen} of {times} times");
+        assert!(
+            Instant::now() < deadline,
+            "saw {wanted} only {seen} of {times} times"
+        );
         if let Ok(read) = socket.recv(&mut buffer) {
             let text = String::from_utf8_lossy(&buffer[..read]);
             if text.lines().any(|line| line == wanted) {
@@ -162,7 +203,11 @@ async fn liveness_holds_with_nats_never_reachable() {
     nats.kill();
     let relay = Relay::start(&nats.url());
     wait_until("degraded state reported", || {
-        metric(&scrape(&relay), "holdfast_upstream_up", &[("service", "nats")]) == Some(0.0)
+        metric(
+            &scrape(&relay),
+            "holdfast_upstream_up",
+            &[("service", "nats")],
+        ) == Some(0.0)
     });
     assert_eq!(relay.http_get("/livez").0, 200);
     assert_eq!(relay.http_get("/readyz").0, 200);
@@ -177,7 +222,11 @@ fn systemd_unit_verifies() {
     let unit_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd");
     let dir = tempfile::tempdir().unwrap();
     let binary = env!("CARGO_BIN_EXE_holdfastd");
-    for unit in ["holdfastd.service", "holdfast-nats.service", "holdfast-etcd.service"] {
+    for unit in [
+        "holdfastd.service",
+        "holdfast-nats.service",
+        "holdfast-etcd.service",
+    ] {
         let text = std::fs::read_to_string(unit_dir.join(unit)).unwrap();
         // Point ExecStart at binaries that exist here; the rest is verified as shipped.
         let text = text
@@ -189,14 +238,21 @@ fn systemd_unit_verifies() {
     let output = std::process::Command::new(analyze)
         .arg("verify")
         .args(
-            ["holdfastd.service", "holdfast-nats.service", "holdfast-etcd.service"]
-                .map(|unit| dir.path().join(unit)),
+            [
+                "holdfastd.service",
+                "holdfast-nats.service",
+                "holdfast-etcd.service",
+            ]
+            .map(|unit| dir.path().join(unit)),
         )
         .env("SYSTEMD_LOG_LEVEL", "warning")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "systemd-analyze verify failed:\n{stderr}");
+    assert!(
+        output.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
 }
 
 fn which(binary: &str) -> Result<std::path::PathBuf, ()> {

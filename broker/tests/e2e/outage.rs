@@ -202,3 +202,31 @@ async fn relay_starts_degraded_without_nats_and_recovers() {
     assert_eq!(message.payload, Bytes::from("ok"));
     drop(relay);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_caught_in_a_stalled_connection_are_still_answered() {
+    let stack = Stack::start();
+    let client = stack.client().await;
+    stack.nats.pause();
+    // Far more than the NATS client's queue and the socket buffers hold, so
+    // some publishes are caught mid-handover when the stall is detected.
+    let payload = Bytes::from(vec![b'z'; 1024]);
+    let mut acks = Vec::new();
+    for _ in 0..20_000 {
+        let message = OutboundMessage::new("stalled.flood", payload.clone());
+        acks.push(client.publish_with_ack(message).await.unwrap());
+    }
+    let (mut forwarded, mut unavailable) = (0, 0);
+    within("every ack arrives although NATS is stopped", async {
+        for ack in acks {
+            match ack.await {
+                Ok(_) => forwarded += 1,
+                Err(error) if error.code() == Some(ErrorCode::NatsUnavailable) => unavailable += 1,
+                Err(error) => panic!("unexpected outcome: {error}"),
+            }
+        }
+    })
+    .await;
+    assert!(unavailable > 0, "{forwarded} forwarded, none refused");
+    stack.nats.resume();
+}
