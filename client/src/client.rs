@@ -314,19 +314,22 @@ impl Client {
         let timeout_ms = u32::try_from(timeout.as_millis())
             .unwrap_or(u32::MAX)
             .max(1);
+        let request_id = self.inner.shared.next_request_id();
         let frame = Frame::Request(Request {
-            request_id: 0,
+            request_id,
             timeout_ms,
             subject,
             headers,
             payload: payload.into(),
         });
         self.check_frame_size(&frame)?;
-        let Frame::Request(request) = frame else {
-            return Err(Error::Closed);
-        };
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Request { request, reply }).await?;
+        self.send(Command::Request {
+            request_id,
+            frame,
+            reply,
+        })
+        .await?;
         match tokio::time::timeout(timeout.saturating_add(REQUEST_GRACE), answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::Closed),

@@ -5,7 +5,7 @@ use crate::error::Result;
 use crate::message::{Message, Reply};
 use crate::subscription::SubscriptionState;
 use bytes::Bytes;
-use holdfast_wire::{Frame, Request, Text};
+use holdfast_wire::{Frame, Text};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
@@ -25,9 +25,10 @@ pub(crate) enum Command {
         sid: u32,
         done: Option<oneshot::Sender<()>>,
     },
-    /// `request.request_id` is assigned by the connection task.
     Request {
-        request: Request,
+        request_id: u64,
+        /// A `Frame::Request` carrying `request_id`.
+        frame: Frame,
         reply: oneshot::Sender<Result<Reply>>,
     },
     Flush {

@@ -84,7 +84,7 @@ pub(crate) struct Connection {
     /// Subscribers waiting for the PONG behind their SUBSCRIBE.
     unconfirmed_subscriptions: HashMap<u32, oneshot::Sender<Result<()>>>,
 
-    next_request_id: u64,
+    next_status_id: u64,
     next_ping_nonce: u64,
     close_requested: Option<oneshot::Sender<()>>,
 }
@@ -177,7 +177,7 @@ impl Connection {
             pending_statuses: HashMap::new(),
             pending_pings: VecDeque::new(),
             unconfirmed_subscriptions: HashMap::new(),
-            next_request_id: 1,
+            next_status_id: 1,
             next_ping_nonce: 1,
             close_requested: None,
         }
@@ -373,7 +373,8 @@ impl Connection {
         outbox: &mut Outbox,
     ) -> Result<(), SessionFailure> {
         let mut next = first;
-        for _ in 0..MAX_FRAMES_PER_BATCH {
+        let mut handled = 0;
+        loop {
             match next {
                 Some(Ok(frame)) => {
                     self.handle_frame(frame, outbox)
@@ -407,6 +408,11 @@ impl Connection {
                     })
                 }
             }
+            handled += 1;
+            if handled == MAX_FRAMES_PER_BATCH {
+                // The rest stays in the read buffer for the next turn.
+                return Ok(());
+            }
             // Polling without waiting: decodes frames left in the read
             // buffer, or reads more if the socket has some.
             match reader.next().now_or_never() {
@@ -414,7 +420,6 @@ impl Connection {
                 None => return Ok(()),
             }
         }
-        Ok(())
     }
 
     fn on_welcome(&mut self, welcome: Welcome, outbox: &mut Outbox) {
@@ -533,7 +538,7 @@ impl Connection {
             );
         }
         for publish in abandoned {
-            self.fail_publish(publish, || Error::Closed, "client closed while offline");
+            self.fail_publish(publish, Error::Closed);
         }
         for (_, subscription) in self.subscriptions.drain() {
             subscription.state.terminate(Error::Closed);
@@ -546,7 +551,7 @@ impl Connection {
     fn reject_after_close(&mut self, command: Command) {
         match command {
             Command::Publish(publish) => {
-                self.fail_publish(publish, || Error::Closed, "client closed");
+                self.fail_publish(publish, Error::Closed);
             }
             Command::Subscribe { confirmed, .. } => {
                 let _ = confirmed.send(Err(Error::Closed));
@@ -595,15 +600,16 @@ impl Connection {
                     let _ = done.send(());
                 }
             }
-            Command::Request { mut request, reply } => {
+            Command::Request {
+                request_id,
+                frame,
+                reply,
+            } => {
                 let Some(outbox) = outbox else {
                     let _ = reply.send(Err(Error::RelayUnavailable));
                     return Flow::Continue;
                 };
-                let request_id = self.next_request_id;
-                self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
-                request.request_id = request_id;
-                match outbox.push(&Frame::Request(request)) {
+                match outbox.push(&frame) {
                     Ok(()) => {
                         self.pending_requests.insert(request_id, reply);
                     }
@@ -623,8 +629,8 @@ impl Connection {
                     let _ = reply.send(Err(Error::RelayUnavailable));
                     return Flow::Continue;
                 };
-                let request_id = self.next_request_id;
-                self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
+                let request_id = self.next_status_id;
+                self.next_status_id = self.next_status_id.wrapping_add(1).max(1);
                 let frame = Frame::StatusRequest(holdfast_wire::StatusRequest { request_id });
                 match outbox.push(&frame) {
                     Ok(()) => {
@@ -653,18 +659,7 @@ impl Connection {
                     let _ = enqueued.send(Ok(()));
                 }
             }
-            Err(error) => {
-                let error = too_large(error);
-                let (size, max) = match &error {
-                    Error::MessageTooLarge { size, max } => (*size, *max),
-                    _ => (0, 0),
-                };
-                self.fail_publish(
-                    publish,
-                    || Error::MessageTooLarge { size, max },
-                    "publish exceeds the relay's frame limit",
-                );
-            }
+            Err(error) => self.fail_publish(publish, too_large(error)),
         }
     }
 
@@ -678,38 +673,28 @@ impl Connection {
                 }
             }
             Err(refused) => {
-                let (mut publish, make_error, reason): (_, fn() -> Error, _) = match refused {
-                    Refused::Full(publish) => {
-                        (publish, || Error::BufferFull, "offline buffer is full")
-                    }
-                    Refused::Disabled(publish) => (
-                        publish,
-                        || Error::RelayUnavailable,
-                        "relay unavailable and the offline policy is fail-fast",
-                    ),
+                let (mut publish, error) = match refused {
+                    Refused::Full(publish) => (publish, Error::BufferFull),
+                    // Fail-fast: nothing waits for the relay.
+                    Refused::Disabled(publish) => (publish, Error::RelayUnavailable),
                 };
                 publish.enqueued = enqueued;
-                self.fail_publish(publish, make_error, reason);
+                self.fail_publish(publish, error);
             }
         }
     }
 
     /// Tells whoever waits on `publish` that it failed; a fire-and-forget
     /// publish nobody waits on is counted and logged instead.
-    fn fail_publish(
-        &self,
-        mut publish: OutgoingPublish,
-        make_error: impl Fn() -> Error,
-        reason: &str,
-    ) {
+    fn fail_publish(&self, mut publish: OutgoingPublish, error: Error) {
         // A handle waiting for the enqueue result has not handed out its
         // ack future yet, so the enqueue result is the one to fail.
         if let Some(enqueued) = publish.enqueued.take() {
-            let _ = enqueued.send(Err(make_error()));
+            let _ = enqueued.send(Err(error));
             return;
         }
         if let Some(ack) = publish.ack.take() {
-            let _ = ack.sender.send(Err(make_error()));
+            let _ = ack.sender.send(Err(error));
             return;
         }
         let dropped = self.shared.count_dropped_publish();
@@ -720,7 +705,7 @@ impl Connection {
         warn!(
             subject,
             dropped_total = dropped,
-            reason,
+            reason = %error,
             "dropped a fire-and-forget publish"
         );
     }

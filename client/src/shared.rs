@@ -19,6 +19,7 @@ pub(crate) struct SharedState {
     max_frame_bytes: AtomicU32,
     next_sid: AtomicU32,
     next_ack_id: AtomicU64,
+    next_request_id: AtomicU64,
     /// Fire-and-forget publishes dropped inside the client (each one logged).
     publishes_dropped: AtomicU64,
 }
@@ -32,6 +33,7 @@ impl SharedState {
             max_frame_bytes: AtomicU32::new(max_frame_bytes),
             next_sid: AtomicU32::new(1),
             next_ack_id: AtomicU64::new(1),
+            next_request_id: AtomicU64::new(1),
             publishes_dropped: AtomicU64::new(0),
         }
     }
@@ -87,6 +89,11 @@ impl SharedState {
                 return ack_id;
             }
         }
+    }
+
+    /// A request id, unique among this client's outstanding requests.
+    pub(crate) fn next_request_id(&self) -> u64 {
+        self.next_request_id.fetch_add(1, Ordering::Relaxed)
     }
 
     pub(crate) fn publishes_dropped(&self) -> u64 {

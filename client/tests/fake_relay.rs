@@ -1,153 +1,22 @@
-//! The client against a scripted stand-in for holdfastd on a Unix socket.
-//!
-//! The fake relay speaks the real framed protocol through
-//! `holdfast_wire::FrameCodec`; each test scripts what it answers. No NATS is
-//! involved: these tests pin down the client's side of the protocol
-//! (handshake, reconnect, desired-state replay, ack and error mapping).
+//! The client library against a scripted stand-in for holdfastd
+//! (`support::FakeRelay`): handshake, reconnect, desired-state replay, ack
+//! and error mapping. No NATS is involved.
+
+mod support;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use holdfast_client::{
     AckStatus, Client, ConnectOptions, Error, ErrorCode, LinkEvent, OfflinePolicy, OutboundMessage,
     RelayUrl,
 };
 use holdfast_wire::{
-    AckOutcome, ErrorFrame, Frame, FrameCodec, GoAway, Hello, LinkStatus, Message, Pong, PubAck,
-    Publish, Response, ResponseOutcome, StatusResponse, Subscribe, Text, Welcome,
-    DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    AckOutcome, ErrorFrame, Frame, GoAway, LinkStatus, Message, Pong, PubAck, Publish, Response,
+    ResponseOutcome, StatusResponse, Text, DEFAULT_MAX_FRAME_BYTES,
 };
-use std::future::Future;
-use std::path::PathBuf;
 use std::time::Duration;
-use tokio::net::{UnixListener, UnixStream};
+use support::{within, FakeRelay, RelayConnection};
 use tokio::sync::broadcast;
-use tokio_util::codec::Framed;
-
-/// Upper bound on every wait in these tests.
-const STEP_TIMEOUT: Duration = Duration::from_secs(5);
-
-async fn within<F: Future>(what: &str, future: F) -> F::Output {
-    match tokio::time::timeout(STEP_TIMEOUT, future).await {
-        Ok(output) => output,
-        Err(_) => panic!("timed out waiting for {what}"),
-    }
-}
-
-struct FakeRelay {
-    listener: UnixListener,
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl FakeRelay {
-    fn start() -> FakeRelay {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("relay.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        FakeRelay {
-            listener,
-            path,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> RelayUrl {
-        RelayUrl::Unix {
-            path: self.path.clone(),
-        }
-    }
-
-    /// Options for tests: no keepalive traffic unless a test asks for it,
-    /// quick reconnects.
-    fn options(&self) -> ConnectOptions {
-        ConnectOptions::new(self.url())
-            .client_name("fake-relay-test")
-            .ping_interval(Duration::from_secs(60))
-            .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(50))
-    }
-
-    async fn accept(&self) -> RelayConnection {
-        let (stream, _) = within("a client connection", self.listener.accept())
-            .await
-            .unwrap();
-        RelayConnection {
-            framed: Framed::new(stream, FrameCodec::new(DEFAULT_MAX_FRAME_BYTES)),
-        }
-    }
-
-    /// Accepts a connection, checks its HELLO and welcomes it with `instance_id`.
-    async fn accept_session(&self, instance_id: u64) -> (RelayConnection, Hello) {
-        let mut connection = self.accept().await;
-        let hello = match connection.recv().await {
-            Frame::Hello(hello) => hello,
-            other => panic!("expected HELLO first, got {other:?}"),
-        };
-        assert_eq!(hello.min_version, PROTOCOL_VERSION);
-        assert_eq!(hello.max_version, PROTOCOL_VERSION);
-        assert_eq!(hello.client_name, "fake-relay-test");
-        connection
-            .send(Frame::Welcome(Welcome {
-                version: PROTOCOL_VERSION,
-                session_id: 1000 + instance_id,
-                instance_id,
-                relay_id: Text::from("fake-relay"),
-                max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
-                nats: LinkStatus::Up,
-                etcd: LinkStatus::Unknown,
-            }))
-            .await;
-        (connection, hello)
-    }
-}
-
-struct RelayConnection {
-    framed: Framed<UnixStream, FrameCodec>,
-}
-
-impl RelayConnection {
-    async fn recv(&mut self) -> Frame {
-        within("a frame from the client", self.framed.next())
-            .await
-            .expect("client closed the connection")
-            .expect("client sent an invalid frame")
-    }
-
-    /// The next frame that is not a PING; PINGs are answered on the way.
-    async fn recv_answering_pings(&mut self) -> Frame {
-        loop {
-            match self.recv().await {
-                Frame::Ping(ping) => self.send(Frame::Pong(Pong { nonce: ping.nonce })).await,
-                other => return other,
-            }
-        }
-    }
-
-    async fn recv_publish(&mut self) -> Publish {
-        match self.recv_answering_pings().await {
-            Frame::Publish(publish) => publish,
-            other => panic!("expected PUBLISH, got {other:?}"),
-        }
-    }
-
-    async fn send(&mut self, frame: Frame) {
-        within("sending a frame", self.framed.send(frame))
-            .await
-            .unwrap();
-    }
-
-    /// Reads SUBSCRIBE and its PING barrier, answers the PONG, returns the SUBSCRIBE.
-    async fn accept_subscribe(&mut self) -> Subscribe {
-        let subscribe = match self.recv().await {
-            Frame::Subscribe(subscribe) => subscribe,
-            other => panic!("expected SUBSCRIBE, got {other:?}"),
-        };
-        match self.recv().await {
-            Frame::Ping(ping) => self.send(Frame::Pong(Pong { nonce: ping.nonce })).await,
-            other => panic!("expected the PING barrier after SUBSCRIBE, got {other:?}"),
-        }
-        subscribe
-    }
-}
 
 async fn connect(
     relay: &FakeRelay,
@@ -162,6 +31,7 @@ async fn connect(
         hello.instance_id, 0,
         "a new process asks for an instance id"
     );
+    assert_eq!(hello.client_name, "fake-relay-test");
     (client.unwrap(), connection)
 }
 
@@ -614,11 +484,7 @@ async fn connect_fails_clearly_without_a_relay_unless_asked_to_retry() {
     assert_eq!(client.instance_id(), None);
     client.publish("early.bird", "first").await.unwrap();
 
-    let relay = FakeRelay {
-        listener: UnixListener::bind(&path).unwrap(),
-        path,
-        _dir: dir,
-    };
+    let relay = FakeRelay::bind(dir, path);
     let (mut connection, hello) = relay.accept_session(5).await;
     assert_eq!(hello.instance_id, 0);
     assert_eq!(payload_text(&connection.recv_publish().await), "first");
@@ -768,4 +634,97 @@ async fn invalid_subjects_are_rejected_locally() {
     assert_eq!(error.code(), Some(ErrorCode::InvalidSubject));
     assert!(!error.is_retryable());
     assert!(client.subscribe("a..b").await.is_err());
+}
+
+#[tokio::test]
+async fn every_frame_of_a_large_burst_is_delivered() {
+    const BURST: usize = 10_000;
+    let relay = FakeRelay::start();
+    let options = relay.options().subscription_capacity(BURST);
+    let (client, mut connection) = connect(&relay, options, 1).await;
+    let (subscriber, subscribe) = tokio::join!(
+        within("subscribe", client.subscribe("burst")),
+        connection.accept_subscribe()
+    );
+    let mut subscriber = subscriber.unwrap();
+    // One buffer, so the client decodes far more frames per read than it
+    // handles per turn.
+    let mut burst = bytes::BytesMut::new();
+    for index in 0..BURST {
+        let frame = Frame::Message(Message {
+            sid: subscribe.sid,
+            subject: Text::from("burst"),
+            reply: None,
+            headers: Default::default(),
+            payload: Bytes::from(index.to_string()),
+        });
+        holdfast_wire::encode(&frame, DEFAULT_MAX_FRAME_BYTES, &mut burst).unwrap();
+    }
+    tokio::io::AsyncWriteExt::write_all(connection.framed.get_mut(), &burst)
+        .await
+        .unwrap();
+    for index in 0..BURST {
+        let message = within("a burst message", subscriber.next()).await.unwrap();
+        assert_eq!(message.payload, index.to_string());
+    }
+    assert_eq!(subscriber.dropped(), 0);
+}
+
+#[tokio::test]
+async fn relay_errors_for_fire_and_forget_publishes_become_events() {
+    let relay = FakeRelay::start();
+    let (client, mut connection) = connect(&relay, relay.options(), 1).await;
+    let mut events = client.link_events();
+    client.publish("a.b", "x").await.unwrap();
+    assert_eq!(connection.recv_publish().await.ack_id, 0);
+    connection
+        .send(Frame::Error(ErrorFrame {
+            code: ErrorCode::JournalFull,
+            reference: 0,
+            message: Text::from("class default is over budget"),
+        }))
+        .await;
+    let event = wait_for_event(&mut events, |event| {
+        matches!(event, LinkEvent::RelayError { .. })
+    })
+    .await;
+    assert_eq!(
+        event,
+        LinkEvent::RelayError {
+            code: ErrorCode::JournalFull,
+            message: "class default is over budget".into()
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_relay_error_for_a_live_subscription_ends_its_stream_with_the_reason() {
+    let relay = FakeRelay::start();
+    let (client, mut connection) = connect(&relay, relay.options(), 1).await;
+    let (subscriber, subscribe) = tokio::join!(
+        within("subscribe", client.subscribe("secrets.>")),
+        connection.accept_subscribe()
+    );
+    let mut subscriber = subscriber.unwrap();
+    // A slow-consumer report is a warning: the subscription stays.
+    connection
+        .send(Frame::Error(ErrorFrame {
+            code: ErrorCode::SlowConsumer,
+            reference: u64::from(subscribe.sid),
+            message: Text::from("dropped 12 messages"),
+        }))
+        .await;
+    connection
+        .send(Frame::Error(ErrorFrame {
+            code: ErrorCode::Unauthorized,
+            reference: u64::from(subscribe.sid),
+            message: Text::from("permission revoked"),
+        }))
+        .await;
+    assert!(within("the stream to end", subscriber.next())
+        .await
+        .is_none());
+    let reason = subscriber.termination().unwrap();
+    assert_eq!(reason.code(), Some(ErrorCode::Unauthorized));
+    assert!(!reason.is_retryable());
 }
