@@ -34,9 +34,13 @@ impl LinkMonitor {
         }
     }
 
-    #[cfg(test)]
-    fn status(&self) -> LinkStatus {
+    pub fn status(&self) -> LinkStatus {
         self.status
+    }
+
+    /// When the link turns down unless the server proves alive before then.
+    pub fn silence_deadline(&self) -> Instant {
+        self.last_alive + self.link_timeout
     }
 
     /// How many times the link went from up (or unknown) to down.
@@ -75,7 +79,7 @@ impl LinkMonitor {
 
     /// Time passed; turns the link down if the server has been silent too long.
     pub fn on_tick(&mut self, now: Instant) -> Option<LinkStatus> {
-        if now.saturating_duration_since(self.last_alive) > self.link_timeout {
+        if now >= self.silence_deadline() {
             self.set(LinkStatus::Down)
         } else {
             None
@@ -133,9 +137,13 @@ mod tests {
         let mut monitor = LinkMonitor::new(start, TIMEOUT);
         monitor.on_connected(start);
         monitor.on_probe_ok(start + Duration::from_millis(250));
-        assert_eq!(monitor.on_tick(start + Duration::from_millis(1200)), None);
         assert_eq!(
-            monitor.on_tick(start + Duration::from_millis(1300)),
+            monitor.silence_deadline(),
+            start + Duration::from_millis(1250)
+        );
+        assert_eq!(monitor.on_tick(start + Duration::from_millis(1249)), None);
+        assert_eq!(
+            monitor.on_tick(start + Duration::from_millis(1250)),
             Some(LinkStatus::Down)
         );
         assert!(monitor.wants_probe(), "still connected, so keep probing");

@@ -183,6 +183,12 @@ impl MonitorTask {
             let change = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 Some(event) = events.recv() => self.on_event(event),
+                // Exactly when the silence runs out, not at the next tick, so
+                // a stalled server is declared down within `link_timeout`.
+                () = tokio::time::sleep_until(self.monitor.silence_deadline().into()),
+                    if self.monitor.status() != LinkStatus::Down => {
+                    self.monitor.on_tick(Instant::now())
+                }
                 Some(alive) = probe_rx.recv() => {
                     probe_in_flight = false;
                     if alive { self.monitor.on_probe_ok(Instant::now()) } else { None }

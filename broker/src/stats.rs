@@ -150,7 +150,8 @@ pub fn add(counter: &AtomicU64, amount: u64) {
     counter.fetch_add(amount, Ordering::Relaxed);
 }
 
-fn read(counter: &AtomicU64) -> u64 {
+/// Reads a counter.
+pub fn read(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 

@@ -9,7 +9,7 @@
 use crate::config::DEFAULT_CLASSES;
 use crate::router::RouterStats;
 use crate::session::SessionContext;
-use crate::stats::PublishOutcome;
+use crate::stats::{read, PublishOutcome};
 use holdfast_wire::{ErrorCode, LinkStatus};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
@@ -208,8 +208,4 @@ fn copy_counters(ctx: &SessionContext, router: RouterStats) {
     counter!("holdfast_requests_served_locally_total")
         .absolute(read(&stats.requests_served_locally));
     counter!("holdfast_limit_rejections_total").absolute(read(&stats.limit_rejections));
-}
-
-fn read(counter: &std::sync::atomic::AtomicU64) -> u64 {
-    counter.load(std::sync::atomic::Ordering::Relaxed)
 }

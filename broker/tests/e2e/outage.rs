@@ -158,9 +158,10 @@ async fn stopped_nats_is_noticed_within_the_link_timeout() {
 
     stack.nats.pause();
     let detected = wait_for_nats(&mut events, LinkStatus::Down).await;
-    // link_timeout is 1 s; allow a probe interval and scheduling slack.
+    // link_timeout is 1 s after the last answered probe; allow scheduling
+    // slack on a busy machine.
     assert!(
-        detected < Duration::from_millis(2000),
+        detected < Duration::from_millis(1500),
         "stall noticed after {detected:?}"
     );
     assert_nats_unavailable_fast(&client).await;
