@@ -68,58 +68,7 @@ async fn broken_connections_are_closed_with_a_code_and_others_carry_on() {
     let good = stack.client().await;
     let mut subscriber = good.subscribe("steady").await.unwrap();
     let socket = stack.relay.socket().to_path_buf();
-    let welcome_then = |bytes: Vec<u8>| [hello(PROTOCOL_VERSION, PROTOCOL_VERSION), bytes].concat();
 
-    let mut checks = 0;
-    let mut still_fine = || {
-        checks += 1;
-        let good = good.clone();
-        let payload = format!("still fine {checks}");
-        async move {
-            good.publish("steady", payload.clone()).await.unwrap();
-            payload
-        }
-    };
-
-    // Garbage: a small length prefix and an unknown frame type.
-    let garbage = welcome_then(vec![0, 0, 0, 5, 0xEE, 1, 2, 3, 4]);
-    let frames = exchange(&socket, &[&garbage], false).await;
-    assert!(
-        matches!(frames.first(), Some(Frame::Welcome(_))),
-        "{frames:?}"
-    );
-    assert_eq!(
-        go_away_code(&frames),
-        Some(ErrorCode::BadFrame),
-        "{frames:?}"
-    );
-    let expected = still_fine().await;
-    assert_eq!(
-        within("good client", subscriber.next())
-            .await
-            .unwrap()
-            .payload,
-        expected
-    );
-
-    // Oversized: a length prefix far beyond the limit; nothing is allocated for it.
-    let oversized = welcome_then(vec![0x40, 0, 0, 0, 0x10]);
-    let frames = exchange(&socket, &[&oversized], false).await;
-    assert_eq!(
-        go_away_code(&frames),
-        Some(ErrorCode::FrameTooLarge),
-        "{frames:?}"
-    );
-    let expected = still_fine().await;
-    assert_eq!(
-        within("good client", subscriber.next())
-            .await
-            .unwrap()
-            .payload,
-        expected
-    );
-
-    // Truncated: half a PUBLISH, then the client stops sending.
     let publish = frame_bytes(&Frame::Publish(Publish {
         ack_id: 1,
         subject: Text::from_static("steady"),
@@ -128,21 +77,44 @@ async fn broken_connections_are_closed_with_a_code_and_others_carry_on() {
         headers: Headers::new(),
         payload: vec![7u8; 100].into(),
     }));
-    let truncated = welcome_then(publish[..publish.len() / 2].to_vec());
-    let frames = exchange(&socket, &[&truncated], true).await;
-    assert_eq!(
-        go_away_code(&frames),
-        Some(ErrorCode::BadFrame),
-        "{frames:?}"
-    );
-    let expected = still_fine().await;
-    assert_eq!(
-        within("good client", subscriber.next())
-            .await
-            .unwrap()
-            .payload,
-        expected
-    );
+    // (what is sent after HELLO, whether the client then stops sending, the code expected)
+    let cases: [(&str, Vec<u8>, bool, ErrorCode); 3] = [
+        // A small length prefix and an unknown frame type.
+        (
+            "garbage",
+            vec![0, 0, 0, 5, 0xEE, 1, 2, 3, 4],
+            false,
+            ErrorCode::BadFrame,
+        ),
+        // A length prefix far beyond the limit; nothing is allocated for it.
+        (
+            "oversized",
+            vec![0x40, 0, 0, 0, 0x10],
+            false,
+            ErrorCode::FrameTooLarge,
+        ),
+        // Half a PUBLISH, then the client stops sending.
+        (
+            "truncated",
+            publish[..publish.len() / 2].to_vec(),
+            true,
+            ErrorCode::BadFrame,
+        ),
+    ];
+    for (name, bytes, half_close, code) in cases {
+        let sent = [hello(PROTOCOL_VERSION, PROTOCOL_VERSION), bytes].concat();
+        let frames = exchange(&socket, &[&sent], half_close).await;
+        assert!(
+            matches!(frames.first(), Some(Frame::Welcome(_))),
+            "{name}: {frames:?}"
+        );
+        assert_eq!(go_away_code(&frames), Some(code), "{name}: {frames:?}");
+        // The well-behaved client never noticed.
+        let payload = format!("still fine after {name}");
+        good.publish("steady", payload.clone()).await.unwrap();
+        let received = within("good client", subscriber.next()).await.unwrap();
+        assert_eq!(received.payload, payload.into_bytes());
+    }
 
     // Garbage before any HELLO.
     let frames = exchange(&socket, &[b"\x00\x00\x00\x03\xff\xff\xff"], false).await;
