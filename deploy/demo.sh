@@ -8,8 +8,16 @@ deploy/install-deps.sh
 export PATH="/usr/sbin:$PATH"
 cargo build --release --bins
 
+# First free loopback port from $1 on (a distro nats-server may already hold 4222).
+free_port() {
+  local port=$1
+  while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
+  echo "$port"
+}
+
 demo_dir="${HOLDFAST_DEMO_DIR:-$(mktemp -d -t holdfast-demo.XXXXXX)}"
-nats_port="${HOLDFAST_DEMO_NATS_PORT:-4222}"
+nats_port="${HOLDFAST_DEMO_NATS_PORT:-$(free_port 4222)}"
+metrics_port="$(free_port 9477)"
 socket="$demo_dir/holdfast.sock"
 
 pids=()
@@ -22,7 +30,7 @@ trap cleanup EXIT INT TERM
 nats-server -a 127.0.0.1 -p "$nats_port" >"$demo_dir/nats.log" 2>&1 &
 pids+=($!)
 target/release/holdfastd --socket "$socket" --nats "nats://127.0.0.1:$nats_port" \
-  2>"$demo_dir/holdfastd.log" &
+  --metrics-addr "127.0.0.1:$metrics_port" 2>"$demo_dir/holdfastd.log" &
 pids+=($!)
 
 for _ in $(seq 1 100); do
@@ -40,7 +48,10 @@ holdfast demo is running (logs in $demo_dir). In another terminal:
   echo hello | holdfast pub demo.greetings --ack
   holdfast req demo.nobody ping        # a typed error: no_responders
 
-Stop NATS to see an outage:  kill ${pids[0]}   (then: holdfast status)
+Metrics and health:  curl -s 127.0.0.1:$metrics_port/metrics | grep holdfast_
+                     curl -s 127.0.0.1:$metrics_port/status
+See an outage:  kill -STOP ${pids[0]}   (NATS stops answering; holdfast status says down)
+                kill -CONT ${pids[0]}   (it comes back; subscriptions work again)
 Ctrl-C here stops everything.
 MSG
 wait "${pids[1]}"

@@ -205,9 +205,20 @@ impl OutboxReceiver {
         received
     }
 
-    /// Takes the count of drops since the last call, to report to the client.
+    /// Takes the count of drops since the last call, to report to the
+    /// client; each report is also one log line with the count, so the log
+    /// accounts for every drop (the first of a run is logged as it happens).
     pub fn take_unreported_drops(&self) -> u64 {
-        self.shared.unreported_drops.swap(0, Ordering::Relaxed)
+        let dropped = self.shared.unreported_drops.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            warn!(
+                session = self.shared.session_id,
+                dropped,
+                reason = "slow_consumer",
+                "messages dropped for a subscriber whose outbound queue was full"
+            );
+        }
+        dropped
     }
 }
 
