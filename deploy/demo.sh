@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 deploy/install-deps.sh
 export PATH="/usr/sbin:$PATH"
 cargo build --release --bins
+bin_dir="$(realpath "${CARGO_TARGET_DIR:-target}")/release"
 
 # First free loopback port from $1 on (a distro nats-server may already hold 4222).
 free_port() {
@@ -29,7 +30,7 @@ trap cleanup EXIT INT TERM
 
 nats-server -a 127.0.0.1 -p "$nats_port" >"$demo_dir/nats.log" 2>&1 &
 pids+=($!)
-target/release/holdfastd --socket "$socket" --nats "nats://127.0.0.1:$nats_port" \
+"$bin_dir/holdfastd" --socket "$socket" --nats "nats://127.0.0.1:$nats_port" \
   --metrics-addr "127.0.0.1:$metrics_port" 2>"$demo_dir/holdfastd.log" &
 pids+=($!)
 
@@ -42,7 +43,7 @@ done
 cat <<MSG
 holdfast demo is running (logs in $demo_dir). In another terminal:
 
-  export HOLDFAST_URL=unix://$socket PATH="$PWD/target/release:\$PATH"
+  export HOLDFAST_URL=unix://$socket PATH="$bin_dir:\$PATH"
   holdfast status
   holdfast sub demo.greetings &
   echo hello | holdfast pub demo.greetings --ack
