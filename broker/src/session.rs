@@ -659,13 +659,20 @@ async fn serve_request(
             payload: reply.payload,
         },
         Err(error) => {
-            let code = match error.kind() {
-                RequestErrorKind::TimedOut => ErrorCode::Timeout,
-                RequestErrorKind::NoResponders => ErrorCode::NoResponders,
-                RequestErrorKind::InvalidSubject => ErrorCode::InvalidSubject,
-                _ => ErrorCode::NatsUnavailable,
+            let subject = &request.subject;
+            let (code, message) = match error.kind() {
+                RequestErrorKind::TimedOut => (
+                    ErrorCode::Timeout,
+                    format!("no reply on {subject} within {} ms", timeout.as_millis()),
+                ),
+                RequestErrorKind::NoResponders => (
+                    ErrorCode::NoResponders,
+                    format!("nobody subscribes to {subject}"),
+                ),
+                RequestErrorKind::InvalidSubject => (ErrorCode::InvalidSubject, error.to_string()),
+                _ => (ErrorCode::NatsUnavailable, error.to_string()),
             };
-            failed(code, error.to_string())
+            failed(code, message)
         }
     }
 }

@@ -56,7 +56,7 @@ fn summarize(document: &Value) -> Option<String> {
             Value::Object(entries) => {
                 let _ = writeln!(summary, "{key}:");
                 for (name, entry) in entries {
-                    let _ = writeln!(summary, "  {name}: {}", scalar(entry));
+                    write_entry(&mut summary, name, entry, 1);
                 }
             }
             Value::Array(items) => {
@@ -86,6 +86,33 @@ fn lookup<'a>(document: &'a Value, dotted_key: &str) -> Option<&'a Value> {
     dotted_key
         .split('.')
         .try_fold(document, |value, key| value.get(key))
+}
+
+/// One `name: value` line at `depth`; an object of objects becomes an
+/// indented block, an object of plain values one `key=value` line.
+fn write_entry(summary: &mut String, name: &str, value: &Value, depth: usize) {
+    let indent = "  ".repeat(depth);
+    match value {
+        Value::Object(entries) if entries.values().any(Value::is_object) => {
+            let _ = writeln!(summary, "{indent}{name}:");
+            for (inner_name, inner) in entries {
+                write_entry(summary, inner_name, inner, depth + 1);
+            }
+        }
+        Value::Object(entries) if !entries.is_empty() => {
+            let pairs: Vec<String> = entries
+                .iter()
+                .map(|(key, inner)| format!("{key}={}", scalar(inner)))
+                .collect();
+            let _ = writeln!(summary, "{indent}{name}: {}", pairs.join(" "));
+        }
+        Value::Object(_) => {
+            let _ = writeln!(summary, "{indent}{name}: none");
+        }
+        other => {
+            let _ = writeln!(summary, "{indent}{name}: {}", scalar(other));
+        }
+    }
 }
 
 /// Strings without quotes; everything else as compact JSON.
@@ -136,6 +163,25 @@ mod tests {
              sessions: 2\n\
              subscriptions: 4\n\
              counters:\n  published: 10"
+        );
+    }
+
+    #[test]
+    fn nested_counters_read_as_indented_lines() {
+        let document = json!({
+            "counters": {
+                "publishes_by_class": {"decode": {"forwarded": 2, "rejected": 1}},
+                "publish_rejections": {},
+                "frame_errors": 0,
+            },
+        });
+        assert_eq!(
+            summarize(&document).unwrap(),
+            "counters:\n  \
+             frame_errors: 0\n  \
+             publish_rejections: none\n  \
+             publishes_by_class:\n    \
+             decode: forwarded=2 rejected=1"
         );
     }
 
