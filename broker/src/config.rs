@@ -4,8 +4,10 @@
 //! can fix a typo at 3 a.m. without reading source. `deploy/holdfast.toml`
 //! documents every key; keep the two in step.
 
+use crate::classes::{ClassOverrides, Classes};
 use crate::duration;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
@@ -34,10 +36,6 @@ fn file_suffix(path: &Option<PathBuf>) -> String {
         .unwrap_or_default()
 }
 
-/// Message classes a publish may name, highest priority first. (Per-class
-/// settings arrive with the journal; until then the names are fixed.)
-pub const DEFAULT_CLASSES: [&str; 4] = ["prefill", "decode", "kv_events", "default"];
-
 /// What to do with a subscriber whose outbound queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -56,6 +54,8 @@ pub struct Config {
     pub relay: RelayConfig,
     pub nats: NatsConfig,
     pub sessions: SessionConfig,
+    /// `[classes.NAME]` tables; see `classes.rs`.
+    pub classes: BTreeMap<String, ClassOverrides>,
 }
 
 /// `[relay]`: the daemon itself.
@@ -63,6 +63,8 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct RelayConfig {
     pub socket: PathBuf,
+    /// Directory of the journal (`journal.redb`).
+    pub data_dir: PathBuf,
     /// Octal permission bits for the socket file, as a string ("0660").
     pub socket_mode: String,
     pub max_frame_bytes: u32,
@@ -106,6 +108,7 @@ impl Default for RelayConfig {
     fn default() -> RelayConfig {
         RelayConfig {
             socket: PathBuf::from("/run/holdfast/holdfast.sock"),
+            data_dir: PathBuf::from("/var/lib/holdfast"),
             socket_mode: "0660".to_string(),
             max_frame_bytes: holdfast_wire::DEFAULT_MAX_FRAME_BYTES,
             shutdown_grace: Duration::from_secs(5),
@@ -144,6 +147,7 @@ impl Default for SessionConfig {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub socket: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
     pub nats_servers: Option<String>,
     pub metrics_addr: Option<String>,
 }
@@ -158,6 +162,9 @@ impl Config {
         };
         if let Some(socket) = &overrides.socket {
             config.relay.socket = socket.clone();
+        }
+        if let Some(data_dir) = &overrides.data_dir {
+            config.relay.data_dir = data_dir.clone();
         }
         if let Some(address) = &overrides.metrics_addr {
             config.relay.metrics_addr = address.clone();
@@ -190,6 +197,8 @@ impl Config {
             .map_err(|message| invalid("relay.socket_mode", message))?;
         self.metrics_addr()
             .map_err(|message| invalid("relay.metrics_addr", message))?;
+        self.classes()
+            .map_err(|message| invalid("classes", message))?;
         if self.relay.max_frame_bytes < 1024 {
             return Err(invalid(
                 "relay.max_frame_bytes",
@@ -233,6 +242,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The resolved message classes, in drain order.
+    pub fn classes(&self) -> Result<Classes, String> {
+        Classes::resolve(&self.classes)
+    }
+
+    /// The journal file.
+    pub fn journal_path(&self) -> PathBuf {
+        self.relay.data_dir.join("journal.redb")
     }
 
     /// The metrics endpoint's address.
@@ -297,6 +316,7 @@ mod tests {
         );
         let overrides = Overrides {
             socket: None,
+            data_dir: None,
             nats_servers: Some("nats://127.0.0.1:1, nats://127.0.0.1:2".to_string()),
             metrics_addr: Some("127.0.0.1:19477".to_string()),
         };

@@ -39,6 +39,14 @@ pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duratio
     parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
+/// Serde adapter for optional durations:
+/// `#[serde(default, deserialize_with = "duration::deserialize_option")]`.
+pub fn deserialize_option<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    deserialize(deserializer).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

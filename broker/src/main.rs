@@ -1,8 +1,13 @@
 //! `holdfastd`: command line, logging, and the runtime around [`relay::run`].
 
+mod class_queue;
+mod classes;
 mod config;
 mod duration;
 mod fanout;
+mod forwarder;
+mod journal;
+mod journal_inspect;
 mod link_monitor;
 mod listener;
 mod nats_convert;
@@ -34,6 +39,9 @@ struct Args {
     /// Unix socket clients connect to [default: /run/holdfast/holdfast.sock].
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Directory of the journal [default: /var/lib/holdfast].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// Upstream NATS servers, comma-separated [default: nats://127.0.0.1:4222].
     #[arg(long, value_name = "URLS")]
     nats: Option<String>,
@@ -43,6 +51,30 @@ struct Args {
     /// Log format; the level comes from RUST_LOG (default "info").
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Offline tools for the journal (run while the relay is stopped).
+    Journal {
+        #[command(subcommand)]
+        action: JournalAction,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum JournalAction {
+    /// Per class: messages, bytes, oldest age and sequence range.
+    Inspect {
+        /// The relay's data directory [default: /var/lib/holdfast].
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/holdfast")]
+        data_dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -54,8 +86,15 @@ enum LogFormat {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
+    if let Some(Command::Journal {
+        action: JournalAction::Inspect { data_dir, json },
+    }) = &args.command
+    {
+        return journal_inspect::run(data_dir, *json);
+    }
     let overrides = config::Overrides {
         socket: args.socket,
+        data_dir: args.data_dir,
         nats_servers: args.nats,
         metrics_addr: args.metrics_addr,
     };

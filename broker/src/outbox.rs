@@ -49,12 +49,17 @@ struct Shared {
 #[derive(Clone)]
 pub struct Outbox {
     sender: mpsc::Sender<Frame>,
+    /// Acks from the forwarder. Unbounded so the forwarder never waits on a
+    /// session; bounded in practice because each ack answers one publish
+    /// that passed the forwarder's bounded intake.
+    acks: mpsc::UnboundedSender<Frame>,
     shared: Arc<Shared>,
 }
 
 /// The receiving side, owned by the session's writer.
 pub struct OutboxReceiver {
     receiver: mpsc::Receiver<Frame>,
+    acks: mpsc::UnboundedReceiver<Frame>,
     shared: Arc<Shared>,
 }
 
@@ -67,6 +72,7 @@ pub fn outbox(
     stats: Arc<RelayStats>,
 ) -> (Outbox, OutboxReceiver) {
     let (sender, receiver) = mpsc::channel(max_frames);
+    let (acks, ack_receiver) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         session_id,
         queued_bytes: AtomicUsize::new(0),
@@ -80,9 +86,14 @@ pub fn outbox(
     (
         Outbox {
             sender,
+            acks,
             shared: shared.clone(),
         },
-        OutboxReceiver { receiver, shared },
+        OutboxReceiver {
+            receiver,
+            acks: ack_receiver,
+            shared,
+        },
     )
 }
 
@@ -108,6 +119,12 @@ impl Outbox {
     /// Queues a frame of the session's own, waiting for room.
     pub async fn send(&self, frame: Frame) -> Result<(), OutboxClosed> {
         self.sender.send(frame).await.map_err(|_| OutboxClosed)
+    }
+
+    /// Queues an ack from the forwarder without waiting; `Err` when the
+    /// session is gone.
+    pub fn send_ack(&self, frame: Frame) -> Result<(), OutboxClosed> {
+        self.acks.send(frame).map_err(|_| OutboxClosed)
     }
 
     /// Offers a subscription message without waiting; a full outbox
@@ -194,11 +211,29 @@ impl OutboxReceiver {
     /// Moves up to `limit` queued frames into `batch`; 0 means every sender
     /// is gone.
     pub async fn recv_many(&mut self, batch: &mut Vec<Frame>, limit: usize) -> usize {
-        let received = self.receiver.recv_many(batch, limit).await;
-        let released: usize = batch[batch.len() - received..]
-            .iter()
-            .map(queued_size)
-            .sum();
+        let start = batch.len();
+        // Acks first: they are small and their publishers are waiting.
+        while batch.len() - start < limit {
+            match self.acks.try_recv() {
+                Ok(frame) => batch.push(frame),
+                Err(_) => break,
+            }
+        }
+        if batch.len() == start {
+            tokio::select! {
+                _ = self.receiver.recv_many(batch, limit) => {}
+                Some(frame) = self.acks.recv() => batch.push(frame),
+            }
+        } else {
+            while batch.len() - start < limit {
+                match self.receiver.try_recv() {
+                    Ok(frame) => batch.push(frame),
+                    Err(_) => break,
+                }
+            }
+        }
+        let received = batch.len() - start;
+        let released: usize = batch[start..].iter().map(queued_size).sum();
         self.shared
             .queued_bytes
             .fetch_sub(released, Ordering::AcqRel);

@@ -7,7 +7,10 @@
 //! accepting, tell every session GO_AWAY after the frames it already read,
 //! wait for them within `shutdown_grace`, flush NATS, exit 0.
 
+use crate::classes::WhenFull;
 use crate::config::Config;
+use crate::forwarder;
+use crate::journal::{ClassLimits, Journal, JournalSettings};
 use crate::listener::{self, ListenError};
 use crate::nats_link::{NatsLink, NatsLinkError};
 use crate::notify::Notifier;
@@ -44,6 +47,8 @@ pub enum RelayError {
     Signals(std::io::Error),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("cannot open the journal: {0}")]
+    Journal(#[from] crate::journal::JournalError),
 }
 
 /// Runs the relay until SIGTERM or SIGINT.
@@ -57,6 +62,35 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     let ops_listener = ops_http::bind(metrics_addr).await?;
     let telemetry = Telemetry::install()?;
     let notifier = Arc::new(Notifier::from_env());
+    let classes = config.classes().map_err(RelayError::Config)?;
+    let journal_settings = JournalSettings {
+        path: config.journal_path(),
+        classes: classes
+            .specs()
+            .iter()
+            .map(|spec| ClassLimits {
+                name: spec.name.clone(),
+                max_bytes: spec.max_bytes,
+                when_full: match spec.when_full {
+                    WhenFull::Reject => crate::journal::WhenFull::Reject,
+                    WhenFull::DropOldest => crate::journal::WhenFull::DropOldest,
+                },
+            })
+            .collect(),
+    };
+    let journal_path = journal_settings.path.clone();
+    // Opening is synchronous file work; keep it off the async workers.
+    let (journal, report) = tokio::task::spawn_blocking(move || Journal::open(journal_settings))
+        .await
+        .map_err(|error| RelayError::Config(format!("journal open task failed: {error}")))??;
+    if let Some(quarantined) = &report.quarantined {
+        warn!(
+            journal = %journal_path.display(),
+            quarantined = %quarantined.display(),
+            reason = report.reason.as_deref().unwrap_or("unknown"),
+            "journal was unreadable: moved aside, starting with an empty journal"
+        );
+    }
 
     let relay_id = new_relay_id();
     let background = CancellationToken::new();
@@ -65,7 +99,21 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     // being told "NATS unavailable" during the first connect's round trip.
     let settle_limit = config.nats.link_timeout + config.nats.probe_interval;
     let initial_link = nats.settled(settle_limit).await;
-    let stats = Arc::new(RelayStats::default());
+    let stats = Arc::new(RelayStats::new(
+        classes.names().map(str::to_string).collect(),
+    ));
+    stats
+        .journal_quarantines
+        .store(u64::from(report.quarantined.is_some()), Ordering::Relaxed);
+    let forwarder = forwarder::start(
+        classes.clone(),
+        journal,
+        &report.classes,
+        nats.clone(),
+        stats.clone(),
+        Text::from(relay_id.as_str()),
+        background.clone(),
+    );
     let router = router::start(
         nats.clone(),
         Text::from(relay_id.as_str()),
@@ -76,8 +124,10 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     let shutdown_grace = config.relay.shutdown_grace;
     let ctx = Arc::new(SessionContext::new(
         Arc::new(config),
+        classes,
         nats.clone(),
         router.clone(),
+        forwarder,
         stats,
         Text::from(relay_id.as_str()),
         sessions_stop.clone(),

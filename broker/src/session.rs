@@ -5,19 +5,24 @@
 //! everything queued in one syscall. Publishes go straight to the NATS
 //! client; subscriptions and node-local delivery go through the router.
 
-use crate::config::{Config, DEFAULT_CLASSES};
+use crate::class_queue::QueuedMessage;
+use crate::classes::Classes;
+use crate::config::Config;
 use crate::fanout::LocalMessage;
+use crate::fanout::DELIVERED_LOCALLY_HEADER;
+use crate::forwarder::{Accept, AckTo, ForwarderHandle};
 use crate::nats_convert::{from_header_map, to_header_map, to_subject};
 use crate::nats_link::NatsLink;
 use crate::outbox::{outbox, Outbox, OutboxReceiver};
 use crate::router::RouterHandle;
-use crate::stats::{bump, class_index, PublishOutcome, RelayStats};
+use crate::stats::{bump, PublishOutcome, RelayStats};
 use crate::status;
 use crate::subscription_table::SubscriptionKey;
 use crate::telemetry::{PUBLISH_ACK_SECONDS, REQUEST_DURATION_SECONDS};
 use async_nats::client::RequestErrorKind;
 use bytes::BytesMut;
 use futures::StreamExt;
+use holdfast_wire::chain::strip_chain_headers;
 use holdfast_wire::subject::{
     validate_publish_subject, validate_queue_group, validate_subscribe_subject,
 };
@@ -51,8 +56,10 @@ const WRITE_BUFFER_BYTES: usize = 256 * 1024;
 /// What every session shares: configuration and handles to the relay's tasks.
 pub struct SessionContext {
     pub config: Arc<Config>,
+    pub classes: Classes,
     pub nats: NatsLink,
     pub router: RouterHandle,
+    pub forwarder: ForwarderHandle,
     pub stats: Arc<RelayStats>,
     pub relay_id: Text,
     pub started_at: Instant,
@@ -61,18 +68,23 @@ pub struct SessionContext {
 }
 
 impl SessionContext {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
+        classes: Classes,
         nats: NatsLink,
         router: RouterHandle,
+        forwarder: ForwarderHandle,
         stats: Arc<RelayStats>,
         relay_id: Text,
         shutdown: CancellationToken,
     ) -> SessionContext {
         SessionContext {
             config,
+            classes,
             nats,
             router,
+            forwarder,
             stats,
             relay_id,
             started_at: Instant::now(),
@@ -134,9 +146,10 @@ pub async fn run(stream: UnixStream, ctx: Arc<SessionContext>) {
         ctx: ctx.clone(),
         outbox,
         requests_in_flight: Arc::new(Semaphore::new(sessions.max_inflight_requests)),
-        ack_latency: DEFAULT_CLASSES
-            .iter()
-            .map(|class| metrics::histogram!(PUBLISH_ACK_SECONDS, "class" => *class))
+        ack_latency: ctx
+            .classes
+            .names()
+            .map(|class| metrics::histogram!(PUBLISH_ACK_SECONDS, "class" => class.to_string()))
             .collect(),
     };
     session.serve(&mut reader).await;
@@ -261,8 +274,10 @@ impl Session {
             }
             Frame::Request(request) => self.on_request(request).await,
             Frame::Ping(ping) => {
-                // Barrier: everything before this PING was handed to the NATS
-                // client in order; flushing it makes "handed" mean "written".
+                // Barrier: everything before this PING was answered by the
+                // forwarder (journaled, queued or handed to the NATS client);
+                // flushing the client makes "handed" mean "written".
+                self.ctx.forwarder.barrier().await;
                 if self.ctx.nats.is_up() {
                     let flush = self.ctx.nats.client().flush();
                     let _ = tokio::time::timeout(BARRIER_FLUSH_TIMEOUT, flush).await;
@@ -295,32 +310,94 @@ impl Session {
         }
     }
 
-    /// Handles a publish; for those that asked for an ack, records how long
-    /// the relay took to answer.
+    /// Handles a publish. Class traffic goes to the forwarder, which answers
+    /// it; requests and replies (a reply subject, or an `_INBOX.` subject)
+    /// are never queued or journaled: a late answer is worse than an error.
     async fn on_publish(&self, publish: Publish) -> Flow {
-        let class = class_index(publish.class.as_deref());
-        if publish.ack_id == 0 {
-            return self.publish(publish, class).await;
-        }
         let started = Instant::now();
-        let flow = self.publish(publish, class).await;
-        if let Some(histogram) = self.ack_latency.get(class) {
-            histogram.record(started.elapsed().as_secs_f64());
-        }
-        flow
-    }
-
-    async fn publish(&self, publish: Publish, class: usize) -> Flow {
+        let classes = &self.ctx.classes;
+        let class = match classes.classify(publish.class.as_deref(), &publish.subject) {
+            Ok(class) => class,
+            Err(unknown) => {
+                let code = ErrorCode::UnknownClass;
+                self.ctx
+                    .stats
+                    .record_rejection(classes.default_class(), code);
+                let known: Vec<&str> = classes.names().collect();
+                let reason = format!(
+                    "unknown message class {unknown:?}; known classes: {}",
+                    known.join(", ")
+                );
+                return self.reject(publish.ack_id, code, reason, 0).await;
+            }
+        };
         if let Some((code, reason)) = check_publish(&publish) {
             self.ctx.stats.record_rejection(class, code);
             return self.reject(publish.ack_id, code, reason, 0).await;
         }
-        let message = LocalMessage {
+        let is_request_traffic = publish.reply.is_some() || publish.subject.starts_with("_INBOX.");
+        let mut message = LocalMessage {
             subject: publish.subject,
             reply: publish.reply,
             headers: publish.headers,
             payload: publish.payload,
         };
+        // Only the relay stamps chain headers; a client's own are removed so
+        // a consumer never trusts a forged chain.
+        strip_chain_headers(&mut message.headers);
+        if is_request_traffic {
+            return self
+                .publish_request_traffic(publish.ack_id, class, message)
+                .await;
+        }
+        let mut local_deliveries = 0;
+        if !self.ctx.nats.is_up() {
+            // Node-local subscribers get it now; the header keeps them from
+            // getting it a second time when the replay reaches NATS.
+            local_deliveries = self.ctx.router.deliver_local(message.clone()).await;
+            if local_deliveries > 0 {
+                message
+                    .headers
+                    .insert(DELIVERED_LOCALLY_HEADER, self.ctx.relay_id.clone());
+            }
+        }
+        let accept = Accept {
+            class,
+            message: QueuedMessage {
+                subject: message.subject,
+                headers: message.headers,
+                payload: message.payload,
+                accepted_at_ms: unix_millis(),
+            },
+            ack: AckTo {
+                outbox: self.outbox.clone(),
+                ack_id: publish.ack_id,
+                local_deliveries,
+                received: started,
+                latency: self.ack_latency.get(class).cloned(),
+            },
+        };
+        if self.ctx.forwarder.accept(accept).await.is_err() {
+            return self
+                .reject(
+                    publish.ack_id,
+                    ErrorCode::ShuttingDown,
+                    "relay is shutting down".to_string(),
+                    local_deliveries,
+                )
+                .await;
+        }
+        Flow::Continue
+    }
+
+    /// Replies to requests and publishes that carry a reply subject: sent
+    /// straight to NATS, or to a local requester, or refused while NATS is down.
+    async fn publish_request_traffic(
+        &self,
+        ack_id: u64,
+        class: usize,
+        message: LocalMessage,
+    ) -> Flow {
         if message
             .subject
             .starts_with(self.ctx.router.local_inbox_prefix())
@@ -329,7 +406,7 @@ impl Session {
             self.ctx
                 .stats
                 .record_publish(class, PublishOutcome::Forwarded);
-            return self.ack(publish.ack_id, AckOutcome::Forwarded, 1).await;
+            return self.ack(ack_id, AckOutcome::Forwarded, 1).await;
         }
         if self.ctx.nats.is_up() {
             return match self.forward(message).await {
@@ -337,30 +414,23 @@ impl Session {
                     self.ctx
                         .stats
                         .record_publish(class, PublishOutcome::Forwarded);
-                    self.ack(publish.ack_id, AckOutcome::Forwarded, 0).await
+                    self.ack(ack_id, AckOutcome::Forwarded, 0).await
                 }
                 Err((code, reason)) => {
                     self.ctx.stats.record_rejection(class, code);
-                    self.reject(publish.ack_id, code, reason, 0).await
+                    self.reject(ack_id, code, reason, 0).await
                 }
             };
         }
-        // NATS is down: node-local subscribers still get the message, and the
-        // publisher learns it did not reach NATS.
         let delivered = self.ctx.router.deliver_local(message).await;
         self.ctx
             .stats
             .record_rejection(class, ErrorCode::NatsUnavailable);
         let reason = format!(
-            "NATS is unreachable: not forwarded; delivered to {delivered} subscriber(s) on this relay"
+            "NATS is unreachable and request traffic is never queued; delivered to {delivered} subscriber(s) on this relay"
         );
-        self.reject(
-            publish.ack_id,
-            ErrorCode::NatsUnavailable,
-            reason,
-            delivered,
-        )
-        .await
+        self.reject(ack_id, ErrorCode::NatsUnavailable, reason, delivered)
+            .await
     }
 
     async fn forward(&self, message: LocalMessage) -> Result<(), (ErrorCode, String)> {
@@ -596,18 +666,14 @@ fn check_publish(publish: &Publish) -> Option<(ErrorCode, String)> {
             return Some((ErrorCode::InvalidSubject, format!("reply subject: {error}")));
         }
     }
-    if let Some(class) = &publish.class {
-        if !DEFAULT_CLASSES.contains(&class.as_str()) {
-            return Some((
-                ErrorCode::UnknownClass,
-                format!(
-                    "unknown message class {class:?}; known classes: {}",
-                    DEFAULT_CLASSES.join(", ")
-                ),
-            ));
-        }
-    }
     None
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 async fn serve_request(

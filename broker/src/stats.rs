@@ -5,7 +5,6 @@
 //! Prometheus exporter copies the same numbers at scrape time
 //! (`telemetry.rs`), so there is one set of books.
 
-use crate::config::DEFAULT_CLASSES;
 use holdfast_wire::ErrorCode;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -40,15 +39,6 @@ impl PublishOutcome {
     fn index(self) -> usize {
         self as usize
     }
-}
-
-/// Index of a publish's class in [`DEFAULT_CLASSES`]; no class (or one the
-/// relay refused) counts as `default`.
-pub fn class_index(class: Option<&str>) -> usize {
-    let default = DEFAULT_CLASSES.len() - 1;
-    class
-        .and_then(|name| DEFAULT_CLASSES.iter().position(|known| *known == name))
-        .unwrap_or(default)
 }
 
 const CODE_SLOTS: usize = ErrorCode::ALL.len() + 1;
@@ -100,9 +90,11 @@ impl CodeCounters {
 /// The counters.
 #[derive(Debug, Default)]
 pub struct RelayStats {
+    /// Class names, in the order of [`crate::classes::Classes`].
+    class_names: Vec<String>,
     pub sessions_active: AtomicU64,
     pub sessions_total: AtomicU64,
-    publishes: [[AtomicU64; PublishOutcome::ALL.len()]; DEFAULT_CLASSES.len()],
+    publishes: Vec<[AtomicU64; PublishOutcome::ALL.len()]>,
     /// Rejected publishes by reason.
     pub publish_rejections: CodeCounters,
     pub local_deliveries: AtomicU64,
@@ -116,6 +108,8 @@ pub struct RelayStats {
     pub request_failures: CodeCounters,
     pub requests_served_locally: AtomicU64,
     pub limit_rejections: AtomicU64,
+    /// Journal files found unreadable at start and moved aside.
+    pub journal_quarantines: AtomicU64,
 }
 
 /// A point-in-time copy of [`RelayStats`], as the status document shows it.
@@ -135,7 +129,7 @@ pub struct StatsSnapshot {
     pub requests_served_locally: u64,
     pub limit_rejections: u64,
     /// Publishes by class, then by outcome.
-    pub publishes_by_class: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    pub publishes_by_class: BTreeMap<String, BTreeMap<&'static str, u64>>,
     /// Rejected publishes by reason (error code name).
     pub publish_rejections: BTreeMap<&'static str, u64>,
 }
@@ -156,6 +150,19 @@ pub fn read(counter: &AtomicU64) -> u64 {
 }
 
 impl RelayStats {
+    /// Counters for the given classes (names in drain order).
+    pub fn new(class_names: Vec<String>) -> RelayStats {
+        RelayStats {
+            publishes: class_names.iter().map(|_| Default::default()).collect(),
+            class_names,
+            ..RelayStats::default()
+        }
+    }
+
+    pub fn class_names(&self) -> &[String] {
+        &self.class_names
+    }
+
     pub fn sessions_active(&self) -> u64 {
         read(&self.sessions_active)
     }
@@ -171,7 +178,7 @@ impl RelayStats {
         self.publish_rejections.bump(code);
     }
 
-    /// Publishes of class `class` (index into [`DEFAULT_CLASSES`]) with `outcome`.
+    /// Publishes of class `class` (index into the class list) with `outcome`.
     pub fn publishes(&self, class: usize, outcome: PublishOutcome) -> u64 {
         self.publishes
             .get(class)
@@ -181,13 +188,13 @@ impl RelayStats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let mut publishes_by_class = BTreeMap::new();
         let mut forwarded = 0;
-        for (class, name) in DEFAULT_CLASSES.iter().enumerate() {
+        for (class, name) in self.class_names.iter().enumerate() {
             let mut outcomes = BTreeMap::new();
             for outcome in PublishOutcome::ALL {
                 outcomes.insert(outcome.name(), self.publishes(class, outcome));
             }
             forwarded += self.publishes(class, PublishOutcome::Forwarded);
-            publishes_by_class.insert(*name, outcomes);
+            publishes_by_class.insert(name.clone(), outcomes);
         }
         let nats_unavailable = self.publish_rejections.get(ErrorCode::NatsUnavailable);
         StatsSnapshot {
@@ -216,11 +223,12 @@ mod tests {
 
     #[test]
     fn publishes_are_counted_by_class_and_rejections_by_reason() {
-        let stats = RelayStats::default();
-        stats.record_publish(class_index(Some("prefill")), PublishOutcome::Forwarded);
-        stats.record_publish(class_index(None), PublishOutcome::Forwarded);
-        stats.record_rejection(class_index(Some("decode")), ErrorCode::NatsUnavailable);
-        stats.record_rejection(class_index(Some("bogus")), ErrorCode::UnknownClass);
+        let names = ["prefill", "decode", "kv_events", "default"];
+        let stats = RelayStats::new(names.iter().map(|name| name.to_string()).collect());
+        stats.record_publish(0, PublishOutcome::Forwarded);
+        stats.record_publish(3, PublishOutcome::Forwarded);
+        stats.record_rejection(1, ErrorCode::NatsUnavailable);
+        stats.record_rejection(3, ErrorCode::UnknownClass);
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.publishes_forwarded, 2);
         assert_eq!(snapshot.publishes_by_class["prefill"]["forwarded"], 1);

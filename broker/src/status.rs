@@ -19,7 +19,34 @@ pub struct StatusDocument {
     pub nats: NatsStatus,
     pub sessions: u64,
     pub subscriptions: SubscriptionStatus,
+    /// Per class, in drain order.
+    pub classes: Vec<ClassStatus>,
+    pub journal: JournalStatus,
     pub counters: StatsSnapshot,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClassStatus {
+    pub name: String,
+    pub priority: u32,
+    /// "durable" or "spill".
+    pub durability: &'static str,
+    /// "live" (nothing waiting), "backlogged" (waiting for NATS) or
+    /// "replaying" (NATS is up and the backlog drains).
+    pub state: &'static str,
+    pub backlog_messages: u64,
+    pub backlog_bytes: u64,
+    pub oldest_age_seconds: u64,
+    pub replayed: u64,
+    pub expired: u64,
+    pub dropped_oldest: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JournalStatus {
+    pub path: String,
+    pub file_bytes: u64,
+    pub quarantined_at_start: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -53,6 +80,54 @@ pub fn link_status_name(status: LinkStatus) -> &'static str {
 pub async fn document(ctx: &SessionContext) -> StatusDocument {
     let link = ctx.nats.snapshot();
     let router = ctx.router.stats().await;
+    let view = ctx.forwarder.view();
+    let now_ms = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or_default();
+    let read =
+        |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+    let classes = view
+        .classes
+        .specs()
+        .iter()
+        .zip(&view.gauges)
+        .map(|(spec, gauges)| {
+            let backlog_messages = read(&gauges.backlog_messages);
+            let oldest = read(&gauges.oldest_accepted_ms);
+            ClassStatus {
+                name: spec.name.clone(),
+                priority: spec.priority,
+                durability: match spec.durability {
+                    crate::classes::Durability::Durable => "durable",
+                    crate::classes::Durability::Spill => "spill",
+                },
+                state: match (backlog_messages, link.status) {
+                    (0, _) => "live",
+                    (_, LinkStatus::Up) => "replaying",
+                    _ => "backlogged",
+                },
+                backlog_messages,
+                backlog_bytes: read(&gauges.backlog_bytes),
+                oldest_age_seconds: if oldest == 0 {
+                    0
+                } else {
+                    now_ms.saturating_sub(oldest) / 1000
+                },
+                replayed: read(&gauges.replayed),
+                expired: read(&gauges.expired),
+                dropped_oldest: read(&gauges.dropped_oldest),
+            }
+        })
+        .collect();
+    let journal_path = view.journal.path();
+    let journal = JournalStatus {
+        path: journal_path.display().to_string(),
+        file_bytes: std::fs::metadata(journal_path)
+            .map(|metadata| metadata.len())
+            .unwrap_or_default(),
+        quarantined_at_start: read(&ctx.stats.journal_quarantines) > 0,
+    };
     StatusDocument {
         relay_id: ctx.relay_id.to_string(),
         version: env!("CARGO_PKG_VERSION"),
@@ -75,6 +150,8 @@ pub async fn document(ctx: &SessionContext) -> StatusDocument {
             upstream: router.upstream_subscriptions,
             pending_local_requests: router.pending_local_requests,
         },
+        classes,
+        journal,
         counters: ctx.stats.snapshot(),
     }
 }

@@ -6,7 +6,6 @@
 //! exposition text. Histograms are recorded where the latency happens. The
 //! README's metrics table lists every series below; keep the two in step.
 
-use crate::config::DEFAULT_CLASSES;
 use crate::router::RouterStats;
 use crate::session::SessionContext;
 use crate::stats::{read, PublishOutcome};
@@ -23,6 +22,7 @@ const LATENCY_BUCKETS: [f64; 16] = [
 
 pub const PUBLISH_ACK_SECONDS: &str = "holdfast_publish_ack_seconds";
 pub const REQUEST_DURATION_SECONDS: &str = "holdfast_request_duration_seconds";
+pub const JOURNAL_APPEND_SECONDS: &str = "holdfast_journal_append_seconds";
 
 /// The installed Prometheus recorder.
 #[derive(Clone)]
@@ -136,6 +136,58 @@ fn describe() {
         Unit::Seconds,
         "From a publish arriving to its ack being queued, for publishes that asked for one."
     );
+    describe_gauge!(
+        "holdfast_journal_backlog_messages",
+        "Undelivered messages per class (in memory and in the journal)."
+    );
+    describe_gauge!(
+        "holdfast_journal_backlog_bytes",
+        Unit::Bytes,
+        "Bytes of undelivered messages per class (the larger of memory and journal)."
+    );
+    describe_gauge!(
+        "holdfast_journal_oldest_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest undelivered message per class; 0 when none."
+    );
+    describe_counter!(
+        "holdfast_replay_messages_total",
+        "Messages sent to NATS from a backlog (queued or journaled), per class."
+    );
+    describe_counter!(
+        "holdfast_expired_messages_total",
+        "Undelivered messages removed after max_age, per class."
+    );
+    describe_counter!(
+        "holdfast_journal_quarantines_total",
+        "Journal files found unreadable at start and moved aside."
+    );
+    describe_counter!(
+        "holdfast_journal_commits_total",
+        "Durable group commits of the journal."
+    );
+    describe_counter!(
+        "holdfast_journal_appended_total",
+        "Messages written to the journal."
+    );
+    describe_counter!(
+        "holdfast_journal_confirmed_total",
+        "Journaled messages removed after NATS confirmed them."
+    );
+    describe_counter!(
+        "holdfast_journal_compactions_total",
+        "Times a drained journal file was shrunk."
+    );
+    describe_gauge!(
+        "holdfast_journal_file_bytes",
+        Unit::Bytes,
+        "Size of the journal file on disk."
+    );
+    describe_histogram!(
+        JOURNAL_APPEND_SECONDS,
+        Unit::Seconds,
+        "From a journal append being submitted to its durable commit."
+    );
     describe_histogram!(
         REQUEST_DURATION_SECONDS,
         Unit::Seconds,
@@ -147,6 +199,24 @@ fn unix_seconds(time: SystemTime) -> f64 {
     time.duration_since(UNIX_EPOCH)
         .map(|elapsed| elapsed.as_secs_f64())
         .unwrap_or_default()
+}
+
+fn gauges_for_class(name: &str, gauges: &crate::forwarder::ClassGauges, now_ms: f64) {
+    let class = name.to_string();
+    gauge!("holdfast_journal_backlog_messages", "class" => class.clone())
+        .set(read(&gauges.backlog_messages) as f64);
+    gauge!("holdfast_journal_backlog_bytes", "class" => class.clone())
+        .set(read(&gauges.backlog_bytes) as f64);
+    let oldest = read(&gauges.oldest_accepted_ms);
+    let age = if oldest == 0 {
+        0.0
+    } else {
+        ((now_ms - oldest as f64) / 1000.0).max(0.0)
+    };
+    gauge!("holdfast_journal_oldest_age_seconds", "class" => class.clone()).set(age);
+    counter!("holdfast_replay_messages_total", "class" => class.clone())
+        .absolute(read(&gauges.replayed));
+    counter!("holdfast_expired_messages_total", "class" => class).absolute(read(&gauges.expired));
 }
 
 fn copy_counters(ctx: &SessionContext, router: RouterStats) {
@@ -175,12 +245,33 @@ fn copy_counters(ctx: &SessionContext, router: RouterStats) {
     gauge!("holdfast_subscriptions", "kind" => "upstream")
         .set(router.upstream_subscriptions as f64);
 
-    for (class, name) in DEFAULT_CLASSES.iter().enumerate() {
+    let view = ctx.forwarder.view();
+    let now_ms = unix_seconds(SystemTime::now()) * 1000.0;
+    for (class, name) in stats.class_names().iter().enumerate() {
         for outcome in PublishOutcome::ALL {
-            counter!("holdfast_publishes_total", "class" => *name, "outcome" => outcome.name())
+            counter!("holdfast_publishes_total", "class" => name.clone(), "outcome" => outcome.name())
                 .absolute(stats.publishes(class, outcome));
         }
+        let Some(gauges) = view.gauges.get(class) else {
+            continue;
+        };
+        gauges_for_class(name, gauges, now_ms);
     }
+    counter!("holdfast_journal_quarantines_total").absolute(read(&stats.journal_quarantines));
+    let journal = view.journal.stats();
+    counter!("holdfast_journal_commits_total").absolute(journal.commits);
+    counter!("holdfast_journal_appended_total").absolute(journal.appended);
+    counter!("holdfast_journal_confirmed_total").absolute(journal.confirmed);
+    counter!("holdfast_journal_compactions_total").absolute(journal.compactions);
+    if let Ok(metadata) = std::fs::metadata(view.journal.path()) {
+        gauge!("holdfast_journal_file_bytes").set(metadata.len() as f64);
+    }
+    let dropped_oldest: u64 = view
+        .gauges
+        .iter()
+        .map(|gauges| read(&gauges.dropped_oldest))
+        .sum();
+    counter!("holdfast_messages_dropped_total", "reason" => "drop_oldest").absolute(dropped_oldest);
     // Always show the outage reason so dashboards have a series before the
     // first outage; other reasons appear once they happen.
     counter!("holdfast_publish_rejections_total", "reason" => ErrorCode::NatsUnavailable.name())

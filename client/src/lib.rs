@@ -29,6 +29,7 @@
 
 mod ack;
 mod backoff;
+mod chain_validation;
 mod client;
 mod command;
 mod connection;
@@ -44,6 +45,7 @@ mod url;
 
 pub use ack::{Ack, AckFuture, AckStatus};
 pub use backoff::Backoff;
+pub use chain_validation::{ChainBreak, Validated, ValidatedStream, ValidatedSubscriber};
 pub use client::Client;
 pub use error::{Error, Result};
 pub use events::LinkEvent;
@@ -52,5 +54,6 @@ pub use options::{ConnectOptions, OfflinePolicy};
 pub use subscription::Subscriber;
 pub use url::{RelayUrl, UrlError, DEFAULT_URL, URL_ENV};
 
+pub use holdfast_wire::chain::{ChainHeaderError, ChainValidator};
 pub use holdfast_wire::subject::SubjectError;
 pub use holdfast_wire::{ErrorCode, Headers, LinkStatus, Service, Text};

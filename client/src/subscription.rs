@@ -1,5 +1,6 @@
 //! `Subscriber`: the stream of messages for one subscription.
 
+use crate::chain_validation::{ValidatedStream, ValidatedSubscriber};
 use crate::command::Command;
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -101,6 +102,15 @@ impl Subscriber {
             .await
             .map_err(|_| Error::Closed)?;
         unsubscribed.await.map_err(|_| Error::Closed)
+    }
+
+    /// Checks this subscription's messages against the relay's sequence
+    /// chain: lost, reordered or corrupted messages become
+    /// [`Validated::Break`](crate::Validated::Break) items and duplicates
+    /// are dropped. Opt-in, because only consumers that mirror a stream
+    /// (e.g. a KV router) need it.
+    pub fn validate_chain(self) -> ValidatedSubscriber {
+        ValidatedStream::new(self)
     }
 
     /// Gives up the subscription without telling the connection task, which

@@ -67,7 +67,7 @@ async fn pub_lines_from_stdin_reach_sub_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pub_ack_fails_loudly_when_nats_is_down() {
+async fn pub_ack_reports_held_messages_and_fails_loudly_on_refusals() {
     let mut stack = Stack::start();
     let client = stack.client().await;
     let mut events = client.link_events();
@@ -84,13 +84,34 @@ async fn pub_ack_fails_loudly_when_nats_is_down() {
         }
     })
     .await;
+    // Held for NATS: success, and the summary says how.
     let output = cli(&stack)
         .args(["pub", "cli.down", "payload", "--ack"])
         .output()
         .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("1 queued"), "{stderr}");
+    let output = cli(&stack)
+        .args([
+            "pub",
+            "cli.down",
+            "payload",
+            "--ack",
+            "--class",
+            "kv_events",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("1 journaled"));
+    // Refused: exit 1 and the reason.
+    let output = cli(&stack)
+        .args(["pub", "cli.down", "payload", "--ack", "--class", "nope"])
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("nats_unavailable"), "{stderr}");
+    assert!(stderr.contains("unknown_class"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,8 @@
 
 mod bad_input;
 mod cli;
+mod journal;
+mod journal_limits;
 mod ops;
 mod outage;
 mod passthrough;

@@ -93,12 +93,14 @@ async fn metrics_and_health_follow_a_nats_outage() {
         }
     })
     .await;
-    let error = client
+    let ack = client
         .publish_with_ack(OutboundMessage::new("ops.work", "y").class("decode"))
         .await
         .unwrap()
         .await
-        .unwrap_err();
+        .unwrap();
+    assert_eq!(ack.outcome, holdfast_client::AckStatus::Queued);
+    let error = client.request("nobody.service", "q").await.unwrap_err();
     assert_eq!(error.code(), Some(ErrorCode::NatsUnavailable));
 
     // Degraded, not dead: liveness holds, the outage shows everywhere.
@@ -117,16 +119,23 @@ async fn metrics_and_health_follow_a_nats_outage() {
         Some(1.0)
     );
     assert!(metric(&text, "holdfast_upstream_current_outage_seconds", &nats).unwrap() > 0.0);
-    let decode_rejected = [("class", "decode"), ("outcome", "rejected")];
+    let decode_queued = [("class", "decode"), ("outcome", "queued")];
     assert_eq!(
-        metric(&text, "holdfast_publishes_total", &decode_rejected),
+        metric(&text, "holdfast_publishes_total", &decode_queued),
         Some(1.0)
     );
+    let decode = [("class", "decode")];
+    assert_eq!(
+        metric(&text, "holdfast_journal_backlog_messages", &decode),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(metric(&text, "holdfast_journal_oldest_age_seconds", &decode).is_some());
     assert_eq!(
         metric(
             &text,
-            "holdfast_publish_rejections_total",
-            &[("reason", "nats_unavailable")]
+            "holdfast_request_failures_total",
+            &[("code", "nats_unavailable")]
         ),
         Some(1.0)
     );
@@ -146,7 +155,17 @@ async fn metrics_and_health_follow_a_nats_outage() {
         metric(&scrape(relay), "holdfast_upstream_up", &nats) == Some(1.0)
     })
     .await;
+    // The held message drains once NATS is back: backlog down, replay counted.
+    wait_until_async("backlog drained", || async {
+        metric(&scrape(relay), "holdfast_journal_backlog_messages", &decode) == Some(0.0)
+    })
+    .await;
     let text = scrape(relay);
+    assert_eq!(
+        metric(&text, "holdfast_replay_messages_total", &decode),
+        Some(1.0),
+        "{text}"
+    );
     assert_eq!(
         metric(&text, "holdfast_upstream_current_outage_seconds", &nats),
         Some(0.0)

@@ -59,14 +59,25 @@ pub fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
 pub struct NatsServer {
     port: u16,
     dir: TempDir,
+    jetstream: bool,
     child: Option<Child>,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        NatsServer::start_with(false)
+    }
+
+    /// With JetStream on (file store in its temp dir, kept across restarts).
+    pub fn start_jetstream() -> NatsServer {
+        NatsServer::start_with(true)
+    }
+
+    fn start_with(jetstream: bool) -> NatsServer {
         let mut server = NatsServer {
             port: free_port(),
             dir: tempfile::tempdir().expect("temp dir"),
+            jetstream,
             child: None,
         };
         server.spawn();
@@ -76,10 +87,15 @@ impl NatsServer {
     fn spawn(&mut self) {
         let binary = find_binary("nats-server", "HOLDFAST_NATS_SERVER");
         let log = std::fs::File::create(self.dir.path().join("nats.log")).expect("log file");
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .arg("--store_dir")
-            .arg(self.dir.path())
+            .arg(self.dir.path());
+        if self.jetstream {
+            command.arg("-js");
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -113,6 +129,14 @@ impl NatsServer {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             signal(&child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGINT: a graceful stop (the server flushes its JetStream store).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGINT);
             let _ = child.wait();
         }
     }
@@ -198,6 +222,8 @@ impl Relay {
         let child = Command::new(env!("CARGO_BIN_EXE_holdfastd"))
             .arg("--config")
             .arg(&self.config)
+            .arg("--data-dir")
+            .arg(self.data_dir())
             .arg("--socket")
             .arg(&self.socket)
             .arg("--nats")
@@ -248,6 +274,11 @@ impl Relay {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The relay's data directory (kept across restarts).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     /// GET on the operations endpoint: (status code, body).

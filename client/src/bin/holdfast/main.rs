@@ -4,6 +4,7 @@
 //! maps outcomes to exit codes (0 success, 1 operation failed, 2 usage).
 
 mod duration;
+mod journal;
 mod publish;
 mod request;
 mod status;
@@ -41,6 +42,8 @@ enum Verb {
     Request(request::RequestArgs),
     /// Show the relay's view of itself and its links.
     Status(status::StatusArgs),
+    /// Offline journal tools (the relay must be stopped).
+    Journal(journal::JournalArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,16 +60,22 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
+    // Offline: needs no relay connection.
+    let verb = match cli.verb {
+        Verb::Journal(args) => return journal::run(args),
+        verb => verb,
+    };
     let options = ConnectOptions::new(cli.url).client_name("holdfast-cli");
     let client = match Client::connect_with(options).await {
         Ok(client) => client,
         Err(error) => return fail(&error),
     };
-    let exit = match cli.verb {
+    let exit = match verb {
         Verb::Publish(args) => publish::run(&client, args).await,
         Verb::Subscribe(args) => subscribe::run(&client, args).await,
         Verb::Request(args) => request::run(&client, args).await,
         Verb::Status(args) => status::run(&client, args).await,
+        Verb::Journal(args) => journal::run(args),
     };
     // Nothing useful to report if closing fails: the verb's outcome stands.
     let _ = client.close().await;

@@ -14,7 +14,7 @@ pub(crate) struct StatusArgs {
 }
 
 /// The keys the summary shows, in order; dotted keys are nested.
-const SUMMARY_KEYS: [&str; 8] = [
+const SUMMARY_KEYS: [&str; 9] = [
     "relay_id",
     "version",
     "uptime_seconds",
@@ -22,6 +22,7 @@ const SUMMARY_KEYS: [&str; 8] = [
     "nats.server",
     "sessions",
     "subscriptions",
+    "classes",
     "counters",
 ];
 
@@ -59,6 +60,12 @@ fn summarize(document: &Value) -> Option<String> {
                     write_entry(&mut summary, name, entry, 1);
                 }
             }
+            Value::Array(items) if key == "classes" => {
+                let _ = writeln!(summary, "{key}:");
+                for class in items {
+                    let _ = writeln!(summary, "  {}", class_line(class));
+                }
+            }
             Value::Array(items) => {
                 let _ = writeln!(summary, "{key}: {}", items.len());
             }
@@ -86,6 +93,24 @@ fn lookup<'a>(document: &'a Value, dotted_key: &str) -> Option<&'a Value> {
     dotted_key
         .split('.')
         .try_fold(document, |value, key| value.get(key))
+}
+
+/// `prefill: live, 0 messages, 0 bytes, oldest 0s` for one class.
+fn class_line(class: &Value) -> String {
+    let field = |name: &str| {
+        class
+            .get(name)
+            .map(scalar)
+            .unwrap_or_else(|| "?".to_string())
+    };
+    format!(
+        "{}: {}, {} messages, {} bytes, oldest {}s",
+        field("name"),
+        field("state"),
+        field("backlog_messages"),
+        field("backlog_bytes"),
+        field("oldest_age_seconds")
+    )
 }
 
 /// One `name: value` line at `depth`; an object of objects becomes an
@@ -182,6 +207,18 @@ mod tests {
              publish_rejections: none\n  \
              publishes_by_class:\n    \
              decode: forwarded=2 rejected=1"
+        );
+    }
+
+    #[test]
+    fn classes_read_as_one_line_each() {
+        let document = json!({
+            "classes": [{"name": "prefill", "state": "backlogged", "backlog_messages": 3,
+                         "backlog_bytes": 300, "oldest_age_seconds": 12}],
+        });
+        assert_eq!(
+            summarize(&document).unwrap(),
+            "classes:\n  prefill: backlogged, 3 messages, 300 bytes, oldest 12s"
         );
     }
 

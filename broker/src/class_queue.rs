@@ -1,0 +1,398 @@
+//! One class's undelivered messages, in acceptance order (sans-IO).
+//!
+//! The queue is a window of messages held in memory, followed by a tail
+//! that lives only in the journal (so a backlog of millions costs a few
+//! numbers of RAM, not its payloads). Messages leave the front only when
+//! NATS confirmed them; a lost connection makes every unconfirmed message
+//! "unsent" again (at-least-once). Invariant that keeps the order: while a
+//! journal-only tail exists, new messages join that tail, never the window,
+//! so nothing accepted later can be sent before something accepted earlier.
+
+use bytes::Bytes;
+use holdfast_wire::{Headers, Text};
+use std::collections::VecDeque;
+
+/// A message the relay holds for NATS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedMessage {
+    pub subject: Text,
+    pub headers: Headers,
+    pub payload: Bytes,
+    pub accepted_at_ms: u64,
+}
+
+impl QueuedMessage {
+    /// Bytes this message holds in memory (and counts against budgets).
+    pub fn size(&self) -> u64 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.len() + value.len())
+            .sum();
+        (self.payload.len() + self.subject.len() + headers) as u64
+    }
+}
+
+/// A message in the window; `journal_seq` when the journal also holds it,
+/// `ack` when its publisher still waits to hear it was forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry<A> {
+    pub message: QueuedMessage,
+    pub journal_seq: Option<u64>,
+    pub ack: Option<A>,
+}
+
+#[derive(Debug)]
+pub struct ClassQueue<A> {
+    window: VecDeque<Entry<A>>,
+    window_bytes: u64,
+    memory_limit: u64,
+    /// How many entries at the front of the window were sent and await
+    /// confirmation.
+    sent: usize,
+    /// Journal sequences (inclusive) held only in the journal.
+    journal_tail: Option<(u64, u64)>,
+    /// Messages in the journal tail (the range may have holes after expiry).
+    journal_tail_messages: u64,
+    refill_in_flight: bool,
+}
+
+impl<A> ClassQueue<A> {
+    pub fn new(memory_limit: u64) -> ClassQueue<A> {
+        ClassQueue {
+            window: VecDeque::new(),
+            window_bytes: 0,
+            memory_limit,
+            sent: 0,
+            journal_tail: None,
+            journal_tail_messages: 0,
+            refill_in_flight: false,
+        }
+    }
+
+    /// Adopts what the journal held at start: all of it is an unsent tail.
+    pub fn restore(&mut self, first_seq: u64, last_seq: u64, messages: u64) {
+        if messages > 0 && first_seq <= last_seq {
+            self.journal_tail = Some((first_seq, last_seq));
+            self.journal_tail_messages = messages;
+        }
+    }
+
+    /// Whether a message of `size` bytes may join the window now.
+    pub fn fits_in_memory(&self, size: u64) -> bool {
+        self.journal_tail.is_none()
+            && !self.refill_in_flight
+            && self.window_bytes + size <= self.memory_limit
+    }
+
+    /// Adds a message to the window (held in memory).
+    pub fn push_memory(
+        &mut self,
+        message: QueuedMessage,
+        journal_seq: Option<u64>,
+        ack: Option<A>,
+    ) {
+        self.window_bytes += message.size();
+        self.window.push_back(Entry {
+            message,
+            journal_seq,
+            ack,
+        });
+    }
+
+    /// Adds a journaled message that is not kept in memory. Commits of one
+    /// group are reported in any order, so the range only ever widens.
+    pub fn push_journal_only(&mut self, seq: u64) {
+        self.journal_tail = Some(match self.journal_tail {
+            Some((first, last)) => (first.min(seq), last.max(seq)),
+            None => (seq, seq),
+        });
+        self.journal_tail_messages += 1;
+    }
+
+    /// Nothing queued, in memory or in the journal.
+    pub fn is_empty(&self) -> bool {
+        self.window.is_empty() && self.journal_tail.is_none()
+    }
+
+    /// Messages waiting to be sent or confirmed, and the bytes held in memory.
+    pub fn backlog(&self) -> (u64, u64) {
+        (
+            self.window.len() as u64 + self.journal_tail_messages,
+            self.window_bytes,
+        )
+    }
+
+    /// Acceptance time of the oldest message in memory.
+    pub fn oldest_in_memory_ms(&self) -> Option<u64> {
+        self.window
+            .front()
+            .map(|entry| entry.message.accepted_at_ms)
+    }
+
+    pub fn has_unsent_in_window(&self) -> bool {
+        self.sent < self.window.len()
+    }
+
+    /// Anything not yet sent, in memory or still in the journal.
+    pub fn has_unsent(&self) -> bool {
+        self.has_unsent_in_window() || self.journal_tail.is_some()
+    }
+
+    /// Marks up to `limit` unsent entries as sent and returns them in order;
+    /// a waiting ack goes with its entry once (a resend carries none).
+    pub fn take_unsent(&mut self, limit: usize) -> Vec<Entry<A>> {
+        let end = (self.sent + limit).min(self.window.len());
+        let batch = self
+            .window
+            .range_mut(self.sent..end)
+            .map(|entry| Entry {
+                message: entry.message.clone(),
+                journal_seq: entry.journal_seq,
+                ack: entry.ack.take(),
+            })
+            .collect();
+        self.sent = end;
+        batch
+    }
+
+    /// Removes the acks still waiting on unsent entries (the link dropped:
+    /// their publishers learn now that the messages are queued).
+    pub fn take_waiting_acks(&mut self) -> Vec<A> {
+        self.window
+            .iter_mut()
+            .skip(self.sent)
+            .filter_map(|entry| entry.ack.take())
+            .collect()
+    }
+
+    /// Entries sent and not yet confirmed.
+    pub fn unconfirmed(&self) -> usize {
+        self.sent
+    }
+
+    /// When the window has nothing left to send but the journal does: read
+    /// the journal after this sequence. Marks the read as in flight.
+    pub fn start_refill(&mut self) -> Option<u64> {
+        if self.has_unsent_in_window() || self.refill_in_flight {
+            return None;
+        }
+        let (first, _) = self.journal_tail?;
+        self.refill_in_flight = true;
+        Some(first.saturating_sub(1))
+    }
+
+    /// The journal read came back: those messages move into the window.
+    /// Sequences the read skipped (expired or dropped in the journal) leave
+    /// the tail too.
+    pub fn finish_refill(&mut self, stored: Vec<(u64, QueuedMessage)>) {
+        self.refill_in_flight = false;
+        let Some((first, last)) = self.journal_tail else {
+            return;
+        };
+        let mut next_first = first;
+        for (seq, message) in stored {
+            if seq < first || seq > last {
+                continue;
+            }
+            self.push_memory(message, Some(seq), None);
+            self.journal_tail_messages = self.journal_tail_messages.saturating_sub(1);
+            next_first = seq + 1;
+        }
+        self.journal_tail = if next_first > last || self.journal_tail_messages == 0 {
+            self.journal_tail_messages = 0;
+            None
+        } else {
+            Some((next_first, last))
+        };
+    }
+
+    /// A refill failed; it may be retried.
+    pub fn abort_refill(&mut self) {
+        self.refill_in_flight = false;
+    }
+
+    /// NATS confirmed the first `count` sent entries; they leave the queue.
+    /// Returns the highest journal sequence among them, to trim the journal.
+    pub fn confirm(&mut self, count: usize) -> Option<u64> {
+        let count = count.min(self.sent);
+        let mut highest = None;
+        for entry in self.window.drain(..count) {
+            self.window_bytes -= entry.message.size();
+            if entry.journal_seq.is_some() {
+                highest = entry.journal_seq.max(highest);
+            }
+        }
+        self.sent -= count;
+        highest
+    }
+
+    /// The connection dropped before confirmation: send everything again.
+    pub fn unsend_all(&mut self) {
+        self.sent = 0;
+    }
+
+    /// Drops unsent messages accepted before `cutoff_ms` from the front of
+    /// the window; returns the (messages, bytes) that only memory held — the
+    /// journal expires and counts its own copies. Sent-but-unconfirmed
+    /// messages are left alone: they may be in NATS.
+    pub fn expire_before(&mut self, cutoff_ms: u64) -> (u64, u64) {
+        if self.sent > 0 {
+            return (0, 0);
+        }
+        let mut expired = (0, 0);
+        while let Some(front) = self.window.front() {
+            if front.message.accepted_at_ms >= cutoff_ms {
+                break;
+            }
+            let size = front.message.size();
+            let memory_only = front.journal_seq.is_none();
+            self.window_bytes -= size;
+            self.window.pop_front();
+            if memory_only {
+                expired.0 += 1;
+                expired.1 += size;
+            }
+        }
+        expired
+    }
+
+    /// The journal expired `messages` of the tail (count only).
+    pub fn tail_expired(&mut self, messages: u64) {
+        self.journal_tail_messages = self.journal_tail_messages.saturating_sub(messages);
+        if self.journal_tail_messages == 0 && !self.refill_in_flight {
+            self.journal_tail = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(text: &str, at: u64) -> QueuedMessage {
+        QueuedMessage {
+            subject: Text::from("s"),
+            headers: Headers::new(),
+            payload: Bytes::copy_from_slice(text.as_bytes()),
+            accepted_at_ms: at,
+        }
+    }
+
+    type Queue = ClassQueue<u32>;
+
+    fn payloads(entries: &[Entry<u32>]) -> Vec<&[u8]> {
+        entries
+            .iter()
+            .map(|entry| entry.message.payload.as_ref())
+            .collect()
+    }
+
+    #[test]
+    fn sends_in_order_and_confirmation_releases_the_front() {
+        let mut queue = Queue::new(1_000);
+        queue.push_memory(message("a", 1), None, None);
+        queue.push_memory(message("b", 2), Some(7), None);
+        queue.push_memory(message("c", 3), None, None);
+        assert_eq!(payloads(&queue.take_unsent(2)), [b"a", b"b"]);
+        assert_eq!(payloads(&queue.take_unsent(5)), [b"c"]);
+        assert!(queue.take_unsent(5).is_empty());
+        assert_eq!(queue.confirm(2), Some(7));
+        assert_eq!(queue.backlog(), (1, 2));
+        assert_eq!(queue.confirm(1), None);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_waiting_ack_travels_with_the_first_send_only() {
+        let mut queue = Queue::new(1_000);
+        queue.push_memory(message("a", 1), None, Some(42));
+        assert_eq!(queue.take_unsent(1)[0].ack, Some(42));
+        queue.unsend_all();
+        assert_eq!(queue.take_unsent(1)[0].ack, None);
+    }
+
+    #[test]
+    fn a_lost_connection_resends_everything_unconfirmed() {
+        let mut queue = Queue::new(1_000);
+        queue.push_memory(message("a", 1), None, None);
+        queue.push_memory(message("b", 2), None, None);
+        queue.take_unsent(2);
+        queue.unsend_all();
+        assert_eq!(queue.unconfirmed(), 0);
+        assert_eq!(payloads(&queue.take_unsent(9)), [b"a", b"b"]);
+    }
+
+    #[test]
+    fn once_a_journal_tail_exists_newcomers_join_it_not_the_window() {
+        let mut queue = Queue::new(3);
+        queue.push_memory(message("aa", 1), None, None);
+        assert!(!queue.fits_in_memory(2), "over the memory budget");
+        queue.push_journal_only(10);
+        assert!(
+            !queue.fits_in_memory(0),
+            "tail exists: order demands the journal"
+        );
+        queue.push_journal_only(11);
+        assert_eq!(queue.backlog().0, 3);
+
+        // The window drains first...
+        assert_eq!(queue.start_refill(), None, "window still has unsent work");
+        queue.take_unsent(9);
+        queue.confirm(1);
+        // ...then the tail is read back from the journal, in order.
+        assert_eq!(queue.start_refill(), Some(9));
+        assert_eq!(queue.start_refill(), None, "one read at a time");
+        queue.finish_refill(vec![(10, message("j1", 2)), (11, message("j2", 3))]);
+        assert_eq!(payloads(&queue.take_unsent(9)), [b"j1", b"j2"]);
+        assert_eq!(queue.confirm(2), Some(11));
+        assert!(queue.is_empty());
+        assert!(queue.fits_in_memory(1));
+    }
+
+    #[test]
+    fn journal_commits_reported_out_of_order_keep_the_whole_range() {
+        let mut queue = Queue::new(0);
+        for seq in [12, 10, 11] {
+            queue.push_journal_only(seq);
+        }
+        assert_eq!(queue.start_refill(), Some(9));
+        queue.finish_refill(vec![
+            (10, message("a", 1)),
+            (11, message("b", 1)),
+            (12, message("c", 1)),
+        ]);
+        assert_eq!(payloads(&queue.take_unsent(9)), [b"a", b"b", b"c"]);
+    }
+
+    #[test]
+    fn partial_refills_keep_the_rest_of_the_tail() {
+        let mut queue = Queue::new(1_000);
+        queue.restore(5, 8, 4);
+        assert_eq!(queue.start_refill(), Some(4));
+        queue.finish_refill(vec![(5, message("x", 1)), (6, message("y", 1))]);
+        assert_eq!(queue.backlog().0, 4);
+        queue.take_unsent(9);
+        assert_eq!(queue.start_refill(), Some(6));
+        queue.finish_refill(vec![(7, message("z", 1)), (8, message("w", 1))]);
+        assert_eq!(payloads(&queue.take_unsent(9)), [b"z", b"w"]);
+    }
+
+    #[test]
+    fn expiry_takes_only_old_unsent_messages() {
+        let mut queue = Queue::new(1_000);
+        queue.push_memory(message("old", 10), None, None);
+        queue.push_memory(message("new", 50), None, None);
+        assert_eq!(queue.expire_before(20), (1, 4));
+        assert_eq!(payloads(&queue.take_unsent(9)), [b"new"]);
+        assert_eq!(queue.expire_before(100), (0, 0), "sent messages stay");
+    }
+
+    #[test]
+    fn tail_expiry_clears_an_empty_tail() {
+        let mut queue = Queue::new(1_000);
+        queue.restore(1, 3, 3);
+        queue.tail_expired(3);
+        assert!(queue.is_empty());
+    }
+}

@@ -1,0 +1,909 @@
+//! The forwarder: the one task that owns every class queue and decides what
+//! goes to NATS, in which order, and when it may be let go.
+//!
+//! Sessions hand it class traffic (everything but requests and replies) over
+//! a bounded channel. It answers each publish with what happened to it:
+//! `Forwarded` (sent to NATS now), `Queued` (held in memory), `Journaled`
+//! (durably in the journal) or a rejection. It sends classes in priority
+//! order — strictly: a class is only sent from while no higher class has
+//! anything unsent, so prefills drain before decodes, and live traffic of a
+//! higher class is never starved by a lower class's backlog. A message
+//! leaves a queue (and the journal) only once NATS confirmed it: a probe
+//! request after a batch comes back only after the server processed
+//! everything this connection sent before it. A lost connection makes every
+//! unconfirmed message unsent again (at-least-once; `Nats-Msg-Id` lets
+//! consumers and JetStream drop the duplicates).
+
+use crate::class_queue::{ClassQueue, QueuedMessage};
+use crate::classes::{ClassId, Classes, Durability, WhenFull};
+use crate::journal::{Journal, JournalError, NewMessage};
+use crate::nats_convert::{to_header_map, to_subject};
+use crate::nats_link::NatsLink;
+use crate::outbox::Outbox;
+use crate::stats::{PublishOutcome, RelayStats};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use holdfast_wire::chain::ChainStamper;
+use holdfast_wire::{AckOutcome, ErrorCode, ErrorFrame, Frame, LinkStatus, PubAck, Text};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Messages sent per class before the forwarder looks at other events.
+const SEND_BATCH: usize = 512;
+/// Messages read back from the journal at a time.
+const REFILL_BATCH: usize = 4096;
+/// How long a confirmation probe may take before the link is suspect.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often retention is enforced and idle compaction considered.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// A drained journal is compacted after this long without traffic.
+const COMPACT_AFTER_IDLE: Duration = Duration::from_secs(10);
+/// Commands the forwarder's intake holds before publishers wait.
+const INTAKE: usize = 65_536;
+/// Subjects the chain stamper keeps state for.
+const CHAIN_SUBJECTS: usize = 100_000;
+
+/// Where a publish's answer goes.
+#[derive(Clone)]
+pub struct AckTo {
+    pub outbox: Outbox,
+    /// 0: no ack wanted; failures are reported as ERROR frames.
+    pub ack_id: u64,
+    pub local_deliveries: u32,
+    /// When the publish arrived, for the ack latency histogram.
+    pub received: Instant,
+    pub latency: Option<metrics::Histogram>,
+}
+
+impl AckTo {
+    fn answer(&self, outcome: AckOutcome) {
+        if self.ack_id != 0 {
+            if let Some(histogram) = &self.latency {
+                histogram.record(self.received.elapsed().as_secs_f64());
+            }
+        }
+        let frame = match outcome {
+            AckOutcome::Rejected { code, message } if self.ack_id == 0 => {
+                Frame::Error(ErrorFrame {
+                    code,
+                    reference: 0,
+                    message,
+                })
+            }
+            _ if self.ack_id == 0 => return,
+            outcome => Frame::PubAck(PubAck {
+                ack_id: self.ack_id,
+                outcome,
+                local_deliveries: self.local_deliveries,
+            }),
+        };
+        // A session that left no longer needs its answer.
+        let _ = self.outbox.send_ack(frame);
+    }
+}
+
+/// One publish handed to the forwarder.
+pub struct Accept {
+    pub class: ClassId,
+    pub message: QueuedMessage,
+    pub ack: AckTo,
+}
+
+enum Command {
+    Accept(Accept),
+    /// Answered once everything accepted before it was answered and the
+    /// NATS client flushed.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// Per-class numbers for status and metrics, written by the forwarder.
+#[derive(Debug, Default)]
+pub struct ClassGauges {
+    pub backlog_messages: AtomicU64,
+    pub backlog_bytes: AtomicU64,
+    pub oldest_accepted_ms: AtomicU64,
+    pub replayed: AtomicU64,
+    pub expired: AtomicU64,
+    pub dropped_oldest: AtomicU64,
+}
+
+/// What status and metrics can see of the forwarder.
+pub struct ForwarderView {
+    pub classes: Classes,
+    pub gauges: Vec<ClassGauges>,
+    pub journal: Journal,
+}
+
+/// A cheap handle sessions use.
+#[derive(Clone)]
+pub struct ForwarderHandle {
+    commands: mpsc::Sender<Command>,
+    view: Arc<ForwarderView>,
+}
+
+impl ForwarderHandle {
+    pub fn view(&self) -> &ForwarderView {
+        &self.view
+    }
+
+    /// Hands a publish over; waits only for room in the intake.
+    pub async fn accept(&self, accept: Accept) -> Result<(), ()> {
+        self.commands
+            .send(Command::Accept(accept))
+            .await
+            .map_err(|_| ())
+    }
+
+    /// Waits until everything accepted before this call was answered.
+    pub async fn barrier(&self) {
+        let (done, answered) = oneshot::channel();
+        if self.commands.send(Command::Barrier(done)).await.is_ok() {
+            let _ = answered.await;
+        }
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+enum Completion {
+    Appended {
+        class: ClassId,
+        ack: AckTo,
+        result: Result<crate::journal::Appended, JournalError>,
+        started: Instant,
+    },
+    Refilled {
+        class: ClassId,
+        result: Result<Vec<crate::journal::StoredMessage>, JournalError>,
+    },
+    Probed {
+        generation: u64,
+        marks: Vec<usize>,
+        confirmed: bool,
+    },
+    /// Every PubAck of a JetStream class's batch came back (or one failed).
+    JetStreamAcked {
+        class: ClassId,
+        generation: u64,
+        count: usize,
+        confirmed: bool,
+    },
+    /// The journal expired `messages` of `class` (retention).
+    Expired {
+        class: ClassId,
+        messages: u64,
+    },
+    Background,
+}
+
+struct Forwarder {
+    classes: Classes,
+    queues: Vec<ClassQueue<AckTo>>,
+    journal: Journal,
+    nats: NatsLink,
+    stats: Arc<RelayStats>,
+    view: Arc<ForwarderView>,
+    relay_id: Text,
+    stamper: ChainStamper,
+    /// Journal appends not yet answered, per class (they fix the order).
+    appends_in_flight: Vec<u64>,
+    submitted_appends: u64,
+    /// Publishes whose answer waits on a commit or a send, and how many of
+    /// those were answered; barriers wait on these counts.
+    deferred_acks: u64,
+    answered_deferred_acks: u64,
+    barriers: Vec<(u64, oneshot::Sender<()>)>,
+    probe_in_flight: bool,
+    /// JetStream classes wait for a batch's PubAcks before sending more.
+    jetstream_in_flight: Vec<bool>,
+    /// Whether a JetStream class's stream stored a message on this
+    /// connection. Until then one message goes at a time: right after a
+    /// restart a stream may still be loading, and a pipelined batch would
+    /// be stored with holes that the resend then fills out of order.
+    jetstream_verified: Vec<bool>,
+    generation: u64,
+    last_activity: Instant,
+    pending: FuturesUnordered<BoxFuture<Completion>>,
+    probe_subject: String,
+}
+
+/// Starts the forwarder, adopting the backlog the journal recovered.
+pub fn start(
+    classes: Classes,
+    journal: Journal,
+    recovered: &[crate::journal::ClassBacklog],
+    nats: NatsLink,
+    stats: Arc<RelayStats>,
+    relay_id: Text,
+    stop: CancellationToken,
+) -> ForwarderHandle {
+    let (commands, receiver) = mpsc::channel(INTAKE);
+    let mut queues = Vec::with_capacity(classes.len());
+    for (class, spec) in classes.specs().iter().enumerate() {
+        let mut queue = ClassQueue::new(spec.memory_bytes);
+        if let Some(backlog) = recovered.get(class) {
+            queue.restore(backlog.first_seq, backlog.last_seq, backlog.messages);
+            if backlog.messages > 0 {
+                info!(
+                    class = %spec.name,
+                    messages = backlog.messages,
+                    bytes = backlog.bytes,
+                    "journal backlog recovered; it will be replayed when NATS is up"
+                );
+            }
+        }
+        queues.push(queue);
+    }
+    let view = Arc::new(ForwarderView {
+        gauges: (0..classes.len()).map(|_| ClassGauges::default()).collect(),
+        classes: classes.clone(),
+        journal: journal.clone(),
+    });
+    let forwarder = Forwarder {
+        appends_in_flight: vec![0; classes.len()],
+        jetstream_in_flight: vec![false; classes.len()],
+        jetstream_verified: vec![false; classes.len()],
+        classes,
+        queues,
+        journal,
+        stamper: ChainStamper::new(relay_id.clone(), CHAIN_SUBJECTS),
+        probe_subject: format!("_HOLDFAST.confirm.{relay_id}"),
+        nats,
+        stats,
+        view: view.clone(),
+        relay_id,
+        submitted_appends: 0,
+        deferred_acks: 0,
+        answered_deferred_acks: 0,
+        barriers: Vec::new(),
+        probe_in_flight: false,
+        generation: 0,
+        last_activity: Instant::now(),
+        pending: FuturesUnordered::new(),
+    };
+    tokio::spawn(forwarder.run(receiver, stop));
+    ForwarderHandle { commands, view }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+impl Forwarder {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, stop: CancellationToken) {
+        let mut link = self.nats.watch();
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut replaying = false;
+        self.publish_gauges();
+        loop {
+            let can_send = self.nats.is_up() && self.has_unsent();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                changed = link.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    if link.borrow_and_update().status != LinkStatus::Up {
+                        self.connection_lost();
+                    }
+                }
+                Some(completion) = self.pending.next() => self.on_completion(completion),
+                command = commands.recv() => match command {
+                    Some(command) => {
+                        self.on_command(command).await;
+                        // Take whatever else is waiting in the same turn.
+                        for _ in 0..SEND_BATCH {
+                            match commands.try_recv() {
+                                Ok(command) => self.on_command(command).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => break,
+                },
+                _ = sweep.tick() => self.sweep(),
+                () = std::future::ready(()), if can_send => {
+                    if !replaying && self.backlog_total() > SEND_BATCH as u64 {
+                        replaying = true;
+                        info!(backlog = self.backlog_total(), "replay started");
+                    }
+                    self.send_batch().await;
+                }
+            }
+            self.start_refills();
+            self.release_barriers();
+            if replaying && !self.has_unsent() && self.unconfirmed_total() == 0 {
+                replaying = false;
+                info!("replay finished: every backlog is confirmed by NATS");
+            }
+            self.publish_gauges();
+        }
+    }
+
+    fn has_unsent(&self) -> bool {
+        self.sendable_class().is_some()
+    }
+
+    /// The class to send from now: the highest-priority class with anything
+    /// unsent, if it can send right now. A lower class never goes ahead
+    /// while a higher one waits for a journal read or for PubAcks, so a
+    /// backlog drains strictly class by class.
+    fn sendable_class(&self) -> Option<ClassId> {
+        let class = self.queues.iter().position(ClassQueue::has_unsent)?;
+        let queue = &self.queues[class];
+        (queue.has_unsent_in_window() && !self.jetstream_in_flight[class]).then_some(class)
+    }
+
+    fn backlog_total(&self) -> u64 {
+        self.queues.iter().map(|queue| queue.backlog().0).sum()
+    }
+
+    fn unconfirmed_total(&self) -> usize {
+        self.queues.iter().map(|queue| queue.unconfirmed()).sum()
+    }
+
+    async fn on_command(&mut self, command: Command) {
+        self.last_activity = Instant::now();
+        match command {
+            Command::Accept(accept) => self.accept(accept).await,
+            Command::Barrier(done) => {
+                self.barriers.push((self.deferred_acks, done));
+            }
+        }
+    }
+
+    async fn accept(&mut self, accept: Accept) {
+        let Accept {
+            class,
+            mut message,
+            ack,
+        } = accept;
+        let Some(spec) = self.classes.get(class) else {
+            return;
+        };
+        let size = message.size();
+        let queue = &mut self.queues[class];
+        let must_journal = spec.durability == Durability::Durable
+            || !queue.fits_in_memory(size)
+            || self.appends_in_flight[class] > 0;
+        if !must_journal {
+            // No backlog beyond this window: it goes out in this turn or the
+            // next, so its publisher waits to hear `Forwarded`.
+            let forward_now = self.nats.is_up();
+            if forward_now {
+                // Answered `Forwarded` when the send step hands it to NATS.
+                self.deferred_acks += 1;
+                queue.push_memory(message, None, Some(ack));
+            } else {
+                queue.push_memory(message, None, None);
+                self.stats.record_publish(class, PublishOutcome::Queued);
+                ack.answer(AckOutcome::Queued);
+            }
+            return;
+        }
+        let budget_used = self.journal.backlog(class).bytes;
+        if spec.when_full == WhenFull::Reject && budget_used + size > spec.max_bytes {
+            self.stats.record_rejection(class, ErrorCode::JournalFull);
+            ack.answer(AckOutcome::Rejected {
+                code: ErrorCode::JournalFull,
+                message: Text::from(format!(
+                    "class {} has {} of its {} journal bytes in use",
+                    spec.name, budget_used, spec.max_bytes
+                )),
+            });
+            return;
+        }
+        // Stamped once, before the journal keeps it, so every copy that ever
+        // reaches NATS (including resends after a crash) carries the same id.
+        self.stamper
+            .stamp(&message.subject, &message.payload, &mut message.headers);
+        let msg_id = format!("{}.{}.{}", self.relay_id, spec.name, self.submitted_appends);
+        message.headers.insert("Nats-Msg-Id", msg_id);
+        let started = Instant::now();
+        let new_message = NewMessage {
+            subject: message.subject,
+            reply: None,
+            headers: message.headers,
+            payload: message.payload,
+            accepted_at_ms: message.accepted_at_ms,
+        };
+        // Submitted here, in acceptance order, so journal sequences follow
+        // it; only the wait for the durable commit runs concurrently.
+        let submitted = self.journal.submit(class, new_message).await;
+        self.appends_in_flight[class] += 1;
+        self.submitted_appends += 1;
+        self.deferred_acks += 1;
+        self.pending.push(Box::pin(async move {
+            let result = match submitted {
+                Ok(pending) => pending.await,
+                Err(error) => Err(error),
+            };
+            Completion::Appended {
+                class,
+                ack,
+                result,
+                started,
+            }
+        }));
+    }
+
+    fn on_completion(&mut self, completion: Completion) {
+        match completion {
+            Completion::Appended {
+                class,
+                ack,
+                result,
+                started,
+            } => {
+                self.appends_in_flight[class] = self.appends_in_flight[class].saturating_sub(1);
+                self.answered_deferred_acks += 1;
+                metrics::histogram!(crate::telemetry::JOURNAL_APPEND_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
+                match result {
+                    Ok(appended) => {
+                        if appended.dropped_oldest > 0 {
+                            crate::stats::add(
+                                &self.view.gauges[class].dropped_oldest,
+                                appended.dropped_oldest,
+                            );
+                        }
+                        // The window may hold it only while no tail exists,
+                        // which keeps acceptance order (see class_queue.rs).
+                        let queue = &mut self.queues[class];
+                        queue.push_journal_only(appended.seq);
+                        self.stats.record_publish(class, PublishOutcome::Journaled);
+                        ack.answer(AckOutcome::Journaled);
+                    }
+                    Err(error) => {
+                        let code = match error {
+                            JournalError::Full { .. } => ErrorCode::JournalFull,
+                            _ => ErrorCode::Internal,
+                        };
+                        warn!(%error, class = self.class_name(class), "journal append failed");
+                        self.stats.record_rejection(class, code);
+                        ack.answer(AckOutcome::Rejected {
+                            code,
+                            message: Text::from(error.to_string()),
+                        });
+                    }
+                }
+            }
+            Completion::Refilled { class, result } => match result {
+                Ok(stored) => {
+                    let messages = stored
+                        .into_iter()
+                        .map(|stored| {
+                            (
+                                stored.seq,
+                                QueuedMessage {
+                                    subject: stored.subject,
+                                    headers: stored.headers,
+                                    payload: stored.payload,
+                                    accepted_at_ms: stored.accepted_at_ms,
+                                },
+                            )
+                        })
+                        .collect();
+                    self.queues[class].finish_refill(messages);
+                }
+                Err(error) => {
+                    warn!(%error, class = self.class_name(class), "journal read failed; will retry");
+                    self.queues[class].abort_refill();
+                }
+            },
+            Completion::Probed {
+                generation,
+                marks,
+                confirmed,
+            } => {
+                self.probe_in_flight = false;
+                if generation != self.generation || !confirmed {
+                    return;
+                }
+                for (class, mark) in marks.into_iter().enumerate() {
+                    if mark > 0 {
+                        self.confirm(class, mark);
+                    }
+                }
+            }
+            Completion::JetStreamAcked {
+                class,
+                generation,
+                count,
+                confirmed,
+            } => {
+                self.jetstream_in_flight[class] = false;
+                if generation != self.generation {
+                    return;
+                }
+                self.jetstream_verified[class] = confirmed;
+                if confirmed {
+                    self.confirm(class, count);
+                } else {
+                    // Not stored (stream not ready, JetStream down): the
+                    // whole unconfirmed part of the class goes again.
+                    self.queues[class].unsend_all();
+                }
+            }
+            Completion::Expired { class, messages } => {
+                crate::stats::add(&self.view.gauges[class].expired, messages);
+                self.queues[class].tail_expired(messages);
+            }
+            Completion::Background => {}
+        }
+    }
+
+    /// NATS has the first `count` sent messages of `class`: let them go.
+    fn confirm(&mut self, class: ClassId, count: usize) {
+        if let Some(seq) = self.queues[class].confirm(count) {
+            let journal = self.journal.clone();
+            self.pending.push(Box::pin(async move {
+                if let Err(error) = journal.confirm(class, seq).await {
+                    warn!(%error, "journal trim failed; the messages will be sent again");
+                }
+                Completion::Background
+            }));
+        }
+    }
+
+    fn class_name(&self, class: ClassId) -> &str {
+        self.classes
+            .get(class)
+            .map_or("unknown", |spec| spec.name.as_str())
+    }
+
+    /// Sends from the highest-priority class with unsent work, then asks
+    /// NATS to confirm.
+    async fn send_batch(&mut self) {
+        let Some(class) = self.sendable_class() else {
+            return;
+        };
+        let jetstream = self.classes.get(class).is_some_and(|spec| spec.jetstream);
+        if jetstream {
+            return self.send_jetstream_batch(class).await;
+        }
+        let batch = self.queues[class].take_unsent(SEND_BATCH);
+        let nats = self.nats.clone();
+        let client = nats.client().clone();
+        let mut sent = 0u64;
+        let mut entries = batch.into_iter();
+        while let Some(entry) = entries.next() {
+            let result = match to_header_map(&entry.message.headers) {
+                Ok(Some(headers)) => {
+                    let publish = client.publish_with_headers(
+                        to_subject(&entry.message.subject),
+                        headers,
+                        entry.message.payload.clone(),
+                    );
+                    with_link(&nats, publish).await
+                }
+                Ok(None) => {
+                    let publish = client.publish(
+                        to_subject(&entry.message.subject),
+                        entry.message.payload.clone(),
+                    );
+                    with_link(&nats, publish).await
+                }
+                Err(error) => {
+                    // Cannot happen for validated input; never silently.
+                    warn!(%error, "dropping a message whose headers NATS rejects");
+                    Ok(())
+                }
+            };
+            if result.is_err() {
+                // Everything of this batch stays queued and is sent again.
+                for ack in std::iter::once(entry.ack)
+                    .chain(entries.map(|rest| rest.ack))
+                    .flatten()
+                {
+                    self.answer_queued(class, ack);
+                }
+                self.connection_lost();
+                return;
+            }
+            sent += 1;
+            self.answer_sent(class, entry.ack);
+        }
+        if sent > 0 {
+            self.start_probe();
+        }
+    }
+
+    /// A JetStream class's batch: each message's PubAck is its confirmation.
+    async fn send_jetstream_batch(&mut self, class: ClassId) {
+        let limit = if self.jetstream_verified[class] {
+            SEND_BATCH
+        } else {
+            1
+        };
+        let batch = self.queues[class].take_unsent(limit);
+        let nats = self.nats.clone();
+        let jetstream = async_nats::jetstream::new(nats.client().clone());
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut entries = batch.into_iter();
+        while let Some(entry) = entries.next() {
+            let headers = to_header_map(&entry.message.headers)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let publish = jetstream.publish_with_headers(
+                to_subject(&entry.message.subject),
+                headers,
+                entry.message.payload.clone(),
+            );
+            let sent = tokio::select! {
+                biased;
+                result = publish => result.ok(),
+                () = link_lost(&nats) => None,
+            };
+            let Some(ack) = sent else {
+                for ack in std::iter::once(entry.ack)
+                    .chain(entries.map(|rest| rest.ack))
+                    .flatten()
+                {
+                    self.answer_queued(class, ack);
+                }
+                self.connection_lost();
+                return;
+            };
+            acks.push(ack);
+            self.answer_sent(class, entry.ack);
+        }
+        if acks.is_empty() {
+            return;
+        }
+        self.jetstream_in_flight[class] = true;
+        let generation = self.generation;
+        let count = acks.len();
+        self.pending.push(Box::pin(async move {
+            let mut confirmed = true;
+            for ack in acks {
+                if let Err(error) = ack.await {
+                    warn!(%error, "JetStream did not store a replayed message; sending again");
+                    confirmed = false;
+                    break;
+                }
+            }
+            if !confirmed {
+                // Typically a stream still loading after a restart: give it
+                // a moment instead of resending in a tight loop.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Completion::JetStreamAcked {
+                class,
+                generation,
+                count,
+                confirmed,
+            }
+        }));
+    }
+
+    /// The send step handed an entry to NATS: answer its publisher, if one waits.
+    fn answer_sent(&mut self, class: ClassId, ack: Option<AckTo>) {
+        match ack {
+            Some(ack) => {
+                self.answered_deferred_acks += 1;
+                self.stats.record_publish(class, PublishOutcome::Forwarded);
+                ack.answer(AckOutcome::Forwarded);
+            }
+            None => crate::stats::add(&self.view.gauges[class].replayed, 1),
+        }
+    }
+
+    fn start_probe(&mut self) {
+        if self.probe_in_flight {
+            return;
+        }
+        self.probe_in_flight = true;
+        let marks: Vec<usize> = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(class, queue)| {
+                // JetStream classes are confirmed by their PubAcks.
+                let jetstream = self.classes.get(class).is_some_and(|spec| spec.jetstream);
+                if jetstream {
+                    0
+                } else {
+                    queue.unconfirmed()
+                }
+            })
+            .collect();
+        let generation = self.generation;
+        let client = self.nats.client().clone();
+        let subject = self.probe_subject.clone();
+        self.pending.push(Box::pin(async move {
+            let request = async_nats::Request::new().timeout(Some(PROBE_TIMEOUT));
+            // The server answers "no responders" only after processing
+            // every message this connection sent before the probe.
+            let confirmed = match client.send_request(subject, request).await {
+                Ok(_) => true,
+                Err(error) => error.kind() == async_nats::client::RequestErrorKind::NoResponders,
+            };
+            Completion::Probed {
+                generation,
+                marks,
+                confirmed,
+            }
+        }));
+    }
+
+    fn connection_lost(&mut self) {
+        self.generation += 1;
+        self.jetstream_verified.fill(false);
+        for class in 0..self.queues.len() {
+            self.queues[class].unsend_all();
+            for ack in self.queues[class].take_waiting_acks() {
+                self.answer_queued(class, ack);
+            }
+        }
+    }
+
+    /// A publish that was to be forwarded now waits in memory instead.
+    fn answer_queued(&mut self, class: ClassId, ack: AckTo) {
+        self.answered_deferred_acks += 1;
+        self.stats.record_publish(class, PublishOutcome::Queued);
+        ack.answer(AckOutcome::Queued);
+    }
+
+    fn start_refills(&mut self) {
+        if !self.nats.is_up() {
+            // Nothing would be sent; keep the backlog on disk, not in memory.
+            return;
+        }
+        for class in 0..self.queues.len() {
+            if self.appends_in_flight[class] > 0 {
+                // Wait: the tail is not complete in the journal yet.
+                continue;
+            }
+            let Some(after) = self.queues[class].start_refill() else {
+                continue;
+            };
+            // As many as fit the class's memory budget at the journal's
+            // average message size (at least one, at most REFILL_BATCH).
+            let backlog = self.journal.backlog(class);
+            let average = backlog
+                .bytes
+                .checked_div(backlog.messages)
+                .unwrap_or(1)
+                .max(1);
+            let memory = self.classes.get(class).map_or(0, |spec| spec.memory_bytes);
+            let count = usize::try_from(memory / average)
+                .unwrap_or(REFILL_BATCH)
+                .clamp(1, REFILL_BATCH);
+            let journal = self.journal.clone();
+            self.pending.push(Box::pin(async move {
+                let result = journal.read_after(class, after, count).await;
+                Completion::Refilled { class, result }
+            }));
+        }
+    }
+
+    fn release_barriers(&mut self) {
+        if self.barriers.is_empty() {
+            return;
+        }
+        // Answers may complete out of order across classes; counting them
+        // is close enough for a flush barrier and never waits forever.
+        let completed = self.answered_deferred_acks;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.barriers)
+            .into_iter()
+            .partition(|(ticket, _)| *ticket <= completed);
+        self.barriers = waiting;
+        for (_, done) in ready {
+            let _ = done.send(());
+        }
+    }
+
+    /// Retention, and compaction of a drained journal.
+    fn sweep(&mut self) {
+        let now = now_ms();
+        for (class, spec) in self.classes.specs().iter().enumerate() {
+            let cutoff = now.saturating_sub(spec.max_age.as_millis() as u64);
+            let (messages, bytes) = self.queues[class].expire_before(cutoff);
+            if messages > 0 {
+                crate::stats::add(&self.view.gauges[class].expired, messages);
+                warn!(class = %spec.name, messages, bytes, reason = "max_age", "undelivered messages expired");
+            }
+            let journal_oldest = self.journal.backlog(class).oldest_accepted_ms;
+            if journal_oldest.is_some_and(|oldest| oldest < cutoff) {
+                let journal = self.journal.clone();
+                let name = spec.name.clone();
+                self.pending.push(Box::pin(async move {
+                    match journal.expire_older_than(class, cutoff).await {
+                        Ok(removed) => {
+                            if removed.messages > 0 {
+                                warn!(class = %name, messages = removed.messages, bytes = removed.bytes, reason = "max_age", "journaled messages expired");
+                            }
+                            Completion::Expired {
+                                class,
+                                messages: removed.messages,
+                            }
+                        }
+                        Err(error) => {
+                            warn!(%error, "journal expiry failed");
+                            Completion::Background
+                        }
+                    }
+                }));
+            }
+        }
+        self.sync_tails_with_journal();
+        let idle = self.last_activity.elapsed() >= COMPACT_AFTER_IDLE;
+        if idle && self.queues.iter().all(ClassQueue::is_empty) {
+            let journal = self.journal.clone();
+            self.pending.push(Box::pin(async move {
+                match journal.compact_if_empty().await {
+                    Ok(true) => info!("journal drained and idle: file space reclaimed"),
+                    Ok(false) => {}
+                    Err(error) => warn!(%error, "journal compaction failed"),
+                }
+                Completion::Background
+            }));
+            // Once per idle period is enough.
+            self.last_activity = Instant::now();
+        }
+    }
+
+    /// The journal expires messages on its own; tails that no longer exist
+    /// there are dropped from the queues so nothing waits for them.
+    fn sync_tails_with_journal(&mut self) {
+        for class in 0..self.queues.len() {
+            let in_journal = self.journal.backlog(class).messages;
+            let (queued, _) = self.queues[class].backlog();
+            if in_journal == 0 && queued > 0 && self.appends_in_flight[class] == 0 {
+                self.queues[class].tail_expired(queued);
+            }
+        }
+    }
+
+    fn publish_gauges(&self) {
+        for (class, queue) in self.queues.iter().enumerate() {
+            let gauges = &self.view.gauges[class];
+            let (messages, memory_bytes) = queue.backlog();
+            let journal = self.journal.backlog(class);
+            gauges.backlog_messages.store(messages, Ordering::Relaxed);
+            gauges
+                .backlog_bytes
+                .store(memory_bytes.max(journal.bytes), Ordering::Relaxed);
+            let oldest = [queue.oldest_in_memory_ms(), journal.oldest_accepted_ms]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(0);
+            gauges.oldest_accepted_ms.store(oldest, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs a NATS client call unless the link drops first (a stalled
+/// connection would otherwise hold the forwarder for the whole outage).
+async fn with_link<F, E>(nats: &NatsLink, call: F) -> Result<(), ()>
+where
+    F: Future<Output = Result<(), E>>,
+{
+    tokio::select! {
+        biased;
+        result = call => result.map_err(|_| ()),
+        () = link_lost(nats) => Err(()),
+    }
+}
+
+/// Resolves once the NATS link is not up.
+async fn link_lost(nats: &NatsLink) {
+    let mut link = nats.watch();
+    let _ = link
+        .wait_for(|snapshot| snapshot.status != LinkStatus::Up)
+        .await;
+}

@@ -1,0 +1,229 @@
+//! Journal limits and damage: retention expiry, the disk budget, a corrupt
+//! journal file, and chain validation catching a lost or reordered message.
+
+use crate::journal::{capture_stream, read_captured, wait_for_nats};
+use crate::support::{within, NatsServer, Relay};
+use futures::StreamExt;
+use holdfast_client::{AckStatus, Client, ErrorCode, LinkStatus, OutboundMessage, Validated};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_past_max_age_expire_and_are_counted() {
+    let mut nats = NatsServer::start_jetstream();
+    capture_stream(&nats.url()).await;
+    let config =
+        "[classes.kv_events]\njetstream = true\nsubjects = [\"load.>\"]\nretention = \"2s\"\n";
+    let relay = Relay::start_with_config(&nats.url(), config);
+    let client = Client::connect(&relay.url()).await.unwrap();
+    nats.kill();
+    wait_for_nats(&client, LinkStatus::Down).await;
+
+    for index in 0..10 {
+        client
+            .publish("load.kv.old", format!("old:{index}"))
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    for index in 0..10 {
+        client
+            .publish("load.kv.new", format!("new:{index}"))
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    let status = client.status().await.unwrap();
+    let kv = status["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|class| class["name"] == "kv_events")
+        .unwrap()
+        .clone();
+    assert_eq!(kv["expired"], 10, "{kv}");
+    assert_eq!(kv["backlog_messages"], 10, "{kv}");
+
+    nats.restart();
+    let seen = read_captured(&nats.url(), 10).await;
+    let payloads: Vec<&str> = seen.iter().map(|(_, payload)| payload.as_str()).collect();
+    let expected: Vec<String> = (0..10).map(|index| format!("new:{index}")).collect();
+    assert_eq!(payloads, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_journal_rejects_new_publishes_and_keeps_what_it_accepted() {
+    let mut nats = NatsServer::start_jetstream();
+    capture_stream(&nats.url()).await;
+    let config =
+        "[classes.kv_events]\njetstream = true\nsubjects = [\"load.>\"]\nmax_bytes = 20000\n";
+    let relay = Relay::start_with_config(&nats.url(), config);
+    let client = Client::connect(&relay.url()).await.unwrap();
+    nats.kill();
+    wait_for_nats(&client, LinkStatus::Down).await;
+
+    let mut accepted = Vec::new();
+    let mut full = 0;
+    for index in 0..1000 {
+        let payload = format!("{index:0>100}");
+        let ack = client
+            .publish_with_ack(OutboundMessage::new("load.kv.x", payload.clone()))
+            .await
+            .unwrap()
+            .await;
+        match ack {
+            Ok(ack) => {
+                assert_eq!(ack.outcome, AckStatus::Journaled);
+                accepted.push(payload);
+            }
+            Err(error) => {
+                assert_eq!(error.code(), Some(ErrorCode::JournalFull), "{error}");
+                assert!(error.is_retryable());
+                full += 1;
+            }
+        }
+    }
+    assert!(
+        full > 0 && !accepted.is_empty(),
+        "{} accepted, {full} refused",
+        accepted.len()
+    );
+    // Still serving: another class takes traffic, status answers.
+    let ack = client
+        .publish_with_ack(OutboundMessage::new("other.subject", "x").class("decode"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.outcome, AckStatus::Queued);
+
+    nats.restart();
+    let seen = read_captured(&nats.url(), accepted.len()).await;
+    let payloads: Vec<String> = seen.into_iter().map(|(_, payload)| payload).collect();
+    assert_eq!(payloads, accepted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_journal_is_quarantined_and_the_relay_starts() {
+    let nats = NatsServer::start();
+    let mut relay = Relay::start_with_config(&nats.url(), "");
+    let client = Client::connect(&relay.url()).await.unwrap();
+    // Put something in the journal so the file has real content.
+    let ack = client
+        .publish_with_ack(OutboundMessage::new("kv.x", "x").class("kv_events"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.outcome, AckStatus::Journaled);
+    drop(client);
+    relay.kill();
+
+    let journal = relay.data_dir().join("journal.redb");
+    let length = std::fs::metadata(&journal).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&journal)
+        .unwrap();
+    file.set_len(length / 2).unwrap();
+    drop(file);
+
+    relay.restart();
+    let client = Client::connect(&relay.url()).await.unwrap();
+    let status = client.status().await.unwrap();
+    assert_eq!(status["journal"]["quarantined_at_start"], true, "{status}");
+    let quarantined = std::fs::read_dir(relay.data_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|entry| entry.file_name().to_string_lossy().contains("quarantined"));
+    assert!(quarantined, "the damaged file was not kept aside");
+    let (_, metrics) = relay.http_get("/metrics");
+    assert!(
+        metrics.contains("holdfast_journal_quarantines_total 1"),
+        "{metrics}"
+    );
+    // And it works.
+    let ack = client
+        .publish_with_ack(OutboundMessage::new("kv.y", "y").class("kv_events"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.outcome, AckStatus::Journaled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_validation_reports_a_lost_or_reordered_message() {
+    let mut nats = NatsServer::start_jetstream();
+    capture_stream(&nats.url()).await;
+    let config = "[classes.kv_events]\njetstream = true\nsubjects = [\"load.>\"]\n";
+    let relay = Relay::start_with_config(&nats.url(), config);
+    let client = Client::connect(&relay.url()).await.unwrap();
+    nats.kill();
+    wait_for_nats(&client, LinkStatus::Down).await;
+    for index in 0..5 {
+        client
+            .publish("load.kv.chain", format!("c{index}"))
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    nats.restart();
+
+    // The stamped copies as NATS received them, headers included.
+    let url = nats.url();
+    crate::support::wait_until_async("replayed into the stream", || async {
+        crate::journal::captured_count(&url).await >= 5
+    })
+    .await;
+    let stream = capture_stream(&nats.url()).await;
+    let mut stamped = Vec::new();
+    for sequence in 1..=5 {
+        let message = within("captured", stream.get_raw_message(sequence))
+            .await
+            .unwrap();
+        stamped.push(message);
+    }
+
+    // Replay them to a validating subscriber with #2 lost and #3/#4 swapped.
+    let validating = client
+        .subscribe("replayed.chain")
+        .await
+        .unwrap()
+        .validate_chain();
+    let direct = async_nats::connect(nats.url()).await.unwrap();
+    for index in [0usize, 1, 3, 2, 4].into_iter().filter(|index| *index != 1) {
+        let message = &stamped[index];
+        direct
+            .publish_with_headers(
+                "replayed.chain",
+                message.headers.clone(),
+                message.payload.clone(),
+            )
+            .await
+            .unwrap();
+    }
+    direct.flush().await.unwrap();
+    let mut validating = validating;
+    let mut breaks = Vec::new();
+    let mut messages = 0;
+    // Sent: seq 1, 4, 3, 5. Expected: seq 1; a Gap (2 missing) before 4;
+    // 3 arriving late is a duplicate of the past and dropped; 5 follows 4.
+    within("validated stream", async {
+        while messages < 3 {
+            match validating.next().await.unwrap() {
+                Validated::Message(_) => messages += 1,
+                Validated::Break(chain_break) => breaks.push(chain_break),
+            }
+        }
+    })
+    .await;
+    assert_eq!(breaks.len(), 1, "{breaks:?}");
+    match &breaks[0] {
+        holdfast_client::ChainBreak::Gap { expected, got, .. } => {
+            assert_eq!((*expected, *got), (2, 4));
+        }
+        other => panic!("expected a gap, got {other:?}"),
+    }
+    assert_eq!(validating.duplicates(), 1);
+}
