@@ -21,7 +21,6 @@
 
 // The replay/forwarding pipeline is the user of this API.
 
-
 mod checksum;
 mod inspect;
 mod ledger;
