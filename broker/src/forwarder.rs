@@ -323,6 +323,11 @@ impl Forwarder {
             }
             self.start_refills();
             self.release_barriers();
+            // A probe that timed out leaves messages unconfirmed: ask again
+            // rather than wait for the next send that may never come.
+            if self.nats.is_up() && !self.probe_in_flight && self.unconfirmed_core() > 0 {
+                self.start_probe();
+            }
             if replaying && !self.has_unsent() && self.unconfirmed_total() == 0 {
                 replaying = false;
                 info!("replay finished: every backlog is confirmed by NATS");
@@ -347,6 +352,16 @@ impl Forwarder {
 
     fn backlog_total(&self) -> u64 {
         self.queues.iter().map(|queue| queue.backlog().0).sum()
+    }
+
+    /// Unconfirmed messages of classes confirmed by a core round trip.
+    fn unconfirmed_core(&self) -> usize {
+        self.queues
+            .iter()
+            .enumerate()
+            .filter(|(class, _)| !self.classes.get(*class).is_some_and(|spec| spec.jetstream))
+            .map(|(_, queue)| queue.unconfirmed())
+            .sum()
     }
 
     fn unconfirmed_total(&self) -> usize {

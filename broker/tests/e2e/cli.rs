@@ -159,3 +159,47 @@ async fn req_and_status_print_what_the_relay_says() {
         "{output:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_inspect_shows_the_backlog_of_a_stopped_relay() {
+    let mut stack = Stack::start();
+    let client = stack.client().await;
+    stack.nats.kill();
+    crate::journal::wait_for_nats(&client, holdfast_client::LinkStatus::Down).await;
+    let output = cli(&stack)
+        .args(["pub", "kv.inspect", "--class", "kv_events", "--ack"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child.stdin.take().unwrap().write_all(b"a\nb\nc\n")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+
+    // While the relay runs, the file is its own: a clear refusal.
+    let data_dir = stack.relay.data_dir();
+    let busy = cli(&stack)
+        .args(["journal", "inspect", "--data-dir"])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert!(!busy.status.success());
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("stop it first"), "{busy:?}");
+
+    stack.relay.terminate();
+    let output = cli(&stack)
+        .args(["journal", "inspect", "--json", "--data-dir"])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let classes: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let kv = classes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|class| class["name"] == "kv_events")
+        .unwrap();
+    assert_eq!(kv["messages"], 3, "{classes}");
+}

@@ -125,7 +125,20 @@ async fn nats_killed_then_restarted() {
     let recovered = wait_for_nats(&mut events, LinkStatus::Up).await;
     assert!(recovered < WAIT);
 
-    // The subscription made before the outage works again, untouched.
+    // The messages held during the outage reach NATS; "local-1" comes back
+    // on the upstream subscription but this relay's subscriber, which had
+    // it already, must not see it twice.
+    crate::support::wait_until_async("held messages replayed", || async {
+        let status = client.status().await.unwrap();
+        status["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|class| class["backlog_messages"] == 0)
+    })
+    .await;
+    // The subscription made before the outage works again, untouched, and
+    // its next message is the new one, not a replayed duplicate.
     let nats = stack.direct_nats().await;
     nats.publish("node.kv.after", "remote".into())
         .await
