@@ -166,6 +166,18 @@ impl<A> ClassQueue<A> {
             .collect()
     }
 
+    /// Takes every message only memory holds (the relay is stopping and
+    /// will journal them); journaled entries stay where they are.
+    pub fn take_memory_only(&mut self) -> Vec<QueuedMessage> {
+        let (memory_only, journaled): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.window)
+            .into_iter()
+            .partition(|entry| entry.journal_seq.is_none());
+        self.window = journaled;
+        self.window_bytes = self.window.iter().map(|entry| entry.message.size()).sum();
+        self.sent = 0;
+        memory_only.into_iter().map(|entry| entry.message).collect()
+    }
+
     /// Entries sent and not yet confirmed.
     pub fn unconfirmed(&self) -> usize {
         self.sent

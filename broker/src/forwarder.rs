@@ -222,7 +222,7 @@ pub fn start(
     stats: Arc<RelayStats>,
     relay_id: Text,
     stop: CancellationToken,
-) -> ForwarderHandle {
+) -> (ForwarderHandle, tokio::task::JoinHandle<()>) {
     let (commands, receiver) = mpsc::channel(INTAKE);
     let mut queues = Vec::with_capacity(classes.len());
     for (class, spec) in classes.specs().iter().enumerate() {
@@ -267,8 +267,8 @@ pub fn start(
         last_activity: Instant::now(),
         pending: FuturesUnordered::new(),
     };
-    tokio::spawn(forwarder.run(receiver, stop));
-    ForwarderHandle { commands, view }
+    let task = tokio::spawn(forwarder.run(receiver, stop));
+    (ForwarderHandle { commands, view }, task)
 }
 
 fn now_ms() -> u64 {
@@ -289,7 +289,10 @@ impl Forwarder {
             let can_send = self.nats.is_up() && self.has_unsent();
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => break,
+                _ = stop.cancelled() => {
+                    self.persist_memory_backlog().await;
+                    break;
+                }
                 changed = link.changed() => {
                     if changed.is_err() {
                         break;
@@ -334,6 +337,45 @@ impl Forwarder {
             }
             self.publish_gauges();
         }
+    }
+
+    /// On shutdown: messages held only in memory (acked `Queued`, or sent
+    /// and not yet confirmed) go to the journal, so a restart replays them
+    /// instead of losing them. They land behind anything of their class
+    /// already journaled: a class that had both loses order here, not data.
+    async fn persist_memory_backlog(&mut self) {
+        let mut submitted = Vec::new();
+        for class in 0..self.queues.len() {
+            for message in self.queues[class].take_memory_only() {
+                let new_message = NewMessage {
+                    subject: message.subject,
+                    reply: None,
+                    headers: message.headers,
+                    payload: message.payload,
+                    accepted_at_ms: message.accepted_at_ms,
+                };
+                match self.journal.submit(class, new_message).await {
+                    Ok(pending) => submitted.push(pending),
+                    Err(error) => {
+                        warn!(%error, class = self.class_name(class), reason = "shutdown", "a queued message could not be journaled and is lost");
+                    }
+                }
+            }
+        }
+        if submitted.is_empty() {
+            return;
+        }
+        let count = submitted.len();
+        let mut lost = 0;
+        for pending in submitted {
+            if pending.await.is_err() {
+                lost += 1;
+            }
+        }
+        info!(
+            journaled = count - lost,
+            lost, "queued messages journaled for the next start"
+        );
     }
 
     fn has_unsent(&self) -> bool {

@@ -105,14 +105,15 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     stats
         .journal_quarantines
         .store(u64::from(report.quarantined.is_some()), Ordering::Relaxed);
-    let forwarder = forwarder::start(
+    let forwarder_stop = CancellationToken::new();
+    let (forwarder, forwarder_task) = forwarder::start(
         classes.clone(),
         journal,
         &report.classes,
         nats.clone(),
         stats.clone(),
         Text::from(relay_id.as_str()),
-        background.clone(),
+        forwarder_stop.clone(),
     );
     let router = router::start(
         nats.clone(),
@@ -192,6 +193,15 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
             sessions = ctx.stats.sessions_active(),
             "sessions still open after the shutdown grace period; closing them"
         );
+    }
+    // Sessions are gone, so nothing new arrives: the forwarder journals what
+    // it held only in memory, then stops.
+    forwarder_stop.cancel();
+    if tokio::time::timeout(shutdown_grace, forwarder_task)
+        .await
+        .is_err()
+    {
+        warn!("the forwarder did not finish journaling its memory backlog in time");
     }
     if nats.is_up() {
         let _ = tokio::time::timeout(Duration::from_secs(1), nats.client().flush()).await;

@@ -185,7 +185,10 @@ async fn journal_inspect_shows_the_backlog_of_a_stopped_relay() {
         .output()
         .unwrap();
     assert!(!busy.status.success());
-    assert!(String::from_utf8_lossy(&busy.stderr).contains("stop it first"), "{busy:?}");
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("stop it first"),
+        "{busy:?}"
+    );
 
     stack.relay.terminate();
     let output = cli(&stack)

@@ -261,3 +261,41 @@ pub fn assert_complete_per_class(seen: &[(String, String)], per_class: usize) {
     }
     assert_eq!(next, [per_class; 4], "messages missing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_held_in_memory_survive_a_graceful_restart() {
+    let mut nats = NatsServer::start_jetstream();
+    capture_stream(&nats.url()).await;
+    let mut relay = Relay::start_with_config(&nats.url(), "[classes.default]\njetstream = true\n");
+    let client = Client::connect(&relay.url()).await.unwrap();
+    nats.kill();
+    wait_for_nats(&client, LinkStatus::Down).await;
+    for index in 0..5 {
+        let ack = client
+            .publish_with_ack(OutboundMessage::new("load.spill", format!("spill:{index}")))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(
+            ack.outcome,
+            AckStatus::Queued,
+            "a spill class holds it in memory"
+        );
+    }
+
+    assert!(relay.terminate().success());
+    assert!(
+        relay.logs().contains("queued messages journaled"),
+        "{}",
+        relay.logs()
+    );
+    relay.restart();
+    nats.restart();
+    let seen = read_captured(&nats.url(), 5).await;
+    let payloads: Vec<&str> = seen.iter().map(|(_, payload)| payload.as_str()).collect();
+    assert_eq!(
+        payloads,
+        ["spill:0", "spill:1", "spill:2", "spill:3", "spill:4"]
+    );
+}
