@@ -10,8 +10,9 @@ pub struct InvalidHeader {
     pub name: String,
 }
 
+/// The subject without copying: both types are UTF-8 over `Bytes`.
 pub fn to_subject(text: &Text) -> Subject {
-    Subject::from(text.as_str())
+    Subject::from_utf8(text.as_bytes().clone()).unwrap_or_else(|_| Subject::from(text.as_str()))
 }
 
 /// Wire headers as an async-nats map; `None` when there are none, so a

@@ -374,7 +374,10 @@ impl Session {
                 ack_id: publish.ack_id,
                 local_deliveries,
                 received: started,
-                latency: self.ack_latency.get(class).cloned(),
+                // Only acked publishes are timed; skip the handle otherwise.
+                latency: (publish.ack_id != 0)
+                    .then(|| self.ack_latency.get(class).cloned())
+                    .flatten(),
             },
         };
         if self.ctx.forwarder.accept(accept).await.is_err() {
