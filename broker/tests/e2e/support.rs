@@ -238,13 +238,15 @@ impl Relay {
             .expect("start holdfastd");
         self.child = Some(child);
         let deadline = Instant::now() + WAIT;
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+        // Ready is what /readyz says: the journal is open, the first NATS
+        // connect settled, and clients are being accepted.
+        while !self.is_ready() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!("holdfastd exited with {status}:\n{}", self.logs());
             }
             assert!(
                 Instant::now() < deadline,
-                "holdfastd did not listen:\n{}",
+                "holdfastd did not become ready:\n{}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -279,6 +281,23 @@ impl Relay {
     /// The relay's data directory (kept across restarts).
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    fn is_ready(&self) -> bool {
+        use std::io::Write;
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        if stream
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response.starts_with("HTTP/1.1 200")
     }
 
     /// GET on the operations endpoint: (status code, body).
