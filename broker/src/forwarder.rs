@@ -207,6 +207,9 @@ struct Forwarder {
     /// restart a stream may still be loading, and a pipelined batch would
     /// be stored with holes that the resend then fills out of order.
     jetstream_verified: Vec<bool>,
+    /// After a failed journal read, when that class may read again (a
+    /// damaged row must not turn into a busy loop of failing reads).
+    refill_retry_at: Vec<Option<Instant>>,
     generation: u64,
     last_activity: Instant,
     pending: FuturesUnordered<BoxFuture<Completion>>,
@@ -249,6 +252,7 @@ pub fn start(
         appends_in_flight: vec![0; classes.len()],
         jetstream_in_flight: vec![false; classes.len()],
         jetstream_verified: vec![false; classes.len()],
+        refill_retry_at: vec![None; classes.len()],
         classes,
         queues,
         journal,
@@ -555,8 +559,9 @@ impl Forwarder {
                     self.queues[class].finish_refill(messages);
                 }
                 Err(error) => {
-                    warn!(%error, class = self.class_name(class), "journal read failed; will retry");
+                    warn!(%error, class = self.class_name(class), "journal read failed; retrying in 1 s");
                     self.queues[class].abort_refill();
+                    self.refill_retry_at[class] = Some(Instant::now() + SWEEP_INTERVAL);
                 }
             },
             Completion::Probed {
@@ -819,7 +824,11 @@ impl Forwarder {
             // Nothing would be sent; keep the backlog on disk, not in memory.
             return;
         }
+        let now = Instant::now();
         for class in 0..self.queues.len() {
+            if self.refill_retry_at[class].is_some_and(|at| now < at) {
+                continue;
+            }
             if self.appends_in_flight[class] > 0 {
                 // Wait: the tail is not complete in the journal yet.
                 continue;
