@@ -14,7 +14,7 @@
 //! unconfirmed message unsent again (at-least-once; `Nats-Msg-Id` lets
 //! consumers and JetStream drop the duplicates).
 
-use crate::class_queue::{ClassQueue, QueuedMessage};
+use crate::class_queue::{ClassQueue, Entry, QueuedMessage};
 use crate::classes::{ClassId, Classes, Durability, WhenFull};
 use crate::journal::{Journal, JournalError, NewMessage};
 use crate::nats_convert::{to_header_map, to_subject};
@@ -664,14 +664,7 @@ impl Forwarder {
                 }
             };
             if result.is_err() {
-                // Everything of this batch stays queued and is sent again.
-                for ack in std::iter::once(entry.ack)
-                    .chain(entries.map(|rest| rest.ack))
-                    .flatten()
-                {
-                    self.answer_queued(class, ack);
-                }
-                self.connection_lost();
+                self.batch_interrupted(class, entry, entries);
                 return;
             }
             sent += 1;
@@ -710,13 +703,7 @@ impl Forwarder {
                 () = link_lost(&nats) => None,
             };
             let Some(ack) = sent else {
-                for ack in std::iter::once(entry.ack)
-                    .chain(entries.map(|rest| rest.ack))
-                    .flatten()
-                {
-                    self.answer_queued(class, ack);
-                }
-                self.connection_lost();
+                self.batch_interrupted(class, entry, entries);
                 return;
             };
             acks.push(ack);
@@ -810,6 +797,24 @@ impl Forwarder {
                 self.answer_queued(class, ack);
             }
         }
+    }
+
+    /// The link dropped while a batch was being handed over: the entry that
+    /// failed and the rest stay queued (sent again later), and publishers
+    /// still waiting hear `Queued`.
+    fn batch_interrupted(
+        &mut self,
+        class: ClassId,
+        failed: Entry<AckTo>,
+        rest: impl Iterator<Item = Entry<AckTo>>,
+    ) {
+        for ack in std::iter::once(failed.ack)
+            .chain(rest.map(|entry| entry.ack))
+            .flatten()
+        {
+            self.answer_queued(class, ack);
+        }
+        self.connection_lost();
     }
 
     /// A publish that was to be forwarded now waits in memory instead.

@@ -661,6 +661,11 @@ impl Session {
 
 /// Checks a publish before anything is done with it.
 fn check_publish(publish: &Publish) -> Option<(ErrorCode, String)> {
+    if !publish.headers.is_empty() {
+        if let Err(error) = to_header_map(&publish.headers) {
+            return Some((ErrorCode::ProtocolViolation, error.to_string()));
+        }
+    }
     if let Err(error) = validate_publish_subject(&publish.subject) {
         return Some((ErrorCode::InvalidSubject, format!("subject: {error}")));
     }
