@@ -100,6 +100,18 @@ async fn acked_publish_says_forwarded() {
         Some(holdfast_client::ErrorCode::UnknownClass)
     );
     assert!(!refused.is_retryable());
+
+    // A header NATS would not accept is refused here, not dropped later.
+    let refused = client
+        .publish_with_ack(OutboundMessage::new("work.prefill", "x").header("bad name", "v"))
+        .await
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(holdfast_client::ErrorCode::ProtocolViolation)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
