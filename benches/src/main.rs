@@ -1,9 +1,261 @@
-//! holdfast-bench: placeholder until the benchmarks issue lands its scenarios.
+//! holdfast-bench: measures holdfastd against what a user would otherwise
+//! use — direct async-nats, a local JetStream file store, raw
+//! append+fdatasync — as ratios measured in the same run.
 //!
-//! It exists so the workspace shape is final and CI builds it; it measures
-//! nothing yet and says so instead of printing numbers.
+//! This file is the command line: it parses the arguments, runs the chosen
+//! scenarios one after another (each starts and kills its own nats-server
+//! and holdfastd), prints one row per figure and writes `--json`.
 
-fn main() {
-    eprintln!("holdfast-bench: no scenarios yet (see the benchmarks issue); nothing was measured");
-    std::process::exit(2);
+mod error;
+mod harness;
+mod relay_status;
+mod report;
+mod scenarios;
+mod stats;
+
+use clap::{Parser, ValueEnum};
+use report::Row;
+use scenarios::outage::OutagePlan;
+use scenarios::Settings;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Measures holdfastd against direct NATS, local JetStream and the disk.
+///
+/// Every figure is the median of N repetitions and is compared with a
+/// baseline measured in the same run; the ratio is the result. Needs
+/// nats-server (or HOLDFAST_NATS_SERVER) and holdfastd beside this
+/// executable (or HOLDFAST_BENCH_HOLDFASTD).
+#[derive(Debug, Parser)]
+#[command(name = "holdfast-bench", version)]
+struct Cli {
+    /// What to measure; `all` runs every scenario except `outage`.
+    scenario: Scenario,
+    /// Smaller message counts (said in each row's note); `all --quick` takes
+    /// a few minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the rows to FILE as a JSON array of objects.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Repetitions per figure (default 3 with --quick, else 5).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    repetitions: Option<u32>,
+    /// outage: how long NATS stays down (e.g. 15m, 90s).
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
+    nats_outage: Duration,
+    /// outage: how long etcd stays down, after NATS (reported as not available yet).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    etcd_outage: Duration,
+    /// outage: publishes per second of the steady mixed load.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    outage_rate: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Publish,
+    Latency,
+    Journal,
+    Replay,
+    Footprint,
+    Discovery,
+    Outage,
+    All,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Publish => "publish",
+            Scenario::Latency => "latency",
+            Scenario::Journal => "journal",
+            Scenario::Replay => "replay",
+            Scenario::Footprint => "footprint",
+            Scenario::Discovery => "discovery",
+            Scenario::Outage => "outage",
+            Scenario::All => "all",
+        }
+    }
+}
+
+/// `15m`, `90s`, `500ms`, `2h`, or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 15m, 90s or 500ms"))?;
+    let seconds = match unit {
+        "" | "s" => number,
+        "ms" => number / 1000.0,
+        "m" | "min" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|error| format!("{text:?}: {error}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("holdfast-bench: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async {
+        tokio::select! {
+            code = run(&cli) => code,
+            signal = shutdown_signal() => {
+                // Dropping `run` drops every process guard: each child is killed by PID.
+                eprintln!("holdfast-bench: {signal}; stopping every process it started");
+                ExitCode::from(130)
+            }
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    code
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => "interrupted",
+        _ = terminate.recv() => "terminated",
+    }
+}
+
+async fn run(cli: &Cli) -> ExitCode {
+    let settings = Settings {
+        quick: cli.quick,
+        repetitions: cli.repetitions.unwrap_or(if cli.quick { 3 } else { 5 }),
+    };
+    let chosen: Vec<Scenario> = match cli.scenario {
+        Scenario::All => vec![
+            Scenario::Publish,
+            Scenario::Latency,
+            Scenario::Journal,
+            Scenario::Replay,
+            Scenario::Footprint,
+            Scenario::Discovery,
+        ],
+        one => vec![one],
+    };
+    eprintln!(
+        "holdfast-bench {}{}: N = {} repetitions per figure (median), on {} CPUs",
+        cli.scenario.name(),
+        if cli.quick { " --quick" } else { "" },
+        settings.repetitions,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    let started = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut failures = 0;
+    for scenario in chosen {
+        eprintln!("== {} ==", scenario.name());
+        let began = Instant::now();
+        match run_one(scenario, cli, &settings).await {
+            Ok(mut measured) => rows.append(&mut measured),
+            Err(error) => {
+                failures += 1;
+                eprintln!("  {} failed: {error}", scenario.name());
+                rows.push(Row {
+                    scenario: scenario.name().to_string(),
+                    met: Some(false),
+                    repetitions: settings.repetitions,
+                    note: format!("failed: {error}"),
+                    ..Row::default()
+                });
+            }
+        }
+        eprintln!(
+            "  {} took {:.1} s",
+            scenario.name(),
+            began.elapsed().as_secs_f64()
+        );
+    }
+    println!(
+        "holdfast-bench {}{} — each figure is the median of N repetitions; ratio = holdfast / \
+         baseline, both measured in this run ({:.0} s)\n",
+        cli.scenario.name(),
+        if cli.quick { " --quick" } else { "" },
+        started.elapsed().as_secs_f64()
+    );
+    print!("{}", report::table(&rows));
+    if let Some(path) = &cli.json {
+        if let Err(error) = report::write_json(path, &rows) {
+            eprintln!("holdfast-bench: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if failures > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn run_one(scenario: Scenario, cli: &Cli, settings: &Settings) -> error::Result<Vec<Row>> {
+    match scenario {
+        Scenario::Publish => scenarios::publish::run(settings).await,
+        Scenario::Latency => scenarios::latency::run(settings).await,
+        Scenario::Journal => scenarios::journal::run(settings).await,
+        Scenario::Replay => scenarios::replay::run(settings).await,
+        Scenario::Footprint => scenarios::footprint::run(settings).await,
+        Scenario::Discovery => Ok(vec![scenarios::discovery::run()]),
+        Scenario::Outage => {
+            scenarios::outage::run(&OutagePlan {
+                nats_outage: cli.nats_outage,
+                etcd_outage: cli.etcd_outage,
+                rate: cli.outage_rate,
+            })
+            .await
+        }
+        Scenario::All => Ok(Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        let cli =
+            Cli::try_parse_from(["holdfast-bench", "all", "--quick", "--json", "x.json"]).unwrap();
+        assert_eq!(cli.scenario, Scenario::All);
+        assert!(cli.quick);
+        assert!(Cli::try_parse_from(["holdfast-bench", "nope"]).is_err());
+        assert!(Cli::try_parse_from(["holdfast-bench", "all", "--repetitions", "0"]).is_err());
+    }
 }

@@ -301,7 +301,13 @@ impl Forwarder {
                     if changed.is_err() {
                         break;
                     }
-                    if link.borrow_and_update().status != LinkStatus::Up {
+                    if link.borrow_and_update().status == LinkStatus::Up {
+                        let backlog = self.backlog_total();
+                        if backlog > 0 {
+                            replaying = true;
+                            info!(backlog, "NATS is back: replay started");
+                        }
+                    } else {
                         self.connection_lost();
                     }
                 }
@@ -320,13 +326,7 @@ impl Forwarder {
                     None => break,
                 },
                 _ = sweep.tick() => self.sweep(),
-                () = std::future::ready(()), if can_send => {
-                    if !replaying && self.backlog_total() > SEND_BATCH as u64 {
-                        replaying = true;
-                        info!(backlog = self.backlog_total(), "replay started");
-                    }
-                    self.send_batch().await;
-                }
+                () = std::future::ready(()), if can_send => self.send_batch().await,
             }
             self.start_refills();
             self.release_barriers();
@@ -335,9 +335,18 @@ impl Forwarder {
             if self.nats.is_up() && !self.probe_in_flight && self.unconfirmed_core() > 0 {
                 self.start_probe();
             }
-            if replaying && !self.has_unsent() && self.unconfirmed_total() == 0 {
+            if replaying && self.backlog_total() == 0 {
                 replaying = false;
-                info!("replay finished: every backlog is confirmed by NATS");
+                let replayed: u64 = self
+                    .view
+                    .gauges
+                    .iter()
+                    .map(|gauges| crate::stats::read(&gauges.replayed))
+                    .sum();
+                info!(
+                    replayed_since_start = replayed,
+                    "replay finished: every backlog is confirmed by NATS"
+                );
             }
             self.publish_gauges();
         }
@@ -408,10 +417,6 @@ impl Forwarder {
             .filter(|(class, _)| !self.classes.get(*class).is_some_and(|spec| spec.jetstream))
             .map(|(_, queue)| queue.unconfirmed())
             .sum()
-    }
-
-    fn unconfirmed_total(&self) -> usize {
-        self.queues.iter().map(|queue| queue.unconfirmed()).sum()
     }
 
     async fn on_command(&mut self, command: Command) {

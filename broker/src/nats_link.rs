@@ -256,7 +256,7 @@ impl MonitorTask {
             LinkStatus::Down => warn!(
                 servers = %self.servers,
                 outages = snapshot.outages,
-                "NATS link down: publishes are rejected with NatsUnavailable and delivered to local subscribers"
+                "NATS link down: publishes are held for replay and delivered to local subscribers; requests fail fast"
             ),
             _ => info!(servers = %self.servers, status = ?status, "NATS link state changed"),
         }
