@@ -44,8 +44,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// A drained journal is compacted after this long without traffic.
 const COMPACT_AFTER_IDLE: Duration = Duration::from_secs(10);
-/// Commands the forwarder's intake holds before publishers wait.
-const INTAKE: usize = 65_536;
+/// Commands the forwarder's intake holds before publishers wait (each
+/// carries up to one socket read's worth of publishes).
+const INTAKE: usize = 1_024;
 /// Subjects the chain stamper keeps state for.
 const CHAIN_SUBJECTS: usize = 100_000;
 
@@ -62,7 +63,7 @@ pub struct AckTo {
 }
 
 impl AckTo {
-    fn answer(&self, outcome: AckOutcome) {
+    pub fn answer(&self, outcome: AckOutcome) {
         if self.ack_id != 0 {
             if let Some(histogram) = &self.latency {
                 histogram.record(self.received.elapsed().as_secs_f64());
@@ -96,7 +97,9 @@ pub struct Accept {
 }
 
 enum Command {
-    Accept(Accept),
+    /// Publishes in the order a session read them (batched per socket read,
+    /// so the hand-over costs one channel operation per read, not per message).
+    Accept(Vec<Accept>),
     /// Answered once everything accepted before it was answered and the
     /// NATS client flushed.
     Barrier(oneshot::Sender<()>),
@@ -132,12 +135,16 @@ impl ForwarderHandle {
         &self.view
     }
 
-    /// Hands a publish over; waits only for room in the intake.
-    pub async fn accept(&self, accept: Accept) -> Result<(), ()> {
+    /// Hands publishes over, in order; waits only for room in the intake.
+    /// `Err` gives them back when the forwarder is gone.
+    pub async fn accept(&self, accepts: Vec<Accept>) -> Result<(), Vec<Accept>> {
         self.commands
-            .send(Command::Accept(accept))
+            .send(Command::Accept(accepts))
             .await
-            .map_err(|_| ())
+            .map_err(|error| match error.0 {
+                Command::Accept(accepts) => accepts,
+                Command::Barrier(_) => Vec::new(),
+            })
     }
 
     /// Waits until everything accepted before this call was answered.
@@ -422,7 +429,11 @@ impl Forwarder {
     async fn on_command(&mut self, command: Command) {
         self.last_activity = Instant::now();
         match command {
-            Command::Accept(accept) => self.accept(accept).await,
+            Command::Accept(accepts) => {
+                for accept in accepts {
+                    self.accept(accept).await;
+                }
+            }
             Command::Barrier(done) => {
                 self.barriers.push((self.deferred_acks, done));
             }

@@ -48,6 +48,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const BARRIER_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Socket read buffer: big enough that one read carries many small frames.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Publishes handed to the forwarder at most per hand-over.
+const ACCEPT_BATCH: usize = 1024;
 /// Frames the writer takes from the outbox per batch.
 const WRITE_BATCH_FRAMES: usize = 512;
 /// Flush the write buffer early once it holds this much.
@@ -107,6 +109,9 @@ struct Session {
     ctx: Arc<SessionContext>,
     outbox: Outbox,
     requests_in_flight: Arc<Semaphore>,
+    /// Publishes read but not yet handed to the forwarder. Only this
+    /// session's task touches it; the mutex is never contended.
+    accepts: std::sync::Mutex<Vec<Accept>>,
     /// Ack latency histograms by class index, looked up once per session so
     /// the publish path does not touch the metrics registry.
     ack_latency: Vec<metrics::Histogram>,
@@ -146,6 +151,7 @@ pub async fn run(stream: UnixStream, ctx: Arc<SessionContext>) {
         ctx: ctx.clone(),
         outbox,
         requests_in_flight: Arc::new(Semaphore::new(sessions.max_inflight_requests)),
+        accepts: std::sync::Mutex::new(Vec::new()),
         ack_latency: ctx
             .classes
             .names()
@@ -179,6 +185,9 @@ impl Session {
         loop {
             let flow = tokio::select! {
                 _ = self.ctx.shutdown.cancelled() => {
+                    // Everything this client sent is answered before goodbye.
+                    self.flush_accepts().await;
+                    let _ = tokio::time::timeout(BARRIER_FLUSH_TIMEOUT, self.ctx.forwarder.barrier()).await;
                     self.go_away(ErrorCode::ShuttingDown, "relay is shutting down; reconnect").await;
                     Flow::Close
                 }
@@ -195,7 +204,18 @@ impl Session {
                     Err(_) => Flow::Continue,
                 },
                 frame = reader.next() => match frame {
-                    Some(Ok(frame)) => self.on_frame(frame).await,
+                    Some(Ok(frame)) => {
+                        // Publishes wait in a batch until this read is used
+                        // up; anything else first hands them over, in order.
+                        if !matches!(frame, Frame::Publish(_)) {
+                            self.flush_accepts().await;
+                        }
+                        let flow = self.on_frame(frame).await;
+                        if reader.read_buffer().is_empty() {
+                            self.flush_accepts().await;
+                        }
+                        flow
+                    }
                     Some(Err(error)) => {
                         self.on_read_error(error).await;
                         Flow::Close
@@ -204,6 +224,7 @@ impl Session {
                 },
             };
             if matches!(flow, Flow::Close) {
+                self.flush_accepts().await;
                 break;
             }
         }
@@ -380,17 +401,40 @@ impl Session {
                     .flatten(),
             },
         };
-        if self.ctx.forwarder.accept(accept).await.is_err() {
-            return self
-                .reject(
-                    publish.ack_id,
-                    ErrorCode::ShuttingDown,
-                    "relay is shutting down".to_string(),
-                    local_deliveries,
-                )
-                .await;
+        let full = {
+            let mut batch = self
+                .accepts
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            batch.push(accept);
+            batch.len() >= ACCEPT_BATCH
+        };
+        if full {
+            self.flush_accepts().await;
         }
         Flow::Continue
+    }
+
+    /// Hands the publishes gathered from this read to the forwarder.
+    async fn flush_accepts(&self) {
+        let batch = {
+            let mut batch = self
+                .accepts
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if batch.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *batch)
+        };
+        if let Err(refused) = self.ctx.forwarder.accept(batch).await {
+            for accept in refused {
+                accept.ack.answer(AckOutcome::Rejected {
+                    code: ErrorCode::ShuttingDown,
+                    message: Text::from("relay is shutting down"),
+                });
+            }
+        }
     }
 
     /// Replies to requests and publishes that carry a reply subject: sent
