@@ -161,11 +161,18 @@ async fn run(cli: &Cli) -> ExitCode {
         ],
         one => vec![one],
     };
+    let plan = if cli.scenario == Scenario::Outage {
+        "one run".to_string()
+    } else {
+        format!(
+            "N = {} repetitions per figure (median)",
+            settings.repetitions
+        )
+    };
     eprintln!(
-        "holdfast-bench {}{}: N = {} repetitions per figure (median), on {} CPUs",
+        "holdfast-bench {}{}: {plan}, on {} CPUs",
         cli.scenario.name(),
         if cli.quick { " --quick" } else { "" },
-        settings.repetitions,
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     let started = Instant::now();

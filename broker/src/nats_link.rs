@@ -228,6 +228,9 @@ impl MonitorTask {
         match event {
             Event::Connected => self.monitor.on_connected(now),
             Event::Disconnected | Event::Closed => self.monitor.on_disconnected(),
+            // A connect attempt that failed while not connected: the server
+            // is not there, so say so now rather than after link_timeout.
+            Event::ClientError(_) if !self.monitor.wants_probe() => self.monitor.on_disconnected(),
             Event::SlowConsumer(sid) => {
                 warn!(
                     upstream_sid = sid,

@@ -138,6 +138,7 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         telemetry,
         ready: Default::default(),
     });
+    ops.telemetry.spawn_upkeep(background.clone());
     tokio::spawn(ops_http::serve(
         ops_listener,
         ops.clone(),

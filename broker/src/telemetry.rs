@@ -20,6 +20,9 @@ const LATENCY_BUCKETS: [f64; 16] = [
     1.0, 2.5, 10.0,
 ];
 
+/// How often histogram samples are folded into buckets.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub const PUBLISH_ACK_SECONDS: &str = "holdfast_publish_ack_seconds";
 pub const REQUEST_DURATION_SECONDS: &str = "holdfast_request_duration_seconds";
 pub const JOURNAL_APPEND_SECONDS: &str = "holdfast_journal_append_seconds";
@@ -38,6 +41,22 @@ impl Telemetry {
             .install_recorder()?;
         describe();
         Ok(Telemetry { handle })
+    }
+
+    /// Drains recorded histogram samples into their buckets every few
+    /// seconds. Without it every sample stays in memory until the next
+    /// scrape, and a relay nobody scrapes grows by each message it acks.
+    pub fn spawn_upkeep(&self, stop: tokio_util::sync::CancellationToken) {
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ticker.tick() => handle.run_upkeep(),
+                }
+            }
+        });
     }
 
     /// The exposition text, with counters brought up to date.

@@ -57,6 +57,12 @@ pub(super) fn open(path: &Path, classes: &[String]) -> Result<Opened, JournalErr
     if let Err(error) = super::reclaim::remove_stale_fresh(path) {
         warn!(%error, path = %path.display(), "journal: cannot remove a leftover replacement file");
     }
+    // A relay killed while creating its first journal leaves an empty file.
+    // Nothing can have been acknowledged from it, so it is no damage to
+    // quarantine and alarm an operator about: start it afresh.
+    if std::fs::metadata(path).is_ok_and(|metadata| metadata.len() == 0) {
+        let _ = std::fs::remove_file(path);
+    }
     let (quarantined, reason) = match attempt(path, classes) {
         Ok((db, ledgers)) => {
             return Ok(Opened {

@@ -714,3 +714,20 @@ async fn inspect_a_closed_journal() {
         Err(JournalError::Storage(_))
     ));
 }
+
+#[test]
+fn an_empty_file_left_by_an_interrupted_first_start_is_not_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = two_classes(&dir);
+    fs::create_dir_all(dir.path().join("data")).unwrap();
+    fs::write(&settings.path, b"").unwrap();
+    let (journal, report) = Journal::open(settings).unwrap();
+    assert!(report.quarantined.is_none(), "{report:?}");
+    drop(journal);
+    let names: Vec<_> = fs::read_dir(dir.path().join("data"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["journal.redb"]);
+}

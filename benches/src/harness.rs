@@ -1,0 +1,369 @@
+//! Processes under measurement: nats-server and holdfastd on free loopback
+//! ports, each with its own temp dir, each owned by a guard whose `Drop`
+//! kills it by PID — so an error, a panic or Ctrl-C leaves nothing running.
+//!
+//! NATS can be killed (SIGKILL), stopped (SIGINT, flushing its JetStream
+//! store) and restarted on the same port; the relay can be killed and
+//! restarted on the same socket and data dir (its journal stays).
+
+use crate::error::{failed, BenchError, Context, Result};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// How long nats-server may take to accept connections.
+const NATS_START_LIMIT: Duration = Duration::from_secs(15);
+/// How long holdfastd may take to accept connections (a restart with a big
+/// journal included).
+const RELAY_START_LIMIT: Duration = Duration::from_secs(120);
+/// How long a graceful stop may take before SIGKILL.
+const STOP_LIMIT: Duration = Duration::from_secs(15);
+/// Environment variable naming the holdfastd binary to measure.
+pub const HOLDFASTD_ENV: &str = "HOLDFAST_BENCH_HOLDFASTD";
+/// Environment variable naming the nats-server binary.
+pub const NATS_SERVER_ENV: &str = "HOLDFAST_NATS_SERVER";
+
+/// A free TCP port on 127.0.0.1 (free when asked; the OS may hand it out again).
+pub fn free_port() -> Result<u16> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .context("finding a free loopback port")
+}
+
+/// holdfastd: `$HOLDFAST_BENCH_HOLDFASTD` if set, else the `holdfastd`
+/// beside this executable (both are built into target/release).
+pub fn find_holdfastd() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(HOLDFASTD_ENV) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("locating holdfast-bench's own executable")?;
+    if let Some(dir) = exe.parent() {
+        let candidate = dir.join("holdfastd");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(BenchError::Missing(format!(
+        "holdfastd not found beside {} (run `cargo build --release -p holdfast-broker`) \
+         and {HOLDFASTD_ENV} is not set",
+        exe.display()
+    )))
+}
+
+/// nats-server: `$HOLDFAST_NATS_SERVER` if set, else the usual system paths.
+pub fn find_nats_server() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(NATS_SERVER_ENV) {
+        return Ok(PathBuf::from(path));
+    }
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin"] {
+        let candidate = Path::new(dir).join("nats-server");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(BenchError::Missing(format!(
+        "nats-server not found in /usr/sbin, /usr/bin or /usr/local/bin \
+         (deploy/install-deps.sh installs it) and {NATS_SERVER_ENV} is not set"
+    )))
+}
+
+fn send_signal(child: &Child, signal: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) on a pid this process spawned and has not reaped
+        // yet, so it cannot name an unrelated process.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+/// SIGKILL and reap.
+fn kill_child(child: &mut Child) {
+    send_signal(child, libc::SIGKILL);
+    let _ = child.wait();
+}
+
+/// A value read from /proc/PID/status, in KiB (e.g. `VmRSS`, `VmHWM`).
+pub fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).context(&format!("reading {path}"))?;
+    text.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .ok_or_else(|| failed(&format!("reading {field} from {path}"), "field not found"))
+}
+
+/// The last `max_bytes` of a log file, for error messages.
+fn log_tail(path: &Path, max_bytes: u64) -> String {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let length = file.metadata().map(|meta| meta.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(length.saturating_sub(max_bytes)));
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    text
+}
+
+/// A nats-server process.
+pub struct NatsServer {
+    binary: PathBuf,
+    port: u16,
+    dir: TempDir,
+    jetstream: bool,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts nats-server on a free port; with `jetstream`, a file store in
+    /// its temp dir (kept across restarts).
+    pub async fn start(jetstream: bool) -> Result<NatsServer> {
+        let mut server = NatsServer {
+            binary: find_nats_server()?,
+            port: free_port()?,
+            dir: tempfile::tempdir().context("creating nats-server's temp dir")?,
+            jetstream,
+            child: None,
+        };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let deadline = Instant::now() + NATS_START_LIMIT;
+        let address = format!("127.0.0.1:{}", self.port);
+        loop {
+            let log = std::fs::File::create(self.dir.path().join("nats.log"))
+                .context("creating nats-server's log")?;
+            let mut command = Command::new(&self.binary);
+            command
+                .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+                .arg("--store_dir")
+                .arg(self.dir.path());
+            if self.jetstream {
+                command.arg("-js");
+            }
+            let child = command
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context(&format!("starting {}", self.binary.display()))?;
+            self.child = Some(child);
+            // The port may still be held by the previous process for a moment
+            // after a restart; a server that exited is started again.
+            loop {
+                if std::net::TcpStream::connect(&address).is_ok() {
+                    return Ok(());
+                }
+                let exited = match self.child.as_mut() {
+                    Some(child) => matches!(child.try_wait(), Ok(Some(_))),
+                    None => true,
+                };
+                if Instant::now() > deadline {
+                    self.kill();
+                    return Err(BenchError::Timeout(format!(
+                        "nats-server to accept on {address}; its log:\n{}",
+                        log_tail(&self.dir.path().join("nats.log"), 2000)
+                    )));
+                }
+                if exited {
+                    self.child = None;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: an abrupt outage.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_child(&mut child);
+        }
+    }
+
+    /// SIGINT: a graceful stop (the server flushes its JetStream store).
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            send_signal(&child, libc::SIGINT);
+            let deadline = Instant::now() + STOP_LIMIT;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            kill_child(&mut child);
+        }
+    }
+
+    /// Starts a fresh process on the same port and store dir.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A holdfastd process on a socket in its own temp dir.
+pub struct Relay {
+    binary: PathBuf,
+    dir: TempDir,
+    socket: PathBuf,
+    config: PathBuf,
+    nats_url: String,
+    metrics_port: u16,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Relay {
+    /// Starts holdfastd against `nats_url` with `config_toml` as its config file.
+    pub async fn start(nats_url: &str, config_toml: &str) -> Result<Relay> {
+        let dir = tempfile::tempdir().context("creating holdfastd's temp dir")?;
+        let socket = dir.path().join("holdfast.sock");
+        let config = dir.path().join("holdfast.toml");
+        std::fs::write(&config, config_toml).context("writing holdfastd's config")?;
+        let mut relay = Relay {
+            binary: find_holdfastd()?,
+            dir,
+            socket,
+            config,
+            nats_url: nats_url.to_string(),
+            metrics_port: free_port()?,
+            child: None,
+            starts: 0,
+        };
+        relay.spawn().await?;
+        Ok(relay)
+    }
+
+    /// Starts the process and returns once its socket accepts connections.
+    pub async fn spawn(&mut self) -> Result<()> {
+        self.kill();
+        self.starts += 1;
+        let log_path = self.log_path();
+        let log = std::fs::File::create(&log_path).context("creating holdfastd's log")?;
+        let child = Command::new(&self.binary)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--nats")
+            .arg(&self.nats_url)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context(&format!("starting {}", self.binary.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + RELAY_START_LIMIT;
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Err(failed(
+                    "starting holdfastd",
+                    format!("exited with {status}; its log:\n{}", self.log_tail()),
+                ));
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(BenchError::Timeout(format!(
+                    "holdfastd to accept on {}; its log:\n{}",
+                    self.socket.display(),
+                    self.log_tail()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("holdfastd.{}.log", self.starts))
+    }
+
+    /// The end of the current run's log.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log_path(), 4000)
+    }
+
+    /// `unix://` URL of its socket.
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// The journal's directory (kept across restarts).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// VmRSS of the running process, in MiB.
+    pub fn rss_mib(&self) -> Result<f64> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| failed("reading holdfastd's RSS", "not running"))?;
+        Ok(proc_status_kib(pid, "VmRSS")? as f64 / 1024.0)
+    }
+
+    /// VmHWM (peak RSS) of the running process, in MiB.
+    pub fn peak_rss_mib(&self) -> Result<f64> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| failed("reading holdfastd's peak RSS", "not running"))?;
+        Ok(proc_status_kib(pid, "VmHWM")? as f64 / 1024.0)
+    }
+
+    /// SIGKILL (a crash: the journal must carry everything acknowledged).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_child(&mut child);
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_rss() {
+        let rss = proc_status_kib(std::process::id(), "VmRSS").unwrap();
+        assert!(rss > 0);
+        assert!(proc_status_kib(std::process::id(), "NoSuchField").is_err());
+    }
+}

@@ -1,0 +1,187 @@
+//! `journal`: durable ingest into the relay's journal with NATS down (acks
+//! awaited, pipelined), vs (a) raw append + fdatasync of a file in batches of
+//! the pipeline window, the disk's limit, and (b) async publish into a local
+//! JetStream file-store stream (acks awaited, same window). 256-byte payloads.
+
+use super::load::{ingest, payload, PIPELINE_WINDOW};
+use super::{count_words, Settings, RELAY_CONFIG};
+use crate::error::{failed, BenchError, Context, Result};
+use crate::harness::{NatsServer, Relay};
+use crate::relay_status::wait_for_nats;
+use crate::report::Row;
+use crate::stats::median;
+use async_nats::jetstream;
+use std::collections::VecDeque;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+const PAYLOAD_BYTES: usize = 256;
+const TARGET_RATE: f64 = 500_000.0;
+const TARGET_VS_JETSTREAM: f64 = 4.0;
+const ACK_LIMIT: Duration = Duration::from_secs(60);
+
+/// Relay ingest rate with NATS killed; returns (rate, acks that were not `Journaled`).
+async fn relay_ingest(count: u64) -> Result<(f64, u64)> {
+    let mut nats = NatsServer::start(false).await?;
+    let relay = Relay::start(&nats.url(), RELAY_CONFIG).await?;
+    let client = holdfast_client::Client::connect(&relay.url())
+        .await
+        .context("connecting to holdfastd")?;
+    wait_for_nats(&client, "up", Duration::from_secs(10)).await?;
+    nats.kill();
+    wait_for_nats(&client, "down", Duration::from_secs(10)).await?;
+    let run = ingest(
+        &client,
+        "bench.journal.ingest",
+        "kv_events",
+        count,
+        PAYLOAD_BYTES,
+    )
+    .await?;
+    let _ = client.close().await;
+    drop(relay);
+    Ok((run.rate, run.other))
+}
+
+/// Appends `count` records of `PAYLOAD_BYTES` to a fresh file (in the same
+/// temp file system as the relay's data dir), fdatasync after each batch of
+/// `PIPELINE_WINDOW`.
+fn raw_append(count: u64) -> Result<f64> {
+    let dir = tempfile::tempdir().context("creating the raw-append temp dir")?;
+    let path = dir.path().join("raw.log");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .context("creating the raw-append file")?;
+    let batch = vec![b'x'; PAYLOAD_BYTES * PIPELINE_WINDOW];
+    let window = PIPELINE_WINDOW as u64;
+    let start = Instant::now();
+    let mut written = 0u64;
+    while written < count {
+        let records = window.min(count - written);
+        let bytes = usize::try_from(records).unwrap_or(PIPELINE_WINDOW) * PAYLOAD_BYTES;
+        file.write_all(&batch[..bytes])
+            .context("appending to the raw file")?;
+        file.sync_data().context("fdatasync of the raw file")?;
+        written += records;
+    }
+    Ok(count as f64 / start.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// Async publishes into a JetStream file-store stream with `PIPELINE_WINDOW`
+/// acks in flight.
+async fn jetstream_publish(count: u64) -> Result<f64> {
+    let nats = NatsServer::start(true).await?;
+    let client = async_nats::connect(nats.url())
+        .await
+        .context("connecting to the JetStream server")?;
+    let context = jetstream::new(client);
+    context
+        .create_stream(jetstream::stream::Config {
+            name: "BENCH".to_string(),
+            subjects: vec!["bench.js.>".to_string()],
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .context("creating the JetStream stream")?;
+    let body = payload(PAYLOAD_BYTES);
+    let mut pending = VecDeque::with_capacity(PIPELINE_WINDOW + 1);
+    let start = Instant::now();
+    for _ in 0..count {
+        let ack = context
+            .publish("bench.js.ingest", body.clone())
+            .await
+            .context("publishing to JetStream")?;
+        pending.push_back(ack);
+        if pending.len() >= PIPELINE_WINDOW {
+            if let Some(ack) = pending.pop_front() {
+                await_puback(ack).await?;
+            }
+        }
+    }
+    while let Some(ack) = pending.pop_front() {
+        await_puback(ack).await?;
+    }
+    let rate = count as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    drop(nats);
+    Ok(rate)
+}
+
+async fn await_puback(ack: jetstream::context::PublishAckFuture) -> Result<()> {
+    tokio::time::timeout(ACK_LIMIT, ack)
+        .await
+        .map_err(|_| BenchError::Timeout("a JetStream PubAck".to_string()))?
+        .context("a JetStream publish")?;
+    Ok(())
+}
+
+pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
+    let count = settings.pick(500_000, 1_000_000);
+    let js_count = settings.pick(200_000, 500_000);
+    let mut relay = Vec::new();
+    let mut raw = Vec::new();
+    let mut js = Vec::new();
+    let mut not_journaled = 0;
+    for rep in 0..settings.repetitions {
+        eprintln!(
+            "  journal: repetition {} of {}",
+            rep + 1,
+            settings.repetitions
+        );
+        let (rate, other) = relay_ingest(count).await?;
+        relay.push(rate);
+        not_journaled += other;
+        let rate = tokio::task::spawn_blocking(move || raw_append(count))
+            .await
+            .map_err(|error| failed("raw-append task", error))??;
+        raw.push(rate);
+        js.push(jetstream_publish(js_count).await?);
+    }
+    let quick = if settings.quick {
+        " (quick; the full run uses 1M and 500k)"
+    } else {
+        ""
+    };
+    let mut note = format!(
+        "relay: {} messages of {PAYLOAD_BYTES} B into kv_events (durable) with NATS killed, \
+         acks awaited, {PIPELINE_WINDOW} in flight; raw file: same count and size, fdatasync \
+         every {PIPELINE_WINDOW}; JetStream: {} messages{quick}",
+        count_words(count),
+        count_words(js_count)
+    );
+    if not_journaled > 0 {
+        note.push_str(&format!(
+            "; {not_journaled} acks said something other than journaled"
+        ));
+    }
+    let value = median(&relay);
+    let disk = Row {
+        scenario: "journal/vs raw fdatasync".to_string(),
+        value,
+        unit: "msg/s".to_string(),
+        baseline: format!("raw append+fdatasync, batches of {PIPELINE_WINDOW}"),
+        baseline_value: median(&raw),
+        target: "≥ 500k msg/s".to_string(),
+        met: value.map(|value| value >= TARGET_RATE),
+        repetitions: settings.repetitions,
+        note: note.clone(),
+        ..Row::default()
+    }
+    .with_ratio();
+    let jetstream = Row {
+        scenario: "journal/vs JetStream".to_string(),
+        value,
+        unit: "msg/s".to_string(),
+        baseline: format!("JetStream file store, async publish, {PIPELINE_WINDOW} in flight"),
+        baseline_value: median(&js),
+        target: format!("≥ {TARGET_VS_JETSTREAM:.0}× JetStream"),
+        repetitions: settings.repetitions,
+        note: String::new(),
+        ..Row::default()
+    }
+    .with_ratio();
+    let met = jetstream.ratio.map(|ratio| ratio >= TARGET_VS_JETSTREAM);
+    Ok(vec![disk, Row { met, ..jetstream }])
+}

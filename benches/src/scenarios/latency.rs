@@ -1,0 +1,149 @@
+//! `latency`: delivery latency (publish → a plain async-nats subscriber)
+//! through the relay vs a direct async-nats publisher, one message at a
+//! time, with the send time in the payload.
+
+use super::{count_words, Settings, RELAY_CONFIG};
+use crate::error::{BenchError, Context, Result};
+use crate::harness::{NatsServer, Relay};
+use crate::relay_status::wait_for_nats;
+use crate::report::Row;
+use crate::stats::{median, percentile};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::StreamExt;
+use std::time::{Duration, Instant};
+
+const PAYLOAD_BYTES: usize = 128;
+const WARM_UP: u64 = 200;
+/// Longest a single message may take before the run counts as failed.
+const MESSAGE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Who sends the timestamped messages.
+enum Sender<'a> {
+    Direct(&'a async_nats::Client),
+    Relay(&'a holdfast_client::Client),
+}
+
+impl Sender<'_> {
+    async fn send(&self, subject: &str, payload: Bytes) -> Result<()> {
+        match self {
+            Sender::Direct(client) => client
+                .publish(subject.to_string(), payload)
+                .await
+                .context("publishing directly to NATS"),
+            Sender::Relay(client) => client
+                .publish(subject, payload)
+                .await
+                .context("publishing through the relay"),
+        }
+    }
+}
+
+/// Latencies in µs of `samples` messages sent one at a time, each after the
+/// previous one arrived.
+async fn measure(
+    sender: Sender<'_>,
+    nats_url: &str,
+    subject: &str,
+    samples: u64,
+) -> Result<Vec<f64>> {
+    let receiver = async_nats::connect(nats_url)
+        .await
+        .context("connecting the latency subscriber")?;
+    let mut subscription = receiver
+        .subscribe(subject.to_string())
+        .await
+        .context("subscribing on NATS")?;
+    receiver
+        .flush()
+        .await
+        .context("flushing the subscription")?;
+    let base = Instant::now();
+    let mut latencies = Vec::with_capacity(usize::try_from(samples).unwrap_or(0));
+    for index in 0..WARM_UP + samples {
+        let mut payload = BytesMut::with_capacity(PAYLOAD_BYTES);
+        payload.put_u64(nanos_since(base));
+        payload.resize(PAYLOAD_BYTES, b'x');
+        sender.send(subject, payload.freeze()).await?;
+        let message = tokio::time::timeout(MESSAGE_LIMIT, subscription.next())
+            .await
+            .map_err(|_| BenchError::Timeout(format!("message {index} on {subject}")))?
+            .ok_or_else(|| BenchError::Timeout(format!("subscription to {subject} ended")))?;
+        let received = nanos_since(base);
+        let mut stamp = [0u8; 8];
+        if let Some(head) = message.payload.get(..8) {
+            stamp.copy_from_slice(head);
+        }
+        let sent = u64::from_be_bytes(stamp);
+        if index >= WARM_UP {
+            latencies.push(received.saturating_sub(sent) as f64 / 1000.0);
+        }
+    }
+    Ok(latencies)
+}
+
+fn nanos_since(base: Instant) -> u64 {
+    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
+    let samples = settings.pick(5_000, 20_000);
+    let nats = NatsServer::start(false).await?;
+    let relay = Relay::start(&nats.url(), RELAY_CONFIG).await?;
+    let client = holdfast_client::Client::connect(&relay.url())
+        .await
+        .context("connecting to holdfastd")?;
+    wait_for_nats(&client, "up", Duration::from_secs(10)).await?;
+    let publisher = async_nats::connect(nats.url())
+        .await
+        .context("connecting the direct publisher")?;
+    let url = nats.url();
+
+    let mut direct = (Vec::new(), Vec::new());
+    let mut through = (Vec::new(), Vec::new());
+    for rep in 0..settings.repetitions {
+        eprintln!(
+            "  latency: repetition {} of {}",
+            rep + 1,
+            settings.repetitions
+        );
+        let subject = format!("bench.latency.direct.{rep}");
+        let run = measure(Sender::Direct(&publisher), &url, &subject, samples).await?;
+        direct.0.extend(percentile(&run, 50.0));
+        direct.1.extend(percentile(&run, 99.0));
+        let subject = format!("bench.latency.relay.{rep}");
+        let run = measure(Sender::Relay(&client), &url, &subject, samples).await?;
+        through.0.extend(percentile(&run, 50.0));
+        through.1.extend(percentile(&run, 99.0));
+    }
+    let _ = client.close().await;
+
+    let note = format!(
+        "{} messages of {PAYLOAD_BYTES} B per run{}, one at a time (each sent after the previous \
+         arrived), {WARM_UP} warm-up; send time in the payload; per-run percentile, median over runs",
+        count_words(samples),
+        if settings.quick { " (quick; the full run uses 20k)" } else { "" }
+    );
+    let row = |name: &str, relay: &[f64], direct: &[f64], budget: f64| -> Row {
+        let value = median(relay);
+        let baseline_value = median(direct);
+        let added = value.zip(baseline_value).map(|(value, base)| value - base);
+        Row {
+            scenario: format!("latency/{name}"),
+            value,
+            unit: "µs".to_string(),
+            baseline: "direct async-nats".to_string(),
+            baseline_value,
+            target: format!("≤ +{budget:.0} µs"),
+            met: added.map(|added| added <= budget),
+            repetitions: settings.repetitions,
+            added,
+            note: note.clone(),
+            ..Row::default()
+        }
+        .with_ratio()
+    };
+    Ok(vec![
+        row("p50", &through.0, &direct.0, 30.0),
+        row("p99", &through.1, &direct.1, 100.0),
+    ])
+}

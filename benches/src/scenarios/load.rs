@@ -1,0 +1,266 @@
+//! Loads shared by several scenarios: timed publish→subscribe runs (direct
+//! and through the relay), counting subscribers on the NATS side, and
+//! pipelined acknowledged publishing into the relay's journal.
+
+use crate::error::{failed, BenchError, Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use holdfast_client::{AckFuture, AckStatus, OutboundMessage};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+/// Acknowledged publishes kept in flight before the oldest is awaited; the
+/// raw-file baseline syncs in batches of the same size.
+pub const PIPELINE_WINDOW: usize = 1000;
+
+/// A counting subscriber gives up after this long without a message.
+const IDLE_LIMIT: Duration = Duration::from_secs(15);
+
+/// Upper bound for one ack.
+const ACK_LIMIT: Duration = Duration::from_secs(60);
+
+/// `size` bytes of filler.
+pub fn payload(size: usize) -> Bytes {
+    Bytes::from(vec![b'x'; size])
+}
+
+/// What a counting subscriber saw.
+#[derive(Debug, Clone, Copy)]
+pub struct Counted {
+    pub received: u64,
+    pub first: Option<Instant>,
+    pub last: Option<Instant>,
+}
+
+/// A plain async-nats subscriber on its own connection, counting messages
+/// until it saw `expected` or none came for a while.
+pub struct CountingSubscriber {
+    task: Option<JoinHandle<()>>,
+    counted: Arc<Mutex<Counted>>,
+}
+
+impl CountingSubscriber {
+    /// Subscribes to `subject` and returns once NATS registered the subscription.
+    pub async fn start(nats_url: &str, subject: &str, expected: u64) -> Result<CountingSubscriber> {
+        // Large enough that the client never drops for a slow consumer.
+        let capacity = usize::try_from(expected)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1024)
+            .min(8_000_000);
+        let client = async_nats::ConnectOptions::new()
+            .subscription_capacity(capacity)
+            .connect(nats_url)
+            .await
+            .context("connecting the counting subscriber to NATS")?;
+        let mut subscriber = client
+            .subscribe(subject.to_string())
+            .await
+            .context("subscribing on NATS")?;
+        client.flush().await.context("flushing the subscription")?;
+        let counted = Arc::new(Mutex::new(Counted {
+            received: 0,
+            first: None,
+            last: None,
+        }));
+        let shared = Arc::clone(&counted);
+        let task = tokio::spawn(async move {
+            let _client = client;
+            let mut received = 0;
+            while received < expected {
+                match tokio::time::timeout(IDLE_LIMIT, subscriber.next()).await {
+                    Ok(Some(_message)) => {
+                        let now = Instant::now();
+                        received += 1;
+                        if let Ok(mut counted) = shared.lock() {
+                            counted.first.get_or_insert(now);
+                            counted.last = Some(now);
+                            counted.received = received;
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        });
+        Ok(CountingSubscriber {
+            task: Some(task),
+            counted,
+        })
+    }
+
+    /// What it saw so far.
+    pub fn snapshot(&self) -> Counted {
+        match self.counted.lock() {
+            Ok(counted) => *counted,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// Waits until the subscriber saw everything or gave up.
+    pub async fn finish(mut self) -> Result<Counted> {
+        if let Some(task) = self.task.take() {
+            task.await.context("counting subscriber task")?;
+        }
+        Ok(self.snapshot())
+    }
+
+    /// Like [`CountingSubscriber::finish`], but waits at most `limit`.
+    pub async fn finish_within(mut self, limit: Duration) -> Counted {
+        if let Some(mut task) = self.task.take() {
+            if tokio::time::timeout(limit, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+        self.snapshot()
+    }
+}
+
+impl Drop for CountingSubscriber {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A timed publish→subscribe run.
+#[derive(Debug, Clone, Copy)]
+pub struct Throughput {
+    /// Messages received per second, from the first publish to the last receipt.
+    pub rate: f64,
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl Throughput {
+    fn from_counted(start: Instant, sent: u64, counted: Counted) -> Result<Throughput> {
+        let last = counted
+            .last
+            .ok_or_else(|| failed("publish→subscribe run", "the subscriber received nothing"))?;
+        let seconds = last.duration_since(start).as_secs_f64().max(1e-9);
+        Ok(Throughput {
+            rate: counted.received as f64 / seconds,
+            sent,
+            received: counted.received,
+        })
+    }
+
+    /// Messages sent but never seen by the subscriber.
+    pub fn missing(&self) -> u64 {
+        self.sent.saturating_sub(self.received)
+    }
+}
+
+/// `count` messages of `size` bytes from a direct async-nats client to a
+/// plain subscriber on the same server.
+pub async fn direct_publish(
+    nats_url: &str,
+    publisher: &async_nats::Client,
+    subject: &str,
+    count: u64,
+    size: usize,
+) -> Result<Throughput> {
+    let subscriber = CountingSubscriber::start(nats_url, subject, count).await?;
+    let body = payload(size);
+    let start = Instant::now();
+    for _ in 0..count {
+        publisher
+            .publish(subject.to_string(), body.clone())
+            .await
+            .context("publishing directly to NATS")?;
+    }
+    publisher
+        .flush()
+        .await
+        .context("flushing the direct publisher")?;
+    let counted = subscriber.finish().await?;
+    Throughput::from_counted(start, count, counted)
+}
+
+/// `count` fire-and-forget messages of `size` bytes through the relay (in
+/// `class`, or the relay's choice) to a plain subscriber on NATS.
+pub async fn relay_publish(
+    nats_url: &str,
+    client: &holdfast_client::Client,
+    subject: &str,
+    class: Option<&str>,
+    count: u64,
+    size: usize,
+) -> Result<Throughput> {
+    let subscriber = CountingSubscriber::start(nats_url, subject, count).await?;
+    let body = payload(size);
+    let start = Instant::now();
+    for _ in 0..count {
+        let mut message = OutboundMessage::new(subject, body.clone());
+        if let Some(class) = class {
+            message = message.class(class);
+        }
+        client
+            .publish_message(message)
+            .await
+            .context("publishing through the relay")?;
+    }
+    client.flush().await.context("flushing the relay client")?;
+    let counted = subscriber.finish().await?;
+    Throughput::from_counted(start, count, counted)
+}
+
+/// A pipelined, acknowledged ingest into the relay.
+#[derive(Debug, Clone, Copy)]
+pub struct Ingest {
+    /// Acknowledged messages per second, from the first publish to the last ack.
+    pub rate: f64,
+    pub journaled: u64,
+    /// Acks with another outcome (forwarded or queued).
+    pub other: u64,
+}
+
+/// Publishes `count` messages of `size` bytes in `class` with acks,
+/// keeping [`PIPELINE_WINDOW`] in flight; every ack must be positive.
+pub async fn ingest(
+    client: &holdfast_client::Client,
+    subject: &str,
+    class: &str,
+    count: u64,
+    size: usize,
+) -> Result<Ingest> {
+    let body = payload(size);
+    let mut pending: VecDeque<AckFuture> = VecDeque::with_capacity(PIPELINE_WINDOW + 1);
+    let mut result = Ingest {
+        rate: 0.0,
+        journaled: 0,
+        other: 0,
+    };
+    let start = Instant::now();
+    for _ in 0..count {
+        let ack = client
+            .publish_with_ack(OutboundMessage::new(subject, body.clone()).class(class))
+            .await
+            .context("publishing with an ack through the relay")?;
+        pending.push_back(ack);
+        if pending.len() >= PIPELINE_WINDOW {
+            if let Some(ack) = pending.pop_front() {
+                settle(ack, &mut result).await?;
+            }
+        }
+    }
+    while let Some(ack) = pending.pop_front() {
+        settle(ack, &mut result).await?;
+    }
+    result.rate = count as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    Ok(result)
+}
+
+async fn settle(ack: AckFuture, result: &mut Ingest) -> Result<()> {
+    let ack = tokio::time::timeout(ACK_LIMIT, ack)
+        .await
+        .map_err(|_| BenchError::Timeout("a publish ack from the relay".to_string()))?
+        .context("a publish the relay did not accept")?;
+    if ack.outcome == AckStatus::Journaled {
+        result.journaled += 1;
+    } else {
+        result.other += 1;
+    }
+    Ok(())
+}

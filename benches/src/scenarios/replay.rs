@@ -1,0 +1,185 @@
+//! `replay`: how fast the relay drains a journaled backlog once NATS
+//! returns, vs the direct async-nats publish→subscribe rate of the same
+//! messages on the same server.
+//!
+//! The backlog is journaled with NATS killed; NATS is started again on the
+//! same port and a plain subscriber connects at once (the relay reconnects
+//! only at its next backoff step). The drain starts when the relay reports
+//! its NATS link up and ends when the subscriber saw the whole backlog — or,
+//! if it missed some, when the relay's status shows an empty backlog.
+
+use super::load::{direct_publish, ingest, CountingSubscriber};
+use super::{count_words, Settings, RELAY_CONFIG};
+use crate::error::{BenchError, Context, Result};
+use crate::harness::{NatsServer, Relay};
+use crate::relay_status::{class_backlog, wait_for_backlog, wait_for_nats};
+use crate::report::Row;
+use crate::stats::median;
+use holdfast_client::{LinkEvent, LinkStatus, Service};
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast::error::RecvError;
+
+const PAYLOAD_BYTES: usize = 256;
+const TARGET_RATE: f64 = 300_000.0;
+const SUBJECT: &str = "bench.replay.backlog";
+/// Bound on waiting for the backlog to drain.
+const DRAIN_LIMIT: Duration = Duration::from_secs(300);
+
+/// One repetition's figures.
+struct Drain {
+    direct: f64,
+    /// Backlog / (subscriber saw the last message − link up), or by status.
+    delivered: f64,
+    /// Backlog / (status shows 0 − link up).
+    confirmed: f64,
+    subscriber_saw_all: bool,
+    journaled: u64,
+}
+
+async fn once(count: u64) -> Result<Drain> {
+    let mut nats = NatsServer::start(false).await?;
+    let relay = Relay::start(&nats.url(), RELAY_CONFIG).await?;
+    let client = holdfast_client::Client::connect(&relay.url())
+        .await
+        .context("connecting to holdfastd")?;
+    wait_for_nats(&client, "up", Duration::from_secs(10)).await?;
+    let direct = {
+        let publisher = async_nats::connect(nats.url())
+            .await
+            .context("connecting the direct publisher")?;
+        direct_publish(
+            &nats.url(),
+            &publisher,
+            "bench.replay.direct",
+            count,
+            PAYLOAD_BYTES,
+        )
+        .await?
+        .rate
+    };
+
+    nats.kill();
+    wait_for_nats(&client, "down", Duration::from_secs(10)).await?;
+    let run = ingest(&client, SUBJECT, "kv_events", count, PAYLOAD_BYTES).await?;
+    let journaled = wait_for_backlog(&client, "kv_events", count, Duration::from_secs(30)).await?;
+
+    // Listen for the link coming up before NATS is back, so the moment is exact.
+    let mut events = client.link_events();
+    let link_up = tokio::spawn(async move {
+        let wait = async {
+            loop {
+                match events.recv().await {
+                    Ok(LinkEvent::Upstream {
+                        service: Service::Nats,
+                        status: LinkStatus::Up,
+                    }) => return Some(Instant::now()),
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), wait)
+            .await
+            .ok()
+            .flatten()
+    });
+    nats.restart().await?;
+    let subscriber = CountingSubscriber::start(&nats.url(), SUBJECT, journaled).await?;
+
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    let drained_at = loop {
+        let status = client
+            .status()
+            .await
+            .context("asking the relay for its status")?;
+        if class_backlog(&status, "kv_events") == 0 {
+            break Instant::now();
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Timeout(format!(
+                "the relay to drain its backlog (still {} messages)",
+                class_backlog(&status, "kv_events")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let counted = subscriber.finish_within(Duration::from_secs(5)).await;
+    let up_at = link_up
+        .await
+        .context("link event task")?
+        .ok_or_else(|| BenchError::Timeout("the relay to report its NATS link up".to_string()))?;
+    let _ = client.close().await;
+    drop(relay);
+
+    let subscriber_saw_all = counted.received >= journaled;
+    let rate_until = |end: Instant| {
+        journaled as f64 / end.saturating_duration_since(up_at).as_secs_f64().max(1e-9)
+    };
+    let confirmed = rate_until(drained_at);
+    let delivered = match counted.last {
+        Some(last) if subscriber_saw_all => rate_until(last),
+        _ => confirmed,
+    };
+    if run.other > 0 {
+        eprintln!("  replay: {} acks were not journaled", run.other);
+    }
+    Ok(Drain {
+        direct,
+        delivered,
+        confirmed,
+        subscriber_saw_all,
+        journaled,
+    })
+}
+
+pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
+    let count = settings.pick(500_000, 1_000_000);
+    let mut drains = Vec::new();
+    for rep in 0..settings.repetitions {
+        eprintln!(
+            "  replay: repetition {} of {}",
+            rep + 1,
+            settings.repetitions
+        );
+        drains.push(once(count).await?);
+    }
+    let value = median(&drains.iter().map(|d| d.delivered).collect::<Vec<_>>());
+    let confirmed = median(&drains.iter().map(|d| d.confirmed).collect::<Vec<_>>());
+    let partial = drains.iter().filter(|d| !d.subscriber_saw_all).count();
+    let short = drains.iter().filter(|d| d.journaled != count).count();
+    let mut note = format!(
+        "backlog of {} messages of {PAYLOAD_BYTES} B in kv_events{}; from the relay reporting \
+         NATS up to the subscriber seeing the last message; until the status showed the backlog \
+         confirmed (0): {}",
+        count_words(count),
+        if settings.quick {
+            " (quick; the full run uses 1M)"
+        } else {
+            ""
+        },
+        crate::report::format_value(confirmed, "msg/s")
+    );
+    if partial > 0 {
+        note.push_str(&format!(
+            "; in {partial} run(s) the subscriber missed messages, so the status time was used"
+        ));
+    }
+    if short > 0 {
+        note.push_str(&format!(
+            "; in {short} run(s) the status showed a backlog other than {count}"
+        ));
+    }
+    Ok(vec![Row {
+        scenario: "replay".to_string(),
+        value,
+        unit: "msg/s".to_string(),
+        baseline: "direct async-nats publish→subscribe".to_string(),
+        baseline_value: median(&drains.iter().map(|d| d.direct).collect::<Vec<_>>()),
+        target: "≥ 300k msg/s".to_string(),
+        met: value.map(|value| value >= TARGET_RATE),
+        repetitions: settings.repetitions,
+        note,
+        ..Row::default()
+    }
+    .with_ratio()])
+}
