@@ -158,11 +158,21 @@ impl ForwarderHandle {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// One journal append handed to the writer, waiting for its commit.
+struct Submitted {
+    class: ClassId,
+    ack: AckTo,
+    pending: Result<crate::journal::PendingAppend, JournalError>,
+}
+
 enum Completion {
+    /// The commits of one batch of appends (they complete in order).
     Appended {
-        class: ClassId,
-        ack: AckTo,
-        result: Result<crate::journal::Appended, JournalError>,
+        results: Vec<(
+            ClassId,
+            AckTo,
+            Result<crate::journal::Appended, JournalError>,
+        )>,
         started: Instant,
     },
     Refilled {
@@ -221,6 +231,7 @@ struct Forwarder {
     last_activity: Instant,
     pending: FuturesUnordered<BoxFuture<Completion>>,
     probe_subject: String,
+    append_latency: metrics::Histogram,
 }
 
 /// Starts the forwarder, adopting the backlog the journal recovered.
@@ -277,6 +288,7 @@ pub fn start(
         generation: 0,
         last_activity: Instant::now(),
         pending: FuturesUnordered::new(),
+        append_latency: metrics::histogram!(crate::telemetry::JOURNAL_APPEND_SECONDS),
     };
     let task = tokio::spawn(forwarder.run(receiver, stop));
     (ForwarderHandle { commands, view }, task)
@@ -430,8 +442,27 @@ impl Forwarder {
         self.last_activity = Instant::now();
         match command {
             Command::Accept(accepts) => {
+                let mut submitted = Vec::new();
                 for accept in accepts {
-                    self.accept(accept).await;
+                    if let Some(append) = self.accept(accept).await {
+                        submitted.push(append);
+                    }
+                }
+                if !submitted.is_empty() {
+                    // One future per batch, not per message: the commits come
+                    // back in submission order anyway.
+                    let started = Instant::now();
+                    self.pending.push(Box::pin(async move {
+                        let mut results = Vec::with_capacity(submitted.len());
+                        for append in submitted {
+                            let result = match append.pending {
+                                Ok(pending) => pending.await,
+                                Err(error) => Err(error),
+                            };
+                            results.push((append.class, append.ack, result));
+                        }
+                        Completion::Appended { results, started }
+                    }));
                 }
             }
             Command::Barrier(done) => {
@@ -440,14 +471,17 @@ impl Forwarder {
         }
     }
 
-    async fn accept(&mut self, accept: Accept) {
+    /// Takes one publish: queued in memory and answered (or waiting to be
+    /// forwarded), or handed to the journal — then the caller waits for
+    /// the commit and this returns the pending append.
+    async fn accept(&mut self, accept: Accept) -> Option<Submitted> {
         let Accept {
             class,
             mut message,
             ack,
         } = accept;
         let Some(spec) = self.classes.get(class) else {
-            return;
+            return None;
         };
         let size = message.size();
         let queue = &mut self.queues[class];
@@ -467,7 +501,7 @@ impl Forwarder {
                 self.stats.record_publish(class, PublishOutcome::Queued);
                 ack.answer(AckOutcome::Queued);
             }
-            return;
+            return None;
         }
         let budget_used = self.journal.backlog(class).bytes;
         if spec.when_full == WhenFull::Reject && budget_used + size > spec.max_bytes {
@@ -479,7 +513,7 @@ impl Forwarder {
                     spec.name, budget_used, spec.max_bytes
                 )),
             });
-            return;
+            return None;
         }
         // Stamped once, before the journal keeps it, so every copy that ever
         // reaches NATS (including resends after a crash) carries the same id.
@@ -487,7 +521,6 @@ impl Forwarder {
             .stamp(&message.subject, &message.payload, &mut message.headers);
         let msg_id = format!("{}.{}.{}", self.relay_id, spec.name, self.submitted_appends);
         message.headers.insert("Nats-Msg-Id", msg_id);
-        let started = Instant::now();
         let new_message = NewMessage {
             subject: message.subject,
             reply: None,
@@ -497,63 +530,60 @@ impl Forwarder {
         };
         // Submitted here, in acceptance order, so journal sequences follow
         // it; only the wait for the durable commit runs concurrently.
-        let submitted = self.journal.submit(class, new_message).await;
+        let pending = self.journal.submit(class, new_message).await;
         self.appends_in_flight[class] += 1;
         self.submitted_appends += 1;
         self.deferred_acks += 1;
-        self.pending.push(Box::pin(async move {
-            let result = match submitted {
-                Ok(pending) => pending.await,
-                Err(error) => Err(error),
-            };
-            Completion::Appended {
-                class,
-                ack,
-                result,
-                started,
+        Some(Submitted {
+            class,
+            ack,
+            pending,
+        })
+    }
+
+    /// A journal commit answered one append.
+    fn on_appended(
+        &mut self,
+        class: ClassId,
+        ack: AckTo,
+        result: Result<crate::journal::Appended, JournalError>,
+    ) {
+        self.appends_in_flight[class] = self.appends_in_flight[class].saturating_sub(1);
+        self.answered_deferred_acks += 1;
+        match result {
+            Ok(appended) => {
+                if appended.dropped_oldest > 0 {
+                    crate::stats::add(
+                        &self.view.gauges[class].dropped_oldest,
+                        appended.dropped_oldest,
+                    );
+                }
+                self.queues[class].push_journal_only(appended.seq);
+                self.stats.record_publish(class, PublishOutcome::Journaled);
+                ack.answer(AckOutcome::Journaled);
             }
-        }));
+            Err(error) => {
+                let code = match error {
+                    JournalError::Full { .. } => ErrorCode::JournalFull,
+                    _ => ErrorCode::Internal,
+                };
+                warn!(%error, class = self.class_name(class), "journal append failed");
+                self.stats.record_rejection(class, code);
+                ack.answer(AckOutcome::Rejected {
+                    code,
+                    message: Text::from(error.to_string()),
+                });
+            }
+        }
     }
 
     fn on_completion(&mut self, completion: Completion) {
         match completion {
-            Completion::Appended {
-                class,
-                ack,
-                result,
-                started,
-            } => {
-                self.appends_in_flight[class] = self.appends_in_flight[class].saturating_sub(1);
-                self.answered_deferred_acks += 1;
-                metrics::histogram!(crate::telemetry::JOURNAL_APPEND_SECONDS)
-                    .record(started.elapsed().as_secs_f64());
-                match result {
-                    Ok(appended) => {
-                        if appended.dropped_oldest > 0 {
-                            crate::stats::add(
-                                &self.view.gauges[class].dropped_oldest,
-                                appended.dropped_oldest,
-                            );
-                        }
-                        // The window may hold it only while no tail exists,
-                        // which keeps acceptance order (see class_queue.rs).
-                        let queue = &mut self.queues[class];
-                        queue.push_journal_only(appended.seq);
-                        self.stats.record_publish(class, PublishOutcome::Journaled);
-                        ack.answer(AckOutcome::Journaled);
-                    }
-                    Err(error) => {
-                        let code = match error {
-                            JournalError::Full { .. } => ErrorCode::JournalFull,
-                            _ => ErrorCode::Internal,
-                        };
-                        warn!(%error, class = self.class_name(class), "journal append failed");
-                        self.stats.record_rejection(class, code);
-                        ack.answer(AckOutcome::Rejected {
-                            code,
-                            message: Text::from(error.to_string()),
-                        });
-                    }
+            Completion::Appended { results, started } => {
+                // One sample per batch: the wait for its commits.
+                self.append_latency.record(started.elapsed().as_secs_f64());
+                for (class, ack, result) in results {
+                    self.on_appended(class, ack, result);
                 }
             }
             Completion::Refilled { class, result } => match result {

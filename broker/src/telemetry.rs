@@ -205,7 +205,7 @@ fn describe() {
     describe_histogram!(
         JOURNAL_APPEND_SECONDS,
         Unit::Seconds,
-        "From a journal append being submitted to its durable commit."
+        "From a batch of journal appends being submitted to their durable commit."
     );
     describe_histogram!(
         REQUEST_DURATION_SECONDS,
