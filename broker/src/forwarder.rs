@@ -480,9 +480,7 @@ impl Forwarder {
             mut message,
             ack,
         } = accept;
-        let Some(spec) = self.classes.get(class) else {
-            return None;
-        };
+        let spec = self.classes.get(class)?;
         let size = message.size();
         let queue = &mut self.queues[class];
         let must_journal = spec.durability == Durability::Durable
