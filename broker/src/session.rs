@@ -363,9 +363,14 @@ impl Session {
             headers: publish.headers,
             payload: publish.payload,
         };
-        // Only the relay stamps chain headers; a client's own are removed so
-        // a consumer never trusts a forged chain.
+        // Only the relay stamps chain and local-delivery headers; a client's
+        // own are removed, so nobody can forge a chain or hide a message
+        // from this relay's subscribers.
         strip_chain_headers(&mut message.headers);
+        message
+            .headers
+            .0
+            .retain(|(name, _)| !name.eq_ignore_ascii_case(DELIVERED_LOCALLY_HEADER));
         if is_request_traffic {
             return self
                 .publish_request_traffic(publish.ack_id, class, message)
