@@ -137,17 +137,23 @@ pub fn assert_complete_and_ordered(seen: &[(String, String)], per_class: usize) 
     assert_eq!(next, [per_class; 4], "messages missing");
 }
 
+/// A JetStream-captured NATS, a relay with `config`, a client, and NATS
+/// already killed (the relay has noticed): the start of every outage test.
+pub async fn outage_under_way(config: &str) -> (NatsServer, Relay, Client) {
+    let mut nats = NatsServer::start_jetstream();
+    capture_stream(&nats.url()).await;
+    let relay = Relay::start_with_config(&nats.url(), config);
+    let client = Client::connect(&relay.url()).await.unwrap();
+    nats.kill();
+    wait_for_nats(&client, LinkStatus::Down).await;
+    (nats, relay, client)
+}
+
 const PER_CLASS: usize = 12_500;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journaled_backlog_survives_an_outage_and_replays_prefill_first() {
-    let mut nats = NatsServer::start_jetstream();
-    capture_stream(&nats.url()).await;
-    let relay = Relay::start_with_config(&nats.url(), DURABLE_CLASSES);
-    let client = Client::connect(&relay.url()).await.unwrap();
-
-    nats.kill();
-    wait_for_nats(&client, LinkStatus::Down).await;
+    let (mut nats, _relay, client) = outage_under_way(DURABLE_CLASSES).await;
     publish_load(&client, PER_CLASS).await;
     let status = client.status().await.unwrap();
     assert_eq!(status["classes"][0]["state"], "backlogged", "{status}");
@@ -168,12 +174,7 @@ async fn journaled_backlog_survives_an_outage_and_replays_prefill_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journal_survives_kill_9_of_the_relay() {
-    let mut nats = NatsServer::start_jetstream();
-    capture_stream(&nats.url()).await;
-    let mut relay = Relay::start_with_config(&nats.url(), DURABLE_CLASSES);
-    let client = Client::connect(&relay.url()).await.unwrap();
-    nats.kill();
-    wait_for_nats(&client, LinkStatus::Down).await;
+    let (mut nats, mut relay, client) = outage_under_way(DURABLE_CLASSES).await;
     publish_load(&client, PER_CLASS).await;
 
     relay.kill();
@@ -185,12 +186,7 @@ async fn journal_survives_kill_9_of_the_relay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_killed_mid_replay_loses_nothing() {
-    let mut nats = NatsServer::start_jetstream();
-    capture_stream(&nats.url()).await;
-    let mut relay = Relay::start_with_config(&nats.url(), DURABLE_CLASSES);
-    let client = Client::connect(&relay.url()).await.unwrap();
-    nats.kill();
-    wait_for_nats(&client, LinkStatus::Down).await;
+    let (mut nats, mut relay, client) = outage_under_way(DURABLE_CLASSES).await;
     publish_load(&client, PER_CLASS).await;
 
     nats.restart();
@@ -209,12 +205,7 @@ async fn relay_killed_mid_replay_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_dropping_again_mid_replay_loses_nothing() {
-    let mut nats = NatsServer::start_jetstream();
-    capture_stream(&nats.url()).await;
-    let relay = Relay::start_with_config(&nats.url(), DURABLE_CLASSES);
-    let client = Client::connect(&relay.url()).await.unwrap();
-    nats.kill();
-    wait_for_nats(&client, LinkStatus::Down).await;
+    let (mut nats, relay, client) = outage_under_way(DURABLE_CLASSES).await;
     publish_load(&client, PER_CLASS).await;
 
     nats.restart();
@@ -264,12 +255,8 @@ pub fn assert_complete_per_class(seen: &[(String, String)], per_class: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_held_in_memory_survive_a_graceful_restart() {
-    let mut nats = NatsServer::start_jetstream();
-    capture_stream(&nats.url()).await;
-    let mut relay = Relay::start_with_config(&nats.url(), "[classes.default]\njetstream = true\n");
-    let client = Client::connect(&relay.url()).await.unwrap();
-    nats.kill();
-    wait_for_nats(&client, LinkStatus::Down).await;
+    let (mut nats, mut relay, client) =
+        outage_under_way("[classes.default]\njetstream = true\n").await;
     for index in 0..5 {
         let ack = client
             .publish_with_ack(OutboundMessage::new("load.spill", format!("spill:{index}")))

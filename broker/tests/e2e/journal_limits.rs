@@ -1,22 +1,17 @@
 //! Journal limits and damage: retention expiry, the disk budget, a corrupt
 //! journal file, and chain validation catching a lost or reordered message.
 
-use crate::journal::{capture_stream, read_captured, wait_for_nats};
+use crate::journal::{capture_stream, outage_under_way, read_captured};
 use crate::support::{within, NatsServer, Relay};
 use futures::StreamExt;
-use holdfast_client::{AckStatus, Client, ErrorCode, LinkStatus, OutboundMessage, Validated};
+use holdfast_client::{AckStatus, Client, ErrorCode, OutboundMessage, Validated};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_past_max_age_expire_and_are_counted() {
-    let mut nats = NatsServer::start_jetstream();
-    capture_stream(&nats.url()).await;
     let config =
         "[classes.kv_events]\njetstream = true\nsubjects = [\"load.>\"]\nretention = \"2s\"\n";
-    let relay = Relay::start_with_config(&nats.url(), config);
-    let client = Client::connect(&relay.url()).await.unwrap();
-    nats.kill();
-    wait_for_nats(&client, LinkStatus::Down).await;
+    let (mut nats, _relay, client) = outage_under_way(config).await;
 
     for index in 0..10 {
         client
@@ -53,14 +48,9 @@ async fn messages_past_max_age_expire_and_are_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_journal_rejects_new_publishes_and_keeps_what_it_accepted() {
-    let mut nats = NatsServer::start_jetstream();
-    capture_stream(&nats.url()).await;
     let config =
         "[classes.kv_events]\njetstream = true\nsubjects = [\"load.>\"]\nmax_bytes = 20000\n";
-    let relay = Relay::start_with_config(&nats.url(), config);
-    let client = Client::connect(&relay.url()).await.unwrap();
-    nats.kill();
-    wait_for_nats(&client, LinkStatus::Down).await;
+    let (mut nats, _relay, client) = outage_under_way(config).await;
 
     let mut accepted = Vec::new();
     let mut full = 0;
@@ -154,13 +144,8 @@ async fn a_corrupt_journal_is_quarantined_and_the_relay_starts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chain_validation_reports_a_lost_or_reordered_message() {
-    let mut nats = NatsServer::start_jetstream();
-    capture_stream(&nats.url()).await;
     let config = "[classes.kv_events]\njetstream = true\nsubjects = [\"load.>\"]\n";
-    let relay = Relay::start_with_config(&nats.url(), config);
-    let client = Client::connect(&relay.url()).await.unwrap();
-    nats.kill();
-    wait_for_nats(&client, LinkStatus::Down).await;
+    let (mut nats, _relay, client) = outage_under_way(config).await;
     for index in 0..5 {
         client
             .publish("load.kv.chain", format!("c{index}"))
