@@ -21,7 +21,7 @@ use crate::nats_convert::{to_header_map, to_subject};
 use crate::nats_link::NatsLink;
 use crate::outbox::Outbox;
 use crate::stats::{PublishOutcome, RelayStats};
-use futures::stream::FuturesUnordered;
+use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::StreamExt;
 use holdfast_wire::chain::ChainStamper;
 use holdfast_wire::{AckOutcome, ErrorCode, ErrorFrame, Frame, LinkStatus, PubAck, Text};
@@ -230,6 +230,10 @@ struct Forwarder {
     generation: u64,
     last_activity: Instant,
     pending: FuturesUnordered<BoxFuture<Completion>>,
+    /// Journal commits, answered strictly in submission order: a later
+    /// batch must never reach the class queue before an earlier one, or a
+    /// refill in between would send it first.
+    appends: FuturesOrdered<BoxFuture<Completion>>,
     probe_subject: String,
     append_latency: metrics::Histogram,
 }
@@ -288,6 +292,7 @@ pub fn start(
         generation: 0,
         last_activity: Instant::now(),
         pending: FuturesUnordered::new(),
+        appends: FuturesOrdered::new(),
         append_latency: metrics::histogram!(crate::telemetry::JOURNAL_APPEND_SECONDS),
     };
     let task = tokio::spawn(forwarder.run(receiver, stop));
@@ -330,6 +335,7 @@ impl Forwarder {
                         self.connection_lost();
                     }
                 }
+                Some(completion) = self.appends.next() => self.on_completion(completion),
                 Some(completion) = self.pending.next() => self.on_completion(completion),
                 command = commands.recv() => match command {
                     Some(command) => {
@@ -452,7 +458,7 @@ impl Forwarder {
                     // One future per batch, not per message: the commits come
                     // back in submission order anyway.
                     let started = Instant::now();
-                    self.pending.push(Box::pin(async move {
+                    self.appends.push_back(Box::pin(async move {
                         let mut results = Vec::with_capacity(submitted.len());
                         for append in submitted {
                             let result = match append.pending {
@@ -876,10 +882,6 @@ impl Forwarder {
         let now = Instant::now();
         for class in 0..self.queues.len() {
             if self.refill_retry_at[class].is_some_and(|at| now < at) {
-                continue;
-            }
-            if self.appends_in_flight[class] > 0 {
-                // Wait: the tail is not complete in the journal yet.
                 continue;
             }
             let Some(after) = self.queues[class].start_refill() else {

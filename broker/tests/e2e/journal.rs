@@ -286,3 +286,35 @@ async fn messages_held_in_memory_survive_a_graceful_restart() {
         ["spill:0", "spill:1", "spill:2", "spill:3", "spill:4"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_class_flows_live_in_order_under_steady_load() {
+    let stack = crate::support::Stack::start();
+    let nats = stack.direct_nats().await;
+    let mut plain = nats.subscribe("live.kv").await.unwrap();
+    nats.flush().await.unwrap();
+    let client = stack.client().await;
+
+    // A steady stream: there is always a journal commit in flight, and the
+    // backlog must still drain to NATS while it lasts.
+    const MESSAGES: usize = 20_000;
+    let publisher = client.clone();
+    let publishing = tokio::spawn(async move {
+        let mut acks = Vec::with_capacity(MESSAGES);
+        for index in 0..MESSAGES {
+            let message = OutboundMessage::new("live.kv", format!("{index}")).class("kv_events");
+            acks.push(publisher.publish_with_ack(message).await.unwrap());
+        }
+        for ack in acks {
+            assert_eq!(ack.await.unwrap().outcome, AckStatus::Journaled);
+        }
+    });
+    within("every message reaches NATS in order", async {
+        for index in 0..MESSAGES {
+            let message = plain.next().await.unwrap();
+            assert_eq!(message.payload, index.to_string().into_bytes());
+        }
+    })
+    .await;
+    publishing.await.unwrap();
+}
