@@ -134,6 +134,11 @@ impl<A> ClassQueue<A> {
         self.sent < self.window.len()
     }
 
+    /// Entries in memory not yet sent.
+    pub fn unsent_in_window(&self) -> usize {
+        self.window.len() - self.sent
+    }
+
     /// Anything not yet sent, in memory or still in the journal.
     pub fn has_unsent(&self) -> bool {
         self.has_unsent_in_window() || self.journal_tail.is_some()

@@ -211,6 +211,7 @@ struct Forwarder {
     /// Journal appends not yet answered, per class (they fix the order).
     appends_in_flight: Vec<u64>,
     submitted_appends: u64,
+    next_message_id: u64,
     /// Publishes whose answer waits on a commit or a send, and how many of
     /// those were answered; barriers wait on these counts.
     deferred_acks: u64,
@@ -285,6 +286,7 @@ pub fn start(
         view: view.clone(),
         relay_id,
         submitted_appends: 0,
+        next_message_id: 0,
         deferred_acks: 0,
         answered_deferred_acks: 0,
         barriers: Vec::new(),
@@ -486,6 +488,12 @@ impl Forwarder {
             mut message,
             ack,
         } = accept;
+        let jetstream = self.classes.get(class)?.jetstream;
+        if jetstream {
+            // JetStream drops a resent copy only if it carries the same id,
+            // so every message of such a class gets one, in memory or not.
+            self.stamp_message_id(class, &mut message);
+        }
         let spec = self.classes.get(class)?;
         let size = message.size();
         let queue = &mut self.queues[class];
@@ -493,9 +501,13 @@ impl Forwarder {
             || !queue.fits_in_memory(size)
             || self.appends_in_flight[class] > 0;
         if !must_journal {
-            // No backlog beyond this window: it goes out in this turn or the
-            // next, so its publisher waits to hear `Forwarded`.
-            let forward_now = self.nats.is_up();
+            // Its publisher waits to hear `Forwarded` only when it goes out
+            // within the next send or two; behind a real backlog (a replay,
+            // a JetStream stream not confirmed yet) it hears `Queued` now.
+            let jetstream_waiting = spec.jetstream && !self.jetstream_verified[class];
+            let forward_now = self.nats.is_up()
+                && !jetstream_waiting
+                && queue.unsent_in_window() < 2 * SEND_BATCH;
             if forward_now {
                 // Answered `Forwarded` when the send step hands it to NATS.
                 self.deferred_acks += 1;
@@ -520,11 +532,13 @@ impl Forwarder {
             return None;
         }
         // Stamped once, before the journal keeps it, so every copy that ever
-        // reaches NATS (including resends after a crash) carries the same id.
+        // reaches NATS (including resends after a crash) carries the same
+        // chain position and id.
         self.stamper
             .stamp(&message.subject, &message.payload, &mut message.headers);
-        let msg_id = format!("{}.{}.{}", self.relay_id, spec.name, self.submitted_appends);
-        message.headers.insert("Nats-Msg-Id", msg_id);
+        if !jetstream {
+            self.stamp_message_id(class, &mut message);
+        }
         let new_message = NewMessage {
             subject: message.subject,
             reply: None,
@@ -543,6 +557,16 @@ impl Forwarder {
             ack,
             pending,
         })
+    }
+
+    /// `Nats-Msg-Id`: relay, class and a relay-wide counter. Stamped once,
+    /// at acceptance, so every copy that reaches NATS (resends after a lost
+    /// connection or a crash included) carries the same id.
+    fn stamp_message_id(&mut self, class: ClassId, message: &mut QueuedMessage) {
+        self.next_message_id += 1;
+        let name = self.class_name(class).to_string();
+        let id = format!("{}.{}.{}", self.relay_id, name, self.next_message_id);
+        message.headers.insert("Nats-Msg-Id", id);
     }
 
     /// A journal commit answered one append.

@@ -297,8 +297,11 @@ impl Session {
             Frame::Ping(ping) => {
                 // Barrier: everything before this PING was answered by the
                 // forwarder (journaled, queued or handed to the NATS client);
-                // flushing the client makes "handed" mean "written".
-                self.ctx.forwarder.barrier().await;
+                // flushing the client makes "handed" mean "written". PING is
+                // also the client's keepalive, so the wait is bounded: a
+                // slow upstream must not look like a dead relay.
+                let barrier = self.ctx.forwarder.barrier();
+                let _ = tokio::time::timeout(BARRIER_FLUSH_TIMEOUT, barrier).await;
                 if self.ctx.nats.is_up() {
                     let flush = self.ctx.nats.client().flush();
                     let _ = tokio::time::timeout(BARRIER_FLUSH_TIMEOUT, flush).await;

@@ -318,3 +318,49 @@ async fn a_durable_class_flows_live_in_order_under_steady_load() {
     .await;
     publishing.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_traffic_never_overtakes_the_backlog_of_its_class() {
+    // A spill class (memory first) and a durable one, both captured by
+    // JetStream, published to steadily while NATS goes away and comes back.
+    let config = "[classes.default]\njetstream = true\n[classes.kv_events]\njetstream = true\nsubjects = [\"load.kv.>\"]\n";
+    let mut nats = NatsServer::start_jetstream();
+    capture_stream(&nats.url()).await;
+    let relay = Relay::start_with_config(&nats.url(), config);
+    let client = Client::connect(&relay.url()).await.unwrap();
+
+    const PER_CLASS: usize = 1_500;
+    let publisher = client.clone();
+    let publishing = tokio::spawn(async move {
+        for index in 0..PER_CLASS {
+            for subject in ["load.other.m", "load.kv.m"] {
+                let message = OutboundMessage::new(subject, format!("{subject}:{index}"));
+                let ack = publisher.publish_with_ack(message).await.unwrap().await;
+                assert!(ack.is_ok(), "{ack:?}");
+            }
+            if index % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nats.kill();
+    wait_for_nats(&client, LinkStatus::Down).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nats.restart();
+    within("publisher done", publishing).await.unwrap();
+
+    let seen = read_captured(&nats.url(), PER_CLASS * 2).await;
+    let mut next = [0usize; 2];
+    for (_, payload) in &seen {
+        let (subject, index) = payload.split_once(':').unwrap();
+        let slot = usize::from(subject == "load.kv.m");
+        let index: usize = index.parse().unwrap();
+        assert_eq!(
+            index, next[slot],
+            "{subject}: out of order, duplicated or missing"
+        );
+        next[slot] += 1;
+    }
+    assert_eq!(next, [PER_CLASS; 2]);
+}
