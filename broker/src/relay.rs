@@ -60,6 +60,8 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     let socket = config.relay.socket.clone();
     let listener = listener::bind(&socket, mode)?;
     let ops_listener = ops_http::bind(metrics_addr).await?;
+    // The address actually bound (port 0 in the config picks a free one).
+    let metrics_addr = ops_listener.local_addr().unwrap_or(metrics_addr);
     let telemetry = Telemetry::install()?;
     let notifier = Arc::new(Notifier::from_env());
     let classes = config.classes().map_err(RelayError::Config)?;
