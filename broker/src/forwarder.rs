@@ -158,11 +158,12 @@ impl ForwarderHandle {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// One journal append handed to the writer, waiting for its commit.
+/// One class's journal appends of a batch, handed to the writer together,
+/// waiting for their commit.
 struct Submitted {
     class: ClassId,
-    ack: AckTo,
-    pending: Result<crate::journal::PendingAppend, JournalError>,
+    acks: Vec<AckTo>,
+    pending: Result<crate::journal::PendingAppends, JournalError>,
 }
 
 enum Completion {
@@ -210,7 +211,6 @@ struct Forwarder {
     stamper: ChainStamper,
     /// Journal appends not yet answered, per class (they fix the order).
     appends_in_flight: Vec<u64>,
-    submitted_appends: u64,
     next_message_id: u64,
     /// Publishes whose answer waits on a commit or a send, and how many of
     /// those were answered; barriers wait on these counts.
@@ -285,7 +285,6 @@ pub fn start(
         stats,
         view: view.clone(),
         relay_id,
-        submitted_appends: 0,
         next_message_id: 0,
         deferred_acks: 0,
         answered_deferred_acks: 0,
@@ -450,24 +449,51 @@ impl Forwarder {
         self.last_activity = Instant::now();
         match command {
             Command::Accept(accepts) => {
-                let mut submitted = Vec::new();
+                // Journal-bound messages, per class in acceptance order, go
+                // to the writer as one group each: one channel operation and
+                // one commit wait per class per batch, not per message.
+                let mut to_journal: Vec<(Vec<NewMessage>, Vec<AckTo>)> = (0..self.queues.len())
+                    .map(|_| (Vec::new(), Vec::new()))
+                    .collect();
                 for accept in accepts {
-                    if let Some(append) = self.accept(accept).await {
-                        submitted.push(append);
+                    if let Some((class, message, ack)) = self.accept(accept) {
+                        to_journal[class].0.push(message);
+                        to_journal[class].1.push(ack);
                     }
                 }
+                let mut submitted = Vec::new();
+                for (class, (messages, acks)) in to_journal.into_iter().enumerate() {
+                    if messages.is_empty() {
+                        continue;
+                    }
+                    let pending = self.journal.submit_many(class, messages).await;
+                    submitted.push(Submitted {
+                        class,
+                        acks,
+                        pending,
+                    });
+                }
                 if !submitted.is_empty() {
-                    // One future per batch, not per message: the commits come
-                    // back in submission order anyway.
                     let started = Instant::now();
                     self.appends.push_back(Box::pin(async move {
-                        let mut results = Vec::with_capacity(submitted.len());
-                        for append in submitted {
-                            let result = match append.pending {
+                        let mut results = Vec::new();
+                        for group in submitted {
+                            let outcomes = match group.pending {
                                 Ok(pending) => pending.await,
                                 Err(error) => Err(error),
                             };
-                            results.push((append.class, append.ack, result));
+                            match outcomes {
+                                Ok(outcomes) => {
+                                    for (ack, outcome) in group.acks.into_iter().zip(outcomes) {
+                                        results.push((group.class, ack, outcome));
+                                    }
+                                }
+                                Err(error) => {
+                                    for ack in group.acks {
+                                        results.push((group.class, ack, Err(error.clone())));
+                                    }
+                                }
+                            }
                         }
                         Completion::Appended { results, started }
                     }));
@@ -480,9 +506,9 @@ impl Forwarder {
     }
 
     /// Takes one publish: queued in memory and answered (or waiting to be
-    /// forwarded), or handed to the journal — then the caller waits for
-    /// the commit and this returns the pending append.
-    async fn accept(&mut self, accept: Accept) -> Option<Submitted> {
+    /// forwarded), or bound for the journal — then it is returned, stamped,
+    /// for the caller to submit with the rest of its batch.
+    fn accept(&mut self, accept: Accept) -> Option<(ClassId, NewMessage, AckTo)> {
         let Accept {
             class,
             mut message,
@@ -546,17 +572,10 @@ impl Forwarder {
             payload: message.payload,
             accepted_at_ms: message.accepted_at_ms,
         };
-        // Submitted here, in acceptance order, so journal sequences follow
-        // it; only the wait for the durable commit runs concurrently.
-        let pending = self.journal.submit(class, new_message).await;
+        // Counted now: later publishes of this batch must queue behind it.
         self.appends_in_flight[class] += 1;
-        self.submitted_appends += 1;
         self.deferred_acks += 1;
-        Some(Submitted {
-            class,
-            ack,
-            pending,
-        })
+        Some((class, new_message, ack))
     }
 
     /// `Nats-Msg-Id`: relay, class and a relay-wide counter. Stamped once,

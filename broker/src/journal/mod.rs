@@ -204,6 +204,22 @@ impl Future for PendingAppend {
     }
 }
 
+/// The commit of a [`Journal::submit_many`] group.
+#[derive(Debug)]
+pub struct PendingAppends {
+    answer: oneshot::Receiver<Result<Vec<Result<Appended, JournalError>>, JournalError>>,
+}
+
+impl Future for PendingAppends {
+    type Output = Result<Vec<Result<Appended, JournalError>>, JournalError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.answer)
+            .poll(cx)
+            .map(|answer| answer.unwrap_or(Err(JournalError::Closed)))
+    }
+}
+
 /// Handle to the journal; clones share one writer. Dropping the last clone
 /// stops the writer (after its current commit) and closes the file.
 #[derive(Clone)]
@@ -306,6 +322,26 @@ impl Journal {
         message: NewMessage,
     ) -> Result<Appended, JournalError> {
         self.submit(class, message).await?.await
+    }
+
+    /// Like [`Journal::submit`] for several messages of one class, in order,
+    /// with one answer: each message's own result, or the error that failed
+    /// the whole group.
+    pub async fn submit_many(
+        &self,
+        class: usize,
+        messages: Vec<NewMessage>,
+    ) -> Result<PendingAppends, JournalError> {
+        self.check_class(class)?;
+        let messages = messages.iter().map(EncodedMessage::encode).collect();
+        let (done, answer) = oneshot::channel();
+        self.send(Command::AppendMany {
+            class,
+            messages,
+            done,
+        })
+        .await?;
+        Ok(PendingAppends { answer })
     }
 
     /// Queues an append and returns as soon as it is queued (waiting only for

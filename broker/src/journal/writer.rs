@@ -40,6 +40,13 @@ pub(super) enum Command {
         message: EncodedMessage,
         done: Answer<Appended>,
     },
+    /// Several appends of one class with one answer: one channel operation
+    /// and one wake-up of this thread for a whole socket read of publishes.
+    AppendMany {
+        class: usize,
+        messages: Vec<EncodedMessage>,
+        done: Answer<Vec<Result<Appended, JournalError>>>,
+    },
     Confirm {
         class: usize,
         through_seq: u64,
@@ -58,6 +65,10 @@ pub(super) enum Command {
 /// An answer held back until its group's commit is durable.
 enum Reply {
     Appended(Answer<Appended>, Result<Appended, JournalError>),
+    AppendedMany(
+        Answer<Vec<Result<Appended, JournalError>>>,
+        Result<Vec<Result<Appended, JournalError>>, JournalError>,
+    ),
     Confirmed(Answer<()>, Result<(), JournalError>),
     Expired(Answer<Removed>, Result<Removed, JournalError>),
 }
@@ -67,6 +78,7 @@ impl Reply {
     fn fail(&mut self, error: &JournalError) {
         match self {
             Reply::Appended(_, result @ Ok(_)) => *result = Err(error.clone()),
+            Reply::AppendedMany(_, result @ Ok(_)) => *result = Err(error.clone()),
             Reply::Confirmed(_, result @ Ok(_)) => *result = Err(error.clone()),
             Reply::Expired(_, result @ Ok(_)) => *result = Err(error.clone()),
             _ => {}
@@ -77,6 +89,7 @@ impl Reply {
         // A waiter that gave up (dropped its future) no longer needs the answer.
         match self {
             Reply::Appended(done, result) => drop(done.send(result)),
+            Reply::AppendedMany(done, result) => drop(done.send(result)),
             Reply::Confirmed(done, result) => drop(done.send(result)),
             Reply::Expired(done, result) => drop(done.send(result)),
         }
@@ -183,6 +196,9 @@ impl Writer {
                         Command::Append { done, .. } => {
                             replies.push(Reply::Appended(done, Err(error.clone())))
                         }
+                        Command::AppendMany { done, .. } => {
+                            replies.push(Reply::AppendedMany(done, Err(error.clone())))
+                        }
                         Command::Confirm { done, .. } => {
                             replies.push(Reply::Confirmed(done, Err(error.clone())))
                         }
@@ -233,6 +249,28 @@ impl Writer {
                     } => {
                         let outcome = self.append(&shared, &mut batches, class, message, tally);
                         settle(replies, |result| Reply::Appended(done, result), outcome)?;
+                    }
+                    Command::AppendMany {
+                        class,
+                        messages,
+                        done,
+                    } => {
+                        let mut results = Vec::with_capacity(messages.len());
+                        let mut fatal = None;
+                        for message in messages {
+                            match self.append(&shared, &mut batches, class, message, tally) {
+                                Ok(result) => results.push(result),
+                                Err(error) => {
+                                    fatal = Some(error);
+                                    break;
+                                }
+                            }
+                        }
+                        let outcome = match fatal {
+                            Some(error) => Err(error),
+                            None => Ok(Ok(results)),
+                        };
+                        settle(replies, |result| Reply::AppendedMany(done, result), outcome)?;
                     }
                     Command::Confirm {
                         class,
