@@ -731,3 +731,37 @@ fn an_empty_file_left_by_an_interrupted_first_start_is_not_quarantined() {
         .collect();
     assert_eq!(names, ["journal.redb"]);
 }
+
+#[tokio::test]
+async fn submit_many_keeps_order_and_answers_each_message() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for about three messages: the rest of the group is refused one
+    // by one, and nothing accepted is lost.
+    let size = record::EncodedMessage::encode(&msg(0)).size;
+    let (journal, _) =
+        Journal::open(settings(&dir, &[("kv", size * 3, WhenFull::Reject)])).unwrap();
+    let first = journal
+        .submit_many(0, (0..2).map(msg).collect())
+        .await
+        .unwrap();
+    let second = journal
+        .submit_many(0, (2..5).map(msg).collect())
+        .await
+        .unwrap();
+    let first = first.await.unwrap();
+    let second = second.await.unwrap();
+    let seqs: Vec<u64> = first
+        .iter()
+        .chain(second.iter())
+        .filter_map(|result| result.as_ref().ok().map(|appended| appended.seq))
+        .collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert!(matches!(second[1], Err(JournalError::Full { .. })));
+    assert!(matches!(second[2], Err(JournalError::Full { .. })));
+    let stored = journal.read_after(0, 0, 10).await.unwrap();
+    let payloads: Vec<_> = stored
+        .iter()
+        .map(|message| message.payload.clone())
+        .collect();
+    assert_eq!(payloads, (0..3).map(|i| msg(i).payload).collect::<Vec<_>>());
+}
