@@ -2,10 +2,8 @@
 //! through the relay vs a direct async-nats publisher, one message at a
 //! time, with the send time in the payload.
 
-use super::{count_words, Settings, RELAY_CONFIG};
+use super::{count_words, PassThrough, Settings};
 use crate::error::{BenchError, Context, Result};
-use crate::harness::{NatsServer, Relay};
-use crate::relay_status::wait_for_nats;
 use crate::report::Row;
 use crate::stats::{median, percentile};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -87,15 +85,12 @@ fn nanos_since(base: Instant) -> u64 {
 
 pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
     let samples = settings.pick(5_000, 20_000);
-    let nats = NatsServer::start(false).await?;
-    let relay = Relay::start(&nats.url(), RELAY_CONFIG).await?;
-    let client = holdfast_client::Client::connect(&relay.url())
-        .await
-        .context("connecting to holdfastd")?;
-    wait_for_nats(&client, "up", Duration::from_secs(10)).await?;
-    let publisher = async_nats::connect(nats.url())
-        .await
-        .context("connecting the direct publisher")?;
+    let PassThrough {
+        nats,
+        relay: _relay,
+        client,
+        direct: publisher,
+    } = PassThrough::start().await?;
     let url = nats.url();
 
     let mut direct = (Vec::new(), Vec::new());

@@ -50,6 +50,38 @@ pub fn count_words(count: u64) -> String {
     }
 }
 
+/// A nats-server, a relay in front of it, a relay client and a direct NATS
+/// client, with the relay's link up: where the pass-through scenarios start.
+/// The server and relay are stopped when this is dropped.
+pub struct PassThrough {
+    pub nats: crate::harness::NatsServer,
+    pub relay: crate::harness::Relay,
+    pub client: holdfast_client::Client,
+    pub direct: async_nats::Client,
+}
+
+impl PassThrough {
+    pub async fn start() -> crate::error::Result<PassThrough> {
+        use crate::error::Context;
+        let nats = crate::harness::NatsServer::start(false).await?;
+        let relay = crate::harness::Relay::start(&nats.url(), RELAY_CONFIG).await?;
+        let client = holdfast_client::Client::connect(&relay.url())
+            .await
+            .context("connecting to holdfastd")?;
+        crate::relay_status::wait_for_nats(&client, "up", std::time::Duration::from_secs(10))
+            .await?;
+        let direct = async_nats::connect(nats.url())
+            .await
+            .context("connecting the direct publisher")?;
+        Ok(PassThrough {
+            nats,
+            relay,
+            client,
+            direct,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

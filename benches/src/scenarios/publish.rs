@@ -5,13 +5,10 @@
 //! async-nats subscriber on the NATS side.
 
 use super::load::{direct_publish, relay_publish, Throughput};
-use super::{count_words, Settings, RELAY_CONFIG};
-use crate::error::{Context, Result};
-use crate::harness::{NatsServer, Relay};
-use crate::relay_status::wait_for_nats;
+use super::{count_words, PassThrough, Settings};
+use crate::error::Result;
 use crate::report::Row;
 use crate::stats::median;
-use std::time::Duration;
 
 const PAYLOAD_BYTES: usize = 128;
 const TARGET_RATIO: f64 = 0.8;
@@ -20,15 +17,12 @@ const WARM_UP: u64 = 20_000;
 
 pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
     let count = settings.pick(500_000, 1_000_000);
-    let nats = NatsServer::start(false).await?;
-    let relay = Relay::start(&nats.url(), RELAY_CONFIG).await?;
-    let client = holdfast_client::Client::connect(&relay.url())
-        .await
-        .context("connecting to holdfastd")?;
-    wait_for_nats(&client, "up", Duration::from_secs(10)).await?;
-    let publisher = async_nats::connect(nats.url())
-        .await
-        .context("connecting the direct publisher")?;
+    let PassThrough {
+        nats,
+        relay: _relay,
+        client,
+        direct: publisher,
+    } = PassThrough::start().await?;
     let url = nats.url();
 
     direct_publish(
