@@ -29,7 +29,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -298,13 +298,6 @@ pub fn start(
     };
     let task = tokio::spawn(forwarder.run(receiver, stop));
     (ForwarderHandle { commands, view }, task)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 impl Forwarder {
@@ -968,7 +961,7 @@ impl Forwarder {
 
     /// Retention, and compaction of a drained journal.
     fn sweep(&mut self) {
-        let now = now_ms();
+        let now = crate::wall_clock::unix_millis();
         for (class, spec) in self.classes.specs().iter().enumerate() {
             let cutoff = now.saturating_sub(spec.max_age.as_millis() as u64);
             let (messages, bytes) = self.queues[class].expire_before(cutoff);

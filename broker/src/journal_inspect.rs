@@ -5,7 +5,6 @@ use crate::journal::{self, ClassBacklog, JournalError};
 use serde::Serialize;
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Serialize)]
 struct ClassReport {
@@ -47,10 +46,7 @@ pub fn run(data_dir: &Path, json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or_default();
+    let now_ms = crate::wall_clock::unix_millis();
     let reports: Vec<ClassReport> = classes
         .into_iter()
         .map(|(name, backlog)| report(name, backlog, now_ms))

@@ -22,6 +22,7 @@ mod stats;
 mod status;
 mod subscription_table;
 mod telemetry;
+mod wall_clock;
 
 use clap::{Parser, ValueEnum};
 use std::path::PathBuf;

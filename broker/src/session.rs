@@ -396,7 +396,7 @@ impl Session {
                 subject: message.subject,
                 headers: message.headers,
                 payload: message.payload,
-                accepted_at_ms: unix_millis(),
+                accepted_at_ms: crate::wall_clock::unix_millis(),
             },
             ack: AckTo {
                 outbox: self.outbox.clone(),
@@ -727,13 +727,6 @@ fn check_publish(publish: &Publish) -> Option<(ErrorCode, String)> {
         }
     }
     None
-}
-
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 async fn serve_request(

@@ -81,10 +81,7 @@ pub async fn document(ctx: &SessionContext) -> StatusDocument {
     let link = ctx.nats.snapshot();
     let router = ctx.router.stats().await;
     let view = ctx.forwarder.view();
-    let now_ms = SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or_default();
+    let now_ms = crate::wall_clock::unix_millis();
     let read =
         |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
     let classes = view
