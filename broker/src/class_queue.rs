@@ -33,6 +33,30 @@ impl QueuedMessage {
     }
 }
 
+/// Class traffic never carries a reply subject (requests are never queued).
+impl From<QueuedMessage> for crate::journal::NewMessage {
+    fn from(message: QueuedMessage) -> crate::journal::NewMessage {
+        crate::journal::NewMessage {
+            subject: message.subject,
+            reply: None,
+            headers: message.headers,
+            payload: message.payload,
+            accepted_at_ms: message.accepted_at_ms,
+        }
+    }
+}
+
+impl From<crate::journal::StoredMessage> for QueuedMessage {
+    fn from(stored: crate::journal::StoredMessage) -> QueuedMessage {
+        QueuedMessage {
+            subject: stored.subject,
+            headers: stored.headers,
+            payload: stored.payload,
+            accepted_at_ms: stored.accepted_at_ms,
+        }
+    }
+}
+
 /// A message in the window; `journal_seq` when the journal also holds it,
 /// `ack` when its publisher still waits to hear it was forwarded.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -379,14 +379,7 @@ impl Forwarder {
         let mut submitted = Vec::new();
         for class in 0..self.queues.len() {
             for message in self.queues[class].take_memory_only() {
-                let new_message = NewMessage {
-                    subject: message.subject,
-                    reply: None,
-                    headers: message.headers,
-                    payload: message.payload,
-                    accepted_at_ms: message.accepted_at_ms,
-                };
-                match self.journal.submit(class, new_message).await {
+                match self.journal.submit(class, message.into()).await {
                     Ok(pending) => submitted.push(pending),
                     Err(error) => {
                         warn!(%error, class = self.class_name(class), reason = "shutdown", "a queued message could not be journaled and is lost");
@@ -558,13 +551,7 @@ impl Forwarder {
         if !jetstream {
             self.stamp_message_id(class, &mut message);
         }
-        let new_message = NewMessage {
-            subject: message.subject,
-            reply: None,
-            headers: message.headers,
-            payload: message.payload,
-            accepted_at_ms: message.accepted_at_ms,
-        };
+        let new_message = NewMessage::from(message);
         // Counted now: later publishes of this batch must queue behind it.
         self.appends_in_flight[class] += 1;
         self.deferred_acks += 1;
@@ -630,17 +617,7 @@ impl Forwarder {
                 Ok(stored) => {
                     let messages = stored
                         .into_iter()
-                        .map(|stored| {
-                            (
-                                stored.seq,
-                                QueuedMessage {
-                                    subject: stored.subject,
-                                    headers: stored.headers,
-                                    payload: stored.payload,
-                                    accepted_at_ms: stored.accepted_at_ms,
-                                },
-                            )
-                        })
+                        .map(|stored| (stored.seq, QueuedMessage::from(stored)))
                         .collect();
                     self.queues[class].finish_refill(messages);
                 }
