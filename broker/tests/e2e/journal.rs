@@ -149,6 +149,16 @@ pub async fn outage_under_way(config: &str) -> (NatsServer, Relay, Client) {
     (nats, relay, client)
 }
 
+/// Brings NATS back and returns once the first replayed message is stored.
+async fn restart_until_replay_is_under_way(nats: &mut NatsServer) {
+    nats.restart();
+    let url = nats.url();
+    wait_until_async("replay under way", || async {
+        captured_count(&url).await > 0
+    })
+    .await;
+}
+
 const PER_CLASS: usize = 12_500;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,12 +199,7 @@ async fn relay_killed_mid_replay_loses_nothing() {
     let (mut nats, mut relay, client) = outage_under_way(DURABLE_CLASSES).await;
     publish_load(&client, PER_CLASS).await;
 
-    nats.restart();
-    let url = nats.url();
-    wait_until_async("replay under way", || async {
-        captured_count(&url).await > 0
-    })
-    .await;
+    restart_until_replay_is_under_way(&mut nats).await;
     relay.kill();
     relay.restart();
     // Resent messages carry the same Nats-Msg-Id, so the stream keeps one
@@ -208,12 +213,7 @@ async fn nats_dropping_again_mid_replay_loses_nothing() {
     let (mut nats, relay, client) = outage_under_way(DURABLE_CLASSES).await;
     publish_load(&client, PER_CLASS).await;
 
-    nats.restart();
-    let url = nats.url();
-    wait_until_async("replay under way", || async {
-        captured_count(&url).await > 0
-    })
-    .await;
+    restart_until_replay_is_under_way(&mut nats).await;
     // The link drops mid-replay: the server stops answering (as in a
     // partition), the relay notices, stops, and resends what was not
     // confirmed once it answers again. (A kill -9 here would test NATS
