@@ -13,7 +13,6 @@
 //! many frames as it brought in.
 
 use crate::ack::{Ack, AckStatus};
-use crate::backoff::Backoff;
 use crate::command::{Command, NewSubscription, OutgoingPublish};
 use crate::error::{Error, Result};
 use crate::events::LinkEvent;
@@ -26,6 +25,7 @@ use crate::subscription::SubscriptionState;
 use crate::url::RelayUrl;
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
+use holdfast_wire::backoff::Backoff;
 use holdfast_wire::codec::CodecError;
 use holdfast_wire::{
     AckOutcome, EncodeError, ErrorCode, ErrorFrame, Frame, GoAway, LinkStatus, Ping, Pong, PubAck,

@@ -28,7 +28,6 @@
 //! ```
 
 mod ack;
-mod backoff;
 mod chain_validation;
 mod client;
 mod command;
@@ -44,11 +43,11 @@ mod subscription;
 mod url;
 
 pub use ack::{Ack, AckFuture, AckStatus};
-pub use backoff::Backoff;
 pub use chain_validation::{ChainBreak, Validated, ValidatedStream, ValidatedSubscriber};
 pub use client::Client;
 pub use error::{Error, Result};
 pub use events::LinkEvent;
+pub use holdfast_wire::backoff::Backoff;
 pub use message::{Message, OutboundMessage, Reply};
 pub use options::{ConnectOptions, OfflinePolicy};
 pub use subscription::Subscriber;

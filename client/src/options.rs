@@ -1,7 +1,7 @@
 //! How a [`Client`](crate::Client) connects and behaves while the relay is away.
 
-use crate::backoff::Backoff;
 use crate::url::{RelayUrl, UrlError};
+use holdfast_wire::backoff::Backoff;
 use std::time::Duration;
 
 /// What publishes do while the client has no connection to the relay.

@@ -20,9 +20,11 @@
 
 use crate::frame::frame_type;
 use crate::{
-    AckOutcome, ErrorCode, ErrorFrame, Frame, GoAway, Headers, Hello, LinkState, LinkStatus,
-    Message, Ping, Pong, PubAck, Publish, Request, Response, ResponseOutcome, Service,
-    StatusRequest, StatusResponse, Subscribe, Text, Unsubscribe, Welcome,
+    AckOutcome, Deregister, ErrorCode, ErrorFrame, Frame, Get, GetOutcome, GetResponse, GoAway,
+    Headers, Hello, KeyValue, LinkState, LinkStatus, Message, Ping, Pong, PubAck, Publish,
+    Register, RegisterAck, RegistrationOutcome, Request, Response, ResponseOutcome, Service,
+    Snapshot, StatusRequest, StatusResponse, Subscribe, Text, Unsubscribe, Unwatch, Watch,
+    WatchEvent, WatchEventKind, Welcome,
 };
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -293,6 +295,11 @@ trait Sink {
         self.raw(bytes);
     }
 
+    fn bytes16(&mut self, field: &'static str, bytes: &[u8]) {
+        self.len16(field, bytes.len());
+        self.raw(bytes);
+    }
+
     fn headers(&mut self, headers: &Headers) {
         self.len16("headers", headers.len());
         for (name, value) in headers.iter() {
@@ -476,6 +483,66 @@ fn write_frame<S: Sink>(frame: &Frame, out: &mut S) {
             out.u64(response.request_id);
             out.bytes32("json", &response.json);
         }
+        Frame::Register(register) => {
+            out.u64(register.request_id);
+            out.bytes16("key", &register.key);
+            out.bytes32("value", &register.value);
+        }
+        Frame::Deregister(deregister) => {
+            out.u64(deregister.request_id);
+            out.bytes16("key", &deregister.key);
+        }
+        Frame::RegisterAck(ack) => {
+            out.u64(ack.request_id);
+            match &ack.outcome {
+                RegistrationOutcome::Applied => out.u8(REGISTRATION_APPLIED),
+                RegistrationOutcome::Buffered => out.u8(REGISTRATION_BUFFERED),
+                RegistrationOutcome::Rejected { code, message } => {
+                    out.u8(REGISTRATION_REJECTED);
+                    out.error_code(*code);
+                    out.str16("message", message);
+                }
+            }
+        }
+        Frame::Get(get) => {
+            out.u64(get.request_id);
+            out.u8(u8::from(get.linearizable));
+            out.bytes16("prefix", &get.prefix);
+        }
+        Frame::GetResponse(response) => {
+            out.u64(response.request_id);
+            match &response.outcome {
+                GetOutcome::Snapshot(snapshot) => {
+                    out.u8(GET_SNAPSHOT);
+                    out.u64(snapshot.revision);
+                    out.u8(u8::from(snapshot.stale));
+                    out.u64(snapshot.age_ms);
+                    out.len32("entries", snapshot.entries.len());
+                    for entry in &snapshot.entries {
+                        out.bytes16("key", &entry.key);
+                        out.bytes32("value", &entry.value);
+                    }
+                }
+                GetOutcome::Failed { code, message } => {
+                    out.u8(GET_FAILED);
+                    out.error_code(*code);
+                    out.str16("message", message);
+                }
+            }
+        }
+        Frame::Watch(watch) => {
+            out.u32(watch.watch_id);
+            out.u8(u8::from(watch.send_initial));
+            out.bytes16("prefix", &watch.prefix);
+        }
+        Frame::Unwatch(unwatch) => out.u32(unwatch.watch_id),
+        Frame::WatchEvent(event) => {
+            out.u32(event.watch_id);
+            out.u64(event.revision);
+            out.u8(watch_event_kind_to_u8(event.kind));
+            out.bytes16("key", &event.key);
+            out.bytes32("value", &event.value);
+        }
     }
 }
 
@@ -486,6 +553,22 @@ const ACK_QUEUED: u8 = 2;
 const ACK_REJECTED: u8 = 3;
 const RESPONSE_REPLY: u8 = 0;
 const RESPONSE_FAILED: u8 = 1;
+const REGISTRATION_APPLIED: u8 = 0;
+const REGISTRATION_BUFFERED: u8 = 1;
+const REGISTRATION_REJECTED: u8 = 2;
+const GET_SNAPSHOT: u8 = 0;
+const GET_FAILED: u8 = 1;
+const WATCH_PUT: u8 = 1;
+const WATCH_DELETE: u8 = 2;
+const WATCH_SYNCED: u8 = 3;
+
+fn watch_event_kind_to_u8(kind: WatchEventKind) -> u8 {
+    match kind {
+        WatchEventKind::Put => WATCH_PUT,
+        WatchEventKind::Delete => WATCH_DELETE,
+        WatchEventKind::Synced => WATCH_SYNCED,
+    }
+}
 
 fn link_status_to_u8(status: LinkStatus) -> u8 {
     match status {
@@ -616,6 +699,69 @@ fn decode_frame(frame: Bytes) -> Result<Frame, DecodeError> {
             request_id: r.u64()?,
             json: r.bytes32()?,
         }),
+        frame_type::REGISTER => Frame::Register(Register {
+            request_id: r.u64()?,
+            key: r.bytes16()?,
+            value: r.bytes32()?,
+        }),
+        frame_type::DEREGISTER => Frame::Deregister(Deregister {
+            request_id: r.u64()?,
+            key: r.bytes16()?,
+        }),
+        frame_type::REGISTER_ACK => {
+            let request_id = r.u64()?;
+            let outcome = match r.u8()? {
+                REGISTRATION_APPLIED => RegistrationOutcome::Applied,
+                REGISTRATION_BUFFERED => RegistrationOutcome::Buffered,
+                REGISTRATION_REJECTED => RegistrationOutcome::Rejected {
+                    code: r.error_code()?,
+                    message: r.str16("message")?,
+                },
+                other => return Err(invalid("outcome", other)),
+            };
+            Frame::RegisterAck(RegisterAck {
+                request_id,
+                outcome,
+            })
+        }
+        frame_type::GET => Frame::Get(Get {
+            request_id: r.u64()?,
+            linearizable: r.flag("linearizable")?,
+            prefix: r.bytes16()?,
+        }),
+        frame_type::GET_RESPONSE => {
+            let request_id = r.u64()?;
+            let outcome = match r.u8()? {
+                GET_SNAPSHOT => GetOutcome::Snapshot(r.snapshot()?),
+                GET_FAILED => GetOutcome::Failed {
+                    code: r.error_code()?,
+                    message: r.str16("message")?,
+                },
+                other => return Err(invalid("outcome", other)),
+            };
+            Frame::GetResponse(GetResponse {
+                request_id,
+                outcome,
+            })
+        }
+        frame_type::WATCH => Frame::Watch(Watch {
+            watch_id: r.u32()?,
+            send_initial: r.flag("send_initial")?,
+            prefix: r.bytes16()?,
+        }),
+        frame_type::UNWATCH => Frame::Unwatch(Unwatch { watch_id: r.u32()? }),
+        frame_type::WATCH_EVENT => Frame::WatchEvent(WatchEvent {
+            watch_id: r.u32()?,
+            revision: r.u64()?,
+            kind: match r.u8()? {
+                WATCH_PUT => WatchEventKind::Put,
+                WATCH_DELETE => WatchEventKind::Delete,
+                WATCH_SYNCED => WatchEventKind::Synced,
+                other => return Err(invalid("kind", other)),
+            },
+            key: r.bytes16()?,
+            value: r.bytes32()?,
+        }),
         other => return Err(DecodeError::UnknownFrameType(other)),
     };
     r.finish()?;
@@ -687,6 +833,42 @@ impl Reader {
         // A length that does not fit in usize cannot fit in the frame either.
         let len = usize::try_from(self.u32()?).unwrap_or(usize::MAX);
         self.take(len)
+    }
+
+    fn bytes16(&mut self) -> Result<Bytes, DecodeError> {
+        let len = usize::from(self.u16()?);
+        self.take(len)
+    }
+
+    /// A `u8` that must be 0 or 1.
+    fn flag(&mut self, field: &'static str) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(invalid(field, other)),
+        }
+    }
+
+    fn snapshot(&mut self) -> Result<Snapshot, DecodeError> {
+        let revision = self.u64()?;
+        let stale = self.flag("stale")?;
+        let age_ms = self.u64()?;
+        let count = usize::try_from(self.u32()?).unwrap_or(usize::MAX);
+        // Each entry takes at least 6 bytes (two empty lengths), so a count
+        // the frame cannot hold must not size the allocation.
+        let mut entries = Vec::with_capacity(count.min(self.buf.len() / 6));
+        for _ in 0..count {
+            entries.push(KeyValue {
+                key: self.bytes16()?,
+                value: self.bytes32()?,
+            });
+        }
+        Ok(Snapshot {
+            revision,
+            stale,
+            age_ms,
+            entries,
+        })
     }
 
     fn headers(&mut self) -> Result<Headers, DecodeError> {
@@ -842,6 +1024,69 @@ mod tests {
                 request_id: 5,
                 json: Bytes::from_static(br#"{"ok":true}"#),
             }),
+            Frame::Register(Register {
+                request_id: 6,
+                key: Bytes::from_static(b"v1/instances/ns/worker/generate/1f"),
+                value: Bytes::from_static(b"{\"port\":9000}"),
+            }),
+            Frame::Deregister(Deregister {
+                request_id: 7,
+                key: Bytes::from_static(b"v1/instances/ns/worker/generate/1f"),
+            }),
+            Frame::RegisterAck(RegisterAck {
+                request_id: 6,
+                outcome: RegistrationOutcome::Buffered,
+            }),
+            Frame::RegisterAck(RegisterAck {
+                request_id: 8,
+                outcome: RegistrationOutcome::Rejected {
+                    code: ErrorCode::LimitExceeded,
+                    message: Text::from("too many"),
+                },
+            }),
+            Frame::Get(Get {
+                request_id: 9,
+                linearizable: true,
+                prefix: Bytes::from_static(b"v1/"),
+            }),
+            Frame::GetResponse(GetResponse {
+                request_id: 9,
+                outcome: GetOutcome::Snapshot(Snapshot {
+                    revision: 41,
+                    stale: true,
+                    age_ms: 1500,
+                    entries: vec![
+                        KeyValue {
+                            key: Bytes::from_static(b"v1/a"),
+                            value: Bytes::from_static(b"1"),
+                        },
+                        KeyValue {
+                            key: Bytes::from_static(b"v1/b"),
+                            value: Bytes::new(),
+                        },
+                    ],
+                }),
+            }),
+            Frame::GetResponse(GetResponse {
+                request_id: 10,
+                outcome: GetOutcome::Failed {
+                    code: ErrorCode::EtcdUnavailable,
+                    message: Text::from("etcd is down"),
+                },
+            }),
+            Frame::Watch(Watch {
+                watch_id: 3,
+                send_initial: true,
+                prefix: Bytes::from_static(b"v1/"),
+            }),
+            Frame::Unwatch(Unwatch { watch_id: 3 }),
+            Frame::WatchEvent(WatchEvent {
+                watch_id: 3,
+                revision: 42,
+                kind: WatchEventKind::Delete,
+                key: Bytes::from_static(b"v1/a"),
+                value: Bytes::new(),
+            }),
         ]
     }
 
@@ -875,7 +1120,7 @@ mod tests {
         let frames = one_of_each();
         let mut types: Vec<u8> = frames.iter().map(Frame::frame_type).collect();
         types.dedup();
-        assert_eq!(types.len(), 16, "one frame per type");
+        assert_eq!(types.len(), 24, "every frame type is covered");
         for frame in frames {
             let buf = encoded(&frame);
             assert_eq!(buf.len(), encoded_len(&frame), "{frame:?}");
@@ -987,7 +1232,7 @@ mod tests {
 
     #[test]
     fn unknown_and_reserved_types_are_rejected() {
-        for ty in [0x00, 0x03, 0x70, 0x7f, 0x80, 0x8f, 0xff] {
+        for ty in [0x00, 0x03, 0x73, 0x7f, 0x85, 0x8f, 0xff] {
             assert_eq!(
                 decode_all(&raw_frame(ty, &[])),
                 Err(DecodeError::UnknownFrameType(ty))
@@ -1126,12 +1371,12 @@ mod tests {
 
     #[test]
     fn body_errors_consume_the_bad_frame() {
-        let mut buf = BytesMut::from(&raw_frame(0x70, &[1, 2, 3])[..]);
+        let mut buf = BytesMut::from(&raw_frame(0x7f, &[1, 2, 3])[..]);
         buf.extend_from_slice(&encoded(&Frame::Pong(Pong { nonce: 2 })));
         let mut decoder = FrameDecoder::new(MAX);
         assert_eq!(
             decoder.decode(&mut buf),
-            Err(DecodeError::UnknownFrameType(0x70))
+            Err(DecodeError::UnknownFrameType(0x7f))
         );
         assert_eq!(
             decoder.decode(&mut buf),

@@ -6,8 +6,9 @@
 use crate::{ErrorCode, Text};
 use bytes::Bytes;
 
-/// Frame type bytes. Ranges `0x70..=0x7F` (registration) and `0x80..=0x8F`
-/// (discovery) are reserved for upcoming frames; a decoder rejects them today.
+/// Frame type bytes. Registration frames live in `0x70..=0x7F`, discovery
+/// frames in `0x80..=0x8F`; unassigned bytes there are rejected like any
+/// other unknown type.
 pub mod frame_type {
     pub const HELLO: u8 = 0x01;
     pub const WELCOME: u8 = 0x02;
@@ -25,10 +26,14 @@ pub mod frame_type {
     pub const LINK_STATE: u8 = 0x52;
     pub const STATUS_REQUEST: u8 = 0x60;
     pub const STATUS_RESPONSE: u8 = 0x61;
-    /// First and last type byte reserved for registration frames.
-    pub const RESERVED_REGISTRATION: std::ops::RangeInclusive<u8> = 0x70..=0x7F;
-    /// First and last type byte reserved for discovery frames.
-    pub const RESERVED_DISCOVERY: std::ops::RangeInclusive<u8> = 0x80..=0x8F;
+    pub const REGISTER: u8 = 0x70;
+    pub const DEREGISTER: u8 = 0x71;
+    pub const REGISTER_ACK: u8 = 0x72;
+    pub const GET: u8 = 0x80;
+    pub const GET_RESPONSE: u8 = 0x81;
+    pub const WATCH: u8 = 0x82;
+    pub const UNWATCH: u8 = 0x83;
+    pub const WATCH_EVENT: u8 = 0x84;
 }
 
 /// One protocol frame.
@@ -50,6 +55,14 @@ pub enum Frame {
     LinkState(LinkState),
     StatusRequest(StatusRequest),
     StatusResponse(StatusResponse),
+    Register(Register),
+    Deregister(Deregister),
+    RegisterAck(RegisterAck),
+    Get(Get),
+    GetResponse(GetResponse),
+    Watch(Watch),
+    Unwatch(Unwatch),
+    WatchEvent(WatchEvent),
 }
 
 impl Frame {
@@ -73,6 +86,14 @@ impl Frame {
             Frame::LinkState(_) => LINK_STATE,
             Frame::StatusRequest(_) => STATUS_REQUEST,
             Frame::StatusResponse(_) => STATUS_RESPONSE,
+            Frame::Register(_) => REGISTER,
+            Frame::Deregister(_) => DEREGISTER,
+            Frame::RegisterAck(_) => REGISTER_ACK,
+            Frame::Get(_) => GET,
+            Frame::GetResponse(_) => GET_RESPONSE,
+            Frame::Watch(_) => WATCH,
+            Frame::Unwatch(_) => UNWATCH,
+            Frame::WatchEvent(_) => WATCH_EVENT,
         }
     }
 }
@@ -293,4 +314,124 @@ pub struct StatusRequest {
 pub struct StatusResponse {
     pub request_id: u64,
     pub json: Bytes,
+}
+
+/// Client → relay: put `key` = `value` in etcd under this session's lease,
+/// for as long as the session lives (a later REGISTER of the same key
+/// updates the value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Register {
+    /// Chosen by the client; the REGISTER_ACK carries it back.
+    pub request_id: u64,
+    pub key: Bytes,
+    pub value: Bytes,
+}
+
+/// Client → relay: remove a key this session registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deregister {
+    pub request_id: u64,
+    pub key: Bytes,
+}
+
+/// Relay → client: what happened to a REGISTER or DEREGISTER.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterAck {
+    pub request_id: u64,
+    pub outcome: RegistrationOutcome,
+}
+
+/// The outcome of a registration change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistrationOutcome {
+    /// etcd holds the change now.
+    Applied,
+    /// etcd is unreachable; the relay holds the change and applies it when
+    /// etcd is back (and rebuilds it if etcd comes back empty).
+    Buffered,
+    /// Not accepted; see the code.
+    Rejected { code: ErrorCode, message: Text },
+}
+
+/// Client → relay: the entries under a key prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Get {
+    pub request_id: u64,
+    /// Ask etcd itself (a linearizable read) instead of the relay's cache;
+    /// fails with `etcd_unavailable` rather than answer stale.
+    pub linearizable: bool,
+    pub prefix: Bytes,
+}
+
+/// Relay → client: the answer to GET.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GetResponse {
+    pub request_id: u64,
+    pub outcome: GetOutcome,
+}
+
+/// A snapshot of a prefix, or why there is none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GetOutcome {
+    Snapshot(Snapshot),
+    Failed { code: ErrorCode, message: Text },
+}
+
+/// The entries under a prefix as of an etcd revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The etcd revision the entries reflect.
+    pub revision: u64,
+    /// The relay could not confirm the entries with etcd just now (etcd
+    /// unreachable, or the prefix's watch not re-established yet).
+    pub stale: bool,
+    /// Milliseconds since etcd last confirmed these entries (0 when fresh).
+    pub age_ms: u64,
+    /// Sorted by key.
+    pub entries: Vec<KeyValue>,
+}
+
+/// One etcd key and its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: Bytes,
+    pub value: Bytes,
+}
+
+/// Client → relay: stream changes under a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    /// Chosen by the client, unique among its live watches.
+    pub watch_id: u32,
+    /// Send the current entries as PUT events, then a SYNCED event, before
+    /// any change.
+    pub send_initial: bool,
+    pub prefix: Bytes,
+}
+
+/// Client → relay: end a watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unwatch {
+    pub watch_id: u32,
+}
+
+/// Relay → client: one change under a watched prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchEvent {
+    pub watch_id: u32,
+    /// The etcd revision of the change (for SYNCED: of the snapshot sent).
+    pub revision: u64,
+    pub kind: WatchEventKind,
+    pub key: Bytes,
+    /// Empty for DELETE and SYNCED.
+    pub value: Bytes,
+}
+
+/// What a watch event says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEventKind {
+    Put,
+    Delete,
+    /// Every entry of the initial snapshot has been sent.
+    Synced,
 }

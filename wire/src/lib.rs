@@ -7,6 +7,7 @@
 //! ([`subject`]). Nothing here does I/O; [`FrameCodec`] adapts the codec to
 //! `tokio_util::codec` for the tasks that do.
 
+pub mod backoff;
 pub mod chain;
 pub mod codec;
 mod error_code;

@@ -163,6 +163,100 @@ fn frame() -> impl Strategy<Value = Frame> {
         (any::<u64>(), payload()).prop_map(|(request_id, json)| {
             Frame::StatusResponse(StatusResponse { request_id, json })
         }),
+        (any::<u64>(), key(), payload()).prop_map(|(request_id, key, value)| {
+            Frame::Register(Register {
+                request_id,
+                key,
+                value,
+            })
+        }),
+        (any::<u64>(), key())
+            .prop_map(|(request_id, key)| Frame::Deregister(Deregister { request_id, key })),
+        (any::<u64>(), registration_outcome()).prop_map(|(request_id, outcome)| {
+            Frame::RegisterAck(RegisterAck {
+                request_id,
+                outcome,
+            })
+        }),
+        (any::<u64>(), any::<bool>(), key()).prop_map(|(request_id, linearizable, prefix)| {
+            Frame::Get(Get {
+                request_id,
+                linearizable,
+                prefix,
+            })
+        }),
+        (any::<u64>(), get_outcome()).prop_map(|(request_id, outcome)| {
+            Frame::GetResponse(GetResponse {
+                request_id,
+                outcome,
+            })
+        }),
+        (any::<u32>(), any::<bool>(), key()).prop_map(|(watch_id, send_initial, prefix)| {
+            Frame::Watch(Watch {
+                watch_id,
+                send_initial,
+                prefix,
+            })
+        }),
+        any::<u32>().prop_map(|watch_id| Frame::Unwatch(Unwatch { watch_id })),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            watch_event_kind(),
+            key(),
+            payload()
+        )
+            .prop_map(|(watch_id, revision, kind, key, value)| Frame::WatchEvent(
+                WatchEvent {
+                    watch_id,
+                    revision,
+                    kind,
+                    key,
+                    value,
+                }
+            )),
+    ]
+}
+
+fn key() -> impl Strategy<Value = Bytes> {
+    proptest::collection::vec(any::<u8>(), 0..48).prop_map(Bytes::from)
+}
+
+fn registration_outcome() -> impl Strategy<Value = RegistrationOutcome> {
+    prop_oneof![
+        Just(RegistrationOutcome::Applied),
+        Just(RegistrationOutcome::Buffered),
+        (code(), text())
+            .prop_map(|(code, message)| RegistrationOutcome::Rejected { code, message }),
+    ]
+}
+
+fn get_outcome() -> impl Strategy<Value = GetOutcome> {
+    let entry = (key(), payload()).prop_map(|(key, value)| KeyValue { key, value });
+    prop_oneof![
+        (
+            any::<u64>(),
+            any::<bool>(),
+            any::<u64>(),
+            proptest::collection::vec(entry, 0..6)
+        )
+            .prop_map(|(revision, stale, age_ms, entries)| {
+                GetOutcome::Snapshot(Snapshot {
+                    revision,
+                    stale,
+                    age_ms,
+                    entries,
+                })
+            }),
+        (code(), text()).prop_map(|(code, message)| GetOutcome::Failed { code, message }),
+    ]
+}
+
+fn watch_event_kind() -> impl Strategy<Value = WatchEventKind> {
+    prop_oneof![
+        Just(WatchEventKind::Put),
+        Just(WatchEventKind::Delete),
+        Just(WatchEventKind::Synced),
     ]
 }
 

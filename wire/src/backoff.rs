@@ -1,5 +1,8 @@
 //! Reconnect delays: exponential growth to a cap, with jitter.
 //!
+//! Shared by the client (reconnecting to the relay) and the relay
+//! (reconnecting to etcd), so both spread their retries the same way.
+//!
 //! Jitter keeps the clients of a restarted relay from reconnecting in
 //! lockstep. The randomness comes from std's per-process random hash keys
 //! mixed with the clock and a counter, which is plenty for spreading retries
@@ -75,7 +78,7 @@ impl Backoff {
 }
 
 /// A fresh pseudo-random `u64` for jitter.
-pub(crate) fn jitter_source() -> u64 {
+pub fn jitter_source() -> u64 {
     static CALLS: AtomicU64 = AtomicU64::new(0);
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
