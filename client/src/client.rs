@@ -6,23 +6,26 @@
 
 use crate::ack::{Ack, AckFuture};
 use crate::command::{
-    AckWaiter, Command, NewSubscription, OutgoingPublish, COMMAND_QUEUE_CAPACITY,
+    AckWaiter, Command, NewSubscription, NewWatch, OutgoingPublish, COMMAND_QUEUE_CAPACITY,
 };
 use crate::connection::{Connection, ConnectionChannels};
+use crate::discovery::Snapshot;
 use crate::error::{Error, Result};
 use crate::events::LinkEvent;
 use crate::message::{OutboundMessage, Reply};
 use crate::options::{ConnectOptions, OfflinePolicy};
+use crate::registration::RegistrationStatus;
 use crate::session;
 use crate::shared::{SharedState, UpstreamLinks};
 use crate::subscription::{Subscriber, SubscriptionState};
 use crate::url::RelayUrl;
+use crate::watcher::{WatchState, Watcher};
 use bytes::Bytes;
 use holdfast_wire::codec::encoded_len;
 use holdfast_wire::subject::{
     validate_publish_subject, validate_queue_group, validate_subscribe_subject,
 };
-use holdfast_wire::{Frame, Headers, LinkStatus, Publish, Request, Text};
+use holdfast_wire::{Frame, Headers, LinkStatus, Publish, Register, Request, Text};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -283,6 +286,137 @@ impl Client {
     }
 
     // ----------------------------------------------------------------------
+    // Registrations.
+
+    /// Registers `key` = `value` in etcd through the relay, for as long as
+    /// this client lives (a later `register` of the same key updates the value).
+    ///
+    /// The relay puts the key under a lease it owns for this client's
+    /// session, so the key leaves etcd within about a second of the process
+    /// dying or hanging. Registrations are desired state kept by the client:
+    /// after a reconnect to the relay every live one is registered again,
+    /// with its current value, before anything else is sent.
+    ///
+    /// Returns [`RegistrationStatus::Applied`] once etcd holds it, or
+    /// [`RegistrationStatus::Buffered`] when etcd (relay answer) or the relay
+    /// (at once, without waiting) is unreachable; either way nothing more
+    /// needs to be done. A refusal is [`Error::Relay`] with the relay's code,
+    /// and the key is then not kept. [`Error::Timeout`] means the relay did
+    /// not answer in time; the registration stays desired state.
+    pub async fn register(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> Result<RegistrationStatus> {
+        let key = key.into();
+        let value = value.into();
+        validate_key(&key)?;
+        // Checked here, before it becomes desired state that every
+        // reconnect would try (and fail) to send again.
+        self.check_frame_size(&Frame::Register(Register {
+            request_id: 0,
+            key: key.clone(),
+            value: value.clone(),
+        }))?;
+        self.ensure_open()?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Register { key, value, reply }).await?;
+        self.await_answer(answer).await
+    }
+
+    /// Removes a key this client registered. Outcomes as for
+    /// [`Client::register`]; while the relay is unreachable the key is
+    /// simply forgotten (the relay already dropped it with the old session).
+    pub async fn deregister(&self, key: impl Into<Bytes>) -> Result<RegistrationStatus> {
+        let key = key.into();
+        validate_key(&key)?;
+        self.ensure_open()?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Deregister { key, reply }).await?;
+        self.await_answer(answer).await
+    }
+
+    // ----------------------------------------------------------------------
+    // Discovery.
+
+    /// The entries under `prefix` (empty: all keys), answered from the
+    /// relay's cache of etcd.
+    ///
+    /// The answer carries the etcd revision, and whether the relay could not
+    /// confirm it with etcd just now (`stale`, with its `age`): during an
+    /// etcd outage this keeps answering with the last known entries. Fails
+    /// at once with [`Error::RelayUnavailable`] while the relay is unreachable.
+    pub async fn get(&self, prefix: impl Into<Bytes>) -> Result<Snapshot> {
+        self.get_inner(prefix.into(), false).await
+    }
+
+    /// Like [`Client::get`], but read from etcd itself: never stale, and an
+    /// [`Error::Relay`] with [`ErrorCode::EtcdUnavailable`] (retryable)
+    /// while etcd is unreachable.
+    ///
+    /// [`ErrorCode::EtcdUnavailable`]: crate::ErrorCode::EtcdUnavailable
+    pub async fn get_linearizable(&self, prefix: impl Into<Bytes>) -> Result<Snapshot> {
+        self.get_inner(prefix.into(), true).await
+    }
+
+    async fn get_inner(&self, prefix: Bytes, linearizable: bool) -> Result<Snapshot> {
+        validate_prefix(&prefix)?;
+        self.ensure_connected()?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Get {
+            linearizable,
+            prefix,
+            reply,
+        })
+        .await?;
+        self.await_answer(answer).await
+    }
+
+    /// Watches the keys under `prefix` (empty: all keys): the [`Watcher`]
+    /// yields the current entries as `Put`s, then `Synced`, then every change.
+    ///
+    /// Like a subscription, a watch is desired state: it is re-established
+    /// after a reconnect, replaying the current entries (see [`Watcher`] for
+    /// how the stream stays convergent). While connected, returns after the
+    /// relay accepted the watch (an error it reports is returned instead);
+    /// while the relay is unreachable, returns at once.
+    pub async fn watch(&self, prefix: impl Into<Bytes>) -> Result<Watcher> {
+        let prefix = prefix.into();
+        validate_prefix(&prefix)?;
+        self.ensure_open()?;
+        // Same counter as subscription ids: an ERROR's reference then names
+        // either a subscription or a watch, never both.
+        let id = self.inner.shared.next_sid();
+        let (sender, receiver) = mpsc::channel(self.inner.subscription_capacity);
+        let state = Arc::new(WatchState::default());
+        let (confirmed, confirmation) = oneshot::channel();
+        self.send(Command::Watch {
+            watch: NewWatch {
+                id,
+                prefix: prefix.clone(),
+                sender,
+                state: Arc::clone(&state),
+            },
+            confirmed,
+        })
+        .await?;
+        // Built before waiting so that a cancelled `watch` unwatches through
+        // the watcher's drop.
+        let watcher = Watcher::new(id, prefix, receiver, state, self.inner.commands.clone());
+        match confirmation.await {
+            Ok(Ok(())) => Ok(watcher),
+            Ok(Err(error)) => {
+                watcher.forget();
+                Err(error)
+            }
+            Err(_) => {
+                watcher.forget();
+                Err(Error::Closed)
+            }
+        }
+    }
+
+    // ----------------------------------------------------------------------
     // Requests, barriers, status.
 
     /// Sends a request and waits for one reply, with the default timeout.
@@ -351,11 +485,7 @@ impl Client {
         self.ensure_connected()?;
         let (reply, answer) = oneshot::channel();
         self.send(Command::Status { reply }).await?;
-        let json = match tokio::time::timeout(self.inner.request_timeout, answer).await {
-            Ok(Ok(result)) => result?,
-            Ok(Err(_)) => return Err(Error::Closed),
-            Err(_) => return Err(Error::Timeout),
-        };
+        let json = self.await_answer(answer).await?;
         serde_json::from_slice(&json).map_err(Error::InvalidStatus)
     }
 
@@ -384,10 +514,13 @@ impl Client {
         self.inner.shared.is_relay_connected()
     }
 
-    /// The identity the relay gave this process, kept across reconnects;
-    /// `None` before the first WELCOME.
-    pub fn instance_id(&self) -> Option<u64> {
-        Some(self.inner.shared.instance_id()).filter(|id| *id != 0)
+    /// The identity the relay gave this process: kept across reconnects
+    /// (sent back in every HELLO), so the relay and etcd see one instance
+    /// however often the connection drops. 0 until the first WELCOME, which
+    /// [`Client::connect_with`] waits for unless
+    /// [`ConnectOptions::retry_initial_connect`] is set.
+    pub fn instance_id(&self) -> u64 {
+        self.inner.shared.instance_id()
     }
 
     /// Fire-and-forget publishes dropped inside the client (each also logged):
@@ -417,6 +550,15 @@ impl Client {
 
     // ----------------------------------------------------------------------
 
+    /// Waits for the connection task's answer, at most the request timeout.
+    async fn await_answer<T>(&self, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.inner.request_timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
     async fn send(&self, command: Command) -> Result<()> {
         self.inner
             .commands
@@ -439,4 +581,24 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// Keys must be non-empty (etcd refuses empty keys) and fit a `bytes16`.
+fn validate_key(key: &Bytes) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::InvalidKey {
+            reason: "a key must not be empty",
+        });
+    }
+    validate_prefix(key)
+}
+
+/// Prefixes (and keys) travel as `bytes16`; an empty prefix means all keys.
+fn validate_prefix(prefix: &Bytes) -> Result<()> {
+    if prefix.len() > usize::from(u16::MAX) {
+        return Err(Error::InvalidKey {
+            reason: "keys and prefixes are at most 65535 bytes",
+        });
+    }
+    Ok(())
 }

@@ -1,9 +1,12 @@
 //! What handles ask of the connection task.
 
 use crate::ack::Ack;
+use crate::discovery::Snapshot;
 use crate::error::Result;
 use crate::message::{Message, Reply};
+use crate::registration::RegistrationWaiter;
 use crate::subscription::SubscriptionState;
+use crate::watcher::{WatchEvent, WatchState};
 use bytes::Bytes;
 use holdfast_wire::{Frame, Text};
 use std::sync::Arc;
@@ -37,6 +40,31 @@ pub(crate) enum Command {
     Status {
         reply: oneshot::Sender<Result<Bytes>>,
     },
+    /// Desired state: answered with the relay's ack, or `Buffered` at once
+    /// while disconnected.
+    Register {
+        key: Bytes,
+        value: Bytes,
+        reply: RegistrationWaiter,
+    },
+    Deregister {
+        key: Bytes,
+        reply: RegistrationWaiter,
+    },
+    Get {
+        linearizable: bool,
+        prefix: Bytes,
+        reply: oneshot::Sender<Result<Snapshot>>,
+    },
+    Watch {
+        watch: NewWatch,
+        /// Answered like `Subscribe::confirmed`.
+        confirmed: oneshot::Sender<Result<()>>,
+    },
+    Unwatch {
+        id: u32,
+        done: Option<oneshot::Sender<()>>,
+    },
     Close {
         done: oneshot::Sender<()>,
     },
@@ -67,4 +95,12 @@ pub(crate) struct NewSubscription {
     pub(crate) queue_group: Option<Text>,
     pub(crate) sender: mpsc::Sender<Message>,
     pub(crate) state: Arc<SubscriptionState>,
+}
+
+pub(crate) struct NewWatch {
+    /// From the subscription id counter, so ERROR references stay unambiguous.
+    pub(crate) id: u32,
+    pub(crate) prefix: Bytes,
+    pub(crate) sender: mpsc::Sender<WatchEvent>,
+    pub(crate) state: Arc<WatchState>,
 }

@@ -2,34 +2,40 @@
 //! client's desired state.
 //!
 //! Handles talk to it through a bounded command queue. It keeps what must
-//! survive a relay restart (live subscriptions, the offline buffer, the
-//! instance id) and what belongs to one connection (pending acks, requests,
-//! pings). On connection loss it fails the operations whose outcome is now
-//! unknown, reconnects with backoff, re-sends every live subscription and
-//! then the publishes buffered meanwhile, in order.
+//! survive a relay restart (registrations, watches, live subscriptions, the
+//! offline buffer, the instance id) and what belongs to one connection
+//! (pending acks, requests, gets, pings). On connection loss it fails the
+//! operations whose outcome is now unknown, reconnects with backoff, and
+//! re-sends on the new session, in this order: every live registration
+//! (so the process is discoverable again before anything else happens),
+//! every watch, every subscription, then the publishes buffered meanwhile.
 //!
 //! The hot path batches: all ready commands are encoded into one buffer that
 //! goes out in as few writes as the socket allows, and one read decodes as
 //! many frames as it brought in.
 
 use crate::ack::{Ack, AckStatus};
-use crate::command::{Command, NewSubscription, OutgoingPublish};
+use crate::command::{Command, NewSubscription, NewWatch, OutgoingPublish};
+use crate::discovery::Snapshot;
 use crate::error::{Error, Result};
 use crate::events::LinkEvent;
 use crate::message::{Message, Reply};
 use crate::offline_buffer::{OfflineBuffer, Refused};
 use crate::options::ConnectOptions;
+use crate::registration::{AckRouting, RegistrationStatus, RegistrationWaiter, Registrations};
 use crate::session::{self, FrameReader, Session};
 use crate::shared::{SharedState, UpstreamLinks};
 use crate::subscription::SubscriptionState;
 use crate::url::RelayUrl;
+use crate::watches::Watches;
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
 use holdfast_wire::backoff::Backoff;
 use holdfast_wire::codec::CodecError;
 use holdfast_wire::{
-    AckOutcome, EncodeError, ErrorCode, ErrorFrame, Frame, GoAway, LinkStatus, Ping, Pong, PubAck,
-    Response, ResponseOutcome, Service, Subscribe, Text, Unsubscribe, Welcome,
+    AckOutcome, EncodeError, ErrorCode, ErrorFrame, Frame, Get, GetOutcome, GetResponse, GoAway,
+    LinkStatus, Ping, Pong, PubAck, Response, ResponseOutcome, Service, Subscribe, Text,
+    Unsubscribe, Welcome,
 };
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -72,6 +78,8 @@ pub(crate) struct Connection {
     backoff: Backoff,
 
     // Desired state, kept across connections.
+    registrations: Registrations,
+    watches: Watches,
     subscriptions: HashMap<u32, LiveSubscription>,
     offline: OfflineBuffer<OutgoingPublish>,
 
@@ -79,10 +87,13 @@ pub(crate) struct Connection {
     pending_acks: HashMap<u64, oneshot::Sender<Result<Ack>>>,
     pending_requests: HashMap<u64, oneshot::Sender<Result<Reply>>>,
     pending_statuses: HashMap<u64, oneshot::Sender<Result<Bytes>>>,
+    pending_gets: HashMap<u64, oneshot::Sender<Result<Snapshot>>>,
     /// In the order sent; the relay answers pings in order.
     pending_pings: VecDeque<PendingPing>,
     /// Subscribers waiting for the PONG behind their SUBSCRIBE.
     unconfirmed_subscriptions: HashMap<u32, oneshot::Sender<Result<()>>>,
+    /// Watchers waiting for the PONG behind their WATCH.
+    unconfirmed_watches: HashMap<u32, oneshot::Sender<Result<()>>>,
 
     next_status_id: u64,
     next_ping_nonce: u64,
@@ -109,6 +120,8 @@ enum PingPurpose {
     Flush(oneshot::Sender<Result<()>>),
     /// The barrier behind a SUBSCRIBE: its PONG means the relay accepted it.
     ConfirmSubscription(u32),
+    /// The barrier behind a WATCH, likewise.
+    ConfirmWatch(u32),
 }
 
 /// A session whose WELCOME has been handled, ready to be driven.
@@ -170,13 +183,17 @@ impl Connection {
             events: channels.events,
             upstream: channels.upstream,
             backoff: options.backoff(),
+            registrations: Registrations::default(),
+            watches: Watches::default(),
             subscriptions: HashMap::new(),
             offline: OfflineBuffer::new(options.offline_policy),
             pending_acks: HashMap::new(),
             pending_requests: HashMap::new(),
             pending_statuses: HashMap::new(),
+            pending_gets: HashMap::new(),
             pending_pings: VecDeque::new(),
             unconfirmed_subscriptions: HashMap::new(),
+            unconfirmed_watches: HashMap::new(),
             next_status_id: 1,
             next_ping_nonce: 1,
             close_requested: None,
@@ -332,9 +349,12 @@ impl Connection {
                     if let Some(overdue) = self.pong_overdue() {
                         return SessionEnd::Lost(format!("no PONG from the relay for {overdue:?}"));
                     }
-                    if self.pending_pings.is_empty() {
-                        self.send_ping(&mut outbox, PingPurpose::Keepalive);
-                    }
+                    // Every tick, even with a PING outstanding: the relay
+                    // ends a session it hears nothing from within its
+                    // liveness timeout (which takes registrations out of
+                    // etcd), and a barrier PING it is holding must not make
+                    // the client fall silent.
+                    self.send_ping(&mut outbox, PingPurpose::Keepalive);
                     self.sweep_abandoned(Some(&mut outbox));
                 }
             }
@@ -435,6 +455,34 @@ impl Connection {
         self.shared.set_instance_id(instance_id);
         self.shared.set_max_frame_bytes(max_frame_bytes);
 
+        // A new session holds none of this process's keys (the relay
+        // removed them with the old session): registrations go first, so
+        // the process is discoverable again before anything that relies on it.
+        let shared = Arc::clone(&self.shared);
+        for frame in self.registrations.replay(|| shared.next_request_id()) {
+            match outbox.push(&frame) {
+                Ok(()) => self.registrations.sent(&frame, None),
+                Err(error) => {
+                    if let Frame::Register(register) = &frame {
+                        warn!(key = %String::from_utf8_lossy(&register.key), %error, "cannot re-register after reconnect; dropping the registration");
+                        self.registrations.abandon(&register.key);
+                    }
+                }
+            }
+        }
+
+        // Then watches, each replaying its prefix's entries.
+        for frame in self.watches.replay() {
+            if let Err(error) = outbox.push(&frame) {
+                if let Frame::Watch(watch) = &frame {
+                    warn!(watch_id = watch.watch_id, %error, "cannot re-watch after reconnect; ending the watch");
+                    if let Some(id) = self.watches.id_for_wire_id(watch.watch_id) {
+                        self.watches.terminate(id, too_large(error));
+                    }
+                }
+            }
+        }
+
         // A new connection starts with no subscriptions on the relay:
         // re-register every live one under its old sid.
         self.subscriptions
@@ -467,7 +515,7 @@ impl Connection {
 
         self.shared.set_relay_connected(true);
         self.backoff.reset();
-        info!(relay_id = %relay_id, session_id, instance_id, subscriptions = self.subscriptions.len(), replayed, "connected to the holdfast relay");
+        info!(relay_id = %relay_id, session_id, instance_id, registrations = self.registrations.len(), watches = self.watches.len(), subscriptions = self.subscriptions.len(), replayed, "connected to the holdfast relay");
         let _ = self.events.send(LinkEvent::RelayConnected {
             relay_id: relay_id.to_string(),
             session_id,
@@ -489,6 +537,12 @@ impl Connection {
         for (_, waiter) in self.pending_statuses.drain() {
             let _ = waiter.send(Err(Error::ConnectionLost));
         }
+        for (_, waiter) in self.pending_gets.drain() {
+            let _ = waiter.send(Err(Error::ConnectionLost));
+        }
+        // Unlike a publish, a registration change in flight is not lost:
+        // it is desired state and goes out again on the next session.
+        self.registrations.on_connection_lost();
         for ping in std::mem::take(&mut self.pending_pings) {
             if let PingPurpose::Flush(done) = ping.purpose {
                 let _ = done.send(Err(Error::ConnectionLost));
@@ -498,6 +552,10 @@ impl Connection {
         // told so and gets no subscriber, so none is re-sent either.
         for (sid, waiter) in self.unconfirmed_subscriptions.drain() {
             self.subscriptions.remove(&sid);
+            let _ = waiter.send(Err(Error::ConnectionLost));
+        }
+        for (id, waiter) in self.unconfirmed_watches.drain() {
+            self.watches.forget(id);
             let _ = waiter.send(Err(Error::ConnectionLost));
         }
         let _ = self.events.send(LinkEvent::RelayLost { reason });
@@ -522,6 +580,10 @@ impl Connection {
         for (_, waiter) in self.pending_statuses.drain() {
             let _ = waiter.send(Err(Error::Closed));
         }
+        for (_, waiter) in self.pending_gets.drain() {
+            let _ = waiter.send(Err(Error::Closed));
+        }
+        self.registrations.on_close();
         for ping in std::mem::take(&mut self.pending_pings) {
             if let PingPurpose::Flush(done) = ping.purpose {
                 let _ = done.send(Err(Error::Closed));
@@ -530,6 +592,10 @@ impl Connection {
         for (_, waiter) in self.unconfirmed_subscriptions.drain() {
             let _ = waiter.send(Err(Error::Closed));
         }
+        for (_, waiter) in self.unconfirmed_watches.drain() {
+            let _ = waiter.send(Err(Error::Closed));
+        }
+        self.watches.terminate_all(|| Error::Closed);
         let abandoned = self.offline.take_all();
         if !abandoned.is_empty() {
             warn!(
@@ -565,10 +631,19 @@ impl Connection {
             Command::Status { reply } => {
                 let _ = reply.send(Err(Error::Closed));
             }
-            Command::Unsubscribe { done, .. } => {
+            Command::Unsubscribe { done, .. } | Command::Unwatch { done, .. } => {
                 if let Some(done) = done {
                     let _ = done.send(());
                 }
+            }
+            Command::Register { reply, .. } | Command::Deregister { reply, .. } => {
+                let _ = reply.send(Err(Error::Closed));
+            }
+            Command::Get { reply, .. } => {
+                let _ = reply.send(Err(Error::Closed));
+            }
+            Command::Watch { confirmed, .. } => {
+                let _ = confirmed.send(Err(Error::Closed));
             }
             Command::Close { done } => {
                 let _ = done.send(());
@@ -641,12 +716,106 @@ impl Connection {
                     }
                 }
             }
+            Command::Register { key, value, reply } => {
+                let request_id = self.shared.next_request_id();
+                let frame = self.registrations.register(request_id, key, value);
+                self.send_registration_change(frame, reply, outbox);
+            }
+            Command::Deregister { key, reply } => {
+                let request_id = self.shared.next_request_id();
+                let frame = self.registrations.deregister(request_id, key);
+                self.send_registration_change(frame, reply, outbox);
+            }
+            Command::Get {
+                linearizable,
+                prefix,
+                reply,
+            } => {
+                let Some(outbox) = outbox else {
+                    let _ = reply.send(Err(Error::RelayUnavailable));
+                    return Flow::Continue;
+                };
+                let request_id = self.shared.next_request_id();
+                let frame = Frame::Get(Get {
+                    request_id,
+                    linearizable,
+                    prefix,
+                });
+                match outbox.push(&frame) {
+                    Ok(()) => {
+                        self.pending_gets.insert(request_id, reply);
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(too_large(error)));
+                    }
+                }
+            }
+            Command::Watch { watch, confirmed } => self.watch(watch, confirmed, outbox),
+            Command::Unwatch { id, done } => {
+                self.unconfirmed_watches.remove(&id);
+                if let Some(unwatch) = self.watches.remove(id) {
+                    if let Some(outbox) = outbox {
+                        let _ = outbox.push(&unwatch);
+                    }
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
             Command::Close { done } => {
                 self.close_requested = Some(done);
                 return Flow::Close;
             }
         }
         Flow::Continue
+    }
+
+    /// Sends a REGISTER or DEREGISTER whose desired state is already
+    /// recorded; offline, the caller learns at once that it is buffered.
+    fn send_registration_change(
+        &mut self,
+        frame: Frame,
+        reply: RegistrationWaiter,
+        outbox: Option<&mut Outbox>,
+    ) {
+        let Some(outbox) = outbox else {
+            let _ = reply.send(Ok(RegistrationStatus::Buffered));
+            return;
+        };
+        match outbox.push(&frame) {
+            Ok(()) => self.registrations.sent(&frame, Some(reply)),
+            Err(error) => {
+                if let Frame::Register(register) = &frame {
+                    self.registrations.abandon(&register.key);
+                }
+                let _ = reply.send(Err(too_large(error)));
+            }
+        }
+    }
+
+    fn watch(
+        &mut self,
+        watch: NewWatch,
+        confirmed: oneshot::Sender<Result<()>>,
+        outbox: Option<&mut Outbox>,
+    ) {
+        let id = watch.id;
+        let frame = self.watches.insert(watch);
+        let Some(outbox) = outbox else {
+            // Desired state: it is sent with the others on the next WELCOME.
+            let _ = confirmed.send(Ok(()));
+            return;
+        };
+        match outbox.push(&frame) {
+            Ok(()) => {
+                self.unconfirmed_watches.insert(id, confirmed);
+                self.send_ping(outbox, PingPurpose::ConfirmWatch(id));
+            }
+            Err(error) => {
+                self.watches.forget(id);
+                let _ = confirmed.send(Err(too_large(error)));
+            }
+        }
     }
 
     fn write_publish(&mut self, mut publish: OutgoingPublish, outbox: &mut Outbox) {
@@ -782,6 +951,14 @@ impl Connection {
                     let _ = waiter.send(result);
                 }
             }
+            PingPurpose::ConfirmWatch(id) => {
+                if let Some(waiter) = self.unconfirmed_watches.remove(&id) {
+                    if result.is_err() {
+                        self.watches.forget(id);
+                    }
+                    let _ = waiter.send(result);
+                }
+            }
         }
     }
 
@@ -794,12 +971,28 @@ impl Connection {
 
     /// Forgets waiters whose handles gave up (timed out or dropped), so an
     /// unanswered relay cannot grow these maps without bound.
-    fn sweep_abandoned(&mut self, outbox: Option<&mut Outbox>) {
+    /// Also resyncs watchers that dropped events and have caught up since.
+    fn sweep_abandoned(&mut self, mut outbox: Option<&mut Outbox>) {
         self.pending_requests
             .retain(|_, waiter| !waiter.is_closed());
         self.pending_statuses
             .retain(|_, waiter| !waiter.is_closed());
+        self.pending_gets.retain(|_, waiter| !waiter.is_closed());
         self.pending_acks.retain(|_, waiter| !waiter.is_closed());
+        self.registrations.sweep_abandoned();
+        let unconfirmed = &self.unconfirmed_watches;
+        let unwatches = self
+            .watches
+            .sweep_abandoned(|id| unconfirmed.contains_key(&id));
+        if let Some(outbox) = outbox.as_deref_mut() {
+            for unwatch in unwatches {
+                let _ = outbox.push(&unwatch);
+            }
+            let shared = Arc::clone(&self.shared);
+            for frame in self.watches.resync_caught_up(|| shared.next_sid()) {
+                let _ = outbox.push(&frame);
+            }
+        }
         let abandoned: Vec<u32> = self
             .subscriptions
             .iter()
@@ -840,6 +1033,24 @@ impl Connection {
                     let _ = waiter.send(Ok(status.json));
                 }
             }
+            Frame::RegisterAck(ack) => {
+                if let AckRouting::UnclaimedRejection { key, code, message } =
+                    self.registrations.on_ack(ack.request_id, ack.outcome)
+                {
+                    let key = String::from_utf8_lossy(&key);
+                    warn!(%key, %code, %message, "relay refused a registration; it is no longer kept");
+                    let _ = self.events.send(LinkEvent::RelayError {
+                        code,
+                        message: format!("registration of {key} refused: {message}"),
+                    });
+                }
+            }
+            Frame::GetResponse(response) => self.on_get_response(response),
+            Frame::WatchEvent(event) => {
+                if let Some(unwatch) = self.watches.deliver(event) {
+                    let _ = outbox.push(&unwatch);
+                }
+            }
             Frame::GoAway(GoAway { code, message }) => {
                 return Err(format!("relay sent GO_AWAY {code}: {message}"));
             }
@@ -849,7 +1060,12 @@ impl Connection {
             | Frame::Subscribe(_)
             | Frame::Unsubscribe(_)
             | Frame::Request(_)
-            | Frame::StatusRequest(_)) => {
+            | Frame::StatusRequest(_)
+            | Frame::Register(_)
+            | Frame::Deregister(_)
+            | Frame::Get(_)
+            | Frame::Watch(_)
+            | Frame::Unwatch(_)) => {
                 warn!(
                     frame_type = other.frame_type(),
                     "relay sent a frame only clients send; ignoring it"
@@ -922,6 +1138,17 @@ impl Connection {
         let _ = waiter.send(result);
     }
 
+    fn on_get_response(&mut self, response: GetResponse) {
+        let Some(waiter) = self.pending_gets.remove(&response.request_id) else {
+            return;
+        };
+        let result = match response.outcome {
+            GetOutcome::Snapshot(snapshot) => Ok(Snapshot::from(snapshot)),
+            GetOutcome::Failed { code, message } => Err(Error::relay(code, message.as_str())),
+        };
+        let _ = waiter.send(result);
+    }
+
     fn on_pong(&mut self, nonce: u64) {
         if !self.pending_pings.iter().any(|ping| ping.nonce == nonce) {
             debug!(nonce, "PONG for no pending PING");
@@ -962,6 +1189,24 @@ impl Connection {
                         .state
                         .terminate(Error::relay(code, message.as_str()));
                 }
+                return;
+            }
+            // Watch ids share the subscription id counter, so a reference
+            // that is no subscription's may be a watch's.
+            if let Some(id) = self.watches.id_for_wire_id(sid) {
+                if let Some(waiter) = self.unconfirmed_watches.remove(&id) {
+                    self.watches.forget(id);
+                    let _ = waiter.send(Err(Error::relay(code, message.as_str())));
+                    return;
+                }
+                let prefix = self
+                    .watches
+                    .prefix(id)
+                    .map(|prefix| String::from_utf8_lossy(prefix).into_owned())
+                    .unwrap_or_default();
+                warn!(watch_id = id, %prefix, %code, %message, "relay ended the watch");
+                self.watches
+                    .terminate(id, Error::relay(code, message.as_str()));
                 return;
             }
         }

@@ -37,6 +37,9 @@ pub enum Error {
     Timeout,
     #[error("invalid subject: {0}")]
     InvalidSubject(#[from] SubjectError),
+    /// A registration key or discovery prefix the relay would refuse.
+    #[error("invalid key: {reason}")]
+    InvalidKey { reason: &'static str },
     /// The message would not fit in one frame the relay accepts.
     #[error("message of {size} bytes exceeds the relay's frame limit of {max} bytes")]
     MessageTooLarge { size: usize, max: u32 },
@@ -85,6 +88,7 @@ impl Error {
             | Error::Timeout
             | Error::Io(_) => true,
             Error::InvalidSubject(_)
+            | Error::InvalidKey { .. }
             | Error::MessageTooLarge { .. }
             | Error::UnsupportedTransport { .. }
             | Error::Url(_)
@@ -104,6 +108,7 @@ impl Error {
             Error::BufferFull => "buffer_full",
             Error::Timeout => "timeout",
             Error::InvalidSubject(_) => "invalid_subject",
+            Error::InvalidKey { .. } => "invalid_key",
             Error::MessageTooLarge { .. } => "frame_too_large",
             Error::UnsupportedTransport { .. } => "unsupported_transport",
             Error::Url(_) => "invalid_url",
@@ -154,6 +159,7 @@ mod tests {
         assert!(Error::Timeout.is_retryable());
         assert!(!Error::Closed.is_retryable());
         assert!(!Error::InvalidSubject(SubjectError::Empty).is_retryable());
+        assert!(!Error::InvalidKey { reason: "empty" }.is_retryable());
         assert!(!Error::UnsupportedTransport { scheme: "quic" }.is_retryable());
         assert_eq!(Error::Timeout.code(), Some(ErrorCode::Timeout));
         assert_eq!(Error::BufferFull.code(), None);

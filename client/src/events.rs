@@ -8,12 +8,13 @@ use holdfast_wire::{ErrorCode, LinkStatus, Service};
 #[non_exhaustive]
 pub enum LinkEvent {
     /// A session with the relay started (first connect or reconnect);
-    /// live subscriptions and buffered publishes have been sent on it.
+    /// live registrations, watches, subscriptions and buffered publishes
+    /// have been sent on it.
     RelayConnected { relay_id: String, session_id: u64 },
     /// The session with the relay ended; the client is reconnecting.
     RelayLost { reason: String },
-    /// The relay's link to an upstream service changed. Becomes
-    /// [`LinkStatus::Unknown`] while the relay itself is unreachable.
+    /// The relay's link to an upstream service (NATS or etcd) changed.
+    /// Becomes [`LinkStatus::Unknown`] while the relay itself is unreachable.
     Upstream {
         service: Service,
         status: LinkStatus,

@@ -2,11 +2,15 @@
 //!
 //! A [`Client`] is a cheap, clonable handle onto one connection to the relay
 //! (a Unix socket today). One background task owns the socket and all the
-//! state that must survive the relay restarting: live subscriptions, publishes
-//! buffered while the relay is unreachable, and the process's instance id.
-//! When the relay goes away the task reconnects with backoff, re-registers
-//! every live subscription and replays the buffered publishes in order, so a
-//! component sees a relay restart as delay, not as loss.
+//! state that must survive the relay restarting: registrations, watches,
+//! live subscriptions, publishes buffered while the relay is unreachable,
+//! and the process's instance id. When the relay goes away the task
+//! reconnects with backoff (keeping the instance id), registers every live
+//! key again, re-establishes watches and subscriptions and replays the
+//! buffered publishes in order, so a component sees a relay restart as
+//! delay, not as loss.
+//!
+//! Messaging goes to NATS through the relay:
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), holdfast_client::Error> {
@@ -26,32 +30,69 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! Discovery goes to etcd through the relay. A registration lives as long as
+//! the process's session with the relay: it leaves etcd about a second after
+//! the process dies, and survives etcd outages (the relay holds it and
+//! applies it when etcd is back). Answers say how fresh they are.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), holdfast_client::Error> {
+//! use futures::StreamExt;
+//! use holdfast_client::{Client, WatchEvent};
+//!
+//! let client = Client::from_env().await?;
+//! let key = format!("workers/decode/{:x}", client.instance_id());
+//! let status = client.register(key, "10.0.0.7:9000").await?;
+//! println!("registered: {status:?}"); // Applied, or Buffered during an outage
+//!
+//! let snapshot = client.get("workers/").await?;
+//! println!("{} workers at revision {} (stale: {})", snapshot.entries.len(), snapshot.revision, snapshot.stale);
+//!
+//! let mut workers = client.watch("workers/").await?;
+//! while let Some(event) = workers.next().await {
+//!     match event {
+//!         WatchEvent::Put { key, value, .. } => println!("+ {key:?} = {value:?}"),
+//!         WatchEvent::Delete { key, .. } => println!("- {key:?}"),
+//!         WatchEvent::Synced { revision } => println!("in sync at {revision}"),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
 
 mod ack;
 mod chain_validation;
 mod client;
 mod command;
 mod connection;
+mod discovery;
 mod error;
 mod events;
 mod message;
 mod offline_buffer;
 mod options;
+mod registration;
 mod session;
 mod shared;
 mod subscription;
 mod url;
+mod watch_view;
+mod watcher;
+mod watches;
 
 pub use ack::{Ack, AckFuture, AckStatus};
 pub use chain_validation::{ChainBreak, Validated, ValidatedStream, ValidatedSubscriber};
 pub use client::Client;
+pub use discovery::{Entry, Snapshot};
 pub use error::{Error, Result};
 pub use events::LinkEvent;
 pub use holdfast_wire::backoff::Backoff;
 pub use message::{Message, OutboundMessage, Reply};
 pub use options::{ConnectOptions, OfflinePolicy};
+pub use registration::RegistrationStatus;
 pub use subscription::Subscriber;
 pub use url::{RelayUrl, UrlError, DEFAULT_URL, URL_ENV};
+pub use watcher::{WatchEvent, Watcher};
 
 pub use holdfast_wire::chain::{ChainHeaderError, ChainValidator};
 pub use holdfast_wire::subject::SubjectError;

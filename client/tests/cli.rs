@@ -1,5 +1,5 @@
 //! The `holdfast` binary against the scripted fake relay: exit codes, output
-//! formats and the summary line.
+//! formats, the summary line, and the long-running verbs' signal handling.
 
 mod support;
 
@@ -234,4 +234,219 @@ async fn sub_prints_one_payload_per_line_and_stops_after_count() {
     answering.abort();
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(output.stdout, b"first\nsecond\n");
+}
+
+/// Reads stdout lines of a running CLI as they come.
+fn stdout_lines(
+    child: &mut Child,
+) -> tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>> {
+    use tokio::io::AsyncBufReadExt;
+    tokio::io::BufReader::new(child.stdout.take().unwrap()).lines()
+}
+
+async fn next_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> String {
+    within("a line from the CLI", lines.next_line())
+        .await
+        .unwrap()
+        .expect("the CLI closed stdout")
+}
+
+/// Sends `signal` (e.g. "TERM") to the child, as an operator or supervisor would.
+fn send_signal(child: &Child, signal: &str) {
+    let pid = child.id().expect("the CLI is running").to_string();
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn get_prints_text_or_one_json_object_and_fails_with_a_typed_error() {
+    let relay = FakeRelay::start();
+    let url = relay.url().to_string();
+    let snapshot = holdfast_wire::Snapshot {
+        revision: 42,
+        stale: false,
+        age_ms: 0,
+        entries: vec![
+            holdfast_wire::KeyValue {
+                key: bytes::Bytes::from_static(b"workers/a"),
+                value: bytes::Bytes::from_static(b"10.0.0.1:9000"),
+            },
+            holdfast_wire::KeyValue {
+                key: bytes::Bytes::from_static(b"workers/b"),
+                value: bytes::Bytes::from_static(b"10.0.0.2:9000"),
+            },
+        ],
+    };
+    for (args, expected) in [
+        (
+            vec!["get", "workers/"],
+            "revision 42  stale false  age_ms 0\n\
+             workers/a = 10.0.0.1:9000\n\
+             workers/b = 10.0.0.2:9000\n",
+        ),
+        (
+            vec!["get", "workers/", "--json"],
+            "{\"revision\":42,\"stale\":false,\"age_ms\":0,\"entries\":[\
+             {\"key\":\"workers/a\",\"value\":\"10.0.0.1:9000\"},\
+             {\"key\":\"workers/b\",\"value\":\"10.0.0.2:9000\"}]}\n",
+        ),
+    ] {
+        let child = holdfast(&url, &args).spawn().unwrap();
+        let (mut connection, _) = relay.accept_session(1).await;
+        let get = match connection.recv_answering_pings().await {
+            Frame::Get(get) => get,
+            other => panic!("expected GET, got {other:?}"),
+        };
+        assert_eq!(get.prefix, "workers/");
+        assert!(!get.linearizable);
+        connection
+            .send(Frame::GetResponse(holdfast_wire::GetResponse {
+                request_id: get.request_id,
+                outcome: holdfast_wire::GetOutcome::Snapshot(snapshot.clone()),
+            }))
+            .await;
+        let answering =
+            tokio::spawn(async move { while connection.framed_next_answering().await {} });
+        let output = finish(child).await;
+        answering.abort();
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        assert_eq!(String::from_utf8_lossy(&output.stdout), expected);
+    }
+
+    let child = holdfast(&url, &["get", "workers/", "--linearizable"])
+        .spawn()
+        .unwrap();
+    let (mut connection, _) = relay.accept_session(2).await;
+    let get = match connection.recv_answering_pings().await {
+        Frame::Get(get) => get,
+        other => panic!("expected GET, got {other:?}"),
+    };
+    assert!(get.linearizable);
+    connection
+        .send(Frame::GetResponse(holdfast_wire::GetResponse {
+            request_id: get.request_id,
+            outcome: holdfast_wire::GetOutcome::Failed {
+                code: ErrorCode::EtcdUnavailable,
+                message: Text::from("etcd is unreachable"),
+            },
+        }))
+        .await;
+    let answering = tokio::spawn(async move { while connection.framed_next_answering().await {} });
+    let output = finish(child).await;
+    answering.abort();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty());
+    assert_eq!(
+        stderr(&output).trim_end(),
+        "error: etcd_unavailable (retryable): etcd is unreachable"
+    );
+}
+
+#[tokio::test]
+async fn register_holds_the_key_reports_etcd_changes_and_deregisters_on_sigterm() {
+    let relay = FakeRelay::start();
+    let mut child = holdfast(
+        &relay.url().to_string(),
+        &["register", "workers/{instance_id}", "10.0.0.7:9000"],
+    )
+    .spawn()
+    .unwrap();
+    let mut lines = stdout_lines(&mut child);
+    let (mut connection, _) = relay
+        .accept_session_with_etcd(0xbeef, holdfast_wire::LinkStatus::Up)
+        .await;
+    let register = connection.recv_register().await;
+    assert_eq!(register.key, "workers/beef");
+    assert_eq!(register.value, "10.0.0.7:9000");
+    connection
+        .ack_registration(
+            register.request_id,
+            holdfast_wire::RegistrationOutcome::Applied,
+        )
+        .await;
+    assert_eq!(next_line(&mut lines).await, "instance_id beef");
+    assert_eq!(next_line(&mut lines).await, "key workers/beef");
+    assert_eq!(next_line(&mut lines).await, "registered: applied");
+
+    for status in [
+        holdfast_wire::LinkStatus::Down,
+        holdfast_wire::LinkStatus::Up,
+    ] {
+        connection
+            .send(Frame::LinkState(holdfast_wire::LinkState {
+                service: holdfast_wire::Service::Etcd,
+                status,
+            }))
+            .await;
+    }
+    assert_eq!(
+        next_line(&mut lines).await,
+        "etcd down: registration held by the relay"
+    );
+    assert_eq!(next_line(&mut lines).await, "etcd up");
+
+    send_signal(&child, "TERM");
+    let deregister = match connection.recv_answering_pings().await {
+        Frame::Deregister(deregister) => deregister,
+        other => panic!("expected DEREGISTER, got {other:?}"),
+    };
+    assert_eq!(deregister.key, "workers/beef");
+    connection
+        .ack_registration(
+            deregister.request_id,
+            holdfast_wire::RegistrationOutcome::Applied,
+        )
+        .await;
+    assert_eq!(next_line(&mut lines).await, "deregistered: applied");
+    let answering = tokio::spawn(async move { while connection.framed_next_answering().await {} });
+    let status = within("the CLI to exit", child.wait()).await.unwrap();
+    answering.abort();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn watch_prints_one_line_per_event_until_sigint() {
+    let relay = FakeRelay::start();
+    let mut child = holdfast(&relay.url().to_string(), &["watch", "workers/"])
+        .spawn()
+        .unwrap();
+    let mut lines = stdout_lines(&mut child);
+    let (mut connection, _) = relay.accept_session(1).await;
+    let watch = connection.accept_watch().await;
+    assert_eq!(watch.prefix, "workers/");
+    assert!(watch.send_initial);
+    use holdfast_wire::WatchEventKind::{Delete, Put, Synced};
+    for (revision, kind, key, value) in [
+        (5, Put, "workers/a", "10.0.0.1"),
+        (5, Synced, "", ""),
+        (6, Delete, "workers/a", ""),
+    ] {
+        connection
+            .send(Frame::WatchEvent(holdfast_wire::WatchEvent {
+                watch_id: watch.watch_id,
+                revision,
+                kind,
+                key: bytes::Bytes::from_static(key.as_bytes()),
+                value: bytes::Bytes::from_static(value.as_bytes()),
+            }))
+            .await;
+    }
+    assert_eq!(next_line(&mut lines).await, "PUT workers/a 10.0.0.1 rev=5");
+    assert_eq!(next_line(&mut lines).await, "SYNCED rev=5");
+    assert_eq!(next_line(&mut lines).await, "DELETE workers/a rev=6");
+
+    send_signal(&child, "INT");
+    match connection.recv_answering_pings().await {
+        Frame::Unwatch(unwatch) => assert_eq!(unwatch.watch_id, watch.watch_id),
+        other => panic!("expected UNWATCH, got {other:?}"),
+    }
+    let answering = tokio::spawn(async move { while connection.framed_next_answering().await {} });
+    let status = within("the CLI to exit", child.wait()).await.unwrap();
+    answering.abort();
+    assert_eq!(status.code(), Some(0));
 }

@@ -1,15 +1,17 @@
 //! The client library against a scripted stand-in for holdfastd
-//! (`support::FakeRelay`): handshake, reconnect, desired-state replay, ack
-//! and error mapping. No NATS is involved.
+//! (`support::FakeRelay`): handshake, reconnect, desired-state replay
+//! (subscriptions, registrations, watches), ack and error mapping,
+//! discovery answers and watch streams. No NATS or etcd is involved.
 
 mod support;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use holdfast_client::{
-    AckStatus, Client, ConnectOptions, Error, ErrorCode, LinkEvent, OfflinePolicy, OutboundMessage,
-    RelayUrl,
+    AckStatus, Client, ConnectOptions, Entry, Error, ErrorCode, LinkEvent, OfflinePolicy,
+    OutboundMessage, RegistrationStatus, RelayUrl, WatchEvent, Watcher,
 };
+use holdfast_wire as wire;
 use holdfast_wire::{
     AckOutcome, ErrorFrame, Frame, GoAway, LinkStatus, Message, Pong, PubAck, Publish, Response,
     ResponseOutcome, StatusResponse, Text, DEFAULT_MAX_FRAME_BYTES,
@@ -58,7 +60,7 @@ fn payload_text(publish: &Publish) -> &str {
 async fn reconnect_keeps_identity_and_replays_subscriptions_then_buffered_publishes_in_order() {
     let relay = FakeRelay::start();
     let (client, mut first) = connect(&relay, relay.options(), 77).await;
-    assert_eq!(client.instance_id(), Some(77));
+    assert_eq!(client.instance_id(), 77);
     assert_eq!(client.nats_status(), LinkStatus::Up);
 
     let (subscriber, subscribe) = tokio::join!(
@@ -481,14 +483,14 @@ async fn connect_fails_clearly_without_a_relay_unless_asked_to_retry() {
         .await
         .unwrap();
     assert!(!client.is_connected());
-    assert_eq!(client.instance_id(), None);
+    assert_eq!(client.instance_id(), 0);
     client.publish("early.bird", "first").await.unwrap();
 
     let relay = FakeRelay::bind(dir, path);
     let (mut connection, hello) = relay.accept_session(5).await;
     assert_eq!(hello.instance_id, 0);
     assert_eq!(payload_text(&connection.recv_publish().await), "first");
-    assert_eq!(client.instance_id(), Some(5));
+    assert_eq!(client.instance_id(), 5);
 }
 
 #[tokio::test]
@@ -727,4 +729,642 @@ async fn a_relay_error_for_a_live_subscription_ends_its_stream_with_the_reason()
     let reason = subscriber.termination().unwrap();
     assert_eq!(reason.code(), Some(ErrorCode::Unauthorized));
     assert!(!reason.is_retryable());
+}
+
+// --------------------------------------------------------------------------
+// Registrations, discovery and the etcd link.
+
+fn bytes(text: &'static str) -> Bytes {
+    Bytes::from_static(text.as_bytes())
+}
+
+async fn send_watch_event(
+    connection: &mut RelayConnection,
+    watch_id: u32,
+    revision: u64,
+    kind: wire::WatchEventKind,
+    key: &'static str,
+    value: &'static str,
+) {
+    connection
+        .send(Frame::WatchEvent(wire::WatchEvent {
+            watch_id,
+            revision,
+            kind,
+            key: bytes(key),
+            value: bytes(value),
+        }))
+        .await;
+}
+
+async fn next_event(watcher: &mut Watcher) -> WatchEvent {
+    within("a watch event", watcher.next())
+        .await
+        .expect("the watch ended")
+}
+
+fn put(key: &'static str, value: &'static str, revision: u64) -> WatchEvent {
+    WatchEvent::Put {
+        key: bytes(key),
+        value: bytes(value),
+        revision,
+    }
+}
+
+#[tokio::test]
+async fn register_and_deregister_return_the_relays_outcome() {
+    let relay = FakeRelay::start();
+    let (client, mut connection) = connect(&relay, relay.options(), 1).await;
+
+    let outcomes = [
+        (
+            "svc/applied",
+            wire::RegistrationOutcome::Applied,
+            RegistrationStatus::Applied,
+        ),
+        (
+            "svc/buffered",
+            wire::RegistrationOutcome::Buffered,
+            RegistrationStatus::Buffered,
+        ),
+    ];
+    for (key, outcome, expected) in outcomes {
+        let relay_side = async {
+            let register = connection.recv_register().await;
+            assert_eq!(register.key, key);
+            assert_eq!(register.value, "10.0.0.1:9000");
+            connection
+                .ack_registration(register.request_id, outcome)
+                .await;
+        };
+        let (registered, ()) = tokio::join!(
+            within("register", client.register(key, "10.0.0.1:9000")),
+            relay_side
+        );
+        assert_eq!(registered.unwrap(), expected);
+    }
+
+    let relay_side = async {
+        let register = connection.recv_register().await;
+        connection
+            .ack_registration(
+                register.request_id,
+                wire::RegistrationOutcome::Rejected {
+                    code: ErrorCode::Unauthorized,
+                    message: Text::from("svc/ is not yours"),
+                },
+            )
+            .await;
+    };
+    let (refused, ()) = tokio::join!(
+        within("register", client.register("svc/refused", "x")),
+        relay_side
+    );
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Unauthorized));
+    assert!(!refused.is_retryable());
+    assert!(refused.to_string().contains("not yours"));
+
+    let relay_side = async {
+        let deregister = match connection.recv_answering_pings().await {
+            Frame::Deregister(deregister) => deregister,
+            other => panic!("expected DEREGISTER, got {other:?}"),
+        };
+        assert_eq!(deregister.key, "svc/applied");
+        connection
+            .ack_registration(deregister.request_id, wire::RegistrationOutcome::Applied)
+            .await;
+    };
+    let (deregistered, ()) = tokio::join!(
+        within("deregister", client.deregister("svc/applied")),
+        relay_side
+    );
+    assert_eq!(deregistered.unwrap(), RegistrationStatus::Applied);
+
+    let empty = client.register("", "x").await.unwrap_err();
+    assert!(matches!(empty, Error::InvalidKey { .. }));
+    assert!(!empty.is_retryable());
+}
+
+#[tokio::test]
+async fn registrations_while_the_relay_is_away_are_buffered_and_sent_on_reconnect() {
+    let relay = FakeRelay::start();
+    let (client, mut first) = connect(&relay, relay.options(), 21).await;
+
+    // In flight when the connection dies: still desired, so `Buffered`.
+    let in_flight = async {
+        let register = first.recv_register().await;
+        assert_eq!(register.key, "svc/early");
+        drop(first);
+    };
+    let (early, ()) = tokio::join!(
+        within("register", client.register("svc/early", "1")),
+        in_flight
+    );
+    assert_eq!(early.unwrap(), RegistrationStatus::Buffered);
+    assert!(!client.is_connected());
+
+    // Nobody accepts yet: answered at once, without the relay.
+    let late = within("offline register", client.register("svc/late", "2"))
+        .await
+        .unwrap();
+    assert_eq!(late, RegistrationStatus::Buffered);
+    let gone = within("offline deregister", client.deregister("svc/gone"))
+        .await
+        .unwrap();
+    assert_eq!(gone, RegistrationStatus::Buffered);
+
+    let (mut second, hello) = relay.accept_session(21).await;
+    assert_eq!(hello.instance_id, 21);
+    let mut replayed = Vec::new();
+    for _ in 0..2 {
+        let register = second.recv_register().await;
+        replayed.push((register.key.clone(), register.value.clone()));
+        second
+            .ack_registration(register.request_id, wire::RegistrationOutcome::Applied)
+            .await;
+    }
+    replayed.sort();
+    assert_eq!(
+        replayed,
+        vec![
+            (bytes("svc/early"), bytes("1")),
+            (bytes("svc/late"), bytes("2"))
+        ]
+    );
+}
+
+#[tokio::test]
+async fn reconnect_sends_the_same_instance_id_then_live_registrations_then_watches_then_subscriptions(
+) {
+    let relay = FakeRelay::start();
+    let (client, mut first) = connect(&relay, relay.options(), 42).await;
+    assert_eq!(client.instance_id(), 42);
+
+    for (key, value) in [("svc/a", "1"), ("svc/b", "2"), ("svc/a", "3")] {
+        let relay_side = async {
+            let register = first.recv_register().await;
+            first
+                .ack_registration(register.request_id, wire::RegistrationOutcome::Applied)
+                .await;
+        };
+        let (registered, ()) =
+            tokio::join!(within("register", client.register(key, value)), relay_side);
+        registered.unwrap();
+    }
+    let relay_side = async {
+        let request_id = match first.recv_answering_pings().await {
+            Frame::Deregister(deregister) => deregister.request_id,
+            other => panic!("expected DEREGISTER, got {other:?}"),
+        };
+        first
+            .ack_registration(request_id, wire::RegistrationOutcome::Applied)
+            .await;
+    };
+    let (deregistered, ()) =
+        tokio::join!(within("deregister", client.deregister("svc/b")), relay_side);
+    deregistered.unwrap();
+
+    let (watcher, watch) = tokio::join!(
+        within("watch", client.watch("workers/")),
+        first.accept_watch()
+    );
+    let _watcher = watcher.unwrap();
+    assert!(watch.send_initial);
+    let (subscriber, subscribe) = tokio::join!(
+        within("subscribe", client.subscribe("jobs.>")),
+        first.accept_subscribe()
+    );
+    let _subscriber = subscriber.unwrap();
+
+    let mut events = client.link_events();
+    drop(first);
+    wait_for_event(&mut events, |event| {
+        matches!(event, LinkEvent::RelayLost { .. })
+    })
+    .await;
+
+    let (mut second, hello) = relay.accept_session(42).await;
+    assert_eq!(hello.instance_id, 42, "a reconnect keeps the identity");
+    let register = second.recv_register().await;
+    assert_eq!(
+        (register.key, register.value),
+        (bytes("svc/a"), bytes("3")),
+        "only the live key, with its current value"
+    );
+    match second.recv_answering_pings().await {
+        Frame::Watch(rewatch) => {
+            assert_eq!(rewatch.watch_id, watch.watch_id);
+            assert_eq!(rewatch.prefix, "workers/");
+            assert!(rewatch.send_initial);
+        }
+        other => panic!("expected the watch after the registrations, got {other:?}"),
+    }
+    match second.recv_answering_pings().await {
+        Frame::Subscribe(resubscribe) => assert_eq!(resubscribe.sid, subscribe.sid),
+        other => panic!("expected the subscription after the watch, got {other:?}"),
+    }
+    // Nothing else: in particular no REGISTER for the deregistered key.
+    let (flushed, ()) = tokio::join!(within("flush", client.flush()), async {
+        match second.recv().await {
+            Frame::Ping(ping) => second.send(Frame::Pong(Pong { nonce: ping.nonce })).await,
+            other => panic!("expected only the flush PING, got {other:?}"),
+        }
+    });
+    flushed.unwrap();
+}
+
+#[tokio::test]
+async fn a_replayed_registration_the_relay_refuses_is_reported_and_dropped() {
+    let relay = FakeRelay::start();
+    let (client, first) = connect(&relay, relay.options(), 8).await;
+    let mut events = client.link_events();
+    drop(first);
+    wait_for_event(&mut events, |event| {
+        matches!(event, LinkEvent::RelayLost { .. })
+    })
+    .await;
+    client.register("svc/x", "1").await.unwrap();
+
+    let (mut second, _) = relay.accept_session(8).await;
+    let register = second.recv_register().await;
+    second
+        .ack_registration(
+            register.request_id,
+            wire::RegistrationOutcome::Rejected {
+                code: ErrorCode::LimitExceeded,
+                message: Text::from("too many keys"),
+            },
+        )
+        .await;
+    let event = wait_for_event(&mut events, |event| {
+        matches!(event, LinkEvent::RelayError { .. })
+    })
+    .await;
+    assert!(
+        matches!(&event, LinkEvent::RelayError { code: ErrorCode::LimitExceeded, message } if message.contains("svc/x")),
+        "{event:?}"
+    );
+
+    // Not desired state any more: the next session does not get it.
+    drop(second);
+    wait_for_event(&mut events, |event| {
+        matches!(event, LinkEvent::RelayLost { .. })
+    })
+    .await;
+    let (mut third, _) = relay.accept_session(8).await;
+    wait_for_event(&mut events, |event| {
+        matches!(event, LinkEvent::RelayConnected { .. })
+    })
+    .await;
+    let (flushed, ()) = tokio::join!(within("flush", client.flush()), async {
+        match third.recv().await {
+            Frame::Ping(ping) => third.send(Frame::Pong(Pong { nonce: ping.nonce })).await,
+            other => panic!("expected only the flush PING, got {other:?}"),
+        }
+    });
+    flushed.unwrap();
+}
+
+#[tokio::test]
+async fn get_decodes_snapshots_and_maps_failures() {
+    let relay = FakeRelay::start();
+    let (client, mut connection) = connect(&relay, relay.options(), 1).await;
+
+    let relay_side = async {
+        let get = match connection.recv().await {
+            Frame::Get(get) => get,
+            other => panic!("expected GET, got {other:?}"),
+        };
+        assert!(!get.linearizable);
+        assert_eq!(get.prefix, "workers/");
+        connection
+            .send(Frame::GetResponse(wire::GetResponse {
+                request_id: get.request_id,
+                outcome: wire::GetOutcome::Snapshot(wire::Snapshot {
+                    revision: 42,
+                    stale: true,
+                    age_ms: 1500,
+                    entries: vec![
+                        wire::KeyValue {
+                            key: bytes("workers/a"),
+                            value: bytes("10.0.0.1"),
+                        },
+                        wire::KeyValue {
+                            key: bytes("workers/b"),
+                            value: bytes("10.0.0.2"),
+                        },
+                    ],
+                }),
+            }))
+            .await;
+        let get = match connection.recv().await {
+            Frame::Get(get) => get,
+            other => panic!("expected GET, got {other:?}"),
+        };
+        assert!(get.linearizable);
+        connection
+            .send(Frame::GetResponse(wire::GetResponse {
+                request_id: get.request_id,
+                outcome: wire::GetOutcome::Failed {
+                    code: ErrorCode::EtcdUnavailable,
+                    message: Text::from("etcd is unreachable"),
+                },
+            }))
+            .await;
+    };
+    let gets = async {
+        let cached = client.get("workers/").await;
+        let linearizable = client.get_linearizable("workers/").await;
+        (cached, linearizable)
+    };
+    let ((cached, linearizable), ()) = tokio::join!(within("gets", gets), relay_side);
+    let snapshot = cached.unwrap();
+    assert_eq!(snapshot.revision, 42);
+    assert!(snapshot.stale);
+    assert_eq!(snapshot.age, Duration::from_millis(1500));
+    assert_eq!(
+        snapshot.entries,
+        vec![
+            Entry {
+                key: bytes("workers/a"),
+                value: bytes("10.0.0.1")
+            },
+            Entry {
+                key: bytes("workers/b"),
+                value: bytes("10.0.0.2")
+            },
+        ]
+    );
+    let failure = linearizable.unwrap_err();
+    assert_eq!(failure.code(), Some(ErrorCode::EtcdUnavailable));
+    assert!(failure.is_retryable());
+
+    let mut events = client.link_events();
+    drop(connection);
+    wait_for_event(&mut events, |event| {
+        matches!(event, LinkEvent::RelayLost { .. })
+    })
+    .await;
+    let offline = client.get("workers/").await.unwrap_err();
+    assert!(matches!(offline, Error::RelayUnavailable));
+    assert!(offline.is_retryable());
+}
+
+#[tokio::test]
+async fn a_watcher_yields_puts_deletes_and_synced_and_dropping_it_unwatches() {
+    let relay = FakeRelay::start();
+    let (client, mut connection) = connect(&relay, relay.options(), 1).await;
+    let (watcher, watch) = tokio::join!(
+        within("watch", client.watch("workers/")),
+        connection.accept_watch()
+    );
+    let mut watcher = watcher.unwrap();
+    assert_eq!(watch.watch_id, watcher.id());
+    assert_eq!(watch.prefix, "workers/");
+    assert!(watch.send_initial);
+
+    use wire::WatchEventKind::{Delete, Put, Synced};
+    let id = watch.watch_id;
+    send_watch_event(&mut connection, id, 10, Put, "workers/a", "1").await;
+    send_watch_event(&mut connection, id, 10, Synced, "", "").await;
+    send_watch_event(&mut connection, id, 11, Put, "workers/b", "2").await;
+    send_watch_event(&mut connection, id, 12, Delete, "workers/a", "").await;
+    assert_eq!(next_event(&mut watcher).await, put("workers/a", "1", 10));
+    assert_eq!(
+        next_event(&mut watcher).await,
+        WatchEvent::Synced { revision: 10 }
+    );
+    assert_eq!(next_event(&mut watcher).await, put("workers/b", "2", 11));
+    assert_eq!(
+        next_event(&mut watcher).await,
+        WatchEvent::Delete {
+            key: bytes("workers/a"),
+            revision: 12
+        }
+    );
+
+    drop(watcher);
+    match connection.recv_answering_pings().await {
+        Frame::Unwatch(unwatch) => assert_eq!(unwatch.watch_id, id),
+        other => panic!("expected UNWATCH, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_reconnected_watch_replays_the_entries_and_deletes_what_went_away() {
+    let relay = FakeRelay::start();
+    let (client, mut first) = connect(&relay, relay.options(), 4).await;
+    let (watcher, watch) = tokio::join!(
+        within("watch", client.watch("workers/")),
+        first.accept_watch()
+    );
+    let mut watcher = watcher.unwrap();
+    use wire::WatchEventKind::{Put, Synced};
+    let id = watch.watch_id;
+    send_watch_event(&mut first, id, 10, Put, "workers/a", "1").await;
+    send_watch_event(&mut first, id, 10, Put, "workers/b", "2").await;
+    send_watch_event(&mut first, id, 10, Synced, "", "").await;
+    for _ in 0..3 {
+        next_event(&mut watcher).await;
+    }
+
+    drop(first);
+    // While away, workers/a went away and workers/b changed.
+    let (mut second, _) = relay.accept_session(4).await;
+    let rewatch = match second.recv_answering_pings().await {
+        Frame::Watch(rewatch) => rewatch,
+        other => panic!("expected WATCH, got {other:?}"),
+    };
+    assert!(rewatch.send_initial);
+    send_watch_event(&mut second, rewatch.watch_id, 15, Put, "workers/b", "3").await;
+    send_watch_event(&mut second, rewatch.watch_id, 15, Synced, "", "").await;
+    assert_eq!(next_event(&mut watcher).await, put("workers/b", "3", 15));
+    assert_eq!(
+        next_event(&mut watcher).await,
+        WatchEvent::Delete {
+            key: bytes("workers/a"),
+            revision: 15
+        }
+    );
+    assert_eq!(
+        next_event(&mut watcher).await,
+        WatchEvent::Synced { revision: 15 }
+    );
+}
+
+#[tokio::test]
+async fn watch_errors_fail_the_call_or_end_the_stream() {
+    let relay = FakeRelay::start();
+    let (client, mut connection) = connect(&relay, relay.options(), 1).await;
+
+    let relay_side = async {
+        let watch = match connection.recv().await {
+            Frame::Watch(watch) => watch,
+            other => panic!("expected WATCH, got {other:?}"),
+        };
+        let nonce = match connection.recv().await {
+            Frame::Ping(ping) => ping.nonce,
+            other => panic!("expected PING, got {other:?}"),
+        };
+        connection
+            .send(Frame::Error(ErrorFrame {
+                code: ErrorCode::Unauthorized,
+                reference: u64::from(watch.watch_id),
+                message: Text::from("prefix not allowed"),
+            }))
+            .await;
+        connection.send(Frame::Pong(Pong { nonce })).await;
+    };
+    let (refused, ()) = tokio::join!(within("watch", client.watch("secrets/")), relay_side);
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Unauthorized));
+
+    let (watcher, watch) = tokio::join!(
+        within("watch", client.watch("workers/")),
+        connection.accept_watch()
+    );
+    let mut watcher = watcher.unwrap();
+    connection
+        .send(Frame::Error(ErrorFrame {
+            code: ErrorCode::LimitExceeded,
+            reference: u64::from(watch.watch_id),
+            message: Text::from("too many watches"),
+        }))
+        .await;
+    assert!(within("the stream to end", watcher.next()).await.is_none());
+    assert_eq!(
+        watcher.termination().unwrap().code(),
+        Some(ErrorCode::LimitExceeded)
+    );
+}
+
+#[tokio::test]
+async fn a_slow_watcher_drops_events_then_resyncs_under_a_fresh_id() {
+    let relay = FakeRelay::start();
+    // Short ticks: the resync is decided on the keepalive tick.
+    let options = relay
+        .options()
+        .subscription_capacity(3)
+        .ping_interval(Duration::from_millis(20));
+    let (client, mut connection) = connect(&relay, options, 1).await;
+    let (watcher, watch) = tokio::join!(
+        within("watch", client.watch("workers/")),
+        connection.accept_watch()
+    );
+    let mut watcher = watcher.unwrap();
+    use wire::WatchEventKind::{Delete, Put, Synced};
+    let id = watch.watch_id;
+    send_watch_event(&mut connection, id, 10, Put, "workers/a", "1").await;
+    send_watch_event(&mut connection, id, 10, Synced, "", "").await;
+    assert_eq!(next_event(&mut watcher).await, put("workers/a", "1", 10));
+    next_event(&mut watcher).await;
+
+    // A burst the watcher cannot take: the DELETE does not fit.
+    send_watch_event(&mut connection, id, 11, Put, "workers/b", "1").await;
+    send_watch_event(&mut connection, id, 12, Put, "workers/a", "2").await;
+    send_watch_event(&mut connection, id, 13, Put, "workers/a", "3").await;
+    send_watch_event(&mut connection, id, 14, Delete, "workers/b", "").await;
+    within("the drop", async {
+        while watcher.dropped() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(watcher.dropped(), 1);
+    assert_eq!(next_event(&mut watcher).await, put("workers/b", "1", 11));
+    assert_eq!(next_event(&mut watcher).await, put("workers/a", "2", 12));
+    assert_eq!(next_event(&mut watcher).await, put("workers/a", "3", 13));
+
+    // Caught up: the client abandons the old wire id and asks again.
+    match connection.recv_answering_pings().await {
+        Frame::Unwatch(unwatch) => assert_eq!(unwatch.watch_id, id),
+        other => panic!("expected UNWATCH, got {other:?}"),
+    }
+    let rewatch = match connection.recv_answering_pings().await {
+        Frame::Watch(rewatch) => rewatch,
+        other => panic!("expected WATCH, got {other:?}"),
+    };
+    assert_ne!(rewatch.watch_id, id);
+    assert_eq!(rewatch.prefix, "workers/");
+    assert!(rewatch.send_initial);
+    // Late events for the abandoned id are ignored.
+    send_watch_event(&mut connection, id, 15, Put, "workers/stale", "x").await;
+    send_watch_event(&mut connection, rewatch.watch_id, 15, Put, "workers/a", "3").await;
+    send_watch_event(&mut connection, rewatch.watch_id, 15, Synced, "", "").await;
+    assert_eq!(next_event(&mut watcher).await, put("workers/a", "3", 15));
+    // The DELETE the watcher missed, repaired.
+    assert_eq!(
+        next_event(&mut watcher).await,
+        WatchEvent::Delete {
+            key: bytes("workers/b"),
+            revision: 15
+        }
+    );
+    assert_eq!(
+        next_event(&mut watcher).await,
+        WatchEvent::Synced { revision: 15 }
+    );
+    assert_eq!(watcher.resyncs(), 1);
+}
+
+#[tokio::test]
+async fn etcd_link_changes_update_etcd_status_and_are_link_events() {
+    let relay = FakeRelay::start();
+    let (client, connection) = tokio::join!(
+        within("connect", Client::connect_with(relay.options())),
+        relay.accept_session_with_etcd(1, LinkStatus::Up)
+    );
+    let client = client.unwrap();
+    let (mut connection, _) = connection;
+    assert_eq!(client.etcd_status(), LinkStatus::Up);
+
+    let mut events = client.link_events();
+    connection
+        .send(Frame::LinkState(holdfast_wire::LinkState {
+            service: holdfast_wire::Service::Etcd,
+            status: LinkStatus::Down,
+        }))
+        .await;
+    let event = wait_for_event(&mut events, |event| {
+        matches!(event, LinkEvent::Upstream { .. })
+    })
+    .await;
+    assert_eq!(
+        event,
+        LinkEvent::Upstream {
+            service: holdfast_wire::Service::Etcd,
+            status: LinkStatus::Down
+        }
+    );
+    assert_eq!(client.etcd_status(), LinkStatus::Down);
+    assert_eq!(client.nats_status(), LinkStatus::Up);
+
+    drop(connection);
+    wait_for_event(&mut events, |event| {
+        matches!(event, LinkEvent::RelayLost { .. })
+    })
+    .await;
+    assert_eq!(client.etcd_status(), LinkStatus::Unknown);
+}
+
+#[tokio::test]
+async fn keepalive_pings_continue_while_one_is_unanswered() {
+    // The relay ends sessions it hears nothing from for a second (removing
+    // their registrations), so a held PONG must not silence the client.
+    let relay = FakeRelay::start();
+    let options = relay
+        .options()
+        .ping_interval(Duration::from_millis(20))
+        .pong_timeout(Duration::from_secs(5));
+    let (_client, mut connection) = connect(&relay, options, 1).await;
+    let mut nonces = Vec::new();
+    while nonces.len() < 3 {
+        match connection.recv().await {
+            Frame::Ping(ping) => nonces.push(ping.nonce),
+            other => panic!("expected PING, got {other:?}"),
+        }
+    }
+    // Three PINGs, none answered, and the session is still up.
+    assert!(nonces.windows(2).all(|pair| pair[0] != pair[1]));
 }

@@ -8,8 +8,9 @@
 use futures::{SinkExt, StreamExt};
 use holdfast_client::{ConnectOptions, RelayUrl};
 use holdfast_wire::{
-    Frame, FrameCodec, Hello, LinkStatus, Pong, Publish, Subscribe, Text, Welcome,
-    DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    Frame, FrameCodec, Hello, LinkStatus, Pong, Publish, Register, RegisterAck,
+    RegistrationOutcome, Subscribe, Text, Watch, Welcome, DEFAULT_MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
 };
 use std::future::Future;
 use std::path::PathBuf;
@@ -76,6 +77,16 @@ impl FakeRelay {
 
     /// Accepts a connection, checks its HELLO and welcomes it with `instance_id`.
     pub async fn accept_session(&self, instance_id: u64) -> (RelayConnection, Hello) {
+        self.accept_session_with_etcd(instance_id, LinkStatus::Unknown)
+            .await
+    }
+
+    /// Like [`FakeRelay::accept_session`], announcing `etcd` as the etcd link's state.
+    pub async fn accept_session_with_etcd(
+        &self,
+        instance_id: u64,
+        etcd: LinkStatus,
+    ) -> (RelayConnection, Hello) {
         let mut connection = self.accept().await;
         let hello = match connection.recv().await {
             Frame::Hello(hello) => hello,
@@ -91,7 +102,7 @@ impl FakeRelay {
                 relay_id: Text::from("fake-relay"),
                 max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
                 nats: LinkStatus::Up,
-                etcd: LinkStatus::Unknown,
+                etcd,
             }))
             .await;
         (connection, hello)
@@ -145,6 +156,35 @@ impl RelayConnection {
             Some(Ok(_)) => true,
             _ => false,
         }
+    }
+
+    /// The next frame that is not a PING, which must be a REGISTER.
+    pub async fn recv_register(&mut self) -> Register {
+        match self.recv_answering_pings().await {
+            Frame::Register(register) => register,
+            other => panic!("expected REGISTER, got {other:?}"),
+        }
+    }
+
+    pub async fn ack_registration(&mut self, request_id: u64, outcome: RegistrationOutcome) {
+        self.send(Frame::RegisterAck(RegisterAck {
+            request_id,
+            outcome,
+        }))
+        .await;
+    }
+
+    /// Reads WATCH and its PING barrier, answers the PONG, returns the WATCH.
+    pub async fn accept_watch(&mut self) -> Watch {
+        let watch = match self.recv().await {
+            Frame::Watch(watch) => watch,
+            other => panic!("expected WATCH, got {other:?}"),
+        };
+        match self.recv().await {
+            Frame::Ping(ping) => self.send(Frame::Pong(Pong { nonce: ping.nonce })).await,
+            other => panic!("expected the PING barrier after WATCH, got {other:?}"),
+        }
+        watch
     }
 
     /// Reads SUBSCRIBE and its PING barrier, answers the PONG, returns the SUBSCRIBE.

@@ -4,11 +4,16 @@
 //! maps outcomes to exit codes (0 success, 1 operation failed, 2 usage).
 
 mod duration;
+mod get;
 mod journal;
 mod publish;
+mod register;
+mod render;
 mod request;
+mod signals;
 mod status;
 mod subscribe;
+mod watch;
 
 use clap::{Parser, Subcommand};
 use holdfast_client::{Client, ConnectOptions, Error, RelayUrl, DEFAULT_URL};
@@ -40,6 +45,12 @@ enum Verb {
     /// Send a request and print the reply's payload.
     #[command(name = "req")]
     Request(request::RequestArgs),
+    /// Register a key in etcd through the relay and hold it until SIGINT/SIGTERM.
+    Register(register::RegisterArgs),
+    /// Print the entries under a key prefix, with revision and staleness.
+    Get(get::GetArgs),
+    /// Print each change under a key prefix, one per line, until SIGINT/SIGTERM.
+    Watch(watch::WatchArgs),
     /// Show the relay's view of itself and its links.
     Status(status::StatusArgs),
     /// Offline journal tools (the relay must be stopped).
@@ -74,6 +85,9 @@ async fn run(cli: Cli) -> ExitCode {
         Verb::Publish(args) => publish::run(&client, args).await,
         Verb::Subscribe(args) => subscribe::run(&client, args).await,
         Verb::Request(args) => request::run(&client, args).await,
+        Verb::Register(args) => register::run(&client, args).await,
+        Verb::Get(args) => get::run(&client, args).await,
+        Verb::Watch(args) => watch::run(&client, args).await,
         Verb::Status(args) => status::run(&client, args).await,
         Verb::Journal(args) => journal::run(args),
     };
