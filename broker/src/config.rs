@@ -53,6 +53,7 @@ pub enum SlowConsumerPolicy {
 pub struct Config {
     pub relay: RelayConfig,
     pub nats: NatsConfig,
+    pub etcd: EtcdConfig,
     pub sessions: SessionConfig,
     /// `[classes.NAME]` tables; see `classes.rs`.
     pub classes: BTreeMap<String, ClassOverrides>,
@@ -93,6 +94,42 @@ pub struct NatsConfig {
     pub max_request_timeout: Duration,
 }
 
+/// `[etcd]`: the upstream etcd cluster, registrations and discovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// Client URLs of the cluster; empty turns registration and discovery off.
+    pub endpoints: Vec<String>,
+    /// TTL of the lease the relay holds for each registering session; keys
+    /// outlive a dead relay by at most this long.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub lease_ttl: Duration,
+    /// A session with registrations that sends nothing for this long is
+    /// dead: its keys are deleted and its lease revoked.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub liveness_timeout: Duration,
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub probe_interval: Duration,
+    /// A probe (or connect) that takes longer than this marks etcd down.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub probe_timeout: Duration,
+    /// Cap of the exponential, jittered delay between reconnect attempts.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub reconnect_delay_max: Duration,
+    /// Period of the anti-entropy pass that repairs keys changed or deleted
+    /// behind the relay's back.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub reconcile_interval: Duration,
+    /// Prefixes whose discovery cache is filled at start.
+    pub prefixes: Vec<String>,
+    /// Most prefixes cached at once (configured ones included).
+    pub max_cached_prefixes: usize,
+    /// Most registrations held by the relay across all sessions.
+    pub max_registrations: usize,
+    /// Most registrations one session may hold.
+    pub max_registrations_per_session: usize,
+}
+
 /// `[sessions]`: per-connection limits and policies.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -131,6 +168,24 @@ impl Default for NatsConfig {
     }
 }
 
+impl Default for EtcdConfig {
+    fn default() -> EtcdConfig {
+        EtcdConfig {
+            endpoints: Vec::new(),
+            lease_ttl: Duration::from_secs(10),
+            liveness_timeout: Duration::from_secs(1),
+            probe_interval: Duration::from_millis(250),
+            probe_timeout: Duration::from_millis(500),
+            reconnect_delay_max: Duration::from_secs(30),
+            reconcile_interval: Duration::from_secs(10),
+            prefixes: Vec::new(),
+            max_cached_prefixes: 256,
+            max_registrations: 1_000_000,
+            max_registrations_per_session: 100_000,
+        }
+    }
+}
+
 impl Default for SessionConfig {
     fn default() -> SessionConfig {
         SessionConfig {
@@ -149,6 +204,7 @@ pub struct Overrides {
     pub socket: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub nats_servers: Option<String>,
+    pub etcd_endpoints: Option<String>,
     pub metrics_addr: Option<String>,
 }
 
@@ -171,6 +227,9 @@ impl Config {
         }
         if let Some(servers) = &overrides.nats_servers {
             config.nats.servers = split_list(servers);
+        }
+        if let Some(endpoints) = &overrides.etcd_endpoints {
+            config.etcd.endpoints = split_list(endpoints);
         }
         config.validate(path)?;
         Ok(config)
@@ -218,7 +277,50 @@ impl Config {
                 "must be non-zero and shorter than nats.link_timeout".to_string(),
             ));
         }
+        let etcd = &self.etcd;
+        if etcd.lease_ttl < Duration::from_secs(2) {
+            return Err(invalid(
+                "etcd.lease_ttl",
+                "must be at least 2s (etcd grants whole seconds)".to_string(),
+            ));
+        }
+        if etcd.probe_interval.is_zero() || etcd.probe_timeout.is_zero() {
+            return Err(invalid(
+                "etcd.probe_interval",
+                "etcd.probe_interval and etcd.probe_timeout must be non-zero".to_string(),
+            ));
+        }
+        if etcd.liveness_timeout.is_zero() || etcd.reconcile_interval.is_zero() {
+            return Err(invalid(
+                "etcd.liveness_timeout",
+                "etcd.liveness_timeout and etcd.reconcile_interval must be non-zero".to_string(),
+            ));
+        }
+        if etcd.reconnect_delay_max < etcd.probe_interval {
+            return Err(invalid(
+                "etcd.reconnect_delay_max",
+                "must be at least etcd.probe_interval".to_string(),
+            ));
+        }
+        if let Some(bad) = etcd.prefixes.iter().find(|prefix| prefix.is_empty()) {
+            return Err(invalid(
+                "etcd.prefixes",
+                format!("{bad:?}: a prefix must not be empty"),
+            ));
+        }
+        if etcd.prefixes.len() > etcd.max_cached_prefixes {
+            return Err(invalid(
+                "etcd.prefixes",
+                "more prefixes than etcd.max_cached_prefixes".to_string(),
+            ));
+        }
         let positive = [
+            ("etcd.max_cached_prefixes", etcd.max_cached_prefixes),
+            ("etcd.max_registrations", etcd.max_registrations),
+            (
+                "etcd.max_registrations_per_session",
+                etcd.max_registrations_per_session,
+            ),
             (
                 "sessions.outbound_queue_frames",
                 self.sessions.outbound_queue_frames,
@@ -247,6 +349,11 @@ impl Config {
     /// The resolved message classes, in drain order.
     pub fn classes(&self) -> Result<Classes, String> {
         Classes::resolve(&self.classes)
+    }
+
+    /// The persisted discovery cache.
+    pub fn discovery_cache_path(&self) -> PathBuf {
+        self.relay.data_dir.join("discovery-cache.json")
     }
 
     /// The journal file.
@@ -318,6 +425,7 @@ mod tests {
             socket: None,
             data_dir: None,
             nats_servers: Some("nats://127.0.0.1:1, nats://127.0.0.1:2".to_string()),
+            etcd_endpoints: Some("http://127.0.0.1:2379".to_string()),
             metrics_addr: Some("127.0.0.1:19477".to_string()),
         };
         let config = Config::load(Some(file.path()), &overrides).unwrap();

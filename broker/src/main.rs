@@ -3,7 +3,9 @@
 mod class_queue;
 mod classes;
 mod config;
+mod discovery;
 mod duration;
+mod etcd_link;
 mod fanout;
 mod forwarder;
 mod journal;
@@ -15,6 +17,7 @@ mod nats_link;
 mod notify;
 mod ops_http;
 mod outbox;
+mod registry;
 mod relay;
 mod router;
 mod session;
@@ -46,6 +49,10 @@ struct Args {
     /// Upstream NATS servers, comma-separated [default: nats://127.0.0.1:4222].
     #[arg(long, value_name = "URLS")]
     nats: Option<String>,
+    /// Upstream etcd endpoints, comma-separated (e.g. http://127.0.0.1:2379);
+    /// without any, registration and discovery are off.
+    #[arg(long, value_name = "URLS")]
+    etcd: Option<String>,
     /// Address of /metrics, /livez, /readyz and /status [default: 127.0.0.1:9477].
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<String>,
@@ -97,6 +104,7 @@ fn main() -> ExitCode {
         socket: args.socket,
         data_dir: args.data_dir,
         nats_servers: args.nats,
+        etcd_endpoints: args.etcd,
         metrics_addr: args.metrics_addr,
     };
     let config = match config::Config::load(args.config.as_deref(), &overrides) {

@@ -9,14 +9,17 @@
 
 use crate::classes::WhenFull;
 use crate::config::Config;
+use crate::discovery;
+use crate::etcd_link::EtcdLink;
 use crate::forwarder;
 use crate::journal::{ClassLimits, Journal, JournalSettings};
 use crate::listener::{self, ListenError};
 use crate::nats_link::{NatsLink, NatsLinkError};
 use crate::notify::Notifier;
 use crate::ops_http::{self, OpsListenError, OpsState};
+use crate::registry;
 use crate::router::{self, RouterHandle};
-use crate::session::SessionContext;
+use crate::session::{SessionContext, Upstreams};
 use crate::stats::RelayStats;
 use crate::status::link_status_name;
 use crate::telemetry::Telemetry;
@@ -117,6 +120,17 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         Text::from(relay_id.as_str()),
         forwarder_stop.clone(),
     );
+    // etcd: connect in the background like NATS; registrations and
+    // discovery answer (Buffered, stale, or an error) until it is up.
+    let etcd = EtcdLink::start(&config.etcd, background.clone());
+    let registry_stop = CancellationToken::new();
+    let registry = registry::start(&config.etcd, etcd.clone(), registry_stop.clone());
+    let (discovery, discovery_task) = discovery::start(
+        &config.etcd,
+        etcd.clone(),
+        config.discovery_cache_path(),
+        registry_stop.clone(),
+    );
     let router = router::start(
         nats.clone(),
         Text::from(relay_id.as_str()),
@@ -128,7 +142,12 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     let ctx = Arc::new(SessionContext::new(
         Arc::new(config),
         classes,
-        nats.clone(),
+        Upstreams {
+            nats: nats.clone(),
+            etcd,
+            registry,
+            discovery,
+        },
         router.clone(),
         forwarder,
         stats,
@@ -170,6 +189,7 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         metrics = %metrics_addr,
         nats = %ctx.config.nats.servers.join(","),
         nats_link = link_status_name(initial_link),
+        etcd = %ctx.config.etcd.endpoints.join(","),
         "holdfastd ready"
     );
 
@@ -186,6 +206,13 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     );
     accept_stop.cancel();
     let _ = accept.await;
+    // Registrations are not revoked as sessions close for shutdown: their
+    // leases run out after the TTL unless the clients register again with
+    // the next relay first, so a relay restart does not blink their keys.
+    registry_stop.cancel();
+    if let Some(task) = discovery_task {
+        let _ = tokio::time::timeout(shutdown_grace, task).await;
+    }
     sessions_stop.cancel();
     tracker.close();
     if tokio::time::timeout(shutdown_grace, tracker.wait())
@@ -216,8 +243,18 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
 
 /// One line for systemd's STATUS=: the link and the load.
 fn status_line(ctx: &SessionContext) -> String {
+    let etcd = if ctx.etcd.is_enabled() {
+        format!(
+            "; etcd {}; {} registration(s), {} pending",
+            link_status_name(ctx.etcd.snapshot().status),
+            ctx.registry.stats.registrations.load(Ordering::Relaxed),
+            ctx.registry.stats.pending_changes.load(Ordering::Relaxed),
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "nats {}; {} session(s)",
+        "nats {}{etcd}; {} session(s)",
         link_status_name(ctx.nats.snapshot().status),
         ctx.stats.sessions_active()
     )
@@ -236,6 +273,8 @@ async fn report_to_systemd(
     let tick = watchdog.map_or(STATUS_INTERVAL, |interval| interval.min(STATUS_INTERVAL));
     let mut ticker = tokio::time::interval(tick);
     let mut link = ctx.nats.watch();
+    let mut etcd = ctx.etcd.watch();
+    let mut etcd_watching = ctx.etcd.is_enabled();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -243,6 +282,10 @@ async fn report_to_systemd(
                 if changed.is_err() {
                     return;
                 }
+                notifier.notify(&format!("STATUS={}", status_line(&ctx)));
+            }
+            changed = etcd.changed(), if etcd_watching => {
+                etcd_watching = changed.is_ok();
                 notifier.notify(&format!("STATUS={}", status_line(&ctx)));
             }
             _ = ticker.tick() => {

@@ -8,12 +8,15 @@
 use crate::class_queue::QueuedMessage;
 use crate::classes::Classes;
 use crate::config::Config;
+use crate::discovery::{DiscoveryHandle, GetTo};
+use crate::etcd_link::EtcdLink;
 use crate::fanout::LocalMessage;
 use crate::fanout::DELIVERED_LOCALLY_HEADER;
 use crate::forwarder::{Accept, AckTo, ForwarderHandle};
 use crate::nats_convert::{from_header_map, to_header_map, to_subject};
 use crate::nats_link::NatsLink;
 use crate::outbox::{outbox, Outbox, OutboxReceiver};
+use crate::registry::{AckTo as RegistrationAckTo, RegistryHandle};
 use crate::router::RouterHandle;
 use crate::stats::{bump, PublishOutcome, RelayStats};
 use crate::status;
@@ -21,16 +24,18 @@ use crate::subscription_table::SubscriptionKey;
 use crate::telemetry::{PUBLISH_ACK_SECONDS, REQUEST_DURATION_SECONDS};
 use async_nats::client::RequestErrorKind;
 use bytes::BytesMut;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use holdfast_wire::chain::strip_chain_headers;
 use holdfast_wire::subject::{
     validate_publish_subject, validate_queue_group, validate_subscribe_subject,
 };
 use holdfast_wire::{
-    encode, AckOutcome, CodecError, ErrorCode, ErrorFrame, Frame, FrameCodec, GoAway, Hello,
-    LinkState, LinkStatus, Pong, PubAck, Publish, Request, Response, ResponseOutcome, Service,
-    StatusResponse, Subscribe, Text, Welcome, PROTOCOL_VERSION,
+    encode, AckOutcome, CodecError, Deregister, ErrorCode, ErrorFrame, Frame, FrameCodec, Get,
+    GetOutcome, GetResponse, GoAway, Hello, LinkState, LinkStatus, Pong, PubAck, Publish, Register,
+    RegisterAck, RegistrationOutcome, Request, Response, ResponseOutcome, Service, StatusResponse,
+    Subscribe, Text, Watch, Welcome, PROTOCOL_VERSION,
 };
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +55,8 @@ const BARRIER_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Publishes handed to the forwarder at most per hand-over.
 const ACCEPT_BATCH: usize = 1024;
+/// Watches one session may hold at once.
+const MAX_WATCHES_PER_SESSION: usize = 1024;
 /// Frames the writer takes from the outbox per batch.
 const WRITE_BATCH_FRAMES: usize = 512;
 /// Flush the write buffer early once it holds this much.
@@ -60,6 +67,9 @@ pub struct SessionContext {
     pub config: Arc<Config>,
     pub classes: Classes,
     pub nats: NatsLink,
+    pub etcd: EtcdLink,
+    pub registry: RegistryHandle,
+    pub discovery: DiscoveryHandle,
     pub router: RouterHandle,
     pub forwarder: ForwarderHandle,
     pub stats: Arc<RelayStats>,
@@ -69,12 +79,20 @@ pub struct SessionContext {
     next_session_id: AtomicU64,
 }
 
+/// The upstream services as sessions use them.
+pub struct Upstreams {
+    pub nats: NatsLink,
+    pub etcd: EtcdLink,
+    pub registry: RegistryHandle,
+    pub discovery: DiscoveryHandle,
+}
+
 impl SessionContext {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
         classes: Classes,
-        nats: NatsLink,
+        upstreams: Upstreams,
         router: RouterHandle,
         forwarder: ForwarderHandle,
         stats: Arc<RelayStats>,
@@ -84,7 +102,10 @@ impl SessionContext {
         SessionContext {
             config,
             classes,
-            nats,
+            nats: upstreams.nats,
+            etcd: upstreams.etcd,
+            registry: upstreams.registry,
+            discovery: upstreams.discovery,
             router,
             forwarder,
             stats,
@@ -115,6 +136,18 @@ struct Session {
     /// Ack latency histograms by class index, looked up once per session so
     /// the publish path does not touch the metrics registry.
     ack_latency: Vec<metrics::Histogram>,
+    /// Keys this session registered: while any exist the session must keep
+    /// sending within the liveness timeout. Only this session's task
+    /// touches it (as `accepts`).
+    registered: std::sync::Mutex<HashSet<bytes::Bytes>>,
+    watches: std::sync::Mutex<HashSet<u32>>,
+}
+
+/// How a session ended, as far as its registrations care.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Closed,
+    LivenessExpired,
 }
 
 /// Keeps the active-sessions gauge right however the session ends.
@@ -157,9 +190,19 @@ pub async fn run(stream: UnixStream, ctx: Arc<SessionContext>) {
             .names()
             .map(|class| metrics::histogram!(PUBLISH_ACK_SECONDS, "class" => class.to_string()))
             .collect(),
+        registered: Default::default(),
+        watches: Default::default(),
     };
-    session.serve(&mut reader).await;
+    let ending = session.serve(&mut reader).await;
     ctx.router.remove_session(id).await;
+    if session.has_registrations() {
+        ctx.registry
+            .session_closed(id, ending == Ending::LivenessExpired)
+            .await;
+    }
+    if session.has_watches() {
+        ctx.discovery.session_closed(id).await;
+    }
     drop(session);
     // The writer ends once it has written GO_AWAY or every outbox handle is
     // gone; bound the wait so a peer that stopped reading cannot hold us.
@@ -175,14 +218,20 @@ pub async fn run(stream: UnixStream, ctx: Arc<SessionContext>) {
 }
 
 impl Session {
-    async fn serve(&self, reader: &mut Reader) {
+    async fn serve(&self, reader: &mut Reader) -> Ending {
         let Some(hello) = self.handshake(reader).await else {
-            return;
+            return Ending::Closed;
         };
         info!(session = self.id, client = %hello.client_name, "session started");
         let mut link = self.ctx.nats.watch();
         link.borrow_and_update();
+        let mut etcd = self.ctx.etcd.watch();
+        let mut etcd_status = etcd.borrow_and_update().link.status;
+        let mut etcd_watching = self.ctx.etcd.is_enabled();
+        let liveness_timeout = self.ctx.config.etcd.liveness_timeout;
+        let mut last_heard = tokio::time::Instant::now();
         loop {
+            let liveness_deadline = last_heard + liveness_timeout;
             let flow = tokio::select! {
                 _ = self.ctx.shutdown.cancelled() => {
                     // Everything this client sent is answered before goodbye.
@@ -203,8 +252,54 @@ impl Session {
                     }
                     Err(_) => Flow::Continue,
                 },
+                changed = etcd.changed(), if etcd_watching => match changed {
+                    Ok(()) => {
+                        let status = etcd.borrow_and_update().link.status;
+                        if status == etcd_status {
+                            Flow::Continue
+                        } else {
+                            etcd_status = status;
+                            let frame = Frame::LinkState(LinkState { service: Service::Etcd, status });
+                            self.send(frame).await
+                        }
+                    }
+                    // The link task stopped: the relay is shutting down.
+                    Err(_) => {
+                        etcd_watching = false;
+                        Flow::Continue
+                    }
+                },
+                _ = tokio::time::sleep_until(liveness_deadline), if self.has_registrations() => {
+                    // Frames may be waiting behind a slow handler; only a
+                    // client that really sent nothing is dead.
+                    match reader.next().now_or_never() {
+                        Some(Some(Ok(frame))) => {
+                            last_heard = tokio::time::Instant::now();
+                            self.flush_accepts().await;
+                            let flow = self.on_frame(frame).await;
+                            self.flush_accepts().await;
+                            flow
+                        }
+                        Some(Some(Err(error))) => {
+                            self.on_read_error(error).await;
+                            Flow::Close
+                        }
+                        Some(None) => Flow::Close,
+                        None => {
+                            warn!(
+                                session = self.id,
+                                client = %hello.client_name,
+                                liveness_timeout_ms = liveness_timeout.as_millis() as u64,
+                                "client sent nothing within the liveness timeout; ending its session and removing its registrations"
+                            );
+                            self.go_away(ErrorCode::Timeout, "no heartbeat within the liveness timeout").await;
+                            return Ending::LivenessExpired;
+                        }
+                    }
+                }
                 frame = reader.next() => match frame {
                     Some(Ok(frame)) => {
+                        last_heard = tokio::time::Instant::now();
                         // Publishes wait in a batch until this read is used
                         // up; anything else first hands them over, in order.
                         if !matches!(frame, Frame::Publish(_)) {
@@ -229,6 +324,15 @@ impl Session {
             }
         }
         debug!(session = self.id, "session ended");
+        Ending::Closed
+    }
+
+    fn has_registrations(&self) -> bool {
+        !lock(&self.registered).is_empty()
+    }
+
+    fn has_watches(&self) -> bool {
+        !lock(&self.watches).is_empty()
     }
 
     async fn handshake(&self, reader: &mut Reader) -> Option<Hello> {
@@ -262,7 +366,7 @@ impl Session {
             return None;
         }
         let instance_id = if hello.instance_id == 0 {
-            new_instance_id(self.id)
+            new_instance_id()
         } else {
             hello.instance_id
         };
@@ -274,7 +378,7 @@ impl Session {
             relay_id: self.ctx.relay_id.clone(),
             max_frame_bytes: self.ctx.config.relay.max_frame_bytes,
             nats: link.status,
-            etcd: LinkStatus::Unknown,
+            etcd: self.ctx.etcd.snapshot().status,
         });
         match self.send(welcome).await {
             Flow::Continue => Some(hello),
@@ -316,6 +420,16 @@ impl Session {
                     json: json.into(),
                 }))
                 .await
+            }
+            Frame::Register(register) => self.on_register(register).await,
+            Frame::Deregister(deregister) => self.on_deregister(deregister).await,
+            Frame::Get(get) => self.on_get(get).await,
+            Frame::Watch(watch) => self.on_watch(watch).await,
+            Frame::Unwatch(unwatch) => {
+                if lock(&self.watches).remove(&unwatch.watch_id) {
+                    self.ctx.discovery.unwatch(self.id, unwatch.watch_id).await;
+                }
+                Flow::Continue
             }
             Frame::Pong(_) => Flow::Continue,
             Frame::Error(error) => {
@@ -575,6 +689,121 @@ impl Session {
         }
     }
 
+    async fn on_register(&self, register: Register) -> Flow {
+        if register.key.is_empty() {
+            return self
+                .answer_registration(
+                    register.request_id,
+                    ErrorCode::InvalidSubject,
+                    "a registration key must not be empty",
+                )
+                .await;
+        }
+        lock(&self.registered).insert(register.key.clone());
+        let ack = RegistrationAckTo {
+            outbox: self.outbox.clone(),
+            request_id: register.request_id,
+        };
+        self.ctx
+            .registry
+            .register(self.id, register.key, register.value, ack)
+            .await;
+        Flow::Continue
+    }
+
+    async fn on_deregister(&self, deregister: Deregister) -> Flow {
+        lock(&self.registered).remove(&deregister.key);
+        let ack = RegistrationAckTo {
+            outbox: self.outbox.clone(),
+            request_id: deregister.request_id,
+        };
+        self.ctx
+            .registry
+            .deregister(self.id, deregister.key, ack)
+            .await;
+        Flow::Continue
+    }
+
+    async fn answer_registration(&self, request_id: u64, code: ErrorCode, message: &str) -> Flow {
+        self.send(Frame::RegisterAck(RegisterAck {
+            request_id,
+            outcome: RegistrationOutcome::Rejected {
+                code,
+                message: Text::from(message),
+            },
+        }))
+        .await
+    }
+
+    async fn on_get(&self, get: Get) -> Flow {
+        if get.prefix.is_empty() {
+            return self
+                .send(Frame::GetResponse(GetResponse {
+                    request_id: get.request_id,
+                    outcome: GetOutcome::Failed {
+                        code: ErrorCode::InvalidSubject,
+                        message: Text::from("a discovery prefix must not be empty"),
+                    },
+                }))
+                .await;
+        }
+        let to = GetTo {
+            outbox: self.outbox.clone(),
+            request_id: get.request_id,
+        };
+        if get.linearizable {
+            self.ctx.discovery.get_linearizable(get.prefix, to);
+        } else {
+            self.ctx.discovery.get(get.prefix, to).await;
+        }
+        Flow::Continue
+    }
+
+    async fn on_watch(&self, watch: Watch) -> Flow {
+        let reference = u64::from(watch.watch_id);
+        if watch.prefix.is_empty() {
+            let message = "a discovery prefix must not be empty".to_string();
+            return self
+                .error(ErrorCode::InvalidSubject, reference, message)
+                .await;
+        }
+        let admitted = {
+            let mut watches = lock(&self.watches);
+            let admitted =
+                watches.contains(&watch.watch_id) || watches.len() < MAX_WATCHES_PER_SESSION;
+            if admitted {
+                watches.insert(watch.watch_id);
+            }
+            admitted
+        };
+        if !admitted {
+            bump(&self.ctx.stats.limit_rejections);
+            let message = format!("at most {MAX_WATCHES_PER_SESSION} watches per connection");
+            return self
+                .error(ErrorCode::LimitExceeded, reference, message)
+                .await;
+        }
+        let started = self
+            .ctx
+            .discovery
+            .watch(
+                self.id,
+                watch.watch_id,
+                watch.prefix,
+                watch.send_initial,
+                self.outbox.clone(),
+            )
+            .await;
+        match started {
+            Ok(()) => Flow::Continue,
+            Err(message) => {
+                lock(&self.watches).remove(&watch.watch_id);
+                self.error(ErrorCode::EtcdUnavailable, reference, message.to_string())
+                    .await
+            }
+        }
+    }
+
     async fn on_request(&self, request: Request) -> Flow {
         bump(&self.ctx.stats.requests_total);
         let request_id = request.request_id;
@@ -796,16 +1025,19 @@ async fn serve_request(
     }
 }
 
-/// An instance id for a client that has none yet: unique per relay run and
-/// unlikely to collide across relays (time and pid mixed into the session id).
-fn new_instance_id(session_id: u64) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_nanos() as u64)
-        .unwrap_or_default();
-    let mixed = nanos ^ (u64::from(std::process::id()) << 40) ^ session_id.rotate_left(17);
+/// An instance id for a client that has none yet: 64 random bits, since
+/// components build fleet-wide etcd keys from it.
+fn new_instance_id() -> u64 {
     // 0 means "none" on the wire.
-    mixed.max(1)
+    holdfast_wire::backoff::jitter_source().max(1)
+}
+
+/// Locks a mutex only this session's task uses; a poisoned one is still
+/// consistent (the holder panicked between statements, not mid-update).
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Writes everything the outbox holds, batch by batch, until GO_AWAY is

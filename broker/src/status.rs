@@ -7,6 +7,7 @@ use crate::session::SessionContext;
 use crate::stats::StatsSnapshot;
 use holdfast_wire::LinkStatus;
 use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 #[derive(Debug, Serialize)]
@@ -17,6 +18,7 @@ pub struct StatusDocument {
     pub uptime_seconds: u64,
     pub socket: String,
     pub nats: NatsStatus,
+    pub etcd: EtcdStatus,
     pub sessions: u64,
     pub subscriptions: SubscriptionStatus,
     /// Per class, in drain order.
@@ -59,6 +61,29 @@ pub struct NatsStatus {
     /// Seconds since the status last changed.
     pub since_seconds: u64,
     pub outages: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EtcdStatus {
+    /// "up", "down" or "unknown" ("unknown" also when not configured).
+    pub status: &'static str,
+    pub configured: bool,
+    pub endpoints: Vec<String>,
+    /// Seconds since the status last changed.
+    pub since_seconds: u64,
+    pub outages: u64,
+    pub reconnect_attempts: u64,
+    /// Keys registered by live sessions.
+    pub registrations: u64,
+    /// Registration changes etcd has not confirmed yet.
+    pub pending_changes: u64,
+    pub reconcile_runs: u64,
+    pub reconcile_repairs: u64,
+    pub cached_prefixes: u64,
+    pub cached_entries: u64,
+    pub watchers: u64,
+    /// Age of the stalest cached prefix etcd does not confirm right now.
+    pub max_staleness_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -141,6 +166,7 @@ pub async fn document(ctx: &SessionContext) -> StatusDocument {
                 .unwrap_or_default(),
             outages: link.outages,
         },
+        etcd: etcd_status(ctx),
         sessions: ctx.stats.sessions_active(),
         subscriptions: SubscriptionStatus {
             local: router.local_subscriptions,
@@ -150,5 +176,31 @@ pub async fn document(ctx: &SessionContext) -> StatusDocument {
         classes,
         journal,
         counters: ctx.stats.snapshot(),
+    }
+}
+
+fn etcd_status(ctx: &SessionContext) -> EtcdStatus {
+    let read = |value: &AtomicU64| value.load(Ordering::Relaxed);
+    let link = ctx.etcd.snapshot();
+    let registry = &ctx.registry.stats;
+    let discovery = &ctx.discovery.stats;
+    EtcdStatus {
+        status: link_status_name(link.status),
+        configured: ctx.etcd.is_enabled(),
+        endpoints: ctx.etcd.endpoints().to_vec(),
+        since_seconds: SystemTime::now()
+            .duration_since(link.since)
+            .map(|elapsed| elapsed.as_secs())
+            .unwrap_or_default(),
+        outages: link.outages,
+        reconnect_attempts: ctx.etcd.reconnect_attempts(),
+        registrations: read(&registry.registrations),
+        pending_changes: read(&registry.pending_changes),
+        reconcile_runs: read(&registry.reconcile_runs),
+        reconcile_repairs: read(&registry.reconcile_repairs),
+        cached_prefixes: read(&discovery.prefixes),
+        cached_entries: read(&discovery.entries),
+        watchers: read(&discovery.watchers),
+        max_staleness_ms: read(&discovery.max_stale_ms),
     }
 }

@@ -6,6 +6,7 @@
 //! exposition text. Histograms are recorded where the latency happens. The
 //! README's metrics table lists every series below; keep the two in step.
 
+use crate::nats_link::LinkSnapshot;
 use crate::router::RouterStats;
 use crate::session::SessionContext;
 use crate::stats::{read, PublishOutcome};
@@ -26,6 +27,7 @@ const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 pub const PUBLISH_ACK_SECONDS: &str = "holdfast_publish_ack_seconds";
 pub const REQUEST_DURATION_SECONDS: &str = "holdfast_request_duration_seconds";
 pub const JOURNAL_APPEND_SECONDS: &str = "holdfast_journal_append_seconds";
+pub const RECONCILE_SECONDS: &str = "holdfast_reconcile_duration_seconds";
 
 /// The installed Prometheus recorder.
 #[derive(Clone)]
@@ -212,6 +214,68 @@ fn describe() {
         Unit::Seconds,
         "From a request arriving to its response being queued."
     );
+    describe_counter!(
+        "holdfast_etcd_reconnect_attempts_total",
+        "Failed etcd connection attempts, each followed by a capped, jittered backoff."
+    );
+    describe_gauge!(
+        "holdfast_registrations",
+        "Keys registered by live sessions (held in etcd, or buffered while it is down)."
+    );
+    describe_gauge!(
+        "holdfast_registration_changes_pending",
+        "Registration changes (puts and deletes) not yet confirmed by etcd: buffered while it is down."
+    );
+    describe_gauge!(
+        "holdfast_registration_sessions",
+        "Sessions holding at least one registration (each with its own lease)."
+    );
+    describe_counter!(
+        "holdfast_registration_acks_total",
+        "Answers to REGISTER/DEREGISTER by outcome (applied, buffered, rejected)."
+    );
+    describe_counter!(
+        "holdfast_leases_total",
+        "Lease events by kind: granted, revoked, lost (etcd dropped a lease the relay still needed)."
+    );
+    describe_counter!(
+        "holdfast_reconcile_runs_total",
+        "Completed reconcile passes (after etcd returns and every reconcile_interval)."
+    );
+    describe_counter!(
+        "holdfast_reconcile_repairs_total",
+        "Leases and keys a reconcile pass found different in etcd and rewrote."
+    );
+    describe_histogram!(
+        RECONCILE_SECONDS,
+        Unit::Seconds,
+        "Duration of a reconcile pass."
+    );
+    describe_gauge!(
+        "holdfast_discovery_cache_prefixes",
+        "Prefixes in the discovery cache, each with one upstream watch."
+    );
+    describe_gauge!(
+        "holdfast_discovery_cache_entries",
+        "Keys held in the discovery cache."
+    );
+    describe_gauge!(
+        "holdfast_discovery_watchers",
+        "Client watches served from the discovery cache."
+    );
+    describe_gauge!(
+        "holdfast_discovery_staleness_seconds",
+        Unit::Seconds,
+        "Age of the stalest cached prefix not confirmed by etcd right now; 0 while all are fresh."
+    );
+    describe_counter!(
+        "holdfast_discovery_gets_total",
+        "Discovery GETs by result: hit (answered from the cache), miss (not cached yet or refused), linearizable (sent to etcd)."
+    );
+    describe_counter!(
+        "holdfast_discovery_relists_total",
+        "Times a cached prefix was listed again (etcd compacted the watch's history or came back reset)."
+    );
 }
 
 fn unix_seconds(time: SystemTime) -> f64 {
@@ -238,25 +302,70 @@ fn gauges_for_class(name: &str, gauges: &crate::forwarder::ClassGauges, now_ms: 
     counter!("holdfast_expired_messages_total", "class" => class).absolute(read(&gauges.expired));
 }
 
-fn copy_counters(ctx: &SessionContext, router: RouterStats) {
-    let stats = &ctx.stats;
-    gauge!("holdfast_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    gauge!("holdfast_uptime_seconds").set(ctx.started_at.elapsed().as_secs_f64());
-
-    let link = ctx.nats.snapshot();
+fn link_gauges(service: &'static str, link: LinkSnapshot) {
     let up = if link.status == LinkStatus::Up {
         1.0
     } else {
         0.0
     };
-    gauge!("holdfast_upstream_up", "service" => "nats").set(up);
-    gauge!("holdfast_upstream_last_change_timestamp_seconds", "service" => "nats")
+    gauge!("holdfast_upstream_up", "service" => service).set(up);
+    gauge!("holdfast_upstream_last_change_timestamp_seconds", "service" => service)
         .set(unix_seconds(link.since));
-    counter!("holdfast_upstream_outages_total", "service" => "nats").absolute(link.outages);
-    gauge!("holdfast_upstream_current_outage_seconds", "service" => "nats")
+    counter!("holdfast_upstream_outages_total", "service" => service).absolute(link.outages);
+    gauge!("holdfast_upstream_current_outage_seconds", "service" => service)
         .set(link.current_outage().as_secs_f64());
-    gauge!("holdfast_upstream_downtime_seconds", "service" => "nats")
+    gauge!("holdfast_upstream_downtime_seconds", "service" => service)
         .set(link.downtime().as_secs_f64());
+}
+
+fn copy_etcd_counters(ctx: &SessionContext) {
+    counter!("holdfast_etcd_reconnect_attempts_total").absolute(ctx.etcd.reconnect_attempts());
+    let registry = &ctx.registry.stats;
+    gauge!("holdfast_registrations").set(read(&registry.registrations) as f64);
+    gauge!("holdfast_registration_changes_pending").set(read(&registry.pending_changes) as f64);
+    gauge!("holdfast_registration_sessions").set(read(&registry.sessions) as f64);
+    for (outcome, value) in [
+        ("applied", &registry.acks_applied),
+        ("buffered", &registry.acks_buffered),
+        ("rejected", &registry.acks_rejected),
+    ] {
+        counter!("holdfast_registration_acks_total", "outcome" => outcome).absolute(read(value));
+    }
+    for (kind, value) in [
+        ("granted", &registry.leases_granted),
+        ("revoked", &registry.leases_revoked),
+        ("lost", &registry.leases_lost),
+    ] {
+        counter!("holdfast_leases_total", "kind" => kind).absolute(read(value));
+    }
+    counter!("holdfast_reconcile_runs_total").absolute(read(&registry.reconcile_runs));
+    counter!("holdfast_reconcile_repairs_total").absolute(read(&registry.reconcile_repairs));
+    let discovery = &ctx.discovery.stats;
+    gauge!("holdfast_discovery_cache_prefixes").set(read(&discovery.prefixes) as f64);
+    gauge!("holdfast_discovery_cache_entries").set(read(&discovery.entries) as f64);
+    gauge!("holdfast_discovery_watchers").set(read(&discovery.watchers) as f64);
+    gauge!("holdfast_discovery_staleness_seconds")
+        .set(read(&discovery.max_stale_ms) as f64 / 1000.0);
+    for (result, value) in [
+        ("hit", &discovery.hits),
+        ("miss", &discovery.misses),
+        ("linearizable", &discovery.linearizable_gets),
+    ] {
+        counter!("holdfast_discovery_gets_total", "result" => result).absolute(read(value));
+    }
+    counter!("holdfast_discovery_relists_total").absolute(read(&discovery.relists));
+}
+
+fn copy_counters(ctx: &SessionContext, router: RouterStats) {
+    let stats = &ctx.stats;
+    gauge!("holdfast_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!("holdfast_uptime_seconds").set(ctx.started_at.elapsed().as_secs_f64());
+
+    link_gauges("nats", ctx.nats.snapshot());
+    if ctx.etcd.is_enabled() {
+        link_gauges("etcd", ctx.etcd.snapshot());
+        copy_etcd_counters(ctx);
+    }
 
     gauge!("holdfast_sessions").set(stats.sessions_active() as f64);
     counter!("holdfast_sessions_opened_total").absolute(read(&stats.sessions_total));

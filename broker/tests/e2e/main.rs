@@ -1,4 +1,4 @@
-//! End-to-end tests of holdfastd against real nats-server processes.
+//! End-to-end tests of holdfastd against real nats-server and etcd processes.
 //!
 //! One test binary (so it links once); each test starts its own NATS and
 //! relay on free loopback ports and a temp-dir socket, so tests run in
@@ -6,11 +6,13 @@
 
 mod bad_input;
 mod cli;
+mod discovery;
 mod journal;
 mod journal_limits;
 mod ops;
 mod outage;
 mod passthrough;
+mod registry;
 mod restart;
 mod slow_consumer;
 mod support;

@@ -1,4 +1,4 @@
-//! Test harness: real nats-server and holdfastd processes on loopback.
+//! Test harness: real nats-server, etcd and holdfastd processes on loopback.
 //!
 //! Every process is started on a free port or a temp-dir socket, owned by a
 //! value whose `Drop` kills it by PID, so a failing test leaves nothing
@@ -163,6 +163,183 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether the etcd at `url` answers a read within a second.
+fn answers_a_read(url: &str) -> bool {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return false;
+    };
+    runtime.block_on(async {
+        let connect = etcd_client::Client::connect([url], None);
+        let Ok(Ok(mut client)) = tokio::time::timeout(Duration::from_millis(500), connect).await
+        else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), client.get("probe", None)).await,
+            Ok(Ok(_))
+        )
+    })
+}
+
+/// A single-member etcd process with its own data dir.
+pub struct EtcdServer {
+    client_port: u16,
+    peer_port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl EtcdServer {
+    pub fn start() -> EtcdServer {
+        let mut server = EtcdServer {
+            client_port: free_port(),
+            peer_port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+            starts: 0,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let binary = find_binary("etcd", "HOLDFAST_ETCD");
+        let log = std::fs::File::create(self.dir.path().join(format!("etcd.{}.log", self.starts)))
+            .expect("log file");
+        let client_url = self.url();
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(binary)
+            .args(["--name", "holdfast-test"])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("holdfast-test={peer_url}")])
+            // A single member elects itself after one election timeout.
+            .args(["--heartbeat-interval", "25", "--election-timeout", "250"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+        let url = self.url();
+        let deadline = Instant::now() + WAIT;
+        // Ready once it answers a read (it has a leader). The check runs on
+        // its own thread: callers are often inside a tokio runtime.
+        loop {
+            let probe_url = url.clone();
+            let answered = std::thread::spawn(move || answers_a_read(&probe_url))
+                .join()
+                .unwrap_or(false);
+            if answered {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("etcd exited with {status}:\n{}", self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not start:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn logs(&self) -> String {
+        let mut text = String::new();
+        for start in 1..=self.starts {
+            let path = self.dir.path().join(format!("etcd.{start}.log"));
+            let _ = std::fs::File::open(path).map(|mut file| file.read_to_string(&mut text));
+        }
+        text
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The `[etcd]` table pointing a relay here, with test-sized intervals
+    /// and `extra` keys appended.
+    pub fn relay_config(&self, extra: &str) -> String {
+        format!(
+            "[etcd]\nendpoints = [\"{}\"]\nreconcile_interval = \"2s\"\nreconnect_delay_max = \"1s\"\n{extra}\n",
+            self.url()
+        )
+    }
+
+    /// A plain etcd-client, as any other component of the fleet would use.
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.url()], None)
+            .await
+            .expect("connect to etcd")
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: connections stay open but nothing answers.
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGSTOP);
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGCONT);
+        }
+    }
+
+    /// Starts a fresh process on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Starts a fresh process on the same ports with its data wiped: an
+    /// etcd that came back empty.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(self.data_dir());
+        self.spawn();
+    }
+
+    /// Starts the process again after [`EtcdServer::kill`].
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- etcd logs ---\n{}", self.logs());
+        }
+        if let Some(child) = &self.child {
+            // A paused process must run again to die promptly.
+            signal(child, libc::SIGCONT);
+        }
         self.kill();
     }
 }
@@ -332,6 +509,19 @@ impl Relay {
         }
     }
 
+    /// SIGSTOP: the relay's connections stay open but it does nothing.
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGSTOP);
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGCONT);
+        }
+    }
+
     /// SIGTERM and the exit status, bounded by `WAIT`.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("relay is running");
@@ -363,6 +553,33 @@ impl Drop for Relay {
             eprintln!("--- holdfastd logs ---\n{}", self.logs());
         }
         self.kill();
+    }
+}
+
+/// A relay in front of its own NATS and etcd servers.
+pub struct EtcdStack {
+    pub etcd: EtcdServer,
+    pub nats: NatsServer,
+    pub relay: Relay,
+}
+
+impl EtcdStack {
+    pub fn start() -> EtcdStack {
+        EtcdStack::start_with_config("")
+    }
+
+    /// `extra` goes into the `[etcd]` table.
+    pub fn start_with_config(extra: &str) -> EtcdStack {
+        let etcd = EtcdServer::start();
+        let nats = NatsServer::start();
+        let relay = Relay::start_with_config(&nats.url(), &etcd.relay_config(extra));
+        EtcdStack { etcd, nats, relay }
+    }
+
+    pub async fn client(&self) -> holdfast_client::Client {
+        holdfast_client::Client::connect(&self.relay.url())
+            .await
+            .expect("connect to holdfastd")
     }
 }
 

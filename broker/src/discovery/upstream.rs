@@ -1,0 +1,201 @@
+//! One upstream etcd watch per cached prefix, re-established whenever the
+//! link comes back.
+//!
+//! On every (re)connect the task lists the prefix once to learn etcd's
+//! current revision. A cache that never synced, or an etcd whose revision
+//! went backwards (it came back empty), gets the listing; otherwise the
+//! watch resumes right after the last revision the cache saw, so every
+//! change made in between is delivered as an event. If etcd compacted that
+//! history away, the task lists again and the cache hands watchers the
+//! difference instead.
+
+use super::cache::Change;
+use crate::etcd_link::EtcdLink;
+use bytes::Bytes;
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+/// What the watch reports to the discovery task.
+#[derive(Debug)]
+pub enum Upstream {
+    /// A full listing of the prefix at `revision`.
+    Listed {
+        prefix: Bytes,
+        entries: Vec<(Bytes, Bytes)>,
+        revision: u64,
+    },
+    /// The watch is established: the cache is confirmed from here on.
+    Watching { prefix: Bytes },
+    /// Changes, in etcd's order; `revision` is the last one's.
+    Changes {
+        prefix: Bytes,
+        changes: Vec<Change>,
+        revision: u64,
+    },
+    /// The watch broke; the cache is stale until `Watching` again.
+    Lost { prefix: Bytes },
+}
+
+/// Follows `prefix` from `revision` (0: never synced) until the discovery
+/// task goes away or aborts it.
+pub async fn follow(
+    prefix: Bytes,
+    mut revision: u64,
+    link: EtcdLink,
+    report: mpsc::Sender<Upstream>,
+    call_timeout: Duration,
+) {
+    let mut state = link.watch();
+    let mut must_list = revision == 0;
+    loop {
+        let (client, generation) = match state.wait_for(|state| state.client.is_some()).await {
+            Ok(state) => (state.client.clone(), state.generation),
+            Err(_) => return,
+        };
+        let Some(mut client) = client else {
+            continue;
+        };
+        let listing = tokio::time::timeout(
+            call_timeout,
+            client.get(prefix.to_vec(), Some(GetOptions::new().with_prefix())),
+        )
+        .await;
+        let listing = match listing {
+            Ok(Ok(listing)) => listing,
+            Ok(Err(error)) => {
+                debug!(error = %error, "listing a discovery prefix failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+        };
+        let current = listing
+            .header()
+            .map_or(0, |header| header.revision().max(0) as u64);
+        if current < revision {
+            warn!(
+                prefix = %String::from_utf8_lossy(&prefix),
+                cached_revision = revision,
+                etcd_revision = current,
+                "etcd's revision went backwards (restored or wiped); re-listing the prefix"
+            );
+            must_list = true;
+        }
+        if must_list {
+            let entries = listing
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    (
+                        Bytes::copy_from_slice(kv.key()),
+                        Bytes::copy_from_slice(kv.value()),
+                    )
+                })
+                .collect();
+            revision = current;
+            must_list = false;
+            if report
+                .send(Upstream::Listed {
+                    prefix: prefix.clone(),
+                    entries,
+                    revision,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(i64::try_from(revision + 1).unwrap_or(i64::MAX));
+        let mut stream = match client.watch(prefix.to_vec(), Some(options)).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                debug!(error = %error, "starting a discovery watch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                message = stream.message() => message,
+                // A new link generation means a new connection: follow it.
+                changed = state.wait_for(|state| state.generation != generation) => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+            };
+            let response = match message {
+                Ok(Some(response)) => response,
+                Ok(None) | Err(_) => break,
+            };
+            if response.compact_revision() > 0 || response.canceled() {
+                info!(
+                    prefix = %String::from_utf8_lossy(&prefix),
+                    from_revision = revision + 1,
+                    compacted_to = response.compact_revision(),
+                    "etcd compacted the history the watch needed; re-listing the prefix"
+                );
+                must_list = true;
+                break;
+            }
+            if response.created()
+                && report
+                    .send(Upstream::Watching {
+                        prefix: prefix.clone(),
+                    })
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            let changes: Vec<Change> = response
+                .events()
+                .iter()
+                .filter_map(|event| {
+                    let kv = event.kv()?;
+                    let key = Bytes::copy_from_slice(kv.key());
+                    let at = kv.mod_revision().max(0) as u64;
+                    Some(match event.event_type() {
+                        EventType::Put => Change::put(key, Bytes::copy_from_slice(kv.value()), at),
+                        EventType::Delete => Change::delete(key, at),
+                    })
+                })
+                .collect();
+            // Only events advance the resume point: a response's header
+            // revision can run ahead of catch-up events still to come.
+            let last_event = changes.last().map_or(0, |change| change.revision);
+            revision = revision.max(last_event);
+            if !changes.is_empty()
+                && report
+                    .send(Upstream::Changes {
+                        prefix: prefix.clone(),
+                        changes,
+                        revision,
+                    })
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+        if report
+            .send(Upstream::Lost {
+                prefix: prefix.clone(),
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

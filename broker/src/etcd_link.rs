@@ -1,0 +1,234 @@
+//! The relay's connection to the upstream etcd cluster, and its link state.
+//!
+//! One task connects, probes and reconnects; everyone else reads the current
+//! state (and the connected client) from a watch channel. A probe is a
+//! linearizable count-only read, so it fails when the cluster has no leader,
+//! not only when the socket is gone; with the default 250 ms interval and
+//! 500 ms timeout an outage is noticed within 750 ms. Reconnects wait an
+//! exponential, jittered delay capped at `reconnect_delay_max`, so a fleet
+//! of relays does not hammer an etcd that is coming back.
+
+use crate::config::EtcdConfig;
+use crate::nats_link::LinkSnapshot;
+use etcd_client::{Client, ConnectOptions, GetOptions};
+use holdfast_wire::backoff::Backoff;
+use holdfast_wire::LinkStatus;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The key read by probes; it need not exist.
+const PROBE_KEY: &[u8] = b"\0holdfast-probe";
+
+/// The link's state plus the client to use while it is up.
+#[derive(Clone)]
+pub struct EtcdState {
+    pub link: LinkSnapshot,
+    /// Present while the link is up.
+    pub client: Option<Client>,
+    /// Counts up transitions, so a task can tell "up again" from "still up".
+    pub generation: u64,
+}
+
+/// A cheap handle to the etcd link.
+#[derive(Clone)]
+pub struct EtcdLink {
+    state: watch::Receiver<EtcdState>,
+    reconnect_attempts: Arc<AtomicU64>,
+    endpoints: Arc<Vec<String>>,
+}
+
+impl EtcdLink {
+    /// A link that is never up: etcd is not configured.
+    pub fn disabled() -> EtcdLink {
+        let (_, state) = watch::channel(initial_state());
+        EtcdLink {
+            state,
+            reconnect_attempts: Arc::default(),
+            endpoints: Arc::default(),
+        }
+    }
+
+    /// Starts connecting in the background; returns at once.
+    pub fn start(config: &EtcdConfig, shutdown: CancellationToken) -> EtcdLink {
+        if config.endpoints.is_empty() {
+            return EtcdLink::disabled();
+        }
+        let (sender, state) = watch::channel(initial_state());
+        let link = EtcdLink {
+            state,
+            reconnect_attempts: Arc::default(),
+            endpoints: Arc::new(config.endpoints.clone()),
+        };
+        let task = LinkTask {
+            config: config.clone(),
+            sender,
+            reconnect_attempts: link.reconnect_attempts.clone(),
+            past_downtime: Duration::ZERO,
+            outages: 0,
+        };
+        tokio::spawn(task.run(shutdown));
+        link
+    }
+
+    /// Whether etcd is configured at all.
+    pub fn is_enabled(&self) -> bool {
+        !self.endpoints.is_empty()
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    pub fn snapshot(&self) -> LinkSnapshot {
+        self.state.borrow().link
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state.borrow().link.status == LinkStatus::Up
+    }
+
+    /// The connected client, while the link is up.
+    pub fn client(&self) -> Option<Client> {
+        self.state.borrow().client.clone()
+    }
+
+    pub fn watch(&self) -> watch::Receiver<EtcdState> {
+        self.state.clone()
+    }
+
+    /// Connection attempts made after the first one failed or the link fell.
+    pub fn reconnect_attempts(&self) -> u64 {
+        self.reconnect_attempts.load(Ordering::Relaxed)
+    }
+}
+
+fn initial_state() -> EtcdState {
+    EtcdState {
+        link: LinkSnapshot {
+            status: LinkStatus::Unknown,
+            since: SystemTime::now(),
+            outages: 0,
+            past_downtime: Duration::ZERO,
+        },
+        client: None,
+        generation: 0,
+    }
+}
+
+struct LinkTask {
+    config: EtcdConfig,
+    sender: watch::Sender<EtcdState>,
+    reconnect_attempts: Arc<AtomicU64>,
+    past_downtime: Duration,
+    outages: u64,
+}
+
+impl LinkTask {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(self.config.probe_interval, self.config.reconnect_delay_max);
+        let mut first = true;
+        loop {
+            let connected = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                connected = self.connect() => connected,
+            };
+            match connected {
+                Ok(client) => {
+                    backoff.reset();
+                    self.set(LinkStatus::Up, Some(client.clone()));
+                    info!(endpoints = %self.config.endpoints.join(","), "etcd link up");
+                    let reason = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        reason = self.probe_until_failure(client) => reason,
+                    };
+                    self.set(LinkStatus::Down, None);
+                    warn!(reason = %reason, "etcd link down; registrations are buffered and discovery answers from the cache");
+                }
+                Err(error) => {
+                    if first || self.sender.borrow().link.status != LinkStatus::Down {
+                        self.set(LinkStatus::Down, None);
+                        warn!(error = %error, "cannot reach etcd; registrations are buffered and discovery answers from the cache");
+                    }
+                    let delay = backoff.next_delay();
+                    self.reconnect_attempts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %error, retry_in_ms = delay.as_millis() as u64, "etcd connect failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+            first = false;
+        }
+    }
+
+    /// A fresh client that answered one probe.
+    async fn connect(&self) -> Result<Client, String> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(self.config.probe_timeout)
+            .with_keep_alive(self.config.probe_interval * 4, self.config.probe_timeout);
+        let attempt = async {
+            let mut client = Client::connect(&self.config.endpoints, Some(options))
+                .await
+                .map_err(|error| error.to_string())?;
+            probe(&mut client).await?;
+            Ok(client)
+        };
+        tokio::time::timeout(self.config.probe_timeout * 2, attempt)
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+    }
+
+    /// Probes every `probe_interval` until one fails; returns why.
+    async fn probe_until_failure(&self, mut client: Client) -> String {
+        let mut ticker = tokio::time::interval(self.config.probe_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            match tokio::time::timeout(self.config.probe_timeout, probe(&mut client)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return error,
+                Err(_) => {
+                    return format!(
+                        "no answer within {} ms",
+                        self.config.probe_timeout.as_millis()
+                    )
+                }
+            }
+        }
+    }
+
+    fn set(&mut self, status: LinkStatus, client: Option<Client>) {
+        let now = SystemTime::now();
+        let previous = self.sender.borrow().link;
+        if previous.status == LinkStatus::Down {
+            self.past_downtime += now.duration_since(previous.since).unwrap_or_default();
+        }
+        if status == LinkStatus::Down && previous.status != LinkStatus::Down {
+            self.outages += 1;
+        }
+        let generation = self.sender.borrow().generation + u64::from(status == LinkStatus::Up);
+        self.sender.send_replace(EtcdState {
+            link: LinkSnapshot {
+                status,
+                since: now,
+                outages: self.outages,
+                past_downtime: self.past_downtime,
+            },
+            client,
+            generation,
+        });
+    }
+}
+
+async fn probe(client: &mut Client) -> Result<(), String> {
+    client
+        .get(PROBE_KEY, Some(GetOptions::new().with_count_only()))
+        .await
+        .map(|_| ())
+        .map_err(|error| error.to_string())
+}

@@ -1,0 +1,196 @@
+//! The registry's etcd calls: each step the model decides on, done with
+//! etcd-client and reported back as plain data.
+//!
+//! Every step is bounded by a timeout, because a stopped etcd does not
+//! refuse a call, it just never answers, and the registry must go on
+//! buffering meanwhile.
+
+use super::model::{Change, LeaseId, Observed, SessionId};
+use bytes::Bytes;
+use etcd_client::{Client, PutOptions, Txn, TxnOp, TxnOpResponse};
+use std::time::Duration;
+
+/// One unit of work against etcd.
+#[derive(Debug)]
+pub enum Step {
+    Revoke(Vec<LeaseId>),
+    Grant(Vec<SessionId>),
+    Apply(Vec<Change>),
+    CheckLeases(Vec<(SessionId, LeaseId)>),
+    ReadKeys(Vec<Bytes>),
+}
+
+/// What a step achieved; `error` is set when it stopped early.
+#[derive(Debug)]
+pub enum StepResult {
+    /// The first `done` leases are revoked (or were already gone).
+    Revoked { done: usize, error: Option<String> },
+    Granted {
+        leases: Vec<(SessionId, LeaseId)>,
+        error: Option<String>,
+    },
+    Applied {
+        changes: Vec<Change>,
+        error: Option<String>,
+    },
+    LeasesChecked {
+        lost: Vec<(SessionId, LeaseId)>,
+        error: Option<String>,
+    },
+    KeysRead {
+        observed: Vec<(Bytes, Option<Observed>)>,
+        error: Option<String>,
+    },
+}
+
+impl StepResult {
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            StepResult::Revoked { error, .. }
+            | StepResult::Granted { error, .. }
+            | StepResult::Applied { error, .. }
+            | StepResult::LeasesChecked { error, .. }
+            | StepResult::KeysRead { error, .. } => error.as_deref(),
+        }
+    }
+}
+
+/// Runs `step`, giving up after `timeout`.
+pub async fn run(mut client: Client, step: Step, ttl: Duration, timeout: Duration) -> StepResult {
+    let timed_out = || format!("etcd did not answer within {} ms", timeout.as_millis());
+    match step {
+        Step::Revoke(leases) => {
+            let mut done = 0;
+            for lease in &leases {
+                match tokio::time::timeout(timeout, client.lease_revoke(*lease)).await {
+                    Ok(Ok(_)) => done += 1,
+                    Ok(Err(error)) if is_lease_not_found(&error) => done += 1,
+                    Ok(Err(error)) => {
+                        return StepResult::Revoked {
+                            done,
+                            error: Some(error.to_string()),
+                        }
+                    }
+                    Err(_) => {
+                        return StepResult::Revoked {
+                            done,
+                            error: Some(timed_out()),
+                        }
+                    }
+                }
+            }
+            StepResult::Revoked { done, error: None }
+        }
+        Step::Grant(sessions) => {
+            let ttl_seconds = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
+            let mut leases = Vec::with_capacity(sessions.len());
+            for session in sessions {
+                match tokio::time::timeout(timeout, client.lease_grant(ttl_seconds, None)).await {
+                    Ok(Ok(granted)) => leases.push((session, granted.id())),
+                    Ok(Err(error)) => {
+                        return StepResult::Granted {
+                            leases,
+                            error: Some(error.to_string()),
+                        }
+                    }
+                    Err(_) => {
+                        return StepResult::Granted {
+                            leases,
+                            error: Some(timed_out()),
+                        }
+                    }
+                }
+            }
+            StepResult::Granted {
+                leases,
+                error: None,
+            }
+        }
+        Step::Apply(changes) => {
+            let operations: Vec<TxnOp> = changes
+                .iter()
+                .map(|change| match change {
+                    Change::Put { key, value, lease } => TxnOp::put(
+                        key.to_vec(),
+                        value.to_vec(),
+                        Some(PutOptions::new().with_lease(*lease)),
+                    ),
+                    Change::Delete { key } => TxnOp::delete(key.to_vec(), None),
+                })
+                .collect();
+            let error =
+                match tokio::time::timeout(timeout, client.txn(Txn::new().and_then(operations)))
+                    .await
+                {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(error)) => Some(error.to_string()),
+                    Err(_) => Some(timed_out()),
+                };
+            StepResult::Applied { changes, error }
+        }
+        Step::CheckLeases(leases) => {
+            let mut lost = Vec::new();
+            for (session, lease) in leases {
+                match tokio::time::timeout(timeout, client.lease_time_to_live(lease, None)).await {
+                    // etcd answers TTL -1 for a lease it does not have.
+                    Ok(Ok(answer)) if answer.ttl() <= 0 => lost.push((session, lease)),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) if is_lease_not_found(&error) => lost.push((session, lease)),
+                    Ok(Err(error)) => {
+                        return StepResult::LeasesChecked {
+                            lost,
+                            error: Some(error.to_string()),
+                        }
+                    }
+                    Err(_) => {
+                        return StepResult::LeasesChecked {
+                            lost,
+                            error: Some(timed_out()),
+                        }
+                    }
+                }
+            }
+            StepResult::LeasesChecked { lost, error: None }
+        }
+        Step::ReadKeys(keys) => {
+            let operations: Vec<TxnOp> = keys
+                .iter()
+                .map(|key| TxnOp::get(key.to_vec(), None))
+                .collect();
+            match tokio::time::timeout(timeout, client.txn(Txn::new().and_then(operations))).await {
+                Ok(Ok(response)) => {
+                    let observed = keys
+                        .into_iter()
+                        .zip(response.op_responses())
+                        .map(|(key, answer)| {
+                            let found = match answer {
+                                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| Observed {
+                                    value: Bytes::copy_from_slice(kv.value()),
+                                    lease: kv.lease(),
+                                }),
+                                _ => None,
+                            };
+                            (key, found)
+                        })
+                        .collect();
+                    StepResult::KeysRead {
+                        observed,
+                        error: None,
+                    }
+                }
+                Ok(Err(error)) => StepResult::KeysRead {
+                    observed: Vec::new(),
+                    error: Some(error.to_string()),
+                },
+                Err(_) => StepResult::KeysRead {
+                    observed: Vec::new(),
+                    error: Some(timed_out()),
+                },
+            }
+        }
+    }
+}
+
+fn is_lease_not_found(error: &etcd_client::Error) -> bool {
+    error.to_string().contains("lease not found")
+}

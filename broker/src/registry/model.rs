@@ -1,0 +1,589 @@
+//! What every session wants in etcd and what is left to do to get it there:
+//! the registry's bookkeeping and decisions, without I/O.
+//!
+//! The model is the desired state (keys per session, each session's lease)
+//! plus a queue of keys whose etcd copy may differ from it. The queue is
+//! coalesced per key (only a key's latest value matters) and ordered by each
+//! key's latest change, so etcd sees changes in the order clients made them.
+//! The task around the model asks it for the next step (revoke leases, grant
+//! leases, apply a batch of changes) and reports the outcome back; while
+//! etcd is down, nothing is asked and everything stays queued.
+
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap};
+
+pub type SessionId = u64;
+pub type LeaseId = i64;
+
+/// Most operations in one etcd transaction (etcd's default `--max-txn-ops`).
+pub const MAX_TXN_OPS: usize = 128;
+
+/// One key's change, as it goes to etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Put {
+        key: Bytes,
+        value: Bytes,
+        lease: LeaseId,
+    },
+    Delete {
+        key: Bytes,
+    },
+}
+
+impl Change {
+    pub fn key(&self) -> &Bytes {
+        match self {
+            Change::Put { key, .. } | Change::Delete { key } => key,
+        }
+    }
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    #[error("this session already holds {max} registrations (etcd.max_registrations_per_session)")]
+    SessionLimit { max: usize },
+    #[error("the relay already holds {max} registrations (etcd.max_registrations)")]
+    RelayLimit { max: usize },
+}
+
+/// What etcd holds for one key, as read by an audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub value: Bytes,
+    pub lease: LeaseId,
+}
+
+#[derive(Debug, Default)]
+struct SessionEntry {
+    keys: BTreeMap<Bytes, Bytes>,
+    lease: Option<LeaseId>,
+}
+
+/// Keys waiting to be written to etcd, coalesced and in order of their
+/// latest change.
+#[derive(Debug, Default)]
+struct PendingKeys {
+    order: BTreeMap<u64, Bytes>,
+    position: HashMap<Bytes, u64>,
+    next: u64,
+}
+
+impl PendingKeys {
+    fn mark(&mut self, key: Bytes) {
+        if let Some(old) = self.position.remove(&key) {
+            self.order.remove(&old);
+        }
+        self.order.insert(self.next, key.clone());
+        self.position.insert(key, self.next);
+        self.next += 1;
+    }
+
+    fn remove(&mut self, key: &Bytes) {
+        if let Some(old) = self.position.remove(key) {
+            self.order.remove(&old);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    fn contains(&self, key: &Bytes) -> bool {
+        self.position.contains_key(key)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Bytes> {
+        self.order.values()
+    }
+}
+
+/// The registry's desired state and pending work.
+#[derive(Debug)]
+pub struct Registry {
+    sessions: HashMap<SessionId, SessionEntry>,
+    owners: HashMap<Bytes, SessionId>,
+    pending: PendingKeys,
+    /// Leases of closed sessions: revoking deletes their keys.
+    revocations: Vec<LeaseId>,
+    max_total: usize,
+    max_per_session: usize,
+}
+
+impl Registry {
+    pub fn new(max_total: usize, max_per_session: usize) -> Registry {
+        Registry {
+            sessions: HashMap::new(),
+            owners: HashMap::new(),
+            pending: PendingKeys::default(),
+            revocations: Vec::new(),
+            max_total,
+            max_per_session,
+        }
+    }
+
+    /// Live registrations across all sessions.
+    pub fn registrations(&self) -> usize {
+        self.owners.len()
+    }
+
+    /// Changes not yet confirmed by etcd (registrations and removals).
+    pub fn pending_changes(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Sessions holding at least one key.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether `key`'s latest change still has to reach etcd.
+    pub fn is_pending(&self, key: &Bytes) -> bool {
+        self.pending.contains(key)
+    }
+
+    /// Sets `key` to `value` for `session`. A key another session held moves
+    /// to this one (the last registrant owns it).
+    pub fn register(
+        &mut self,
+        session: SessionId,
+        key: Bytes,
+        value: Bytes,
+    ) -> Result<(), RegisterError> {
+        let owner = self.owners.get(&key).copied();
+        if owner != Some(session) {
+            let held = self
+                .sessions
+                .get(&session)
+                .map_or(0, |entry| entry.keys.len());
+            if held >= self.max_per_session {
+                return Err(RegisterError::SessionLimit {
+                    max: self.max_per_session,
+                });
+            }
+            if owner.is_none() && self.owners.len() >= self.max_total {
+                return Err(RegisterError::RelayLimit {
+                    max: self.max_total,
+                });
+            }
+        }
+        if let Some(previous) = owner.filter(|previous| *previous != session) {
+            self.forget_key(previous, &key);
+        }
+        let entry = self.sessions.entry(session).or_default();
+        if entry.keys.get(&key) == Some(&value) && owner == Some(session) {
+            return Ok(());
+        }
+        entry.keys.insert(key.clone(), value);
+        self.owners.insert(key.clone(), session);
+        self.pending.mark(key);
+        Ok(())
+    }
+
+    /// Removes `key` if `session` holds it; returns whether it did.
+    pub fn deregister(&mut self, session: SessionId, key: &Bytes) -> bool {
+        if self.owners.get(key) != Some(&session) {
+            return false;
+        }
+        self.owners.remove(key);
+        self.forget_key(session, key);
+        self.pending.mark(key.clone());
+        true
+    }
+
+    fn forget_key(&mut self, session: SessionId, key: &Bytes) {
+        if let Some(entry) = self.sessions.get_mut(&session) {
+            entry.keys.remove(key);
+            if entry.keys.is_empty() {
+                // A session without keys needs no lease; keep revoking it
+                // cheap by doing it now rather than at close.
+                if let Some(lease) = entry.lease.take() {
+                    self.revocations.push(lease);
+                }
+                self.sessions.remove(&session);
+            }
+        }
+    }
+
+    /// The session ended: its keys go with its lease. Returns how many keys
+    /// it held.
+    pub fn session_closed(&mut self, session: SessionId) -> usize {
+        let Some(entry) = self.sessions.remove(&session) else {
+            return 0;
+        };
+        for key in entry.keys.keys() {
+            self.owners.remove(key);
+            match entry.lease {
+                // Revoking the lease deletes the key.
+                Some(_) => self.pending.remove(key),
+                // Never written under a lease of ours; delete it explicitly
+                // in case an earlier relay or session left it behind.
+                None => self.pending.mark(key.clone()),
+            }
+        }
+        if let Some(lease) = entry.lease {
+            self.revocations.push(lease);
+        }
+        entry.keys.len()
+    }
+
+    /// Leases to revoke before anything else is written.
+    pub fn revocations(&self) -> &[LeaseId] {
+        &self.revocations
+    }
+
+    /// The first `count` revocations are done (or the leases were gone).
+    pub fn revoked(&mut self, count: usize) {
+        self.revocations.drain(..count.min(self.revocations.len()));
+    }
+
+    /// Sessions that hold keys but no lease yet.
+    pub fn sessions_needing_lease(&self) -> Vec<SessionId> {
+        let mut sessions: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, entry)| entry.lease.is_none())
+            .map(|(session, _)| *session)
+            .collect();
+        sessions.sort_unstable();
+        sessions
+    }
+
+    /// etcd granted `lease` for `session`. Returns whether the session
+    /// keeps it; a lease granted for a session that is gone by now is
+    /// queued for revocation instead.
+    pub fn lease_granted(&mut self, session: SessionId, lease: LeaseId) -> bool {
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            self.revocations.push(lease);
+            return false;
+        };
+        if let Some(old) = entry.lease.replace(lease) {
+            self.revocations.push(old);
+        }
+        true
+    }
+
+    /// Every session's lease, for an audit.
+    pub fn leases(&self) -> Vec<(SessionId, LeaseId)> {
+        self.sessions
+            .iter()
+            .filter_map(|(session, entry)| entry.lease.map(|lease| (*session, lease)))
+            .collect()
+    }
+
+    /// etcd no longer has `lease` (expired, or etcd lost its data): the
+    /// session needs a new one and every key must be written again.
+    /// Returns whether `lease` was still the session's.
+    pub fn lease_lost(&mut self, session: SessionId, lease: LeaseId) -> bool {
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return false;
+        };
+        if entry.lease != Some(lease) {
+            return false;
+        }
+        entry.lease = None;
+        for key in entry.keys.keys() {
+            self.pending.mark(key.clone());
+        }
+        true
+    }
+
+    /// The next changes to write, oldest first, at most `max`. Keys whose
+    /// session has no lease yet wait (behind them, order is still kept per
+    /// key, which is all etcd can observe).
+    pub fn next_changes(&self, max: usize) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for key in self.pending.iter() {
+            if changes.len() >= max {
+                break;
+            }
+            match self.owners.get(key) {
+                None => changes.push(Change::Delete { key: key.clone() }),
+                Some(session) => {
+                    let Some(entry) = self.sessions.get(session) else {
+                        continue;
+                    };
+                    let (Some(lease), Some(value)) = (entry.lease, entry.keys.get(key)) else {
+                        continue;
+                    };
+                    changes.push(Change::Put {
+                        key: key.clone(),
+                        value: value.clone(),
+                        lease,
+                    });
+                }
+            }
+        }
+        changes
+    }
+
+    /// etcd applied `changes`; keys changed again since stay queued.
+    pub fn applied(&mut self, changes: &[Change]) {
+        for change in changes {
+            if self.current_change(change.key()).as_ref() == Some(change) {
+                self.pending.remove(change.key());
+            }
+        }
+    }
+
+    /// What the key's change would be now.
+    fn current_change(&self, key: &Bytes) -> Option<Change> {
+        match self.owners.get(key) {
+            None => Some(Change::Delete { key: key.clone() }),
+            Some(session) => {
+                let entry = self.sessions.get(session)?;
+                Some(Change::Put {
+                    key: key.clone(),
+                    value: entry.keys.get(key)?.clone(),
+                    lease: entry.lease?,
+                })
+            }
+        }
+    }
+
+    /// Every live key with the value and lease etcd should hold, for an
+    /// audit. Keys still queued are skipped: they are being written anyway.
+    pub fn audit_targets(&self) -> Vec<Bytes> {
+        let mut keys: Vec<Bytes> = self
+            .owners
+            .keys()
+            .filter(|key| !self.pending.contains(key))
+            .cloned()
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// An audit read `observed` for `key`; queues the key again if etcd
+    /// differs from what its session wants. Returns whether it did.
+    pub fn audited(&mut self, key: &Bytes, observed: Option<&Observed>) -> bool {
+        let Some(Change::Put { value, lease, .. }) = self.current_change(key) else {
+            return false;
+        };
+        let matches =
+            observed.is_some_and(|observed| observed.value == value && observed.lease == lease);
+        if !matches && !self.pending.contains(key) {
+            self.pending.mark(key.clone());
+            return true;
+        }
+        false
+    }
+
+    /// Whether anything is left to do with etcd.
+    #[cfg(test)]
+    fn has_work(&self) -> bool {
+        !self.revocations.is_empty()
+            || self.sessions.values().any(|entry| entry.lease.is_none())
+            || !self.next_changes(1).is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> Bytes {
+        Bytes::copy_from_slice(name.as_bytes())
+    }
+
+    fn registry() -> Registry {
+        Registry::new(1000, 100)
+    }
+
+    #[test]
+    fn a_key_waits_for_its_session_lease_then_is_put() {
+        let mut registry = registry();
+        registry.register(1, key("a"), key("1")).unwrap();
+        assert!(registry.next_changes(10).is_empty());
+        assert_eq!(registry.sessions_needing_lease(), vec![1]);
+        assert!(registry.lease_granted(1, 77));
+        let changes = registry.next_changes(10);
+        assert_eq!(
+            changes,
+            vec![Change::Put {
+                key: key("a"),
+                value: key("1"),
+                lease: 77
+            }]
+        );
+        registry.applied(&changes);
+        assert!(!registry.has_work());
+        assert_eq!(registry.registrations(), 1);
+        assert_eq!(registry.pending_changes(), 0);
+    }
+
+    #[test]
+    fn changes_are_coalesced_per_key_and_ordered_by_latest_change() {
+        let mut registry = registry();
+        registry.register(1, key("a"), key("1")).unwrap();
+        registry.lease_granted(1, 5);
+        registry.register(1, key("b"), key("1")).unwrap();
+        registry.register(1, key("a"), key("2")).unwrap();
+        let changes = registry.next_changes(10);
+        assert_eq!(changes.len(), 2);
+        assert_eq!(changes[0].key(), &key("b"));
+        assert_eq!(
+            changes[1],
+            Change::Put {
+                key: key("a"),
+                value: key("2"),
+                lease: 5
+            }
+        );
+    }
+
+    #[test]
+    fn a_change_made_while_its_write_was_in_flight_stays_queued() {
+        let mut registry = registry();
+        registry.register(1, key("a"), key("1")).unwrap();
+        registry.lease_granted(1, 5);
+        let in_flight = registry.next_changes(10);
+        registry.register(1, key("a"), key("2")).unwrap();
+        registry.applied(&in_flight);
+        assert!(registry.is_pending(&key("a")));
+        assert_eq!(
+            registry.next_changes(10),
+            vec![Change::Put {
+                key: key("a"),
+                value: key("2"),
+                lease: 5
+            }]
+        );
+    }
+
+    #[test]
+    fn deregistering_queues_a_delete_and_releases_the_lease_of_an_empty_session() {
+        let mut registry = registry();
+        registry.register(1, key("a"), key("1")).unwrap();
+        registry.lease_granted(1, 5);
+        registry.applied(&registry.next_changes(10));
+        assert!(registry.deregister(1, &key("a")));
+        assert_eq!(
+            registry.next_changes(10),
+            vec![Change::Delete { key: key("a") }]
+        );
+        assert_eq!(registry.revocations(), &[5]);
+        assert!(!registry.deregister(1, &key("a")), "second time is a no-op");
+        assert_eq!(registry.registrations(), 0);
+    }
+
+    #[test]
+    fn a_closed_session_is_removed_by_revoking_its_lease() {
+        let mut registry = registry();
+        registry.register(1, key("a"), key("1")).unwrap();
+        registry.register(1, key("b"), key("1")).unwrap();
+        registry.lease_granted(1, 5);
+        assert_eq!(registry.session_closed(1), 2);
+        assert_eq!(registry.revocations(), &[5]);
+        assert!(
+            registry.next_changes(10).is_empty(),
+            "revoke deletes the keys"
+        );
+        registry.revoked(1);
+        assert!(!registry.has_work());
+    }
+
+    #[test]
+    fn a_session_closed_before_its_lease_deletes_its_keys_explicitly() {
+        let mut registry = registry();
+        registry.register(1, key("a"), key("1")).unwrap();
+        registry.session_closed(1);
+        assert_eq!(
+            registry.next_changes(10),
+            vec![Change::Delete { key: key("a") }]
+        );
+        assert!(registry.revocations().is_empty());
+    }
+
+    #[test]
+    fn a_lease_granted_after_its_session_closed_is_revoked() {
+        let mut registry = registry();
+        registry.register(1, key("a"), key("1")).unwrap();
+        registry.session_closed(1);
+        assert!(!registry.lease_granted(1, 9));
+        assert_eq!(registry.revocations(), &[9]);
+    }
+
+    #[test]
+    fn the_last_registrant_owns_a_key_and_the_old_owner_closing_leaves_it() {
+        let mut registry = registry();
+        registry.register(1, key("a"), key("old")).unwrap();
+        registry.lease_granted(1, 5);
+        registry.register(2, key("a"), key("new")).unwrap();
+        registry.lease_granted(2, 6);
+        registry.session_closed(1);
+        assert_eq!(
+            registry.next_changes(10),
+            vec![Change::Put {
+                key: key("a"),
+                value: key("new"),
+                lease: 6
+            }]
+        );
+        assert_eq!(registry.registrations(), 1);
+    }
+
+    #[test]
+    fn a_lost_lease_requeues_every_key_of_its_session() {
+        let mut registry = registry();
+        registry.register(1, key("a"), key("1")).unwrap();
+        registry.register(1, key("b"), key("2")).unwrap();
+        registry.lease_granted(1, 5);
+        registry.applied(&registry.next_changes(10));
+        assert!(!registry.lease_lost(1, 4), "a stale report is ignored");
+        assert!(registry.lease_lost(1, 5));
+        assert_eq!(registry.sessions_needing_lease(), vec![1]);
+        registry.lease_granted(1, 8);
+        let changes = registry.next_changes(10);
+        assert_eq!(changes.len(), 2);
+        assert!(changes
+            .iter()
+            .all(|change| matches!(change, Change::Put { lease: 8, .. })));
+    }
+
+    #[test]
+    fn an_audit_requeues_missing_or_changed_keys_only() {
+        let mut registry = registry();
+        for name in ["a", "b", "c"] {
+            registry.register(1, key(name), key("v")).unwrap();
+        }
+        registry.lease_granted(1, 5);
+        registry.applied(&registry.next_changes(10));
+        assert_eq!(registry.audit_targets().len(), 3);
+        let good = Observed {
+            value: key("v"),
+            lease: 5,
+        };
+        let changed = Observed {
+            value: key("tampered"),
+            lease: 5,
+        };
+        assert!(!registry.audited(&key("a"), Some(&good)));
+        assert!(registry.audited(&key("b"), Some(&changed)));
+        assert!(registry.audited(&key("c"), None));
+        let requeued: Vec<Bytes> = registry
+            .next_changes(10)
+            .iter()
+            .map(|change| change.key().clone())
+            .collect();
+        assert_eq!(requeued, vec![key("b"), key("c")]);
+    }
+
+    #[test]
+    fn limits_refuse_new_keys_but_allow_updates() {
+        let mut registry = Registry::new(3, 2);
+        registry.register(1, key("a"), key("1")).unwrap();
+        registry.register(1, key("b"), key("1")).unwrap();
+        assert_eq!(
+            registry.register(1, key("c"), key("1")),
+            Err(RegisterError::SessionLimit { max: 2 })
+        );
+        registry.register(1, key("a"), key("2")).unwrap();
+        registry.register(2, key("c"), key("1")).unwrap();
+        assert_eq!(
+            registry.register(3, key("d"), key("1")),
+            Err(RegisterError::RelayLimit { max: 3 })
+        );
+    }
+}

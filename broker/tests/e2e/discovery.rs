@@ -1,0 +1,265 @@
+//! Discovery through the relay against a real etcd: cached gets with their
+//! revision and staleness, watches that converge across etcd restarts and
+//! compaction, and a saved snapshot that outlives a relay restart.
+
+use crate::support::{within, EtcdStack, WAIT};
+use bytes::Bytes;
+use futures::StreamExt;
+use holdfast_client::{Client, ConnectOptions, ErrorCode, WatchEvent, Watcher};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+async fn put(etcd: &mut etcd_client::Client, key: &str, value: &str) -> u64 {
+    let answer = etcd.put(key, value, None).await.unwrap();
+    answer.header().unwrap().revision() as u64
+}
+
+/// Applies watch events to a map until it equals `expected` (or `WAIT`).
+async fn converge(
+    watcher: &mut Watcher,
+    state: &mut BTreeMap<Bytes, Bytes>,
+    expected: &BTreeMap<Bytes, Bytes>,
+    seen: &mut Vec<WatchEvent>,
+) {
+    let deadline = Instant::now() + WAIT;
+    while state != expected {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let event = tokio::time::timeout(remaining, watcher.next())
+            .await
+            .unwrap_or_else(|_| panic!("watch state {state:?} never became {expected:?}"))
+            .expect("watch ended");
+        match &event {
+            WatchEvent::Put { key, value, .. } => {
+                state.insert(key.clone(), value.clone());
+            }
+            WatchEvent::Delete { key, .. } => {
+                state.remove(key);
+            }
+            WatchEvent::Synced { .. } => {}
+        }
+        seen.push(event);
+    }
+}
+
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<Bytes, Bytes> {
+    pairs
+        .iter()
+        .map(|(key, value)| {
+            (
+                Bytes::copy_from_slice(key.as_bytes()),
+                Bytes::copy_from_slice(value.as_bytes()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_answers_from_the_cache_with_revision_and_a_watch_streams_changes() {
+    let stack = EtcdStack::start_with_config("prefixes = [\"v1/instances/\"]");
+    let mut etcd = stack.etcd.client().await;
+    put(&mut etcd, "v1/instances/a", "1").await;
+    let revision = put(&mut etcd, "v1/instances/b", "2").await;
+    put(&mut etcd, "v1/other/c", "3").await;
+    let client = stack.client().await;
+
+    let mut watcher = client.watch("v1/instances/").await.unwrap();
+    let mut state = BTreeMap::new();
+    let mut seen = Vec::new();
+    let expected = map(&[("v1/instances/a", "1"), ("v1/instances/b", "2")]);
+    converge(&mut watcher, &mut state, &expected, &mut seen).await;
+
+    let snapshot = client.get("v1/instances/").await.unwrap();
+    assert!(!snapshot.stale);
+    assert_eq!(snapshot.age, Duration::ZERO);
+    assert!(
+        snapshot.revision >= revision,
+        "{} < {revision}",
+        snapshot.revision
+    );
+    let keys: Vec<&[u8]> = snapshot.entries.iter().map(|e| e.key.as_ref()).collect();
+    assert_eq!(keys, vec![&b"v1/instances/a"[..], b"v1/instances/b"]);
+    // A narrower prefix is served from the same cache.
+    let narrow = client.get("v1/instances/b").await.unwrap();
+    assert_eq!(narrow.entries.len(), 1);
+
+    put(&mut etcd, "v1/instances/c", "3").await;
+    etcd.delete("v1/instances/a", None).await.unwrap();
+    let expected = map(&[("v1/instances/b", "2"), ("v1/instances/c", "3")]);
+    converge(&mut watcher, &mut state, &expected, &mut seen).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let snapshot = client.get("v1/instances/").await.unwrap();
+        if snapshot.entries.len() == 2 && snapshot.entries[1].key.as_ref() == b"v1/instances/c" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cache never saw the changes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = client.status().await.unwrap();
+    assert_eq!(status["etcd"]["cached_prefixes"], 1);
+    assert_eq!(status["etcd"]["watchers"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_outage_gets_are_stale_linearizable_gets_fail_and_watches_resume() {
+    let mut stack = EtcdStack::start();
+    let mut etcd = stack.etcd.client().await;
+    put(&mut etcd, "v1/out/a", "1").await;
+    let client = stack.client().await;
+    let fresh = client.get("v1/out/").await.unwrap();
+    assert_eq!(fresh.entries.len(), 1);
+    assert!(!fresh.stale);
+    let mut watcher = client.watch("v1/out/").await.unwrap();
+    let mut state = BTreeMap::new();
+    let mut seen = Vec::new();
+    converge(
+        &mut watcher,
+        &mut state,
+        &map(&[("v1/out/a", "1")]),
+        &mut seen,
+    )
+    .await;
+
+    stack.etcd.kill();
+    let deadline = Instant::now() + WAIT;
+    let stale = loop {
+        let snapshot = client.get("v1/out/").await.unwrap();
+        if snapshot.stale {
+            break snapshot;
+        }
+        assert!(Instant::now() < deadline, "the cache never turned stale");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        stale.entries.len(),
+        1,
+        "stale answers keep the last entries"
+    );
+    assert_eq!(stale.revision, fresh.revision);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let older = client.get("v1/out/").await.unwrap();
+    assert!(
+        older.age >= Duration::from_millis(300),
+        "age {:?}",
+        older.age
+    );
+    match client.get_linearizable("v1/out/").await {
+        Err(error) => {
+            assert_eq!(error.code(), Some(ErrorCode::EtcdUnavailable), "{error}");
+            assert!(error.is_retryable());
+        }
+        Ok(snapshot) => panic!("a linearizable get answered during the outage: {snapshot:?}"),
+    }
+    // A prefix never cached has nothing to serve.
+    let never = client.get("v1/never/").await.unwrap_err();
+    assert_eq!(never.code(), Some(ErrorCode::EtcdUnavailable), "{never}");
+
+    stack.etcd.start_again();
+    let mut etcd = stack.etcd.client().await;
+    put(&mut etcd, "v1/out/b", "2").await;
+    // The watch stayed open and picks up what happened meanwhile.
+    converge(
+        &mut watcher,
+        &mut state,
+        &map(&[("v1/out/a", "1"), ("v1/out/b", "2")]),
+        &mut seen,
+    )
+    .await;
+    let back = client.get_linearizable("v1/out/").await.unwrap();
+    assert_eq!(back.entries.len(), 2);
+    assert!(!back.stale);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restarted_during_an_outage_serves_the_saved_snapshot_stale() {
+    let mut stack = EtcdStack::start();
+    let mut etcd = stack.etcd.client().await;
+    put(&mut etcd, "v1/saved/a", "1").await;
+    put(&mut etcd, "v1/saved/b", "2").await;
+    {
+        let client = stack.client().await;
+        assert_eq!(client.get("v1/saved/").await.unwrap().entries.len(), 2);
+    }
+    // Saved within a second of the change.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stack.etcd.kill();
+    stack.relay.restart();
+    let client = stack.client().await;
+    let snapshot = within("a get after the restart", client.get("v1/saved/"))
+        .await
+        .unwrap();
+    assert!(snapshot.stale);
+    assert_eq!(snapshot.entries.len(), 2);
+    assert_eq!(snapshot.entries[1].value.as_ref(), b"2");
+    assert!(snapshot.revision > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_converge_across_an_etcd_restart_and_after_compaction() {
+    let mut stack = EtcdStack::start();
+    let mut etcd = stack.etcd.client().await;
+    put(&mut etcd, "v1/w/a", "1").await;
+    put(&mut etcd, "v1/w/gone", "1").await;
+    // The relay is paused while etcd restarts, changes and compacts, so
+    // the history it needs is gone when it reconnects; a long pong timeout
+    // keeps the watcher's own connection through the pause.
+    let url = stack.relay.url().parse().unwrap();
+    let client =
+        Client::connect_with(ConnectOptions::new(url).pong_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap();
+    let mut watcher = client.watch("v1/w/").await.unwrap();
+    let mut state = BTreeMap::new();
+    let mut seen = Vec::new();
+    converge(
+        &mut watcher,
+        &mut state,
+        &map(&[("v1/w/a", "1"), ("v1/w/gone", "1")]),
+        &mut seen,
+    )
+    .await;
+
+    // 1. etcd restarts with its data; changes made before the relay is
+    //    back are delivered as events.
+    stack.etcd.restart();
+    let mut etcd = stack.etcd.client().await;
+    put(&mut etcd, "v1/w/b", "2").await;
+    put(&mut etcd, "v1/w/a", "3").await;
+    converge(
+        &mut watcher,
+        &mut state,
+        &map(&[("v1/w/a", "3"), ("v1/w/b", "2"), ("v1/w/gone", "1")]),
+        &mut seen,
+    )
+    .await;
+
+    // 2. The relay cannot follow while etcd changes and compacts.
+    stack.relay.pause();
+    stack.etcd.restart();
+    let mut etcd = stack.etcd.client().await;
+    etcd.delete("v1/w/gone", None).await.unwrap();
+    put(&mut etcd, "v1/w/c", "4").await;
+    let last = put(&mut etcd, "v1/w/b", "5").await;
+    etcd.compact(last as i64, None).await.unwrap();
+    stack.relay.resume();
+    let expected = map(&[("v1/w/a", "3"), ("v1/w/b", "5"), ("v1/w/c", "4")]);
+    converge(&mut watcher, &mut state, &expected, &mut seen).await;
+    assert!(
+        seen.iter().any(|event| matches!(
+            event,
+            WatchEvent::Delete { key, .. } if key.as_ref() == b"v1/w/gone"
+        )),
+        "the delete behind the compaction reached the watcher"
+    );
+    let snapshot = client.get("v1/w/").await.unwrap();
+    assert_eq!(snapshot.entries.len(), 3);
+    assert!(snapshot.revision >= last);
+    // The operator can see that the relay had to re-list.
+    let (_, metrics) = stack.relay.http_get("/metrics");
+    let relists: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("holdfast_discovery_relists_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("relists metric");
+    assert!(relists >= 1.0, "{relists}");
+}
