@@ -442,6 +442,43 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_file_is_valid_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/holdfast.toml");
+        let documented = Config::load(Some(&path), &Overrides::default()).unwrap();
+        let defaults = Config::default();
+        assert_eq!(documented.etcd.lease_ttl, defaults.etcd.lease_ttl);
+        assert_eq!(
+            documented.etcd.liveness_timeout,
+            defaults.etcd.liveness_timeout
+        );
+        assert_eq!(
+            documented.etcd.reconnect_delay_max,
+            defaults.etcd.reconnect_delay_max
+        );
+        assert_eq!(
+            documented.etcd.reconcile_interval,
+            defaults.etcd.reconcile_interval
+        );
+        assert_eq!(documented.nats.link_timeout, defaults.nats.link_timeout);
+        assert_eq!(documented.relay.socket, defaults.relay.socket);
+    }
+
+    #[test]
+    fn etcd_flag_replaces_the_endpoints_and_bad_etcd_values_name_the_key() {
+        let overrides = Overrides {
+            etcd_endpoints: Some("http://127.0.0.1:1,http://127.0.0.1:2".to_string()),
+            ..Overrides::default()
+        };
+        let config = Config::load(None, &overrides).unwrap();
+        assert_eq!(config.etcd.endpoints.len(), 2);
+        let file = write_config("[etcd]\nlease_ttl = \"500ms\"\n");
+        let error = Config::load(Some(file.path()), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("etcd.lease_ttl"), "{error}");
+    }
+
+    #[test]
     fn unknown_key_names_the_key_and_the_file() {
         let file = write_config("[relay]\nsokcet = \"/tmp/a.sock\"\n");
         let error = Config::load(Some(file.path()), &Overrides::default())

@@ -96,6 +96,15 @@ impl EtcdLink {
         self.state.borrow().client.clone()
     }
 
+    /// Waits until the first connection attempt has decided the link's
+    /// status, at most `limit`; returns the status.
+    pub async fn settled(&self, limit: Duration) -> LinkStatus {
+        let mut state = self.state.clone();
+        let decided = state.wait_for(|state| state.link.status != LinkStatus::Unknown);
+        let _ = tokio::time::timeout(limit, decided).await;
+        self.snapshot().status
+    }
+
     pub fn watch(&self) -> watch::Receiver<EtcdState> {
         self.state.clone()
     }
@@ -104,6 +113,11 @@ impl EtcdLink {
     pub fn reconnect_attempts(&self) -> u64 {
         self.reconnect_attempts.load(Ordering::Relaxed)
     }
+}
+
+/// How long one connection attempt (connect plus first probe) may take.
+pub fn connect_limit(config: &EtcdConfig) -> Duration {
+    config.probe_timeout * 2
 }
 
 fn initial_state() -> EtcdState {
@@ -178,7 +192,7 @@ impl LinkTask {
             probe(&mut client).await?;
             Ok(client)
         };
-        tokio::time::timeout(self.config.probe_timeout * 2, attempt)
+        tokio::time::timeout(connect_limit(&self.config), attempt)
             .await
             .map_err(|_| "connect timed out".to_string())?
     }

@@ -123,6 +123,12 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     // etcd: connect in the background like NATS; registrations and
     // discovery answer (Buffered, stale, or an error) until it is up.
     let etcd = EtcdLink::start(&config.etcd, background.clone());
+    if etcd.is_enabled() {
+        // As with NATS: a registration arriving in the first moments is
+        // answered Applied, not Buffered because the connect was under way.
+        let limit = crate::etcd_link::connect_limit(&config.etcd) + config.etcd.probe_interval;
+        etcd.settled(limit).await;
+    }
     let registry_stop = CancellationToken::new();
     let registry = registry::start(&config.etcd, etcd.clone(), registry_stop.clone());
     let (discovery, discovery_task) = discovery::start(

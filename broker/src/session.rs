@@ -274,10 +274,10 @@ impl Session {
                     // client that really sent nothing is dead.
                     match reader.next().now_or_never() {
                         Some(Some(Ok(frame))) => {
-                            last_heard = tokio::time::Instant::now();
                             self.flush_accepts().await;
                             let flow = self.on_frame(frame).await;
                             self.flush_accepts().await;
+                            last_heard = tokio::time::Instant::now();
                             flow
                         }
                         Some(Some(Err(error))) => {
@@ -299,7 +299,6 @@ impl Session {
                 }
                 frame = reader.next() => match frame {
                     Some(Ok(frame)) => {
-                        last_heard = tokio::time::Instant::now();
                         // Publishes wait in a batch until this read is used
                         // up; anything else first hands them over, in order.
                         if !matches!(frame, Frame::Publish(_)) {
@@ -309,6 +308,10 @@ impl Session {
                         if reader.read_buffer().is_empty() {
                             self.flush_accepts().await;
                         }
+                        // The liveness clock runs only while the relay waits
+                        // on the socket: a client waiting for a PONG the
+                        // relay holds (a PING barrier) is not silent.
+                        last_heard = tokio::time::Instant::now();
                         flow
                     }
                     Some(Err(error)) => {

@@ -349,12 +349,15 @@ impl Connection {
                     if let Some(overdue) = self.pong_overdue() {
                         return SessionEnd::Lost(format!("no PONG from the relay for {overdue:?}"));
                     }
-                    // Every tick, even with a PING outstanding: the relay
-                    // ends a session it hears nothing from within its
-                    // liveness timeout (which takes registrations out of
-                    // etcd), and a barrier PING it is holding must not make
-                    // the client fall silent.
-                    self.send_ping(&mut outbox, PingPurpose::Keepalive);
+                    // One keepalive at a time: the relay answers PINGs in
+                    // order, each after a barrier, so PINGs sent faster
+                    // than a busy relay answers would pile up until the
+                    // oldest looked lost. The relay's liveness clock counts
+                    // from when it last finished handling a frame, so
+                    // waiting for a held PONG never looks like silence.
+                    if self.pending_pings.is_empty() {
+                        self.send_ping(&mut outbox, PingPurpose::Keepalive);
+                    }
                     self.sweep_abandoned(Some(&mut outbox));
                 }
             }

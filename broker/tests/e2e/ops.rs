@@ -1,7 +1,7 @@
 //! Operations: Prometheus metrics, health endpoints and systemd notify,
 //! checked the way an operator and the orchestrator see them.
 
-use crate::support::{wait_until, wait_until_async, within, NatsServer, Relay, Stack};
+use crate::support::{wait_until, wait_until_async, within, EtcdStack, NatsServer, Relay, Stack};
 use holdfast_client::{ErrorCode, LinkStatus, OutboundMessage};
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;
@@ -282,4 +282,102 @@ fn which(binary: &str) -> Result<std::path::PathBuf, ()> {
         .map(|dir| dir.join(binary))
         .find(|path| path.exists())
         .ok_or(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_metrics_follow_an_outage_and_every_series_is_documented() {
+    let mut stack = EtcdStack::start();
+    let client = stack.client().await;
+    client.register("v1/ops/a", "1").await.unwrap();
+    client.get("v1/ops/").await.unwrap();
+    let _watch = client.watch("v1/ops/").await.unwrap();
+    // Histograms appear with their first sample: one request, one acked
+    // publish of a journaled class.
+    let _ = client.request("ops.nobody", "ping").await;
+    let ack = client
+        .publish_with_ack(OutboundMessage::new("ops.kv", "x").class("kv_events"))
+        .await
+        .unwrap();
+    ack.await.unwrap();
+    let (_, text) = stack.relay.http_get("/metrics");
+    assert_eq!(
+        metric(&text, "holdfast_upstream_up", &[("service", "etcd")]),
+        Some(1.0)
+    );
+    assert_eq!(metric(&text, "holdfast_registrations", &[]), Some(1.0));
+    assert_eq!(
+        metric(&text, "holdfast_discovery_cache_prefixes", &[]),
+        Some(1.0)
+    );
+    assert_eq!(metric(&text, "holdfast_discovery_watchers", &[]), Some(1.0));
+    assert_eq!(
+        metric(
+            &text,
+            "holdfast_registration_acks_total",
+            &[("outcome", "applied")]
+        ),
+        Some(1.0)
+    );
+
+    // Every exported series has a row in the README's metrics table, and
+    // every series the Grafana dashboard plots is exported.
+    let readme = include_str!("../../../README.md");
+    let dashboard = include_str!("../../../deploy/grafana/holdfast-dashboard.json");
+    let exported: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("holdfast_"))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .map(|name| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name)
+        })
+        .collect();
+    for name in &exported {
+        assert!(
+            readme.contains(&format!("`{name}")),
+            "{name} is not in the README's metrics table"
+        );
+    }
+    for used in dashboard.split("holdfast_").skip(1) {
+        let name: String = used
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let name = format!("holdfast_{name}");
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(&name);
+        assert!(
+            exported.contains(base),
+            "the dashboard plots {name}, which the relay does not export"
+        );
+    }
+
+    stack.etcd.kill();
+    wait_until_async("etcd down in the metrics", || async {
+        let (_, text) = stack.relay.http_get("/metrics");
+        metric(&text, "holdfast_upstream_up", &[("service", "etcd")]) == Some(0.0)
+    })
+    .await;
+    client.register("v1/ops/b", "2").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, _) = stack.relay.http_get("/livez");
+    assert_eq!(code, 200, "an etcd outage must not fail liveness");
+    let (_, text) = stack.relay.http_get("/metrics");
+    assert_eq!(
+        metric(&text, "holdfast_registration_changes_pending", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "holdfast_upstream_outages_total",
+            &[("service", "etcd")]
+        ),
+        Some(1.0)
+    );
+    assert!(metric(&text, "holdfast_discovery_staleness_seconds", &[]).unwrap() > 0.0);
 }
