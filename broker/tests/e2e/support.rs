@@ -408,7 +408,10 @@ impl Relay {
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
             .envs(self.env.iter().map(|(key, value)| (key, value)))
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("HOLDFAST_TEST_LOG").unwrap_or_else(|_| "info".to_string()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
