@@ -310,3 +310,61 @@ async fn a_stopped_etcd_is_detected_within_a_second_and_registrations_buffer() {
         "1"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_relays_keys_expire_with_their_lease() {
+    let mut stack = EtcdStack::start_with_config("lease_ttl = \"2s\"");
+    let mut etcd = stack.etcd.client().await;
+    let client = stack.client().await;
+    client.register("v1/orphan/key", "1").await.unwrap();
+    stack.relay.kill();
+    let killed = Instant::now();
+    // Nobody revokes anything: etcd expires the lease after its TTL.
+    wait_for_value(&mut etcd, "v1/orphan/key", None, Duration::from_secs(5)).await;
+    let gone_after = killed.elapsed();
+    eprintln!("a dead relay's key expired {gone_after:?} after the kill");
+    assert!(
+        gone_after >= Duration::from_millis(1000),
+        "gone after {gone_after:?}: before the lease could have expired"
+    );
+    drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restart_does_not_make_registrations_blink() {
+    let mut stack = EtcdStack::start_with_config("lease_ttl = \"2s\"");
+    let mut etcd = stack.etcd.client().await;
+    let client = stack.client().await;
+    let instance = client.instance_id();
+    client.register("v1/steady/key", "1").await.unwrap();
+    let first_lease = etcd_value(&mut etcd, "v1/steady/key").await.unwrap().1;
+    let mut watch = etcd
+        .watch("v1/steady/key", None)
+        .await
+        .expect("plain etcd watch");
+
+    stack.relay.terminate();
+    stack.relay.restart();
+    // The client reconnects with the same instance id and registers again
+    // under the new relay's lease; the old lease runs out (2 s) without
+    // taking the key along.
+    wait_until_async("the client is back", || async { client.is_connected() }).await;
+    assert_eq!(client.instance_id(), instance);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (value, lease) = etcd_value(&mut etcd, "v1/steady/key")
+        .await
+        .expect("key kept");
+    assert_eq!(value, "1");
+    assert_ne!(lease, first_lease, "the key moved to the new relay's lease");
+    while let Ok(Ok(Some(response))) =
+        tokio::time::timeout(Duration::from_millis(100), watch.message()).await
+    {
+        for event in response.events() {
+            assert_ne!(
+                event.event_type(),
+                etcd_client::EventType::Delete,
+                "a watcher saw the key deleted during the relay restart"
+            );
+        }
+    }
+}
