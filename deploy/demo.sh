@@ -17,6 +17,7 @@ free_port() {
 }
 
 demo_dir="${HOLDFAST_DEMO_DIR:-$(mktemp -d -t holdfast-demo.XXXXXX)}"
+mkdir -p "$demo_dir"
 nats_port="${HOLDFAST_DEMO_NATS_PORT:-$(free_port 4222)}"
 metrics_port="$(free_port 9477)"
 etcd_port="${HOLDFAST_DEMO_ETCD_PORT:-$(free_port 2379)}"

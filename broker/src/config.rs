@@ -290,10 +290,18 @@ impl Config {
                 "etcd.probe_interval and etcd.probe_timeout must be non-zero".to_string(),
             ));
         }
-        if etcd.liveness_timeout.is_zero() || etcd.reconcile_interval.is_zero() {
+        // Clients ping every 250 ms by default; a shorter timeout would end
+        // healthy sessions and delete their keys.
+        if etcd.liveness_timeout < Duration::from_millis(500) {
             return Err(invalid(
                 "etcd.liveness_timeout",
-                "etcd.liveness_timeout and etcd.reconcile_interval must be non-zero".to_string(),
+                "must be at least 500ms (clients ping every 250ms)".to_string(),
+            ));
+        }
+        if etcd.reconcile_interval.is_zero() {
+            return Err(invalid(
+                "etcd.reconcile_interval",
+                "must be non-zero".to_string(),
             ));
         }
         if etcd.reconnect_delay_max < etcd.probe_interval {

@@ -320,6 +320,10 @@ impl RegistryTask {
                 if let Some(keeper) = self.keepers.remove(&session) {
                     keeper.abort();
                 }
+                // Its keys go with the lease; their waiting answers have no
+                // reader left (the session is gone), so none is kept.
+                let model = &self.model;
+                self.waiting.retain(|key, _| model.is_pending(key));
                 if keys > 0 {
                     let reason = if liveness_expired {
                         "no heartbeat within liveness_timeout"

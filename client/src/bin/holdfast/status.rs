@@ -14,12 +14,13 @@ pub(crate) struct StatusArgs {
 }
 
 /// The keys the summary shows, in order; dotted keys are nested.
-const SUMMARY_KEYS: [&str; 9] = [
+const SUMMARY_KEYS: [&str; 10] = [
     "relay_id",
     "version",
     "uptime_seconds",
     "nats.status",
     "nats.server",
+    "etcd",
     "sessions",
     "subscriptions",
     "classes",
