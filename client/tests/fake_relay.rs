@@ -1365,7 +1365,10 @@ async fn keepalive_pings_wait_for_the_previous_pong() {
     };
     // Ten ticks with the PONG held: nothing more is sent.
     let quiet = tokio::time::timeout(Duration::from_millis(200), connection.recv()).await;
-    assert!(quiet.is_err(), "sent {quiet:?} while a PING was outstanding");
+    assert!(
+        quiet.is_err(),
+        "sent {quiet:?} while a PING was outstanding"
+    );
     connection.send(Frame::Pong(Pong { nonce: first })).await;
     match connection.recv().await {
         Frame::Ping(ping) => assert_ne!(ping.nonce, first),
