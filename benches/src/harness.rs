@@ -1,9 +1,11 @@
-//! Processes under measurement: nats-server and holdfastd on free loopback
-//! ports, each with its own temp dir, each owned by a guard whose `Drop`
-//! kills it by PID — so an error, a panic or Ctrl-C leaves nothing running.
+//! Processes under measurement: nats-server, etcd and holdfastd on free
+//! loopback ports, each with its own temp dir, each owned by a guard whose
+//! `Drop` kills it by PID — so an error, a panic or Ctrl-C leaves nothing
+//! running.
 //!
 //! NATS can be killed (SIGKILL), stopped (SIGINT, flushing its JetStream
-//! store) and restarted on the same port; the relay can be killed and
+//! store) and restarted on the same port; etcd can be killed and restarted
+//! on the same ports, with its data or empty; the relay can be killed and
 //! restarted on the same socket and data dir (its journal stays).
 
 use crate::error::{failed, BenchError, Context, Result};
@@ -16,6 +18,10 @@ use tempfile::TempDir;
 
 /// How long nats-server may take to accept connections.
 const NATS_START_LIMIT: Duration = Duration::from_secs(15);
+/// How long etcd may take to elect itself and answer a read.
+const ETCD_START_LIMIT: Duration = Duration::from_secs(30);
+/// How long one readiness probe of etcd (connect, then a read) may take.
+const ETCD_PROBE_LIMIT: Duration = Duration::from_millis(500);
 /// How long holdfastd may take to accept connections (a restart with a big
 /// journal included).
 const RELAY_START_LIMIT: Duration = Duration::from_secs(120);
@@ -25,6 +31,8 @@ const STOP_LIMIT: Duration = Duration::from_secs(15);
 pub const HOLDFASTD_ENV: &str = "HOLDFAST_BENCH_HOLDFASTD";
 /// Environment variable naming the nats-server binary.
 pub const NATS_SERVER_ENV: &str = "HOLDFAST_NATS_SERVER";
+/// Environment variable naming the etcd binary.
+pub const ETCD_ENV: &str = "HOLDFAST_ETCD";
 
 /// A free TCP port on 127.0.0.1 (free when asked; the OS may hand it out again).
 pub fn free_port() -> Result<u16> {
@@ -56,18 +64,28 @@ pub fn find_holdfastd() -> Result<PathBuf> {
 
 /// nats-server: `$HOLDFAST_NATS_SERVER` if set, else the usual system paths.
 pub fn find_nats_server() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os(NATS_SERVER_ENV) {
+    find_system_binary("nats-server", NATS_SERVER_ENV)
+}
+
+/// etcd: `$HOLDFAST_ETCD` if set, else the usual system paths.
+pub fn find_etcd() -> Result<PathBuf> {
+    find_system_binary("etcd", ETCD_ENV)
+}
+
+/// `$env` if set, else `name` in /usr/sbin, /usr/bin or /usr/local/bin.
+fn find_system_binary(name: &str, env: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
         return Ok(PathBuf::from(path));
     }
     for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin"] {
-        let candidate = Path::new(dir).join("nats-server");
+        let candidate = Path::new(dir).join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
     Err(BenchError::Missing(format!(
-        "nats-server not found in /usr/sbin, /usr/bin or /usr/local/bin \
-         (deploy/install-deps.sh installs it) and {NATS_SERVER_ENV} is not set"
+        "{name} not found in /usr/sbin, /usr/bin or /usr/local/bin \
+         (deploy/install-deps.sh installs it) and {env} is not set"
     )))
 }
 
@@ -220,6 +238,143 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A single-member etcd process with its own data dir.
+pub struct EtcdServer {
+    binary: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl EtcdServer {
+    /// Starts etcd on free client and peer ports and returns once it answers
+    /// a read (it has elected itself leader).
+    pub async fn start() -> Result<EtcdServer> {
+        let mut server = EtcdServer {
+            binary: find_etcd()?,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            dir: tempfile::tempdir().context("creating etcd's temp dir")?,
+            child: None,
+            starts: 0,
+        };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let deadline = Instant::now() + ETCD_START_LIMIT;
+        let client_url = self.url();
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        loop {
+            self.starts += 1;
+            let log = std::fs::File::create(self.log_path()).context("creating etcd's log")?;
+            let child = Command::new(&self.binary)
+                .args(["--name", "holdfast-bench"])
+                .arg("--data-dir")
+                .arg(self.data_dir())
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("holdfast-bench={peer_url}")])
+                // A single member elects itself after one election timeout.
+                .args(["--heartbeat-interval", "25", "--election-timeout", "250"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context(&format!("starting {}", self.binary.display()))?;
+            self.child = Some(child);
+            // Ready once it answers a read. A process that exited (a port
+            // still held by its predecessor a moment after a restart) is
+            // started again.
+            loop {
+                if answers_a_read(&client_url).await {
+                    return Ok(());
+                }
+                let exited = match self.child.as_mut() {
+                    Some(child) => matches!(child.try_wait(), Ok(Some(_))),
+                    None => true,
+                };
+                if Instant::now() > deadline {
+                    self.kill();
+                    return Err(BenchError::Timeout(format!(
+                        "etcd to answer a read on {client_url}; its log:\n{}",
+                        log_tail(&self.log_path(), 2000)
+                    )));
+                }
+                if exited {
+                    self.child = None;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("etcd.{}.log", self.starts))
+    }
+
+    /// Client URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// A plain etcd-client, as any other component of the fleet would use.
+    pub async fn client(&self) -> Result<etcd_client::Client> {
+        etcd_client::Client::connect([self.url()], None)
+            .await
+            .context("connecting to etcd")
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_child(&mut child);
+        }
+    }
+
+    /// Starts a fresh process on the same ports with its data dir wiped (an
+    /// etcd that came back empty) and returns once it answers a read.
+    pub async fn restart_empty(&mut self) -> Result<()> {
+        self.kill();
+        match std::fs::remove_dir_all(self.data_dir()) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(failed("wiping etcd's data dir", error)),
+        }
+        self.spawn().await
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether etcd at `url` accepts a connection and answers a read, each
+/// within [`ETCD_PROBE_LIMIT`].
+async fn answers_a_read(url: &str) -> bool {
+    let connect = etcd_client::Client::connect([url], None);
+    let Ok(Ok(mut client)) = tokio::time::timeout(ETCD_PROBE_LIMIT, connect).await else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(ETCD_PROBE_LIMIT, client.get("probe", None)).await,
+        Ok(Ok(_))
+    )
 }
 
 /// A holdfastd process on a socket in its own temp dir.

@@ -1,10 +1,11 @@
 //! holdfast-bench: measures holdfastd against what a user would otherwise
 //! use — direct async-nats, a local JetStream file store, raw
-//! append+fdatasync — as ratios measured in the same run.
+//! append+fdatasync, a direct etcd-client — as ratios measured in the same
+//! run.
 //!
 //! This file is the command line: it parses the arguments, runs the chosen
-//! scenarios one after another (each starts and kills its own nats-server
-//! and holdfastd), prints one row per figure and writes `--json`.
+//! scenarios one after another (each starts and kills its own nats-server,
+//! etcd and holdfastd), prints one row per figure and writes `--json`.
 
 mod error;
 mod harness;
@@ -21,12 +22,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-/// Measures holdfastd against direct NATS, local JetStream and the disk.
+/// Measures holdfastd against direct NATS, local JetStream, the disk and
+/// direct etcd.
 ///
 /// Every figure is the median of N repetitions and is compared with a
 /// baseline measured in the same run; the ratio is the result. Needs
-/// nats-server (or HOLDFAST_NATS_SERVER) and holdfastd beside this
-/// executable (or HOLDFAST_BENCH_HOLDFASTD).
+/// nats-server (or HOLDFAST_NATS_SERVER), etcd for `discovery` (or
+/// HOLDFAST_ETCD) and holdfastd beside this executable (or
+/// HOLDFAST_BENCH_HOLDFASTD).
 #[derive(Debug, Parser)]
 #[command(name = "holdfast-bench", version)]
 struct Cli {
@@ -229,7 +232,7 @@ async fn run_one(scenario: Scenario, cli: &Cli, settings: &Settings) -> error::R
         Scenario::Journal => scenarios::journal::run(settings).await,
         Scenario::Replay => scenarios::replay::run(settings).await,
         Scenario::Footprint => scenarios::footprint::run(settings).await,
-        Scenario::Discovery => Ok(vec![scenarios::discovery::run()]),
+        Scenario::Discovery => scenarios::discovery::run(settings).await,
         Scenario::Outage => {
             scenarios::outage::run(&OutagePlan {
                 nats_outage: cli.nats_outage,

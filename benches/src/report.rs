@@ -178,7 +178,7 @@ mod tests {
             }
             .with_ratio(),
             Row {
-                scenario: "discovery".into(),
+                scenario: "outage/etcd".into(),
                 note: "not available yet".into(),
                 ..Row::default()
             },
@@ -186,7 +186,7 @@ mod tests {
         let text = table(&rows);
         assert!(text.contains("| publish/default | 300.0k msg/s"));
         assert!(text.contains("0.50×"));
-        assert!(text.contains("- discovery: not available yet"));
+        assert!(text.contains("- outage/etcd: not available yet"));
         let json = serde_json::to_value(&rows).unwrap();
         assert_eq!(json[0]["ratio"], 0.5);
         assert!(json[1]["value"].is_null());

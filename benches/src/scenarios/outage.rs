@@ -390,12 +390,15 @@ pub async fn run(plan: &OutagePlan) -> Result<Vec<Row>> {
             baseline: format!("etcd outage of {}", words(plan.etcd_outage)),
             target: "pub/sub keeps working".to_string(),
             repetitions: 1,
-            note: "not available yet: holdfastd has no etcd support, nothing was measured"
-                .to_string(),
+            note: ETCD_NOT_MEASURED.to_string(),
             ..Row::default()
         },
     ])
 }
+
+/// The `outage/etcd` row's note until this scenario takes etcd down.
+const ETCD_NOT_MEASURED: &str = "not available yet: this scenario does not take etcd down yet, \
+     nothing was measured (`holdfast-bench discovery` measures the rebuild after an etcd restart)";
 
 /// Sets every flag when dropped, so background load stops on any exit path.
 struct StopOnDrop(Vec<Arc<AtomicBool>>);
