@@ -7,13 +7,19 @@
 //! 500 ms timeout an outage is noticed within 750 ms. Reconnects wait an
 //! exponential, jittered delay capped at `reconnect_delay_max`, so a fleet
 //! of relays does not hammer an etcd that is coming back.
+//!
+//! An etcd restarted faster than a probe notices (or a new leader elected)
+//! keeps the link up, yet leases may be gone and watches broken; probes
+//! compare each answer's raft term, cluster and revision with the last one
+//! and start a new link generation when they change, so the registry
+//! reconciles and watches resynchronise as after an outage.
 
 use crate::config::EtcdConfig;
 use crate::nats_link::LinkSnapshot;
 use etcd_client::{Client, ConnectOptions, GetOptions};
 use holdfast_wire::backoff::Backoff;
 use holdfast_wire::LinkStatus;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
@@ -38,6 +44,10 @@ pub struct EtcdState {
 pub struct EtcdLink {
     state: watch::Receiver<EtcdState>,
     reconnect_attempts: Arc<AtomicU64>,
+    /// The highest revision any answer from etcd carried: a probe finding
+    /// a lower one means etcd lost its data, even if it came back between
+    /// two probes.
+    highest_revision: Arc<AtomicI64>,
     endpoints: Arc<Vec<String>>,
 }
 
@@ -48,6 +58,7 @@ impl EtcdLink {
         EtcdLink {
             state,
             reconnect_attempts: Arc::default(),
+            highest_revision: Arc::default(),
             endpoints: Arc::default(),
         }
     }
@@ -61,12 +72,14 @@ impl EtcdLink {
         let link = EtcdLink {
             state,
             reconnect_attempts: Arc::default(),
+            highest_revision: Arc::default(),
             endpoints: Arc::new(config.endpoints.clone()),
         };
         let task = LinkTask {
             config: config.clone(),
             sender,
             reconnect_attempts: link.reconnect_attempts.clone(),
+            highest_revision: link.highest_revision.clone(),
             past_downtime: Duration::ZERO,
             outages: 0,
         };
@@ -109,6 +122,11 @@ impl EtcdLink {
         self.state.clone()
     }
 
+    /// Records the revision of an answer from etcd.
+    pub fn saw_revision(&self, revision: i64) {
+        self.highest_revision.fetch_max(revision, Ordering::Relaxed);
+    }
+
     /// Connection attempts made after the first one failed or the link fell.
     pub fn reconnect_attempts(&self) -> u64 {
         self.reconnect_attempts.load(Ordering::Relaxed)
@@ -137,6 +155,7 @@ struct LinkTask {
     config: EtcdConfig,
     sender: watch::Sender<EtcdState>,
     reconnect_attempts: Arc<AtomicU64>,
+    highest_revision: Arc<AtomicI64>,
     past_downtime: Duration,
     outages: u64,
 }
@@ -151,13 +170,17 @@ impl LinkTask {
                 connected = self.connect() => connected,
             };
             match connected {
-                Ok(client) => {
+                Ok((client, first_answer)) => {
                     backoff.reset();
+                    // A new connection starts a new generation anyway; the
+                    // revision floor restarts from what this etcd says.
+                    self.highest_revision
+                        .store(first_answer.revision, Ordering::Relaxed);
                     self.set(LinkStatus::Up, Some(client.clone()));
                     info!(endpoints = %self.config.endpoints.join(","), "etcd link up");
                     let reason = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        reason = self.probe_until_failure(client) => reason,
+                        reason = self.probe_until_failure(client, first_answer) => reason,
                     };
                     self.set(LinkStatus::Down, None);
                     warn!(reason = %reason, "etcd link down; registrations are buffered and discovery answers from the cache");
@@ -180,8 +203,8 @@ impl LinkTask {
         }
     }
 
-    /// A fresh client that answered one probe.
-    async fn connect(&self) -> Result<Client, String> {
+    /// A fresh client that answered one probe, and that answer.
+    async fn connect(&self) -> Result<(Client, ServerView), String> {
         let options = ConnectOptions::new()
             .with_connect_timeout(self.config.probe_timeout)
             .with_keep_alive(self.config.probe_interval * 4, self.config.probe_timeout);
@@ -189,8 +212,8 @@ impl LinkTask {
             let mut client = Client::connect(&self.config.endpoints, Some(options))
                 .await
                 .map_err(|error| error.to_string())?;
-            probe(&mut client).await?;
-            Ok(client)
+            let view = probe(&mut client).await?;
+            Ok((client, view))
         };
         tokio::time::timeout(connect_limit(&self.config), attempt)
             .await
@@ -198,13 +221,28 @@ impl LinkTask {
     }
 
     /// Probes every `probe_interval` until one fails; returns why.
-    async fn probe_until_failure(&self, mut client: Client) -> String {
+    async fn probe_until_failure(&mut self, mut client: Client, mut last: ServerView) -> String {
         let mut ticker = tokio::time::interval(self.config.probe_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
+            // Read before asking: a write answered while the probe is in
+            // flight may carry a higher revision than the probe's answer.
+            let highest = self.highest_revision.load(Ordering::Relaxed);
             match tokio::time::timeout(self.config.probe_timeout, probe(&mut client)).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(view)) => {
+                    let seen = ServerView {
+                        revision: last.revision.max(highest),
+                        ..last
+                    };
+                    if let Some(change) = seen.changed_to(&view) {
+                        warn!(change = %change, "etcd restarted or changed leader while the link stayed up; reconciling as after an outage");
+                        self.highest_revision
+                            .store(view.revision, Ordering::Relaxed);
+                        self.new_generation();
+                    }
+                    last = view;
+                }
                 Ok(Err(error)) => return error,
                 Err(_) => {
                     return format!(
@@ -214,6 +252,12 @@ impl LinkTask {
                 }
             }
         }
+    }
+
+    /// Same link, but what was built on it (leases, watches) must be
+    /// checked again.
+    fn new_generation(&mut self) {
+        self.sender.send_modify(|state| state.generation += 1);
     }
 
     fn set(&mut self, status: LinkStatus, client: Option<Client>) {
@@ -239,10 +283,85 @@ impl LinkTask {
     }
 }
 
-async fn probe(client: &mut Client) -> Result<(), String> {
-    client
+/// What a probe's answer says about the etcd that gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ServerView {
+    cluster_id: u64,
+    raft_term: u64,
+    revision: i64,
+}
+
+impl ServerView {
+    /// Why `next` is not the same etcd history as `self`, if it is not.
+    fn changed_to(&self, next: &ServerView) -> Option<String> {
+        if next.cluster_id != self.cluster_id {
+            return Some(format!(
+                "cluster id {:x} became {:x}",
+                self.cluster_id, next.cluster_id
+            ));
+        }
+        if next.raft_term != self.raft_term {
+            return Some(format!(
+                "raft term {} became {}",
+                self.raft_term, next.raft_term
+            ));
+        }
+        if next.revision < self.revision {
+            return Some(format!(
+                "revision went back from {} to {}",
+                self.revision, next.revision
+            ));
+        }
+        None
+    }
+}
+
+async fn probe(client: &mut Client) -> Result<ServerView, String> {
+    let answer = client
         .get(PROBE_KEY, Some(GetOptions::new().with_count_only()))
         .await
-        .map(|_| ())
-        .map_err(|error| error.to_string())
+        .map_err(|error| error.to_string())?;
+    let header = answer
+        .header()
+        .ok_or_else(|| "etcd answered without a response header".to_string())?;
+    Ok(ServerView {
+        cluster_id: header.cluster_id(),
+        raft_term: header.raft_term(),
+        revision: header.revision(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(cluster_id: u64, raft_term: u64, revision: i64) -> ServerView {
+        ServerView {
+            cluster_id,
+            raft_term,
+            revision,
+        }
+    }
+
+    #[test]
+    fn only_a_different_history_counts_as_a_change() {
+        let before = view(7, 3, 100);
+        assert_eq!(
+            before.changed_to(&view(7, 3, 150)),
+            None,
+            "writes are not a change"
+        );
+        assert!(
+            before.changed_to(&view(7, 4, 150)).is_some(),
+            "restart or new leader"
+        );
+        assert!(
+            before.changed_to(&view(7, 3, 1)).is_some(),
+            "came back empty"
+        );
+        assert!(
+            before.changed_to(&view(8, 3, 150)).is_some(),
+            "another cluster"
+        );
+    }
 }

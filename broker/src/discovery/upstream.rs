@@ -77,6 +77,7 @@ pub async fn follow(
         let current = listing
             .header()
             .map_or(0, |header| header.revision().max(0) as u64);
+        link.saw_revision(i64::try_from(current).unwrap_or(i64::MAX));
         if current < revision {
             warn!(
                 prefix = %String::from_utf8_lossy(&prefix),
@@ -174,6 +175,7 @@ pub async fn follow(
             // revision can run ahead of catch-up events still to come.
             let last_event = changes.last().map_or(0, |change| change.revision);
             revision = revision.max(last_event);
+            link.saw_revision(i64::try_from(last_event).unwrap_or(i64::MAX));
             if !changes.is_empty()
                 && report
                     .send(Upstream::Changes {

@@ -6,6 +6,7 @@
 //! buffering meanwhile.
 
 use super::model::{Change, LeaseId, Observed, SessionId};
+use crate::etcd_link::EtcdLink;
 use bytes::Bytes;
 use etcd_client::{Client, PutOptions, Txn, TxnOp, TxnOpResponse};
 use std::time::Duration;
@@ -32,6 +33,9 @@ pub enum StepResult {
     Applied {
         changes: Vec<Change>,
         error: Option<String>,
+        /// etcd refused the batch because a lease in it does not exist
+        /// (it expired, or etcd came back without its data).
+        lease_missing: bool,
     },
     LeasesChecked {
         lost: Vec<(SessionId, LeaseId)>,
@@ -55,8 +59,14 @@ impl StepResult {
     }
 }
 
-/// Runs `step`, giving up after `timeout`.
-pub async fn run(mut client: Client, step: Step, ttl: Duration, timeout: Duration) -> StepResult {
+/// Runs `step`, giving up after `timeout`; tells `link` the revisions seen.
+pub async fn run(
+    mut client: Client,
+    link: EtcdLink,
+    step: Step,
+    ttl: Duration,
+    timeout: Duration,
+) -> StepResult {
     let timed_out = || format!("etcd did not answer within {} ms", timeout.as_millis());
     match step {
         Step::Revoke(leases) => {
@@ -118,15 +128,22 @@ pub async fn run(mut client: Client, step: Step, ttl: Duration, timeout: Duratio
                     Change::Delete { key } => TxnOp::delete(key.to_vec(), None),
                 })
                 .collect();
-            let error =
-                match tokio::time::timeout(timeout, client.txn(Txn::new().and_then(operations)))
-                    .await
-                {
-                    Ok(Ok(_)) => None,
-                    Ok(Err(error)) => Some(error.to_string()),
-                    Err(_) => Some(timed_out()),
-                };
-            StepResult::Applied { changes, error }
+            let write = client.txn(Txn::new().and_then(operations));
+            let (error, lease_missing) = match tokio::time::timeout(timeout, write).await {
+                Ok(Ok(response)) => {
+                    if let Some(header) = response.header() {
+                        link.saw_revision(header.revision());
+                    }
+                    (None, false)
+                }
+                Ok(Err(error)) => (Some(error.to_string()), is_lease_not_found(&error)),
+                Err(_) => (Some(timed_out()), false),
+            };
+            StepResult::Applied {
+                changes,
+                error,
+                lease_missing,
+            }
         }
         Step::CheckLeases(leases) => {
             let mut lost = Vec::new();
@@ -159,6 +176,9 @@ pub async fn run(mut client: Client, step: Step, ttl: Duration, timeout: Duratio
                 .collect();
             match tokio::time::timeout(timeout, client.txn(Txn::new().and_then(operations))).await {
                 Ok(Ok(response)) => {
+                    if let Some(header) = response.header() {
+                        link.saw_revision(header.revision());
+                    }
                     let observed = keys
                         .into_iter()
                         .zip(response.op_responses())

@@ -24,8 +24,8 @@ use bytes::Bytes;
 use etcd_steps::{Step, StepResult};
 use holdfast_wire::LinkStatus;
 use holdfast_wire::{ErrorCode, Frame, RegisterAck, RegistrationOutcome, Text};
-use model::{LeaseId, Registry, SessionId, MAX_TXN_OPS};
-use std::collections::{HashMap, VecDeque};
+use model::{Change, LeaseId, Registry, SessionId, MAX_TXN_OPS};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -253,10 +253,15 @@ impl RegistryTask {
                         (state.link.status, state.generation)
                     };
                     if status == LinkStatus::Up && generation != seen_generation {
+                        // A new connection, or etcd restarted under the old
+                        // one: what an earlier pass checked proves nothing
+                        // now, so a fresh pass starts.
                         seen_generation = generation;
                         self.retry_at = None;
+                        self.audit = None;
                         self.start_audit();
                     } else if status != LinkStatus::Up {
+                        self.audit = None;
                         self.answer_all_waiting_buffered();
                     }
                 }
@@ -276,7 +281,10 @@ impl RegistryTask {
                     if let Some(step) = self.next_step() {
                         let ttl = self.lease_ttl;
                         let timeout = self.step_timeout;
-                        in_flight = Some(tokio::spawn(etcd_steps::run(client, step, ttl, timeout)));
+                        let link = self.link.clone();
+                        in_flight = Some(tokio::spawn(etcd_steps::run(
+                            client, link, step, ttl, timeout,
+                        )));
                     }
                 }
             }
@@ -464,9 +472,16 @@ impl RegistryTask {
                     }
                 }
             }
-            StepResult::Applied { changes, error } => {
+            StepResult::Applied {
+                changes,
+                error,
+                lease_missing,
+            } => {
                 if error.is_none() {
                     self.model.applied(&changes);
+                }
+                if lease_missing {
+                    self.leases_missing(&changes);
                 }
                 for change in &changes {
                     if self.model.is_pending(change.key()) {
@@ -505,6 +520,33 @@ impl RegistryTask {
             // Honest answers: nothing waiting is in etcd yet.
             self.answer_all_waiting_buffered();
         }
+    }
+
+    /// etcd refused a batch over a lease it does not have. Which one is not
+    /// said, so every session whose lease the batch used gets a new one (a
+    /// still-valid one is revoked once replaced, which costs nothing).
+    fn leases_missing(&mut self, changes: &[Change]) {
+        let used: HashSet<LeaseId> = changes
+            .iter()
+            .filter_map(|change| match change {
+                Change::Put { lease, .. } => Some(*lease),
+                Change::Delete { .. } => None,
+            })
+            .collect();
+        for (session, lease) in self.model.leases() {
+            if used.contains(&lease) && self.model.lease_lost(session, lease) {
+                bump(&self.stats.leases_lost);
+                if let Some(keeper) = self.keepers.remove(&session) {
+                    keeper.abort();
+                }
+            }
+        }
+        warn!(
+            leases = used.len(),
+            "etcd no longer has leases the registrations were written under; granting new ones"
+        );
+        // The write failed for a known reason: retry at once.
+        self.retry_at = None;
     }
 
     fn spawn_keeper(&mut self, session: SessionId, lease: LeaseId) {

@@ -368,3 +368,73 @@ async fn a_relay_restart_does_not_make_registrations_blink() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_kept_alive_across_an_etcd_restart() {
+    // A short TTL: if renewals stopped after the restart, the lease would
+    // run out, and a watcher would see the key deleted.
+    let mut stack =
+        EtcdStack::start_with_config("lease_ttl = \"3s\"\nreconcile_interval = \"60s\"");
+    let client = stack.client().await;
+    client.register("v1/kept/key", "1").await.unwrap();
+    stack.etcd.restart();
+    let mut etcd = stack.etcd.client().await;
+    let lease = etcd_value(&mut etcd, "v1/kept/key")
+        .await
+        .expect("key survived")
+        .1;
+    let mut watch = etcd.watch("v1/kept/key", None).await.unwrap();
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(8) {
+        if let Ok(Ok(Some(response))) =
+            tokio::time::timeout(Duration::from_millis(200), watch.message()).await
+        {
+            for event in response.events() {
+                assert_ne!(
+                    event.event_type(),
+                    etcd_client::EventType::Delete,
+                    "the key was deleted {:?} after the restart: its lease ran out",
+                    watched.elapsed()
+                );
+            }
+        }
+    }
+    let (value, now) = etcd_value(&mut etcd, "v1/kept/key")
+        .await
+        .expect("key kept");
+    assert_eq!(value, "1");
+    eprintln!("lease before {lease:x}, after {now:x}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_restarted_empty_faster_than_a_probe_is_still_rebuilt() {
+    // The periodic pass is far away: only noticing the restart itself (a
+    // new raft term, a revision gone back) can bring the keys back soon.
+    let mut stack = EtcdStack::start_with_config("reconcile_interval = \"60s\"");
+    let client = stack.client().await;
+    for n in 0..20 {
+        let status = client
+            .register(format!("v1/quick/{n}"), format!("{n}"))
+            .await
+            .unwrap();
+        assert_eq!(status, RegistrationStatus::Applied);
+    }
+    let mut etcd = stack.etcd.client().await;
+    assert_eq!(etcd_value(&mut etcd, "v1/quick/19").await.unwrap().0, "19");
+    stack.etcd.restart_empty();
+    let returned = Instant::now();
+    let mut etcd = stack.etcd.client().await;
+    for n in 0..20 {
+        wait_for_value(
+            &mut etcd,
+            &format!("v1/quick/{n}"),
+            Some(&n.to_string()),
+            Duration::from_secs(5),
+        )
+        .await;
+    }
+    eprintln!(
+        "rebuilt {:?} after etcd came back empty",
+        returned.elapsed()
+    );
+}

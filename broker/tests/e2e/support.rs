@@ -277,10 +277,13 @@ impl EtcdServer {
     /// The `[etcd]` table pointing a relay here, with test-sized intervals
     /// and `extra` keys appended.
     pub fn relay_config(&self, extra: &str) -> String {
-        format!(
-            "[etcd]\nendpoints = [\"{}\"]\nreconcile_interval = \"2s\"\nreconnect_delay_max = \"1s\"\n{extra}\n",
-            self.url()
-        )
+        let mut config = format!("[etcd]\nendpoints = [\"{}\"]\n{extra}\n", self.url());
+        for (key, value) in [("reconcile_interval", "2s"), ("reconnect_delay_max", "1s")] {
+            if !extra.contains(key) {
+                config.push_str(&format!("{key} = \"{value}\"\n"));
+            }
+        }
+        config
     }
 
     /// A plain etcd-client, as any other component of the fleet would use.
