@@ -33,6 +33,63 @@ fn signal(child: &Child, signal: libc::c_int) {
     }
 }
 
+/// A child process a test started: signalled by its PID, and reaped by
+/// `kill`/`interrupt` so a PID is never signalled after it could be reused.
+#[derive(Default)]
+pub struct Process(Option<Child>);
+
+impl Process {
+    fn started(&mut self, child: Child) {
+        self.0 = Some(child);
+    }
+
+    /// The exit status, if the process already exited.
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.0
+            .as_mut()
+            .and_then(|child| child.try_wait().ok().flatten())
+    }
+
+    fn id(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
+    fn take(&mut self) -> Option<Child> {
+        self.0.take()
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    pub fn kill(&mut self) {
+        self.end_with(libc::SIGKILL);
+    }
+
+    /// SIGINT, and wait until the process is gone.
+    pub fn interrupt(&mut self) {
+        self.end_with(libc::SIGINT);
+    }
+
+    fn end_with(&mut self, signal_number: libc::c_int) {
+        if let Some(mut child) = self.0.take() {
+            signal(&child, signal_number);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: its connections stay open but it does nothing.
+    pub fn pause(&self) {
+        if let Some(child) = &self.0 {
+            signal(child, libc::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`Process::pause`].
+    pub fn resume(&self) {
+        if let Some(child) = &self.0 {
+            signal(child, libc::SIGCONT);
+        }
+    }
+}
+
 fn find_binary(name: &str, env: &str) -> PathBuf {
     if let Ok(path) = std::env::var(env) {
         return PathBuf::from(path);
@@ -60,7 +117,7 @@ pub struct NatsServer {
     port: u16,
     dir: TempDir,
     jetstream: bool,
-    child: Option<Child>,
+    process: Process,
 }
 
 impl NatsServer {
@@ -78,7 +135,7 @@ impl NatsServer {
             port: free_port(),
             dir: tempfile::tempdir().expect("temp dir"),
             jetstream,
-            child: None,
+            process: Process::default(),
         };
         server.spawn();
         server
@@ -100,7 +157,7 @@ impl NatsServer {
             .stderr(log)
             .spawn()
             .expect("start nats-server");
-        self.child = Some(child);
+        self.process.started(child);
         let address = format!("127.0.0.1:{}", self.port);
         // The port may still be held by the previous process for a moment
         // after a restart; a server that exited is started again.
@@ -109,12 +166,10 @@ impl NatsServer {
             if std::net::TcpStream::connect(&address).is_ok() {
                 return;
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(_)) = child.try_wait() {
-                    assert!(Instant::now() < deadline, "nats-server keeps exiting");
-                    std::thread::sleep(Duration::from_millis(100));
-                    return self.spawn();
-                }
+            if self.process.exited().is_some() {
+                assert!(Instant::now() < deadline, "nats-server keeps exiting");
+                std::thread::sleep(Duration::from_millis(100));
+                return self.spawn();
             }
             assert!(Instant::now() < deadline, "nats-server did not start");
             std::thread::sleep(Duration::from_millis(20));
@@ -127,31 +182,21 @@ impl NatsServer {
 
     /// SIGKILL, and wait until the process is gone.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(&child, libc::SIGKILL);
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// SIGINT: a graceful stop (the server flushes its JetStream store).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(&child, libc::SIGINT);
-            let _ = child.wait();
-        }
+        self.process.interrupt();
     }
 
     /// SIGSTOP: the TCP connection stays open but nothing answers.
     pub fn pause(&self) {
-        if let Some(child) = &self.child {
-            signal(child, libc::SIGSTOP);
-        }
+        self.process.pause();
     }
 
     pub fn resume(&self) {
-        if let Some(child) = &self.child {
-            signal(child, libc::SIGCONT);
-        }
+        self.process.resume();
     }
 
     /// Starts a fresh process on the same port.
@@ -193,7 +238,7 @@ pub struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     dir: TempDir,
-    child: Option<Child>,
+    process: Process,
     starts: u32,
 }
 
@@ -203,7 +248,7 @@ impl EtcdServer {
             client_port: free_port(),
             peer_port: free_port(),
             dir: tempfile::tempdir().expect("temp dir"),
-            child: None,
+            process: Process::default(),
             starts: 0,
         };
         server.spawn();
@@ -232,7 +277,7 @@ impl EtcdServer {
             .stderr(log)
             .spawn()
             .expect("start etcd");
-        self.child = Some(child);
+        self.process.started(child);
         let url = self.url();
         let deadline = Instant::now() + WAIT;
         // Ready once it answers a read (it has a leader). The check runs on
@@ -245,7 +290,7 @@ impl EtcdServer {
             if answered {
                 return;
             }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+            if let Some(status) = self.process.exited() {
                 panic!("etcd exited with {status}:\n{}", self.logs());
             }
             assert!(
@@ -295,23 +340,16 @@ impl EtcdServer {
 
     /// SIGKILL, and wait until the process is gone.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(&child, libc::SIGKILL);
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// SIGSTOP: connections stay open but nothing answers.
     pub fn pause(&self) {
-        if let Some(child) = &self.child {
-            signal(child, libc::SIGSTOP);
-        }
+        self.process.pause();
     }
 
     pub fn resume(&self) {
-        if let Some(child) = &self.child {
-            signal(child, libc::SIGCONT);
-        }
+        self.process.resume();
     }
 
     /// Starts a fresh process on the same ports and data.
@@ -339,10 +377,8 @@ impl Drop for EtcdServer {
         if std::thread::panicking() {
             eprintln!("--- etcd logs ---\n{}", self.logs());
         }
-        if let Some(child) = &self.child {
-            // A paused process must run again to die promptly.
-            signal(child, libc::SIGCONT);
-        }
+        // A paused process must run again to die promptly.
+        self.process.resume();
         self.kill();
     }
 }
@@ -355,7 +391,7 @@ pub struct Relay {
     nats_url: String,
     metrics_port: u16,
     env: Vec<(String, String)>,
-    child: Option<Child>,
+    process: Process,
     starts: u32,
 }
 
@@ -388,7 +424,7 @@ impl Relay {
                 .iter()
                 .map(|(key, value)| (key.to_string(), value.to_string()))
                 .collect(),
-            child: None,
+            process: Process::default(),
             starts: 0,
         };
         relay.spawn();
@@ -419,12 +455,12 @@ impl Relay {
             .stderr(log)
             .spawn()
             .expect("start holdfastd");
-        self.child = Some(child);
+        self.process.started(child);
         let deadline = Instant::now() + WAIT;
         // Ready is what /readyz says: the journal is open, the first NATS
         // connect settled, and clients are being accepted.
         while !self.is_ready() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+            if let Some(status) = self.process.exited() {
                 panic!("holdfastd exited with {status}:\n{}", self.logs());
             }
             assert!(
@@ -505,32 +541,25 @@ impl Relay {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.id()
     }
 
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(&child, libc::SIGKILL);
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// SIGSTOP: the relay's connections stay open but it does nothing.
     pub fn pause(&self) {
-        if let Some(child) = &self.child {
-            signal(child, libc::SIGSTOP);
-        }
+        self.process.pause();
     }
 
     pub fn resume(&self) {
-        if let Some(child) = &self.child {
-            signal(child, libc::SIGCONT);
-        }
+        self.process.resume();
     }
 
     /// SIGTERM and the exit status, bounded by `WAIT`.
     pub fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("relay is running");
+        let mut child = self.process.take().expect("relay is running");
         signal(&child, libc::SIGTERM);
         let deadline = Instant::now() + WAIT;
         loop {
