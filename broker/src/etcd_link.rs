@@ -17,7 +17,7 @@
 use crate::config::EtcdConfig;
 use crate::nats_link::LinkSnapshot;
 use etcd_client::{Client, ConnectOptions, GetOptions};
-use holdfast_wire::backoff::Backoff;
+use holdfast_wire::backoff::{jitter_source, Backoff};
 use holdfast_wire::LinkStatus;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +25,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+/// Base period of the TCP check that cuts a reconnect backoff short.
+const REACHABILITY_CHECK: Duration = Duration::from_millis(500);
 
 /// The key read by probes; it need not exist.
 const PROBE_KEY: &[u8] = b"\0holdfast-probe";
@@ -196,10 +199,44 @@ impl LinkTask {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
+                        _ = self.accepting_again() => {
+                            tracing::debug!("an etcd endpoint accepts connections again; reconnecting before the backoff ran out");
+                        }
                     }
                 }
             }
             first = false;
+        }
+    }
+
+    /// Resolves once an endpoint accepts a TCP connection, checked about
+    /// once a second with jitter.
+    ///
+    /// The backoff (up to 30 s by default) keeps a fleet of relays from
+    /// hammering an etcd that refuses or fails handshakes; but a relay that
+    /// sleeps out the cap after etcd is back would break the promise that
+    /// registrations are rebuilt within one reconcile interval. A bare TCP
+    /// connect is cheap for etcd, and the jitter spreads the fleet's
+    /// reconnects over a second.
+    async fn accepting_again(&self) {
+        let addresses: Vec<String> = self
+            .config
+            .endpoints
+            .iter()
+            .filter_map(|endpoint| socket_address(endpoint))
+            .collect();
+        if addresses.is_empty() {
+            return std::future::pending().await;
+        }
+        loop {
+            let jitter = jitter_source() % 1000;
+            tokio::time::sleep(REACHABILITY_CHECK + Duration::from_millis(jitter)).await;
+            for address in &addresses {
+                let connect = tokio::net::TcpStream::connect(address.as_str());
+                if let Ok(Ok(_)) = tokio::time::timeout(self.config.probe_timeout, connect).await {
+                    return;
+                }
+            }
         }
     }
 
@@ -283,6 +320,15 @@ impl LinkTask {
     }
 }
 
+/// `host:port` of an endpoint URL such as `http://10.0.0.5:2379`.
+fn socket_address(endpoint: &str) -> Option<String> {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let authority = rest.split('/').next()?;
+    (!authority.is_empty() && authority.contains(':')).then(|| authority.to_string())
+}
+
 /// What a probe's answer says about the etcd that gave it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ServerView {
@@ -341,6 +387,23 @@ mod tests {
             raft_term,
             revision,
         }
+    }
+
+    #[test]
+    fn endpoint_urls_name_the_address_to_check() {
+        assert_eq!(
+            socket_address("http://10.0.0.5:2379").as_deref(),
+            Some("10.0.0.5:2379")
+        );
+        assert_eq!(
+            socket_address("https://etcd.example:2379/").as_deref(),
+            Some("etcd.example:2379")
+        );
+        assert_eq!(
+            socket_address("127.0.0.1:2379").as_deref(),
+            Some("127.0.0.1:2379")
+        );
+        assert_eq!(socket_address("http://no-port"), None);
     }
 
     #[test]

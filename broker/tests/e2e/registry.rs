@@ -438,3 +438,41 @@ async fn an_etcd_restarted_empty_faster_than_a_probe_is_still_rebuilt() {
         returned.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_backoff_does_not_delay_noticing_that_etcd_is_back() {
+    // Backoff from 10 s (the probe interval) capped at 30 s: the first retry
+    // comes 5-10 s after the outage is noticed, the next 10-20 s after that.
+    // etcd is back after 11 s, so sleeping out the backoff would notice it
+    // 3.5 s later at the earliest; registrations must not wait for that.
+    let mut stack = EtcdStack::start_with_config(
+        "probe_interval = \"10s\"\nprobe_timeout = \"1s\"\nreconnect_delay_max = \"30s\"",
+    );
+    let client = stack.client().await;
+    client.register("v1/backoff/key", "1").await.unwrap();
+    stack.etcd.kill();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while client.etcd_status() != LinkStatus::Down {
+        assert!(Instant::now() < deadline, "the outage was never noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        client.register("v1/backoff/key", "2").await.unwrap(),
+        RegistrationStatus::Buffered
+    );
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    stack.etcd.start_again();
+    let serving = Instant::now();
+    wait_for_etcd_status(&client, LinkStatus::Up).await;
+    let noticed = serving.elapsed();
+    eprintln!("etcd back noticed after {noticed:?} despite the backoff");
+    assert!(noticed < Duration::from_secs(3), "took {noticed:?}");
+    let mut etcd = stack.etcd.client().await;
+    wait_for_value(
+        &mut etcd,
+        "v1/backoff/key",
+        Some("2"),
+        Duration::from_secs(3),
+    )
+    .await;
+}
