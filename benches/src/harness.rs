@@ -345,6 +345,14 @@ impl EtcdServer {
         }
     }
 
+    /// Starts a fresh process on the same ports and data dir (an etcd that
+    /// crashed and came back with everything it had committed) and returns
+    /// once it answers a read.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+
     /// Starts a fresh process on the same ports with its data dir wiped (an
     /// etcd that came back empty) and returns once it answers a read.
     pub async fn restart_empty(&mut self) -> Result<()> {

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 ///
 /// Every figure is the median of N repetitions and is compared with a
 /// baseline measured in the same run; the ratio is the result. Needs
-/// nats-server (or HOLDFAST_NATS_SERVER), etcd for `discovery` (or
-/// HOLDFAST_ETCD) and holdfastd beside this executable (or
+/// nats-server (or HOLDFAST_NATS_SERVER), etcd for `discovery` and
+/// `outage` (or HOLDFAST_ETCD) and holdfastd beside this executable (or
 /// HOLDFAST_BENCH_HOLDFASTD).
 #[derive(Debug, Parser)]
 #[command(name = "holdfast-bench", version)]
@@ -48,7 +48,7 @@ struct Cli {
     /// outage: how long NATS stays down (e.g. 15m, 90s).
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
     nats_outage: Duration,
-    /// outage: how long etcd stays down, after NATS (reported as not available yet).
+    /// outage: how long etcd stays down, after NATS is back and drained.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     etcd_outage: Duration,
     /// outage: publishes per second of the steady mixed load.
