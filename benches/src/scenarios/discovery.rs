@@ -595,8 +595,8 @@ async fn rebuild(
             })
             .collect();
         let legend = if results.iter().any(|rebuilt| !rebuilt.seen) {
-            " (* = the relay counted no etcd outage, so no reconcile pass started when etcd \
-             returned)"
+            " (* = the restart fell between two probes, so the relay counted no outage; it \
+             reconciled on seeing etcd's revision go back)"
         } else {
             ""
         };
@@ -634,8 +634,7 @@ async fn rebuild(
             format!("discovery/rebuild {}", count_words(total)),
             &at_once,
             "etcd killed right after a reconcile pass finished and at once restarted with its \
-             data wiped; unless the relay's probe catches the restart, its next periodic pass \
-             finds etcd empty"
+             data wiped, usually between two of the relay's probes (the link never goes down)"
                 .to_string(),
             &setup,
         ),
