@@ -292,6 +292,8 @@ impl Session {
                                 liveness_timeout_ms = liveness_timeout.as_millis() as u64,
                                 "client sent nothing within the liveness timeout; ending its session and removing its registrations"
                             );
+                            // Whatever it did send is still answered.
+                            self.flush_accepts().await;
                             self.go_away(ErrorCode::Timeout, "no heartbeat within the liveness timeout").await;
                             return Ending::LivenessExpired;
                         }

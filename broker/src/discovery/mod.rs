@@ -41,7 +41,8 @@ use upstream::Upstream;
 const COMMAND_QUEUE: usize = 8192;
 /// How often a changed cache is saved.
 const SAVE_INTERVAL: Duration = Duration::from_secs(1);
-/// How long a linearizable GET waits for etcd.
+/// How long a linearizable GET, or a GET waiting for a prefix's first
+/// listing, waits for etcd.
 const LINEARIZABLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 type SessionId = u64;
@@ -260,8 +261,8 @@ struct CachedPrefix {
     configured: bool,
     last_used: Instant,
     watchers: Vec<WatchKey>,
-    /// GETs waiting for the first listing.
-    waiting: Vec<(Bytes, GetTo)>,
+    /// GETs waiting for the first listing, with when they arrived.
+    waiting: Vec<(Bytes, GetTo, Instant)>,
 }
 
 struct ClientWatch {
@@ -371,6 +372,7 @@ impl DiscoveryTask {
                     if self.dirty && idle {
                         saving = Some(self.save());
                     }
+                    self.expire_waiting_gets();
                 }
             }
             self.publish_gauges();
@@ -448,7 +450,7 @@ impl DiscoveryTask {
             to.answer(GetOutcome::Snapshot(snapshot));
         } else if link_up {
             bump(&self.stats.misses);
-            cached.waiting.push((prefix, to));
+            cached.waiting.push((prefix, to, Instant::now()));
         } else {
             bump(&self.stats.misses);
             to.fail(
@@ -558,7 +560,7 @@ impl DiscoveryTask {
                 }
                 self.dirty = true;
                 let cached = &mut *cached;
-                for (get_prefix, to) in cached.waiting.drain(..) {
+                for (get_prefix, to, _) in cached.waiting.drain(..) {
                     // Read from etcd this instant: fresh, even though the
                     // watch that keeps it fresh is still being set up.
                     let mut snapshot = cached.cache.snapshot(&get_prefix, now_ms);
@@ -610,7 +612,7 @@ impl DiscoveryTask {
         for cached in self.caches.values_mut() {
             cached.cache.set_fresh(up && cached.watching, now_ms);
             if !up {
-                for (_, to) in cached.waiting.drain(..) {
+                for (_, to, _) in cached.waiting.drain(..) {
                     to.fail(
                         ErrorCode::EtcdUnavailable,
                         "etcd became unreachable before this prefix was cached",
@@ -621,6 +623,24 @@ impl DiscoveryTask {
         if !up {
             // Remember when the entries were last confirmed.
             self.dirty = true;
+        }
+    }
+
+    /// A prefix etcd will not list (no permission, a failing etcd) must not
+    /// hold its GETs forever.
+    fn expire_waiting_gets(&mut self) {
+        for cached in self.caches.values_mut() {
+            let (expired, kept): (Vec<_>, Vec<_>) = cached
+                .waiting
+                .drain(..)
+                .partition(|(_, _, since)| since.elapsed() >= LINEARIZABLE_TIMEOUT);
+            cached.waiting = kept;
+            for (_, to, _) in expired {
+                to.fail(
+                    ErrorCode::Timeout,
+                    "etcd did not list this prefix in time; retry",
+                );
+            }
         }
     }
 
