@@ -97,10 +97,13 @@ pub fn outbox(
     )
 }
 
-/// Bytes a frame holds in memory while queued. Only subscription messages
-/// count: they are the only frames others push at a session uninvited.
+/// Bytes a frame holds in memory while queued. Subscription messages, watch
+/// events and discovery snapshots count: the first two are pushed at a
+/// session uninvited, and a snapshot can be large.
 fn queued_size(frame: &Frame) -> usize {
     match frame {
+        Frame::WatchEvent(event) => event.key.len() + event.value.len(),
+        Frame::GetResponse(_) => holdfast_wire::encoded_len(frame),
         Frame::Message(message) => {
             message.payload.len()
                 + message.subject.len()

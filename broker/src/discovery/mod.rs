@@ -69,8 +69,11 @@ pub struct GetTo {
 }
 
 impl GetTo {
+    /// Queues the answer within the session's outbound limits: a client that
+    /// asks for snapshots and never reads them is a slow consumer, not a
+    /// way to grow the relay's memory.
     fn answer(self, outcome: GetOutcome) {
-        let _ = self.outbox.send_ack(Frame::GetResponse(GetResponse {
+        self.outbox.offer(Frame::GetResponse(GetResponse {
             request_id: self.request_id,
             outcome,
         }));
