@@ -1213,6 +1213,11 @@ impl Connection {
                 return;
             }
         }
+        if code == ErrorCode::SlowConsumer && reference == 0 && self.watches.len() > 0 {
+            // The relay dropped frames it does not name: watch events may
+            // be among them, and a watcher with a gap would never converge.
+            self.watches.relay_dropped();
+        }
         warn!(reference, %code, %message, "error from the relay");
         let _ = self.events.send(LinkEvent::RelayError {
             code,

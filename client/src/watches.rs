@@ -214,6 +214,15 @@ impl Watches {
         None
     }
 
+    /// The relay reported dropping frames for this connection (a slow
+    /// consumer) without saying which: any watch may have lost events, so
+    /// every one asks for a fresh snapshot once its watcher has caught up.
+    pub(crate) fn relay_dropped(&mut self) {
+        for watch in self.live.values_mut() {
+            watch.needs_resync = true;
+        }
+    }
+
     /// For every watch that dropped events and whose watcher has since
     /// emptied its channel: UNWATCH the old wire id and WATCH again under a
     /// fresh one from `next_wire_id`. Waiting for an empty channel keeps a

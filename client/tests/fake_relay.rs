@@ -1309,6 +1309,56 @@ async fn a_slow_watcher_drops_events_then_resyncs_under_a_fresh_id() {
 }
 
 #[tokio::test]
+async fn a_relay_side_drop_makes_every_watch_resync() {
+    // The relay reports dropped frames for the whole connection (reference
+    // 0); watch events may be among them, so watches start over.
+    let relay = FakeRelay::start();
+    let options = relay.options().ping_interval(Duration::from_millis(20));
+    let (client, mut connection) = connect(&relay, options, 1).await;
+    let (watcher, watch) = tokio::join!(
+        within("watch", client.watch("workers/")),
+        connection.accept_watch()
+    );
+    let mut watcher = watcher.unwrap();
+    use wire::WatchEventKind::{Put, Synced};
+    let id = watch.watch_id;
+    send_watch_event(&mut connection, id, 10, Put, "workers/a", "1").await;
+    send_watch_event(&mut connection, id, 10, Synced, "", "").await;
+    assert_eq!(next_event(&mut watcher).await, put("workers/a", "1", 10));
+    next_event(&mut watcher).await;
+
+    connection
+        .send(Frame::Error(ErrorFrame {
+            code: wire::ErrorCode::SlowConsumer,
+            reference: 0,
+            message: wire::Text::from("3 message(s) dropped"),
+        }))
+        .await;
+    match connection.recv_answering_pings().await {
+        Frame::Unwatch(unwatch) => assert_eq!(unwatch.watch_id, id),
+        other => panic!("expected UNWATCH, got {other:?}"),
+    }
+    let rewatch = match connection.recv_answering_pings().await {
+        Frame::Watch(rewatch) => rewatch,
+        other => panic!("expected WATCH, got {other:?}"),
+    };
+    assert_ne!(rewatch.watch_id, id);
+    assert!(rewatch.send_initial);
+    // The fresh snapshot lacks workers/a: the watcher hears it is gone.
+    send_watch_event(&mut connection, rewatch.watch_id, 12, Put, "workers/b", "2").await;
+    send_watch_event(&mut connection, rewatch.watch_id, 12, Synced, "", "").await;
+    assert_eq!(next_event(&mut watcher).await, put("workers/b", "2", 12));
+    assert_eq!(
+        next_event(&mut watcher).await,
+        WatchEvent::Delete {
+            key: bytes("workers/a"),
+            revision: 12
+        }
+    );
+    assert_eq!(watcher.resyncs(), 1);
+}
+
+#[tokio::test]
 async fn etcd_link_changes_update_etcd_status_and_are_link_events() {
     let relay = FakeRelay::start();
     let (client, connection) = tokio::join!(
