@@ -55,7 +55,6 @@ pub struct RegistryStats {
     pub leases_lost: AtomicU64,
     pub reconcile_runs: AtomicU64,
     pub reconcile_repairs: AtomicU64,
-    pub last_reconcile_micros: AtomicU64,
 }
 
 /// Where a registration's answer goes.
@@ -197,6 +196,8 @@ pub fn start(config: &EtcdConfig, link: EtcdLink, stop: CancellationToken) -> Re
 
 /// An audit in progress: leases first, then keys in batches.
 struct Audit {
+    /// After the link (re)connected or etcd restarted, or periodic.
+    after_reconnect: bool,
     started: Instant,
     leases_checked: bool,
     keys: VecDeque<Bytes>,
@@ -259,7 +260,7 @@ impl RegistryTask {
                         seen_generation = generation;
                         self.retry_at = None;
                         self.audit = None;
-                        self.start_audit();
+                        self.start_audit(true);
                     } else if status != LinkStatus::Up {
                         self.audit = None;
                         self.answer_all_waiting_buffered();
@@ -271,7 +272,7 @@ impl RegistryTask {
                 }
                 _ = audit_ticker.tick() => {
                     if self.audit.is_none() && self.link.is_up() {
-                        self.start_audit();
+                        self.start_audit(false);
                     }
                 }
                 _ = sleep_until(retry_at) => self.retry_at = None,
@@ -373,11 +374,12 @@ impl RegistryTask {
         }
     }
 
-    fn start_audit(&mut self) {
+    fn start_audit(&mut self, after_reconnect: bool) {
         if self.audit.is_some() {
             return;
         }
         self.audit = Some(Audit {
+            after_reconnect,
             started: Instant::now(),
             leases_checked: false,
             keys: self.model.audit_targets().into(),
@@ -425,17 +427,17 @@ impl RegistryTask {
         let elapsed = audit.started.elapsed();
         bump(&self.stats.reconcile_runs);
         add(&self.stats.reconcile_repairs, audit.repairs);
-        self.stats.last_reconcile_micros.store(
-            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
         metrics::histogram!(crate::telemetry::RECONCILE_SECONDS).record(elapsed.as_secs_f64());
-        if audit.repairs > 0 {
+        // A pass after etcd came back is a state change worth a line even
+        // when nothing differed; a quiet periodic pass is not.
+        if audit.repairs > 0 || audit.after_reconnect {
             info!(
                 repairs = audit.repairs,
                 registrations = self.model.registrations(),
+                pending = self.model.pending_changes(),
                 duration_ms = elapsed.as_millis() as u64,
-                "reconcile: etcd differed from the registrations; rewriting what differed"
+                after_reconnect = audit.after_reconnect,
+                "reconcile pass finished; what differed in etcd is being rewritten"
             );
         } else {
             debug!(
