@@ -476,3 +476,123 @@ async fn a_long_backoff_does_not_delay_noticing_that_etcd_is_back() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_over_its_registration_limit_is_refused_and_keeps_what_it_had() {
+    let stack = EtcdStack::start_with_config("max_registrations_per_session = 2");
+    let client = stack.client().await;
+    client.register("v1/limit/a", "1").await.unwrap();
+    client.register("v1/limit/b", "1").await.unwrap();
+    let refused = client.register("v1/limit/c", "1").await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(holdfast_client::ErrorCode::LimitExceeded),
+        "{refused}"
+    );
+    assert!(!refused.is_retryable());
+    // Updating a key it holds is not a new registration.
+    client.register("v1/limit/a", "2").await.unwrap();
+    let mut etcd = stack.etcd.client().await;
+    assert_eq!(etcd_value(&mut etcd, "v1/limit/a").await.unwrap().0, "2");
+    assert_eq!(etcd_value(&mut etcd, "v1/limit/b").await.unwrap().0, "1");
+    assert_eq!(etcd_value(&mut etcd, "v1/limit/c").await, None);
+    let (_, metrics) = stack.relay.http_get("/metrics");
+    assert!(
+        metrics.contains("holdfast_registration_acks_total{outcome=\"rejected\"} 1"),
+        "the refusal is counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_registration_and_discovery_requests_get_typed_answers() {
+    use holdfast_wire::{
+        Deregister, Frame, FrameCodec, Get, GetOutcome, Hello, Register, RegistrationOutcome, Text,
+        Watch, PROTOCOL_VERSION,
+    };
+    use tokio_util::codec::Framed;
+    let stack = EtcdStack::start();
+    let stream = tokio::net::UnixStream::connect(stack.relay.socket())
+        .await
+        .unwrap();
+    let mut framed = Framed::new(
+        stream,
+        FrameCodec::new(holdfast_wire::DEFAULT_MAX_FRAME_BYTES),
+    );
+    use futures::SinkExt;
+    framed
+        .send(Frame::Hello(Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            client_name: Text::from_static("raw"),
+            instance_id: 0,
+        }))
+        .await
+        .unwrap();
+    let welcome = within("WELCOME", framed.next()).await.unwrap().unwrap();
+    assert!(matches!(welcome, Frame::Welcome(_)));
+    for frame in [
+        Frame::Register(Register {
+            request_id: 1,
+            key: bytes::Bytes::new(),
+            value: bytes::Bytes::from_static(b"x"),
+        }),
+        Frame::Get(Get {
+            request_id: 2,
+            linearizable: false,
+            prefix: bytes::Bytes::new(),
+        }),
+        Frame::Watch(Watch {
+            watch_id: 3,
+            send_initial: true,
+            prefix: bytes::Bytes::new(),
+        }),
+        // Removing a key this session never registered is harmless.
+        Frame::Deregister(Deregister {
+            request_id: 4,
+            key: bytes::Bytes::from_static(b"v1/never"),
+        }),
+    ] {
+        framed.send(frame).await.unwrap();
+    }
+    let mut answers = Vec::new();
+    while answers.len() < 4 {
+        let frame = within("answers", framed.next()).await.unwrap().unwrap();
+        if !matches!(frame, Frame::LinkState(_)) {
+            answers.push(frame);
+        }
+    }
+    assert!(answers.iter().any(|frame| matches!(frame,
+        Frame::RegisterAck(ack) if ack.request_id == 1 && matches!(&ack.outcome,
+            RegistrationOutcome::Rejected { code, .. } if *code == holdfast_wire::ErrorCode::InvalidSubject))));
+    assert!(
+        answers.iter().any(|frame| matches!(frame,
+        Frame::GetResponse(response) if response.request_id == 2 && matches!(&response.outcome,
+            GetOutcome::Failed { code, .. } if *code == holdfast_wire::ErrorCode::InvalidSubject)))
+    );
+    assert!(answers.iter().any(|frame| matches!(frame,
+        Frame::Error(error) if error.reference == 3 && error.code == holdfast_wire::ErrorCode::InvalidSubject)));
+    assert!(answers.iter().any(|frame| matches!(frame,
+        Frame::RegisterAck(ack) if ack.request_id == 4 && ack.outcome == RegistrationOutcome::Applied)));
+    // The connection is still usable.
+    framed
+        .send(Frame::Register(Register {
+            request_id: 5,
+            key: bytes::Bytes::from_static(b"v1/raw/ok"),
+            value: bytes::Bytes::from_static(b"1"),
+        }))
+        .await
+        .unwrap();
+    loop {
+        match within("the last answer", framed.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Frame::RegisterAck(ack) if ack.request_id == 5 => {
+                assert_eq!(ack.outcome, RegistrationOutcome::Applied);
+                break;
+            }
+            _ => continue,
+        }
+    }
+}
