@@ -263,3 +263,23 @@ async fn watches_converge_across_an_etcd_restart_and_after_compaction() {
         .expect("relists metric");
     assert!(relists >= 1.0, "{relists}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_holds_at_most_its_limit_of_prefixes_and_never_drops_a_watched_one() {
+    let stack = EtcdStack::start_with_config("max_cached_prefixes = 2");
+    let client = stack.client().await;
+    client.get("v1/a/").await.unwrap();
+    client.get("v1/b/").await.unwrap();
+    // A third prefix makes room by dropping the least recently used.
+    client.get("v1/c/").await.unwrap();
+    let status = client.status().await.unwrap();
+    assert_eq!(status["etcd"]["cached_prefixes"], 2);
+    // With both slots watched, a new prefix is refused, not served by
+    // dropping a watch.
+    let _b = client.watch("v1/b/").await.unwrap();
+    let _c = client.watch("v1/c/").await.unwrap();
+    let refused = client.get("v1/d/").await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::LimitExceeded), "{refused}");
+    // A narrower prefix of a watched one is still served from its cache.
+    client.get("v1/b/x").await.unwrap();
+}
