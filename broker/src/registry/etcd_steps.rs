@@ -67,24 +67,17 @@ pub async fn run(
     ttl: Duration,
     timeout: Duration,
 ) -> StepResult {
-    let timed_out = || format!("etcd did not answer within {} ms", timeout.as_millis());
     match step {
         Step::Revoke(leases) => {
             let mut done = 0;
             for lease in &leases {
-                match tokio::time::timeout(timeout, client.lease_revoke(*lease)).await {
-                    Ok(Ok(_)) => done += 1,
-                    Ok(Err(error)) if is_lease_not_found(&error) => done += 1,
-                    Ok(Err(error)) => {
+                match bounded(timeout, client.lease_revoke(*lease)).await {
+                    Ok(_) => done += 1,
+                    Err(failure) if failure.lease_not_found => done += 1,
+                    Err(failure) => {
                         return StepResult::Revoked {
                             done,
-                            error: Some(error.to_string()),
-                        }
-                    }
-                    Err(_) => {
-                        return StepResult::Revoked {
-                            done,
-                            error: Some(timed_out()),
+                            error: Some(failure.message),
                         }
                     }
                 }
@@ -95,18 +88,12 @@ pub async fn run(
             let ttl_seconds = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
             let mut leases = Vec::with_capacity(sessions.len());
             for session in sessions {
-                match tokio::time::timeout(timeout, client.lease_grant(ttl_seconds, None)).await {
-                    Ok(Ok(granted)) => leases.push((session, granted.id())),
-                    Ok(Err(error)) => {
+                match bounded(timeout, client.lease_grant(ttl_seconds, None)).await {
+                    Ok(granted) => leases.push((session, granted.id())),
+                    Err(failure) => {
                         return StepResult::Granted {
                             leases,
-                            error: Some(error.to_string()),
-                        }
-                    }
-                    Err(_) => {
-                        return StepResult::Granted {
-                            leases,
-                            error: Some(timed_out()),
+                            error: Some(failure.message),
                         }
                     }
                 }
@@ -129,15 +116,14 @@ pub async fn run(
                 })
                 .collect();
             let write = client.txn(Txn::new().and_then(operations));
-            let (error, lease_missing) = match tokio::time::timeout(timeout, write).await {
-                Ok(Ok(response)) => {
+            let (error, lease_missing) = match bounded(timeout, write).await {
+                Ok(response) => {
                     if let Some(header) = response.header() {
                         link.saw_revision(header.revision());
                     }
                     (None, false)
                 }
-                Ok(Err(error)) => (Some(error.to_string()), is_lease_not_found(&error)),
-                Err(_) => (Some(timed_out()), false),
+                Err(failure) => (Some(failure.message), failure.lease_not_found),
             };
             StepResult::Applied {
                 changes,
@@ -148,21 +134,15 @@ pub async fn run(
         Step::CheckLeases(leases) => {
             let mut lost = Vec::new();
             for (session, lease) in leases {
-                match tokio::time::timeout(timeout, client.lease_time_to_live(lease, None)).await {
+                match bounded(timeout, client.lease_time_to_live(lease, None)).await {
                     // etcd answers TTL -1 for a lease it does not have.
-                    Ok(Ok(answer)) if answer.ttl() <= 0 => lost.push((session, lease)),
-                    Ok(Ok(_)) => {}
-                    Ok(Err(error)) if is_lease_not_found(&error) => lost.push((session, lease)),
-                    Ok(Err(error)) => {
+                    Ok(answer) if answer.ttl() <= 0 => lost.push((session, lease)),
+                    Ok(_) => {}
+                    Err(failure) if failure.lease_not_found => lost.push((session, lease)),
+                    Err(failure) => {
                         return StepResult::LeasesChecked {
                             lost,
-                            error: Some(error.to_string()),
-                        }
-                    }
-                    Err(_) => {
-                        return StepResult::LeasesChecked {
-                            lost,
-                            error: Some(timed_out()),
+                            error: Some(failure.message),
                         }
                     }
                 }
@@ -174,8 +154,8 @@ pub async fn run(
                 .iter()
                 .map(|key| TxnOp::get(key.to_vec(), None))
                 .collect();
-            match tokio::time::timeout(timeout, client.txn(Txn::new().and_then(operations))).await {
-                Ok(Ok(response)) => {
+            match bounded(timeout, client.txn(Txn::new().and_then(operations))).await {
+                Ok(response) => {
                     if let Some(header) = response.header() {
                         link.saw_revision(header.revision());
                     }
@@ -198,16 +178,37 @@ pub async fn run(
                         error: None,
                     }
                 }
-                Ok(Err(error)) => StepResult::KeysRead {
+                Err(failure) => StepResult::KeysRead {
                     observed: Vec::new(),
-                    error: Some(error.to_string()),
-                },
-                Err(_) => StepResult::KeysRead {
-                    observed: Vec::new(),
-                    error: Some(timed_out()),
+                    error: Some(failure.message),
                 },
             }
         }
+    }
+}
+
+/// Why one etcd call gave no answer.
+struct CallFailure {
+    message: String,
+    /// etcd said a lease named in the call does not exist.
+    lease_not_found: bool,
+}
+
+/// Awaits one etcd call for at most `timeout`.
+async fn bounded<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, CallFailure> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(error)) => Err(CallFailure {
+            message: error.to_string(),
+            lease_not_found: is_lease_not_found(&error),
+        }),
+        Err(_) => Err(CallFailure {
+            message: format!("etcd did not answer within {} ms", timeout.as_millis()),
+            lease_not_found: false,
+        }),
     }
 }
 
