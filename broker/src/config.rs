@@ -4,8 +4,10 @@
 //! can fix a typo at 3 a.m. without reading source. `deploy/holdfast.toml`
 //! documents every key; keep the two in step.
 
+use crate::access::{AccessConfig, AccessPolicy};
 use crate::classes::{ClassOverrides, Classes};
 use crate::duration;
+use crate::tls::TlsFiles;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +57,9 @@ pub struct Config {
     pub nats: NatsConfig,
     pub etcd: EtcdConfig,
     pub sessions: SessionConfig,
+    pub quic: QuicConfig,
+    /// `[access]`: rules by peer identity; see `access.rs`.
+    pub access: AccessConfig,
     /// `[classes.NAME]` tables; see `classes.rs`.
     pub classes: BTreeMap<String, ClassOverrides>,
 }
@@ -68,6 +73,9 @@ pub struct RelayConfig {
     pub data_dir: PathBuf,
     /// Octal permission bits for the socket file, as a string ("0660").
     pub socket_mode: String,
+    /// Group (name or numeric id) the socket file is given, so members of
+    /// that group may connect; empty keeps the relay's own group.
+    pub socket_group: String,
     pub max_frame_bytes: u32,
     #[serde(deserialize_with = "duration::deserialize")]
     pub shutdown_grace: Duration,
@@ -130,6 +138,21 @@ pub struct EtcdConfig {
     pub max_registrations_per_session: usize,
 }
 
+/// `[quic]`: the QUIC listener and its TLS material.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicConfig {
+    /// Address to listen on ("0.0.0.0:4443"); empty means no QUIC listener.
+    pub addr: String,
+    /// The relay's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The relay's private key (PEM).
+    pub key: PathBuf,
+    /// CA certificates (PEM) that sign client certificates; when set,
+    /// every QUIC client must present one (mutual TLS).
+    pub client_ca: PathBuf,
+}
+
 /// `[sessions]`: per-connection limits and policies.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -139,6 +162,14 @@ pub struct SessionConfig {
     pub slow_consumer: SlowConsumerPolicy,
     pub max_inflight_requests: usize,
     pub max_subscriptions: usize,
+    /// Connections (Unix and QUIC) open at once; more are turned away.
+    pub max_connections: usize,
+    /// A connection must send HELLO within this long.
+    #[serde(with = "duration")]
+    pub hello_timeout: Duration,
+    /// A connection that sends nothing for this long is closed.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for RelayConfig {
@@ -147,6 +178,7 @@ impl Default for RelayConfig {
             socket: PathBuf::from("/run/holdfast/holdfast.sock"),
             data_dir: PathBuf::from("/var/lib/holdfast"),
             socket_mode: "0660".to_string(),
+            socket_group: String::new(),
             max_frame_bytes: holdfast_wire::DEFAULT_MAX_FRAME_BYTES,
             shutdown_grace: Duration::from_secs(5),
             metrics_addr: "127.0.0.1:9477".to_string(),
@@ -194,6 +226,9 @@ impl Default for SessionConfig {
             slow_consumer: SlowConsumerPolicy::Drop,
             max_inflight_requests: 1024,
             max_subscriptions: 10_000,
+            max_connections: 4096,
+            hello_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -206,6 +241,10 @@ pub struct Overrides {
     pub nats_servers: Option<String>,
     pub etcd_endpoints: Option<String>,
     pub metrics_addr: Option<String>,
+    pub quic_addr: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Config {
@@ -230,6 +269,18 @@ impl Config {
         }
         if let Some(endpoints) = &overrides.etcd_endpoints {
             config.etcd.endpoints = split_list(endpoints);
+        }
+        if let Some(address) = &overrides.quic_addr {
+            config.quic.addr = address.clone();
+        }
+        if let Some(cert) = &overrides.tls_cert {
+            config.quic.cert = cert.clone();
+        }
+        if let Some(key) = &overrides.tls_key {
+            config.quic.key = key.clone();
+        }
+        if let Some(client_ca) = &overrides.tls_client_ca {
+            config.quic.client_ca = client_ca.clone();
         }
         config.validate(path)?;
         Ok(config)
@@ -258,6 +309,33 @@ impl Config {
             .map_err(|message| invalid("relay.metrics_addr", message))?;
         self.classes()
             .map_err(|message| invalid("classes", message))?;
+        self.access_policy()
+            .map_err(|message| invalid("access", message))?;
+        self.quic_addr()
+            .map_err(|message| invalid("quic.addr", message))?;
+        if !self.quic.addr.is_empty() {
+            for (key, path) in [("quic.cert", &self.quic.cert), ("quic.key", &self.quic.key)] {
+                if path.as_os_str().is_empty() {
+                    return Err(invalid(
+                        key,
+                        "the QUIC listener needs a certificate and key (--tls-cert, --tls-key; `holdfastd gen-cert` makes development ones)".to_string(),
+                    ));
+                }
+            }
+        }
+        if self.sessions.hello_timeout.is_zero() {
+            return Err(invalid(
+                "sessions.hello_timeout",
+                "must be non-zero".to_string(),
+            ));
+        }
+        // Clients ping every 250 ms; anything shorter would close healthy ones.
+        if self.sessions.idle_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "sessions.idle_timeout",
+                "must be at least 1s (clients ping every 250ms)".to_string(),
+            ));
+        }
         if self.relay.max_frame_bytes < 1024 {
             return Err(invalid(
                 "relay.max_frame_bytes",
@@ -345,6 +423,7 @@ impl Config {
                 "sessions.max_subscriptions",
                 self.sessions.max_subscriptions,
             ),
+            ("sessions.max_connections", self.sessions.max_connections),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -357,6 +436,34 @@ impl Config {
     /// The resolved message classes, in drain order.
     pub fn classes(&self) -> Result<Classes, String> {
         Classes::resolve(&self.classes)
+    }
+
+    /// The compiled `[access]` rules.
+    pub fn access_policy(&self) -> Result<AccessPolicy, String> {
+        AccessPolicy::compile(&self.access)
+    }
+
+    /// The QUIC listener's address, if one is configured.
+    pub fn quic_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.quic.addr.is_empty() {
+            return Ok(None);
+        }
+        self.quic.addr.parse().map(Some).map_err(|_| {
+            format!(
+                "{:?} is not an IP address and port like \"0.0.0.0:4443\"",
+                self.quic.addr
+            )
+        })
+    }
+
+    /// The QUIC listener's TLS files.
+    pub fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.quic.cert.clone(),
+            key: self.quic.key.clone(),
+            client_ca: Some(self.quic.client_ca.clone())
+                .filter(|path| !path.as_os_str().is_empty()),
+        }
     }
 
     /// The persisted discovery cache.
@@ -435,6 +542,7 @@ mod tests {
             nats_servers: Some("nats://127.0.0.1:1, nats://127.0.0.1:2".to_string()),
             etcd_endpoints: Some("http://127.0.0.1:2379".to_string()),
             metrics_addr: Some("127.0.0.1:19477".to_string()),
+            ..Overrides::default()
         };
         let config = Config::load(Some(file.path()), &overrides).unwrap();
         assert_eq!(config.relay.socket, Path::new("/tmp/a.sock"));
@@ -469,6 +577,65 @@ mod tests {
         );
         assert_eq!(documented.nats.link_timeout, defaults.nats.link_timeout);
         assert_eq!(documented.relay.socket, defaults.relay.socket);
+    }
+
+    #[test]
+    fn quic_needs_a_certificate_and_key_and_flags_provide_them() {
+        let overrides = Overrides {
+            quic_addr: Some("127.0.0.1:0".to_string()),
+            ..Overrides::default()
+        };
+        let error = Config::load(None, &overrides).unwrap_err().to_string();
+        assert!(error.contains("quic.cert"), "{error}");
+        let overrides = Overrides {
+            quic_addr: Some("127.0.0.1:0".to_string()),
+            tls_cert: Some(PathBuf::from("/etc/holdfast/server.pem")),
+            tls_key: Some(PathBuf::from("/etc/holdfast/server.key")),
+            tls_client_ca: Some(PathBuf::from("/etc/holdfast/ca.pem")),
+            ..Overrides::default()
+        };
+        let config = Config::load(None, &overrides).unwrap();
+        assert_eq!(
+            config.quic_addr().unwrap(),
+            Some("127.0.0.1:0".parse().unwrap())
+        );
+        let files = config.tls_files();
+        assert_eq!(
+            files.client_ca.as_deref(),
+            Some(Path::new("/etc/holdfast/ca.pem"))
+        );
+        let overrides = Overrides {
+            quic_addr: Some("not an address".to_string()),
+            ..Overrides::default()
+        };
+        let error = Config::load(None, &overrides).unwrap_err().to_string();
+        assert!(error.contains("quic.addr"), "{error}");
+        assert_eq!(Config::default().tls_files().client_ca, None);
+    }
+
+    #[test]
+    fn limits_and_access_rules_are_checked_and_name_the_key() {
+        for (text, key) in [
+            (
+                "[sessions]\nidle_timeout = \"100ms\"\n",
+                "sessions.idle_timeout",
+            ),
+            (
+                "[sessions]\nhello_timeout = \"0s\"\n",
+                "sessions.hello_timeout",
+            ),
+            (
+                "[sessions]\nmax_connections = 0\n",
+                "sessions.max_connections",
+            ),
+            ("[[access.rule]]\npublish = [\"a\"]\n", "access"),
+        ] {
+            let file = write_config(text);
+            let error = Config::load(Some(file.path()), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{text}: {error}");
+        }
     }
 
     #[test]

@@ -2,13 +2,20 @@
 //!
 //! A socket file left by a relay that died is replaced; a socket a live
 //! relay still answers on is not, so two relays never fight over one path.
+//! The file's mode and group decide who may connect; each connection holds
+//! one of the relay's connection permits and is identified by the kernel's
+//! peer credentials.
 
+use crate::peer::Peer;
 use crate::session::{self, SessionContext};
+use crate::stats::Limit;
+use holdfast_wire::{encode, ErrorCode, Frame, GoAway, Text};
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,10 +38,24 @@ pub enum ListenError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("socket group {group:?} does not exist")]
+    UnknownGroup { group: String },
+    #[error("cannot give {path} to group {group:?}: {source}")]
+    Chown {
+        path: PathBuf,
+        group: String,
+        source: std::io::Error,
+    },
 }
 
-/// Binds `path` with permission bits `mode`, replacing a stale socket file.
-pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
+/// Binds `path` with permission bits `mode` and group `group` (a name or a
+/// numeric id; empty keeps the relay's), replacing a stale socket file.
+pub fn bind(path: &Path, mode: u32, group: &str) -> Result<UnixListener, ListenError> {
+    let gid = if group.is_empty() {
+        None
+    } else {
+        Some(group_id(group)?)
+    };
     if let Some(parent) = path
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
@@ -63,7 +84,45 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
     };
     let listener = UnixListener::bind(path).map_err(bind_error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_error)?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| ListenError::Chown {
+            path: path.to_path_buf(),
+            group: group.to_string(),
+            source,
+        })?;
+    }
     Ok(listener)
+}
+
+/// The id of group `group`, given by name or number.
+fn group_id(group: &str) -> Result<u32, ListenError> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let unknown = || ListenError::UnknownGroup {
+        group: group.to_string(),
+    };
+    let name = std::ffi::CString::new(group).map_err(|_| unknown())?;
+    let mut entry = std::mem::MaybeUninit::<libc::group>::uninit();
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: `name` is NUL-terminated,
+    // `entry` and `buffer` are writable and sized as passed, and `found`
+    // receives either null or a pointer to `entry`.
+    let status = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            entry.as_mut_ptr(),
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut found,
+        )
+    };
+    if status != 0 || found.is_null() {
+        return Err(unknown());
+    }
+    // SAFETY: getgrnam_r succeeded and filled `entry` (found == &entry).
+    Ok(unsafe { entry.assume_init() }.gr_gid)
 }
 
 /// Accepts connections until `stop` fires, then removes the socket file.
@@ -79,7 +138,17 @@ pub async fn serve(
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tracker.spawn(session::run(stream, ctx.clone()));
+                    let peer = Peer::of_unix_stream(&stream);
+                    let Ok(permit) = ctx.connection_permits.clone().try_acquire_owned() else {
+                        tracker.spawn(turn_away(stream, peer, ctx.clone()));
+                        continue;
+                    };
+                    let (read_half, write_half) = stream.into_split();
+                    let session = session::run(Box::new(read_half), Box::new(write_half), peer, ctx.clone());
+                    tracker.spawn(async move {
+                        session.await;
+                        drop(permit);
+                    });
                 }
                 Err(error) if error.kind() == ErrorKind::ConnectionAborted => {}
                 Err(error) => {
@@ -97,6 +166,27 @@ pub async fn serve(
     }
 }
 
+/// Tells a connection over `sessions.max_connections` why it is closed.
+async fn turn_away(mut stream: tokio::net::UnixStream, peer: Peer, ctx: Arc<SessionContext>) {
+    ctx.stats.record_limit(Limit::Connections);
+    let max = ctx.config.sessions.max_connections;
+    warn!(%peer, max_connections = max, "connection refused: sessions.max_connections reached");
+    let go_away = Frame::GoAway(GoAway {
+        code: ErrorCode::LimitExceeded,
+        message: Text::from(format!(
+            "the relay already has {max} connections (sessions.max_connections); retry later"
+        )),
+    });
+    let mut bytes = bytes::BytesMut::new();
+    if encode(&go_away, ctx.config.relay.max_frame_bytes, &mut bytes).is_ok() {
+        let write = async {
+            stream.write_all(&bytes).await?;
+            stream.shutdown().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,17 +195,33 @@ mod tests {
     async fn stale_socket_is_replaced_but_live_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/holdfast.sock");
-        let live = bind(&path, 0o660).unwrap();
+        let live = bind(&path, 0o660, "").unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
         assert!(matches!(
-            bind(&path, 0o660),
+            bind(&path, 0o660, ""),
             Err(ListenError::AlreadyRunning(_))
         ));
         drop(live);
         // The file is still there, but nobody answers: it is stale.
         assert!(path.exists());
-        assert!(bind(&path, 0o600).is_ok());
+        assert!(bind(&path, 0o600, "").is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_socket_gets_the_configured_group_by_name_or_number() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let own_gid = unsafe { libc::getegid() };
+        let path = dir.path().join("numeric.sock");
+        let _listener = bind(&path, 0o660, &own_gid.to_string()).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().gid(), own_gid);
+        assert!(matches!(
+            bind(&dir.path().join("x.sock"), 0o660, "no-such-group-holdfast"),
+            Err(ListenError::UnknownGroup { .. })
+        ));
+        // "root" exists on every Linux system; naming it resolves to 0.
+        assert_eq!(group_id("root").unwrap(), 0);
     }
 
     #[test]
@@ -124,7 +230,7 @@ mod tests {
         let path = dir.path().join("holdfast.sock");
         std::fs::write(&path, b"not a socket").unwrap();
         assert!(matches!(
-            bind(&path, 0o660),
+            bind(&path, 0o660, ""),
             Err(ListenError::NotASocket(_))
         ));
         assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");

@@ -1,5 +1,7 @@
 //! `holdfastd`: command line, logging, and the runtime around [`relay::run`].
 
+mod access;
+mod cert_subject;
 mod class_queue;
 mod classes;
 mod config;
@@ -8,6 +10,7 @@ mod duration;
 mod etcd_link;
 mod fanout;
 mod forwarder;
+mod gen_cert;
 mod journal;
 mod journal_inspect;
 mod link_monitor;
@@ -17,6 +20,8 @@ mod nats_link;
 mod notify;
 mod ops_http;
 mod outbox;
+mod peer;
+mod quic_listener;
 mod registry;
 mod relay;
 mod router;
@@ -25,6 +30,7 @@ mod stats;
 mod status;
 mod subscription_table;
 mod telemetry;
+mod tls;
 mod wall_clock;
 
 use clap::{Parser, ValueEnum};
@@ -56,6 +62,20 @@ struct Args {
     /// Address of /metrics, /livez, /readyz and /status [default: 127.0.0.1:9477].
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<String>,
+    /// Also accept QUIC connections on this address (e.g. 0.0.0.0:4443);
+    /// needs --tls-cert and --tls-key.
+    #[arg(long, value_name = "ADDR")]
+    quic_addr: Option<String>,
+    /// The QUIC listener's certificate chain (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The QUIC listener's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs client certificates; when given, QUIC clients
+    /// must present one (mutual TLS).
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
     /// Log format; the level comes from RUST_LOG (default "info").
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -69,6 +89,23 @@ enum Command {
     Journal {
         #[command(subcommand)]
         action: JournalAction,
+    },
+    /// Write a development CA (ca.pem), a server certificate and key
+    /// (server.pem, server.key) and a client certificate and key
+    /// (client.pem, client.key) for QUIC with mutual TLS. Not for production.
+    GenCert {
+        /// Directory to write the files into (created if missing; existing
+        /// files are never overwritten).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Extra DNS name or IP address the server certificate is valid
+        /// for, besides localhost, 127.0.0.1 and ::1 (repeatable).
+        #[arg(long = "san", value_name = "NAME")]
+        server_names: Vec<String>,
+        /// Subject common name of the client certificate, as access rules
+        /// name it (`cert_cn`).
+        #[arg(long, value_name = "NAME", default_value = "holdfast-client")]
+        client_cn: String,
     },
 }
 
@@ -100,12 +137,40 @@ fn main() -> ExitCode {
     {
         return journal_inspect::run(data_dir, *json);
     }
+    if let Some(Command::GenCert {
+        out,
+        server_names,
+        client_cn,
+    }) = &args.command
+    {
+        let request = gen_cert::GenCertRequest {
+            out,
+            server_names,
+            client_common_name: client_cn,
+        };
+        return match gen_cert::generate(&request) {
+            Ok(files) => {
+                for file in files {
+                    println!("{}", file.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("holdfastd gen-cert: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let overrides = config::Overrides {
         socket: args.socket,
         data_dir: args.data_dir,
         nats_servers: args.nats,
         etcd_endpoints: args.etcd,
         metrics_addr: args.metrics_addr,
+        quic_addr: args.quic_addr,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        tls_client_ca: args.tls_client_ca,
     };
     let config = match config::Config::load(args.config.as_deref(), &overrides) {
         Ok(config) => config,

@@ -17,6 +17,7 @@ use crate::listener::{self, ListenError};
 use crate::nats_link::{NatsLink, NatsLinkError};
 use crate::notify::Notifier;
 use crate::ops_http::{self, OpsListenError, OpsState};
+use crate::quic_listener::{self, QuicListenError};
 use crate::registry;
 use crate::router::{self, RouterHandle};
 use crate::session::{SessionContext, Upstreams};
@@ -41,6 +42,8 @@ pub enum RelayError {
     #[error(transparent)]
     Listen(#[from] ListenError),
     #[error(transparent)]
+    Quic(#[from] QuicListenError),
+    #[error(transparent)]
     Nats(#[from] NatsLinkError),
     #[error(transparent)]
     Ops(#[from] OpsListenError),
@@ -61,7 +64,17 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     let mode = config.socket_mode().map_err(RelayError::Config)?;
     let metrics_addr = config.metrics_addr().map_err(RelayError::Config)?;
     let socket = config.relay.socket.clone();
-    let listener = listener::bind(&socket, mode)?;
+    let listener = listener::bind(&socket, mode, &config.relay.socket_group)?;
+    // TLS files are read now, so a bad path fails the start, not the first client.
+    let quic_endpoint = match config.quic_addr().map_err(RelayError::Config)? {
+        Some(address) => {
+            let server_config =
+                crate::tls::server_config(&config.tls_files()).map_err(QuicListenError::from)?;
+            Some(quic_listener::bind(address, server_config)?)
+        }
+        None => None,
+    };
+    let access = config.access_policy().map_err(RelayError::Config)?;
     let ops_listener = ops_http::bind(metrics_addr).await?;
     // The address actually bound (port 0 in the config picks a free one).
     let metrics_addr = ops_listener.local_addr().unwrap_or(metrics_addr);
@@ -145,7 +158,7 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     );
     let sessions_stop = CancellationToken::new();
     let shutdown_grace = config.relay.shutdown_grace;
-    let ctx = Arc::new(SessionContext::new(
+    let mut context = SessionContext::new(
         Arc::new(config),
         classes,
         Upstreams {
@@ -158,8 +171,13 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         forwarder,
         stats,
         Text::from(relay_id.as_str()),
+        access,
         sessions_stop.clone(),
-    ));
+    );
+    context.quic_address = quic_endpoint
+        .as_ref()
+        .and_then(|endpoint| endpoint.local_addr().ok());
+    let ctx = Arc::new(context);
     let ops = Arc::new(OpsState {
         ctx: ctx.clone(),
         telemetry,
@@ -181,6 +199,14 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         tracker.clone(),
         accept_stop.clone(),
     ));
+    let quic_accept = quic_endpoint.clone().map(|endpoint| {
+        tokio::spawn(quic_listener::serve(
+            endpoint,
+            ctx.clone(),
+            tracker.clone(),
+            accept_stop.clone(),
+        ))
+    });
     ops.ready.store(true, Ordering::Release);
     notifier.notify(&format!("READY=1\nSTATUS={}", status_line(&ctx)));
     tokio::spawn(report_to_systemd(
@@ -192,6 +218,8 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     info!(
         relay_id = %relay_id,
         socket = %socket.display(),
+        quic = %ctx.quic_address.map_or_else(|| "off".to_string(), |address| address.to_string()),
+        mutual_tls = !ctx.config.quic.client_ca.as_os_str().is_empty(),
         metrics = %metrics_addr,
         nats = %ctx.config.nats.servers.join(","),
         nats_link = link_status_name(initial_link),
@@ -212,6 +240,9 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     );
     accept_stop.cancel();
     let _ = accept.await;
+    if let Some(task) = quic_accept {
+        let _ = task.await;
+    }
     // Registrations are not revoked as sessions close for shutdown: their
     // leases run out after the TTL unless the clients register again with
     // the next relay first, so a relay restart does not blink their keys.
@@ -241,6 +272,11 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     }
     if nats.is_up() {
         let _ = tokio::time::timeout(Duration::from_secs(1), nats.client().flush()).await;
+    }
+    if let Some(endpoint) = quic_endpoint {
+        // Lets the connections' CONNECTION_CLOSE reach the clients.
+        endpoint.close(0u32.into(), b"relay stopped");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     }
     background.cancel();
     info!("holdfastd stopped");

@@ -5,6 +5,7 @@
 //! everything queued in one syscall. Publishes go straight to the NATS
 //! client; subscriptions and node-local delivery go through the router.
 
+use crate::access::{AccessPolicy, Operation, Permissions};
 use crate::class_queue::QueuedMessage;
 use crate::classes::Classes;
 use crate::config::Config;
@@ -16,9 +17,10 @@ use crate::forwarder::{Accept, AckTo, ForwarderHandle};
 use crate::nats_convert::{from_header_map, to_header_map, to_subject};
 use crate::nats_link::NatsLink;
 use crate::outbox::{outbox, Outbox, OutboxReceiver};
+use crate::peer::Peer;
 use crate::registry::{AckTo as RegistrationAckTo, RegistryHandle};
 use crate::router::RouterHandle;
-use crate::stats::{bump, PublishOutcome, RelayStats};
+use crate::stats::{bump, Limit, PublishOutcome, RelayStats};
 use crate::status;
 use crate::subscription_table::SubscriptionKey;
 use crate::telemetry::{PUBLISH_ACK_SECONDS, REQUEST_DURATION_SECONDS};
@@ -39,16 +41,12 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// A client must say HELLO within this long after connecting.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a PING barrier waits for the NATS client to flush.
 const BARRIER_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Socket read buffer: big enough that one read carries many small frames.
@@ -76,6 +74,12 @@ pub struct SessionContext {
     pub relay_id: Text,
     pub started_at: Instant,
     pub shutdown: CancellationToken,
+    /// Who may do what; looked up once per session.
+    pub access: AccessPolicy,
+    /// One permit per open connection (`sessions.max_connections`).
+    pub connection_permits: Arc<Semaphore>,
+    /// Where the QUIC listener listens, if it does.
+    pub quic_address: Option<std::net::SocketAddr>,
     next_session_id: AtomicU64,
 }
 
@@ -97,9 +101,14 @@ impl SessionContext {
         forwarder: ForwarderHandle,
         stats: Arc<RelayStats>,
         relay_id: Text,
+        access: AccessPolicy,
         shutdown: CancellationToken,
     ) -> SessionContext {
+        let connection_permits = Arc::new(Semaphore::new(config.sessions.max_connections));
         SessionContext {
+            access,
+            connection_permits,
+            quic_address: None,
             config,
             classes,
             nats: upstreams.nats,
@@ -117,7 +126,12 @@ impl SessionContext {
     }
 }
 
-type Reader = FramedRead<OwnedReadHalf, FrameCodec>;
+/// The read half of a connection, whatever the transport.
+pub type ByteReader = Box<dyn AsyncRead + Send + Unpin>;
+/// The write half of a connection, whatever the transport.
+pub type ByteWriter = Box<dyn AsyncWrite + Send + Unpin>;
+
+type Reader = FramedRead<ByteReader, FrameCodec>;
 
 /// Whether the session goes on after a frame.
 enum Flow {
@@ -128,6 +142,11 @@ enum Flow {
 struct Session {
     id: u64,
     ctx: Arc<SessionContext>,
+    peer: Peer,
+    permissions: Arc<Permissions>,
+    /// Operations already logged as denied, so a client retrying a denied
+    /// publish in a loop logs once, not once per message (all are counted).
+    denials_logged: std::sync::Mutex<HashSet<&'static str>>,
     outbox: Outbox,
     requests_in_flight: Arc<Semaphore>,
     /// Publishes read but not yet handed to the forwarder. Only this
@@ -160,14 +179,18 @@ impl Drop for ActiveGuard {
 }
 
 /// Serves one connection until it closes, errs, or the relay shuts down.
-pub async fn run(stream: UnixStream, ctx: Arc<SessionContext>) {
+pub async fn run(
+    read_half: ByteReader,
+    write_half: ByteWriter,
+    peer: Peer,
+    ctx: Arc<SessionContext>,
+) {
     let id = ctx.next_session_id.fetch_add(1, Ordering::Relaxed);
     bump(&ctx.stats.sessions_total);
     ctx.stats.sessions_active.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard(ctx.stats.clone());
 
     let max_frame = ctx.config.relay.max_frame_bytes;
-    let (read_half, write_half) = stream.into_split();
     let mut reader =
         FramedRead::with_capacity(read_half, FrameCodec::new(max_frame), READ_BUFFER_BYTES);
     let sessions = &ctx.config.sessions;
@@ -182,6 +205,9 @@ pub async fn run(stream: UnixStream, ctx: Arc<SessionContext>) {
     let session = Session {
         id,
         ctx: ctx.clone(),
+        permissions: ctx.access.permissions(&peer),
+        peer,
+        denials_logged: Default::default(),
         outbox,
         requests_in_flight: Arc::new(Semaphore::new(sessions.max_inflight_requests)),
         accepts: std::sync::Mutex::new(Vec::new()),
@@ -222,16 +248,24 @@ impl Session {
         let Some(hello) = self.handshake(reader).await else {
             return Ending::Closed;
         };
-        info!(session = self.id, client = %hello.client_name, "session started");
+        info!(
+            session = self.id,
+            client = %hello.client_name,
+            peer = %self.peer,
+            access = %self.permissions.source,
+            "session started"
+        );
         let mut link = self.ctx.nats.watch();
         link.borrow_and_update();
         let mut etcd = self.ctx.etcd.watch();
         let mut etcd_status = etcd.borrow_and_update().link.status;
         let mut etcd_watching = self.ctx.etcd.is_enabled();
         let liveness_timeout = self.ctx.config.etcd.liveness_timeout;
+        let idle_timeout = self.ctx.config.sessions.idle_timeout;
         let mut last_heard = tokio::time::Instant::now();
         loop {
             let liveness_deadline = last_heard + liveness_timeout;
+            let idle_deadline = last_heard + idle_timeout;
             let flow = tokio::select! {
                 _ = self.ctx.shutdown.cancelled() => {
                     // Everything this client sent is answered before goodbye.
@@ -272,19 +306,11 @@ impl Session {
                 _ = tokio::time::sleep_until(liveness_deadline), if self.has_registrations() => {
                     // Frames may be waiting behind a slow handler; only a
                     // client that really sent nothing is dead.
-                    match reader.next().now_or_never() {
-                        Some(Some(Ok(frame))) => {
-                            self.flush_accepts().await;
-                            let flow = self.on_frame(frame).await;
-                            self.flush_accepts().await;
+                    match self.handle_ready_frame(reader).await {
+                        Some(flow) => {
                             last_heard = tokio::time::Instant::now();
                             flow
                         }
-                        Some(Some(Err(error))) => {
-                            self.on_read_error(error).await;
-                            Flow::Close
-                        }
-                        Some(None) => Flow::Close,
                         None => {
                             warn!(
                                 session = self.id,
@@ -297,6 +323,27 @@ impl Session {
                             self.go_away(ErrorCode::Timeout, "no heartbeat within the liveness timeout").await;
                             return Ending::LivenessExpired;
                         }
+                    }
+                }
+                _ = tokio::time::sleep_until(idle_deadline) => {
+                    if let Some(flow) = self.handle_ready_frame(reader).await {
+                        last_heard = tokio::time::Instant::now();
+                        flow
+                    } else {
+                        self.ctx.stats.record_limit(Limit::IdleTimeout);
+                        info!(
+                            session = self.id,
+                            client = %hello.client_name,
+                            peer = %self.peer,
+                            idle_timeout_ms = idle_timeout.as_millis() as u64,
+                            "client sent nothing within the idle timeout; closing its connection"
+                        );
+                        self.flush_accepts().await;
+                        let message = format!(
+                            "nothing received for {idle_timeout:?} (sessions.idle_timeout)"
+                        );
+                        self.go_away(ErrorCode::Timeout, &message).await;
+                        return Ending::Closed;
                     }
                 }
                 frame = reader.next() => match frame {
@@ -332,6 +379,54 @@ impl Session {
         Ending::Closed
     }
 
+    /// Counts and logs a refusal by the access rules; returns the message
+    /// for the client.
+    fn denied(&self, operation: Operation, target: &str) -> String {
+        self.ctx.stats.record_access_denial(operation);
+        let first = lock(&self.denials_logged).insert(operation.name());
+        if first {
+            warn!(
+                session = self.id,
+                peer = %self.peer,
+                access = %self.permissions.source,
+                operation = operation.name(),
+                target,
+                "operation denied by the access rules (further denials of this kind on this connection are logged at debug)"
+            );
+        } else {
+            debug!(
+                session = self.id,
+                operation = operation.name(),
+                target,
+                "operation denied by the access rules"
+            );
+        }
+        format!(
+            "{} `{target}` is not allowed for {} (by {})",
+            operation.name(),
+            self.peer,
+            self.permissions.source
+        )
+    }
+
+    /// Handles one frame if one can be read without waiting; `None` when
+    /// the client has really sent nothing.
+    async fn handle_ready_frame(&self, reader: &mut Reader) -> Option<Flow> {
+        match reader.next().now_or_never()? {
+            Some(Ok(frame)) => {
+                self.flush_accepts().await;
+                let flow = self.on_frame(frame).await;
+                self.flush_accepts().await;
+                Some(flow)
+            }
+            Some(Err(error)) => {
+                self.on_read_error(error).await;
+                Some(Flow::Close)
+            }
+            None => Some(Flow::Close),
+        }
+    }
+
     fn has_registrations(&self) -> bool {
         !lock(&self.registered).is_empty()
     }
@@ -341,10 +436,13 @@ impl Session {
     }
 
     async fn handshake(&self, reader: &mut Reader) -> Option<Hello> {
-        let first = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
+        let hello_timeout = self.ctx.config.sessions.hello_timeout;
+        let first = match tokio::time::timeout(hello_timeout, reader.next()).await {
             Err(_) => {
-                self.go_away(ErrorCode::Timeout, "no HELLO within 10 s")
-                    .await;
+                self.ctx.stats.record_limit(Limit::HelloTimeout);
+                debug!(session = self.id, peer = %self.peer, "no HELLO in time; closing");
+                let message = format!("no HELLO within {hello_timeout:?} (sessions.hello_timeout)");
+                self.go_away(ErrorCode::Timeout, &message).await;
                 return None;
             }
             Ok(None) => return None,
@@ -476,6 +574,12 @@ impl Session {
         };
         if let Some((code, reason)) = check_publish(&publish) {
             self.ctx.stats.record_rejection(class, code);
+            return self.reject(publish.ack_id, code, reason, 0).await;
+        }
+        if !self.permissions.may_publish(&publish.subject) {
+            let code = ErrorCode::Unauthorized;
+            self.ctx.stats.record_rejection(class, code);
+            let reason = self.denied(Operation::Publish, &publish.subject);
             return self.reject(publish.ack_id, code, reason, 0).await;
         }
         let is_request_traffic = publish.reply.is_some() || publish.subject.starts_with("_INBOX.");
@@ -673,6 +777,12 @@ impl Session {
                 .error(ErrorCode::InvalidSubject, u64::from(sid), error.to_string())
                 .await;
         }
+        if !self.permissions.may_subscribe(&subscribe.subject) {
+            let message = self.denied(Operation::Subscribe, &subscribe.subject);
+            return self
+                .error(ErrorCode::Unauthorized, u64::from(sid), message)
+                .await;
+        }
         let key = SubscriptionKey {
             subject: subscribe.subject,
             queue_group: subscribe.queue_group,
@@ -686,7 +796,7 @@ impl Session {
             Ok(()) => Flow::Continue,
             Err(refusal) => {
                 if refusal.code == ErrorCode::LimitExceeded {
-                    bump(&self.ctx.stats.limit_rejections);
+                    self.ctx.stats.record_limit(Limit::Subscriptions);
                 }
                 self.error(refusal.code, u64::from(sid), refusal.message)
                     .await
@@ -702,6 +812,13 @@ impl Session {
                     ErrorCode::InvalidSubject,
                     "a registration key must not be empty",
                 )
+                .await;
+        }
+        if !self.permissions.may_register(&register.key) {
+            let key = String::from_utf8_lossy(&register.key).into_owned();
+            let message = self.denied(Operation::Register, &key);
+            return self
+                .answer_registration(register.request_id, ErrorCode::Unauthorized, &message)
                 .await;
         }
         lock(&self.registered).insert(register.key.clone());
@@ -782,7 +899,7 @@ impl Session {
             admitted
         };
         if !admitted {
-            bump(&self.ctx.stats.limit_rejections);
+            self.ctx.stats.record_limit(Limit::Watches);
             let message = format!("at most {MAX_WATCHES_PER_SESSION} watches per connection");
             return self
                 .error(ErrorCode::LimitExceeded, reference, message)
@@ -813,7 +930,7 @@ impl Session {
         bump(&self.ctx.stats.requests_total);
         let request_id = request.request_id;
         let Ok(permit) = self.requests_in_flight.clone().try_acquire_owned() else {
-            bump(&self.ctx.stats.limit_rejections);
+            self.ctx.stats.record_limit(Limit::InflightRequests);
             let message = format!(
                 "more than {} requests in flight on this connection",
                 self.ctx.config.sessions.max_inflight_requests
@@ -825,6 +942,12 @@ impl Session {
         if let Err(error) = validate_publish_subject(&request.subject) {
             return self
                 .fail_request(request_id, ErrorCode::InvalidSubject, error.to_string())
+                .await;
+        }
+        if !self.permissions.may_publish(&request.subject) {
+            let message = self.denied(Operation::Request, &request.subject);
+            return self
+                .fail_request(request_id, ErrorCode::Unauthorized, message)
                 .await;
         }
         let nats_config = &self.ctx.config.nats;
@@ -871,6 +994,9 @@ impl Session {
         match error {
             CodecError::Decode(error) => {
                 self.ctx.stats.frame_errors.bump(error.code());
+                if error.code() == ErrorCode::FrameTooLarge {
+                    self.ctx.stats.record_limit(Limit::FrameSize);
+                }
                 warn!(session = self.id, %error, "bad frame from client; closing the connection");
                 self.go_away(error.code(), &error.to_string()).await;
             }
@@ -1047,7 +1173,7 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Writes everything the outbox holds, batch by batch, until GO_AWAY is
 /// written or every sender is gone.
-async fn write_loop(mut socket: OwnedWriteHalf, mut outbox: OutboxReceiver, max_frame: u32) {
+async fn write_loop(mut socket: ByteWriter, mut outbox: OutboxReceiver, max_frame: u32) {
     let mut batch = Vec::with_capacity(WRITE_BATCH_FRAMES);
     let mut buffer = BytesMut::with_capacity(WRITE_BUFFER_BYTES);
     loop {

@@ -5,6 +5,7 @@
 //! Prometheus exporter copies the same numbers at scrape time
 //! (`telemetry.rs`), so there is one set of books.
 
+use crate::access::Operation;
 use holdfast_wire::ErrorCode;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -38,6 +39,49 @@ impl PublishOutcome {
 
     fn index(self) -> usize {
         self as usize
+    }
+}
+
+/// The limits that protect the relay from one client, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `sessions.max_connections`: a new connection was turned away.
+    Connections,
+    /// `sessions.hello_timeout`: no HELLO in time after connecting.
+    HelloTimeout,
+    /// `sessions.idle_timeout`: a connection sent nothing for that long.
+    IdleTimeout,
+    /// `relay.max_frame_bytes`: a frame announced a larger length.
+    FrameSize,
+    /// `sessions.max_subscriptions`.
+    Subscriptions,
+    /// Watches per connection.
+    Watches,
+    /// `sessions.max_inflight_requests`.
+    InflightRequests,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 7] = [
+        Limit::Connections,
+        Limit::HelloTimeout,
+        Limit::IdleTimeout,
+        Limit::FrameSize,
+        Limit::Subscriptions,
+        Limit::Watches,
+        Limit::InflightRequests,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Connections => "connections",
+            Limit::HelloTimeout => "hello_timeout",
+            Limit::IdleTimeout => "idle_timeout",
+            Limit::FrameSize => "frame_size",
+            Limit::Subscriptions => "subscriptions",
+            Limit::Watches => "watches",
+            Limit::InflightRequests => "inflight_requests",
+        }
     }
 }
 
@@ -107,7 +151,13 @@ pub struct RelayStats {
     /// Failed requests by code.
     pub request_failures: CodeCounters,
     pub requests_served_locally: AtomicU64,
-    pub limit_rejections: AtomicU64,
+    /// Refusals by limit, indexed as [`Limit::ALL`].
+    limit_rejections: [AtomicU64; Limit::ALL.len()],
+    /// Operations access rules refused, indexed as [`Operation::ALL`].
+    access_denials: [AtomicU64; Operation::ALL.len()],
+    /// QUIC connections that failed in the handshake (bad or missing
+    /// client certificate, wrong ALPN, timeout).
+    pub quic_handshake_failures: AtomicU64,
     /// Journal files found unreadable at start and moved aside.
     pub journal_quarantines: AtomicU64,
 }
@@ -128,6 +178,7 @@ pub struct StatsSnapshot {
     pub requests_failed: u64,
     pub requests_served_locally: u64,
     pub limit_rejections: u64,
+    pub access_denials: u64,
     /// Publishes by class, then by outcome.
     pub publishes_by_class: BTreeMap<String, BTreeMap<&'static str, u64>>,
     /// Rejected publishes by reason (error code name).
@@ -157,6 +208,22 @@ impl RelayStats {
             class_names,
             ..RelayStats::default()
         }
+    }
+
+    pub fn record_limit(&self, limit: Limit) {
+        bump(&self.limit_rejections[limit as usize]);
+    }
+
+    pub fn limit_rejections(&self, limit: Limit) -> u64 {
+        read(&self.limit_rejections[limit as usize])
+    }
+
+    pub fn record_access_denial(&self, operation: Operation) {
+        bump(&self.access_denials[operation as usize]);
+    }
+
+    pub fn access_denials(&self, operation: Operation) -> u64 {
+        read(&self.access_denials[operation as usize])
     }
 
     pub fn class_names(&self) -> &[String] {
@@ -210,7 +277,14 @@ impl RelayStats {
             requests_total: read(&self.requests_total),
             requests_failed: self.request_failures.total(),
             requests_served_locally: read(&self.requests_served_locally),
-            limit_rejections: read(&self.limit_rejections),
+            limit_rejections: Limit::ALL
+                .iter()
+                .map(|limit| self.limit_rejections(*limit))
+                .sum(),
+            access_denials: Operation::ALL
+                .iter()
+                .map(|operation| self.access_denials(*operation))
+                .sum(),
             publishes_by_class,
             publish_rejections: self.publish_rejections.by_name(),
         }

@@ -17,6 +17,11 @@ pub struct StatusDocument {
     pub protocol_version: u16,
     pub uptime_seconds: u64,
     pub socket: String,
+    /// The QUIC listener's bound address, absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quic: Option<String>,
+    /// Whether QUIC clients must present a certificate (mutual TLS).
+    pub mutual_tls: bool,
     pub nats: NatsStatus,
     pub etcd: EtcdStatus,
     pub sessions: u64,
@@ -156,6 +161,8 @@ pub async fn document(ctx: &SessionContext) -> StatusDocument {
         protocol_version: holdfast_wire::PROTOCOL_VERSION,
         uptime_seconds: ctx.started_at.elapsed().as_secs(),
         socket: ctx.config.relay.socket.display().to_string(),
+        quic: ctx.quic_address.map(|address| address.to_string()),
+        mutual_tls: ctx.quic_address.is_some() && ctx.config.tls_files().client_ca.is_some(),
         nats: NatsStatus {
             status: link_status_name(link.status),
             server: ctx.nats.connected_server(),

@@ -6,10 +6,11 @@
 //! exposition text. Histograms are recorded where the latency happens. The
 //! README's metrics table lists every series below; keep the two in step.
 
+use crate::access::Operation;
 use crate::nats_link::LinkSnapshot;
 use crate::router::RouterStats;
 use crate::session::SessionContext;
-use crate::stats::{read, PublishOutcome};
+use crate::stats::{read, Limit, PublishOutcome};
 use holdfast_wire::{ErrorCode, LinkStatus};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
@@ -150,7 +151,15 @@ fn describe() {
     );
     describe_counter!(
         "holdfast_limit_rejections_total",
-        "Operations refused because a per-connection limit was reached."
+        "Connections and operations refused because a limit was reached, by limit."
+    );
+    describe_counter!(
+        "holdfast_access_denied_total",
+        "Operations refused by the access rules, by operation."
+    );
+    describe_counter!(
+        "holdfast_quic_handshake_failures_total",
+        "QUIC connections that failed in the TLS handshake (for example no or an untrusted client certificate)."
     );
     describe_histogram!(
         PUBLISH_ACK_SECONDS,
@@ -331,6 +340,9 @@ fn copy_etcd_counters(ctx: &SessionContext) {
     ] {
         counter!("holdfast_registration_acks_total", "outcome" => outcome).absolute(read(value));
     }
+    // The registry refuses a registration only for its limits.
+    counter!("holdfast_limit_rejections_total", "limit" => "registrations")
+        .absolute(read(&registry.acks_rejected));
     for (kind, value) in [
         ("granted", &registry.leases_granted),
         ("revoked", &registry.leases_revoked),
@@ -426,5 +438,14 @@ fn copy_counters(ctx: &SessionContext, router: RouterStats) {
     }
     counter!("holdfast_requests_served_locally_total")
         .absolute(read(&stats.requests_served_locally));
-    counter!("holdfast_limit_rejections_total").absolute(read(&stats.limit_rejections));
+    for limit in Limit::ALL {
+        counter!("holdfast_limit_rejections_total", "limit" => limit.name())
+            .absolute(stats.limit_rejections(limit));
+    }
+    for operation in Operation::ALL {
+        counter!("holdfast_access_denied_total", "operation" => operation.name())
+            .absolute(stats.access_denials(operation));
+    }
+    counter!("holdfast_quic_handshake_failures_total")
+        .absolute(read(&stats.quic_handshake_failures));
 }

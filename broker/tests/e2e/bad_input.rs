@@ -11,7 +11,7 @@ use std::path::Path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-fn hello(min_version: u16, max_version: u16) -> Vec<u8> {
+pub(crate) fn hello(min_version: u16, max_version: u16) -> Vec<u8> {
     frame_bytes(&Frame::Hello(Hello {
         min_version,
         max_version,
@@ -20,7 +20,7 @@ fn hello(min_version: u16, max_version: u16) -> Vec<u8> {
     }))
 }
 
-fn frame_bytes(frame: &Frame) -> Vec<u8> {
+pub(crate) fn frame_bytes(frame: &Frame) -> Vec<u8> {
     let mut buffer = BytesMut::new();
     encode(frame, u32::MAX, &mut buffer).unwrap();
     buffer.to_vec()
@@ -28,7 +28,7 @@ fn frame_bytes(frame: &Frame) -> Vec<u8> {
 
 /// Sends `bytes` (optionally half-closing), then reads frames until the
 /// relay closes the connection.
-async fn exchange(socket: &Path, chunks: &[&[u8]], half_close: bool) -> Vec<Frame> {
+pub(crate) async fn exchange(socket: &Path, chunks: &[&[u8]], half_close: bool) -> Vec<Frame> {
     let mut stream = UnixStream::connect(socket).await.unwrap();
     for chunk in chunks {
         stream.write_all(chunk).await.unwrap();
@@ -55,7 +55,7 @@ async fn exchange(socket: &Path, chunks: &[&[u8]], half_close: bool) -> Vec<Fram
     frames
 }
 
-fn go_away_code(frames: &[Frame]) -> Option<ErrorCode> {
+pub(crate) fn go_away_code(frames: &[Frame]) -> Option<ErrorCode> {
     frames.iter().find_map(|frame| match frame {
         Frame::GoAway(go_away) => Some(go_away.code),
         _ => None,
@@ -128,6 +128,17 @@ async fn broken_connections_are_closed_with_a_code_and_others_carry_on() {
     assert!(
         status["counters"]["frame_errors"].as_u64().unwrap() >= 4,
         "{status}"
+    );
+    let metrics = crate::support::scrape(&stack.relay);
+    let frame_size_refusals = crate::support::metric(
+        &metrics,
+        "holdfast_limit_rejections_total",
+        &[("limit", "frame_size")],
+    );
+    assert_eq!(
+        frame_size_refusals,
+        Some(1.0),
+        "the oversized frame is counted"
     );
     // The truncated publish never reached anyone.
     let nothing =

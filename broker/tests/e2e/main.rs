@@ -4,11 +4,13 @@
 //! relay on free loopback ports and a temp-dir socket, so tests run in
 //! parallel without sharing anything.
 
+mod access;
 mod bad_input;
 mod cli;
 mod discovery;
 mod journal;
 mod journal_limits;
+mod limits;
 mod ops;
 mod outage;
 mod passthrough;

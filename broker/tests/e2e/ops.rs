@@ -1,38 +1,12 @@
 //! Operations: Prometheus metrics, health endpoints and systemd notify,
 //! checked the way an operator and the orchestrator see them.
 
-use crate::support::{wait_until, wait_until_async, within, EtcdStack, NatsServer, Relay, Stack};
+use crate::support::{
+    metric, scrape, wait_until, wait_until_async, within, EtcdStack, NatsServer, Relay, Stack,
+};
 use holdfast_client::{ErrorCode, LinkStatus, OutboundMessage};
-use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
-
-/// The value of one series in Prometheus text, matched by name and labels.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let wanted: BTreeMap<&str, &str> = labels.iter().copied().collect();
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| line.rsplit_once(' '))
-        .find_map(|(series, value)| {
-            let (series_name, label_text) = match series.split_once('{') {
-                Some((series_name, rest)) => (series_name, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let found: BTreeMap<&str, &str> = label_text
-                .split(',')
-                .filter(|pair| !pair.is_empty())
-                .filter_map(|pair| pair.split_once('='))
-                .map(|(key, value)| (key, value.trim_matches('"')))
-                .collect();
-            (series_name == name && found == wanted).then(|| value.parse().ok())?
-        })
-}
-
-fn scrape(relay: &Relay) -> String {
-    let (status, body) = relay.http_get("/metrics");
-    assert_eq!(status, 200, "{body}");
-    body
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_health_follow_a_nats_outage() {

@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -605,9 +606,16 @@ impl EtcdStack {
 
     /// `extra` goes into the `[etcd]` table.
     pub fn start_with_config(extra: &str) -> EtcdStack {
+        EtcdStack::start_with_tables(extra, "")
+    }
+
+    /// `extra` goes into the `[etcd]` table, `tables` (other TOML tables)
+    /// after it.
+    pub fn start_with_tables(extra: &str, tables: &str) -> EtcdStack {
         let etcd = EtcdServer::start();
         let nats = NatsServer::start();
-        let relay = Relay::start_with_config(&nats.url(), &etcd.relay_config(extra));
+        let config = format!("{}\n{tables}", etcd.relay_config(extra));
+        let relay = Relay::start_with_config(&nats.url(), &config);
         EtcdStack { etcd, nats, relay }
     }
 
@@ -667,4 +675,31 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The value of one series in Prometheus text, matched by name and labels.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let wanted: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .find_map(|(series, value)| {
+            let (series_name, label_text) = match series.split_once('{') {
+                Some((series_name, rest)) => (series_name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let found: BTreeMap<&str, &str> = label_text
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(key, value)| (key, value.trim_matches('"')))
+                .collect();
+            (series_name == name && found == wanted).then(|| value.parse().ok())?
+        })
+}
+
+pub fn scrape(relay: &Relay) -> String {
+    let (status, body) = relay.http_get("/metrics");
+    assert_eq!(status, 200, "{body}");
+    body
 }
