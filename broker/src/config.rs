@@ -577,6 +577,22 @@ mod tests {
         );
         assert_eq!(documented.nats.link_timeout, defaults.nats.link_timeout);
         assert_eq!(documented.relay.socket, defaults.relay.socket);
+        assert_eq!(documented.relay.socket_group, defaults.relay.socket_group);
+        assert_eq!(
+            documented.sessions.max_connections,
+            defaults.sessions.max_connections
+        );
+        assert_eq!(
+            documented.sessions.hello_timeout,
+            defaults.sessions.hello_timeout
+        );
+        assert_eq!(
+            documented.sessions.idle_timeout,
+            defaults.sessions.idle_timeout
+        );
+        assert_eq!(documented.quic.addr, defaults.quic.addr);
+        assert_eq!(documented.access.default, defaults.access.default);
+        assert!(documented.access.rules.is_empty());
     }
 
     #[test]

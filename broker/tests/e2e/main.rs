@@ -14,6 +14,7 @@ mod limits;
 mod ops;
 mod outage;
 mod passthrough;
+mod quic;
 mod registry;
 mod restart;
 mod slow_consumer;

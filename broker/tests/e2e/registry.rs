@@ -11,7 +11,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// What a plain etcd client sees under `key`: the value and its lease.
-async fn etcd_value(client: &mut etcd_client::Client, key: &str) -> Option<(String, i64)> {
+pub(crate) async fn etcd_value(
+    client: &mut etcd_client::Client,
+    key: &str,
+) -> Option<(String, i64)> {
     let found = client.get(key, None).await.ok()?;
     found
         .kvs()
@@ -19,7 +22,7 @@ async fn etcd_value(client: &mut etcd_client::Client, key: &str) -> Option<(Stri
         .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease()))
 }
 
-async fn wait_for_value(
+pub(crate) async fn wait_for_value(
     etcd: &mut etcd_client::Client,
     key: &str,
     expected: Option<&str>,
@@ -51,7 +54,7 @@ async fn wait_for_etcd_status(client: &Client, status: LinkStatus) -> Duration {
     started.elapsed()
 }
 
-fn holdfast_cli() -> PathBuf {
+pub(crate) fn holdfast_cli() -> PathBuf {
     let path = std::path::Path::new(env!("CARGO_BIN_EXE_holdfastd")).with_file_name("holdfast");
     assert!(
         path.exists(),
