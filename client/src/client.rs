@@ -18,6 +18,7 @@ use crate::registration::RegistrationStatus;
 use crate::session;
 use crate::shared::{SharedState, UpstreamLinks};
 use crate::subscription::{Subscriber, SubscriptionState};
+use crate::transport::Connector;
 use crate::url::RelayUrl;
 use crate::watcher::{WatchState, Watcher};
 use bytes::Bytes;
@@ -59,13 +60,19 @@ struct ClientInner {
 }
 
 impl Client {
-    /// Connects to the relay at `url` (`unix:///path/to.sock`) with default options.
+    /// Connects to the relay at `url` with default options.
+    ///
+    /// A `quic://host:port` relay needs at least a CA file, so connect to one
+    /// with [`Client::connect_with`] and [`ConnectOptions::tls_ca`], or with
+    /// [`Client::from_env`] and `HOLDFAST_CA`.
     pub async fn connect(url: &str) -> Result<Client> {
         let url: RelayUrl = url.parse()?;
         Client::connect_with(ConnectOptions::new(url)).await
     }
 
-    /// Connects to the relay named by `HOLDFAST_URL`, or the default socket.
+    /// Connects to the relay named by `HOLDFAST_URL`, or the default socket,
+    /// with the TLS files named by `HOLDFAST_CA`, `HOLDFAST_CERT` and
+    /// `HOLDFAST_KEY` (see [`ConnectOptions::from_env`]).
     pub async fn from_env() -> Result<Client> {
         Client::connect_with(ConnectOptions::from_env()?).await
     }
@@ -74,20 +81,21 @@ impl Client {
     ///
     /// Unless [`ConnectOptions::retry_initial_connect`] is set, this returns
     /// only once the relay has welcomed the client, and an unreachable relay
-    /// is an [`Error::Connect`]. Must be called within a tokio runtime: the
-    /// connection task is spawned on it.
+    /// (or, on QUIC, a failed TLS handshake) is an [`Error::Connect`].
+    /// Missing or unusable TLS files for a `quic://` URL are an [`Error::Tls`]
+    /// either way. Must be called within a tokio runtime: the connection
+    /// task is spawned on it.
     pub async fn connect_with(options: ConnectOptions) -> Result<Client> {
-        if let RelayUrl::Quic { .. } = options.url {
-            return Err(Error::UnsupportedTransport {
-                scheme: options.url.scheme(),
-            });
-        }
+        // Before any attempt, so unusable TLS files are an error here even
+        // when the connection itself is retried in the background.
+        let connector = Connector::new(&options)?;
         let established = if options.retry_initial_connect {
             None
         } else {
             Some(
                 session::open(
-                    options.url.clone(),
+                    &options.url,
+                    &connector,
                     options.client_name.clone(),
                     0,
                     options.max_frame_bytes,
@@ -102,6 +110,7 @@ impl Client {
         let shared = Arc::new(SharedState::new(options.max_frame_bytes));
         let mut connection = Connection::new(
             &options,
+            connector,
             ConnectionChannels {
                 commands: command_receiver,
                 shared: Arc::clone(&shared),

@@ -26,6 +26,7 @@ use crate::registration::{AckRouting, RegistrationStatus, RegistrationWaiter, Re
 use crate::session::{self, FrameReader, Session};
 use crate::shared::{SharedState, UpstreamLinks};
 use crate::subscription::SubscriptionState;
+use crate::transport::{ByteWriter, Connector, Link};
 use crate::url::RelayUrl;
 use crate::watches::Watches;
 use bytes::{Bytes, BytesMut};
@@ -42,7 +43,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
@@ -67,6 +67,9 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Everything the connection task owns.
 pub(crate) struct Connection {
     url: RelayUrl,
+    /// Made once per client: on QUIC it holds the TLS configuration and the
+    /// endpoint every reconnect reuses.
+    connector: Connector,
     client_name: String,
     ping_interval: Duration,
     pong_timeout: Duration,
@@ -127,8 +130,9 @@ enum PingPurpose {
 /// A session whose WELCOME has been handled, ready to be driven.
 pub(crate) struct LiveSession {
     reader: FrameReader,
-    writer: OwnedWriteHalf,
+    writer: ByteWriter,
     outbox: Outbox,
+    link: Link,
 }
 
 /// Where encoded frames wait for the socket.
@@ -171,9 +175,14 @@ pub(crate) struct ConnectionChannels {
 }
 
 impl Connection {
-    pub(crate) fn new(options: &ConnectOptions, channels: ConnectionChannels) -> Connection {
+    pub(crate) fn new(
+        options: &ConnectOptions,
+        connector: Connector,
+        channels: ConnectionChannels,
+    ) -> Connection {
         Connection {
             url: options.url.clone(),
+            connector,
             client_name: options.client_name.clone(),
             ping_interval: options.ping_interval,
             pong_timeout: options.pong_timeout,
@@ -237,13 +246,23 @@ impl Connection {
                 self.serve_offline_until(tokio::time::sleep(delay)).await?;
             }
             wait = true;
-            let attempt = session::open(
-                self.url.clone(),
-                self.client_name.clone(),
-                self.shared.instance_id(),
-                self.initial_max_frame_bytes,
-                self.pong_timeout,
-            );
+            // Owned copies: the attempt runs while `serve_offline_until`
+            // has `self` borrowed.
+            let (url, connector) = (self.url.clone(), self.connector.clone());
+            let (client_name, instance_id) = (self.client_name.clone(), self.shared.instance_id());
+            let (max_frame_bytes, handshake_timeout) =
+                (self.initial_max_frame_bytes, self.pong_timeout);
+            let attempt = async move {
+                session::open(
+                    &url,
+                    &connector,
+                    client_name,
+                    instance_id,
+                    max_frame_bytes,
+                    handshake_timeout,
+                )
+                .await
+            };
             match self.serve_offline_until(attempt).await? {
                 Ok(session) => return Some(session),
                 Err(error) => {
@@ -293,6 +312,7 @@ impl Connection {
             reader,
             writer,
             welcome,
+            link,
         } = session;
         let mut outbox = Outbox {
             buffer: BytesMut::with_capacity(OUTBOX_CAPACITY),
@@ -303,16 +323,36 @@ impl Connection {
             reader,
             writer,
             outbox,
+            link,
         }
     }
 
+    /// Runs the session until it ends, then ends its transport: closed on
+    /// purpose when the client is done, so the relay drops the session at
+    /// once, and released before any reconnect when the session was lost.
     async fn drive_session(&mut self, live: LiveSession) -> SessionEnd {
         let LiveSession {
             mut reader,
             mut writer,
             mut outbox,
+            link,
         } = live;
+        let end = self
+            .exchange_frames(&mut reader, &mut writer, &mut outbox)
+            .await;
+        match end {
+            SessionEnd::Shutdown => link.close().await,
+            SessionEnd::Lost(_) => link.abandon(),
+        }
+        end
+    }
 
+    async fn exchange_frames(
+        &mut self,
+        reader: &mut FrameReader,
+        writer: &mut ByteWriter,
+        outbox: &mut Outbox,
+    ) -> SessionEnd {
         // The WELCOME just proved the relay alive: the first PING can wait.
         let mut ticker =
             tokio::time::interval_at(Instant::now() + self.ping_interval, self.ping_interval);
@@ -321,20 +361,20 @@ impl Connection {
             let accepting_commands = outbox.buffer.len() < OUTBOX_HIGH_WATER;
             tokio::select! {
                 frame = reader.next() => {
-                    if let Err(ended) = self.on_frames(frame, &mut reader, &mut outbox) {
+                    if let Err(ended) = self.on_frames(frame, reader, outbox) {
                         if ended.relay_is_owed_go_away {
-                            finish_writing(&mut writer, &mut outbox, CLOSE_FLUSH_TIMEOUT).await;
+                            finish_writing(writer, outbox, CLOSE_FLUSH_TIMEOUT).await;
                         }
                         return SessionEnd::Lost(ended.reason);
                     }
                 }
                 command = self.commands.recv(), if accepting_commands => {
                     let Some(command) = command else {
-                        finish_writing(&mut writer, &mut outbox, CLOSE_FLUSH_TIMEOUT).await;
+                        finish_writing(writer, outbox, CLOSE_FLUSH_TIMEOUT).await;
                         return SessionEnd::Shutdown;
                     };
-                    if let Flow::Close = self.on_commands(command, &mut outbox) {
-                        finish_writing(&mut writer, &mut outbox, CLOSE_FLUSH_TIMEOUT).await;
+                    if let Flow::Close = self.on_commands(command, outbox) {
+                        finish_writing(writer, outbox, CLOSE_FLUSH_TIMEOUT).await;
                         return SessionEnd::Shutdown;
                     }
                 }
@@ -356,9 +396,9 @@ impl Connection {
                     // from when it last finished handling a frame, so
                     // waiting for a held PONG never looks like silence.
                     if self.pending_pings.is_empty() {
-                        self.send_ping(&mut outbox, PingPurpose::Keepalive);
+                        self.send_ping(outbox, PingPurpose::Keepalive);
                     }
-                    self.sweep_abandoned(Some(&mut outbox));
+                    self.sweep_abandoned(Some(outbox));
                 }
             }
         }
@@ -1251,15 +1291,14 @@ fn too_large(error: EncodeError) -> Error {
     }
 }
 
-/// Writes what is left for the relay, bounded in time: used when the
-/// session ends on purpose or because the relay sent something bad.
-async fn finish_writing(writer: &mut OwnedWriteHalf, outbox: &mut Outbox, limit: Duration) {
-    if outbox.buffer.is_empty() {
-        return;
-    }
+/// Writes what is left for the relay and ends the stream, bounded in time:
+/// used when the session ends on purpose or because the relay sent
+/// something bad. On QUIC the shutdown also waits for the relay to
+/// acknowledge the data, since the connection is closed right after.
+async fn finish_writing(writer: &mut ByteWriter, outbox: &mut Outbox, limit: Duration) {
     let _ = tokio::time::timeout(limit, async {
         writer.write_all_buf(&mut outbox.buffer).await?;
-        writer.flush().await
+        writer.shutdown().await
     })
     .await;
 }

@@ -1,5 +1,6 @@
 //! The client's error type: every failure says its code and whether a retry may help.
 
+use crate::tls::TlsError;
 use crate::url::{RelayUrl, UrlError};
 use holdfast_wire::subject::SubjectError;
 use holdfast_wire::ErrorCode;
@@ -18,7 +19,8 @@ pub enum Error {
     /// is one that is not buffered while offline).
     #[error("not connected to the holdfast relay")]
     RelayUnavailable,
-    /// The first connection to the relay could not be made.
+    /// The first connection to the relay could not be made: unreachable,
+    /// or (on QUIC) the TLS handshake failed; the message says which.
     #[error("cannot connect to the holdfast relay at {url}: {source}")]
     Connect {
         url: RelayUrl,
@@ -43,11 +45,13 @@ pub enum Error {
     /// The message would not fit in one frame the relay accepts.
     #[error("message of {size} bytes exceeds the relay's frame limit of {max} bytes")]
     MessageTooLarge { size: usize, max: u32 },
-    /// The URL names a transport this client cannot speak yet.
-    #[error("the {scheme}:// transport is not supported by this client yet")]
-    UnsupportedTransport { scheme: &'static str },
     #[error(transparent)]
     Url(#[from] UrlError),
+    /// The TLS settings a `quic://` relay needs are missing or unusable
+    /// (no CA, a file that cannot be read or parsed, a certificate without
+    /// its key).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The relay's status document is not JSON.
     #[error("the relay sent an invalid status document: {0}")]
     InvalidStatus(#[source] serde_json::Error),
@@ -90,8 +94,8 @@ impl Error {
             Error::InvalidSubject(_)
             | Error::InvalidKey { .. }
             | Error::MessageTooLarge { .. }
-            | Error::UnsupportedTransport { .. }
             | Error::Url(_)
+            | Error::Tls(_)
             | Error::InvalidStatus(_)
             | Error::Closed => false,
         }
@@ -110,8 +114,8 @@ impl Error {
             Error::InvalidSubject(_) => "invalid_subject",
             Error::InvalidKey { .. } => "invalid_key",
             Error::MessageTooLarge { .. } => "frame_too_large",
-            Error::UnsupportedTransport { .. } => "unsupported_transport",
             Error::Url(_) => "invalid_url",
+            Error::Tls(_) => "invalid_tls_config",
             Error::InvalidStatus(_) => "invalid_status",
             Error::Io(_) => "io",
             Error::Closed => "closed",
@@ -160,7 +164,8 @@ mod tests {
         assert!(!Error::Closed.is_retryable());
         assert!(!Error::InvalidSubject(SubjectError::Empty).is_retryable());
         assert!(!Error::InvalidKey { reason: "empty" }.is_retryable());
-        assert!(!Error::UnsupportedTransport { scheme: "quic" }.is_retryable());
+        assert!(!Error::Tls(TlsError::MissingCa).is_retryable());
+        assert_eq!(Error::Tls(TlsError::MissingCa).name(), "invalid_tls_config");
         assert_eq!(Error::Timeout.code(), Some(ErrorCode::Timeout));
         assert_eq!(Error::BufferFull.code(), None);
     }

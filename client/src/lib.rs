@@ -1,7 +1,7 @@
 //! `holdfast-client`: the thin client for `holdfastd`, the node-local relay.
 //!
 //! A [`Client`] is a cheap, clonable handle onto one connection to the relay
-//! (a Unix socket today). One background task owns the socket and all the
+//! (a Unix socket, or QUIC; see the end). One background task owns it and all the
 //! state that must survive the relay restarting: registrations, watches,
 //! live subscriptions, publishes buffered while the relay is unreachable,
 //! and the process's instance id. When the relay goes away the task
@@ -59,6 +59,29 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! The relay's address is a [`RelayUrl`]: `unix:///path/to.sock` on the
+//! relay's node, or `quic://host:port` from elsewhere. Over QUIC (TLS 1.3,
+//! ALPN `holdfast/1`) the client opens one bidirectional stream per
+//! connection and runs the same session on it; the relay's certificate is
+//! checked against a CA file and the URL's host, and a relay that requires
+//! mutual TLS gets the client certificate. The TLS files are read when the
+//! client connects, so a missing or broken one is an [`Error::Tls`] there;
+//! [`ConnectOptions::from_env`] takes them from `HOLDFAST_CA`,
+//! `HOLDFAST_CERT` and `HOLDFAST_KEY`, as the CLI's `--ca`, `--cert` and
+//! `--key` do.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), holdfast_client::Error> {
+//! use holdfast_client::{Client, ConnectOptions};
+//!
+//! let options = ConnectOptions::new("quic://relay.example:4433".parse()?)
+//!     .tls_ca("/etc/holdfast/ca.pem")
+//!     .tls_client_cert("/etc/holdfast/client.pem", "/etc/holdfast/client.key");
+//! let client = Client::connect_with(options).await?;
+//! # drop(client);
+//! # Ok(()) }
+//! ```
 
 mod ack;
 mod chain_validation;
@@ -71,10 +94,13 @@ mod events;
 mod message;
 mod offline_buffer;
 mod options;
+mod quic;
 mod registration;
 mod session;
 mod shared;
 mod subscription;
+mod tls;
+mod transport;
 mod url;
 mod watch_view;
 mod watcher;
@@ -88,9 +114,10 @@ pub use error::{Error, Result};
 pub use events::LinkEvent;
 pub use holdfast_wire::backoff::Backoff;
 pub use message::{Message, OutboundMessage, Reply};
-pub use options::{ConnectOptions, OfflinePolicy};
+pub use options::{ConnectOptions, OfflinePolicy, CA_ENV, CERT_ENV, KEY_ENV};
 pub use registration::RegistrationStatus;
 pub use subscription::Subscriber;
+pub use tls::TlsError;
 pub use url::{RelayUrl, UrlError, DEFAULT_URL, URL_ENV};
 pub use watcher::{WatchEvent, Watcher};
 

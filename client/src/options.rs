@@ -2,7 +2,21 @@
 
 use crate::url::{RelayUrl, UrlError};
 use holdfast_wire::backoff::Backoff;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// The environment variable naming the CA file for `quic://` relays, shared
+/// with the CLI's `--ca`.
+pub const CA_ENV: &str = "HOLDFAST_CA";
+
+/// The environment variable naming the client certificate for mutual TLS,
+/// shared with the CLI's `--cert`.
+pub const CERT_ENV: &str = "HOLDFAST_CERT";
+
+/// The environment variable naming the client certificate's private key,
+/// shared with the CLI's `--key`.
+pub const KEY_ENV: &str = "HOLDFAST_KEY";
 
 /// What publishes do while the client has no connection to the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +59,9 @@ pub struct ConnectOptions {
     pub(crate) subscription_capacity: usize,
     pub(crate) max_frame_bytes: u32,
     pub(crate) retry_initial_connect: bool,
+    pub(crate) tls_ca: Option<PathBuf>,
+    pub(crate) tls_cert: Option<PathBuf>,
+    pub(crate) tls_key: Option<PathBuf>,
 }
 
 /// Timers below this would spin the connection task.
@@ -65,12 +82,32 @@ impl ConnectOptions {
             subscription_capacity: 8192,
             max_frame_bytes: holdfast_wire::DEFAULT_MAX_FRAME_BYTES,
             retry_initial_connect: false,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 
-    /// Defaults, connecting to `HOLDFAST_URL` or the default socket.
+    /// Defaults, connecting to `HOLDFAST_URL` or the default socket, with
+    /// the TLS files named by `HOLDFAST_CA`, `HOLDFAST_CERT` and
+    /// `HOLDFAST_KEY` (each ignored when unset or empty).
     pub fn from_env() -> Result<ConnectOptions, UrlError> {
-        Ok(ConnectOptions::new(RelayUrl::from_env()?))
+        Ok(ConnectOptions::new(RelayUrl::from_env()?).tls_from(|name| std::env::var_os(name)))
+    }
+
+    /// Takes the TLS files from the variables `lookup` finds; apart from
+    /// [`ConnectOptions::from_env`] so tests need not touch the process
+    /// environment.
+    fn tls_from(mut self, lookup: impl Fn(&str) -> Option<OsString>) -> Self {
+        let path = |name: &str| {
+            lookup(name)
+                .filter(|value| !value.is_empty())
+                .map(PathBuf::from)
+        };
+        self.tls_ca = path(CA_ENV);
+        self.tls_cert = path(CERT_ENV);
+        self.tls_key = path(KEY_ENV);
+        self
     }
 
     pub fn url(mut self, url: RelayUrl) -> Self {
@@ -105,8 +142,9 @@ impl ConnectOptions {
     }
 
     /// How long a PING may go unanswered before the connection is declared
-    /// dead and re-established (default 3 s). Also bounds the HELLO/WELCOME
-    /// handshake.
+    /// dead and re-established (default 3 s). Also bounds each connection
+    /// attempt: connecting (on QUIC, resolving the host and the QUIC and TLS
+    /// handshakes) and the HELLO/WELCOME exchange.
     pub fn pong_timeout(mut self, timeout: Duration) -> Self {
         self.pong_timeout = timeout.max(MIN_TIMER);
         self
@@ -139,6 +177,23 @@ impl ConnectOptions {
     /// unreachable relay is an immediate error.
     pub fn retry_initial_connect(mut self, retry: bool) -> Self {
         self.retry_initial_connect = retry;
+        self
+    }
+
+    /// The PEM file with the CA certificate(s) that signed the relay's
+    /// certificate. Required for `quic://` URLs (the relay's certificate is
+    /// checked against it, and against the URL's host); unused for `unix://`.
+    pub fn tls_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca = Some(path.into());
+        self
+    }
+
+    /// A PEM client certificate (chain) and its PEM private key, presented
+    /// to a `quic://` relay that requires mutual TLS. The relay identifies
+    /// the client by the certificate's subject common name.
+    pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls_cert = Some(cert.into());
+        self.tls_key = Some(key.into());
         self
     }
 
@@ -176,6 +231,18 @@ impl ConnectOptions {
 
     pub fn get_retry_initial_connect(&self) -> bool {
         self.retry_initial_connect
+    }
+
+    pub fn get_tls_ca(&self) -> Option<&Path> {
+        self.tls_ca.as_deref()
+    }
+
+    pub fn get_tls_client_cert(&self) -> Option<&Path> {
+        self.tls_cert.as_deref()
+    }
+
+    pub fn get_tls_client_key(&self) -> Option<&Path> {
+        self.tls_key.as_deref()
     }
 
     /// A fresh backoff following these settings.
@@ -219,6 +286,9 @@ mod tests {
         assert_eq!(options.get_request_timeout(), Duration::from_secs(5));
         assert_eq!(options.get_subscription_capacity(), 8192);
         assert!(!options.get_retry_initial_connect());
+        assert_eq!(options.get_tls_ca(), None);
+        assert_eq!(options.get_tls_client_cert(), None);
+        assert_eq!(options.get_tls_client_key(), None);
         assert_eq!(options.backoff().initial(), Duration::from_millis(50));
         assert_eq!(options.backoff().cap(), Duration::from_secs(2));
     }
@@ -232,5 +302,59 @@ mod tests {
         assert_eq!(options.get_ping_interval(), MIN_TIMER);
         assert_eq!(options.get_pong_timeout(), MIN_TIMER);
         assert_eq!(options.get_subscription_capacity(), 1);
+    }
+
+    #[test]
+    fn tls_files_are_set_by_the_builder() {
+        let options = ConnectOptions::default()
+            .tls_ca("/etc/holdfast/ca.pem")
+            .tls_client_cert("/etc/holdfast/client.pem", "/etc/holdfast/client.key");
+        assert_eq!(
+            options.get_tls_ca(),
+            Some(Path::new("/etc/holdfast/ca.pem"))
+        );
+        assert_eq!(
+            options.get_tls_client_cert(),
+            Some(Path::new("/etc/holdfast/client.pem"))
+        );
+        assert_eq!(
+            options.get_tls_client_key(),
+            Some(Path::new("/etc/holdfast/client.key"))
+        );
+    }
+
+    #[test]
+    fn tls_files_come_from_the_environment_and_empty_means_unset() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(var, _)| *var == name)
+                    .map(|(_, value)| OsString::from(value))
+            }
+        };
+        let options = ConnectOptions::default().tls_from(env(&[
+            ("HOLDFAST_CA", "/ca.pem"),
+            ("HOLDFAST_CERT", "/client.pem"),
+            ("HOLDFAST_KEY", "/client.key"),
+        ]));
+        assert_eq!(options.get_tls_ca(), Some(Path::new("/ca.pem")));
+        assert_eq!(
+            options.get_tls_client_cert(),
+            Some(Path::new("/client.pem"))
+        );
+        assert_eq!(options.get_tls_client_key(), Some(Path::new("/client.key")));
+
+        let options = ConnectOptions::default()
+            .tls_ca("/set/before.pem")
+            .tls_from(env(&[
+                ("HOLDFAST_CA", ""),
+                ("HOLDFAST_CERT", "/client.pem"),
+            ]));
+        assert_eq!(options.get_tls_ca(), None);
+        assert_eq!(
+            options.get_tls_client_cert(),
+            Some(Path::new("/client.pem"))
+        );
+        assert_eq!(options.get_tls_client_key(), None);
     }
 }

@@ -1,6 +1,7 @@
 //! Opening a session with the relay: connect, HELLO, wait for WELCOME.
 
 use crate::error::Error;
+use crate::transport::{ByteReader, ByteWriter, Connector, Link, Transport};
 use crate::url::RelayUrl;
 use bytes::BytesMut;
 use futures::StreamExt;
@@ -9,41 +10,36 @@ use holdfast_wire::{Frame, FrameCodec, Hello, Welcome, PROTOCOL_VERSION};
 use std::io;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
+use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
 /// Bytes read from the socket at a time: large, so one read decodes many frames.
 const READ_BUFFER_CAPACITY: usize = 256 * 1024;
 
-pub(crate) type FrameReader = FramedRead<OwnedReadHalf, FrameCodec>;
+pub(crate) type FrameReader = FramedRead<ByteReader, FrameCodec>;
 
 /// A connection on which WELCOME has been received.
 pub(crate) struct Session {
     pub(crate) reader: FrameReader,
-    pub(crate) writer: OwnedWriteHalf,
+    pub(crate) writer: ByteWriter,
     pub(crate) welcome: Welcome,
+    pub(crate) link: Link,
 }
 
-/// Connects to `url` and performs the handshake within `handshake_timeout`.
+/// Connects to `url` through `connector` and performs the handshake within
+/// `handshake_timeout` (which, on QUIC, includes the QUIC and TLS handshakes).
 ///
 /// `instance_id` is 0 on a process's first connection and the id from the
 /// previous WELCOME afterwards, so the relay keeps the process's identity.
 pub(crate) async fn open(
-    url: RelayUrl,
+    url: &RelayUrl,
+    connector: &Connector,
     client_name: String,
     instance_id: u64,
     max_frame_bytes: u32,
     handshake_timeout: Duration,
 ) -> Result<Session, Error> {
-    let path = match &url {
-        RelayUrl::Unix { path } => path.clone(),
-        RelayUrl::Quic { .. } => {
-            return Err(Error::UnsupportedTransport {
-                scheme: url.scheme(),
-            })
-        }
-    };
+    let deadline = Instant::now() + handshake_timeout;
     let hello = Hello {
         min_version: PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
@@ -51,8 +47,11 @@ pub(crate) async fn open(
         instance_id,
     };
     let handshake = async {
-        let stream = UnixStream::connect(&path).await?;
-        let (read_half, mut writer) = stream.into_split();
+        let Transport {
+            reader: read_half,
+            mut writer,
+            link,
+        } = connector.connect(deadline).await?;
         let mut hello_bytes = BytesMut::new();
         holdfast_wire::encode(&Frame::Hello(hello), max_frame_bytes, &mut hello_bytes)
             .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
@@ -63,13 +62,13 @@ pub(crate) async fn open(
             READ_BUFFER_CAPACITY,
         );
         let first = reader.next().await;
-        Ok::<_, io::Error>((reader, writer, first))
+        Ok::<_, io::Error>((reader, writer, link, first))
     };
     let connect_error = |source: io::Error| Error::Connect {
         url: url.clone(),
         source,
     };
-    let (mut reader, writer, first) = match tokio::time::timeout(handshake_timeout, handshake).await
+    let (mut reader, writer, link, first) = match tokio::time::timeout_at(deadline, handshake).await
     {
         Ok(Ok(connected)) => connected,
         Ok(Err(source)) => return Err(connect_error(source)),
@@ -125,5 +124,6 @@ pub(crate) async fn open(
         reader,
         writer,
         welcome,
+        link,
     })
 }

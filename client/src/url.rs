@@ -15,7 +15,8 @@ pub const DEFAULT_URL: &str = "unix:///run/holdfast/holdfast.sock";
 pub enum RelayUrl {
     /// A Unix domain socket at an absolute path.
     Unix { path: PathBuf },
-    /// A QUIC endpoint (accepted by the parser; not yet connectable).
+    /// A QUIC endpoint; connecting needs TLS settings
+    /// ([`ConnectOptions::tls_ca`](crate::ConnectOptions::tls_ca)).
     Quic { host: String, port: u16 },
 }
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use holdfast_client::{
     AckStatus, Client, ConnectOptions, Entry, Error, ErrorCode, LinkEvent, OfflinePolicy,
-    OutboundMessage, RegistrationStatus, RelayUrl, WatchEvent, Watcher,
+    OutboundMessage, RegistrationStatus, RelayUrl, TlsError, WatchEvent, Watcher,
 };
 use holdfast_wire as wire;
 use holdfast_wire::{
@@ -464,13 +464,13 @@ async fn connect_fails_clearly_without_a_relay_unless_asked_to_retry() {
     assert!(error.is_retryable());
     assert!(error.to_string().contains("later.sock"));
 
+    // QUIC without a CA cannot check the relay: a configuration error, not
+    // a connection attempt.
     let quic = Client::connect("quic://relay.local:4433")
         .await
         .unwrap_err();
-    assert!(matches!(
-        quic,
-        Error::UnsupportedTransport { scheme: "quic" }
-    ));
+    assert!(matches!(quic, Error::Tls(TlsError::MissingCa)), "{quic:?}");
+    assert!(!quic.is_retryable());
 
     // With retries the client comes up disconnected, buffers, and connects
     // once the relay appears.

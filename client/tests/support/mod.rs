@@ -5,6 +5,8 @@
 
 #![allow(dead_code)] // each test file uses a different part of it
 
+pub mod quic_relay;
+
 use futures::{SinkExt, StreamExt};
 use holdfast_client::{ConnectOptions, RelayUrl};
 use holdfast_wire::{
