@@ -7,6 +7,7 @@ use holdfast_wire::{
     AckOutcome, ErrorCode, Frame, Pong, PubAck, Response, ResponseOutcome, StatusResponse, Text,
 };
 use std::process::{Output, Stdio};
+use support::quic_relay::{Pki, QuicRelay, RelayTls};
 use support::{within, FakeRelay};
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
@@ -203,6 +204,91 @@ async fn an_unreachable_relay_and_bad_usage_have_distinct_exit_codes() {
     )
     .await;
     assert_eq!(output.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn quic_urls_need_tls_files_that_come_in_pairs() {
+    let url = "quic://127.0.0.1:4433";
+    // An empty variable counts as unset.
+    let mut command = holdfast(url, &["status"]);
+    command
+        .env("HOLDFAST_CA", "")
+        .env_remove("HOLDFAST_CERT")
+        .env_remove("HOLDFAST_KEY");
+    let output = finish(command.spawn().unwrap()).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).starts_with("error: invalid_tls_config (not retryable): "),
+        "{}",
+        stderr(&output)
+    );
+    assert!(stderr(&output).contains("--ca"), "{}", stderr(&output));
+
+    let mut command = holdfast(url, &["status", "--ca", "/nonexistent/ca.pem"]);
+    command
+        .env_remove("HOLDFAST_CERT")
+        .env_remove("HOLDFAST_KEY");
+    let output = finish(command.spawn().unwrap()).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("/nonexistent/ca.pem"),
+        "{}",
+        stderr(&output)
+    );
+
+    let mut command = holdfast(url, &["status", "--ca", "/ca.pem"]);
+    command
+        .env("HOLDFAST_CERT", "/client.pem")
+        .env_remove("HOLDFAST_KEY");
+    let output = finish(command.spawn().unwrap()).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--key"), "{}", stderr(&output));
+}
+
+#[tokio::test]
+async fn tls_flags_reach_a_quic_relay_that_requires_client_certificates() {
+    let pki = Pki::new();
+    let relay = QuicRelay::start(
+        &pki,
+        RelayTls {
+            require_client_cert: true,
+            ..RelayTls::default()
+        },
+    );
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client.key"),
+    );
+    let mut command = holdfast(&relay.url().to_string(), &["status", "--ca"]);
+    command
+        .arg(&ca)
+        .arg("--cert")
+        .arg(&cert)
+        .env("HOLDFAST_KEY", &key)
+        .env_remove("HOLDFAST_CERT");
+    let child = command.spawn().unwrap();
+    let mut session = relay.accept_session(1).await;
+    assert!(session.connection.peer_identity().is_some());
+    let request_id = match session.recv_answering_pings().await {
+        Some(Frame::StatusRequest(request)) => request.request_id,
+        other => panic!("expected STATUS_REQUEST, got {other:?}"),
+    };
+    session
+        .send(Frame::StatusResponse(StatusResponse {
+            request_id,
+            json: bytes::Bytes::from_static(br#"{"relay_id":"r-quic"}"#),
+        }))
+        .await;
+    let answering =
+        tokio::spawn(async move { while session.recv_answering_pings().await.is_some() {} });
+    let output = finish(child).await;
+    answering.abort();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "relay_id: r-quic\n"
+    );
 }
 
 #[tokio::test]
