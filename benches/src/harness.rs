@@ -62,6 +62,23 @@ pub fn find_holdfastd() -> Result<PathBuf> {
     )))
 }
 
+/// Development certificates for QUIC with mutual TLS, written into `dir`
+/// by `holdfastd gen-cert` (ca.pem, server.pem/.key, client.pem/.key).
+pub fn generate_certificates(dir: &Path) -> Result<()> {
+    let output = Command::new(find_holdfastd()?)
+        .args(["gen-cert", "--out"])
+        .arg(dir)
+        .output()
+        .context("running holdfastd gen-cert")?;
+    if !output.status.success() {
+        return Err(failed(
+            "holdfastd gen-cert",
+            String::from_utf8_lossy(&output.stderr),
+        ));
+    }
+    Ok(())
+}
+
 /// nats-server: `$HOLDFAST_NATS_SERVER` if set, else the usual system paths.
 pub fn find_nats_server() -> Result<PathBuf> {
     find_system_binary("nats-server", NATS_SERVER_ENV)

@@ -62,9 +62,14 @@ pub struct PassThrough {
 
 impl PassThrough {
     pub async fn start() -> crate::error::Result<PassThrough> {
+        PassThrough::start_with(RELAY_CONFIG).await
+    }
+
+    /// As [`PassThrough::start`], with `config_toml` as the relay's config.
+    pub async fn start_with(config_toml: &str) -> crate::error::Result<PassThrough> {
         use crate::error::Context;
         let nats = crate::harness::NatsServer::start(false).await?;
-        let relay = crate::harness::Relay::start(&nats.url(), RELAY_CONFIG).await?;
+        let relay = crate::harness::Relay::start(&nats.url(), config_toml).await?;
         let client = holdfast_client::Client::connect(&relay.url())
             .await
             .context("connecting to holdfastd")?;

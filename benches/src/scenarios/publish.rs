@@ -1,29 +1,39 @@
 //! `publish`: end-to-end publish→subscribe throughput through the relay
 //! (Unix socket) vs a direct async-nats client to the same nats-server, with
 //! 128-byte payloads, for the `default` class (memory path) and the durable
-//! `kv_events` class (journaled before forwarding). The subscriber is a plain
-//! async-nats subscriber on the NATS side.
+//! `kv_events` class (journaled before forwarding); and the `default` class
+//! over QUIC (mutual TLS on loopback) vs the Unix socket. The subscriber is
+//! a plain async-nats subscriber on the NATS side.
 
 use super::load::{direct_publish, relay_publish, Throughput};
-use super::{count_words, PassThrough, Settings};
-use crate::error::Result;
+use super::{count_words, PassThrough, Settings, RELAY_CONFIG};
+use crate::error::{Context, Result};
+use crate::harness::generate_certificates;
 use crate::report::Row;
 use crate::stats::median;
+use holdfast_client::{Client, ConnectOptions, RelayUrl};
+use std::path::Path;
 
 const PAYLOAD_BYTES: usize = 128;
 const TARGET_RATIO: f64 = 0.8;
+/// QUIC relay throughput against the Unix socket's.
+const QUIC_TARGET_RATIO: f64 = 0.5;
 /// Messages sent once through each path before measuring.
 const WARM_UP: u64 = 20_000;
 
 pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
     let count = settings.pick(500_000, 1_000_000);
+    let certificates = tempfile::tempdir().context("creating a certificate directory")?;
+    generate_certificates(certificates.path())?;
+    let config = format!("{RELAY_CONFIG}\n{}", quic_table(certificates.path()));
     let PassThrough {
         nats,
         relay: _relay,
         client,
         direct: publisher,
-    } = PassThrough::start().await?;
+    } = PassThrough::start_with(&config).await?;
     let url = nats.url();
+    let quic = quic_client(&client, certificates.path()).await?;
 
     direct_publish(
         &url,
@@ -51,10 +61,20 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         PAYLOAD_BYTES,
     )
     .await?;
+    relay_publish(
+        &url,
+        &quic,
+        "bench.warm.quic",
+        Some("default"),
+        WARM_UP,
+        PAYLOAD_BYTES,
+    )
+    .await?;
 
     let mut direct = Vec::new();
     let mut default = Vec::new();
     let mut durable = Vec::new();
+    let mut over_quic = Vec::new();
     for rep in 0..settings.repetitions {
         eprintln!(
             "  publish: repetition {} of {}",
@@ -90,7 +110,18 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         )
         .await?;
         durable.push(run);
+        let run = relay_publish(
+            &url,
+            &quic,
+            &format!("bench.publish.quic.{rep}"),
+            Some("default"),
+            count,
+            PAYLOAD_BYTES,
+        )
+        .await?;
+        over_quic.push(run);
     }
+    let _ = quic.close().await;
     let _ = client.close().await;
 
     let sizes = if settings.quick {
@@ -128,10 +159,74 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         let met = row.ratio.map(|ratio| ratio >= TARGET_RATIO);
         Row { met, ..row }
     };
+    let unix_rate = median(&rates(&default));
+    let missing: u64 = over_quic.iter().map(Throughput::missing).sum();
+    let mut quic_note = format!(
+        "{sizes} of {PAYLOAD_BYTES} B, class default, QUIC with mutual TLS on loopback"
+    );
+    if missing > 0 {
+        quic_note.push_str(&format!(
+            "; {missing} messages never reached the subscriber"
+        ));
+    }
+    let quic_row = Row {
+        scenario: "publish/quic (default)".to_string(),
+        value: median(&rates(&over_quic)),
+        unit: "msg/s".to_string(),
+        baseline: "holdfast over the Unix socket".to_string(),
+        baseline_value: unix_rate,
+        target: format!("≥ {QUIC_TARGET_RATIO}× Unix socket"),
+        repetitions: settings.repetitions,
+        note: quic_note,
+        ..Row::default()
+    }
+    .with_ratio();
+    let quic_met = quic_row.ratio.map(|ratio| ratio >= QUIC_TARGET_RATIO);
     Ok(vec![
         row("default", &default),
         row("kv_events (durable)", &durable),
+        Row {
+            met: quic_met,
+            ..quic_row
+        },
     ])
+}
+
+/// The relay's `[quic]` table: loopback, any free port, mutual TLS.
+fn quic_table(certificates: &Path) -> String {
+    format!(
+        "[quic]\naddr = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+        certificates.join("server.pem").display(),
+        certificates.join("server.key").display(),
+        certificates.join("ca.pem").display()
+    )
+}
+
+/// A client connected over QUIC to the relay `unix_client` is connected to,
+/// at the address the relay's status reports.
+async fn quic_client(unix_client: &Client, certificates: &Path) -> Result<Client> {
+    let status = unix_client
+        .status()
+        .await
+        .context("reading the relay's status")?;
+    let Some(address) = status["quic"].as_str() else {
+        return Err(crate::error::failed(
+            "finding the QUIC listener",
+            "the relay's status has no `quic` address",
+        ));
+    };
+    let url: RelayUrl = format!("quic://{address}")
+        .parse()
+        .context("parsing the QUIC URL")?;
+    let options = ConnectOptions::new(url)
+        .tls_ca(certificates.join("ca.pem"))
+        .tls_client_cert(
+            certificates.join("client.pem"),
+            certificates.join("client.key"),
+        );
+    Client::connect_with(options)
+        .await
+        .context("connecting to holdfastd over QUIC")
 }
 
 fn rates(runs: &[Throughput]) -> Vec<f64> {
