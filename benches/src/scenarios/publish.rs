@@ -161,9 +161,8 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
     };
     let unix_rate = median(&rates(&default));
     let missing: u64 = over_quic.iter().map(Throughput::missing).sum();
-    let mut quic_note = format!(
-        "{sizes} of {PAYLOAD_BYTES} B, class default, QUIC with mutual TLS on loopback"
-    );
+    let mut quic_note =
+        format!("{sizes} of {PAYLOAD_BYTES} B, class default, QUIC with mutual TLS on loopback");
     if missing > 0 {
         quic_note.push_str(&format!(
             "; {missing} messages never reached the subscriber"

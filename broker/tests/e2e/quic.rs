@@ -169,7 +169,7 @@ async fn mutual_tls_refuses_clients_without_a_certificate_from_the_client_ca() {
         Client::connect_with(options(&url, stranger.path(), Some(certs.path()))),
     )
     .await;
-    let error = refused.err().expect("an untrusted relay is refused");
+    let error = refused.expect_err("an untrusted relay is refused");
     assert!(
         error.to_string().to_lowercase().contains("certificate"),
         "{error}"
