@@ -81,6 +81,9 @@ pub struct RelayConfig {
     pub shutdown_grace: Duration,
     /// Where `/metrics`, `/livez`, `/readyz` and `/status` are served.
     pub metrics_addr: String,
+    /// Address of the NATS client-protocol front end (unmodified NATS
+    /// clients connect here as to nats-server); empty means none.
+    pub nats_listen: String,
 }
 
 /// `[nats]`: the upstream NATS cluster.
@@ -182,6 +185,7 @@ impl Default for RelayConfig {
             max_frame_bytes: holdfast_wire::DEFAULT_MAX_FRAME_BYTES,
             shutdown_grace: Duration::from_secs(5),
             metrics_addr: "127.0.0.1:9477".to_string(),
+            nats_listen: String::new(),
         }
     }
 }
@@ -242,6 +246,7 @@ pub struct Overrides {
     pub etcd_endpoints: Option<String>,
     pub metrics_addr: Option<String>,
     pub quic_addr: Option<String>,
+    pub nats_listen: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
@@ -269,6 +274,9 @@ impl Config {
         }
         if let Some(endpoints) = &overrides.etcd_endpoints {
             config.etcd.endpoints = split_list(endpoints);
+        }
+        if let Some(address) = &overrides.nats_listen {
+            config.relay.nats_listen = address.clone();
         }
         if let Some(address) = &overrides.quic_addr {
             config.quic.addr = address.clone();
@@ -313,6 +321,8 @@ impl Config {
             .map_err(|message| invalid("access", message))?;
         self.quic_addr()
             .map_err(|message| invalid("quic.addr", message))?;
+        self.nats_listen()
+            .map_err(|message| invalid("relay.nats_listen", message))?;
         if !self.quic.addr.is_empty() {
             for (key, path) in [("quic.cert", &self.quic.cert), ("quic.key", &self.quic.key)] {
                 if path.as_os_str().is_empty() {
@@ -452,6 +462,19 @@ impl Config {
             format!(
                 "{:?} is not an IP address and port like \"0.0.0.0:4443\"",
                 self.quic.addr
+            )
+        })
+    }
+
+    /// The NATS client-protocol front end's address, if one is configured.
+    pub fn nats_listen(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.relay.nats_listen.is_empty() {
+            return Ok(None);
+        }
+        self.relay.nats_listen.parse().map(Some).map_err(|_| {
+            format!(
+                "{:?} is not an IP address and port like \"127.0.0.1:4223\"",
+                self.relay.nats_listen
             )
         })
     }

@@ -62,6 +62,10 @@ struct Args {
     /// Address of /metrics, /livez, /readyz and /status [default: 127.0.0.1:9477].
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<String>,
+    /// Also speak the NATS client protocol on this address (e.g.
+    /// 127.0.0.1:4223), so unmodified NATS clients get the relay's protection.
+    #[arg(long, value_name = "ADDR")]
+    nats_listen: Option<String>,
     /// Also accept QUIC connections on this address (e.g. 0.0.0.0:4443);
     /// needs --tls-cert and --tls-key.
     #[arg(long, value_name = "ADDR")]
@@ -168,6 +172,7 @@ fn main() -> ExitCode {
         etcd_endpoints: args.etcd,
         metrics_addr: args.metrics_addr,
         quic_addr: args.quic_addr,
+        nats_listen: args.nats_listen,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         tls_client_ca: args.tls_client_ca,
