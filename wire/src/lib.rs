@@ -6,12 +6,16 @@
 //! codes both sides share ([`ErrorCode`]) and NATS subject rules
 //! ([`subject`]). Nothing here does I/O; [`FrameCodec`] adapts the codec to
 //! `tokio_util::codec` for the tasks that do.
+//!
+//! [`nats_protocol`] is the server side of the NATS client protocol, for the
+//! relay's NATS-compatible front end.
 
 pub mod backoff;
 pub mod chain;
 pub mod codec;
 mod error_code;
 mod frame;
+pub mod nats_protocol;
 pub mod subject;
 mod text;
 
