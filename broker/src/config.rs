@@ -84,6 +84,9 @@ pub struct RelayConfig {
     /// Address of the NATS client-protocol front end (unmodified NATS
     /// clients connect here as to nats-server); empty means none.
     pub nats_listen: String,
+    /// Address of the etcd v3 gRPC front end (unmodified etcd clients
+    /// connect here as to etcd); empty means none. Needs `[etcd] endpoints`.
+    pub etcd_listen: String,
 }
 
 /// `[nats]`: the upstream NATS cluster.
@@ -186,6 +189,7 @@ impl Default for RelayConfig {
             shutdown_grace: Duration::from_secs(5),
             metrics_addr: "127.0.0.1:9477".to_string(),
             nats_listen: String::new(),
+            etcd_listen: String::new(),
         }
     }
 }
@@ -247,6 +251,7 @@ pub struct Overrides {
     pub metrics_addr: Option<String>,
     pub quic_addr: Option<String>,
     pub nats_listen: Option<String>,
+    pub etcd_listen: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
@@ -277,6 +282,9 @@ impl Config {
         }
         if let Some(address) = &overrides.nats_listen {
             config.relay.nats_listen = address.clone();
+        }
+        if let Some(address) = &overrides.etcd_listen {
+            config.relay.etcd_listen = address.clone();
         }
         if let Some(address) = &overrides.quic_addr {
             config.quic.addr = address.clone();
@@ -323,6 +331,8 @@ impl Config {
             .map_err(|message| invalid("quic.addr", message))?;
         self.nats_listen()
             .map_err(|message| invalid("relay.nats_listen", message))?;
+        self.etcd_listen()
+            .map_err(|message| invalid("relay.etcd_listen", message))?;
         if !self.quic.addr.is_empty() {
             for (key, path) in [("quic.cert", &self.quic.cert), ("quic.key", &self.quic.key)] {
                 if path.as_os_str().is_empty() {
@@ -477,6 +487,30 @@ impl Config {
                 self.relay.nats_listen
             )
         })
+    }
+
+    /// The etcd v3 gRPC front end's address, if one is configured.
+    pub fn etcd_listen(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.relay.etcd_listen.is_empty() {
+            return Ok(None);
+        }
+        if self.etcd.endpoints.is_empty() {
+            return Err(
+                "the etcd front end needs upstream etcd endpoints ([etcd] endpoints or --etcd)"
+                    .to_string(),
+            );
+        }
+        self.relay.etcd_listen.parse().map(Some).map_err(|_| {
+            format!(
+                "{:?} is not an IP address and port like \"127.0.0.1:2389\"",
+                self.relay.etcd_listen
+            )
+        })
+    }
+
+    /// The etcd front end's lease table and the keys under each lease.
+    pub fn etcd_front_leases_path(&self) -> PathBuf {
+        self.relay.data_dir.join("etcd-front-leases.json")
     }
 
     /// The QUIC listener's TLS files.

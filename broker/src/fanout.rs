@@ -24,6 +24,11 @@ use tracing::{debug, warn};
 /// (journal replay) and comes back on an upstream subscription, the relay
 /// named in the header skips it, so its subscribers do not see it twice.
 pub const DELIVERED_LOCALLY_HEADER: &str = "Holdfast-Delivered-Locally";
+/// Carries the status code of a NATS status message (e.g. 503, no
+/// responders) to subscribers, since the framed protocol has no status line.
+pub const NATS_STATUS_HEADER: &str = "Nats-Status";
+/// The status message's description, when NATS gave one.
+pub const NATS_STATUS_DESCRIPTION_HEADER: &str = "Nats-Status-Description";
 
 /// A message published on this relay, for node-local delivery.
 #[derive(Debug, Clone)]
@@ -122,7 +127,16 @@ impl Fanout {
     }
 
     fn on_upstream(&mut self, message: async_nats::Message) {
-        let headers = from_header_map(message.headers.as_ref());
+        let mut headers = from_header_map(message.headers.as_ref());
+        if let Some(status) = message.status {
+            // A status-only message (503: nobody answered a request whose
+            // reply subject this subscription covers) keeps its meaning for
+            // clients that cannot see NATS status lines.
+            headers.insert(NATS_STATUS_HEADER, Text::from(status.as_u16().to_string()));
+            if let Some(description) = &message.description {
+                headers.insert(NATS_STATUS_DESCRIPTION_HEADER, Text::from(description.as_str()));
+            }
+        }
         if self.already_delivered_here(&headers) {
             return;
         }

@@ -7,6 +7,7 @@ mod classes;
 mod config;
 mod discovery;
 mod duration;
+mod etcd_front;
 mod etcd_link;
 mod fanout;
 mod forwarder;
@@ -66,6 +67,11 @@ struct Args {
     /// 127.0.0.1:4223), so unmodified NATS clients get the relay's protection.
     #[arg(long, value_name = "ADDR")]
     nats_listen: Option<String>,
+    /// Also speak the etcd v3 gRPC API on this address (e.g.
+    /// 127.0.0.1:2389), so unmodified etcd clients get the relay's
+    /// protection; needs --etcd.
+    #[arg(long, value_name = "ADDR")]
+    etcd_listen: Option<String>,
     /// Also accept QUIC connections on this address (e.g. 0.0.0.0:4443);
     /// needs --tls-cert and --tls-key.
     #[arg(long, value_name = "ADDR")]
@@ -173,6 +179,7 @@ fn main() -> ExitCode {
         metrics_addr: args.metrics_addr,
         quic_addr: args.quic_addr,
         nats_listen: args.nats_listen,
+        etcd_listen: args.etcd_listen,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         tls_client_ca: args.tls_client_ca,

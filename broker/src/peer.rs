@@ -2,7 +2,8 @@
 //!
 //! A Unix-socket peer is known by the kernel's credentials (`SO_PEERCRED`),
 //! a QUIC peer by the common name of the client certificate it presented
-//! (none without mutual TLS). Access rules and logs use this; nothing the
+//! (none without mutual TLS), a NATS-protocol client by its address only.
+//! Access rules and logs use this; nothing the
 //! client says about itself (HELLO's client name) counts as identity.
 
 use std::fmt;
@@ -23,6 +24,9 @@ pub enum Peer {
         address: SocketAddr,
         common_name: Option<String>,
     },
+    /// A client of the NATS client-protocol front end: TCP, no proven
+    /// identity, so it matches no access rule and gets `access.default`.
+    NatsProtocol { address: SocketAddr },
     /// A Unix-socket peer whose credentials the kernel would not give; it
     /// matches no access rule.
     Unknown,
@@ -60,6 +64,7 @@ impl fmt::Display for Peer {
                 address,
                 common_name: None,
             } => write!(f, "quic {address}"),
+            Peer::NatsProtocol { address } => write!(f, "nats-protocol {address}"),
             Peer::Unknown => f.write_str("unix (credentials unavailable)"),
         }
     }

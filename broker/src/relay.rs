@@ -55,6 +55,8 @@ pub enum RelayError {
     Config(String),
     #[error("cannot open the journal: {0}")]
     Journal(#[from] crate::journal::JournalError),
+    #[error(transparent)]
+    EtcdFront(#[from] crate::etcd_front::EtcdFrontError),
 }
 
 /// Runs the relay until SIGTERM or SIGINT.
@@ -150,6 +152,24 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         config.discovery_cache_path(),
         registry_stop.clone(),
     );
+    // The etcd front end: unmodified etcd clients, through the same
+    // registry and discovery cache as sessions.
+    let etcd_front_stop = CancellationToken::new();
+    let etcd_front = match config.etcd_listen().map_err(RelayError::Config)? {
+        Some(address) => Some(
+            crate::etcd_front::start(
+                address,
+                &config,
+                etcd.clone(),
+                registry.clone(),
+                discovery.clone(),
+                stats.clone(),
+                etcd_front_stop.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let router = router::start(
         nats.clone(),
         Text::from(relay_id.as_str()),
@@ -242,6 +262,12 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     let _ = accept.await;
     if let Some(task) = quic_accept {
         let _ = task.await;
+    }
+    // etcd clients' leases are saved, not revoked: a restart within their
+    // TTL keeps them.
+    etcd_front_stop.cancel();
+    if let Some(front) = etcd_front {
+        let _ = tokio::time::timeout(shutdown_grace, front.stopped()).await;
     }
     // Registrations are not revoked as sessions close for shutdown: their
     // leases run out after the TTL unless the clients register again with

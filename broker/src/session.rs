@@ -80,6 +80,8 @@ pub struct SessionContext {
     pub connection_permits: Arc<Semaphore>,
     /// Where the QUIC listener listens, if it does.
     pub quic_address: Option<std::net::SocketAddr>,
+    /// Where the NATS client-protocol front end listens, if it does.
+    pub nats_front_address: Option<std::net::SocketAddr>,
     next_session_id: AtomicU64,
 }
 
@@ -109,6 +111,7 @@ impl SessionContext {
             access,
             connection_permits,
             quic_address: None,
+            nats_front_address: None,
             config,
             classes,
             nats: upstreams.nats,

@@ -22,6 +22,9 @@ pub struct StatusDocument {
     pub quic: Option<String>,
     /// Whether QUIC clients must present a certificate (mutual TLS).
     pub mutual_tls: bool,
+    /// The NATS client-protocol front end's bound address, absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_listen: Option<String>,
     pub nats: NatsStatus,
     pub etcd: EtcdStatus,
     pub sessions: u64,
@@ -163,6 +166,7 @@ pub async fn document(ctx: &SessionContext) -> StatusDocument {
         socket: ctx.config.relay.socket.display().to_string(),
         quic: ctx.quic_address.map(|address| address.to_string()),
         mutual_tls: ctx.quic_address.is_some() && ctx.config.tls_files().client_ca.is_some(),
+        nats_listen: ctx.nats_front_address.map(|address| address.to_string()),
         nats: NatsStatus {
             status: link_status_name(link.status),
             server: ctx.nats.connected_server(),

@@ -8,6 +8,7 @@ mod access;
 mod bad_input;
 mod cli;
 mod discovery;
+mod etcd_front;
 mod journal;
 mod journal_limits;
 mod limits;

@@ -1,0 +1,243 @@
+//! The etcd v3 gRPC front end (`--etcd-listen`): unmodified etcd clients
+//! (etcd-client, etcdctl, the Dynamo runtime) point `ETCD_ENDPOINTS` at
+//! the relay and get its protection.
+//!
+//! It is a translation onto the registry and the discovery cache, not a
+//! second etcd:
+//! - Leases are the relay's own ([`lease_owner`]): ids handed out here,
+//!   kept alive against the relay (also through an etcd outage), saved in
+//!   the data dir, each one an owner in the registry, whose upstream lease
+//!   the relay keeps alive.
+//! - KV: a put under a relay lease is a registration (buffered while etcd
+//!   is down); create-if-absent transactions under a lease are evaluated
+//!   here ([`txn`]); serializable reads of one key or a prefix come from
+//!   the discovery cache ([`range`]); anything else goes to etcd unchanged
+//!   while it is up ([`upstream`]) and fails `Unavailable` while it is not.
+//! - Watch: served by the discovery cache's watches ([`watch`]).
+//! - Every other service (Maintenance, Cluster, Auth, Lock, Election) and
+//!   KV Compact answer `Unimplemented` naming the RPC ([`unimplemented`]).
+
+mod bridge;
+mod kv;
+mod lease_owner;
+mod lease_service;
+mod leases;
+mod persist;
+mod range;
+mod txn;
+mod unimplemented;
+mod upstream;
+mod watch;
+
+use crate::config::Config;
+use crate::discovery::DiscoveryHandle;
+use crate::etcd_link::EtcdLink;
+use crate::registry::RegistryHandle;
+use crate::stats::RelayStats;
+use bridge::Outboxes;
+use etcd_client::proto::{PbKvServer, PbLeaseServer, PbWatchServer};
+use lease_owner::{LeaseOwner, OwnerError};
+use leases::LeaseError;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+use tracing::{info, warn};
+
+/// Most relay leases held at once; more grants answer ResourceExhausted.
+const MAX_LEASES: usize = 65_536;
+/// Most watches open at once across all streams.
+const MAX_WATCHES: usize = 16_384;
+/// How long a write waits for etcd (or for the registry to say Buffered).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a cached read waits (a prefix read for the first time waits
+/// for its listing).
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why the front end could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdFrontError {
+    #[error("cannot listen for etcd clients on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the etcd front end needs etcd endpoints (--etcd)")]
+    NoUpstream,
+    #[error(transparent)]
+    Endpoint(#[from] upstream::EndpointError),
+}
+
+/// What every service of the front end shares.
+pub struct Front {
+    owner: LeaseOwner,
+    upstream: upstream::Upstream,
+    discovery: DiscoveryHandle,
+    outboxes: Outboxes,
+    watches: AtomicUsize,
+    streams: AtomicU64,
+    stop: CancellationToken,
+}
+
+/// The running front end: wait on it after cancelling its stop token.
+pub struct EtcdFront {
+    server: JoinHandle<()>,
+    owner: JoinHandle<()>,
+}
+
+impl EtcdFront {
+    /// Waits until the server and the lease owner have stopped (the table
+    /// is saved by then).
+    pub async fn stopped(self) {
+        let _ = self.server.await;
+        let _ = self.owner.await;
+    }
+}
+
+/// Binds `address` and serves etcd clients until `stop` fires.
+pub async fn start(
+    address: SocketAddr,
+    config: &Config,
+    link: EtcdLink,
+    registry: RegistryHandle,
+    discovery: DiscoveryHandle,
+    stats: Arc<RelayStats>,
+    stop: CancellationToken,
+) -> Result<EtcdFront, EtcdFrontError> {
+    if !link.is_enabled() {
+        return Err(EtcdFrontError::NoUpstream);
+    }
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| EtcdFrontError::Bind { address, source })?;
+    let address = listener.local_addr().unwrap_or(address);
+    let call_timeout = (config.etcd.probe_timeout * 4).max(Duration::from_secs(2));
+    let upstream = upstream::Upstream::new(&config.etcd.endpoints, link, call_timeout)?;
+    let outboxes = Outboxes {
+        stats,
+        max_bytes: config.sessions.outbound_queue_bytes,
+    };
+    let orphan = outboxes.clone();
+    let (owner, owner_task) = lease_owner::start(
+        config.etcd_front_leases_path(),
+        MAX_LEASES,
+        config.etcd.max_registrations_per_session,
+        registry,
+        move || orphan.ack().0,
+        stop.clone(),
+    )
+    .await;
+    let front = Arc::new(Front {
+        owner,
+        upstream,
+        discovery,
+        outboxes,
+        watches: AtomicUsize::new(0),
+        streams: AtomicU64::new(0),
+        stop: stop.clone(),
+    });
+    describe_metrics();
+    let incoming = tonic::codegen::tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let router = tonic::transport::Server::builder()
+        .layer(unimplemented::NameUnknownRpcsLayer)
+        .add_service(PbKvServer::new(kv::KvService::new(front.clone())))
+        .add_service(PbLeaseServer::new(lease_service::LeaseService::new(
+            front.clone(),
+        )))
+        .add_service(PbWatchServer::new(watch::WatchService::new(front)));
+    let server = tokio::spawn(async move {
+        if let Err(error) = router
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+        {
+            warn!(error = %error, "the etcd front end stopped with an error");
+        }
+    });
+    info!(address = %address, "etcd front end listening (etcd v3 gRPC: KV, Lease, Watch)");
+    Ok(EtcdFront {
+        server,
+        owner: owner_task,
+    })
+}
+
+fn describe_metrics() {
+    metrics::describe_counter!(
+        "holdfast_etcd_front_requests_total",
+        "etcd front end requests by RPC and outcome (ok or the gRPC status)"
+    );
+    metrics::describe_gauge!(
+        "holdfast_etcd_front_leases",
+        "relay leases held for etcd clients"
+    );
+    metrics::describe_gauge!(
+        "holdfast_etcd_front_lease_keys",
+        "keys attached to relay leases"
+    );
+    metrics::describe_counter!(
+        "holdfast_etcd_front_leases_ended_total",
+        "relay leases ended: expired (no keepalive within the TTL) or revoked"
+    );
+    metrics::describe_gauge!(
+        "holdfast_etcd_front_watches",
+        "etcd watches open on the front end"
+    );
+    metrics::describe_counter!(
+        "holdfast_etcd_front_watch_events_dropped_total",
+        "watch events dropped for a watcher that did not keep up (its watches are canceled)"
+    );
+    metrics::describe_counter!(
+        "holdfast_etcd_front_save_failures_total",
+        "failed writes of the lease table to the data dir"
+    );
+}
+
+/// Counts one request by RPC and outcome.
+fn count<T>(rpc: &'static str, result: &Result<T, Status>) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(status) => code_name(status.code()),
+    };
+    metrics::counter!("holdfast_etcd_front_requests_total", "rpc" => rpc, "outcome" => outcome)
+        .increment(1);
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Unavailable => "unavailable",
+        Code::Unauthenticated => "unauthenticated",
+        Code::Internal | Code::Unknown | Code::DataLoss => "internal",
+    }
+}
+
+/// The gRPC status for a lease owner error, with etcd's messages.
+fn owner_status(error: OwnerError) -> Status {
+    match error {
+        OwnerError::ShuttingDown => Status::unavailable("the relay is shutting down"),
+        OwnerError::Lease(lease) => {
+            let message = lease.to_string();
+            match lease {
+                LeaseError::NotFound => Status::not_found(message),
+                LeaseError::Exists => Status::failed_precondition(message),
+                LeaseError::TtlTooLarge => Status::out_of_range(message),
+                LeaseError::TooManyLeases { .. } | LeaseError::TooManyKeys { .. } => {
+                    Status::resource_exhausted(message)
+                }
+            }
+        }
+    }
+}

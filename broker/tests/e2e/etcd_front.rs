@@ -1,0 +1,474 @@
+//! The etcd v3 front end (`relay.etcd_listen`) against real etcd: the Rust
+//! etcd-client and etcdctl talk to the relay as to etcd, and get leases
+//! that live as long as the client keeps them alive, through an etcd
+//! outage, an empty etcd and a relay restart.
+
+use crate::support::{EtcdServer, NatsServer, Relay, WAIT};
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("no free loopback port")
+}
+
+/// etcd, NATS and a relay whose etcd front end listens on `port`.
+struct FrontStack {
+    etcd: EtcdServer,
+    _nats: NatsServer,
+    relay: Relay,
+    port: u16,
+}
+
+impl FrontStack {
+    fn start(etcd_extra: &str) -> FrontStack {
+        let etcd = EtcdServer::start();
+        let nats = NatsServer::start();
+        let port = free_port();
+        let config = format!(
+            "[relay]\netcd_listen = \"127.0.0.1:{port}\"\n\n{}",
+            etcd.relay_config(etcd_extra)
+        );
+        let relay = Relay::start_with_config(&nats.url(), &config);
+        FrontStack {
+            etcd,
+            _nats: nats,
+            relay,
+            port,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// An unmodified etcd client pointed at the relay.
+    async fn front(&self) -> Client {
+        Client::connect([self.endpoint()], None)
+            .await
+            .expect("connect to the etcd front end")
+    }
+}
+
+async fn value_in(client: &mut Client, key: &str, options: Option<GetOptions>) -> Option<String> {
+    let found = client.get(key, options).await.ok()?;
+    found
+        .kvs()
+        .first()
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+}
+
+/// Waits until etcd itself holds `expected` under `key` (None: absent).
+async fn wait_in_etcd(etcd: &mut Client, key: &str, expected: Option<&str>, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let found = value_in(etcd, key, None).await;
+        if found.as_deref() == expected {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{key} is {found:?} in etcd after {limit:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn create_if_absent(key: &str, value: &str, lease: i64) -> Txn {
+    Txn::new()
+        .when(vec![Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then(vec![TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else(vec![TxnOp::get(key, None)])
+}
+
+/// Keeps `lease` alive through the front end every `every` until dropped.
+fn keep_alive(mut client: Client, lease: i64, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Ok((mut keeper, mut answers)) = client.lease_keep_alive(lease).await {
+                loop {
+                    if keeper.keep_alive().await.is_err() {
+                        break;
+                    }
+                    match tokio::time::timeout(Duration::from_secs(2), answers.message()).await {
+                        Ok(Ok(Some(answer))) => assert!(answer.ttl() > 0, "lease {lease:x} lost"),
+                        _ => break,
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_get_txn_watch_and_leases_through_the_front_end() {
+    let stack = FrontStack::start("");
+    let mut front = stack.front().await;
+    let mut etcd = stack.etcd.client().await;
+
+    let granted = front.lease_grant(30, None).await.unwrap();
+    let lease = granted.id();
+    assert!(lease > 0);
+    assert_eq!(granted.ttl(), 30);
+    let key = format!("v1/instances/ns/worker/generate/{lease:x}");
+
+    // A watch on the prefix, opened before anything is written.
+    let mut events = front
+        .watch("v1/instances/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+
+    // Create-if-absent, as the Dynamo runtime registers an instance.
+    let created = front
+        .txn(create_if_absent(&key, "{\"port\":9000}", lease))
+        .await
+        .unwrap();
+    assert!(created.succeeded());
+    wait_in_etcd(&mut etcd, &key, Some("{\"port\":9000}"), WAIT).await;
+    let upstream = etcd.get(key.as_str(), None).await.unwrap();
+    assert_ne!(
+        upstream.kvs()[0].lease(),
+        0,
+        "held under a relay-kept lease"
+    );
+    let again = front
+        .txn(create_if_absent(&key, "other", lease))
+        .await
+        .unwrap();
+    assert!(!again.succeeded(), "the key exists");
+    match again.op_responses().first() {
+        Some(TxnOpResponse::Get(read)) => assert_eq!(read.kvs()[0].value(), b"{\"port\":9000}"),
+        other => panic!("expected the failure branch's read, got {other:?}"),
+    }
+
+    // Reads: serializable from the cache, linearizable from etcd.
+    let serializable = front
+        .get(
+            "v1/instances/",
+            Some(GetOptions::new().with_prefix().with_serializable()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(serializable.kvs().len(), 1);
+    assert_eq!(serializable.kvs()[0].lease(), lease);
+    assert!(serializable.header().unwrap().revision() > 0);
+    assert_eq!(
+        value_in(&mut front, &key, None).await.as_deref(),
+        Some("{\"port\":9000}")
+    );
+
+    // The watch sees the put, a put straight into etcd, and a delete.
+    let mut seen = Vec::new();
+    etcd.put("v1/instances/direct", "d", None).await.unwrap();
+    front.delete(key.as_str(), None).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < 3 {
+        assert!(Instant::now() < deadline, "watch saw only {seen:?}");
+        let Ok(Ok(Some(response))) =
+            tokio::time::timeout(Duration::from_secs(5), events.message()).await
+        else {
+            panic!("watch ended; saw {seen:?}");
+        };
+        for event in response.events() {
+            let kv = event.kv().unwrap();
+            seen.push((event.event_type(), kv.key_str().unwrap().to_string()));
+        }
+    }
+    assert_eq!(seen[0], (EventType::Put, key.clone()));
+    assert!(seen.contains(&(EventType::Put, "v1/instances/direct".to_string())));
+    assert!(seen.contains(&(EventType::Delete, key.clone())));
+    wait_in_etcd(&mut etcd, &key, None, WAIT).await;
+
+    // A put without a lease goes to etcd as it is.
+    front.put("v1/config/plain", "p", None).await.unwrap();
+    assert_eq!(
+        value_in(&mut etcd, "v1/config/plain", None)
+            .await
+            .as_deref(),
+        Some("p")
+    );
+
+    // Lease RPCs answer from the relay's table.
+    let (mut keeper, mut answers) = front.lease_keep_alive(lease).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    assert_eq!(answers.message().await.unwrap().unwrap().ttl(), 30);
+    let alive = front.lease_time_to_live(lease, None).await.unwrap();
+    assert!(alive.ttl() > 25 && alive.ttl() <= 30);
+    let all = front.leases().await.unwrap();
+    assert!(all.leases().iter().any(|status| status.id() == lease));
+    front.lease_revoke(lease).await.unwrap();
+    assert_eq!(
+        front.lease_time_to_live(lease, None).await.unwrap().ttl(),
+        -1
+    );
+
+    // Unserved RPCs are named.
+    let status = front.status().await.unwrap_err().to_string();
+    assert!(
+        status.contains("Maintenance/Status") && status.contains("not implemented"),
+        "{status}"
+    );
+
+    let metrics = crate::support::scrape(&stack.relay);
+    assert!(
+        crate::support::metric(
+            &metrics,
+            "holdfast_etcd_front_requests_total",
+            &[("rpc", "txn"), ("outcome", "ok")]
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_not_kept_alive_or_revoked_takes_its_keys_out_of_etcd() {
+    let stack = FrontStack::start("");
+    let mut front = stack.front().await;
+    let mut etcd = stack.etcd.client().await;
+
+    let lapsing = front.lease_grant(2, None).await.unwrap().id();
+    front
+        .put(
+            "v1/lapse/a",
+            "1",
+            Some(PutOptions::new().with_lease(lapsing)),
+        )
+        .await
+        .unwrap();
+    let revoked = front.lease_grant(60, None).await.unwrap().id();
+    front
+        .put(
+            "v1/lapse/b",
+            "2",
+            Some(PutOptions::new().with_lease(revoked)),
+        )
+        .await
+        .unwrap();
+    wait_in_etcd(&mut etcd, "v1/lapse/a", Some("1"), WAIT).await;
+    wait_in_etcd(&mut etcd, "v1/lapse/b", Some("2"), WAIT).await;
+
+    // Revoked: gone at once.
+    let started = Instant::now();
+    front.lease_revoke(revoked).await.unwrap();
+    wait_in_etcd(&mut etcd, "v1/lapse/b", None, Duration::from_secs(2)).await;
+    eprintln!("revoked lease's key gone after {:?}", started.elapsed());
+
+    // Not kept alive: gone once its 2 s TTL passes, not before.
+    assert_eq!(
+        value_in(&mut etcd, "v1/lapse/a", None).await.as_deref(),
+        Some("1")
+    );
+    wait_in_etcd(&mut etcd, "v1/lapse/a", None, Duration::from_secs(5)).await;
+    // The relay answers TTL 0, which etcd-client reports as the lease gone.
+    let kept = match front.lease_keep_alive(lapsing).await {
+        Ok((mut keeper, mut answers)) => match keeper.keep_alive().await {
+            Ok(()) => answers.message().await.map(|_| ()),
+            Err(error) => Err(error),
+        },
+        Err(error) => Err(error),
+    };
+    assert!(
+        matches!(kept, Err(etcd_client::Error::LeaseKeepAliveError(_))),
+        "{kept:?}"
+    );
+    assert!(
+        front
+            .put(
+                "v1/lapse/c",
+                "3",
+                Some(PutOptions::new().with_lease(lapsing))
+            )
+            .await
+            .is_err(),
+        "an expired lease cannot be written under"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_reads_and_registrations_carry_on_through_an_etcd_outage() {
+    let mut stack = FrontStack::start("");
+    let mut front = stack.front().await;
+    let lease = front.lease_grant(3, None).await.unwrap().id();
+    let keeper = keep_alive(stack.front().await, lease, Duration::from_millis(500));
+    front
+        .put(
+            "v1/out/before",
+            "b",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    let serializable = || Some(GetOptions::new().with_prefix().with_serializable());
+    let cached = front.get("v1/out/", serializable()).await.unwrap();
+    assert_eq!(cached.kvs().len(), 1);
+
+    stack.etcd.kill();
+    // The front end notices: a linearizable read fails Unavailable.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match front.get("v1/out/before", None).await {
+            Err(etcd_client::Error::GRpcStatus(status))
+                if status.code() == tonic::Code::Unavailable =>
+            {
+                break
+            }
+            other => assert!(Instant::now() < deadline, "still answered: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Longer than the lease's TTL: it lives because it is kept alive.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let alive = front.lease_time_to_live(lease, None).await.unwrap();
+    assert!(alive.ttl() > 0, "lease kept alive through the outage");
+    let stale = front.get("v1/out/", serializable()).await.unwrap();
+    assert_eq!(stale.kvs().len(), 1, "answered from the cache");
+    // Registrations made now are buffered.
+    front
+        .put(
+            "v1/out/during",
+            "d",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    let created = front
+        .txn(create_if_absent("v1/out/created", "c", lease))
+        .await
+        .unwrap();
+    assert!(created.succeeded());
+    let own = front.get("v1/out/", serializable()).await.unwrap();
+    assert_eq!(own.kvs().len(), 3, "the relay's own keys show in its reads");
+
+    stack.etcd.start_again();
+    let mut etcd = stack.etcd.client().await;
+    for (key, value) in [
+        ("v1/out/before", "b"),
+        ("v1/out/during", "d"),
+        ("v1/out/created", "c"),
+    ] {
+        wait_in_etcd(&mut etcd, key, Some(value), WAIT).await;
+    }
+    keeper.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_come_back_after_etcd_restarts_empty() {
+    let mut stack = FrontStack::start("");
+    let mut front = stack.front().await;
+    let lease = front.lease_grant(5, None).await.unwrap().id();
+    let keeper = keep_alive(stack.front().await, lease, Duration::from_secs(1));
+    front
+        .put("v1/empty/a", "1", Some(PutOptions::new().with_lease(lease)))
+        .await
+        .unwrap();
+    stack.etcd.restart_empty();
+    let mut etcd = stack.etcd.client().await;
+    // Rebuilt within a reconcile interval (2 s in tests) of etcd's return.
+    wait_in_etcd(&mut etcd, "v1/empty/a", Some("1"), WAIT).await;
+    keeper.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restart_within_the_ttl_keeps_leases_and_keys() {
+    // Short upstream leases: the killed relay's run out quickly, so the
+    // keys staying proves the restarted relay registered them again.
+    let mut stack = FrontStack::start("lease_ttl = \"2s\"");
+    let mut front = stack.front().await;
+    let mut etcd = stack.etcd.client().await;
+    let lease = front.lease_grant(30, None).await.unwrap().id();
+    front
+        .put(
+            "v1/restart/a",
+            "1",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    wait_in_etcd(&mut etcd, "v1/restart/a", Some("1"), WAIT).await;
+
+    stack.relay.restart();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut front = stack.front().await;
+    let alive = front.lease_time_to_live(lease, None).await.unwrap();
+    assert!(alive.ttl() > 0, "the lease survived the restart");
+    let (mut keeper, mut answers) = front.lease_keep_alive(lease).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    assert_eq!(answers.message().await.unwrap().unwrap().ttl(), 30);
+    assert_eq!(
+        value_in(&mut etcd, "v1/restart/a", None).await.as_deref(),
+        Some("1"),
+        "registered again under the new relay"
+    );
+    let upstream = etcd.get("v1/restart/a", None).await.unwrap();
+    assert_ne!(upstream.kvs()[0].lease(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_grants_puts_and_gets_through_the_front_end() {
+    let Ok(etcdctl) = which("etcdctl") else {
+        eprintln!("etcdctl not on PATH; skipped (deploy/install-deps.sh installs it)");
+        return;
+    };
+    let stack = FrontStack::start("");
+    let endpoint = stack.endpoint();
+    let run = |args: &[&str]| -> String {
+        let output = Command::new(&etcdctl)
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoint}"))
+            .args(args)
+            .output()
+            .expect("run etcdctl");
+        assert!(
+            output.status.success(),
+            "etcdctl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    // "lease 694d7c5b1e0e4f0a granted with TTL(30s)"
+    let granted = tokio::task::block_in_place(|| run(&["lease", "grant", "30"]));
+    let lease = granted
+        .split_whitespace()
+        .nth(1)
+        .expect("a lease id")
+        .to_string();
+    tokio::task::block_in_place(|| {
+        run(&["put", "--lease", &lease, "v1/ctl/a", "hello"]);
+        let got = run(&["get", "v1/ctl/a"]);
+        assert_eq!(got, "v1/ctl/a\nhello\n");
+        let serial = run(&["get", "--consistency=s", "--prefix", "v1/ctl/"]);
+        assert_eq!(serial, "v1/ctl/a\nhello\n");
+        let ttl = run(&["lease", "timetolive", "--keys", &lease]);
+        assert!(ttl.contains("v1/ctl/a"), "{ttl}");
+        let keepalive = run(&["lease", "keep-alive", "--once", &lease]);
+        assert!(keepalive.contains("TTL(30)"), "{keepalive}");
+    });
+    let mut etcd = stack.etcd.client().await;
+    wait_in_etcd(&mut etcd, "v1/ctl/a", Some("hello"), WAIT).await;
+    tokio::task::block_in_place(|| run(&["lease", "revoke", &lease]));
+    wait_in_etcd(&mut etcd, "v1/ctl/a", None, WAIT).await;
+}
+
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .ok_or(())
+}

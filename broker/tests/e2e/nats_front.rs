@@ -1,0 +1,341 @@
+//! The NATS client-protocol front end with async-nats as an unmodified
+//! client: pub/sub, headers, queue groups, request/reply both ways, no_echo,
+//! auto-unsubscribe, bad input, and a NATS outage with fail-fast requests,
+//! node-local request/reply and an ordered replay of journaled publishes.
+
+use crate::support::{metric, scrape, within, Relay, Stack};
+use async_nats::client::RequestErrorKind;
+use futures::StreamExt;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const FRONT_CONFIG: &str = "[relay]\nnats_listen = \"127.0.0.1:0\"\n\
+    [classes.kv_events]\nsubjects = [\"kv.>\"]\n";
+
+/// The front end's address, from the relay's status document.
+fn front_address(relay: &Relay) -> String {
+    let (_, body) = relay.http_get("/status");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    status["nats_listen"]
+        .as_str()
+        .expect("the relay serves the NATS protocol")
+        .to_string()
+}
+
+/// async-nats's `flush` only writes its buffer, so it cannot tell when the
+/// relay has taken a SUB; its status can.
+async fn wait_for_local_subscriptions(relay: &Relay, count: u64) {
+    within("the relay takes the subscriptions", async {
+        loop {
+            let (_, body) = relay.http_get("/status");
+            let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if status["subscriptions"]["local"].as_u64() >= Some(count) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+async fn front_client(relay: &Relay) -> async_nats::Client {
+    let url = format!("nats://{}", front_address(relay));
+    within("connect to the NATS front end", async_nats::connect(url))
+        .await
+        .expect("an unmodified NATS client connects to the relay")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmodified_nats_client_publishes_subscribes_and_requests_through_the_relay() {
+    let stack = Stack::start_with_config(FRONT_CONFIG);
+    let front = front_client(&stack.relay).await;
+    let direct = stack.direct_nats().await;
+
+    // Relay → NATS, with headers.
+    let mut upstream = direct.subscribe("front.up").await.unwrap();
+    direct.flush().await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Trace-Id", "t-1");
+    front
+        .publish_with_headers("front.up", headers, "with headers".into())
+        .await
+        .unwrap();
+    front.publish("front.up", "plain".into()).await.unwrap();
+    front.flush().await.unwrap();
+    let first = within("NATS receives", upstream.next()).await.unwrap();
+    assert_eq!(&first.payload[..], b"with headers");
+    let trace = first.headers.as_ref().and_then(|h| h.get("Trace-Id"));
+    assert_eq!(trace.map(|value| value.as_str()), Some("t-1"));
+    let second = within("NATS receives in order", upstream.next())
+        .await
+        .unwrap();
+    assert_eq!(&second.payload[..], b"plain");
+
+    // NATS → relay.
+    let mut downstream = front.subscribe("front.down").await.unwrap();
+    front.flush().await.unwrap();
+    wait_for_local_subscriptions(&stack.relay, 1).await;
+    direct.publish("front.down", "to front".into()).await.unwrap();
+    direct.flush().await.unwrap();
+    let message = within("front subscriber receives", downstream.next())
+        .await
+        .unwrap();
+    assert_eq!(&message.payload[..], b"to front");
+
+    // A request from the front end answered by a plain NATS responder.
+    let mut service = direct.subscribe("front.svc").await.unwrap();
+    direct.flush().await.unwrap();
+    let responder = direct.clone();
+    tokio::spawn(async move {
+        while let Some(request) = service.next().await {
+            if let Some(reply) = request.reply {
+                let _ = responder.publish(reply, request.payload).await;
+                let _ = responder.flush().await;
+            }
+        }
+    });
+    let reply = within("request through the front end", front.request("front.svc", "ping".into()))
+        .await
+        .unwrap();
+    assert_eq!(&reply.payload[..], b"ping");
+
+    // A responder behind the front end answering a plain NATS requester.
+    let mut echo = front.subscribe("front.echo").await.unwrap();
+    front.flush().await.unwrap();
+    wait_for_local_subscriptions(&stack.relay, 2).await;
+    let answering = front.clone();
+    tokio::spawn(async move {
+        while let Some(request) = echo.next().await {
+            if let Some(reply) = request.reply {
+                let _ = answering.publish(reply, "echoed".into()).await;
+                let _ = answering.flush().await;
+            }
+        }
+    });
+    let reply = within("request into the front end", direct.request("front.echo", "x".into()))
+        .await
+        .unwrap();
+    assert_eq!(&reply.payload[..], b"echoed");
+
+    // Nobody listening: no-responders, fast, as from nats-server.
+    let started = Instant::now();
+    let error = within("no responders", front.request("front.nobody", "x".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), RequestErrorKind::NoResponders, "{error}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // A holdfast client and a NATS client on the same relay see each other.
+    let holdfast = stack.client().await;
+    let mut holdfast_sub = holdfast.subscribe("front.mixed").await.unwrap();
+    wait_for_local_subscriptions(&stack.relay, 4).await;
+    front.publish("front.mixed", "from nats".into()).await.unwrap();
+    front.flush().await.unwrap();
+    let message = within("holdfast client receives", holdfast_sub.next())
+        .await
+        .unwrap();
+    assert_eq!(&message.payload[..], b"from nats");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_groups_no_echo_and_auto_unsubscribe_behave_as_on_nats_server() {
+    let stack = Stack::start_with_config(FRONT_CONFIG);
+    let direct = stack.direct_nats().await;
+    let worker_a = front_client(&stack.relay).await;
+    let worker_b = front_client(&stack.relay).await;
+    let mut queue_a = worker_a.queue_subscribe("front.jobs", "workers".into()).await.unwrap();
+    let mut queue_b = worker_b.queue_subscribe("front.jobs", "workers".into()).await.unwrap();
+    worker_a.flush().await.unwrap();
+    worker_b.flush().await.unwrap();
+    wait_for_local_subscriptions(&stack.relay, 2).await;
+    for index in 0..40 {
+        direct.publish("front.jobs", format!("{index}").into()).await.unwrap();
+    }
+    direct.flush().await.unwrap();
+    let mut received = 0;
+    within("all 40 jobs are taken, each once", async {
+        while received < 40 {
+            tokio::select! {
+                Some(_) = queue_a.next() => received += 1,
+                Some(_) = queue_b.next() => received += 1,
+            }
+        }
+    })
+    .await;
+    let extra = tokio::time::timeout(Duration::from_millis(300), async {
+        tokio::select! {
+            message = queue_a.next() => message,
+            message = queue_b.next() => message,
+        }
+    })
+    .await;
+    assert!(extra.is_err(), "a job was delivered twice");
+
+    // no_echo: the publisher does not get its own message; others do.
+    let url = format!("nats://{}", front_address(&stack.relay));
+    let quiet = async_nats::ConnectOptions::new()
+        .no_echo()
+        .connect(url)
+        .await
+        .unwrap();
+    let mut own = quiet.subscribe("front.echoless").await.unwrap();
+    let mut other = worker_a.subscribe("front.echoless").await.unwrap();
+    quiet.flush().await.unwrap();
+    worker_a.flush().await.unwrap();
+    wait_for_local_subscriptions(&stack.relay, 4).await;
+    quiet.publish("front.echoless", "once".into()).await.unwrap();
+    quiet.flush().await.unwrap();
+    let seen = within("another connection receives", other.next())
+        .await
+        .unwrap();
+    assert_eq!(&seen.payload[..], b"once");
+    assert!(
+        seen.headers.as_ref().and_then(|h| h.get("Holdfast-Origin")).is_none(),
+        "the relay's origin marker is not shown to clients"
+    );
+    let echoed = tokio::time::timeout(Duration::from_millis(300), own.next()).await;
+    assert!(echoed.is_err(), "a no_echo connection got its own message");
+
+    // UNSUB with a maximum.
+    let mut limited = worker_b.subscribe("front.limited").await.unwrap();
+    limited.unsubscribe_after(2).await.unwrap();
+    worker_b.flush().await.unwrap();
+    wait_for_local_subscriptions(&stack.relay, 5).await;
+    for index in 0..5 {
+        direct.publish("front.limited", format!("{index}").into()).await.unwrap();
+    }
+    direct.flush().await.unwrap();
+    let mut got = Vec::new();
+    within("two messages then the end", async {
+        while let Some(message) = limited.next().await {
+            got.push(message.payload);
+        }
+    })
+    .await;
+    assert_eq!(got.len(), 2, "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_nats_outage_requests_fail_fast_local_ones_are_served_and_publishes_replay_in_order() {
+    let mut stack = Stack::start_with_config(FRONT_CONFIG);
+    let publisher = front_client(&stack.relay).await;
+    let local_service = front_client(&stack.relay).await;
+    let mut requests = local_service.subscribe("local.svc").await.unwrap();
+    local_service.flush().await.unwrap();
+    wait_for_local_subscriptions(&stack.relay, 1).await;
+    let answering = local_service.clone();
+    tokio::spawn(async move {
+        while let Some(request) = requests.next().await {
+            if let Some(reply) = request.reply {
+                let _ = answering.publish(reply, "served on the node".into()).await;
+                let _ = answering.flush().await;
+            }
+        }
+    });
+
+    stack.nats.kill();
+    let holdfast = stack.client().await;
+    within("the relay notices NATS is gone", async {
+        while holdfast.nats_status() != holdfast_client::LinkStatus::Down {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // A request nobody on this node answers fails at once, never hangs.
+    let started = Instant::now();
+    let error = publisher
+        .request("remote.svc", "x".into())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), RequestErrorKind::NoResponders, "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    // One a component on this node serves is answered.
+    let reply = within("local request", publisher.request("local.svc", "q".into()))
+        .await
+        .unwrap();
+    assert_eq!(&reply.payload[..], b"served on the node");
+
+    // KV events published during the outage are journaled (class kv_events by subject).
+    for index in 0..200 {
+        publisher
+            .publish("kv.events.block", format!("{index}").into())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    within("all 200 are journaled", async {
+        loop {
+            let status = holdfast.status().await.unwrap();
+            let kv_backlog = status["classes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|class| class["name"] == "kv_events")
+                .map(|class| class["backlog_messages"].clone());
+            if kv_backlog == Some(serde_json::json!(200)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // The relay is held still while NATS comes back, so a plain subscriber
+    // is in place before the replay starts.
+    stack.relay.pause();
+    stack.nats.restart();
+    let direct = stack.direct_nats().await;
+    let mut events = direct.subscribe("kv.events.>").await.unwrap();
+    direct.flush().await.unwrap();
+    stack.relay.resume();
+    let mut seen = Vec::new();
+    within("all 200 replayed", async {
+        while seen.len() < 200 {
+            let message = events.next().await.unwrap();
+            seen.push(String::from_utf8_lossy(&message.payload).parse::<u32>().unwrap());
+        }
+    })
+    .await;
+    assert_eq!(seen, (0..200).collect::<Vec<u32>>(), "every message, in publish order");
+    let metrics = scrape(&stack.relay);
+    let journaled = metric(
+        &metrics,
+        "holdfast_publishes_total",
+        &[("class", "kv_events"), ("outcome", "journaled")],
+    );
+    assert_eq!(journaled, Some(200.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_protocol_input_gets_an_err_and_a_closed_connection_and_nothing_else_notices() {
+    let stack = Stack::start_with_config(FRONT_CONFIG);
+    let good = front_client(&stack.relay).await;
+    let mut subscriber = good.subscribe("front.steady").await.unwrap();
+    good.flush().await.unwrap();
+    let address = front_address(&stack.relay);
+    for (name, bytes, expected) in [
+        ("unknown op", &b"CONNECT {}\r\nFOO bar\r\n"[..], "Unknown Protocol Operation"),
+        ("oversized", &b"CONNECT {}\r\nPUB a 99999999\r\n"[..], "Maximum Payload"),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
+        let mut answer = Vec::new();
+        within("the relay closes the connection", stream.read_to_end(&mut answer))
+            .await
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("INFO {"), "{name}: {answer}");
+        assert!(answer.contains(&format!("-ERR '{expected}")), "{name}: {answer}");
+    }
+    good.publish("front.steady", "still here".into()).await.unwrap();
+    good.flush().await.unwrap();
+    let message = within("good client unaffected", subscriber.next())
+        .await
+        .unwrap();
+    assert_eq!(&message.payload[..], b"still here");
+}
