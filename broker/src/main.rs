@@ -17,6 +17,7 @@ mod journal_inspect;
 mod link_monitor;
 mod listener;
 mod nats_convert;
+mod nats_front;
 mod nats_link;
 mod notify;
 mod ops_http;

@@ -46,6 +46,8 @@ pub enum RelayError {
     #[error(transparent)]
     Nats(#[from] NatsLinkError),
     #[error(transparent)]
+    NatsFront(#[from] crate::nats_front::NatsListenError),
+    #[error(transparent)]
     Ops(#[from] OpsListenError),
     #[error("cannot install the metrics recorder: {0}")]
     Telemetry(#[from] metrics_exporter_prometheus::BuildError),
@@ -77,6 +79,13 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         None => None,
     };
     let access = config.access_policy().map_err(RelayError::Config)?;
+    let nats_front_listener = match config.nats_listen().map_err(RelayError::Config)? {
+        Some(address) => Some(crate::nats_front::bind(address).await?),
+        None => None,
+    };
+    let nats_front_address = nats_front_listener
+        .as_ref()
+        .and_then(|listener| listener.local_addr().ok());
     let ops_listener = ops_http::bind(metrics_addr).await?;
     // The address actually bound (port 0 in the config picks a free one).
     let metrics_addr = ops_listener.local_addr().unwrap_or(metrics_addr);
@@ -197,6 +206,7 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     context.quic_address = quic_endpoint
         .as_ref()
         .and_then(|endpoint| endpoint.local_addr().ok());
+    context.nats_front_address = nats_front_address;
     let ctx = Arc::new(context);
     let ops = Arc::new(OpsState {
         ctx: ctx.clone(),
@@ -227,6 +237,14 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
             accept_stop.clone(),
         ))
     });
+    let nats_front_accept = nats_front_listener.map(|listener| {
+        tokio::spawn(crate::nats_front::serve(
+            listener,
+            ctx.clone(),
+            tracker.clone(),
+            accept_stop.clone(),
+        ))
+    });
     ops.ready.store(true, Ordering::Release);
     notifier.notify(&format!("READY=1\nSTATUS={}", status_line(&ctx)));
     tokio::spawn(report_to_systemd(
@@ -240,6 +258,7 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         socket = %socket.display(),
         quic = %ctx.quic_address.map_or_else(|| "off".to_string(), |address| address.to_string()),
         mutual_tls = !ctx.config.quic.client_ca.as_os_str().is_empty(),
+        nats_listen = %nats_front_address.map_or_else(|| "off".to_string(), |address| address.to_string()),
         metrics = %metrics_addr,
         nats = %ctx.config.nats.servers.join(","),
         nats_link = link_status_name(initial_link),
@@ -261,6 +280,9 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     accept_stop.cancel();
     let _ = accept.await;
     if let Some(task) = quic_accept {
+        let _ = task.await;
+    }
+    if let Some(task) = nats_front_accept {
         let _ = task.await;
     }
     // etcd clients' leases are saved, not revoked: a restart within their

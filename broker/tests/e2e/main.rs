@@ -14,6 +14,7 @@ mod journal_limits;
 mod limits;
 mod ops;
 mod outage;
+mod nats_front;
 mod passthrough;
 mod quic;
 mod registry;
