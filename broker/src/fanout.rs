@@ -134,7 +134,10 @@ impl Fanout {
             // clients that cannot see NATS status lines.
             headers.insert(NATS_STATUS_HEADER, Text::from(status.as_u16().to_string()));
             if let Some(description) = &message.description {
-                headers.insert(NATS_STATUS_DESCRIPTION_HEADER, Text::from(description.as_str()));
+                headers.insert(
+                    NATS_STATUS_DESCRIPTION_HEADER,
+                    Text::from(description.as_str()),
+                );
             }
         }
         if self.already_delivered_here(&headers) {
@@ -273,6 +276,37 @@ mod tests {
             Text::from_static("relay-a"),
             Arc::new(RelayStats::default()),
         )
+    }
+
+    #[tokio::test]
+    async fn a_nats_status_message_reaches_subscribers_as_a_header() {
+        let mut fanout = fanout(None);
+        let mut receiver = member(&mut fanout, 1, 10, 16);
+        fanout.on_upstream(async_nats::Message {
+            subject: "work.reply".into(),
+            reply: None,
+            payload: Bytes::new(),
+            headers: None,
+            status: Some(async_nats::StatusCode::NO_RESPONDERS),
+            description: Some("No Responders".to_string()),
+            length: 0,
+        });
+        let mut batch = Vec::new();
+        receiver.recv_many(&mut batch, 10).await;
+        let Some(Frame::Message(message)) = batch.pop() else {
+            panic!("expected a message, got {batch:?}");
+        };
+        assert_eq!(
+            message.headers.get(NATS_STATUS_HEADER).map(Text::as_str),
+            Some("503")
+        );
+        assert_eq!(
+            message
+                .headers
+                .get(NATS_STATUS_DESCRIPTION_HEADER)
+                .map(Text::as_str),
+            Some("No Responders")
+        );
     }
 
     #[tokio::test]

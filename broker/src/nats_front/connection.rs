@@ -75,11 +75,25 @@ static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// What the inbound half tells the outbound half.
 enum Event {
-    Connected { headers: bool },
-    Subscribed { sid: u32, nats_sid: Text, subject: Text },
-    Unsubscribed { sid: u32 },
-    UnsubscribeAfter { sid: u32, max_messages: u64 },
-    Request { ack_id: u64, reply: Text },
+    Connected {
+        headers: bool,
+    },
+    Subscribed {
+        sid: u32,
+        nats_sid: Text,
+        subject: Text,
+    },
+    Unsubscribed {
+        sid: u32,
+    },
+    UnsubscribeAfter {
+        sid: u32,
+        max_messages: u64,
+    },
+    Request {
+        ack_id: u64,
+        reply: Text,
+    },
     Ok,
     PongReceived,
     Fatal(String),
@@ -110,7 +124,8 @@ pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<S
     let (from_session, to_session) = tokio::io::split(front);
     let client_id = NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed);
     let max_frame = ctx.config.relay.max_frame_bytes;
-    let max_payload = MAX_PAYLOAD_BYTES.min((max_frame as usize).saturating_sub(FRAME_OVERHEAD_BYTES));
+    let max_payload =
+        MAX_PAYLOAD_BYTES.min((max_frame as usize).saturating_sub(FRAME_OVERHEAD_BYTES));
     let info = ServerInfo {
         server_id: ctx.relay_id.to_string(),
         server_name: "holdfastd".to_string(),

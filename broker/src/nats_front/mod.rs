@@ -44,7 +44,10 @@ pub async fn serve(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    let port = listener.local_addr().map(|address| address.port()).unwrap_or(0);
+    let port = listener
+        .local_addr()
+        .map(|address| address.port())
+        .unwrap_or(0);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,

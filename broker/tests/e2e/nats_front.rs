@@ -75,7 +75,10 @@ async fn an_unmodified_nats_client_publishes_subscribes_and_requests_through_the
     let mut downstream = front.subscribe("front.down").await.unwrap();
     front.flush().await.unwrap();
     wait_for_local_subscriptions(&stack.relay, 1).await;
-    direct.publish("front.down", "to front".into()).await.unwrap();
+    direct
+        .publish("front.down", "to front".into())
+        .await
+        .unwrap();
     direct.flush().await.unwrap();
     let message = within("front subscriber receives", downstream.next())
         .await
@@ -94,9 +97,12 @@ async fn an_unmodified_nats_client_publishes_subscribes_and_requests_through_the
             }
         }
     });
-    let reply = within("request through the front end", front.request("front.svc", "ping".into()))
-        .await
-        .unwrap();
+    let reply = within(
+        "request through the front end",
+        front.request("front.svc", "ping".into()),
+    )
+    .await
+    .unwrap();
     assert_eq!(&reply.payload[..], b"ping");
 
     // A responder behind the front end answering a plain NATS requester.
@@ -112,9 +118,12 @@ async fn an_unmodified_nats_client_publishes_subscribes_and_requests_through_the
             }
         }
     });
-    let reply = within("request into the front end", direct.request("front.echo", "x".into()))
-        .await
-        .unwrap();
+    let reply = within(
+        "request into the front end",
+        direct.request("front.echo", "x".into()),
+    )
+    .await
+    .unwrap();
     assert_eq!(&reply.payload[..], b"echoed");
 
     // Nobody listening: no-responders, fast, as from nats-server.
@@ -129,7 +138,10 @@ async fn an_unmodified_nats_client_publishes_subscribes_and_requests_through_the
     let holdfast = stack.client().await;
     let mut holdfast_sub = holdfast.subscribe("front.mixed").await.unwrap();
     wait_for_local_subscriptions(&stack.relay, 4).await;
-    front.publish("front.mixed", "from nats".into()).await.unwrap();
+    front
+        .publish("front.mixed", "from nats".into())
+        .await
+        .unwrap();
     front.flush().await.unwrap();
     let message = within("holdfast client receives", holdfast_sub.next())
         .await
@@ -143,13 +155,22 @@ async fn queue_groups_no_echo_and_auto_unsubscribe_behave_as_on_nats_server() {
     let direct = stack.direct_nats().await;
     let worker_a = front_client(&stack.relay).await;
     let worker_b = front_client(&stack.relay).await;
-    let mut queue_a = worker_a.queue_subscribe("front.jobs", "workers".into()).await.unwrap();
-    let mut queue_b = worker_b.queue_subscribe("front.jobs", "workers".into()).await.unwrap();
+    let mut queue_a = worker_a
+        .queue_subscribe("front.jobs", "workers".into())
+        .await
+        .unwrap();
+    let mut queue_b = worker_b
+        .queue_subscribe("front.jobs", "workers".into())
+        .await
+        .unwrap();
     worker_a.flush().await.unwrap();
     worker_b.flush().await.unwrap();
     wait_for_local_subscriptions(&stack.relay, 2).await;
     for index in 0..40 {
-        direct.publish("front.jobs", format!("{index}").into()).await.unwrap();
+        direct
+            .publish("front.jobs", format!("{index}").into())
+            .await
+            .unwrap();
     }
     direct.flush().await.unwrap();
     let mut received = 0;
@@ -183,14 +204,20 @@ async fn queue_groups_no_echo_and_auto_unsubscribe_behave_as_on_nats_server() {
     quiet.flush().await.unwrap();
     worker_a.flush().await.unwrap();
     wait_for_local_subscriptions(&stack.relay, 4).await;
-    quiet.publish("front.echoless", "once".into()).await.unwrap();
+    quiet
+        .publish("front.echoless", "once".into())
+        .await
+        .unwrap();
     quiet.flush().await.unwrap();
     let seen = within("another connection receives", other.next())
         .await
         .unwrap();
     assert_eq!(&seen.payload[..], b"once");
     assert!(
-        seen.headers.as_ref().and_then(|h| h.get("Holdfast-Origin")).is_none(),
+        seen.headers
+            .as_ref()
+            .and_then(|h| h.get("Holdfast-Origin"))
+            .is_none(),
         "the relay's origin marker is not shown to clients"
     );
     let echoed = tokio::time::timeout(Duration::from_millis(300), own.next()).await;
@@ -202,7 +229,10 @@ async fn queue_groups_no_echo_and_auto_unsubscribe_behave_as_on_nats_server() {
     worker_b.flush().await.unwrap();
     wait_for_local_subscriptions(&stack.relay, 5).await;
     for index in 0..5 {
-        direct.publish("front.limited", format!("{index}").into()).await.unwrap();
+        direct
+            .publish("front.limited", format!("{index}").into())
+            .await
+            .unwrap();
     }
     direct.flush().await.unwrap();
     let mut got = Vec::new();
@@ -216,7 +246,8 @@ async fn queue_groups_no_echo_and_auto_unsubscribe_behave_as_on_nats_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn through_a_nats_outage_requests_fail_fast_local_ones_are_served_and_publishes_replay_in_order() {
+async fn through_a_nats_outage_requests_fail_fast_local_ones_are_served_and_publishes_replay_in_order(
+) {
     let mut stack = Stack::start_with_config(FRONT_CONFIG);
     let publisher = front_client(&stack.relay).await;
     let local_service = front_client(&stack.relay).await;
@@ -297,11 +328,19 @@ async fn through_a_nats_outage_requests_fail_fast_local_ones_are_served_and_publ
     within("all 200 replayed", async {
         while seen.len() < 200 {
             let message = events.next().await.unwrap();
-            seen.push(String::from_utf8_lossy(&message.payload).parse::<u32>().unwrap());
+            seen.push(
+                String::from_utf8_lossy(&message.payload)
+                    .parse::<u32>()
+                    .unwrap(),
+            );
         }
     })
     .await;
-    assert_eq!(seen, (0..200).collect::<Vec<u32>>(), "every message, in publish order");
+    assert_eq!(
+        seen,
+        (0..200).collect::<Vec<u32>>(),
+        "every message, in publish order"
+    );
     let metrics = scrape(&stack.relay);
     let journaled = metric(
         &metrics,
@@ -319,20 +358,36 @@ async fn bad_protocol_input_gets_an_err_and_a_closed_connection_and_nothing_else
     good.flush().await.unwrap();
     let address = front_address(&stack.relay);
     for (name, bytes, expected) in [
-        ("unknown op", &b"CONNECT {}\r\nFOO bar\r\n"[..], "Unknown Protocol Operation"),
-        ("oversized", &b"CONNECT {}\r\nPUB a 99999999\r\n"[..], "Maximum Payload"),
+        (
+            "unknown op",
+            &b"CONNECT {}\r\nFOO bar\r\n"[..],
+            "Unknown Protocol Operation",
+        ),
+        (
+            "oversized",
+            &b"CONNECT {}\r\nPUB a 99999999\r\n"[..],
+            "Maximum Payload",
+        ),
     ] {
         let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
         stream.write_all(bytes).await.unwrap();
         let mut answer = Vec::new();
-        within("the relay closes the connection", stream.read_to_end(&mut answer))
-            .await
-            .unwrap();
+        within(
+            "the relay closes the connection",
+            stream.read_to_end(&mut answer),
+        )
+        .await
+        .unwrap();
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("INFO {"), "{name}: {answer}");
-        assert!(answer.contains(&format!("-ERR '{expected}")), "{name}: {answer}");
+        assert!(
+            answer.contains(&format!("-ERR '{expected}")),
+            "{name}: {answer}"
+        );
     }
-    good.publish("front.steady", "still here".into()).await.unwrap();
+    good.publish("front.steady", "still here".into())
+        .await
+        .unwrap();
     good.flush().await.unwrap();
     let message = within("good client unaffected", subscriber.next())
         .await
