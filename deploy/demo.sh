@@ -20,6 +20,7 @@ demo_dir="${HOLDFAST_DEMO_DIR:-$(mktemp -d -t holdfast-demo.XXXXXX)}"
 mkdir -p "$demo_dir"
 nats_port="${HOLDFAST_DEMO_NATS_PORT:-$(free_port 4222)}"
 metrics_port="$(free_port 9477)"
+nats_front_port="$(free_port $((nats_port + 1)))"
 etcd_port="${HOLDFAST_DEMO_ETCD_PORT:-$(free_port 2379)}"
 etcd_peer_port="$(free_port $((etcd_port + 1)))"
 socket="$demo_dir/holdfast.sock"
@@ -42,7 +43,8 @@ etcd --name holdfast-demo --data-dir "$demo_dir/etcd" \
 pids+=($!)
 "$bin_dir/holdfastd" --socket "$socket" --nats "nats://127.0.0.1:$nats_port" \
   --etcd "$etcd_url" --data-dir "$demo_dir/data" \
-  --metrics-addr "127.0.0.1:$metrics_port" 2>"$demo_dir/holdfastd.log" &
+  --metrics-addr "127.0.0.1:$metrics_port" \
+  --nats-listen "127.0.0.1:$nats_front_port" 2>"$demo_dir/holdfastd.log" &
 pids+=($!)
 
 for _ in $(seq 1 100); do
@@ -62,6 +64,9 @@ holdfast demo is running (logs in $demo_dir). In another terminal:
   holdfast register 'v1/instances/demo/worker/generate/{instance_id}' '{"port":9000}' &
   holdfast get v1/instances/ --json
   holdfast watch v1/instances/          # Ctrl-C the register above: DELETE at once
+
+Unmodified NATS clients connect to the relay at nats://127.0.0.1:$nats_front_port
+(e.g. NATS_SERVER=nats://127.0.0.1:$nats_front_port, or any NATS client library).
 
 Metrics and health:  curl -s 127.0.0.1:$metrics_port/metrics | grep holdfast_
                      curl -s 127.0.0.1:$metrics_port/status
