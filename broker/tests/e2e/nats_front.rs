@@ -87,6 +87,7 @@ async fn an_unmodified_nats_client_publishes_subscribes_and_requests_through_the
 
     // A request from the front end answered by a plain NATS responder.
     let mut service = direct.subscribe("front.svc").await.unwrap();
+    let mut service_api = direct.subscribe("$SRV.PING.echo").await.unwrap();
     direct.flush().await.unwrap();
     let responder = direct.clone();
     tokio::spawn(async move {
@@ -104,6 +105,23 @@ async fn an_unmodified_nats_client_publishes_subscribes_and_requests_through_the
     .await
     .unwrap();
     assert_eq!(&reply.payload[..], b"ping");
+    // The NATS service API ($SRV) passes through like any other request.
+    let pinging = direct.clone();
+    tokio::spawn(async move {
+        if let Some(request) = service_api.next().await {
+            let _ = pinging
+                .publish(request.reply.unwrap(), "{\"name\":\"echo\"}".into())
+                .await;
+            let _ = pinging.flush().await;
+        }
+    });
+    let reply = within(
+        "service API ping",
+        front.request("$SRV.PING.echo", "".into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(&reply.payload[..], b"{\"name\":\"echo\"}");
 
     // A responder behind the front end answering a plain NATS requester.
     let mut echo = front.subscribe("front.echo").await.unwrap();
