@@ -401,6 +401,15 @@ async fn a_relay_restart_within_the_ttl_keeps_leases_and_keys() {
         .unwrap();
     wait_in_etcd(&mut etcd, "v1/restart/a", Some("1"), WAIT).await;
 
+    // A clean stop with a keepalive stream and a watch open ends both and
+    // saves the table; then a start after a SIGKILL-style gap.
+    let (_keeper, _answers) = front.lease_keep_alive(lease).await.unwrap();
+    let _watch = front
+        .watch("v1/restart/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let status = tokio::task::block_in_place(|| stack.relay.terminate());
+    assert!(status.success(), "holdfastd exited with {status:?}");
     stack.relay.restart();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut front = stack.front().await;
@@ -416,6 +425,28 @@ async fn a_relay_restart_within_the_ttl_keeps_leases_and_keys() {
     );
     let upstream = etcd.get("v1/restart/a", None).await.unwrap();
     assert_ne!(upstream.kvs()[0].lease(), 0);
+
+    // SIGKILL right after an acknowledged put: the table was saved before
+    // the answer, so the key is registered again too.
+    front
+        .put(
+            "v1/restart/b",
+            "2",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    stack.relay.restart();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut front = stack.front().await;
+    assert!(front.lease_time_to_live(lease, None).await.unwrap().ttl() > 0);
+    for (key, value) in [("v1/restart/a", "1"), ("v1/restart/b", "2")] {
+        assert_eq!(
+            value_in(&mut etcd, key, None).await.as_deref(),
+            Some(value),
+            "{key} registered again after SIGKILL"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
