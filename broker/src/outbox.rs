@@ -227,6 +227,16 @@ impl OutboxReceiver {
                 _ = self.receiver.recv_many(batch, limit) => {}
                 Some(frame) = self.acks.recv() => batch.push(frame),
             }
+            if batch.len() == start {
+                // The frame queue is closed (every sender gone), but an ack
+                // sent just before the last sender went may still wait.
+                while batch.len() - start < limit {
+                    match self.acks.try_recv() {
+                        Ok(frame) => batch.push(frame),
+                        Err(_) => break,
+                    }
+                }
+            }
         } else {
             while batch.len() - start < limit {
                 match self.receiver.try_recv() {
@@ -288,6 +298,28 @@ mod tests {
         let mut batch = Vec::new();
         assert_eq!(receiver.recv_many(&mut batch, 10).await, 1);
         assert_eq!(outbox.offer(message(600)), Delivery::Queued);
+    }
+
+    #[tokio::test]
+    async fn an_ack_sent_just_before_the_last_sender_goes_is_not_lost() {
+        let stats = Arc::new(RelayStats::default());
+        // The ack and the close both land while the receiver waits, so both
+        // of its wake-ups are ready at once; run often enough that either
+        // order comes up.
+        for _ in 0..200 {
+            let (outbox, mut receiver) =
+                outbox(7, 10, usize::MAX, SlowConsumerPolicy::Drop, stats.clone());
+            let sender = tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                outbox.send_ack(Frame::Ping(Ping { nonce: 9 })).unwrap();
+                drop(outbox);
+            });
+            let mut batch = Vec::new();
+            let first = receiver.recv_many(&mut batch, 10).await;
+            sender.await.unwrap();
+            assert_eq!(first, 1, "the ack came before the end of the queue");
+            assert_eq!(receiver.recv_many(&mut batch, 10).await, 0);
+        }
     }
 
     #[tokio::test]
