@@ -2,7 +2,7 @@
 //! rule allows works, what it does not is refused with `unauthorized` and
 //! counted, and the connection stays usable.
 
-use crate::support::{metric, scrape, within, EtcdStack, Stack};
+use crate::support::{metric, nats_round_trip, scrape, within, EtcdStack, Stack};
 use futures::StreamExt;
 use holdfast_client::{ErrorCode, Headers, OutboundMessage, RegistrationStatus};
 use std::time::Duration;
@@ -34,7 +34,7 @@ async fn a_uid_rule_allows_its_subjects_and_keys_and_refuses_the_rest() {
     let client = stack.client().await;
     let direct = async_nats::connect(stack.nats.url()).await.unwrap();
     let mut direct_sub = direct.subscribe("work.>").await.unwrap();
-    direct.flush().await.unwrap();
+    nats_round_trip(&direct).await;
 
     // Allowed: publish, subscribe (within the pattern), register.
     let ack = client

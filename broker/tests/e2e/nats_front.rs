@@ -3,7 +3,7 @@
 //! auto-unsubscribe, bad input, and a NATS outage with fail-fast requests,
 //! node-local request/reply and an ordered replay of journaled publishes.
 
-use crate::support::{metric, scrape, within, Relay, Stack};
+use crate::support::{metric, nats_round_trip, scrape, within, Relay, Stack};
 use async_nats::client::RequestErrorKind;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
@@ -53,7 +53,7 @@ async fn an_unmodified_nats_client_publishes_subscribes_and_requests_through_the
 
     // Relay → NATS, with headers.
     let mut upstream = direct.subscribe("front.up").await.unwrap();
-    direct.flush().await.unwrap();
+    nats_round_trip(&direct).await;
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Trace-Id", "t-1");
     front
@@ -88,7 +88,7 @@ async fn an_unmodified_nats_client_publishes_subscribes_and_requests_through_the
     // A request from the front end answered by a plain NATS responder.
     let mut service = direct.subscribe("front.svc").await.unwrap();
     let mut service_api = direct.subscribe("$SRV.PING.echo").await.unwrap();
-    direct.flush().await.unwrap();
+    nats_round_trip(&direct).await;
     let responder = direct.clone();
     tokio::spawn(async move {
         while let Some(request) = service.next().await {
@@ -340,7 +340,7 @@ async fn through_a_nats_outage_requests_fail_fast_local_ones_are_served_and_publ
     stack.nats.restart();
     let direct = stack.direct_nats().await;
     let mut events = direct.subscribe("kv.events.>").await.unwrap();
-    direct.flush().await.unwrap();
+    nats_round_trip(&direct).await;
     stack.relay.resume();
     let mut seen = Vec::new();
     within("all 200 replayed", async {

@@ -4,7 +4,7 @@
 //! connections held at once.
 
 use crate::registry::{etcd_value, holdfast_cli, wait_for_value};
-use crate::support::{metric, scrape, within, EtcdStack, Relay, Stack, WAIT};
+use crate::support::{metric, nats_round_trip, scrape, within, EtcdStack, Relay, Stack, WAIT};
 use futures::StreamExt;
 use holdfast_client::{
     Client, ConnectOptions, ErrorCode, OutboundMessage, RegistrationStatus, RelayUrl,
@@ -85,7 +85,7 @@ async fn publish_subscribe_request_and_register_work_over_quic_with_mutual_tls()
 
     // Publish through QUIC, received by a plain NATS subscriber.
     let mut direct_sub = direct.subscribe("quic.up").await.unwrap();
-    direct.flush().await.unwrap();
+    nats_round_trip(&direct).await;
     let ack = client
         .publish_with_ack(OutboundMessage::new("quic.up", "over quic"))
         .await
@@ -105,22 +105,19 @@ async fn publish_subscribe_request_and_register_work_over_quic_with_mutual_tls()
 
     // A request answered by a plain NATS responder.
     let mut service = direct.subscribe("quic.svc").await.unwrap();
-    direct.flush().await.unwrap();
-    let responder = tokio::spawn(async move {
-        let request = service.next().await.unwrap();
-        let mut answer = b"re: ".to_vec();
-        answer.extend_from_slice(&request.payload);
-        direct
-            .publish(request.reply.unwrap(), answer.into())
-            .await
-            .unwrap();
-        direct.flush().await.unwrap();
+    nats_round_trip(&direct).await;
+    tokio::spawn(async move {
+        while let Some(request) = service.next().await {
+            let mut answer = b"re: ".to_vec();
+            answer.extend_from_slice(&request.payload);
+            let _ = direct.publish(request.reply.unwrap(), answer.into()).await;
+            let _ = direct.flush().await;
+        }
     });
     let reply = within("request over QUIC", client.request("quic.svc", "ping"))
         .await
         .unwrap();
     assert_eq!(&reply.payload[..], b"re: ping");
-    responder.await.unwrap();
 
     // A registration lands in etcd and leaves when the client closes.
     let key = format!("v1/instances/quic/{:x}", client.instance_id());

@@ -703,3 +703,15 @@ pub fn scrape(relay: &Relay) -> String {
     assert_eq!(status, 200, "{body}");
     body
 }
+
+/// Returns once nats-server has handled everything `client` sent before:
+/// async-nats's `flush` only writes its buffer, but a message to itself
+/// comes back only after the server processed the ops ahead of it (a SUB
+/// just made is then active).
+pub async fn nats_round_trip(client: &async_nats::Client) {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client.publish(inbox, "".into()).await.expect("publish");
+    within("a round trip through nats-server", echo.next()).await;
+}
