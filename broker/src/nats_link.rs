@@ -59,6 +59,8 @@ pub struct NatsLink {
     client: async_nats::Client,
     is_up: Arc<AtomicBool>,
     state: watch::Receiver<LinkSnapshot>,
+    /// A subject nobody subscribes to, for round trips to the server.
+    probe_subject: Arc<str>,
 }
 
 impl NatsLink {
@@ -120,11 +122,30 @@ impl NatsLink {
             client,
             is_up,
             state: state_rx,
+            probe_subject: Arc::from(format!("_HOLDFAST.probe.{relay_id}")),
         })
     }
 
     pub fn client(&self) -> &async_nats::Client {
         &self.client
+    }
+
+    /// Returns once nats-server has processed everything this connection
+    /// sent before, so a subscription just made is active there. A flush
+    /// only writes the buffer; a request to the probe subject, which nobody
+    /// answers, comes back (no responders) only after the server handled
+    /// the operations ahead of it. False when it did not come back within
+    /// `limit`.
+    pub async fn round_trip(&self, limit: Duration) -> bool {
+        let request = async_nats::Request::new().timeout(Some(limit));
+        let answered = self
+            .client
+            .send_request(self.probe_subject.to_string(), request);
+        match tokio::time::timeout(limit, answered).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(error)) => error.kind() == RequestErrorKind::NoResponders,
+            Err(_) => false,
+        }
     }
 
     /// Whether publishes should go upstream now. One atomic load: this is

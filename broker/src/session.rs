@@ -163,6 +163,9 @@ struct Session {
     /// touches it (as `accepts`).
     registered: std::sync::Mutex<HashSet<bytes::Bytes>>,
     watches: std::sync::Mutex<HashSet<u32>>,
+    /// A SUBSCRIBE was taken since the last PING barrier: that barrier must
+    /// wait until NATS has the subscription, not just until it is written.
+    subscribed_since_barrier: std::sync::atomic::AtomicBool,
 }
 
 /// How a session ended, as far as its registrations care.
@@ -221,6 +224,7 @@ pub async fn run(
             .collect(),
         registered: Default::default(),
         watches: Default::default(),
+        subscribed_since_barrier: Default::default(),
     };
     let ending = session.serve(&mut reader).await;
     ctx.router.remove_session(id).await;
@@ -513,8 +517,12 @@ impl Session {
                 let barrier = self.ctx.forwarder.barrier();
                 let _ = tokio::time::timeout(BARRIER_FLUSH_TIMEOUT, barrier).await;
                 if self.ctx.nats.is_up() {
-                    let flush = self.ctx.nats.client().flush();
-                    let _ = tokio::time::timeout(BARRIER_FLUSH_TIMEOUT, flush).await;
+                    if self.subscribed_since_barrier.swap(false, Ordering::Relaxed) {
+                        self.ctx.nats.round_trip(BARRIER_FLUSH_TIMEOUT).await;
+                    } else {
+                        let flush = self.ctx.nats.client().flush();
+                        let _ = tokio::time::timeout(BARRIER_FLUSH_TIMEOUT, flush).await;
+                    }
                 }
                 self.send(Frame::Pong(Pong { nonce: ping.nonce })).await
             }
@@ -796,7 +804,10 @@ impl Session {
             .subscribe((self.id, sid), key, self.outbox.clone())
             .await
         {
-            Ok(()) => Flow::Continue,
+            Ok(()) => {
+                self.subscribed_since_barrier.store(true, Ordering::Relaxed);
+                Flow::Continue
+            }
             Err(refusal) => {
                 if refusal.code == ErrorCode::LimitExceeded {
                     self.ctx.stats.record_limit(Limit::Subscriptions);
