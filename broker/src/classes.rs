@@ -77,6 +77,10 @@ pub struct ClassSpec {
 
 const MIB: u64 = 1024 * 1024;
 const FIFTEEN_MINUTES: Duration = Duration::from_secs(15 * 60);
+/// Default `max_age` beyond `retention`: NATS returning just as the
+/// retention runs out is noticed within a second or two, and an outage as
+/// long as the retention must lose nothing.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
 
 fn builtin(name: &str, priority: u32, durability: Durability) -> ClassSpec {
     ClassSpec {
@@ -86,7 +90,7 @@ fn builtin(name: &str, priority: u32, durability: Durability) -> ClassSpec {
         durability,
         memory_bytes: 64 * MIB,
         retention: FIFTEEN_MINUTES,
-        max_age: FIFTEEN_MINUTES,
+        max_age: FIFTEEN_MINUTES + EXPIRY_MARGIN,
         max_bytes: 1024 * MIB,
         when_full: WhenFull::Reject,
         jetstream: false,
@@ -151,7 +155,7 @@ impl Classes {
             }
             if let Some(retention) = given.retention {
                 spec.retention = retention;
-                spec.max_age = retention;
+                spec.max_age = retention + EXPIRY_MARGIN;
             }
             if let Some(max_age) = given.max_age {
                 spec.max_age = max_age;
@@ -256,7 +260,7 @@ mod tests {
         let kv = classes.get(classes.by_name("kv_events").unwrap()).unwrap();
         assert_eq!(kv.durability, Durability::Durable);
         assert_eq!(kv.retention, FIFTEEN_MINUTES);
-        assert_eq!(kv.max_age, kv.retention);
+        assert_eq!(kv.max_age, kv.retention + EXPIRY_MARGIN);
     }
 
     #[test]
@@ -285,7 +289,7 @@ mod tests {
         .unwrap();
         let bulk = classes.get(classes.by_name("bulk").unwrap()).unwrap();
         assert_eq!(bulk.retention, Duration::from_secs(60));
-        assert_eq!(bulk.max_age, Duration::from_secs(60));
+        assert_eq!(bulk.max_age, Duration::from_secs(60) + EXPIRY_MARGIN);
         assert_eq!(classes.names().last(), Some("bulk"));
         let prefill = classes.get(classes.by_name("prefill").unwrap()).unwrap();
         assert_eq!(prefill.when_full, WhenFull::DropOldest);

@@ -936,9 +936,9 @@ impl Forwarder {
         }
     }
 
-    /// Retention, and compaction of a drained journal.
-    fn sweep(&mut self) {
-        let now = crate::wall_clock::unix_millis();
+    /// Removes (and counts) undelivered messages older than their class's
+    /// `max_age`, in memory and in the journal.
+    fn expire(&mut self, now: u64) {
         for (class, spec) in self.classes.specs().iter().enumerate() {
             let cutoff = now.saturating_sub(spec.max_age.as_millis() as u64);
             let (messages, bytes) = self.queues[class].expire_before(cutoff);
@@ -968,6 +968,16 @@ impl Forwarder {
                     }
                 }));
             }
+        }
+    }
+
+    /// Retention, and compaction of a drained journal.
+    fn sweep(&mut self) {
+        // Expiry bounds what an outage can pile up. Once NATS is back the
+        // backlog drains within seconds, and expiring it then would only
+        // turn late messages into lost ones.
+        if !self.nats.is_up() {
+            self.expire(crate::wall_clock::unix_millis());
         }
         self.sync_tails_with_journal();
         let idle = self.last_activity.elapsed() >= COMPACT_AFTER_IDLE;

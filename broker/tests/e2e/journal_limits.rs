@@ -10,7 +10,7 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_past_max_age_expire_and_are_counted() {
     let config =
-        "[classes.kv_events]\njetstream = true\nsubjects = [\"load.>\"]\nretention = \"2s\"\n";
+        "[classes.kv_events]\njetstream = true\nsubjects = [\"load.>\"]\nretention = \"2s\"\nmax_age = \"2s\"\n";
     let (mut nats, _relay, client) = outage_under_way(config).await;
 
     for index in 0..10 {
