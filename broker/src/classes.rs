@@ -76,6 +76,11 @@ pub struct ClassSpec {
 }
 
 const MIB: u64 = 1024 * 1024;
+/// Where the Dynamo runtime publishes KV cache events
+/// (`namespace.<ns>.component.<component>.endpoint.<endpoint>.kv-events`):
+/// classified `kv_events` (durable) out of the box, so the drop-in NATS front
+/// end journals them without configuration.
+const DYNAMO_KV_EVENTS: &str = "namespace.*.component.*.endpoint.*.kv-events";
 const FIFTEEN_MINUTES: Duration = Duration::from_secs(15 * 60);
 /// Default `max_age` beyond `retention`: NATS returning just as the
 /// retention runs out is noticed within a second or two, and an outage as
@@ -101,7 +106,10 @@ fn builtins() -> Vec<ClassSpec> {
     vec![
         builtin("prefill", 0, Durability::Spill),
         builtin("decode", 1, Durability::Spill),
-        builtin("kv_events", 2, Durability::Durable),
+        ClassSpec {
+            subjects: vec![DYNAMO_KV_EVENTS.to_string()],
+            ..builtin("kv_events", 2, Durability::Durable)
+        },
         builtin(DEFAULT_CLASS, 3, Durability::Spill),
     ]
 }
@@ -261,6 +269,11 @@ mod tests {
         assert_eq!(kv.durability, Durability::Durable);
         assert_eq!(kv.retention, FIFTEEN_MINUTES);
         assert_eq!(kv.max_age, kv.retention + EXPIRY_MARGIN);
+        let dynamo_event = "namespace.dynamo.component.backend.endpoint.generate.kv-events";
+        assert_eq!(
+            classes.classify(None, dynamo_event),
+            Ok(classes.by_name("kv_events").unwrap())
+        );
     }
 
     #[test]

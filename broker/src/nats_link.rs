@@ -9,6 +9,7 @@
 use crate::config::NatsConfig;
 use crate::link_monitor::LinkMonitor;
 use async_nats::{client::RequestErrorKind, connection::State, Event};
+use futures::StreamExt;
 use holdfast_wire::LinkStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -107,10 +108,12 @@ impl NatsLink {
         };
         let (state_tx, state_rx) = watch::channel(initial);
         let is_up = Arc::new(AtomicBool::new(false));
+        let probe_subject = format!("_HOLDFAST.probe.{relay_id}");
+        answer_probes(&client, &probe_subject, shutdown.clone()).await;
         let monitor = MonitorTask {
             client: client.clone(),
             monitor: LinkMonitor::new(now, config.link_timeout),
-            probe_subject: format!("_HOLDFAST.probe.{relay_id}"),
+            probe_subject: probe_subject.clone(),
             probe_interval: config.probe_interval,
             link_timeout: config.link_timeout,
             servers: config.servers.join(","),
@@ -122,7 +125,7 @@ impl NatsLink {
             client,
             is_up,
             state: state_rx,
-            probe_subject: Arc::from(format!("_HOLDFAST.probe.{relay_id}")),
+            probe_subject: Arc::from(probe_subject),
         })
     }
 
@@ -132,10 +135,10 @@ impl NatsLink {
 
     /// Returns once nats-server has processed everything this connection
     /// sent before, so a subscription just made is active there. A flush
-    /// only writes the buffer; a request to the probe subject, which nobody
-    /// answers, comes back (no responders) only after the server handled
-    /// the operations ahead of it. False when it did not come back within
-    /// `limit`.
+    /// only writes the buffer; a request to the probe subject comes back
+    /// (answered by the relay itself, or "no responders") only after the
+    /// server handled the operations ahead of it. False when it did not
+    /// come back within `limit`.
     pub async fn round_trip(&self, limit: Duration) -> bool {
         let request = async_nats::Request::new().timeout(Some(limit));
         let answered = self
@@ -290,6 +293,34 @@ impl MonitorTask {
 
 /// One round trip through the server: a request to a subject nobody serves
 /// comes back at once as "no responders" from a live server.
+/// Answers the relay's own probes. A probe that only counted on "no
+/// responders" would time out whenever anyone subscribed to `>` (a
+/// debugging `nats sub '>'` anywhere on the cluster) and the link would be
+/// declared down with NATS healthy; answered here, it comes back either way.
+/// async-nats renews the subscription after every reconnect.
+async fn answer_probes(client: &async_nats::Client, subject: &str, shutdown: CancellationToken) {
+    let mut probes = match client.subscribe(subject.to_string()).await {
+        Ok(probes) => probes,
+        Err(error) => {
+            warn!(%error, "cannot answer NATS probes; a `>` subscriber could then make the link look down");
+            return;
+        }
+    };
+    let client = client.clone();
+    tokio::spawn(async move {
+        loop {
+            let probe = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                probe = probes.next() => probe,
+            };
+            let Some(probe) = probe else { return };
+            if let Some(reply) = probe.reply {
+                let _ = client.publish(reply, bytes::Bytes::new()).await;
+            }
+        }
+    });
+}
+
 async fn probe(
     client: async_nats::Client,
     subject: String,

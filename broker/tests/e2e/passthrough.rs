@@ -1,6 +1,6 @@
 //! The relay as a faithful pass-through while NATS is up.
 
-use crate::support::{within, Stack};
+use crate::support::{nats_round_trip, within, Stack};
 use bytes::Bytes;
 use futures::StreamExt;
 use holdfast_client::{AckStatus, OutboundMessage};
@@ -209,4 +209,26 @@ async fn subscriptions_share_one_upstream_and_queue_groups_split_work() {
         first.status().await.unwrap()["subscriptions"]["upstream"] == 1
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_subscriber_elsewhere_does_not_make_the_link_look_down() {
+    let stack = Stack::start();
+    let client = stack.client().await;
+    // Someone debugging with `nats sub '>'`: it receives the relay's probes
+    // too, and never answers them.
+    let watcher = stack.direct_nats().await;
+    let _everything = watcher.subscribe(">").await.unwrap();
+    nats_round_trip(&watcher).await;
+    // Several link timeouts (1 s) and many probes later, the link is up and
+    // publishes are forwarded, not held.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(client.nats_status(), holdfast_client::LinkStatus::Up);
+    let ack = client
+        .publish_with_ack(OutboundMessage::new("probe.check", "x"))
+        .await
+        .unwrap();
+    let ack = within("ack", ack).await.unwrap();
+    assert_eq!(ack.outcome, AckStatus::Forwarded);
+    assert!(!stack.relay.logs().contains("NATS link down"));
 }
