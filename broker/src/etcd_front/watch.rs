@@ -5,7 +5,9 @@
 //!
 //! Each gRPC stream is a pseudo-session of discovery with one outbox its
 //! events arrive in. Supported: prefix and single-key watches, cancel,
-//! `prev_kv`, the NOPUT/NODELETE filters and progress requests.
+//! `prev_kv`, the NOPUT/NODELETE filters and progress requests. As with
+//! etcd, a stream whose client has closed its sending half keeps
+//! delivering events until the client drops it or the connection breaks.
 //! `start_revision` is best effort: the cache keeps no history, so a
 //! revision the cache has already passed is answered by replaying the
 //! cache's current entries as PUT events (at the cache's revision), and
@@ -122,17 +124,23 @@ impl StreamTask {
         mut events: crate::outbox::OutboxReceiver,
     ) {
         let mut batch = Vec::with_capacity(EVENT_BATCH);
+        // etcd keeps serving a stream's watches after the client closes its
+        // sending half (etcd-client does when the caller drops its watcher
+        // handle and keeps the event stream): only a broken stream or the
+        // client dropping the responses ends it.
+        let mut requests_open = true;
         loop {
             tokio::select! {
                 _ = self.front.stop.cancelled() => break,
                 _ = self.responses.closed() => break,
-                message = inbound.message() => match message {
+                message = inbound.message(), if requests_open => match message {
                     Ok(Some(request)) => {
                         if !self.on_request(request).await {
                             break;
                         }
                     }
-                    Ok(None) | Err(_) => break,
+                    Ok(None) => requests_open = false,
+                    Err(_) => break,
                 },
                 received = events.recv_many(&mut batch, EVENT_BATCH) => {
                     if received == 0 {

@@ -236,6 +236,55 @@ async fn put_get_txn_watch_and_leases_through_the_front_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_outlives_the_clients_request_half() {
+    // etcd-client closes the request half when the caller drops its
+    // watcher handle and keeps only the events (the Dynamo runtime does);
+    // etcd keeps the watches, so the relay must too.
+    let stack = FrontStack::start("");
+    let mut front = stack.front().await;
+    let mut etcd = stack.etcd.client().await;
+    let lease = front.lease_grant(30, None).await.unwrap().id();
+    let watch = front
+        .watch("v1/halfclosed/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let (requests, mut events) = watch.split();
+    drop(requests);
+    // Let the half-close reach the relay before anything is written.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    etcd.put("v1/halfclosed/direct", "d", None).await.unwrap();
+    front
+        .put(
+            "v1/halfclosed/front",
+            "f",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < 2 {
+        assert!(Instant::now() < deadline, "watch saw only {seen:?}");
+        let response = match tokio::time::timeout(Duration::from_secs(5), events.message()).await {
+            Ok(Ok(Some(response))) => response,
+            other => panic!("watch ended ({other:?}); saw {seen:?}"),
+        };
+        for event in response.events() {
+            let kv = event.kv().unwrap();
+            seen.push((event.event_type(), kv.key_str().unwrap().to_string()));
+        }
+    }
+    assert!(seen.contains(&(EventType::Put, "v1/halfclosed/direct".to_string())));
+    assert!(seen.contains(&(EventType::Put, "v1/halfclosed/front".to_string())));
+    // Still open: nothing more arrives, and it does not end either.
+    match tokio::time::timeout(Duration::from_millis(500), events.message()).await {
+        Err(_) => {}
+        Ok(other) => panic!("the watch stream should stay open, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_not_kept_alive_or_revoked_takes_its_keys_out_of_etcd() {
     let stack = FrontStack::start("");
     let mut front = stack.front().await;
