@@ -5,14 +5,15 @@
 //! has the top bit set, so it never meets a real session id): its keys get
 //! the registry's upstream lease, buffering, reconcile after an outage and
 //! rebuild after an empty etcd unchanged. When a lease expires or is
-//! revoked, the pseudo-session is closed and the registry deletes its keys
-//! upstream at once (or as soon as etcd is back).
+//! revoked, or the keepalive stream that last renewed it is lost with its
+//! connection, the pseudo-session is closed and the registry deletes its
+//! keys upstream at once (or as soon as etcd is back).
 //!
 //! Changes to leases and keys are saved before they are answered, several
 //! at a time (one file write for everything that arrived meanwhile);
 //! keepalives only move deadlines and are saved about once a second.
 
-use super::leases::{FrontLease, FrontLeaseId, LeaseError, LeaseInfo, LeaseTable};
+use super::leases::{FrontLease, FrontLeaseId, KeeperId, LeaseError, LeaseInfo, LeaseTable};
 use super::persist::{self, SavedLease};
 use super::range::Entry;
 use crate::registry::{model::SessionId, AckTo, RegistryHandle};
@@ -59,7 +60,12 @@ enum Command {
     },
     KeepAlive {
         id: FrontLeaseId,
+        keeper: KeeperId,
         reply: Reply<i64>,
+    },
+    KeeperLost {
+        keeper: KeeperId,
+        leases: Vec<FrontLeaseId>,
     },
     Revoke {
         id: FrontLeaseId,
@@ -121,8 +127,21 @@ impl LeaseOwner {
         self.ask(|reply| Command::Grant { id, ttl, reply }).await
     }
 
-    pub async fn keep_alive(&self, id: FrontLeaseId) -> Result<i64, OwnerError> {
-        self.ask(|reply| Command::KeepAlive { id, reply }).await
+    /// Renews lease `id` on keepalive stream `keeper`.
+    pub async fn keep_alive(&self, id: FrontLeaseId, keeper: KeeperId) -> Result<i64, OwnerError> {
+        self.ask(|reply| Command::KeepAlive { id, keeper, reply })
+            .await
+    }
+
+    /// Keepalive stream `keeper`, which renewed `leases`, was lost with its
+    /// connection: those it renewed last end now.
+    pub async fn keeper_lost(&self, keeper: KeeperId, leases: Vec<FrontLeaseId>) {
+        // Nobody waits for the outcome; at shutdown there is none (leases
+        // are saved, not revoked).
+        let _ = self
+            .commands
+            .send(Command::KeeperLost { keeper, leases })
+            .await;
     }
 
     pub async fn revoke(&self, id: FrontLeaseId) -> Result<(), OwnerError> {
@@ -193,6 +212,7 @@ pub async fn start(
         answers: Vec::new(),
         ids: RandomState::new(),
         id_counter: 0,
+        stop: stop.clone(),
     };
     task.restore(&orphan_acks).await;
     publish(&task.table);
@@ -212,6 +232,7 @@ struct OwnerTask {
     answers: Vec<Box<dyn FnOnce() + Send>>,
     ids: RandomState,
     id_counter: u64,
+    stop: CancellationToken,
 }
 
 impl OwnerTask {
@@ -324,10 +345,21 @@ impl OwnerTask {
                     }
                 }
             }
-            Command::KeepAlive { id, reply } => {
-                let renewed = self.table.keep_alive(id, now);
+            Command::KeepAlive { id, keeper, reply } => {
+                let renewed = self.table.keep_alive(id, keeper, now);
                 self.deadlines_moved |= renewed.is_ok();
                 let _ = reply.send(renewed.map_err(OwnerError::from));
+            }
+            Command::KeeperLost { keeper, leases } => {
+                // Streams break when the relay stops too; its leases stay
+                // valid across the restart.
+                if self.stop.is_cancelled() {
+                    return;
+                }
+                for (lease, keys) in self.table.keeper_lost(keeper, leases) {
+                    self.end_lease(lease, keys.len(), "connection_lost").await;
+                    self.structural_change = true;
+                }
             }
             Command::Revoke { id, reply } => match self.table.revoke(id) {
                 Ok(keys) => {

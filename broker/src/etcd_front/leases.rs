@@ -6,12 +6,20 @@
 //! sleeps. A lease lives as long as its client keeps it alive, whether or
 //! not etcd is reachable; the owner task turns expiries and revocations
 //! into registry calls that delete the keys upstream.
+//!
+//! A lease is also tied to the keepalive stream that last renewed it: when
+//! that stream is lost with its connection, the lease ends at once rather
+//! than a TTL later (a killed client must stop being routed quickly).
+//! Streams are not saved: a lease restored after a relay restart is tied
+//! to none until its client keeps it alive again, and lives on its TTL.
 
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A lease id as etcd clients see it (never 0, never negative).
 pub type FrontLeaseId = i64;
+/// A keepalive stream, numbered by the front end.
+pub type KeeperId = u64;
 
 /// Shortest TTL handed out, in seconds (etcd raises short TTLs too).
 pub const MIN_TTL_SECONDS: i64 = 2;
@@ -57,6 +65,8 @@ pub struct LeaseTable {
     leases: HashMap<FrontLeaseId, FrontLease>,
     owners: BTreeMap<Bytes, FrontLeaseId>,
     deadlines: BTreeSet<(u64, FrontLeaseId)>,
+    /// The keepalive stream that last renewed each lease, if any.
+    keepers: HashMap<FrontLeaseId, KeeperId>,
     max_leases: usize,
     max_keys_per_lease: usize,
 }
@@ -67,6 +77,7 @@ impl LeaseTable {
             leases: HashMap::new(),
             owners: BTreeMap::new(),
             deadlines: BTreeSet::new(),
+            keepers: HashMap::new(),
             max_leases,
             max_keys_per_lease,
         }
@@ -142,18 +153,46 @@ impl LeaseTable {
         true
     }
 
-    /// Renews `lease` for a full TTL from `now_ms`; returns the TTL.
-    pub fn keep_alive(&mut self, lease: FrontLeaseId, now_ms: u64) -> Result<i64, LeaseError> {
+    /// Renews `lease` for a full TTL from `now_ms` on keepalive stream
+    /// `keeper`, which it is tied to from now on; returns the TTL.
+    pub fn keep_alive(
+        &mut self,
+        lease: FrontLeaseId,
+        keeper: KeeperId,
+        now_ms: u64,
+    ) -> Result<i64, LeaseError> {
         let entry = self.leases.get_mut(&lease).ok_or(LeaseError::NotFound)?;
         self.deadlines.remove(&(entry.deadline_ms, lease));
         entry.deadline_ms = deadline(now_ms, entry.ttl_seconds);
         self.deadlines.insert((entry.deadline_ms, lease));
+        self.keepers.insert(lease, keeper);
         Ok(entry.ttl_seconds)
+    }
+
+    /// Keepalive stream `keeper`, which renewed `leases`, was lost with its
+    /// connection: removes those of them no other stream has renewed since
+    /// and returns them with their keys.
+    pub fn keeper_lost(
+        &mut self,
+        keeper: KeeperId,
+        leases: impl IntoIterator<Item = FrontLeaseId>,
+    ) -> Vec<(FrontLeaseId, BTreeMap<Bytes, Bytes>)> {
+        let mut ended = Vec::new();
+        for lease in leases {
+            if self.keepers.get(&lease) != Some(&keeper) {
+                continue;
+            }
+            if let Ok(keys) = self.revoke(lease) {
+                ended.push((lease, keys));
+            }
+        }
+        ended
     }
 
     /// Removes `lease`; returns its keys (to be deleted upstream).
     pub fn revoke(&mut self, lease: FrontLeaseId) -> Result<BTreeMap<Bytes, Bytes>, LeaseError> {
         let entry = self.leases.remove(&lease).ok_or(LeaseError::NotFound)?;
+        self.keepers.remove(&lease);
         self.deadlines.remove(&(entry.deadline_ms, lease));
         for key in entry.keys.keys() {
             self.owners.remove(key);
@@ -345,13 +384,16 @@ mod tests {
         table.attach(lease, b("k"), b("v")).unwrap();
         assert_eq!(table.next_deadline(), Some(11_000));
         assert!(table.expire(10_999).is_empty());
-        assert_eq!(table.keep_alive(lease, 9_000), Ok(10));
+        assert_eq!(table.keep_alive(lease, 1, 9_000), Ok(10));
         assert!(table.expire(11_000).is_empty(), "renewed");
         let expired = table.expire(19_000);
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].0, lease);
         assert_eq!(expired[0].1.get(&b("k")), Some(&b("v")));
-        assert_eq!(table.keep_alive(lease, 19_000), Err(LeaseError::NotFound));
+        assert_eq!(
+            table.keep_alive(lease, 1, 19_000),
+            Err(LeaseError::NotFound)
+        );
         assert_eq!(table.get(b"k"), None);
         assert_eq!(table.next_deadline(), None);
     }
@@ -416,6 +458,45 @@ mod tests {
         assert_eq!(keys(table.in_range(b"a/", b"a0")), vec![b("a/1"), b("a/2")]);
         assert_eq!(keys(table.in_range(b"a/2", b"\0")).len(), 2);
         assert!(table.in_range(b"c", b"").is_empty());
+    }
+
+    #[test]
+    fn a_lost_keeper_ends_only_the_leases_it_renewed_last() {
+        let mut table = table();
+        let mut ids = counter();
+        let (mine, _) = table.grant(0, 30, 0, &mut ids).unwrap();
+        let (moved, _) = table.grant(0, 30, 0, &mut ids).unwrap();
+        let (other, _) = table.grant(0, 30, 0, &mut ids).unwrap();
+        table.attach(mine, b("k"), b("v")).unwrap();
+        table.keep_alive(mine, 7, 1_000).unwrap();
+        table.keep_alive(moved, 7, 1_000).unwrap();
+        // The client reconnected and renews `moved` on a newer stream.
+        table.keep_alive(moved, 8, 2_000).unwrap();
+        table.keep_alive(other, 9, 1_000).unwrap();
+        let ended = table.keeper_lost(7, [mine, moved, 12345]);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].0, mine);
+        assert_eq!(ended[0].1.get(&b("k")), Some(&b("v")));
+        assert_eq!(table.ids(), {
+            let mut left = vec![moved, other];
+            left.sort_unstable();
+            left
+        });
+        assert!(table.keeper_lost(7, [mine]).is_empty(), "already gone");
+    }
+
+    #[test]
+    fn a_restored_lease_has_no_keeper_until_renewed() {
+        let mut table = table();
+        let lease = FrontLease {
+            ttl_seconds: 30,
+            deadline_ms: 5_000,
+            keys: BTreeMap::new(),
+        };
+        assert!(table.restore(42, lease));
+        assert!(table.keeper_lost(1, [42]).is_empty());
+        table.keep_alive(42, 2, 1_000).unwrap();
+        assert_eq!(table.keeper_lost(2, [42]).len(), 1);
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! - Leases are the relay's own ([`lease_owner`]): ids handed out here,
 //!   kept alive against the relay (also through an etcd outage), saved in
 //!   the data dir, each one an owner in the registry, whose upstream lease
-//!   the relay keeps alive.
+//!   the relay keeps alive. A lease whose keepalive stream breaks with its
+//!   client's connection ends at once ([`lease_service`]).
 //! - KV: a put under a relay lease is a registration (buffered while etcd
 //!   is down); create-if-absent transactions under a lease are evaluated
 //!   here ([`txn`]); serializable reads of one key or a prefix come from
@@ -178,7 +179,7 @@ fn describe_metrics() {
     );
     metrics::describe_counter!(
         "holdfast_etcd_front_leases_ended_total",
-        "relay leases ended: expired (no keepalive within the TTL) or revoked"
+        "relay leases ended: expired (no keepalive within the TTL), revoked, or connection_lost (the keepalive stream that last renewed it broke)"
     );
     metrics::describe_gauge!(
         "holdfast_etcd_front_watches",

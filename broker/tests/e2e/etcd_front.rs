@@ -8,8 +8,10 @@ use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
     WatchOptions,
 };
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
@@ -346,6 +348,190 @@ async fn a_lease_not_kept_alive_or_revoked_takes_its_keys_out_of_etcd() {
             .is_err(),
         "an expired lease cannot be written under"
     );
+}
+
+/// Grants `ttl` through etcdctl, puts `key` under it and returns the id.
+fn etcdctl_lease_with_key(etcdctl: &Path, endpoint: &str, ttl: &str, key: &str) -> String {
+    let granted = etcdctl_run(etcdctl, endpoint, &["lease", "grant", ttl]);
+    let lease = granted
+        .split_whitespace()
+        .nth(1)
+        .expect("a lease id")
+        .to_string();
+    etcdctl_run(etcdctl, endpoint, &["put", "--lease", &lease, key, "up"]);
+    lease
+}
+
+fn etcdctl_run(etcdctl: &Path, endpoint: &str, args: &[&str]) -> String {
+    let output = Command::new(etcdctl)
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(args)
+        .output()
+        .expect("run etcdctl");
+    assert!(
+        output.status.success(),
+        "etcdctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn connection_lost_count(relay: &crate::support::Relay) -> f64 {
+    crate::support::metric(
+        &crate::support::scrape(relay),
+        "holdfast_etcd_front_leases_ended_total",
+        &[("reason", "connection_lost")],
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_etcdctl_keepalive_takes_its_keys_out_of_etcd_within_2s() {
+    let Ok(etcdctl) = which("etcdctl") else {
+        eprintln!("etcdctl not on PATH; skipped (deploy/install-deps.sh installs it)");
+        return;
+    };
+    let stack = FrontStack::start("");
+    let endpoint = stack.endpoint();
+    let mut etcd = stack.etcd.client().await;
+    let lease = tokio::task::block_in_place(|| {
+        etcdctl_lease_with_key(&etcdctl, &endpoint, "5", "v1/killed/ctl")
+    });
+    wait_in_etcd(&mut etcd, "v1/killed/ctl", Some("up"), WAIT).await;
+
+    let mut keeper = Command::new(&etcdctl)
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(["lease", "keep-alive", &lease])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn etcdctl lease keep-alive");
+    // "lease 694d7c5b1e0e4f0a keepalived with TTL(5)", every TTL/3: twice
+    // makes the stream a long-lived keeper rather than a one-shot renewal.
+    let stdout = keeper.stdout.take().expect("piped stdout");
+    let lines = tokio::task::block_in_place(|| {
+        let mut reader = BufReader::new(stdout);
+        let mut lines = String::new();
+        for _ in 0..2 {
+            let _ = reader.read_line(&mut lines);
+        }
+        lines
+    });
+    assert_eq!(lines.matches("keepalived").count(), 2, "{lines:?}");
+
+    keeper.kill().expect("SIGKILL etcdctl");
+    let _ = keeper.wait();
+    let killed = Instant::now();
+    // Well inside the 5 s TTL just renewed.
+    wait_in_etcd(&mut etcd, "v1/killed/ctl", None, Duration::from_secs(2)).await;
+    eprintln!("killed keeper's key gone after {:?}", killed.elapsed());
+    assert!(connection_lost_count(&stack.relay) >= 1.0);
+    assert!(
+        stack.relay.logs().contains("lease keepalive stream broke"),
+        "the revocation is logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_rust_client_takes_its_keys_out_of_etcd_within_2s() {
+    // The Dynamo runtime's pattern: one keepalive stream for the life of
+    // the process. Its own runtime, shut down at once, drops the
+    // connection as a kill -9 does.
+    let stack = FrontStack::start("");
+    let mut front = stack.front().await;
+    let mut etcd = stack.etcd.client().await;
+    let lease = front.lease_grant(30, None).await.unwrap().id();
+    front
+        .put(
+            "v1/killed/rust",
+            "up",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    wait_in_etcd(&mut etcd, "v1/killed/rust", Some("up"), WAIT).await;
+
+    let endpoint = stack.endpoint();
+    let worker = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (kept, was_kept) = tokio::sync::oneshot::channel();
+    worker.spawn(async move {
+        let mut client = Client::connect([endpoint], None).await.unwrap();
+        let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.unwrap();
+        keeper.keep_alive().await.unwrap();
+        let _ = answers.message().await.unwrap();
+        let _ = kept.send(());
+        std::future::pending::<()>().await;
+        drop((client, keeper, answers));
+    });
+    was_kept.await.unwrap();
+    // Open longer than a one-shot renewal (etcdctl keep-alive --once) is.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    worker.shutdown_background();
+    let killed = Instant::now();
+    wait_in_etcd(&mut etcd, "v1/killed/rust", None, Duration::from_secs(2)).await;
+    eprintln!("killed client's key gone after {:?}", killed.elapsed());
+    assert_eq!(
+        front.lease_time_to_live(lease, None).await.unwrap().ttl(),
+        -1,
+        "the lease is gone"
+    );
+    assert!(connection_lost_count(&stack.relay) >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keepalive_stream_the_client_ends_leaves_the_lease_to_its_ttl() {
+    let stack = FrontStack::start("");
+    let mut front = stack.front().await;
+    let mut etcd = stack.etcd.client().await;
+    let lease = front.lease_grant(4, None).await.unwrap().id();
+    front
+        .put(
+            "v1/ended/a",
+            "up",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+
+    // The client closes its sending half, then drops the answers too.
+    let (mut keeper, mut answers) = front.lease_keep_alive(lease).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    let _ = answers.message().await.unwrap();
+    drop(keeper);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(answers);
+    // A keepalive stream canceled as soon as it is answered (etcdctl's
+    // `lease keep-alive --once`, clientv3's KeepAliveOnce).
+    if let Ok(etcdctl) = which("etcdctl") {
+        let endpoint = stack.endpoint();
+        let hex = format!("{lease:x}");
+        let once = tokio::task::block_in_place(|| {
+            etcdctl_run(
+                &etcdctl,
+                &endpoint,
+                &["lease", "keep-alive", "--once", &hex],
+            )
+        });
+        assert!(once.contains("TTL(4)"), "{once}");
+    }
+    let ended = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        value_in(&mut etcd, "v1/ended/a", None).await.as_deref(),
+        Some("up"),
+        "the lease lives on its TTL"
+    );
+    assert!(front.lease_time_to_live(lease, None).await.unwrap().ttl() > 0);
+    // Then the TTL passes.
+    wait_in_etcd(&mut etcd, "v1/ended/a", None, Duration::from_secs(6)).await;
+    assert!(ended.elapsed() > Duration::from_secs(2));
+    assert_eq!(connection_lost_count(&stack.relay), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
