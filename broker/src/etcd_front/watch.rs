@@ -10,8 +10,13 @@
 //! delivering events until the client drops it or the connection breaks.
 //! `start_revision` is best effort: the cache keeps no history, so a
 //! revision the cache has already passed is answered by replaying the
-//! cache's current entries as PUT events (at the cache's revision), and
-//! events older than `start_revision` are not sent. Periodic progress
+//! cache's current entries as PUT events, and events older than
+//! `start_revision` are not sent. The cache keeps no per-key revisions
+//! either: while etcd is up the replay asks it for the keys' revisions
+//! (keys only), skips keys last changed before `start_revision` and
+//! reports the real revisions; a key etcd does not report (etcd down, or
+//! a write still buffered) is replayed at the cache's revision. Deletes
+//! since `start_revision` cannot be replayed. Periodic progress
 //! notifications (`progress_notify`) are not sent. A stream whose events
 //! overflow its outbox has its watches canceled (counted and logged), so
 //! a client never misses an event without knowing it.
@@ -22,6 +27,7 @@ use bytes::Bytes;
 use etcd_client::proto::{
     PbEvent, PbKeyValue, PbWatchRequest, PbWatchRequestUnion, PbWatchResponse, PbWatchService,
 };
+use etcd_client::proto::{PbRangeRequest, PbRangeResponse};
 use holdfast_wire::{Frame, WatchEvent, WatchEventKind};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -44,6 +50,8 @@ const STREAM_OWNER_BIT: u64 = 1 << 63;
 /// etcd's event types.
 const EVENT_PUT: i32 = 0;
 const EVENT_DELETE: i32 = 1;
+/// The upstream RPC the replay of a `start_revision` asks revisions of.
+const RANGE: &str = "/etcdserverpb.KV/Range";
 /// etcd's watch filter types.
 const FILTER_NOPUT: i32 = 0;
 const FILTER_NODELETE: i32 = 1;
@@ -101,6 +109,17 @@ struct ClientWatch {
     replaying: bool,
     /// Current values, for `prev_kv`.
     values: Option<HashMap<Bytes, Bytes>>,
+    /// etcd's create and mod revisions and versions of the keys under the
+    /// watch when it was created, for replaying from `start_revision`.
+    revisions: HashMap<Bytes, KeyRevisions>,
+}
+
+/// A key's revisions as etcd reported them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeyRevisions {
+    create: i64,
+    modified: i64,
+    version: i64,
 }
 
 struct StreamTask {
@@ -222,6 +241,11 @@ impl StreamTask {
                 let internal = self.next_internal;
                 self.next_internal = self.next_internal.wrapping_add(1);
                 let send_initial = create.start_revision > 0 || create.prev_kv;
+                let revisions = if create.start_revision > 0 {
+                    self.key_revisions(&create.key, &create.range_end).await
+                } else {
+                    HashMap::new()
+                };
                 let started = self
                     .front
                     .discovery
@@ -249,6 +273,7 @@ impl StreamTask {
                         no_delete: create.filters.contains(&FILTER_NODELETE),
                         replaying: send_initial,
                         values: create.prev_kv.then(HashMap::new),
+                        revisions,
                     },
                 );
                 self.by_etcd_id.insert(etcd_id, internal);
@@ -277,6 +302,41 @@ impl StreamTask {
                 .await
             }
             None => true,
+        }
+    }
+
+    /// etcd's revisions of the keys in `[key, range_end)`, for a replay
+    /// from a start revision; empty if etcd cannot say (the replay then
+    /// falls back to the cache's revision).
+    async fn key_revisions(&self, key: &[u8], range_end: &[u8]) -> HashMap<Bytes, KeyRevisions> {
+        if !self.front.upstream.link().is_up() {
+            return HashMap::new();
+        }
+        let read = PbRangeRequest {
+            key: key.to_vec(),
+            range_end: range_end.to_vec(),
+            keys_only: true,
+            ..PbRangeRequest::default()
+        };
+        let answer: Result<PbRangeResponse, Status> = self
+            .front
+            .upstream
+            .call(RANGE, "the revisions of a watch's start", read)
+            .await;
+        match answer {
+            Ok(answer) => answer
+                .kvs
+                .into_iter()
+                .map(|kv| {
+                    let revisions = KeyRevisions {
+                        create: kv.create_revision,
+                        modified: kv.mod_revision,
+                        version: kv.version,
+                    };
+                    (Bytes::from(kv.key), revisions)
+                })
+                .collect(),
+            Err(_) => HashMap::new(),
         }
     }
 
@@ -397,6 +457,7 @@ impl StreamTask {
 fn translate(watch: &mut ClientWatch, event: WatchEvent) -> Option<(PbEvent, i64)> {
     if event.kind == WatchEventKind::Synced {
         watch.replaying = false;
+        watch.revisions = HashMap::new();
         return None;
     }
     if watch.exact && event.key.as_ref() != watch.key.as_slice() {
@@ -411,11 +472,18 @@ fn translate(watch: &mut ClientWatch, event: WatchEvent) -> Option<(PbEvent, i64
             values.remove(&event.key)
         }
     });
-    let wanted = if watch.replaying {
-        // The cache has passed the requested revision: replay its state.
-        watch.start_revision > 0 && watch.start_revision <= revision
+    // A replayed key etcd reported is sent with its own revisions, and
+    // only if it changed since the start revision.
+    let known = if watch.replaying && is_put {
+        watch.revisions.get(&event.key).copied()
     } else {
-        watch.start_revision <= revision
+        None
+    };
+    let wanted = match known {
+        Some(known) => watch.start_revision <= known.modified,
+        // The cache has passed the requested revision: replay its state.
+        None if watch.replaying => watch.start_revision > 0 && watch.start_revision <= revision,
+        None => watch.start_revision <= revision,
     };
     if !wanted || (is_put && watch.no_put) || (!is_put && watch.no_delete) {
         return None;
@@ -428,13 +496,23 @@ fn translate(watch: &mut ClientWatch, event: WatchEvent) -> Option<(PbEvent, i64
         value: value.to_vec(),
         lease: 0,
     });
-    let kv = PbKeyValue {
-        key: event.key.to_vec(),
-        create_revision: if is_put { revision } else { 0 },
-        mod_revision: revision,
-        version: i64::from(is_put),
-        value: event.value.to_vec(),
-        lease: 0,
+    let kv = match known {
+        Some(known) => PbKeyValue {
+            key: event.key.to_vec(),
+            create_revision: known.create,
+            mod_revision: known.modified,
+            version: known.version,
+            value: event.value.to_vec(),
+            lease: 0,
+        },
+        None => PbKeyValue {
+            key: event.key.to_vec(),
+            create_revision: if is_put { revision } else { 0 },
+            mod_revision: revision,
+            version: i64::from(is_put),
+            value: event.value.to_vec(),
+            lease: 0,
+        },
     };
     Some((
         PbEvent {
@@ -461,6 +539,7 @@ mod tests {
             no_delete: false,
             replaying,
             values: prev_kv.then(HashMap::new),
+            revisions: HashMap::new(),
         }
     }
 
@@ -486,6 +565,35 @@ mod tests {
             translate(&mut newer, event(WatchEventKind::Put, "p/a", "2", 11)).is_some(),
             "live events from start_revision on"
         );
+    }
+
+    #[test]
+    fn a_replay_skips_keys_etcd_reports_older_than_the_start_revision() {
+        let mut replay = watch(3, true, false);
+        let at = |modified| KeyRevisions {
+            create: 2,
+            modified,
+            version: 1,
+        };
+        replay.revisions.insert(Bytes::from_static(b"p/old"), at(2));
+        replay.revisions.insert(Bytes::from_static(b"p/new"), at(4));
+        assert!(translate(&mut replay, event(WatchEventKind::Put, "p/old", "1", 10)).is_none());
+        let (sent, _) =
+            translate(&mut replay, event(WatchEventKind::Put, "p/new", "1", 10)).unwrap();
+        let kv = sent.kv.unwrap();
+        assert_eq!((kv.create_revision, kv.mod_revision), (2, 4));
+        // A key etcd did not report is replayed at the cache's revision.
+        let (unknown, revision) = translate(
+            &mut replay,
+            event(WatchEventKind::Put, "p/buffered", "1", 10),
+        )
+        .unwrap();
+        assert_eq!((unknown.kv.unwrap().mod_revision, revision), (10, 10));
+        // Live events are not affected by the replay's revisions.
+        translate(&mut replay, event(WatchEventKind::Synced, "", "", 10));
+        let (live, _) =
+            translate(&mut replay, event(WatchEventKind::Put, "p/old", "2", 11)).unwrap();
+        assert_eq!(live.kv.unwrap().mod_revision, 11);
     }
 
     #[test]

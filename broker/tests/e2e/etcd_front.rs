@@ -287,6 +287,57 @@ async fn a_watch_outlives_the_clients_request_half() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_a_start_revision_skips_keys_changed_before_it() {
+    let stack = FrontStack::start("");
+    let mut front = stack.front().await;
+    let mut etcd = stack.etcd.client().await;
+    let old = etcd.put("v1/rev/old", "o", None).await.unwrap();
+    let old_revision = old.header().unwrap().revision();
+    let new = etcd.put("v1/rev/new", "n", None).await.unwrap();
+    let start = new.header().unwrap().revision();
+    assert!(start > old_revision);
+    // The cache holds the prefix (and has passed `start`) before the watch.
+    let cached = front
+        .get(
+            "v1/rev/",
+            Some(GetOptions::new().with_prefix().with_serializable()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cached.kvs().len(), 2);
+
+    let mut events = front
+        .watch(
+            "v1/rev/",
+            Some(WatchOptions::new().with_prefix().with_start_revision(start)),
+        )
+        .await
+        .unwrap();
+    etcd.put("v1/rev/later", "l", None).await.unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while !seen.iter().any(|(key, _)| key == "v1/rev/later") {
+        assert!(Instant::now() < deadline, "watch saw only {seen:?}");
+        let response = match tokio::time::timeout(Duration::from_secs(5), events.message()).await {
+            Ok(Ok(Some(response))) => response,
+            other => panic!("watch ended ({other:?}); saw {seen:?}"),
+        };
+        for event in response.events() {
+            let kv = event.kv().unwrap();
+            seen.push((kv.key_str().unwrap().to_string(), kv.mod_revision()));
+        }
+    }
+    assert!(
+        !seen.iter().any(|(key, _)| key == "v1/rev/old"),
+        "a key last changed before the start revision is not replayed: {seen:?}"
+    );
+    assert!(
+        seen.contains(&("v1/rev/new".to_string(), start)),
+        "replayed with its own revision: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_not_kept_alive_or_revoked_takes_its_keys_out_of_etcd() {
     let stack = FrontStack::start("");
     let mut front = stack.front().await;
