@@ -1,6 +1,7 @@
 //! `holdfastd`: command line, logging, and the runtime around [`relay::run`].
 
 mod access;
+mod atomic_file;
 mod cert_subject;
 mod class_queue;
 mod classes;

@@ -8,7 +8,6 @@
 use super::leases::{FrontLease, FrontLeaseId};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::Path;
 
 const FORMAT: u32 = 1;
@@ -101,17 +100,7 @@ pub fn save(path: &Path, leases: Vec<SavedLease>) -> std::io::Result<()> {
         leases,
     };
     let bytes = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
-    let temporary = path.with_extension("json.tmp");
-    {
-        let mut out = std::fs::File::create(&temporary)?;
-        out.write_all(&bytes)?;
-        out.sync_data()?;
-    }
-    std::fs::rename(&temporary, path)?;
-    if let Some(directory) = path.parent() {
-        std::fs::File::open(directory)?.sync_all()?;
-    }
-    Ok(())
+    crate::atomic_file::replace(path, &bytes)
 }
 
 #[cfg(test)]
