@@ -16,8 +16,9 @@
 //! (keys only), skips keys last changed before `start_revision` and
 //! reports the real revisions; a key etcd does not report (etcd down, or
 //! a write still buffered) is replayed at the cache's revision. Deletes
-//! since `start_revision` cannot be replayed. Periodic progress
-//! notifications (`progress_notify`) are not sent. A stream whose events
+//! since `start_revision` cannot be replayed. Watches created with
+//! `progress_notify` get an empty response carrying the current revision
+//! every 10 minutes, as etcd's default interval. A stream whose events
 //! overflow its outbox has its watches canceled (counted and logged), so
 //! a client never misses an event without knowing it.
 
@@ -39,6 +40,9 @@ use tracing::warn;
 
 /// Responses queued for one stream, at most.
 const RESPONSE_QUEUE: usize = 256;
+/// How often watches that asked for it hear the current revision (etcd's
+/// default `--experimental-watch-progress-notify-interval`).
+const PROGRESS_NOTIFY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 /// Discovery events queued for one stream, at most; more are dropped and
 /// the stream's watches canceled.
 const EVENT_QUEUE: usize = 16_384;
@@ -103,6 +107,8 @@ struct ClientWatch {
     exact: bool,
     start_revision: i64,
     prev_kv: bool,
+    /// Wants periodic progress notifications.
+    progress_notify: bool,
     no_put: bool,
     no_delete: bool,
     /// The initial entries are still arriving.
@@ -148,10 +154,22 @@ impl StreamTask {
         // handle and keeps the event stream): only a broken stream or the
         // client dropping the responses ends it.
         let mut requests_open = true;
+        let mut progress = tokio::time::interval_at(
+            tokio::time::Instant::now() + PROGRESS_NOTIFY_INTERVAL,
+            PROGRESS_NOTIFY_INTERVAL,
+        );
         loop {
             tokio::select! {
                 _ = self.front.stop.cancelled() => break,
                 _ = self.responses.closed() => break,
+                _ = progress.tick() => {
+                    let revision = self.current_revision();
+                    for notification in progress_notifications(self.watches.values(), revision) {
+                        if !self.send(notification).await {
+                            break;
+                        }
+                    }
+                }
                 message = inbound.message(), if requests_open => match message {
                     Ok(Some(request)) => {
                         if !self.on_request(request).await {
@@ -269,6 +287,7 @@ impl StreamTask {
                         exact,
                         start_revision: create.start_revision,
                         prev_kv: create.prev_kv,
+                        progress_notify: create.progress_notify,
                         no_put: create.filters.contains(&FILTER_NOPUT),
                         no_delete: create.filters.contains(&FILTER_NODELETE),
                         replaying: send_initial,
@@ -524,6 +543,22 @@ fn translate(watch: &mut ClientWatch, event: WatchEvent) -> Option<(PbEvent, i64
     ))
 }
 
+/// The empty responses that tell each watch asking for progress how far
+/// the stream has come; skipped for a watch still replaying its start.
+fn progress_notifications<'a>(
+    watches: impl Iterator<Item = &'a ClientWatch>,
+    revision: i64,
+) -> Vec<PbWatchResponse> {
+    watches
+        .filter(|watch| watch.progress_notify && !watch.replaying)
+        .map(|watch| PbWatchResponse {
+            header: Some(header(revision)),
+            watch_id: watch.etcd_id,
+            ..PbWatchResponse::default()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,12 +570,32 @@ mod tests {
             exact: false,
             start_revision,
             prev_kv,
+            progress_notify: false,
             no_put: false,
             no_delete: false,
             replaying,
             values: prev_kv.then(HashMap::new),
             revisions: HashMap::new(),
         }
+    }
+
+    #[test]
+    fn progress_goes_only_to_settled_watches_that_asked_for_it() {
+        let mut asked = watch(0, false, false);
+        asked.etcd_id = 7;
+        asked.progress_notify = true;
+        let mut replaying = watch(5, true, false);
+        replaying.etcd_id = 8;
+        replaying.progress_notify = true;
+        let quiet = watch(0, false, false);
+        let sent = progress_notifications([&asked, &replaying, &quiet].into_iter(), 42);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].watch_id, 7);
+        assert_eq!(
+            sent[0].header.as_ref().map(|header| header.revision),
+            Some(42)
+        );
+        assert!(sent[0].events.is_empty());
     }
 
     fn event(kind: WatchEventKind, key: &str, value: &str, revision: u64) -> WatchEvent {
