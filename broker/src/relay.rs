@@ -1,11 +1,15 @@
 //! Starting and stopping the relay: the order things come up and go down.
 //!
-//! Up: bind the socket first (so a second relay fails before touching
-//! NATS), connect NATS in the background and give the first connect a
-//! moment to settle, start the router and the operations endpoint, accept,
-//! then tell systemd READY=1. Down (SIGTERM/SIGINT): not ready, stop
-//! accepting, tell every session GO_AWAY after the frames it already read,
-//! wait for them within `shutdown_grace`, flush NATS, exit 0.
+//! Up: bind the socket and the optional listeners (QUIC, the NATS front
+//! end) first, reading the TLS files, so a second relay or a bad path fails
+//! before touching NATS; connect NATS and etcd in the background and give
+//! the first connects a moment to settle; start the registry, discovery,
+//! the etcd front end, the router and the operations endpoint; accept on
+//! every listener; then tell systemd READY=1. Down (SIGTERM/SIGINT): not
+//! ready, stop accepting everywhere, save (not revoke) the etcd front end's
+//! leases, tell every session GO_AWAY after the frames it already read,
+//! wait for them within `shutdown_grace`, flush NATS, close QUIC
+//! connections, exit 0.
 
 use crate::classes::WhenFull;
 use crate::config::Config;
