@@ -3,23 +3,15 @@
 //! that live as long as the client keeps them alive, through an etcd
 //! outage, an empty etcd and a relay restart.
 
-use crate::support::{EtcdServer, NatsServer, Relay, WAIT};
+use crate::support::{free_port, EtcdServer, NatsServer, Relay, WAIT};
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
     WatchOptions,
 };
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("no free loopback port")
-}
 
 /// etcd, NATS and a relay whose etcd front end listens on `port`.
 struct FrontStack {

@@ -19,11 +19,38 @@ use tempfile::TempDir;
 /// Upper bound for anything a test waits for.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("no free loopback port")
+/// Ports handed out by [`free_port`] in this test process.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Where [`free_port`] looks: below Linux's ephemeral range (32768 on), so
+/// no outgoing connection's local port can take a server's port while the
+/// server is down for a restart on it.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free loopback TCP port, never handed out twice in this process, so two
+/// tests cannot share one even while one of them has its server stopped.
+pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let span = u64::from(TEST_PORTS.end - TEST_PORTS.start);
+    let seed = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    for attempt in 0..span {
+        let offset = (seed.wrapping_add(attempt.wrapping_mul(7919))) % span;
+        let port = TEST_PORTS.start + offset as u16;
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {TEST_PORTS:?}");
 }
 
 fn signal(child: &Child, signal: libc::c_int) {
