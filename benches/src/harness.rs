@@ -34,12 +34,38 @@ pub const NATS_SERVER_ENV: &str = "HOLDFAST_NATS_SERVER";
 /// Environment variable naming the etcd binary.
 pub const ETCD_ENV: &str = "HOLDFAST_ETCD";
 
-/// A free TCP port on 127.0.0.1 (free when asked; the OS may hand it out again).
+/// Where [`free_port`] looks: below Linux's ephemeral range (32768 on), so
+/// no outgoing connection's local port (the relay's reconnect attempts
+/// among them) can take a server's port while the server is down for an
+/// outage and restarted on it.
+const BENCH_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// Ports handed out by [`free_port`] in this run.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// A free TCP port on 127.0.0.1, never handed out twice in one run.
 pub fn free_port() -> Result<u16> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .context("finding a free loopback port")
+    use std::hash::{BuildHasher, Hasher};
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let span = u64::from(BENCH_PORTS.end - BENCH_PORTS.start);
+    let seed = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    for attempt in 0..span {
+        // 7919 is prime to the span, so the walk visits every port once.
+        let port = BENCH_PORTS.start + ((seed.wrapping_add(attempt * 7919)) % span) as u16;
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
+            return Ok(port);
+        }
+    }
+    Err(failed(
+        "finding a free loopback port",
+        format!("none free in {BENCH_PORTS:?}"),
+    ))
 }
 
 /// holdfastd: `$HOLDFAST_BENCH_HOLDFASTD` if set, else the `holdfastd`

@@ -40,6 +40,7 @@ pub fn free_port() -> u16 {
         .build_hasher()
         .finish();
     for attempt in 0..span {
+        // 7919 is prime to the span, so the walk visits every port once.
         let offset = (seed.wrapping_add(attempt.wrapping_mul(7919))) % span;
         let port = TEST_PORTS.start + offset as u16;
         if handed_out.contains(&port) {
