@@ -108,7 +108,7 @@ impl NatsLink {
         };
         let (state_tx, state_rx) = watch::channel(initial);
         let is_up = Arc::new(AtomicBool::new(false));
-        let probe_subject = format!("_HOLDFAST.probe.{relay_id}");
+        let probe_subject: Arc<str> = Arc::from(format!("_HOLDFAST.probe.{relay_id}"));
         answer_probes(&client, &probe_subject, shutdown.clone()).await;
         let monitor = MonitorTask {
             client: client.clone(),
@@ -125,7 +125,7 @@ impl NatsLink {
             client,
             is_up,
             state: state_rx,
-            probe_subject: Arc::from(probe_subject),
+            probe_subject,
         })
     }
 
@@ -140,15 +140,7 @@ impl NatsLink {
     /// server handled the operations ahead of it. False when it did not
     /// come back within `limit`.
     pub async fn round_trip(&self, limit: Duration) -> bool {
-        let request = async_nats::Request::new().timeout(Some(limit));
-        let answered = self
-            .client
-            .send_request(self.probe_subject.to_string(), request);
-        match tokio::time::timeout(limit, answered).await {
-            Ok(Ok(_)) => true,
-            Ok(Err(error)) => error.kind() == RequestErrorKind::NoResponders,
-            Err(_) => false,
-        }
+        probe_round_trip(&self.client, &self.probe_subject, limit).await
     }
 
     /// Whether publishes should go upstream now. One atomic load: this is
@@ -189,7 +181,7 @@ impl NatsLink {
 struct MonitorTask {
     client: async_nats::Client,
     monitor: LinkMonitor,
-    probe_subject: String,
+    probe_subject: Arc<str>,
     probe_interval: Duration,
     link_timeout: Duration,
     servers: String,
@@ -321,16 +313,25 @@ async fn answer_probes(client: &async_nats::Client, subject: &str, shutdown: Can
     });
 }
 
+/// One request to the probe subject: true when it came back within
+/// `limit`, answered by the relay itself or with "no responders" (the
+/// answering subscription is not renewed yet after a reconnect).
+async fn probe_round_trip(client: &async_nats::Client, subject: &str, limit: Duration) -> bool {
+    let request = async_nats::Request::new().timeout(Some(limit));
+    let answered = client.send_request(subject.to_string(), request);
+    match tokio::time::timeout(limit, answered).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(error)) => error.kind() == RequestErrorKind::NoResponders,
+        Err(_) => false,
+    }
+}
+
 async fn probe(
     client: async_nats::Client,
-    subject: String,
+    subject: Arc<str>,
     timeout: Duration,
     done: mpsc::Sender<bool>,
 ) {
-    let request = async_nats::Request::new().timeout(Some(timeout));
-    let alive = match client.send_request(subject, request).await {
-        Ok(_) => true,
-        Err(error) => error.kind() == RequestErrorKind::NoResponders,
-    };
+    let alive = probe_round_trip(&client, &subject, timeout).await;
     let _ = done.send(alive).await;
 }

@@ -31,7 +31,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
 use holdfast_wire::nats_protocol::{
     encode_err, encode_info, encode_msg, encode_ok, encode_ping, encode_pong, encode_status_msg,
-    ClientOp, ClientOpDecoder, ServerInfo,
+    ClientOp, ClientOpDecoder, ServerInfo, DEFAULT_MAX_PAYLOAD,
 };
 use holdfast_wire::subject::matches;
 use holdfast_wire::{
@@ -58,8 +58,6 @@ const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// How often the relay pings a NATS client, and how many may go unanswered.
 const SERVER_PING_INTERVAL: Duration = Duration::from_secs(20);
 const MAX_PINGS_OUTSTANDING: u32 = 2;
-/// nats-server's default; larger publishes would be refused upstream anyway.
-const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 /// Room for subjects and framing inside one relay frame.
 const FRAME_OVERHEAD_BYTES: usize = 16 * 1024;
 /// Events from the inbound to the outbound half waiting at once.
@@ -125,7 +123,8 @@ pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<S
     let client_id = NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed);
     let max_frame = ctx.config.relay.max_frame_bytes;
     let max_payload =
-        MAX_PAYLOAD_BYTES.min((max_frame as usize).saturating_sub(FRAME_OVERHEAD_BYTES));
+        // nats-server's default; larger publishes would be refused upstream anyway.
+        DEFAULT_MAX_PAYLOAD.min((max_frame as usize).saturating_sub(FRAME_OVERHEAD_BYTES));
     let info = ServerInfo {
         server_id: ctx.relay_id.to_string(),
         server_name: "holdfastd".to_string(),
