@@ -14,9 +14,7 @@ const FRONT_CONFIG: &str = "[relay]\nnats_listen = \"127.0.0.1:0\"\n\
 
 /// The front end's address, from the relay's status document.
 fn front_address(relay: &Relay) -> String {
-    let (_, body) = relay.http_get("/status");
-    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
-    status["nats_listen"]
+    relay.status()["nats_listen"]
         .as_str()
         .expect("the relay serves the NATS protocol")
         .to_string()
@@ -27,9 +25,7 @@ fn front_address(relay: &Relay) -> String {
 async fn wait_for_local_subscriptions(relay: &Relay, count: u64) {
     within("the relay takes the subscriptions", async {
         loop {
-            let (_, body) = relay.http_get("/status");
-            let status: serde_json::Value = serde_json::from_str(&body).unwrap();
-            if status["subscriptions"]["local"].as_u64() >= Some(count) {
+            if relay.status()["subscriptions"]["local"].as_u64() >= Some(count) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

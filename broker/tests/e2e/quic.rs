@@ -51,8 +51,7 @@ fn quic_table(certs: &Path, mutual_tls: bool) -> String {
 
 /// The relay's QUIC URL, from the address its status reports.
 fn quic_url(relay: &Relay) -> String {
-    let (_, body) = relay.http_get("/status");
-    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let status = relay.status();
     let address = status["quic"].as_str().expect("the relay listens on QUIC");
     format!("quic://{address}")
 }

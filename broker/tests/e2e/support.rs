@@ -548,6 +548,13 @@ impl Relay {
         response.starts_with("HTTP/1.1 200")
     }
 
+    /// The status document from `/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = self.http_get("/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("the status document is JSON")
+    }
+
     /// GET on the operations endpoint: (status code, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
         use std::io::Write;
