@@ -53,6 +53,9 @@ const BARRIER_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Publishes handed to the forwarder at most per hand-over.
 const ACCEPT_BATCH: usize = 1024;
+/// Frames handled per turn of the session loop before it looks at its
+/// timers, link watches and shutdown again.
+const FRAMES_PER_TURN: usize = 4096;
 /// Watches one session may hold at once.
 const MAX_WATCHES_PER_SESSION: usize = 1024;
 /// Frames the writer takes from the outbox per batch.
@@ -353,29 +356,14 @@ impl Session {
                         return Ending::Closed;
                     }
                 }
-                frame = reader.next() => match frame {
-                    Some(Ok(frame)) => {
-                        // Publishes wait in a batch until this read is used
-                        // up; anything else first hands them over, in order.
-                        if !matches!(frame, Frame::Publish(_)) {
-                            self.flush_accepts().await;
-                        }
-                        let flow = self.on_frame(frame).await;
-                        if reader.read_buffer().is_empty() {
-                            self.flush_accepts().await;
-                        }
-                        // The liveness clock runs only while the relay waits
-                        // on the socket: a client waiting for a PONG the
-                        // relay holds (a PING barrier) is not silent.
-                        last_heard = tokio::time::Instant::now();
-                        flow
-                    }
-                    Some(Err(error)) => {
-                        self.on_read_error(error).await;
-                        Flow::Close
-                    }
-                    None => Flow::Close,
-                },
+                frame = reader.next() => {
+                    let flow = self.on_ready_frames(frame, reader).await;
+                    // The liveness clock runs only while the relay waits
+                    // on the socket: a client waiting for a PONG the
+                    // relay holds (a PING barrier) is not silent.
+                    last_heard = tokio::time::Instant::now();
+                    flow
+                }
             };
             if matches!(flow, Flow::Close) {
                 self.flush_accepts().await;
@@ -414,6 +402,51 @@ impl Session {
             self.peer,
             self.permissions.source
         )
+    }
+
+    /// Handles `first` and then every frame that can be read without
+    /// waiting, up to [`FRAMES_PER_TURN`]. The select loop around this (its
+    /// timers, link watches and shutdown) then runs once per read instead of
+    /// once per frame, which is most of a small publish's cost otherwise.
+    async fn on_ready_frames(
+        &self,
+        first: Option<Result<Frame, CodecError>>,
+        reader: &mut Reader,
+    ) -> Flow {
+        let mut next = first;
+        let mut handled = 0;
+        loop {
+            let frame = match next {
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => {
+                    // What was accepted before the bad bytes is answered.
+                    self.flush_accepts().await;
+                    self.on_read_error(error).await;
+                    return Flow::Close;
+                }
+                None => return Flow::Close,
+            };
+            // Publishes wait in a batch until this read is used up; anything
+            // else first hands them over, in order.
+            if !matches!(frame, Frame::Publish(_)) {
+                self.flush_accepts().await;
+            }
+            if let Flow::Close = self.on_frame(frame).await {
+                return Flow::Close;
+            }
+            handled += 1;
+            // Checked before the next read: a frame taken off the reader
+            // must be handled, never dropped at the end of a turn.
+            if handled == FRAMES_PER_TURN {
+                break;
+            }
+            match reader.next().now_or_never() {
+                Some(more) => next = more,
+                None => break,
+            }
+        }
+        self.flush_accepts().await;
+        Flow::Continue
     }
 
     /// Handles one frame if one can be read without waiting; `None` when

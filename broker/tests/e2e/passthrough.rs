@@ -44,6 +44,37 @@ async fn holdfast_publishes_reach_a_plain_nats_subscriber_in_order() {
     }
 }
 
+/// Far more small frames than one turn of a session handles: a frame left
+/// over at the end of a turn must be handled, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_burst_of_small_publishes_arrives_complete_and_in_order() {
+    const BURST: usize = 50_000;
+    let stack = Stack::start();
+    let nats = stack.direct_nats().await;
+    let mut plain = nats.subscribe("burst").await.unwrap();
+    nats_round_trip(&nats).await;
+    let client = stack.client().await;
+
+    for index in 0..BURST {
+        client
+            .publish_message(OutboundMessage::new("burst", index.to_string()))
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+
+    for index in 0..BURST {
+        let message = within("plain subscriber receives the burst", plain.next())
+            .await
+            .unwrap();
+        assert_eq!(
+            message.payload,
+            Bytes::from(index.to_string()),
+            "message {index} of the burst"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_nats_publishes_reach_a_holdfast_subscriber_in_order() {
     let stack = Stack::start();
