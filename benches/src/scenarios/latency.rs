@@ -51,10 +51,7 @@ async fn measure(
         .subscribe(subject.to_string())
         .await
         .context("subscribing on NATS")?;
-    receiver
-        .flush()
-        .await
-        .context("flushing the subscription")?;
+    super::load::nats_round_trip(&receiver).await?;
     let base = Instant::now();
     let mut latencies = Vec::with_capacity(usize::try_from(samples).unwrap_or(0));
     for index in 0..WARM_UP + samples {

@@ -58,7 +58,7 @@ impl CountingSubscriber {
             .subscribe(subject.to_string())
             .await
             .context("subscribing on NATS")?;
-        client.flush().await.context("flushing the subscription")?;
+        nats_round_trip(&client).await?;
         let counted = Arc::new(Mutex::new(Counted {
             received: 0,
             first: None,
@@ -121,6 +121,29 @@ impl Drop for CountingSubscriber {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+/// Returns once nats-server has handled everything `client` sent before, so
+/// a subscription just made is active there. async-nats's `flush` only
+/// writes its buffer; a message to the client's own inbox comes back only
+/// after the server processed the operations ahead of it. Without this a
+/// run's first messages can reach the server before its subscriber does.
+pub async fn nats_round_trip(client: &async_nats::Client) -> Result<()> {
+    let inbox = client.new_inbox();
+    let mut echo = client
+        .subscribe(inbox.clone())
+        .await
+        .context("subscribing to the round-trip inbox")?;
+    client
+        .publish(inbox, Bytes::new())
+        .await
+        .context("publishing the round-trip message")?;
+    match tokio::time::timeout(ACK_LIMIT, echo.next()).await {
+        Ok(Some(_)) => Ok(()),
+        _ => Err(BenchError::Timeout(
+            "a round trip through nats-server".to_string(),
+        )),
     }
 }
 
