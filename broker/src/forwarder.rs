@@ -50,56 +50,80 @@ const INTAKE: usize = 1_024;
 /// Subjects the chain stamper keeps state for.
 const CHAIN_SUBJECTS: usize = 100_000;
 
-/// Where a publish's answer goes.
-#[derive(Clone)]
-pub struct AckTo {
-    pub outbox: Outbox,
+/// What a publisher asked to hear about one publish.
+#[derive(Debug, Clone, Copy)]
+pub struct AckRequest {
     /// 0: no ack wanted; failures are reported as ERROR frames.
     pub ack_id: u64,
     pub local_deliveries: u32,
-    /// When the publish arrived, for the ack latency histogram.
-    pub received: Instant,
-    pub latency: Option<metrics::Histogram>,
+    /// When an acked publish arrived, for the ack latency histogram.
+    pub received: Option<Instant>,
+}
+
+/// Where a publish's answer goes, kept while the answer waits (on a send
+/// or a commit).
+pub struct AckTo {
+    /// `None` for a fire-and-forget publish on the memory path: its only
+    /// possible answers (forwarded, queued) are not sent, so it holds no
+    /// handle on the session (three shared counters per message otherwise).
+    outbox: Option<Outbox>,
+    request: AckRequest,
+    latency: Option<metrics::Histogram>,
 }
 
 impl AckTo {
     pub fn answer(&self, outcome: AckOutcome) {
-        if self.ack_id != 0 {
-            if let Some(histogram) = &self.latency {
-                histogram.record(self.received.elapsed().as_secs_f64());
-            }
+        if let Some(outbox) = &self.outbox {
+            answer(outbox, &self.request, self.latency.as_ref(), outcome);
         }
-        let frame = match outcome {
-            AckOutcome::Rejected { code, message } if self.ack_id == 0 => {
-                Frame::Error(ErrorFrame {
-                    code,
-                    reference: 0,
-                    message,
-                })
-            }
-            _ if self.ack_id == 0 => return,
-            outcome => Frame::PubAck(PubAck {
-                ack_id: self.ack_id,
-                outcome,
-                local_deliveries: self.local_deliveries,
-            }),
-        };
-        // A session that left no longer needs its answer.
-        let _ = self.outbox.send_ack(frame);
     }
+}
+
+/// Sends `outcome` for `request` to its session: a PUB_ACK, or an ERROR
+/// for a fire-and-forget publish that was refused.
+pub fn answer(
+    outbox: &Outbox,
+    request: &AckRequest,
+    latency: Option<&metrics::Histogram>,
+    outcome: AckOutcome,
+) {
+    if let (Some(histogram), Some(received)) = (latency, request.received) {
+        histogram.record(received.elapsed().as_secs_f64());
+    }
+    let frame = match outcome {
+        AckOutcome::Rejected { code, message } if request.ack_id == 0 => Frame::Error(ErrorFrame {
+            code,
+            reference: 0,
+            message,
+        }),
+        _ if request.ack_id == 0 => return,
+        outcome => Frame::PubAck(PubAck {
+            ack_id: request.ack_id,
+            outcome,
+            local_deliveries: request.local_deliveries,
+        }),
+    };
+    // A session that left no longer needs its answer.
+    let _ = outbox.send_ack(frame);
 }
 
 /// One publish handed to the forwarder.
 pub struct Accept {
     pub class: ClassId,
     pub message: QueuedMessage,
-    pub ack: AckTo,
+    pub ack: AckRequest,
+}
+
+/// Publishes of one session in the order it read them, and where their
+/// answers go (batched per socket read, so the hand-over costs one channel
+/// operation per read, not per message).
+pub struct AcceptBatch {
+    pub outbox: Outbox,
+    pub accepts: Vec<Accept>,
 }
 
 enum Command {
-    /// Publishes in the order a session read them (batched per socket read,
-    /// so the hand-over costs one channel operation per read, not per message).
-    Accept(Vec<Accept>),
+    Accept(AcceptBatch),
     /// Answered once everything accepted before it was answered and the
     /// NATS client flushed.
     Barrier(oneshot::Sender<()>),
@@ -137,12 +161,12 @@ impl ForwarderHandle {
 
     /// Hands publishes over, in order; waits only for room in the intake.
     /// `Err` gives them back when the forwarder is gone.
-    pub async fn accept(&self, accepts: Vec<Accept>) -> Result<(), Vec<Accept>> {
+    pub async fn accept(&self, batch: AcceptBatch) -> Result<(), Vec<Accept>> {
         self.commands
-            .send(Command::Accept(accepts))
+            .send(Command::Accept(batch))
             .await
             .map_err(|error| match error.0 {
-                Command::Accept(accepts) => accepts,
+                Command::Accept(batch) => batch.accepts,
                 Command::Barrier(_) => Vec::new(),
             })
     }
@@ -237,6 +261,8 @@ struct Forwarder {
     appends: FuturesOrdered<BoxFuture<Completion>>,
     probe_subject: String,
     append_latency: metrics::Histogram,
+    /// Per class: time from an acked publish's arrival to its answer.
+    ack_latency: Vec<metrics::Histogram>,
 }
 
 /// Starts the forwarder, adopting the backlog the journal recovered.
@@ -266,6 +292,12 @@ pub fn start(
         }
         queues.push(queue);
     }
+    let ack_latency = classes
+        .names()
+        .map(|class| {
+            metrics::histogram!(crate::telemetry::PUBLISH_ACK_SECONDS, "class" => class.to_string())
+        })
+        .collect();
     let view = Arc::new(ForwarderView {
         gauges: (0..classes.len()).map(|_| ClassGauges::default()).collect(),
         classes: classes.clone(),
@@ -295,6 +327,7 @@ pub fn start(
         pending: FuturesUnordered::new(),
         appends: FuturesOrdered::new(),
         append_latency: metrics::histogram!(crate::telemetry::JOURNAL_APPEND_SECONDS),
+        ack_latency,
     };
     let task = tokio::spawn(forwarder.run(receiver, stop));
     (ForwarderHandle { commands, view }, task)
@@ -434,7 +467,7 @@ impl Forwarder {
     async fn on_command(&mut self, command: Command) {
         self.last_activity = Instant::now();
         match command {
-            Command::Accept(accepts) => {
+            Command::Accept(AcceptBatch { outbox, accepts }) => {
                 // Journal-bound messages, per class in acceptance order, go
                 // to the writer as one group each: one channel operation and
                 // one commit wait per class per batch, not per message.
@@ -442,7 +475,7 @@ impl Forwarder {
                     .map(|_| (Vec::new(), Vec::new()))
                     .collect();
                 for accept in accepts {
-                    if let Some((class, message, ack)) = self.accept(accept) {
+                    if let Some((class, message, ack)) = self.accept(&outbox, accept) {
                         to_journal[class].0.push(message);
                         to_journal[class].1.push(ack);
                     }
@@ -494,11 +527,11 @@ impl Forwarder {
     /// Takes one publish: queued in memory and answered (or waiting to be
     /// forwarded), or bound for the journal — then it is returned, stamped,
     /// for the caller to submit with the rest of its batch.
-    fn accept(&mut self, accept: Accept) -> Option<(ClassId, NewMessage, AckTo)> {
+    fn accept(&mut self, outbox: &Outbox, accept: Accept) -> Option<(ClassId, NewMessage, AckTo)> {
         let Accept {
             class,
             mut message,
-            ack,
+            ack: request,
         } = accept;
         let jetstream = self.classes.get(class)?.jetstream;
         if jetstream {
@@ -512,6 +545,10 @@ impl Forwarder {
         let must_journal = spec.durability == Durability::Durable
             || !queue.fits_in_memory(size)
             || self.appends_in_flight[class] > 0;
+        // Only acked publishes are timed; skip the handle otherwise.
+        let latency = (request.ack_id != 0)
+            .then(|| self.ack_latency.get(class).cloned())
+            .flatten();
         if !must_journal {
             // Its publisher waits to hear `Forwarded` only when it goes out
             // within the next send or two; behind a real backlog (a replay,
@@ -521,26 +558,34 @@ impl Forwarder {
                 && !jetstream_waiting
                 && queue.unsent_in_window() < 2 * SEND_BATCH;
             if forward_now {
-                // Answered `Forwarded` when the send step hands it to NATS.
+                // Answered `Forwarded` when the send step hands it to NATS;
+                // counted even without an ack, for the PING barrier.
                 self.deferred_acks += 1;
+                let ack = AckTo {
+                    outbox: (request.ack_id != 0).then(|| outbox.clone()),
+                    request,
+                    latency,
+                };
                 queue.push_memory(message, None, Some(ack));
             } else {
                 queue.push_memory(message, None, None);
                 self.stats.record_publish(class, PublishOutcome::Queued);
-                ack.answer(AckOutcome::Queued);
+                answer(outbox, &request, latency.as_ref(), AckOutcome::Queued);
             }
             return None;
         }
         let budget_used = self.journal.backlog(class).bytes;
         if spec.when_full == WhenFull::Reject && budget_used + size > spec.max_bytes {
             self.stats.record_rejection(class, ErrorCode::JournalFull);
-            ack.answer(AckOutcome::Rejected {
+            let message = Text::from(format!(
+                "class {} has {} of its {} journal bytes in use",
+                spec.name, budget_used, spec.max_bytes
+            ));
+            let outcome = AckOutcome::Rejected {
                 code: ErrorCode::JournalFull,
-                message: Text::from(format!(
-                    "class {} has {} of its {} journal bytes in use",
-                    spec.name, budget_used, spec.max_bytes
-                )),
-            });
+                message,
+            };
+            answer(outbox, &request, latency.as_ref(), outcome);
             return None;
         }
         // Stamped once, before the journal keeps it, so every copy that ever
@@ -555,6 +600,13 @@ impl Forwarder {
         // Counted now: later publishes of this batch must queue behind it.
         self.appends_in_flight[class] += 1;
         self.deferred_acks += 1;
+        // A commit can still fail, and even a fire-and-forget publisher
+        // hears of that (an ERROR frame), so this one keeps its session.
+        let ack = AckTo {
+            outbox: Some(outbox.clone()),
+            request,
+            latency,
+        };
         Some((class, new_message, ack))
     }
 

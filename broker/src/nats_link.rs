@@ -80,6 +80,10 @@ impl NatsLink {
             .max_reconnects(None)
             .connection_timeout(config.connect_timeout)
             .request_timeout(Some(config.request_timeout))
+            // Every subject was validated when the relay accepted it (the
+            // journal only holds accepted messages); a second check per
+            // message would only cost time.
+            .skip_subject_validation(true)
             .reconnect_delay_callback(move |attempts| {
                 let exponent = attempts.min(10) as u32;
                 Duration::from_millis(50u64.saturating_mul(1 << exponent)).min(reconnect_delay_max)

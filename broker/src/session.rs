@@ -13,7 +13,7 @@ use crate::discovery::{DiscoveryHandle, GetTo};
 use crate::etcd_link::EtcdLink;
 use crate::fanout::LocalMessage;
 use crate::fanout::DELIVERED_LOCALLY_HEADER;
-use crate::forwarder::{Accept, AckTo, ForwarderHandle};
+use crate::forwarder::{Accept, AcceptBatch, AckRequest, ForwarderHandle};
 use crate::nats_convert::{from_header_map, to_header_map, to_subject};
 use crate::nats_link::NatsLink;
 use crate::outbox::{outbox, Outbox, OutboxReceiver};
@@ -23,7 +23,7 @@ use crate::router::RouterHandle;
 use crate::stats::{bump, Limit, PublishOutcome, RelayStats};
 use crate::status;
 use crate::subscription_table::SubscriptionKey;
-use crate::telemetry::{PUBLISH_ACK_SECONDS, REQUEST_DURATION_SECONDS};
+use crate::telemetry::REQUEST_DURATION_SECONDS;
 use async_nats::client::RequestErrorKind;
 use bytes::BytesMut;
 use futures::{FutureExt, StreamExt};
@@ -158,9 +158,6 @@ struct Session {
     /// Publishes read but not yet handed to the forwarder. Only this
     /// session's task touches it; the mutex is never contended.
     accepts: std::sync::Mutex<Vec<Accept>>,
-    /// Ack latency histograms by class index, looked up once per session so
-    /// the publish path does not touch the metrics registry.
-    ack_latency: Vec<metrics::Histogram>,
     /// Keys this session registered: while any exist the session must keep
     /// sending within the liveness timeout. Only this session's task
     /// touches it (as `accepts`).
@@ -220,11 +217,6 @@ pub async fn run(
         outbox,
         requests_in_flight: Arc::new(Semaphore::new(sessions.max_inflight_requests)),
         accepts: std::sync::Mutex::new(Vec::new()),
-        ack_latency: ctx
-            .classes
-            .names()
-            .map(|class| metrics::histogram!(PUBLISH_ACK_SECONDS, "class" => class.to_string()))
-            .collect(),
         registered: Default::default(),
         watches: Default::default(),
         subscribed_since_barrier: Default::default(),
@@ -599,7 +591,6 @@ impl Session {
     /// it; requests and replies (a reply subject, or an `_INBOX.` subject)
     /// are never queued or journaled: a late answer is worse than an error.
     async fn on_publish(&self, publish: Publish) -> Flow {
-        let started = Instant::now();
         let classes = &self.ctx.classes;
         let class = match classes.classify(publish.class.as_deref(), &publish.subject) {
             Ok(class) => class,
@@ -663,17 +654,14 @@ impl Session {
                 subject: message.subject,
                 headers: message.headers,
                 payload: message.payload,
-                accepted_at_ms: crate::wall_clock::unix_millis(),
+                // Stamped for the whole batch when it is handed over.
+                accepted_at_ms: 0,
             },
-            ack: AckTo {
-                outbox: self.outbox.clone(),
+            ack: AckRequest {
                 ack_id: publish.ack_id,
                 local_deliveries,
-                received: started,
-                // Only acked publishes are timed; skip the handle otherwise.
-                latency: (publish.ack_id != 0)
-                    .then(|| self.ack_latency.get(class).cloned())
-                    .flatten(),
+                // Only acked publishes are timed.
+                received: (publish.ack_id != 0).then(Instant::now),
             },
         };
         let full = {
@@ -702,12 +690,24 @@ impl Session {
             }
             std::mem::take(&mut *batch)
         };
+        // One clock read per hand-over, not per message: the batch is at
+        // most one socket read old.
+        let accepted_at_ms = crate::wall_clock::unix_millis();
+        let mut accepts = batch;
+        for accept in &mut accepts {
+            accept.message.accepted_at_ms = accepted_at_ms;
+        }
+        let batch = AcceptBatch {
+            outbox: self.outbox.clone(),
+            accepts,
+        };
         if let Err(refused) = self.ctx.forwarder.accept(batch).await {
             for accept in refused {
-                accept.ack.answer(AckOutcome::Rejected {
+                let outcome = AckOutcome::Rejected {
                     code: ErrorCode::ShuttingDown,
                     message: Text::from("relay is shutting down"),
-                });
+                };
+                crate::forwarder::answer(&self.outbox, &accept.ack, None, outcome);
             }
         }
     }
