@@ -615,9 +615,13 @@ impl Forwarder {
     /// connection or a crash included) carries the same id.
     fn stamp_message_id(&mut self, class: ClassId, message: &mut QueuedMessage) {
         self.next_message_id += 1;
-        let name = self.class_name(class).to_string();
-        let id = format!("{}.{}.{}", self.relay_id, name, self.next_message_id);
-        message.headers.insert("Nats-Msg-Id", id);
+        let id = holdfast_wire::chain::formatted(format_args!(
+            "{}.{}.{}",
+            self.relay_id,
+            self.class_name(class),
+            self.next_message_id
+        ));
+        message.headers.insert(Text::from_static("Nats-Msg-Id"), id);
     }
 
     /// A journal commit answered one append.

@@ -195,6 +195,9 @@ fn main() -> ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Named so `top -H` and profilers tell the relay's workers apart
+        // from those of other tokio programs on the node.
+        .thread_name("holdfastd-worker")
         .build()
     {
         Ok(runtime) => runtime,

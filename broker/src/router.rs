@@ -14,6 +14,7 @@ use crate::subscription_table::{Joined, Left, MemberId, SubscriptionKey, Subscri
 use bytes::Bytes;
 use holdfast_wire::{ErrorCode, Headers, Text};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -81,6 +82,10 @@ enum Command {
 pub struct RouterHandle {
     commands: mpsc::Sender<Command>,
     local_inbox_prefix: Arc<str>,
+    /// Local subscriptions, kept by the router task: a publish during an
+    /// outage asks the router to deliver locally only when there are any,
+    /// instead of a round trip to the router task per message.
+    local_subscriptions: Arc<AtomicUsize>,
 }
 
 fn router_gone() -> Refusal {
@@ -135,8 +140,16 @@ impl RouterHandle {
         }
     }
 
+    /// Whether any session on this relay subscribes to anything.
+    pub fn has_local_subscribers(&self) -> bool {
+        self.local_subscriptions.load(Ordering::Acquire) > 0
+    }
+
     /// Delivers to matching local subscribers; returns how many got it.
     pub async fn deliver_local(&self, message: LocalMessage) -> u32 {
+        if !self.has_local_subscribers() {
+            return 0;
+        }
         let (done, answer) = oneshot::channel();
         if self
             .commands
@@ -197,6 +210,7 @@ struct Router {
     local_inbox_prefix: Arc<str>,
     next_inbox: u64,
     pending_requests: HashMap<Text, PendingRequest>,
+    local_subscriptions: Arc<AtomicUsize>,
 }
 
 /// Starts the router task.
@@ -208,6 +222,7 @@ pub fn start(
 ) -> RouterHandle {
     let (commands, receiver) = mpsc::channel(4096);
     let local_inbox_prefix: Arc<str> = format!("_INBOX.holdfast.{relay_id}.").into();
+    let local_subscriptions = Arc::new(AtomicUsize::new(0));
     let router = Router {
         table: SubscriptionTable::new(),
         fanouts: HashMap::new(),
@@ -218,11 +233,13 @@ pub fn start(
         local_inbox_prefix: local_inbox_prefix.clone(),
         next_inbox: 0,
         pending_requests: HashMap::new(),
+        local_subscriptions: local_subscriptions.clone(),
     };
     tokio::spawn(router.run(receiver));
     RouterHandle {
         commands,
         local_inbox_prefix,
+        local_subscriptions,
     }
 }
 
@@ -250,17 +267,21 @@ impl Router {
                 done,
             } => {
                 let result = self.subscribe(member, key, outbox).await;
+                // Published before the subscriber hears it is subscribed.
+                self.publish_local_count();
                 let _ = done.send(result);
             }
             Command::Unsubscribe { member } => {
                 if let Some((key, left)) = self.table.unsubscribe(member) {
                     self.release(member, key, left).await;
                 }
+                self.publish_local_count();
             }
             Command::RemoveSession { session, done } => {
                 for (member, key, left) in self.table.remove_session(session) {
                     self.release(member, key, left).await;
                 }
+                self.publish_local_count();
                 let _ = done.send(());
             }
             Command::DeliverLocal { message, done } => {
@@ -294,6 +315,11 @@ impl Router {
                 });
             }
         }
+    }
+
+    fn publish_local_count(&self) {
+        self.local_subscriptions
+            .store(self.table.local_count(), Ordering::Release);
     }
 
     async fn subscribe(

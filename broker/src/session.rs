@@ -638,7 +638,7 @@ impl Session {
                 .await;
         }
         let mut local_deliveries = 0;
-        if !self.ctx.nats.is_up() {
+        if !self.ctx.nats.is_up() && self.ctx.router.has_local_subscribers() {
             // Node-local subscribers get it now; the header keeps them from
             // getting it a second time when the replay reaches NATS.
             local_deliveries = self.ctx.router.deliver_local(message.clone()).await;

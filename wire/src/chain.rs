@@ -153,10 +153,13 @@ impl ChainStamper {
         };
         strip_chain_headers(headers);
         headers.insert(Text::from_static(HEADER_RELAY), self.relay_id.clone());
-        headers.insert(Text::from_static(HEADER_SEQ), link.seq.to_string());
+        headers.insert(
+            Text::from_static(HEADER_SEQ),
+            formatted(format_args!("{}", link.seq)),
+        );
         headers.insert(
             Text::from_static(HEADER_CHAIN),
-            format!("{:016x}", link.digest),
+            formatted(format_args!("{:016x}", link.digest)),
         );
     }
 
@@ -172,6 +175,24 @@ impl ChainStamper {
     /// Chains evicted to make room since this stamper was created.
     pub fn evictions(&self) -> u64 {
         self.evictions
+    }
+}
+
+/// A short header value formatted on the stack and stored in one exact
+/// allocation (a `String` turned into `Text` costs two when its capacity
+/// is not its length; this runs for every journaled message).
+pub fn formatted(args: std::fmt::Arguments<'_>) -> Text {
+    use std::io::Write;
+    let mut buffer = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+    if cursor.write_fmt(args).is_err() {
+        // Longer than the stack buffer: take the general path.
+        return Text::from(std::fmt::format(args));
+    }
+    let len = usize::try_from(cursor.position()).unwrap_or(buffer.len());
+    match std::str::from_utf8(&buffer[..len]) {
+        Ok(text) => Text::from(text),
+        Err(_) => Text::from(std::fmt::format(args)),
     }
 }
 
@@ -558,6 +579,23 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formatted_values_equal_format_whatever_their_length() {
+        assert_eq!(
+            formatted(format_args!("{}", u64::MAX)).as_str(),
+            "18446744073709551615"
+        );
+        assert_eq!(
+            formatted(format_args!("{:016x}", 255u64)).as_str(),
+            "00000000000000ff"
+        );
+        let long = "x".repeat(300);
+        assert_eq!(
+            formatted(format_args!("{long}.{}", 7)).as_str(),
+            format!("{long}.7")
+        );
+    }
     use proptest::prelude::*;
 
     /// One stamped message as a consumer receives it.
