@@ -615,12 +615,13 @@ impl Forwarder {
     /// connection or a crash included) carries the same id.
     fn stamp_message_id(&mut self, class: ClassId, message: &mut QueuedMessage) {
         self.next_message_id += 1;
-        let id = holdfast_wire::chain::formatted(format_args!(
-            "{}.{}.{}",
-            self.relay_id,
-            self.class_name(class),
-            self.next_message_id
-        ));
+        let id = holdfast_wire::ShortText::new()
+            .push_str(&self.relay_id)
+            .push_str(".")
+            .push_str(self.class_name(class))
+            .push_str(".")
+            .push_decimal(self.next_message_id)
+            .finish();
         message.headers.insert(Text::from_static("Nats-Msg-Id"), id);
     }
 

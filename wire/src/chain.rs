@@ -9,7 +9,7 @@
 //! machines with bounded memory. The rules are written out for other
 //! implementers in `PROTOCOL.md`, section "Sequence chain headers".
 
-use crate::{Headers, Text};
+use crate::{Headers, ShortText, Text};
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -155,11 +155,11 @@ impl ChainStamper {
         headers.insert(Text::from_static(HEADER_RELAY), self.relay_id.clone());
         headers.insert(
             Text::from_static(HEADER_SEQ),
-            formatted(format_args!("{}", link.seq)),
+            ShortText::new().push_decimal(link.seq).finish(),
         );
         headers.insert(
             Text::from_static(HEADER_CHAIN),
-            formatted(format_args!("{:016x}", link.digest)),
+            ShortText::new().push_hex16(link.digest).finish(),
         );
     }
 
@@ -175,24 +175,6 @@ impl ChainStamper {
     /// Chains evicted to make room since this stamper was created.
     pub fn evictions(&self) -> u64 {
         self.evictions
-    }
-}
-
-/// A short header value formatted on the stack and stored in one exact
-/// allocation (a `String` turned into `Text` costs two when its capacity
-/// is not its length; this runs for every journaled message).
-pub fn formatted(args: std::fmt::Arguments<'_>) -> Text {
-    use std::io::Write;
-    let mut buffer = [0u8; 64];
-    let mut cursor = std::io::Cursor::new(&mut buffer[..]);
-    if cursor.write_fmt(args).is_err() {
-        // Longer than the stack buffer: take the general path.
-        return Text::from(std::fmt::format(args));
-    }
-    let len = usize::try_from(cursor.position()).unwrap_or(buffer.len());
-    match std::str::from_utf8(&buffer[..len]) {
-        Ok(text) => Text::from(text),
-        Err(_) => Text::from(std::fmt::format(args)),
     }
 }
 
@@ -580,22 +562,6 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn formatted_values_equal_format_whatever_their_length() {
-        assert_eq!(
-            formatted(format_args!("{}", u64::MAX)).as_str(),
-            "18446744073709551615"
-        );
-        assert_eq!(
-            formatted(format_args!("{:016x}", 255u64)).as_str(),
-            "00000000000000ff"
-        );
-        let long = "x".repeat(300);
-        assert_eq!(
-            formatted(format_args!("{long}.{}", 7)).as_str(),
-            format!("{long}.7")
-        );
-    }
     use proptest::prelude::*;
 
     /// One stamped message as a consumer receives it.

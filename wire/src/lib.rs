@@ -16,6 +16,7 @@ pub mod codec;
 mod error_code;
 mod frame;
 pub mod nats_protocol;
+mod short_text;
 pub mod subject;
 mod text;
 
@@ -24,6 +25,7 @@ pub use codec::{
 };
 pub use error_code::ErrorCode;
 pub use frame::*;
+pub use short_text::ShortText;
 pub use text::{Text, Utf8Error};
 
 /// The protocol version this crate speaks; negotiated in HELLO/WELCOME.

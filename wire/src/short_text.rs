@@ -1,0 +1,129 @@
+//! `ShortText`: a header value assembled on the stack and stored in one
+//! exact allocation.
+//!
+//! The relay writes several such values for every journaled message (chain
+//! sequence and digest, `Nats-Msg-Id`). `format!` costs the formatting
+//! machinery, and a `String` whose capacity is not its length costs a second
+//! allocation when it becomes a [`Text`].
+
+use crate::Text;
+
+/// Bytes kept on the stack before the builder falls back to a `String`.
+const INLINE_BYTES: usize = 128;
+
+/// Appends pieces, then [`ShortText::finish`] makes the [`Text`].
+pub struct ShortText {
+    inline: [u8; INLINE_BYTES],
+    len: usize,
+    /// Set once a piece did not fit; everything is then written here.
+    spilled: Option<String>,
+}
+
+impl Default for ShortText {
+    fn default() -> ShortText {
+        ShortText::new()
+    }
+}
+
+impl ShortText {
+    pub fn new() -> ShortText {
+        ShortText {
+            inline: [0; INLINE_BYTES],
+            len: 0,
+            spilled: None,
+        }
+    }
+
+    pub fn push_str(&mut self, piece: &str) -> &mut ShortText {
+        if let Some(spilled) = &mut self.spilled {
+            spilled.push_str(piece);
+            return self;
+        }
+        let end = self.len + piece.len();
+        if end <= INLINE_BYTES {
+            self.inline[self.len..end].copy_from_slice(piece.as_bytes());
+            self.len = end;
+        } else {
+            let mut spilled = String::with_capacity(end);
+            spilled.push_str(self.as_inline_str());
+            spilled.push_str(piece);
+            self.spilled = Some(spilled);
+        }
+        self
+    }
+
+    /// `value` in canonical decimal.
+    pub fn push_decimal(&mut self, mut value: u64) -> &mut ShortText {
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (value % 10) as u8;
+            value /= 10;
+            if value == 0 {
+                break;
+            }
+        }
+        self.push_ascii(&digits[start..])
+    }
+
+    /// `value` as exactly 16 lowercase hex digits.
+    pub fn push_hex16(&mut self, value: u64) -> &mut ShortText {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut digits = [0u8; 16];
+        for (index, digit) in digits.iter_mut().enumerate() {
+            let shift = 60 - 4 * index;
+            *digit = HEX[((value >> shift) & 0xf) as usize];
+        }
+        self.push_ascii(&digits)
+    }
+
+    pub fn finish(&self) -> Text {
+        match &self.spilled {
+            Some(spilled) => Text::from(spilled.as_str()),
+            None => Text::from(self.as_inline_str()),
+        }
+    }
+
+    fn push_ascii(&mut self, ascii: &[u8]) -> &mut ShortText {
+        // Digits only: always UTF-8.
+        self.push_str(std::str::from_utf8(ascii).unwrap_or_default())
+    }
+
+    fn as_inline_str(&self) -> &str {
+        // Only whole `&str` pieces are ever copied in, so this never fails.
+        std::str::from_utf8(&self.inline[..self.len]).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_as_format_writes_them() {
+        for value in [0, 7, 10, 255, 1_000_000, u64::MAX] {
+            assert_eq!(
+                ShortText::new().push_decimal(value).finish().as_str(),
+                value.to_string()
+            );
+            assert_eq!(
+                ShortText::new().push_hex16(value).finish().as_str(),
+                format!("{value:016x}")
+            );
+        }
+    }
+
+    #[test]
+    fn pieces_join_and_long_values_spill_intact() {
+        let relay = "r".repeat(100);
+        let text = ShortText::new()
+            .push_str(&relay)
+            .push_str(".kv_events.")
+            .push_decimal(42)
+            .finish();
+        assert_eq!(text.as_str(), format!("{relay}.kv_events.42"));
+        let short = ShortText::new().push_str("a").push_str("é").finish();
+        assert_eq!(short.as_str(), "aé");
+    }
+}
