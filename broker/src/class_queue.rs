@@ -212,10 +212,22 @@ impl<A> ClassQueue<A> {
         self.sent
     }
 
-    /// When the window has nothing left to send but the journal does: read
-    /// the journal after this sequence. Marks the read as in flight.
-    pub fn start_refill(&mut self) -> Option<u64> {
-        if self.has_unsent_in_window() || self.refill_in_flight {
+    /// Nothing held in memory (sent or not).
+    pub fn window_is_empty(&self) -> bool {
+        self.window.is_empty()
+    }
+
+    /// Bytes of the messages held in memory.
+    pub fn window_bytes(&self) -> u64 {
+        self.window_bytes
+    }
+
+    /// When at most `low_water` messages in the window are still unsent and
+    /// the journal holds more: read the journal after this sequence (with a
+    /// low water above zero, the read overlaps sending what is left instead
+    /// of the sends pausing for it). Marks the read as in flight.
+    pub fn start_refill(&mut self, low_water: usize) -> Option<u64> {
+        if self.unsent_in_window() > low_water || self.refill_in_flight {
             return None;
         }
         let (first, _) = self.journal_tail?;
@@ -378,12 +390,12 @@ mod tests {
         assert_eq!(queue.backlog().0, 3);
 
         // The window drains first...
-        assert_eq!(queue.start_refill(), None, "window still has unsent work");
+        assert_eq!(queue.start_refill(0), None, "window still has unsent work");
         queue.take_unsent(9);
         queue.confirm(1);
         // ...then the tail is read back from the journal, in order.
-        assert_eq!(queue.start_refill(), Some(9));
-        assert_eq!(queue.start_refill(), None, "one read at a time");
+        assert_eq!(queue.start_refill(0), Some(9));
+        assert_eq!(queue.start_refill(0), None, "one read at a time");
         queue.finish_refill(vec![(10, message("j1", 2)), (11, message("j2", 3))]);
         assert_eq!(payloads(&queue.take_unsent(9)), [b"j1", b"j2"]);
         assert_eq!(queue.confirm(2), Some(11));
@@ -392,12 +404,37 @@ mod tests {
     }
 
     #[test]
+    fn a_refill_may_start_before_the_window_is_sent_and_lands_behind_it() {
+        let mut queue: ClassQueue<u32> = ClassQueue::new(1 << 20);
+        queue.push_memory(message("w1", 1), Some(1), None);
+        queue.push_memory(message("w2", 1), Some(2), None);
+        queue.push_memory(message("w3", 1), Some(3), None);
+        for seq in 4..=6 {
+            queue.push_journal_only(seq);
+        }
+        assert_eq!(
+            queue.start_refill(1),
+            None,
+            "three unsent is above the low water"
+        );
+        assert_eq!(payloads(&queue.take_unsent(2)), vec![&b"w1"[..], b"w2"]);
+        assert_eq!(queue.start_refill(1), Some(3), "one unsent: read ahead");
+        queue.finish_refill(vec![(4, message("j4", 2)), (5, message("j5", 2))]);
+        assert_eq!(
+            payloads(&queue.take_unsent(10)),
+            vec![&b"w3"[..], b"j4", b"j5"],
+            "what was read joins behind the unsent rest, in order"
+        );
+        assert_eq!(queue.start_refill(1), Some(5));
+    }
+
+    #[test]
     fn journal_commits_reported_out_of_order_keep_the_whole_range() {
         let mut queue = Queue::new(0);
         for seq in [12, 10, 11] {
             queue.push_journal_only(seq);
         }
-        assert_eq!(queue.start_refill(), Some(9));
+        assert_eq!(queue.start_refill(0), Some(9));
         queue.finish_refill(vec![
             (10, message("a", 1)),
             (11, message("b", 1)),
@@ -410,11 +447,11 @@ mod tests {
     fn partial_refills_keep_the_rest_of_the_tail() {
         let mut queue = Queue::new(1_000);
         queue.restore(5, 8, 4);
-        assert_eq!(queue.start_refill(), Some(4));
+        assert_eq!(queue.start_refill(0), Some(4));
         queue.finish_refill(vec![(5, message("x", 1)), (6, message("y", 1))]);
         assert_eq!(queue.backlog().0, 4);
         queue.take_unsent(9);
-        assert_eq!(queue.start_refill(), Some(6));
+        assert_eq!(queue.start_refill(0), Some(6));
         queue.finish_refill(vec![(7, message("z", 1)), (8, message("w", 1))]);
         assert_eq!(payloads(&queue.take_unsent(9)), [b"z", b"w"]);
     }

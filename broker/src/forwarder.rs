@@ -38,6 +38,9 @@ use tracing::{info, warn};
 const SEND_BATCH: usize = 512;
 /// Messages read back from the journal at a time.
 const REFILL_BATCH: usize = 4096;
+/// The next journal read starts once this few read messages are unsent, so
+/// the read overlaps the sending of the rest.
+const REFILL_LOW_WATER: usize = REFILL_BATCH / 2;
 /// How long a confirmation probe may take before the link is suspect.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often retention is enforced and idle compaction considered.
@@ -954,11 +957,11 @@ impl Forwarder {
             if self.refill_retry_at[class].is_some_and(|at| now < at) {
                 continue;
             }
-            let Some(after) = self.queues[class].start_refill() else {
-                continue;
-            };
-            // As many as fit the class's memory budget at the journal's
-            // average message size (at least one, at most REFILL_BATCH).
+            // As many as fit the class's memory budget beside what the
+            // window holds, at the journal's average message size (at most
+            // REFILL_BATCH; one when the window is empty, so a budget smaller
+            // than one message still makes progress).
+            let queue = &self.queues[class];
             let backlog = self.journal.backlog(class);
             let average = backlog
                 .bytes
@@ -966,9 +969,20 @@ impl Forwarder {
                 .unwrap_or(1)
                 .max(1);
             let memory = self.classes.get(class).map_or(0, |spec| spec.memory_bytes);
-            let count = usize::try_from(memory / average)
+            let room = memory.saturating_sub(queue.window_bytes());
+            let mut count = usize::try_from(room / average)
                 .unwrap_or(REFILL_BATCH)
-                .clamp(1, REFILL_BATCH);
+                .min(REFILL_BATCH);
+            if count == 0 {
+                if !queue.window_is_empty() {
+                    // Confirmations will make room.
+                    continue;
+                }
+                count = 1;
+            }
+            let Some(after) = self.queues[class].start_refill(REFILL_LOW_WATER) else {
+                continue;
+            };
             let journal = self.journal.clone();
             self.pending.push(Box::pin(async move {
                 let result = journal.read_after(class, after, count).await;

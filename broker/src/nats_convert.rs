@@ -1,7 +1,8 @@
 //! Conversions between holdfast's wire types and async-nats types.
 
+use async_nats::header::HeaderName;
 use async_nats::{HeaderMap, Subject};
-use holdfast_wire::{Headers, Text};
+use holdfast_wire::{chain, Headers, Text};
 
 /// Why a wire value cannot be handed to async-nats.
 #[derive(Debug, thiserror::Error)]
@@ -23,13 +24,31 @@ pub fn to_header_map(headers: &Headers) -> Result<Option<HeaderMap>, InvalidHead
     }
     let mut map = HeaderMap::new();
     for (name, value) in headers.iter() {
-        let header_name: async_nats::header::HeaderName =
-            name.as_str().parse().map_err(|_| InvalidHeader {
+        let header_name = match relay_header_name(name.as_str()) {
+            Some(known) => known,
+            None => name.as_str().parse().map_err(|_| InvalidHeader {
                 name: name.to_string(),
-            })?;
+            })?,
+        };
         map.append(header_name, value.as_str());
     }
     Ok(Some(map))
+}
+
+/// The names the relay stamps on every journaled message, without the
+/// parse and copy a name from the wire costs (this runs per replayed message).
+fn relay_header_name(name: &str) -> Option<HeaderName> {
+    const RELAY: HeaderName = HeaderName::from_static(chain::HEADER_RELAY);
+    const SEQ: HeaderName = HeaderName::from_static(chain::HEADER_SEQ);
+    const CHAIN: HeaderName = HeaderName::from_static(chain::HEADER_CHAIN);
+    const MESSAGE_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+    match name {
+        chain::HEADER_RELAY => Some(RELAY),
+        chain::HEADER_SEQ => Some(SEQ),
+        chain::HEADER_CHAIN => Some(CHAIN),
+        "Nats-Msg-Id" => Some(MESSAGE_ID),
+        _ => None,
+    }
 }
 
 pub fn from_header_map(map: Option<&HeaderMap>) -> Headers {
@@ -58,6 +77,11 @@ mod tests {
         headers.insert("Trace-Id", "abc");
         headers.insert("Tag", "one");
         headers.insert("Tag", "two");
+        // The names the relay stamps take a shortcut; they must read the same.
+        headers.insert(chain::HEADER_RELAY, "relay-1");
+        headers.insert(chain::HEADER_SEQ, "7");
+        headers.insert(chain::HEADER_CHAIN, "00000000000000ff");
+        headers.insert("Nats-Msg-Id", "relay-1.kv_events.7");
         let map = to_header_map(&headers).unwrap().unwrap();
         let mut back = from_header_map(Some(&map)).0;
         back.sort();
