@@ -42,6 +42,7 @@ impl From<QueuedMessage> for crate::journal::NewMessage {
             headers: message.headers,
             payload: message.payload,
             accepted_at_ms: message.accepted_at_ms,
+            stamp: None,
         }
     }
 }

@@ -16,7 +16,7 @@
 
 use crate::class_queue::{ClassQueue, Entry, QueuedMessage};
 use crate::classes::{ClassId, Classes, Durability, WhenFull};
-use crate::journal::{Journal, JournalError, NewMessage};
+use crate::journal::{Journal, JournalError, JournalStamp, NewMessage};
 use crate::nats_convert::{to_header_map, to_subject};
 use crate::nats_link::NatsLink;
 use crate::outbox::Outbox;
@@ -266,6 +266,8 @@ struct Forwarder {
     append_latency: metrics::Histogram,
     /// Per class: time from an acked publish's arrival to its answer.
     ack_latency: Vec<metrics::Histogram>,
+    /// Class names as header text, shared by every message id stamped.
+    class_texts: Vec<Text>,
 }
 
 /// Starts the forwarder, adopting the backlog the journal recovered.
@@ -295,6 +297,7 @@ pub fn start(
         }
         queues.push(queue);
     }
+    let class_texts = classes.names().map(Text::from).collect();
     let ack_latency = classes
         .names()
         .map(|class| {
@@ -331,6 +334,7 @@ pub fn start(
         appends: FuturesOrdered::new(),
         append_latency: metrics::histogram!(crate::telemetry::JOURNAL_APPEND_SECONDS),
         ack_latency,
+        class_texts,
     };
     let task = tokio::spawn(forwarder.run(receiver, stop));
     (ForwarderHandle { commands, view }, task)
@@ -591,15 +595,21 @@ impl Forwarder {
             answer(outbox, &request, latency.as_ref(), outcome);
             return None;
         }
-        // Stamped once, before the journal keeps it, so every copy that ever
+        // Stamped once, as the journal keeps it, so every copy that ever
         // reaches NATS (including resends after a crash) carries the same
-        // chain position and id.
-        self.stamper
-            .stamp(&message.subject, &message.payload, &mut message.headers);
-        if !jetstream {
-            self.stamp_message_id(class, &mut message);
-        }
-        let new_message = NewMessage::from(message);
+        // chain position and id. A client's own chain headers were removed
+        // when the relay accepted the message.
+        let chain = self.stamper.advance(&message.subject, &message.payload);
+        let message_id = (!jetstream).then(|| {
+            self.next_message_id += 1;
+            (self.class_texts[class].clone(), self.next_message_id)
+        });
+        let mut new_message = NewMessage::from(message);
+        new_message.stamp = Some(JournalStamp {
+            relay_id: self.relay_id.clone(),
+            chain,
+            message_id,
+        });
         // Counted now: later publishes of this batch must queue behind it.
         self.appends_in_flight[class] += 1;
         self.deferred_acks += 1;

@@ -1,5 +1,6 @@
 //! Conversions between holdfast's wire types and async-nats types.
 
+use crate::journal::MESSAGE_ID_HEADER;
 use async_nats::header::HeaderName;
 use async_nats::{HeaderMap, Subject};
 use holdfast_wire::{chain, Headers, Text};
@@ -41,12 +42,12 @@ fn relay_header_name(name: &str) -> Option<HeaderName> {
     const RELAY: HeaderName = HeaderName::from_static(chain::HEADER_RELAY);
     const SEQ: HeaderName = HeaderName::from_static(chain::HEADER_SEQ);
     const CHAIN: HeaderName = HeaderName::from_static(chain::HEADER_CHAIN);
-    const MESSAGE_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+    const MESSAGE_ID: HeaderName = HeaderName::from_static(MESSAGE_ID_HEADER);
     match name {
         chain::HEADER_RELAY => Some(RELAY),
         chain::HEADER_SEQ => Some(SEQ),
         chain::HEADER_CHAIN => Some(CHAIN),
-        "Nats-Msg-Id" => Some(MESSAGE_ID),
+        MESSAGE_ID_HEADER => Some(MESSAGE_ID),
         _ => None,
     }
 }

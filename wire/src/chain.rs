@@ -102,6 +102,14 @@ impl Link {
     }
 }
 
+/// A message's place in its chain: [`HEADER_SEQ`] and [`HEADER_CHAIN`]
+/// (written as decimal and as 16 lowercase hex digits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainPosition {
+    pub seq: u64,
+    pub digest: u64,
+}
+
 /// The relay's side: stamps messages with the chain headers of their subject.
 ///
 /// Memory is bounded: at most `max_subjects` chains are kept. Stamping a new
@@ -138,6 +146,23 @@ impl ChainStamper {
     /// headers to `headers`, after removing any chain headers already there
     /// (a client must not be able to forge them through the relay).
     pub fn stamp(&mut self, subject: &str, payload: &[u8], headers: &mut Headers) {
+        let position = self.advance(subject, payload);
+        strip_chain_headers(headers);
+        headers.insert(Text::from_static(HEADER_RELAY), self.relay_id.clone());
+        headers.insert(
+            Text::from_static(HEADER_SEQ),
+            ShortText::new().push_decimal(position.seq).finish(),
+        );
+        headers.insert(
+            Text::from_static(HEADER_CHAIN),
+            ShortText::new().push_hex16(position.digest).finish(),
+        );
+    }
+
+    /// Advances `subject`'s chain over `payload` and returns the values its
+    /// headers carry, for a caller that writes them itself (the relay's
+    /// journal encodes them straight into the stored record).
+    pub fn advance(&mut self, subject: &str, payload: &[u8]) -> ChainPosition {
         let link = match self.chains.get_mut(subject) {
             Some(link) => {
                 *link = link.next(payload);
@@ -151,16 +176,10 @@ impl ChainStamper {
                 link
             }
         };
-        strip_chain_headers(headers);
-        headers.insert(Text::from_static(HEADER_RELAY), self.relay_id.clone());
-        headers.insert(
-            Text::from_static(HEADER_SEQ),
-            ShortText::new().push_decimal(link.seq).finish(),
-        );
-        headers.insert(
-            Text::from_static(HEADER_CHAIN),
-            ShortText::new().push_hex16(link.digest).finish(),
-        );
+        ChainPosition {
+            seq: link.seq,
+            digest: link.digest,
+        }
     }
 
     /// Subjects whose chain is currently kept.

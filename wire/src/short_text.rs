@@ -79,9 +79,14 @@ impl ShortText {
     }
 
     pub fn finish(&self) -> Text {
+        Text::from(self.as_str())
+    }
+
+    /// What was written so far, without allocating.
+    pub fn as_str(&self) -> &str {
         match &self.spilled {
-            Some(spilled) => Text::from(spilled.as_str()),
-            None => Text::from(self.as_inline_str()),
+            Some(spilled) => spilled.as_str(),
+            None => self.as_inline_str(),
         }
     }
 

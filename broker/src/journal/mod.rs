@@ -89,6 +89,25 @@ pub struct NewMessage {
     pub payload: Bytes,
     /// Unix milliseconds; retention and `oldest_accepted_ms` use it.
     pub accepted_at_ms: u64,
+    /// Headers the relay stamps as the message is journaled, stored after
+    /// `headers`.
+    pub stamp: Option<JournalStamp>,
+}
+
+/// The NATS header JetStream deduplicates by; the relay stamps it on every
+/// journaled message (and every message of a JetStream class).
+pub const MESSAGE_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// The headers the relay stamps on a journaled message (the sequence chain
+/// and `Nats-Msg-Id`), kept as numbers until they are encoded: formatted
+/// straight into the stored record, they cost no allocation per message.
+#[derive(Debug, Clone)]
+pub struct JournalStamp {
+    pub relay_id: Text,
+    pub chain: holdfast_wire::chain::ChainPosition,
+    /// `Nats-Msg-Id` as `relay.class.counter`; `None` when the message
+    /// carries its id already.
+    pub message_id: Option<(Text, u64)>,
 }
 
 #[derive(Clone, Debug)]

@@ -24,8 +24,9 @@
 //! messages are walked or decoded).
 
 use super::checksum::crc32;
-use super::{Headers, NewMessage, StoredMessage, Text};
+use super::{Headers, JournalStamp, NewMessage, StoredMessage, Text, MESSAGE_ID_HEADER};
 use bytes::Bytes;
+use holdfast_wire::{chain, ShortText};
 use std::ops::Range;
 
 /// Version byte of the row layout above.
@@ -55,15 +56,21 @@ pub(super) struct EncodedMessage {
 
 impl EncodedMessage {
     pub(super) fn encode(message: &NewMessage) -> EncodedMessage {
+        let stamped = message.stamp.as_ref().map(StampValues::new);
         let reply_len = message.reply.as_ref().map_or(0, |reply| reply.len());
         let header_len: usize = message
             .headers
             .iter()
             .map(|(name, value)| name.len() + value.len())
-            .sum();
+            .sum::<usize>()
+            + stamped.as_ref().map_or(0, StampValues::len);
+        let header_count = message.headers.len()
+            + stamped
+                .as_ref()
+                .map_or(0, |values| values.headers().count());
         let size = message.subject.len() + reply_len + header_len + message.payload.len();
         // Each varint is at most 10 bytes; 10 per field plus 20 per header is generous.
-        let mut bytes = Vec::with_capacity(size + 50 + 20 * message.headers.len());
+        let mut bytes = Vec::with_capacity(size + 50 + 20 * header_count);
         put_varint(&mut bytes, message.accepted_at_ms);
         put_bytes(&mut bytes, message.subject.as_bytes());
         match &message.reply {
@@ -73,10 +80,16 @@ impl EncodedMessage {
                 bytes.extend_from_slice(reply.as_bytes());
             }
         }
-        put_varint(&mut bytes, message.headers.len() as u64);
+        put_varint(&mut bytes, header_count as u64);
         for (name, value) in message.headers.iter() {
             put_bytes(&mut bytes, name.as_bytes());
             put_bytes(&mut bytes, value.as_bytes());
+        }
+        if let Some(values) = &stamped {
+            for (name, value) in values.headers() {
+                put_bytes(&mut bytes, name.as_bytes());
+                put_bytes(&mut bytes, value.as_bytes());
+            }
         }
         put_bytes(&mut bytes, &message.payload);
         EncodedMessage {
@@ -84,6 +97,60 @@ impl EncodedMessage {
             size: size as u64,
             bytes,
         }
+    }
+}
+
+/// A [`JournalStamp`]'s header values, formatted on the stack.
+struct StampValues<'a> {
+    relay_id: &'a str,
+    seq: ShortText,
+    digest: ShortText,
+    message_id: Option<ShortText>,
+}
+
+impl<'a> StampValues<'a> {
+    fn new(stamp: &'a JournalStamp) -> StampValues<'a> {
+        let mut seq = ShortText::new();
+        seq.push_decimal(stamp.chain.seq);
+        let mut digest = ShortText::new();
+        digest.push_hex16(stamp.chain.digest);
+        let message_id = stamp.message_id.as_ref().map(|(class, counter)| {
+            let mut id = ShortText::new();
+            id.push_str(&stamp.relay_id)
+                .push_str(".")
+                .push_str(class)
+                .push_str(".")
+                .push_decimal(*counter);
+            id
+        });
+        StampValues {
+            relay_id: &stamp.relay_id,
+            seq,
+            digest,
+            message_id,
+        }
+    }
+
+    /// In the order the relay has always stamped them: chain, then id.
+    fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        [
+            (chain::HEADER_RELAY, self.relay_id),
+            (chain::HEADER_SEQ, self.seq.as_str()),
+            (chain::HEADER_CHAIN, self.digest.as_str()),
+        ]
+        .into_iter()
+        .chain(
+            self.message_id
+                .as_ref()
+                .map(|id| (MESSAGE_ID_HEADER, id.as_str())),
+        )
+    }
+
+    /// Bytes of names and values, as message sizes count headers.
+    fn len(&self) -> usize {
+        self.headers()
+            .map(|(name, value)| name.len() + value.len())
+            .sum()
     }
 }
 
@@ -373,6 +440,7 @@ mod tests {
             headers,
             payload: Bytes::from(vec![i as u8; (i as usize * 7) % 300]),
             accepted_at_ms: 1_700_000_000_000 + i,
+            stamp: None,
         }
     }
 
@@ -418,8 +486,48 @@ mod tests {
             headers,
             payload: Bytes::from_static(b"0123456789"),
             accepted_at_ms: 5,
+            stamp: None,
         };
         assert_eq!(EncodedMessage::encode(&m).size, 4 + 3 + 5 + 10);
+    }
+
+    #[test]
+    fn a_stamp_is_stored_as_the_headers_stamping_them_gives() {
+        let payload = Bytes::from_static(b"hello");
+        let mut own = Headers::new();
+        own.insert("x", "1");
+        let mut stamped = own.clone();
+        chain::ChainStamper::new(Text::from("relay-1"), 8).stamp("kv.a", &payload, &mut stamped);
+        stamped.insert(MESSAGE_ID_HEADER, "relay-1.kv_events.9");
+        let position = chain::ChainStamper::new(Text::from("relay-1"), 8).advance("kv.a", &payload);
+        let message = NewMessage {
+            subject: Text::from("kv.a"),
+            reply: None,
+            headers: own,
+            payload: payload.clone(),
+            accepted_at_ms: 5,
+            stamp: Some(JournalStamp {
+                relay_id: Text::from("relay-1"),
+                chain: position,
+                message_id: Some((Text::from("kv_events"), 9)),
+            }),
+        };
+        let row = Bytes::from(build(std::slice::from_ref(&message)));
+        let (_, mut walk) = walk(&row).unwrap();
+        let span = walk.next().unwrap().unwrap();
+        let decoded = decode_message(&row, &span, 1).unwrap();
+        assert_eq!(decoded.headers, stamped);
+        assert_eq!(decoded.payload, payload);
+        let as_headers = NewMessage {
+            headers: stamped,
+            stamp: None,
+            ..message.clone()
+        };
+        assert_eq!(
+            EncodedMessage::encode(&message).size,
+            EncodedMessage::encode(&as_headers).size,
+            "stamped headers count against the budget like any others"
+        );
     }
 
     #[test]

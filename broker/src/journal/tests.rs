@@ -40,6 +40,7 @@ fn msg(i: u64) -> NewMessage {
         headers,
         payload: Bytes::from(format!("payload-{i:06}")),
         accepted_at_ms: 1_000 + i,
+        stamp: None,
     }
 }
 
@@ -51,6 +52,7 @@ fn sized(size: usize, accepted_at_ms: u64) -> NewMessage {
         headers: Headers::new(),
         payload: Bytes::from(vec![b'x'; size - 1]),
         accepted_at_ms,
+        stamp: None,
     }
 }
 
