@@ -16,7 +16,7 @@
 
 use crate::class_queue::{ClassQueue, Entry, QueuedMessage};
 use crate::classes::{ClassId, Classes, Durability, WhenFull};
-use crate::journal::{Journal, JournalError, JournalStamp, NewMessage};
+use crate::journal::{Journal, JournalError, JournalStamp, NewMessage, MESSAGE_ID_HEADER};
 use crate::nats_convert::{to_header_map, to_subject};
 use crate::nats_link::NatsLink;
 use crate::outbox::Outbox;
@@ -635,7 +635,9 @@ impl Forwarder {
             .push_str(".")
             .push_decimal(self.next_message_id)
             .finish();
-        message.headers.insert(Text::from_static("Nats-Msg-Id"), id);
+        message
+            .headers
+            .insert(Text::from_static(MESSAGE_ID_HEADER), id);
     }
 
     /// A journal commit answered one append.
