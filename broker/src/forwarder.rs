@@ -666,7 +666,6 @@ impl Forwarder {
                     JournalError::Full { .. } => ErrorCode::JournalFull,
                     _ => ErrorCode::Internal,
                 };
-                warn!(%error, class = self.class_name(class), "journal append failed");
                 self.stats.record_rejection(class, code);
                 ack.answer(AckOutcome::Rejected {
                     code,
@@ -681,8 +680,20 @@ impl Forwarder {
             Completion::Appended { results, started } => {
                 // One sample per batch: the wait for its commits.
                 self.append_latency.record(started.elapsed().as_secs_f64());
+                // A failed commit fails every message in it: one log line
+                // per class and batch, not one per message.
+                let mut failures: Vec<(ClassId, u64, JournalError)> = Vec::new();
                 for (class, ack, result) in results {
+                    if let Err(error) = &result {
+                        match failures.iter_mut().find(|(failed, _, _)| *failed == class) {
+                            Some((_, count, _)) => *count += 1,
+                            None => failures.push((class, 1, error.clone())),
+                        }
+                    }
                     self.on_appended(class, ack, result);
+                }
+                for (class, count, error) in failures {
+                    warn!(%error, class = self.class_name(class), messages = count, "journal append failed; the publishers were told");
                 }
             }
             Completion::Refilled { class, result } => match result {
