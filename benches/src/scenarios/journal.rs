@@ -2,6 +2,7 @@
 //! awaited, pipelined), vs (a) raw append + fdatasync of a file in batches of
 //! the pipeline window, the disk's limit, and (b) async publish into a local
 //! JetStream file-store stream (acks awaited, same window). 256-byte payloads.
+//! A third row compares the ack latency p99 of the two pipelined ingests.
 
 use super::load::{ingest, payload, PIPELINE_WINDOW};
 use super::{count_words, Settings, RELAY_CONFIG};
@@ -18,10 +19,14 @@ use std::time::{Duration, Instant};
 const PAYLOAD_BYTES: usize = 256;
 const TARGET_RATE: f64 = 500_000.0;
 const TARGET_VS_JETSTREAM: f64 = 4.0;
+/// Ack latency p99 of the durable ingest, in milliseconds.
+const ACK_P99_TARGET_MS: f64 = 10.0;
 const ACK_LIMIT: Duration = Duration::from_secs(60);
 
 /// Relay ingest rate with NATS killed; returns (rate, acks that were not `Journaled`).
-async fn relay_ingest(count: u64) -> Result<(f64, u64)> {
+/// One relay ingest: its rate, acks that were not `Journaled`, and its ack
+/// latency p99 in milliseconds.
+async fn relay_ingest(count: u64) -> Result<(f64, u64, Option<f64>)> {
     let mut nats = NatsServer::start(false).await?;
     let relay = Relay::start(&nats.url(), RELAY_CONFIG).await?;
     let client = holdfast_client::Client::connect(&relay.url())
@@ -40,7 +45,7 @@ async fn relay_ingest(count: u64) -> Result<(f64, u64)> {
     .await?;
     let _ = client.close().await;
     drop(relay);
-    Ok((run.rate, run.other))
+    Ok((run.rate, run.other, run.ack_p99_ms))
 }
 
 /// Appends `count` records of `PAYLOAD_BYTES` to a fresh file (in the same
@@ -71,7 +76,8 @@ fn raw_append(count: u64) -> Result<f64> {
 
 /// Async publishes into a JetStream file-store stream with `PIPELINE_WINDOW`
 /// acks in flight.
-async fn jetstream_publish(count: u64) -> Result<f64> {
+/// JetStream's rate and PubAck latency p99 in milliseconds.
+async fn jetstream_publish(count: u64) -> Result<(f64, Option<f64>)> {
     let nats = NatsServer::start(true).await?;
     let client = async_nats::connect(nats.url())
         .await
@@ -88,25 +94,29 @@ async fn jetstream_publish(count: u64) -> Result<f64> {
         .context("creating the JetStream stream")?;
     let body = payload(PAYLOAD_BYTES);
     let mut pending = VecDeque::with_capacity(PIPELINE_WINDOW + 1);
+    let mut latencies_ms = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
     let start = Instant::now();
     for _ in 0..count {
+        let sent = Instant::now();
         let ack = context
             .publish("bench.js.ingest", body.clone())
             .await
             .context("publishing to JetStream")?;
-        pending.push_back(ack);
+        pending.push_back((sent, ack));
         if pending.len() >= PIPELINE_WINDOW {
-            if let Some(ack) = pending.pop_front() {
+            if let Some((sent, ack)) = pending.pop_front() {
                 await_puback(ack).await?;
+                latencies_ms.push(sent.elapsed().as_secs_f64() * 1e3);
             }
         }
     }
-    while let Some(ack) = pending.pop_front() {
+    while let Some((sent, ack)) = pending.pop_front() {
         await_puback(ack).await?;
+        latencies_ms.push(sent.elapsed().as_secs_f64() * 1e3);
     }
     let rate = count as f64 / start.elapsed().as_secs_f64().max(1e-9);
     drop(nats);
-    Ok(rate)
+    Ok((rate, crate::stats::percentile(&latencies_ms, 99.0)))
 }
 
 async fn await_puback(ack: jetstream::context::PublishAckFuture) -> Result<()> {
@@ -123,6 +133,8 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
     let mut relay = Vec::new();
     let mut raw = Vec::new();
     let mut js = Vec::new();
+    let mut relay_p99 = Vec::new();
+    let mut js_p99 = Vec::new();
     let mut not_journaled = 0;
     for rep in 0..settings.repetitions {
         eprintln!(
@@ -130,14 +142,17 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
             rep + 1,
             settings.repetitions
         );
-        let (rate, other) = relay_ingest(count).await?;
+        let (rate, other, ack_p99) = relay_ingest(count).await?;
         relay.push(rate);
+        relay_p99.extend(ack_p99);
         not_journaled += other;
         let rate = tokio::task::spawn_blocking(move || raw_append(count))
             .await
             .map_err(|error| failed("raw-append task", error))??;
         raw.push(rate);
-        js.push(jetstream_publish(js_count).await?);
+        let (rate, ack_p99) = jetstream_publish(js_count).await?;
+        js.push(rate);
+        js_p99.extend(ack_p99);
     }
     let quick = if settings.quick {
         " (quick; the full run uses 1M and 500k)"
@@ -183,5 +198,22 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
     }
     .with_ratio();
     let met = jetstream.ratio.map(|ratio| ratio >= TARGET_VS_JETSTREAM);
-    Ok(vec![disk, Row { met, ..jetstream }])
+    let ack_p99 = median(&relay_p99);
+    let latency = Row {
+        scenario: "journal/ack p99".to_string(),
+        value: ack_p99,
+        unit: "ms".to_string(),
+        baseline: format!("JetStream PubAck, {PIPELINE_WINDOW} in flight"),
+        baseline_value: median(&js_p99),
+        target: format!("≤ {ACK_P99_TARGET_MS} ms"),
+        met: ack_p99.map(|p99| p99 <= ACK_P99_TARGET_MS),
+        repetitions: settings.repetitions,
+        note: format!(
+            "the same runs; publish call to ack received, timed by the publisher with \
+             {PIPELINE_WINDOW} in flight; per-run percentile, median over runs"
+        ),
+        ..Row::default()
+    }
+    .with_ratio();
+    Ok(vec![disk, Row { met, ..jetstream }, latency])
 }

@@ -237,6 +237,8 @@ pub struct Ingest {
     pub journaled: u64,
     /// Acks with another outcome (forwarded or queued).
     pub other: u64,
+    /// 99th percentile, in milliseconds, of publish call to ack received.
+    pub ack_p99_ms: Option<f64>,
 }
 
 /// Publishes `count` messages of `size` bytes in `class` with acks,
@@ -249,29 +251,37 @@ pub async fn ingest(
     size: usize,
 ) -> Result<Ingest> {
     let body = payload(size);
-    let mut pending: VecDeque<AckFuture> = VecDeque::with_capacity(PIPELINE_WINDOW + 1);
+    let mut pending: VecDeque<(Instant, AckFuture)> = VecDeque::with_capacity(PIPELINE_WINDOW + 1);
+    let mut latencies_ms = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
     let mut result = Ingest {
         rate: 0.0,
         journaled: 0,
         other: 0,
+        ack_p99_ms: None,
     };
     let start = Instant::now();
     for _ in 0..count {
+        let sent = Instant::now();
         let ack = client
             .publish_with_ack(OutboundMessage::new(subject, body.clone()).class(class))
             .await
             .context("publishing with an ack through the relay")?;
-        pending.push_back(ack);
+        pending.push_back((sent, ack));
         if pending.len() >= PIPELINE_WINDOW {
-            if let Some(ack) = pending.pop_front() {
+            if let Some((sent, ack)) = pending.pop_front() {
                 settle(ack, &mut result).await?;
+                // Acks arrive in publish order, so the oldest is the next
+                // to come: awaiting it times it within scheduling noise.
+                latencies_ms.push(sent.elapsed().as_secs_f64() * 1e3);
             }
         }
     }
-    while let Some(ack) = pending.pop_front() {
+    while let Some((sent, ack)) = pending.pop_front() {
         settle(ack, &mut result).await?;
+        latencies_ms.push(sent.elapsed().as_secs_f64() * 1e3);
     }
     result.rate = count as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    result.ack_p99_ms = crate::stats::percentile(&latencies_ms, 99.0);
     Ok(result)
 }
 
