@@ -53,18 +53,10 @@ impl ShortText {
     }
 
     /// `value` in canonical decimal.
-    pub fn push_decimal(&mut self, mut value: u64) -> &mut ShortText {
+    pub fn push_decimal(&mut self, value: u64) -> &mut ShortText {
         let mut digits = [0u8; 20];
-        let mut start = digits.len();
-        loop {
-            start -= 1;
-            digits[start] = b'0' + (value % 10) as u8;
-            value /= 10;
-            if value == 0 {
-                break;
-            }
-        }
-        self.push_ascii(&digits[start..])
+        let digits = decimal_digits(value, &mut digits);
+        self.push_ascii(digits)
     }
 
     /// `value` as exactly 16 lowercase hex digits.
@@ -99,6 +91,21 @@ impl ShortText {
         // Only whole `&str` pieces are ever copied in, so this never fails.
         std::str::from_utf8(&self.inline[..self.len]).unwrap_or_default()
     }
+}
+
+/// `value`'s canonical decimal digits, written into the end of `digits`.
+pub(crate) fn decimal_digits(mut value: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        // `value % 10` is a single digit, so the cast cannot truncate.
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    &digits[start..]
 }
 
 #[cfg(test)]

@@ -12,18 +12,7 @@ use bytes::{BufMut, BytesMut};
 /// Appends `n` in decimal without allocating.
 pub(super) fn put_decimal(out: &mut BytesMut, n: usize) {
     let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    let mut rest = n;
-    loop {
-        start -= 1;
-        // `rest % 10` is a single digit, so the cast cannot truncate.
-        digits[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    out.put_slice(&digits[start..]);
+    out.put_slice(crate::short_text::decimal_digits(n as u64, &mut digits));
 }
 
 /// Writes `<op> <subject> <sid> [reply]` (without sizes or line end).
