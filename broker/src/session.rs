@@ -441,22 +441,11 @@ impl Session {
         Flow::Continue
     }
 
-    /// Handles one frame if one can be read without waiting; `None` when
-    /// the client has really sent nothing.
+    /// Handles the frames that can be read without waiting, as a turn of
+    /// the loop does; `None` when the client has really sent nothing.
     async fn handle_ready_frame(&self, reader: &mut Reader) -> Option<Flow> {
-        match reader.next().now_or_never()? {
-            Some(Ok(frame)) => {
-                self.flush_accepts().await;
-                let flow = self.on_frame(frame).await;
-                self.flush_accepts().await;
-                Some(flow)
-            }
-            Some(Err(error)) => {
-                self.on_read_error(error).await;
-                Some(Flow::Close)
-            }
-            None => Some(Flow::Close),
-        }
+        let first = reader.next().now_or_never()?;
+        Some(self.on_ready_frames(first, reader).await)
     }
 
     fn has_registrations(&self) -> bool {
