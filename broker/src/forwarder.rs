@@ -16,7 +16,9 @@
 
 use crate::class_queue::{ClassQueue, Entry, QueuedMessage};
 use crate::classes::{ClassId, Classes, Durability, WhenFull};
-use crate::journal::{Journal, JournalError, JournalStamp, NewMessage, MESSAGE_ID_HEADER};
+use crate::journal::{
+    format_message_id, Journal, JournalError, JournalStamp, NewMessage, MESSAGE_ID_HEADER,
+};
 use crate::nats_convert::{to_header_map, to_subject};
 use crate::nats_link::NatsLink;
 use crate::outbox::Outbox;
@@ -628,12 +630,7 @@ impl Forwarder {
     /// connection or a crash included) carries the same id.
     fn stamp_message_id(&mut self, class: ClassId, message: &mut QueuedMessage) {
         self.next_message_id += 1;
-        let id = holdfast_wire::ShortText::new()
-            .push_str(&self.relay_id)
-            .push_str(".")
-            .push_str(self.class_name(class))
-            .push_str(".")
-            .push_decimal(self.next_message_id)
+        let id = format_message_id(&self.relay_id, self.class_name(class), self.next_message_id)
             .finish();
         message
             .headers

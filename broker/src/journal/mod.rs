@@ -39,6 +39,7 @@ pub use holdfast_wire::{Headers, Text};
 pub use inspect::inspect;
 
 use bytes::Bytes;
+use holdfast_wire::ShortText;
 use record::EncodedMessage;
 use state::Shared;
 use std::fmt;
@@ -97,6 +98,18 @@ pub struct NewMessage {
 /// The NATS header JetStream deduplicates by; the relay stamps it on every
 /// journaled message (and every message of a JetStream class).
 pub const MESSAGE_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// The `Nats-Msg-Id` the relay stamps: `relay.class.counter`, unique per
+/// relay process.
+pub fn format_message_id(relay_id: &str, class: &str, counter: u64) -> ShortText {
+    let mut id = ShortText::new();
+    id.push_str(relay_id)
+        .push_str(".")
+        .push_str(class)
+        .push_str(".")
+        .push_decimal(counter);
+    id
+}
 
 /// The headers the relay stamps on a journaled message (the sequence chain
 /// and `Nats-Msg-Id`), kept as numbers until they are encoded: formatted

@@ -24,7 +24,9 @@
 //! messages are walked or decoded).
 
 use super::checksum::crc32;
-use super::{Headers, JournalStamp, NewMessage, StoredMessage, Text, MESSAGE_ID_HEADER};
+use super::{
+    format_message_id, Headers, JournalStamp, NewMessage, StoredMessage, Text, MESSAGE_ID_HEADER,
+};
 use bytes::Bytes;
 use holdfast_wire::{chain, ShortText};
 use std::ops::Range;
@@ -114,15 +116,10 @@ impl<'a> StampValues<'a> {
         seq.push_decimal(stamp.chain.seq);
         let mut digest = ShortText::new();
         digest.push_hex16(stamp.chain.digest);
-        let message_id = stamp.message_id.as_ref().map(|(class, counter)| {
-            let mut id = ShortText::new();
-            id.push_str(&stamp.relay_id)
-                .push_str(".")
-                .push_str(class)
-                .push_str(".")
-                .push_decimal(*counter);
-            id
-        });
+        let message_id = stamp
+            .message_id
+            .as_ref()
+            .map(|(class, counter)| format_message_id(&stamp.relay_id, class, *counter));
         StampValues {
             relay_id: &stamp.relay_id,
             seq,
