@@ -12,6 +12,7 @@ mod harness;
 mod relay_status;
 mod report;
 mod scenarios;
+mod socket_floor;
 mod stats;
 
 use clap::{Parser, ValueEnum};
@@ -34,7 +35,8 @@ use std::time::{Duration, Instant};
 #[command(name = "holdfast-bench", version)]
 struct Cli {
     /// What to measure; `all` runs every scenario except `outage`.
-    scenario: Scenario,
+    #[arg(required_unless_present = "socket_echo")]
+    scenario: Option<Scenario>,
     /// Smaller message counts (said in each row's note); `all --quick` takes
     /// a few minutes.
     #[arg(long)]
@@ -54,6 +56,9 @@ struct Cli {
     /// outage: publishes per second of the steady mixed load.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     outage_rate: u32,
+    /// Internal: serve as the echo process of the socket floor measurement.
+    #[arg(long, hide = true, value_name = "PATH")]
+    socket_echo: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -109,6 +114,13 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(path) = &cli.socket_echo {
+        return socket_floor::serve_echo(path);
+    }
+    let Some(scenario) = cli.scenario else {
+        eprintln!("holdfast-bench: name a scenario (see --help)");
+        return ExitCode::FAILURE;
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -121,7 +133,7 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async {
         tokio::select! {
-            code = run(&cli) => code,
+            code = run(scenario, &cli) => code,
             signal = shutdown_signal() => {
                 // Dropping `run` drops every process guard: each child is killed by PID.
                 eprintln!("holdfast-bench: {signal}; stopping every process it started");
@@ -148,12 +160,12 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-async fn run(cli: &Cli) -> ExitCode {
+async fn run(scenario: Scenario, cli: &Cli) -> ExitCode {
     let settings = Settings {
         quick: cli.quick,
         repetitions: cli.repetitions.unwrap_or(if cli.quick { 3 } else { 5 }),
     };
-    let chosen: Vec<Scenario> = match cli.scenario {
+    let chosen: Vec<Scenario> = match scenario {
         Scenario::All => vec![
             Scenario::Publish,
             Scenario::Latency,
@@ -164,7 +176,7 @@ async fn run(cli: &Cli) -> ExitCode {
         ],
         one => vec![one],
     };
-    let plan = if cli.scenario == Scenario::Outage {
+    let plan = if scenario == Scenario::Outage {
         "one run".to_string()
     } else {
         format!(
@@ -174,23 +186,23 @@ async fn run(cli: &Cli) -> ExitCode {
     };
     eprintln!(
         "holdfast-bench {}{}: {plan}, on {} CPUs",
-        cli.scenario.name(),
+        scenario.name(),
         if cli.quick { " --quick" } else { "" },
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     let mut failures = 0;
-    for scenario in chosen {
-        eprintln!("== {} ==", scenario.name());
+    for one in chosen {
+        eprintln!("== {} ==", one.name());
         let began = Instant::now();
-        match run_one(scenario, cli, &settings).await {
+        match run_one(one, cli, &settings).await {
             Ok(mut measured) => rows.append(&mut measured),
             Err(error) => {
                 failures += 1;
-                eprintln!("  {} failed: {error}", scenario.name());
+                eprintln!("  {} failed: {error}", one.name());
                 rows.push(Row {
-                    scenario: scenario.name().to_string(),
+                    scenario: one.name().to_string(),
                     met: Some(false),
                     repetitions: settings.repetitions,
                     note: format!("failed: {error}"),
@@ -200,14 +212,14 @@ async fn run(cli: &Cli) -> ExitCode {
         }
         eprintln!(
             "  {} took {:.1} s",
-            scenario.name(),
+            one.name(),
             began.elapsed().as_secs_f64()
         );
     }
     println!(
         "holdfast-bench {}{} — each figure is the median of N repetitions; ratio = holdfast / \
          baseline, both measured in this run ({:.0} s)\n",
-        cli.scenario.name(),
+        scenario.name(),
         if cli.quick { " --quick" } else { "" },
         started.elapsed().as_secs_f64()
     );
@@ -263,9 +275,12 @@ mod tests {
     fn cli_parses() {
         let cli =
             Cli::try_parse_from(["holdfast-bench", "all", "--quick", "--json", "x.json"]).unwrap();
-        assert_eq!(cli.scenario, Scenario::All);
+        assert_eq!(cli.scenario, Some(Scenario::All));
         assert!(cli.quick);
         assert!(Cli::try_parse_from(["holdfast-bench", "nope"]).is_err());
+        assert!(Cli::try_parse_from(["holdfast-bench"]).is_err());
+        let echo = Cli::try_parse_from(["holdfast-bench", "--socket-echo", "/tmp/x"]).unwrap();
+        assert_eq!(echo.socket_echo, Some(PathBuf::from("/tmp/x")));
         assert!(Cli::try_parse_from(["holdfast-bench", "all", "--repetitions", "0"]).is_err());
     }
 }

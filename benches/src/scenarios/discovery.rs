@@ -4,6 +4,9 @@
 //! - `discovery/p50`, `discovery/p99`: a cached GET of a 100-key prefix
 //!   through the relay (Unix socket), one at a time, vs a direct
 //!   serializable range read of the same prefix.
+//! - `discovery/p99 vs socket floor`: the same p99 against this machine's
+//!   floor for any local request/response, a bare round trip between two
+//!   processes over a Unix socket ([`SocketFloor`]), measured alongside.
 //! - `discovery/rebuild 10k`: 10,000 registrations held by 10 relay
 //!   connections; etcd is killed right after a reconcile pass finished and
 //!   at once restarted with its data dir wiped, and the figure is the time
@@ -29,6 +32,7 @@ use crate::relay_status::{
     etcd_figure, wait_for_etcd_settled, wait_for_etcd_state, wait_for_reconcile,
 };
 use crate::report::Row;
+use crate::socket_floor::SocketFloor;
 use crate::stats::{median, percentile};
 use futures::StreamExt;
 use holdfast_client::{Client, RegistrationStatus};
@@ -107,10 +111,12 @@ async fn cached_get(settings: &Settings, etcd: &EtcdServer, client: &Client) -> 
     let mut direct = etcd.client().await?;
     seed_get_prefix(&mut direct).await?;
     warm_cache(client).await?;
+    let mut floor = SocketFloor::start().await?;
 
     let mut stale = 0u64;
     let mut through = (Vec::new(), Vec::new());
     let mut baseline = (Vec::new(), Vec::new());
+    let mut floor_p99 = Vec::new();
     for rep in 0..settings.repetitions {
         eprintln!(
             "  discovery get: repetition {} of {}",
@@ -123,7 +129,9 @@ async fn cached_get(settings: &Settings, etcd: &EtcdServer, client: &Client) -> 
         let run = direct_gets(&mut direct, samples).await?;
         baseline.0.extend(percentile(&run, 50.0));
         baseline.1.extend(percentile(&run, 99.0));
+        floor_p99.extend(percentile(&floor.round_trips(samples).await?, 99.0));
     }
+    drop(floor);
 
     let mut note = format!(
         "{} GETs of a {GET_KEYS}-key prefix ({GET_VALUE_BYTES} B values) per run{}, one at a \
@@ -157,6 +165,26 @@ async fn cached_get(settings: &Settings, etcd: &EtcdServer, client: &Client) -> 
         }
         .with_ratio()
     };
+    let relay_p99 = median(&through.1);
+    let floor_p99 = median(&floor_p99);
+    let versus_floor = Row {
+        scenario: "discovery/p99 vs socket floor".to_string(),
+        value: relay_p99,
+        unit: "µs".to_string(),
+        baseline: "bare 64 B round trip between two processes over a Unix socket, p99".to_string(),
+        baseline_value: floor_p99,
+        target: "context, not judged: no GET through a local socket beats the floor".to_string(),
+        met: None,
+        repetitions: settings.repetitions,
+        added: relay_p99.zip(floor_p99).map(|(relay, floor)| relay - floor),
+        note: format!(
+            "the relay's cached GET p99 above; the floor: {} round trips per run, tokio on both \
+             sides, alternating with the GETs; per-run p99, median over runs",
+            count_words(samples)
+        ),
+        ..Row::default()
+    }
+    .with_ratio();
     Ok(vec![
         row(
             "p50",
@@ -172,6 +200,7 @@ async fn cached_get(settings: &Settings, etcd: &EtcdServer, client: &Client) -> 
             &format!("≤ {GET_P99_TARGET_US:.0} µs; lower is better"),
             Some(GET_P99_TARGET_US),
         ),
+        versus_floor,
     ])
 }
 

@@ -1,10 +1,17 @@
 //! `latency`: delivery latency (publish → a plain async-nats subscriber)
 //! through the relay vs a direct async-nats publisher, one message at a
 //! time, with the send time in the payload.
+//!
+//! A message through the relay crosses one more process boundary than a
+//! direct one (publisher → relay), so `latency/p50 added vs socket floor`
+//! sets the added p50 against half a bare round trip between two processes
+//! over a Unix socket ([`SocketFloor`]), measured alongside: the part of
+//! the added latency no relay on this machine could avoid.
 
 use super::{count_words, PassThrough, Settings};
 use crate::error::{BenchError, Context, Result};
 use crate::report::Row;
+use crate::socket_floor::SocketFloor;
 use crate::stats::{median, percentile};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
@@ -90,8 +97,10 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
     } = PassThrough::start().await?;
     let url = nats.url();
 
+    let mut floor = SocketFloor::start().await?;
     let mut direct = (Vec::new(), Vec::new());
     let mut through = (Vec::new(), Vec::new());
+    let mut floor_p50 = Vec::new();
     for rep in 0..settings.repetitions {
         eprintln!(
             "  latency: repetition {} of {}",
@@ -106,7 +115,9 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         let run = measure(Sender::Relay(&client), &url, &subject, samples).await?;
         through.0.extend(percentile(&run, 50.0));
         through.1.extend(percentile(&run, 99.0));
+        floor_p50.extend(percentile(&floor.round_trips(samples).await?, 50.0));
     }
+    drop(floor);
     let _ = client.close().await;
 
     let note = format!(
@@ -134,8 +145,34 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         }
         .with_ratio()
     };
+    let added_p50 = median(&through.0)
+        .zip(median(&direct.0))
+        .map(|(relay, direct)| relay - direct);
+    let one_crossing = median(&floor_p50).map(|round_trip| round_trip / 2.0);
+    let versus_floor = Row {
+        scenario: "latency/p50 added vs socket floor".to_string(),
+        value: added_p50,
+        unit: "µs".to_string(),
+        baseline: "half a bare 64 B round trip between two processes over a Unix socket, p50"
+            .to_string(),
+        baseline_value: one_crossing,
+        target: "context, not judged: the relay's own share is the difference".to_string(),
+        met: None,
+        repetitions: settings.repetitions,
+        added: added_p50
+            .zip(one_crossing)
+            .map(|(added, floor)| added - floor),
+        note: format!(
+            "the added p50 of the row above; the floor: {} round trips per run, tokio on both \
+             sides, alternating with the messages; per-run p50, median over runs",
+            count_words(samples)
+        ),
+        ..Row::default()
+    }
+    .with_ratio();
     Ok(vec![
         row("p50", &through.0, &direct.0, 30.0),
         row("p99", &through.1, &direct.1, 100.0),
+        versus_floor,
     ])
 }
