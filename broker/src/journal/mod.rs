@@ -9,7 +9,7 @@
 //! beside the writer. `recovery` opens and validates the file, quarantining
 //! a damaged one; `reclaim` gives the space of a drained journal back;
 //! `inspect` reads a stopped relay's file; `state` holds what the handle,
-//! readers and writer share; `checksum` is the rows' CRC-32.
+//! readers and writer share.
 //!
 //! Counting: a class's `messages`/`bytes` are its live messages, those with a
 //! sequence above the class's removal floor. A partly confirmed row stays on
@@ -21,7 +21,6 @@
 
 // The replay/forwarding pipeline is the user of this API.
 
-mod checksum;
 mod inspect;
 mod ledger;
 mod reclaim;

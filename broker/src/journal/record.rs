@@ -2,7 +2,7 @@
 //! group commit wrote, behind a header with checksums.
 //!
 //! ```text
-//! 0..4    CRC-32 of the body (bytes HEADER_LEN..)
+//! 0..4    CRC-32 (IEEE, as zlib's) of the body (bytes HEADER_LEN..)
 //! 4..8    CRC-32 of bytes 8..HEADER_LEN (the header fields)
 //! 8       format version (1)
 //! 9..13   message count, u32 LE
@@ -23,11 +23,11 @@
 //! instead of re-checking the full body (the body is checked whenever its
 //! messages are walked or decoded).
 
-use super::checksum::crc32;
 use super::{
     format_message_id, Headers, JournalStamp, NewMessage, StoredMessage, Text, MESSAGE_ID_HEADER,
 };
 use bytes::Bytes;
+use crc32fast::hash as crc32;
 use holdfast_wire::{chain, ShortText};
 use std::ops::Range;
 
@@ -424,6 +424,18 @@ fn take(buf: &[u8], pos: &mut usize, len: u64) -> Result<Range<usize>, CorruptRo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_are_checksummed_with_the_standard_crc32() {
+        // Journals already on disk were written with these values; a
+        // different CRC would quarantine every one of them at start.
+        assert_eq!(crc32(b""), 0);
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(
+            crc32(b"The quick brown fox jumps over the lazy dog"),
+            0x414F_A339
+        );
+    }
 
     fn message(i: u64, reply: bool) -> NewMessage {
         let mut headers = Headers::new();
