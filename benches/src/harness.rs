@@ -160,6 +160,32 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
         .ok_or_else(|| failed(&format!("reading {field} from {path}"), "field not found"))
 }
 
+/// User + system CPU time of process `pid` so far, in seconds (from
+/// /proc/PID/stat, in clock ticks: 10 ms resolution on most kernels).
+pub fn proc_cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).context(&format!("reading {path}"))?;
+    // The command name (field 2) may hold spaces; the fields after its
+    // closing parenthesis start with field 3, so utime (14) and stime (15)
+    // are the 12th and 13th of them.
+    let after_name = text.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: Vec<u64> = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    match ticks.as_slice() {
+        [user, system] if per_second > 0 => Ok((user + system) as f64 / per_second as f64),
+        _ => Err(failed(
+            &format!("reading the CPU time from {path}"),
+            "unexpected format",
+        )),
+    }
+}
+
 /// The last `max_bytes` of a log file, for error messages.
 fn log_tail(path: &Path, max_bytes: u64) -> String {
     let Ok(mut file) = std::fs::File::open(path) else {
@@ -246,6 +272,17 @@ impl NatsServer {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// CPU time (user + system, every thread) of the running server, in
+    /// seconds.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        let pid = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .ok_or_else(|| failed("reading nats-server's CPU time", "not running"))?;
+        proc_cpu_seconds(pid)
     }
 
     /// SIGKILL: an abrupt outage.
@@ -548,6 +585,15 @@ impl Relay {
         Ok(proc_status_kib(pid, "VmHWM")? as f64 / 1024.0)
     }
 
+    /// CPU time (user + system, every thread) the running process has used,
+    /// in seconds.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| failed("reading holdfastd's CPU time", "not running"))?;
+        proc_cpu_seconds(pid)
+    }
+
     /// SIGKILL (a crash: the journal must carry everything acknowledged).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -571,5 +617,19 @@ mod tests {
         let rss = proc_status_kib(std::process::id(), "VmRSS").unwrap();
         assert!(rss > 0);
         assert!(proc_status_kib(std::process::id(), "NoSuchField").is_err());
+    }
+
+    #[test]
+    fn reads_own_cpu_time_as_it_grows() {
+        let before = proc_cpu_seconds(std::process::id()).unwrap();
+        // Spin until the clock-tick counter moves (bounded: a few ticks).
+        let started = Instant::now();
+        let mut spins = 0u64;
+        while started.elapsed() < Duration::from_millis(200) {
+            spins = std::hint::black_box(spins.wrapping_add(1));
+        }
+        let after = proc_cpu_seconds(std::process::id()).unwrap();
+        assert!(after > before, "{before} s then {after} s after 200 ms of spinning");
+        assert!(proc_cpu_seconds(u32::MAX).is_err());
     }
 }
