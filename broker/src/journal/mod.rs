@@ -364,7 +364,7 @@ impl Journal {
         messages: Vec<NewMessage>,
     ) -> Result<PendingAppends, JournalError> {
         self.check_class(class)?;
-        let messages = messages.iter().map(EncodedMessage::encode).collect();
+        let messages = EncodedMessage::encode_all(&messages);
         let (done, answer) = oneshot::channel();
         self.send(Command::AppendMany {
             class,

@@ -26,7 +26,7 @@
 use super::{
     format_message_id, Headers, JournalStamp, NewMessage, StoredMessage, Text, MESSAGE_ID_HEADER,
 };
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use crc32fast::hash as crc32;
 use holdfast_wire::{chain, ShortText};
 use std::ops::Range;
@@ -53,11 +53,31 @@ pub(super) struct EncodedMessage {
     pub accepted_at_ms: u64,
     /// What the message counts against the class budget.
     pub size: u64,
-    pub bytes: Vec<u8>,
+    /// A slice of the buffer its whole batch was encoded into.
+    pub bytes: Bytes,
 }
 
 impl EncodedMessage {
     pub(super) fn encode(message: &NewMessage) -> EncodedMessage {
+        EncodedMessage::encode_into(message, &mut BytesMut::new())
+    }
+
+    /// Encodes `messages` back to back into one buffer that their bytes
+    /// share: a batch costs one allocation instead of one per message, and
+    /// the writer thread frees one buffer per batch instead of a buffer per
+    /// message allocated on another thread.
+    pub(super) fn encode_all(messages: &[NewMessage]) -> Vec<EncodedMessage> {
+        let estimate: usize = messages.iter().map(encoded_len_estimate).sum();
+        let mut buf = BytesMut::with_capacity(estimate);
+        messages
+            .iter()
+            .map(|message| EncodedMessage::encode_into(message, &mut buf))
+            .collect()
+    }
+
+    /// Appends `message` to `buf` and splits it off (`buf` keeps the unused
+    /// capacity for the next one).
+    fn encode_into(message: &NewMessage, buf: &mut BytesMut) -> EncodedMessage {
         let stamped = message.stamp.as_ref().map(StampValues::new);
         let reply_len = message.reply.as_ref().map_or(0, |reply| reply.len());
         let header_len: usize = message
@@ -71,35 +91,65 @@ impl EncodedMessage {
                 .as_ref()
                 .map_or(0, |values| values.headers().count());
         let size = message.subject.len() + reply_len + header_len + message.payload.len();
-        // Each varint is at most 10 bytes; 10 per field plus 20 per header is generous.
-        let mut bytes = Vec::with_capacity(size + 50 + 20 * header_count);
-        put_varint(&mut bytes, message.accepted_at_ms);
-        put_bytes(&mut bytes, message.subject.as_bytes());
+        buf.reserve(size + VARINT_ALLOWANCE + HEADER_VARINT_ALLOWANCE * header_count);
+        put_varint(buf, message.accepted_at_ms);
+        put_bytes(buf, message.subject.as_bytes());
         match &message.reply {
-            None => put_varint(&mut bytes, 0),
+            None => put_varint(buf, 0),
             Some(reply) => {
-                put_varint(&mut bytes, reply.len() as u64 + 1);
-                bytes.extend_from_slice(reply.as_bytes());
+                put_varint(buf, reply.len() as u64 + 1);
+                buf.extend_from_slice(reply.as_bytes());
             }
         }
-        put_varint(&mut bytes, header_count as u64);
+        put_varint(buf, header_count as u64);
         for (name, value) in message.headers.iter() {
-            put_bytes(&mut bytes, name.as_bytes());
-            put_bytes(&mut bytes, value.as_bytes());
+            put_bytes(buf, name.as_bytes());
+            put_bytes(buf, value.as_bytes());
         }
         if let Some(values) = &stamped {
             for (name, value) in values.headers() {
-                put_bytes(&mut bytes, name.as_bytes());
-                put_bytes(&mut bytes, value.as_bytes());
+                put_bytes(buf, name.as_bytes());
+                put_bytes(buf, value.as_bytes());
             }
         }
-        put_bytes(&mut bytes, &message.payload);
+        put_bytes(buf, &message.payload);
         EncodedMessage {
             accepted_at_ms: message.accepted_at_ms,
             size: size as u64,
-            bytes,
+            bytes: buf.split().freeze(),
         }
     }
+}
+
+/// Varint bytes of a message's fields (at most 10 each), generously.
+const VARINT_ALLOWANCE: usize = 50;
+/// Varint bytes per header (name and value lengths), generously.
+const HEADER_VARINT_ALLOWANCE: usize = 20;
+/// Bytes of the stamp's header names, numbers and varints, generously,
+/// besides the relay id (twice: its own header and `Nats-Msg-Id`) and the
+/// class name.
+const STAMP_ALLOWANCE: usize = 128;
+
+/// About the encoded size of `message`, to size a batch's buffer at once
+/// (a batch that needs more grows it).
+fn encoded_len_estimate(message: &NewMessage) -> usize {
+    let headers: usize = message
+        .headers
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + HEADER_VARINT_ALLOWANCE)
+        .sum();
+    message.subject.len()
+        + message.reply.as_ref().map_or(0, |reply| reply.len())
+        + message.payload.len()
+        + headers
+        + VARINT_ALLOWANCE
+        + message.stamp.as_ref().map_or(0, |stamp| {
+            let class = stamp
+                .message_id
+                .as_ref()
+                .map_or(0, |(class, _)| class.len());
+            STAMP_ALLOWANCE + 2 * stamp.relay_id.len() + class
+        })
 }
 
 /// A [`JournalStamp`]'s header values, formatted on the stack.
@@ -371,15 +421,15 @@ fn text(row: &Bytes, range: Range<usize>) -> Result<Text, CorruptRow> {
     Text::from_utf8(row.slice(range)).map_err(|_| CorruptRow("text field is not UTF-8"))
 }
 
-fn put_varint(buf: &mut Vec<u8>, mut value: u64) {
+fn put_varint(buf: &mut BytesMut, mut value: u64) {
     while value >= 0x80 {
-        buf.push((value as u8) | 0x80);
+        buf.put_u8((value as u8) | 0x80);
         value >>= 7;
     }
-    buf.push(value as u8);
+    buf.put_u8(value as u8);
 }
 
-fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8]) {
+fn put_bytes(buf: &mut BytesMut, bytes: &[u8]) {
     put_varint(buf, bytes.len() as u64);
     buf.extend_from_slice(bytes);
 }
@@ -459,6 +509,32 @@ mod tests {
             row.push(&EncodedMessage::encode(m));
         }
         row.finish()
+    }
+
+    #[test]
+    fn a_batch_encodes_each_message_as_alone() {
+        // Stamped and unstamped, with and without replies and headers, and
+        // more bytes than the batch estimate (the buffer must grow).
+        let mut messages: Vec<NewMessage> = (0..40).map(|i| message(i, i % 3 == 0)).collect();
+        for (i, m) in messages.iter_mut().enumerate().filter(|(i, _)| i % 4 == 1) {
+            m.stamp = Some(JournalStamp {
+                relay_id: Text::from("relay-a"),
+                chain: holdfast_wire::chain::ChainPosition {
+                    seq: i as u64,
+                    digest: 0xdead_beef_0000 + i as u64,
+                },
+                message_id: Some((Text::from("kv_events"), i as u64)),
+            });
+            m.headers.insert("big", "v".repeat(1000));
+        }
+        let batch = EncodedMessage::encode_all(&messages);
+        assert_eq!(batch.len(), messages.len());
+        for (encoded, message) in batch.iter().zip(&messages) {
+            let alone = EncodedMessage::encode(message);
+            assert_eq!(encoded.bytes, alone.bytes);
+            assert_eq!(encoded.size, alone.size);
+            assert_eq!(encoded.accepted_at_ms, alone.accepted_at_ms);
+        }
     }
 
     #[test]
@@ -572,7 +648,7 @@ mod tests {
             u64::from(u32::MAX),
             u64::MAX,
         ] {
-            let mut buf = Vec::new();
+            let mut buf = BytesMut::new();
             put_varint(&mut buf, value);
             let mut pos = 0;
             assert_eq!(get_varint(&buf, &mut pos), Ok(value));
@@ -587,7 +663,7 @@ mod tests {
         let big = EncodedMessage {
             accepted_at_ms: 0,
             size: 0,
-            bytes: vec![0; ROW_TARGET_BYTES],
+            bytes: Bytes::from(vec![0; ROW_TARGET_BYTES]),
         };
         let mut row = RowBuilder::new();
         assert!(!row.would_overflow(&big), "an empty row takes anything");
