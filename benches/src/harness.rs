@@ -629,7 +629,10 @@ mod tests {
             spins = std::hint::black_box(spins.wrapping_add(1));
         }
         let after = proc_cpu_seconds(std::process::id()).unwrap();
-        assert!(after > before, "{before} s then {after} s after 200 ms of spinning");
+        assert!(
+            after > before,
+            "{before} s then {after} s after 200 ms of spinning"
+        );
         assert!(proc_cpu_seconds(u32::MAX).is_err());
     }
 }

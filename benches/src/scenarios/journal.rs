@@ -116,6 +116,8 @@ async fn jetstream_publish(count: u64) -> Result<DurableIngest> {
         .await
         .context("creating the JetStream stream")?;
     let body = payload(PAYLOAD_BYTES);
+    // Built once and shared, as the relay's publisher does.
+    let subject = async_nats::Subject::from("bench.js.ingest");
     let mut pending = VecDeque::with_capacity(PIPELINE_WINDOW + 1);
     let mut latencies_ms = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
     let cpu_before = nats.cpu_seconds()?;
@@ -123,7 +125,7 @@ async fn jetstream_publish(count: u64) -> Result<DurableIngest> {
     for _ in 0..count {
         let sent = Instant::now();
         let ack = context
-            .publish("bench.js.ingest", body.clone())
+            .publish(subject.clone(), body.clone())
             .await
             .context("publishing to JetStream")?;
         pending.push_back((sent, ack));

@@ -5,7 +5,7 @@
 use crate::error::{failed, BenchError, Context, Result};
 use bytes::Bytes;
 use futures::StreamExt;
-use holdfast_client::{AckFuture, AckStatus, OutboundMessage};
+use holdfast_client::{AckFuture, AckStatus, OutboundMessage, Text};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -186,10 +186,12 @@ pub async fn direct_publish(
 ) -> Result<Throughput> {
     let subscriber = CountingSubscriber::start(nats_url, subject, count).await?;
     let body = payload(size);
+    // Built once and shared, as a publisher at these rates would.
+    let subject = async_nats::Subject::from(subject);
     let start = Instant::now();
     for _ in 0..count {
         publisher
-            .publish(subject.to_string(), body.clone())
+            .publish(subject.clone(), body.clone())
             .await
             .context("publishing directly to NATS")?;
     }
@@ -213,11 +215,14 @@ pub async fn relay_publish(
 ) -> Result<Throughput> {
     let subscriber = CountingSubscriber::start(nats_url, subject, count).await?;
     let body = payload(size);
+    // Built once and shared, as a publisher at these rates would.
+    let subject = Text::from(subject);
+    let class = class.map(Text::from);
     let start = Instant::now();
     for _ in 0..count {
-        let mut message = OutboundMessage::new(subject, body.clone());
-        if let Some(class) = class {
-            message = message.class(class);
+        let mut message = OutboundMessage::new(subject.clone(), body.clone());
+        if let Some(class) = &class {
+            message = message.class(class.clone());
         }
         client
             .publish_message(message)
@@ -251,6 +256,9 @@ pub async fn ingest(
     size: usize,
 ) -> Result<Ingest> {
     let body = payload(size);
+    // Built once and shared, as a publisher at these rates would.
+    let subject = Text::from(subject);
+    let class = Text::from(class);
     let mut pending: VecDeque<(Instant, AckFuture)> = VecDeque::with_capacity(PIPELINE_WINDOW + 1);
     let mut latencies_ms = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
     let mut result = Ingest {
@@ -263,7 +271,9 @@ pub async fn ingest(
     for _ in 0..count {
         let sent = Instant::now();
         let ack = client
-            .publish_with_ack(OutboundMessage::new(subject, body.clone()).class(class))
+            .publish_with_ack(
+                OutboundMessage::new(subject.clone(), body.clone()).class(class.clone()),
+            )
             .await
             .context("publishing with an ack through the relay")?;
         pending.push_back((sent, ack));
