@@ -45,9 +45,17 @@ struct Shared {
     stats: Arc<RelayStats>,
 }
 
-/// The sending side; clones go to every fan-out task the session subscribes to.
+/// The sending side; clones go to every fan-out task the session subscribes
+/// to and with every publish whose answer waits for a journal commit. A
+/// clone is one shared counter: cloning the two channel senders and the
+/// shared state instead touched five, on the session's and the forwarder's
+/// threads, for every such publish.
 #[derive(Clone)]
 pub struct Outbox {
+    senders: Arc<Senders>,
+}
+
+struct Senders {
     sender: mpsc::Sender<Frame>,
     /// Acks from the forwarder. Unbounded so the forwarder never waits on a
     /// session; bounded in practice because each ack answers one publish
@@ -85,9 +93,11 @@ pub fn outbox(
     });
     (
         Outbox {
-            sender,
-            acks,
-            shared: shared.clone(),
+            senders: Arc::new(Senders {
+                sender,
+                acks,
+                shared: shared.clone(),
+            }),
         },
         OutboxReceiver {
             receiver,
@@ -121,13 +131,17 @@ fn queued_size(frame: &Frame) -> usize {
 impl Outbox {
     /// Queues a frame of the session's own, waiting for room.
     pub async fn send(&self, frame: Frame) -> Result<(), OutboxClosed> {
-        self.sender.send(frame).await.map_err(|_| OutboxClosed)
+        self.senders
+            .sender
+            .send(frame)
+            .await
+            .map_err(|_| OutboxClosed)
     }
 
     /// Queues an ack from the forwarder without waiting; `Err` when the
     /// session is gone.
     pub fn send_ack(&self, frame: Frame) -> Result<(), OutboxClosed> {
-        self.acks.send(frame).map_err(|_| OutboxClosed)
+        self.senders.acks.send(frame).map_err(|_| OutboxClosed)
     }
 
     /// Offers a subscription message without waiting; a full outbox
@@ -142,23 +156,36 @@ impl Outbox {
     /// Like [`Outbox::offer`], but a full outbox only answers `Full`, so a
     /// queue group can try another member before anything counts as dropped.
     pub fn try_offer(&self, frame: Frame) -> Delivery {
-        if self.shared.close_requested.load(Ordering::Relaxed) {
+        if self.senders.shared.close_requested.load(Ordering::Relaxed) {
             return Delivery::Closed;
         }
         let size = queued_size(&frame);
-        let queued = self.shared.queued_bytes.fetch_add(size, Ordering::AcqRel);
-        if queued + size > self.shared.max_bytes {
-            self.shared.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+        let queued = self
+            .senders
+            .shared
+            .queued_bytes
+            .fetch_add(size, Ordering::AcqRel);
+        if queued + size > self.senders.shared.max_bytes {
+            self.senders
+                .shared
+                .queued_bytes
+                .fetch_sub(size, Ordering::AcqRel);
             return Delivery::Full;
         }
-        match self.sender.try_send(frame) {
+        match self.senders.sender.try_send(frame) {
             Ok(()) => Delivery::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.shared.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                self.senders
+                    .shared
+                    .queued_bytes
+                    .fetch_sub(size, Ordering::AcqRel);
                 Delivery::Full
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.shared.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                self.senders
+                    .shared
+                    .queued_bytes
+                    .fetch_sub(size, Ordering::AcqRel);
                 Delivery::Closed
             }
         }
@@ -166,7 +193,7 @@ impl Outbox {
 
     /// Applies the slow-consumer policy to one message that found no room.
     pub fn overflow(&self) -> Delivery {
-        let shared = &self.shared;
+        let shared = &self.senders.shared;
         match shared.policy {
             SlowConsumerPolicy::Drop => {
                 bump(&shared.stats.slow_consumer_drops);
@@ -201,8 +228,8 @@ impl Outbox {
     /// Resolves when a fan-out task asked for this session to be closed.
     pub async fn close_requested(&self) {
         loop {
-            let notified = self.shared.close_notify.notified();
-            if self.shared.close_requested.load(Ordering::Acquire) {
+            let notified = self.senders.shared.close_notify.notified();
+            if self.senders.shared.close_requested.load(Ordering::Acquire) {
                 return;
             }
             notified.await;
