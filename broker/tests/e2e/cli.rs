@@ -160,13 +160,13 @@ async fn req_and_status_print_what_the_relay_says() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn journal_inspect_shows_the_backlog_of_a_stopped_relay() {
-    let mut stack = Stack::start();
+/// Journals three `kv_events` messages through `holdfast pub --ack` with
+/// NATS killed.
+async fn journal_three_with_nats_down(stack: &mut Stack) {
     let client = stack.client().await;
     stack.nats.kill();
     crate::journal::wait_for_nats(&client, holdfast_client::LinkStatus::Down).await;
-    let output = cli(&stack)
+    let output = cli(stack)
         .args(["pub", "kv.inspect", "--class", "kv_events", "--ack"])
         .stdin(Stdio::piped())
         .spawn()
@@ -176,6 +176,30 @@ async fn journal_inspect_shows_the_backlog_of_a_stopped_relay() {
         })
         .unwrap();
     assert!(output.status.success(), "{output:?}");
+}
+
+/// What `holdfast journal inspect --json` reports for `kv_events`.
+fn inspected_kv_events(stack: &Stack) -> serde_json::Value {
+    let output = cli(stack)
+        .args(["journal", "inspect", "--json", "--data-dir"])
+        .arg(stack.relay.data_dir())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let classes: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    classes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|class| class["name"] == "kv_events")
+        .cloned()
+        .unwrap_or_else(|| panic!("no kv_events in {classes}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_inspect_shows_the_backlog_of_a_stopped_relay() {
+    let mut stack = Stack::start();
+    journal_three_with_nats_down(&mut stack).await;
 
     // While the relay runs, the file is its own: a clear refusal.
     let data_dir = stack.relay.data_dir();
@@ -191,18 +215,17 @@ async fn journal_inspect_shows_the_backlog_of_a_stopped_relay() {
     );
 
     stack.relay.terminate();
-    let output = cli(&stack)
-        .args(["journal", "inspect", "--json", "--data-dir"])
-        .arg(&data_dir)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    let classes: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let kv = classes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|class| class["name"] == "kv_events")
-        .unwrap();
-    assert_eq!(kv["messages"], 3, "{classes}");
+    let kv = inspected_kv_events(&stack);
+    assert_eq!(kv["messages"], 3, "{kv}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_inspect_reads_the_file_of_a_crashed_relay() {
+    // The 3 a.m. case: the relay died (kill -9) and the operator wants to
+    // know what it still holds before starting it again.
+    let mut stack = Stack::start();
+    journal_three_with_nats_down(&mut stack).await;
+    stack.relay.kill();
+    let kv = inspected_kv_events(&stack);
+    assert_eq!(kv["messages"], 3, "{kv}");
 }
