@@ -16,12 +16,14 @@ use super::JournalError;
 use redb::{
     Builder, Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableError,
 };
+use std::cell::Cell;
 use std::ffi::OsString;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
-use tracing::warn;
+use std::rc::Rc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tracing::{info, warn};
 
 /// redb's page cache. Its default (1 GiB) would let the cache alone break
 /// the relay's memory budget; the journal reads rows once, sequentially, so
@@ -111,10 +113,27 @@ pub(super) fn open(path: &Path, classes: &[String]) -> Result<Opened, JournalErr
 fn attempt(path: &Path, classes: &[String]) -> Result<(Database, Vec<ClassLedger>), Failure> {
     // redb documents that it may panic on a file corrupted outside of it.
     panic::catch_unwind(AssertUnwindSafe(|| {
+        // A file not closed cleanly is checked whole before it opens (the
+        // writer keeps no quick-repair state): say so, since it is what a
+        // slow start after a crash is waiting for.
+        let repair_started: Rc<Cell<Option<Instant>>> = Rc::default();
+        let started = Rc::clone(&repair_started);
         let db = Builder::new()
             .set_cache_size(CACHE_BYTES)
+            .set_repair_callback(move |_| {
+                if started.get().is_none() {
+                    started.set(Some(Instant::now()));
+                    info!("journal was not closed cleanly (crash or kill -9): checking the whole file before the relay is ready");
+                }
+            })
             .create(path)
             .map_err(classify)?;
+        if let Some(started) = repair_started.get() {
+            info!(
+                seconds = started.elapsed().as_secs_f64(),
+                "journal checked after an unclean stop"
+            );
+        }
         let ledgers = validate(&db, classes)?;
         prepare(&db, classes)
             .map_err(|error| Failure::Environment(format!("cannot initialise: {error}")))?;

@@ -189,6 +189,14 @@ async fn journal_survives_kill_9_of_the_relay() {
 
     relay.kill();
     relay.restart();
+    // What an operator reads when a restart after a crash takes a moment.
+    assert!(
+        relay
+            .logs()
+            .contains("journal was not closed cleanly (crash or kill -9)"),
+        "{}",
+        relay.logs()
+    );
     nats.restart();
     let seen = read_captured(&nats.url(), PER_CLASS * 4).await;
     assert_complete_and_ordered(&seen, PER_CLASS);
