@@ -129,6 +129,10 @@ fn queued_size(frame: &Frame) -> usize {
 }
 
 impl Outbox {
+    fn shared(&self) -> &Shared {
+        &self.senders.shared
+    }
+
     /// Queues a frame of the session's own, waiting for room.
     pub async fn send(&self, frame: Frame) -> Result<(), OutboxClosed> {
         self.senders
@@ -156,36 +160,23 @@ impl Outbox {
     /// Like [`Outbox::offer`], but a full outbox only answers `Full`, so a
     /// queue group can try another member before anything counts as dropped.
     pub fn try_offer(&self, frame: Frame) -> Delivery {
-        if self.senders.shared.close_requested.load(Ordering::Relaxed) {
+        if self.shared().close_requested.load(Ordering::Relaxed) {
             return Delivery::Closed;
         }
         let size = queued_size(&frame);
-        let queued = self
-            .senders
-            .shared
-            .queued_bytes
-            .fetch_add(size, Ordering::AcqRel);
-        if queued + size > self.senders.shared.max_bytes {
-            self.senders
-                .shared
-                .queued_bytes
-                .fetch_sub(size, Ordering::AcqRel);
+        let queued = self.shared().queued_bytes.fetch_add(size, Ordering::AcqRel);
+        if queued + size > self.shared().max_bytes {
+            self.shared().queued_bytes.fetch_sub(size, Ordering::AcqRel);
             return Delivery::Full;
         }
         match self.senders.sender.try_send(frame) {
             Ok(()) => Delivery::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.senders
-                    .shared
-                    .queued_bytes
-                    .fetch_sub(size, Ordering::AcqRel);
+                self.shared().queued_bytes.fetch_sub(size, Ordering::AcqRel);
                 Delivery::Full
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.senders
-                    .shared
-                    .queued_bytes
-                    .fetch_sub(size, Ordering::AcqRel);
+                self.shared().queued_bytes.fetch_sub(size, Ordering::AcqRel);
                 Delivery::Closed
             }
         }
@@ -193,7 +184,7 @@ impl Outbox {
 
     /// Applies the slow-consumer policy to one message that found no room.
     pub fn overflow(&self) -> Delivery {
-        let shared = &self.senders.shared;
+        let shared = self.shared();
         match shared.policy {
             SlowConsumerPolicy::Drop => {
                 bump(&shared.stats.slow_consumer_drops);
@@ -228,8 +219,8 @@ impl Outbox {
     /// Resolves when a fan-out task asked for this session to be closed.
     pub async fn close_requested(&self) {
         loop {
-            let notified = self.senders.shared.close_notify.notified();
-            if self.senders.shared.close_requested.load(Ordering::Acquire) {
+            let notified = self.shared().close_notify.notified();
+            if self.shared().close_requested.load(Ordering::Acquire) {
                 return;
             }
             notified.await;
