@@ -20,7 +20,7 @@ use crate::journal::{
     format_message_id, Journal, JournalError, JournalStamp, NewMessage, MESSAGE_ID_HEADER,
 };
 use crate::nats_convert::{to_header_map, to_subject};
-use crate::nats_link::NatsLink;
+use crate::nats_link::{probe_round_trip, NatsLink};
 use crate::outbox::Outbox;
 use crate::stats::{PublishOutcome, RelayStats};
 use futures::stream::{FuturesOrdered, FuturesUnordered};
@@ -916,13 +916,10 @@ impl Forwarder {
         let client = self.nats.client().clone();
         let subject = self.probe_subject.clone();
         self.pending.push(Box::pin(async move {
-            let request = async_nats::Request::new().timeout(Some(PROBE_TIMEOUT));
-            // The server answers "no responders" only after processing
-            // every message this connection sent before the probe.
-            let confirmed = match client.send_request(subject, request).await {
-                Ok(_) => true,
-                Err(error) => error.kind() == async_nats::client::RequestErrorKind::NoResponders,
-            };
+            // Nobody answers this subject: the server says "no responders"
+            // only after processing every message this connection sent
+            // before the probe.
+            let confirmed = probe_round_trip(&client, &subject, PROBE_TIMEOUT).await;
             Completion::Probed {
                 generation,
                 marks,

@@ -317,10 +317,13 @@ async fn answer_probes(client: &async_nats::Client, subject: &str, shutdown: Can
     });
 }
 
-/// One request to the probe subject: true when it came back within
-/// `limit`, answered by the relay itself or with "no responders" (the
-/// answering subscription is not renewed yet after a reconnect).
-async fn probe_round_trip(client: &async_nats::Client, subject: &str, limit: Duration) -> bool {
+/// One request to a probe subject: true when it came back within `limit`,
+/// answered by a subscriber (the relay's own, on the link's probe subject)
+/// or with "no responders" (nobody subscribes, as on the forwarder's
+/// confirmation subject, or the answering subscription is not renewed yet
+/// after a reconnect). Either answer means the server handled everything
+/// the connection sent before it.
+pub async fn probe_round_trip(client: &async_nats::Client, subject: &str, limit: Duration) -> bool {
     let request = async_nats::Request::new().timeout(Some(limit));
     let answered = client.send_request(subject.to_string(), request);
     match tokio::time::timeout(limit, answered).await {
