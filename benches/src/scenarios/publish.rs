@@ -3,12 +3,14 @@
 //! 128-byte payloads, for the `default` class (memory path) and the durable
 //! `kv_events` class (journaled before forwarding); and the `default` class
 //! over QUIC (mutual TLS on loopback) vs the Unix socket. The subscriber is
-//! a plain async-nats subscriber on the NATS side.
+//! a plain async-nats subscriber on the NATS side. A context row gives the
+//! CPU each message costs the relay against the whole direct path's: with
+//! every process on the same cores, that is what bounds the ratio.
 
 use super::load::{direct_publish, relay_publish, Throughput};
 use super::{count_words, PassThrough, Settings, RELAY_CONFIG};
 use crate::error::{Context, Result};
-use crate::harness::generate_certificates;
+use crate::harness::{generate_certificates, proc_cpu_seconds, NatsServer, Relay};
 use crate::report::Row;
 use crate::stats::median;
 use holdfast_client::{Client, ConnectOptions, RelayUrl};
@@ -28,7 +30,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
     let config = format!("{RELAY_CONFIG}\n{}", quic_table(certificates.path()));
     let PassThrough {
         nats,
-        relay: _relay,
+        relay,
         client,
         direct: publisher,
     } = PassThrough::start_with(&config).await?;
@@ -75,12 +77,15 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
     let mut default = Vec::new();
     let mut durable = Vec::new();
     let mut over_quic = Vec::new();
+    let mut direct_cpu = Vec::new();
+    let mut default_cpu = Vec::new();
     for rep in 0..settings.repetitions {
         eprintln!(
             "  publish: repetition {} of {}",
             rep + 1,
             settings.repetitions
         );
+        let before = CpuTimes::read(&nats, &relay)?;
         let run = direct_publish(
             &url,
             &publisher,
@@ -90,6 +95,8 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         )
         .await?;
         direct.push(run);
+        let after_direct = CpuTimes::read(&nats, &relay)?;
+        direct_cpu.push(after_direct.since(&before).per_message_us(count));
         let run = relay_publish(
             &url,
             &client,
@@ -100,6 +107,8 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         )
         .await?;
         default.push(run);
+        let after_default = CpuTimes::read(&nats, &relay)?;
+        default_cpu.push(after_default.since(&after_direct).per_message_us(count));
         let run = relay_publish(
             &url,
             &client,
@@ -188,7 +197,86 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
             met: quic_met,
             ..quic_row
         },
+        cpu_row(settings, &direct_cpu, &default_cpu),
     ])
+}
+
+/// CPU seconds (user + system, all threads) of the processes a publish run
+/// keeps busy.
+#[derive(Debug, Clone, Copy)]
+struct CpuTimes {
+    nats: f64,
+    relay: f64,
+    /// This process: the publishers and the counting subscriber.
+    bench: f64,
+}
+
+impl CpuTimes {
+    fn read(nats: &NatsServer, relay: &Relay) -> Result<CpuTimes> {
+        Ok(CpuTimes {
+            nats: nats.cpu_seconds()?,
+            relay: relay.cpu_seconds()?,
+            bench: proc_cpu_seconds(std::process::id())?,
+        })
+    }
+
+    fn since(&self, earlier: &CpuTimes) -> CpuTimes {
+        CpuTimes {
+            nats: self.nats - earlier.nats,
+            relay: self.relay - earlier.relay,
+            bench: self.bench - earlier.bench,
+        }
+    }
+
+    /// Seconds per `count` messages, in µs per message.
+    fn per_message_us(&self, count: u64) -> CpuTimes {
+        let scale = 1e6 / count.max(1) as f64;
+        CpuTimes {
+            nats: self.nats * scale,
+            relay: self.relay * scale,
+            bench: self.bench * scale,
+        }
+    }
+}
+
+/// The relay's CPU per message of `publish/default` against the whole
+/// direct path's (nats-server, publisher and subscriber) per message. Every
+/// process shares the same cores, so a CPU-bound run's throughput ratio is
+/// about direct CPU / (direct CPU + what the relay path adds).
+fn cpu_row(settings: &Settings, direct: &[CpuTimes], default: &[CpuTimes]) -> Row {
+    let direct_path: Vec<f64> = direct.iter().map(|cpu| cpu.nats + cpu.bench).collect();
+    let relay: Vec<f64> = default.iter().map(|cpu| cpu.relay).collect();
+    let field = |runs: &[CpuTimes], pick: fn(&CpuTimes) -> f64| {
+        median(&runs.iter().map(pick).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+    };
+    let direct_total = field(direct, |cpu| cpu.nats + cpu.bench);
+    let relay_total = field(default, |cpu| cpu.relay + cpu.nats + cpu.bench);
+    let note = format!(
+        "the publish/default and direct runs; CPU time (user + system, all threads) per message. \
+         Direct: nats-server {:.2} µs, publisher and subscriber {:.2} µs. Through the relay: \
+         relay {:.2} µs, nats-server {:.2} µs, publisher and subscriber {:.2} µs. All share the \
+         machine's cores, so the throughput ratio follows the CPU: these figures predict \
+         {:.2}×, and ≥ 0.8× needs the relay path to add at most a quarter of the direct path's \
+         CPU; per-run figures, median over runs",
+        field(direct, |cpu| cpu.nats),
+        field(direct, |cpu| cpu.bench),
+        field(default, |cpu| cpu.relay),
+        field(default, |cpu| cpu.nats),
+        field(default, |cpu| cpu.bench),
+        direct_total / relay_total,
+    );
+    Row {
+        scenario: "publish/cpu per message".to_string(),
+        value: median(&relay),
+        unit: "µs".to_string(),
+        baseline: "direct path: nats-server, publisher and subscriber".to_string(),
+        baseline_value: median(&direct_path),
+        target: "context, not judged; lower is better".to_string(),
+        repetitions: settings.repetitions,
+        note,
+        ..Row::default()
+    }
+    .with_ratio()
 }
 
 /// The relay's `[quic]` table: loopback, any free port, mutual TLS.
