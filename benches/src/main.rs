@@ -131,12 +131,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(async {
+    let code = runtime.block_on(async move {
+        // The scenarios run on a worker, as a component's tasks would. On
+        // the thread of `block_on` every socket wake-up is handed over from
+        // a worker, which on this VM added about 40 µs to a local round
+        // trip and would be counted as the relay's or etcd's time.
+        let mut scenarios = tokio::spawn(async move { run(scenario, &cli).await });
         tokio::select! {
-            code = run(scenario, &cli) => code,
+            finished = &mut scenarios => finished.unwrap_or_else(|error| {
+                eprintln!("holdfast-bench: the scenarios' task failed: {error}");
+                ExitCode::FAILURE
+            }),
             signal = shutdown_signal() => {
-                // Dropping `run` drops every process guard: each child is killed by PID.
+                // Dropping `run` drops every process guard: each child is
+                // killed by PID. Awaiting the aborted task waits for that.
                 eprintln!("holdfast-bench: {signal}; stopping every process it started");
+                scenarios.abort();
+                let _ = scenarios.await;
                 ExitCode::from(130)
             }
         }

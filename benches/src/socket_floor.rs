@@ -1,6 +1,7 @@
 //! The machine's floor for local request/response: a bare round trip of a
 //! small message between two processes over a Unix socket, tokio on both
-//! sides and nothing else. Every relay figure in µs includes at least such
+//! sides (each end on a worker thread, as a component's task and the
+//! relay's session are) and nothing else. Every relay figure in µs includes at least such
 //! a crossing, so the latency and discovery scenarios measure it in the same
 //! run and report their figures against it: on a shared 2-core VM, waking a
 //! parked thread in another process costs tens of µs, and an absolute
@@ -117,8 +118,10 @@ pub fn serve_echo(path: &Path) -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let served = runtime.block_on(async {
-        let listener = tokio::net::UnixListener::bind(path)?;
+    let socket = path.to_path_buf();
+    // On a worker, like any server's connection task (see `main`).
+    let echo = runtime.spawn(async move {
+        let listener = tokio::net::UnixListener::bind(&socket)?;
         let (mut stream, _) = listener.accept().await?;
         let mut message = [0u8; MESSAGE_BYTES];
         loop {
@@ -131,6 +134,9 @@ pub fn serve_echo(path: &Path) -> std::process::ExitCode {
             }
         }
     });
+    let served = runtime
+        .block_on(echo)
+        .unwrap_or_else(|error| Err(std::io::Error::other(error)));
     match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
