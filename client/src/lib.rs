@@ -82,6 +82,13 @@
 //! # drop(client);
 //! # Ok(()) }
 //! ```
+//!
+//! Latency: call the client from spawned tasks on a multi-threaded tokio
+//! runtime, not from the future handed to `block_on` (the body of a
+//! `#[tokio::main]` function). That thread is not a worker: every answer
+//! reaches it through a hand-over from a worker thread. On a 2-vCPU VM this
+//! added about 40 µs to each local round trip (a cached `get` took 92 µs
+//! at p50 from there and 26 µs from a spawned task).
 
 mod ack;
 mod chain_validation;
