@@ -1,20 +1,49 @@
 //! Conversions between holdfast's wire types and async-nats types.
 
 use crate::journal::MESSAGE_ID_HEADER;
-use async_nats::header::HeaderName;
+use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::{HeaderMap, Subject};
 use holdfast_wire::{chain, Headers, Text};
 
-/// Why a wire value cannot be handed to async-nats.
+/// Why wire headers cannot be handed to async-nats (whose own conversion
+/// of a value with CR or LF panics rather than fail).
 #[derive(Debug, thiserror::Error)]
-#[error("header {name:?} is not a valid NATS header name")]
-pub struct InvalidHeader {
-    pub name: String,
+pub enum InvalidHeader {
+    #[error(
+        "header {name:?} is not a valid NATS header name (printable ASCII, no ':', not empty)"
+    )]
+    Name { name: String },
+    #[error("the value of header {name:?} holds a CR or LF, which NATS headers cannot carry")]
+    Value { name: String },
 }
 
 /// The subject without copying: both types are UTF-8 over `Bytes`.
 pub fn to_subject(text: &Text) -> Subject {
     Subject::from_utf8(text.as_bytes().clone()).unwrap_or_else(|_| Subject::from(text.as_str()))
+}
+
+/// Checks that `headers` can go to NATS, without building a map: the rules
+/// async-nats applies (a test keeps the two in step). A request served by a
+/// local subscriber is checked too, so a NATS-protocol subscriber on this
+/// relay never gets a header line it would misread.
+pub fn check_headers(headers: &Headers) -> Result<(), InvalidHeader> {
+    for (name, value) in headers.iter() {
+        if name.is_empty()
+            || name
+                .bytes()
+                .any(|byte| !byte.is_ascii_graphic() || byte == b':')
+        {
+            return Err(InvalidHeader::Name {
+                name: name.to_string(),
+            });
+        }
+        if value.bytes().any(|byte| byte == b'\r' || byte == b'\n') {
+            return Err(InvalidHeader::Value {
+                name: name.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Wire headers as an async-nats map; `None` when there are none, so a
@@ -27,11 +56,20 @@ pub fn to_header_map(headers: &Headers) -> Result<Option<HeaderMap>, InvalidHead
     for (name, value) in headers.iter() {
         let header_name = match relay_header_name(name.as_str()) {
             Some(known) => known,
-            None => name.as_str().parse().map_err(|_| InvalidHeader {
+            None if name.is_empty() => {
+                return Err(InvalidHeader::Name {
+                    name: String::new(),
+                })
+            }
+            None => name.as_str().parse().map_err(|_| InvalidHeader::Name {
                 name: name.to_string(),
             })?,
         };
-        map.append(header_name, value.as_str());
+        let header_value: HeaderValue =
+            value.as_str().parse().map_err(|_| InvalidHeader::Value {
+                name: name.to_string(),
+            })?;
+        map.append(header_name, header_value);
     }
     Ok(Some(map))
 }
@@ -94,8 +132,51 @@ mod tests {
     #[test]
     fn empty_headers_stay_absent_and_bad_names_are_rejected() {
         assert!(to_header_map(&Headers::new()).unwrap().is_none());
+        for bad in ["bad name", "colon:", "", "tab\there"] {
+            let mut headers = Headers::new();
+            headers.insert(bad, "x");
+            assert!(
+                matches!(to_header_map(&headers), Err(InvalidHeader::Name { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_check_agrees_with_the_conversion() {
+        let names = [
+            "Trace-Id", "", "a b", "a:b", "tab\t", "ünï", "~!#$%", "X\u{7f}",
+        ];
+        let values = ["", "plain", "a\nb", "a\rb", " spaced : out ", "ünïcödé"];
+        for name in names {
+            for value in values {
+                let mut headers = Headers::new();
+                headers.insert(name, value);
+                let checked = check_headers(&headers).map_err(|error| error.to_string());
+                let converted = to_header_map(&headers)
+                    .map(|_| ())
+                    .map_err(|error| error.to_string());
+                assert_eq!(checked, converted, "{name:?}: {value:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn values_with_line_breaks_are_an_error_not_a_panic() {
+        for bad in ["a\nb", "a\rb", "a\r\nInjected: yes", "\n"] {
+            let mut headers = Headers::new();
+            headers.insert("Fine", "ok");
+            headers.insert("Trace-Id", bad);
+            let error = to_header_map(&headers).unwrap_err();
+            assert!(
+                matches!(&error, InvalidHeader::Value { name } if name == "Trace-Id"),
+                "{bad:?}: {error}"
+            );
+        }
+        // Everything else a value may hold goes through unchanged.
         let mut headers = Headers::new();
-        headers.insert("bad name", "x");
-        assert!(to_header_map(&headers).is_err());
+        headers.insert("Odd", " spaces, colons: and ünïcödé\t");
+        let map = to_header_map(&headers).unwrap().unwrap();
+        assert_eq!(from_header_map(Some(&map)).0, headers.0);
     }
 }

@@ -14,7 +14,7 @@ use crate::etcd_link::EtcdLink;
 use crate::fanout::LocalMessage;
 use crate::fanout::DELIVERED_LOCALLY_HEADER;
 use crate::forwarder::{Accept, AcceptBatch, AckRequest, ForwarderHandle};
-use crate::nats_convert::{from_header_map, to_header_map, to_subject};
+use crate::nats_convert::{check_headers, from_header_map, to_header_map, to_subject};
 use crate::nats_link::NatsLink;
 use crate::outbox::{outbox, Outbox, OutboxReceiver};
 use crate::peer::Peer;
@@ -980,6 +980,11 @@ impl Session {
                 .fail_request(request_id, ErrorCode::InvalidSubject, error.to_string())
                 .await;
         }
+        if let Err(error) = check_headers(&request.headers) {
+            return self
+                .fail_request(request_id, ErrorCode::ProtocolViolation, error.to_string())
+                .await;
+        }
         if !self.permissions.may_publish(&request.subject) {
             let message = self.denied(Operation::Request, &request.subject);
             return self
@@ -1109,10 +1114,8 @@ impl Session {
 
 /// Checks a publish before anything is done with it.
 fn check_publish(publish: &Publish) -> Option<(ErrorCode, String)> {
-    if !publish.headers.is_empty() {
-        if let Err(error) = to_header_map(&publish.headers) {
-            return Some((ErrorCode::ProtocolViolation, error.to_string()));
-        }
+    if let Err(error) = check_headers(&publish.headers) {
+        return Some((ErrorCode::ProtocolViolation, error.to_string()));
     }
     if let Err(error) = validate_publish_subject(&publish.subject) {
         return Some((ErrorCode::InvalidSubject, format!("subject: {error}")));

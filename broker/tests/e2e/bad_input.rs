@@ -5,7 +5,8 @@ use crate::support::{within, Stack};
 use bytes::{BufMut, BytesMut};
 use futures::StreamExt;
 use holdfast_wire::{
-    encode, ErrorCode, Frame, FrameDecoder, Headers, Hello, Ping, Publish, Text, PROTOCOL_VERSION,
+    encode, AckOutcome, ErrorCode, Frame, FrameDecoder, Headers, Hello, Ping, Publish, Request,
+    ResponseOutcome, Text, PROTOCOL_VERSION,
 };
 use std::path::Path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -183,4 +184,137 @@ async fn a_second_relay_refuses_a_live_socket() {
     // The first relay still serves.
     let client = stack.client().await;
     client.flush().await.unwrap();
+}
+
+/// Reads frames from `stream` until `done` says the exchange is complete.
+async fn read_until(stream: &mut UnixStream, done: impl Fn(&[Frame]) -> bool) -> Vec<Frame> {
+    let mut received = BytesMut::new();
+    let mut frames = Vec::new();
+    let mut decoder = FrameDecoder::new(u32::MAX);
+    within("the relay's answers", async {
+        while !done(&frames) {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => received.put_slice(&chunk[..read]),
+            }
+            while let Ok(Some(frame)) = decoder.decode(&mut received) {
+                frames.push(frame);
+            }
+        }
+    })
+    .await;
+    frames
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_nats_cannot_carry_are_refused_and_the_session_carries_on() {
+    let stack = Stack::start();
+    let nats = async_nats::connect(stack.nats.url()).await.unwrap();
+    let mut upstream = nats.subscribe("steady").await.unwrap();
+    crate::support::nats_round_trip(&nats).await;
+    let socket = stack.relay.socket().to_path_buf();
+    let headers = |name: &str, value: &str| {
+        let mut headers = Headers::new();
+        headers.insert("Trace-Id", "t-1");
+        headers.insert(name, value);
+        headers
+    };
+    let publish = |ack_id, headers: Headers| {
+        frame_bytes(&Frame::Publish(Publish {
+            ack_id,
+            subject: Text::from_static("steady"),
+            reply: None,
+            class: None,
+            headers,
+            payload: format!("message {ack_id}").into_bytes().into(),
+        }))
+    };
+    // A value with a line break used to panic inside async-nats's header
+    // conversion, taking the session (and the publish before it) down.
+    let sent = [
+        hello(PROTOCOL_VERSION, PROTOCOL_VERSION),
+        publish(1, headers("X-Fine", "yes")),
+        publish(2, headers("X-Split", "a\r\nInjected: yes")),
+        publish(3, headers("bad name", "x")),
+        publish(4, headers("X-Fine", "still")),
+        frame_bytes(&Frame::Request(Request {
+            request_id: 5,
+            timeout_ms: 1000,
+            subject: Text::from_static("service.echo"),
+            headers: headers("X-Split", "a\nb"),
+            payload: bytes::Bytes::from_static(b"ping"),
+        })),
+        frame_bytes(&Frame::Ping(Ping { nonce: 9 })),
+    ]
+    .concat();
+    let mut stream = UnixStream::connect(&socket).await.unwrap();
+    stream.write_all(&sent).await.unwrap();
+    let frames = read_until(&mut stream, |frames| {
+        frames.iter().any(|frame| matches!(frame, Frame::Pong(_)))
+            && frames
+                .iter()
+                .any(|frame| matches!(frame, Frame::Response(_)))
+    })
+    .await;
+
+    let acks: Vec<(u64, AckOutcome)> = frames
+        .iter()
+        .filter_map(|frame| match frame {
+            Frame::PubAck(ack) => Some((ack.ack_id, ack.outcome.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks.len(), 4, "{frames:?}");
+    for (ack_id, outcome) in &acks {
+        match (ack_id, outcome) {
+            (1 | 4, AckOutcome::Forwarded) => {}
+            (2, AckOutcome::Rejected { code, message }) => {
+                assert_eq!(*code, ErrorCode::ProtocolViolation);
+                assert!(
+                    message.contains("X-Split") && message.contains("CR or LF"),
+                    "{message}"
+                );
+            }
+            (3, AckOutcome::Rejected { code, message }) => {
+                assert_eq!(*code, ErrorCode::ProtocolViolation);
+                assert!(message.contains("bad name"), "{message}");
+            }
+            other => panic!("unexpected ack {other:?}"),
+        }
+    }
+    let response = frames.iter().find_map(|frame| match frame {
+        Frame::Response(response) => Some(response.clone()),
+        _ => None,
+    });
+    match response.map(|response| (response.request_id, response.outcome)) {
+        Some((5, ResponseOutcome::Failed { code, message })) => {
+            assert_eq!(code, ErrorCode::ProtocolViolation);
+            assert!(message.contains("X-Split"), "{message}");
+        }
+        other => panic!("expected the request to be refused, got {other:?}"),
+    }
+    assert!(
+        go_away_code(&frames).is_none(),
+        "the session stays open: {frames:?}"
+    );
+
+    // Exactly the two good publishes reached NATS, in order, headers intact.
+    for expected in ["message 1", "message 4"] {
+        let message = within("NATS subscriber", upstream.next()).await.unwrap();
+        assert_eq!(message.payload, expected.as_bytes());
+        let headers = message.headers.expect("headers");
+        assert_eq!(headers.get("Trace-Id").map(|v| v.as_str()), Some("t-1"));
+    }
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), upstream.next())
+            .await
+            .is_err(),
+        "nothing else reached NATS"
+    );
+    assert!(
+        !stack.relay.logs().contains("panicked"),
+        "{}",
+        stack.relay.logs()
+    );
 }
