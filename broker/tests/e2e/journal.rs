@@ -300,7 +300,7 @@ async fn a_durable_class_flows_live_in_order_under_steady_load() {
     let stack = crate::support::Stack::start();
     let nats = stack.direct_nats().await;
     let mut plain = nats.subscribe("live.kv").await.unwrap();
-    nats.flush().await.unwrap();
+    crate::support::nats_round_trip(&nats).await;
     let client = stack.client().await;
 
     // A steady stream: there is always a journal commit in flight, and the

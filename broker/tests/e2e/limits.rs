@@ -111,7 +111,7 @@ async fn subscription_and_request_limits_refuse_only_the_excess() {
     // A responder that never answers holds the one request slot.
     let direct = stack.direct_nats().await;
     let _silent = direct.subscribe("limit.slow").await.unwrap();
-    direct.flush().await.unwrap();
+    crate::support::nats_round_trip(&direct).await;
     let slow = {
         let client = client.clone();
         tokio::spawn(async move {

@@ -12,7 +12,9 @@ async fn holdfast_publishes_reach_a_plain_nats_subscriber_in_order() {
     let stack = Stack::start();
     let nats = stack.direct_nats().await;
     let mut plain = nats.subscribe("orders.>").await.unwrap();
-    nats.flush().await.unwrap();
+    // A flush only writes the SUB; the round trip makes sure nats-server
+    // has it before the relay's first message arrives on its own connection.
+    nats_round_trip(&nats).await;
     let client = stack.client().await;
 
     for index in 0..MESSAGES {
