@@ -166,6 +166,12 @@ struct Session {
     /// A SUBSCRIBE was taken since the last PING barrier: that barrier must
     /// wait until NATS has the subscription, not just until it is written.
     subscribed_since_barrier: std::sync::atomic::AtomicBool,
+    /// A PUBLISH was taken since the last PING barrier that completed. If
+    /// not, a PING (most are keepalives, four a second per connection by
+    /// default) is answered at once: there is nothing of this session's to
+    /// wait for, and thousands of idle connections would otherwise keep the
+    /// forwarder and the NATS client busy with barriers and flushes.
+    published_since_barrier: std::sync::atomic::AtomicBool,
 }
 
 /// How a session ended, as far as its registrations care.
@@ -220,6 +226,7 @@ pub async fn run(
         registered: Default::default(),
         watches: Default::default(),
         subscribed_since_barrier: Default::default(),
+        published_since_barrier: Default::default(),
     };
     let ending = session.serve(&mut reader).await;
     ctx.router.remove_session(id).await;
@@ -528,12 +535,21 @@ impl Session {
                 // flushing the client makes "handed" mean "written". PING is
                 // also the client's keepalive, so the wait is bounded: a
                 // slow upstream must not look like a dead relay.
-                let barrier = self.ctx.forwarder.barrier();
-                let _ = tokio::time::timeout(BARRIER_FLUSH_TIMEOUT, barrier).await;
+                let published = self.published_since_barrier.swap(false, Ordering::Relaxed);
+                if published {
+                    let barrier = self.ctx.forwarder.barrier();
+                    if tokio::time::timeout(BARRIER_FLUSH_TIMEOUT, barrier)
+                        .await
+                        .is_err()
+                    {
+                        // Not everything was answered: the next PING waits again.
+                        self.published_since_barrier.store(true, Ordering::Relaxed);
+                    }
+                }
                 if self.ctx.nats.is_up() {
                     if self.subscribed_since_barrier.swap(false, Ordering::Relaxed) {
                         self.ctx.nats.round_trip(BARRIER_FLUSH_TIMEOUT).await;
-                    } else {
+                    } else if published {
                         let flush = self.ctx.nats.client().flush();
                         let _ = tokio::time::timeout(BARRIER_FLUSH_TIMEOUT, flush).await;
                     }
@@ -580,6 +596,7 @@ impl Session {
     /// it; requests and replies (a reply subject, or an `_INBOX.` subject)
     /// are never queued or journaled: a late answer is worse than an error.
     async fn on_publish(&self, publish: Publish) -> Flow {
+        self.published_since_barrier.store(true, Ordering::Relaxed);
         let classes = &self.ctx.classes;
         let class = match classes.classify(publish.class.as_deref(), &publish.subject) {
             Ok(class) => class,
