@@ -208,6 +208,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(relay::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error @ relay::RelayError::NatsClientGone) => {
+            tracing::error!(%error, "holdfastd stopped");
+            ExitCode::FAILURE
+        }
         Err(error) => {
             tracing::error!(%error, "holdfastd cannot start");
             eprintln!("holdfastd: {error}");

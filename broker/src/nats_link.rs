@@ -8,7 +8,11 @@
 
 use crate::config::NatsConfig;
 use crate::link_monitor::LinkMonitor;
-use async_nats::{client::RequestErrorKind, connection::State, Event};
+use async_nats::{
+    client::{FlushErrorKind, RequestErrorKind},
+    connection::State,
+    Event,
+};
 use futures::StreamExt;
 use holdfast_wire::LinkStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// The link as sessions and the status document see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +58,10 @@ pub struct NatsLinkError {
     pub message: String,
 }
 
+/// How long a probe that failed waits to learn whether the client's
+/// connection task is still there (it answers a flush's hand-over at once).
+const CLIENT_GONE_CHECK: Duration = Duration::from_millis(200);
+
 /// A cheap handle to the upstream connection.
 #[derive(Clone)]
 pub struct NatsLink {
@@ -62,6 +70,8 @@ pub struct NatsLink {
     state: watch::Receiver<LinkSnapshot>,
     /// A subject nobody subscribes to, for round trips to the server.
     probe_subject: Arc<str>,
+    /// Cancelled when the client's connection task has ended for good.
+    client_gone: CancellationToken,
 }
 
 impl NatsLink {
@@ -114,7 +124,9 @@ impl NatsLink {
         let is_up = Arc::new(AtomicBool::new(false));
         let probe_subject: Arc<str> = Arc::from(format!("_HOLDFAST.probe.{relay_id}"));
         answer_probes(&client, &probe_subject, shutdown.clone()).await;
+        let client_gone = CancellationToken::new();
         let monitor = MonitorTask {
+            client_gone: client_gone.clone(),
             client: client.clone(),
             monitor: LinkMonitor::new(now, config.link_timeout),
             probe_subject: probe_subject.clone(),
@@ -130,7 +142,19 @@ impl NatsLink {
             is_up,
             state: state_rx,
             probe_subject,
+            client_gone,
         })
+    }
+
+    /// Resolves once the NATS client's connection task has ended for good.
+    /// async-nats does not restart it: its reader panics on some malformed
+    /// messages from the server (a header value with a lone CR, which any
+    /// publisher can send; nats-io/nats.rs#1612), and from then on every
+    /// publish fails while the client still reports "connected". The relay
+    /// then stops (gracefully, journaling what it holds in memory) and exits
+    /// non-zero, so its supervisor starts it again with a new connection.
+    pub async fn client_gone(&self) {
+        self.client_gone.cancelled().await;
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -184,6 +208,7 @@ impl NatsLink {
 
 struct MonitorTask {
     client: async_nats::Client,
+    client_gone: CancellationToken,
     monitor: LinkMonitor,
     probe_subject: Arc<str>,
     probe_interval: Duration,
@@ -195,7 +220,7 @@ struct MonitorTask {
 
 impl MonitorTask {
     async fn run(mut self, mut events: mpsc::Receiver<Event>, shutdown: CancellationToken) {
-        let (probe_tx, mut probe_rx) = mpsc::channel::<bool>(1);
+        let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeOutcome>(1);
         let mut probe_in_flight = false;
         let mut ticker = tokio::time::interval(self.probe_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -209,9 +234,22 @@ impl MonitorTask {
                     if self.monitor.status() != LinkStatus::Down => {
                     self.monitor.on_tick(Instant::now())
                 }
-                Some(alive) = probe_rx.recv() => {
+                Some(outcome) = probe_rx.recv() => {
                     probe_in_flight = false;
-                    if alive { self.monitor.on_probe_ok(Instant::now()) } else { None }
+                    match outcome {
+                        ProbeOutcome::Answered => self.monitor.on_probe_ok(Instant::now()),
+                        ProbeOutcome::Unanswered => None,
+                        ProbeOutcome::ClientGone => {
+                            if !self.client_gone.is_cancelled() {
+                                error!(
+                                    servers = %self.servers,
+                                    "the NATS client's connection task has ended and will not reconnect (async-nats stops on some malformed messages from the server, e.g. a header value with a lone CR); stopping the relay so that a restart connects again; acknowledged messages are kept in the journal"
+                                );
+                                self.client_gone.cancel();
+                            }
+                            None
+                        }
+                    }
                 }
                 _ = ticker.tick() => {
                     let now = Instant::now();
@@ -333,12 +371,38 @@ pub async fn probe_round_trip(client: &async_nats::Client, subject: &str, limit:
     }
 }
 
+/// What the link monitor's probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeOutcome {
+    Answered,
+    /// No answer in time: the server is unreachable or slow.
+    Unanswered,
+    /// The client's connection task is gone (see [`NatsLink::client_gone`]).
+    ClientGone,
+}
+
 async fn probe(
     client: async_nats::Client,
     subject: Arc<str>,
     timeout: Duration,
-    done: mpsc::Sender<bool>,
+    done: mpsc::Sender<ProbeOutcome>,
 ) {
-    let alive = probe_round_trip(&client, &subject, timeout).await;
-    let _ = done.send(alive).await;
+    let outcome = if probe_round_trip(&client, &subject, timeout).await {
+        ProbeOutcome::Answered
+    } else if connection_task_gone(&client).await {
+        ProbeOutcome::ClientGone
+    } else {
+        ProbeOutcome::Unanswered
+    };
+    let _ = done.send(outcome).await;
+}
+
+/// Whether the client's connection task has ended: it then refuses the
+/// hand-over of every command at once. While it only reconnects, the
+/// hand-over succeeds and the flush waits, which the bound cuts short.
+async fn connection_task_gone(client: &async_nats::Client) -> bool {
+    matches!(
+        tokio::time::timeout(CLIENT_GONE_CHECK, client.flush()).await,
+        Ok(Err(error)) if error.kind() == FlushErrorKind::SendError
+    )
 }

@@ -9,7 +9,9 @@
 //! ready, stop accepting everywhere, save (not revoke) the etcd front end's
 //! leases, tell every session GO_AWAY after the frames it already read,
 //! wait for them within `shutdown_grace`, flush NATS, close QUIC
-//! connections, exit 0.
+//! connections, exit 0. The same way down, ending in an error (exit 1), when
+//! the NATS client's connection task ended for good: only a new process
+//! gets a new connection, and the supervisor starts one.
 
 use crate::classes::WhenFull;
 use crate::config::Config;
@@ -63,6 +65,10 @@ pub enum RelayError {
     Journal(#[from] crate::journal::JournalError),
     #[error(transparent)]
     EtcdFront(#[from] crate::etcd_front::EtcdFrontError),
+    /// Not a start failure: the relay ran, and stopped because its NATS
+    /// client cannot recover (see `NatsLink::client_gone`).
+    #[error("stopped because the NATS client's connection task ended; a restart reconnects")]
+    NatsClientGone,
 }
 
 /// Runs the relay until SIGTERM or SIGINT.
@@ -270,14 +276,15 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         "holdfastd ready"
     );
 
-    let signal_name = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
+    let (reason, outcome) = tokio::select! {
+        _ = terminate.recv() => ("SIGTERM", Ok(())),
+        _ = interrupt.recv() => ("SIGINT", Ok(())),
+        () = nats.client_gone() => ("NATS client gone", Err(RelayError::NatsClientGone)),
     };
     ops.ready.store(false, Ordering::Release);
     notifier.notify("STOPPING=1");
     info!(
-        signal = signal_name,
+        reason,
         sessions = ctx.stats.sessions_active(),
         "shutting down: no new connections, draining sessions"
     );
@@ -332,7 +339,7 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     }
     background.cancel();
     info!("holdfastd stopped");
-    Ok(())
+    outcome
 }
 
 /// One line for systemd's STATUS=: the link and the load.

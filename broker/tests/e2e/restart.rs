@@ -1,5 +1,6 @@
 //! The relay restarts: clients reconnect and their subscriptions come back;
-//! SIGTERM is a clean, announced exit.
+//! SIGTERM is a clean, announced exit; a NATS client that cannot recover
+//! makes the relay stop the same way and exit non-zero, for a restart.
 
 use crate::support::{within, Stack};
 use bytes::Bytes;
@@ -68,4 +69,90 @@ async fn sigterm_says_goodbye_and_exits_zero() {
     stack.relay.restart();
     let logs = stack.relay.logs();
     assert!(!logs.contains("not closed cleanly"), "{logs}");
+}
+
+/// What any client of the cluster can send: an HPUB whose header value holds
+/// a lone CR. nats-server forwards it as is, and async-nats 0.51's reader
+/// panics on it (nats-io/nats.rs#1612), ending the relay's NATS connection
+/// task for good.
+fn publish_header_with_lone_cr(nats_url: &str, subject: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let address = nats_url.trim_start_matches("nats://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let header = "NATS/1.0\r\nX-Bad: a\rb\r\n\r\n";
+    let payload = "hi";
+    let frames = format!(
+        "CONNECT {{\"verbose\":false,\"headers\":true}}\r\nHPUB {subject} {} {}\r\n{header}{payload}\r\nPING\r\n",
+        header.len(),
+        header.len() + payload.len()
+    );
+    stream.write_all(frames.as_bytes()).unwrap();
+    // PONG: the server has taken the message.
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(!line.starts_with("-ERR"), "nats-server refused: {line}");
+        if line.starts_with("PONG") {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_client_that_cannot_recover_stops_the_relay_for_a_restart() {
+    let mut stack = Stack::start();
+    let client = stack.client().await;
+    let mut events = client.link_events();
+    let mut subscriber = client.subscribe("poison.>").await.unwrap();
+    client.flush().await.unwrap();
+
+    publish_header_with_lone_cr(&stack.nats.url(), "poison.now");
+    let status = stack.relay.wait_for_exit();
+    assert!(!status.success(), "holdfastd exited with {status}");
+    let logs = stack.relay.logs();
+    assert!(
+        logs.contains("connection task has ended") && logs.contains("shutting down"),
+        "{logs}"
+    );
+    within("client learns the relay left", async {
+        loop {
+            if let Ok(LinkEvent::RelayLost { .. }) = events.recv().await {
+                return;
+            }
+        }
+    })
+    .await;
+
+    // What the supervisor does: start it again. The client reconnects and
+    // its subscription works on the new NATS connection.
+    stack.relay.restart();
+    within("client reconnects", async {
+        loop {
+            if let Ok(LinkEvent::RelayConnected { .. }) = events.recv().await {
+                return;
+            }
+        }
+    })
+    .await;
+    client.flush().await.unwrap();
+    let nats = stack.direct_nats().await;
+    nats.publish("poison.after", "fine again".into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    loop {
+        let message = within("delivery after the restart", subscriber.next())
+            .await
+            .unwrap();
+        // The poisoned message itself may or may not have been delivered.
+        if message.subject.as_str() == "poison.after" {
+            assert_eq!(message.payload, Bytes::from("fine again"));
+            break;
+        }
+    }
 }

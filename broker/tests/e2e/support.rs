@@ -611,6 +611,24 @@ impl Relay {
         }
     }
 
+    /// Waits, bounded by `WAIT`, for the relay to exit by itself; its status.
+    pub fn wait_for_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.process.exited() {
+                // Reaped: it must never be signalled again.
+                self.process.take();
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "holdfastd did not exit by itself:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the relay again on the same socket (after kill or terminate).
     pub fn restart(&mut self) {
         self.kill();
