@@ -14,6 +14,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
 
+/// The most a tokio semaphore or bounded channel can be sized to.
+const MAX_PERMITS: usize = tokio::sync::Semaphore::MAX_PERMITS;
+/// The most upstream endpoints the etcd front end's balanced channel takes.
+const MAX_FRONT_END_UPSTREAMS: usize = 1024;
+
 /// Why the configuration could not be used.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -450,6 +455,23 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0".to_string()));
             }
         }
+        // These size tokio semaphores and channels, which panic above this.
+        let permits = [
+            (
+                "sessions.outbound_queue_frames",
+                self.sessions.outbound_queue_frames,
+            ),
+            (
+                "sessions.max_inflight_requests",
+                self.sessions.max_inflight_requests,
+            ),
+            ("sessions.max_connections", self.sessions.max_connections),
+        ];
+        for (key, value) in permits {
+            if value > MAX_PERMITS {
+                return Err(invalid(key, format!("must be at most {MAX_PERMITS}")));
+            }
+        }
         Ok(())
     }
 
@@ -499,6 +521,14 @@ impl Config {
                 "the etcd front end needs upstream etcd endpoints ([etcd] endpoints or --etcd)"
                     .to_string(),
             );
+        }
+        // tonic's balanced channel takes the list through a queue of this
+        // size and panics beyond it.
+        if self.etcd.endpoints.len() > MAX_FRONT_END_UPSTREAMS {
+            return Err(format!(
+                "the etcd front end takes at most {MAX_FRONT_END_UPSTREAMS} upstream etcd endpoints, {} are configured",
+                self.etcd.endpoints.len()
+            ));
         }
         self.relay.etcd_listen.parse().map(Some).map_err(|_| {
             format!(
@@ -701,6 +731,19 @@ mod tests {
                 "[sessions]\nmax_connections = 0\n",
                 "sessions.max_connections",
             ),
+            // Above tokio's semaphore limit: refused here, not a panic later.
+            (
+                "[sessions]\nmax_connections = 4000000000000000000\n",
+                "sessions.max_connections",
+            ),
+            (
+                "[sessions]\nmax_inflight_requests = 4000000000000000000\n",
+                "sessions.max_inflight_requests",
+            ),
+            (
+                "[sessions]\noutbound_queue_frames = 4000000000000000000\n",
+                "sessions.outbound_queue_frames",
+            ),
             ("[[access.rule]]\npublish = [\"a\"]\n", "access"),
         ] {
             let file = write_config(text);
@@ -719,6 +762,21 @@ mod tests {
         };
         let config = Config::load(None, &overrides).unwrap();
         assert_eq!(config.etcd.endpoints.len(), 2);
+        let many: Vec<String> = (0..=MAX_FRONT_END_UPSTREAMS)
+            .map(|port| format!("http://127.0.0.1:{}", 10_000 + port))
+            .collect();
+        let overrides = Overrides {
+            etcd_endpoints: Some(many.join(",")),
+            ..Overrides::default()
+        };
+        let file = write_config("[relay]\netcd_listen = \"127.0.0.1:2389\"\n");
+        let error = Config::load(Some(file.path()), &overrides)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("relay.etcd_listen") && error.contains("at most 1024"),
+            "{error}"
+        );
         let file = write_config("[etcd]\nlease_ttl = \"500ms\"\n");
         let error = Config::load(Some(file.path()), &Overrides::default())
             .unwrap_err()

@@ -45,14 +45,26 @@ impl Notifier {
     /// How often to send `WATCHDOG=1`: half of `$WATCHDOG_USEC`, when the
     /// watchdog is enabled for this process.
     pub fn watchdog_interval() -> Option<Duration> {
-        if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-            if pid.trim() != std::process::id().to_string() {
-                return None;
-            }
-        }
-        let micros: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
-        (micros > 0).then(|| Duration::from_micros(micros / 2))
+        watchdog_interval_from(
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::process::id(),
+        )
     }
+}
+
+/// [`Notifier::watchdog_interval`] from the two variables' values.
+fn watchdog_interval_from(pid: Option<&str>, usec: Option<&str>, own_pid: u32) -> Option<Duration> {
+    if let Some(pid) = pid {
+        if pid.trim() != own_pid.to_string() {
+            return None;
+        }
+    }
+    let micros: u64 = usec?.trim().parse().ok()?;
+    // A zero period would stop the reporting task (tokio's interval panics
+    // on it), and 1 µs halves to zero.
+    let half = Duration::from_micros(micros / 2);
+    (!half.is_zero()).then_some(half)
 }
 
 fn connect(path: &str) -> std::io::Result<(UnixDatagram, std::os::unix::net::SocketAddr)> {
@@ -83,6 +95,28 @@ mod tests {
         let mut buffer = [0u8; 64];
         let read = receiver.recv(&mut buffer).unwrap();
         assert_eq!(&buffer[..read], b"READY=1\nSTATUS=ok");
+    }
+
+    #[test]
+    fn the_watchdog_interval_is_half_the_period_and_never_zero() {
+        let interval = |pid, usec| watchdog_interval_from(pid, usec, 42);
+        assert_eq!(
+            interval(None, Some("10000000")),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            interval(Some("42"), Some(" 2000 ")),
+            Some(Duration::from_millis(1))
+        );
+        assert_eq!(
+            interval(Some("41"), Some("2000")),
+            None,
+            "another process's"
+        );
+        assert_eq!(interval(None, None), None);
+        assert_eq!(interval(None, Some("x")), None);
+        assert_eq!(interval(None, Some("0")), None);
+        assert_eq!(interval(None, Some("1")), None, "halves to zero");
     }
 
     #[test]
