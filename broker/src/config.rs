@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
 
-/// The most a tokio semaphore or bounded channel can be sized to.
+/// The most a tokio semaphore or bounded channel can be sized to, and so the
+/// most any count limit in the config may be.
 const MAX_PERMITS: usize = tokio::sync::Semaphore::MAX_PERMITS;
 /// The most upstream endpoints the etcd front end's balanced channel takes.
 const MAX_FRONT_END_UPSTREAMS: usize = 1024;
@@ -450,26 +451,14 @@ impl Config {
             ),
             ("sessions.max_connections", self.sessions.max_connections),
         ];
+        // Some size tokio semaphores and channels, which panic above
+        // MAX_PERMITS; no limit needs to come anywhere near it.
         for (key, value) in positive {
-            if value == 0 {
-                return Err(invalid(key, "must be greater than 0".to_string()));
-            }
-        }
-        // These size tokio semaphores and channels, which panic above this.
-        let permits = [
-            (
-                "sessions.outbound_queue_frames",
-                self.sessions.outbound_queue_frames,
-            ),
-            (
-                "sessions.max_inflight_requests",
-                self.sessions.max_inflight_requests,
-            ),
-            ("sessions.max_connections", self.sessions.max_connections),
-        ];
-        for (key, value) in permits {
-            if value > MAX_PERMITS {
-                return Err(invalid(key, format!("must be at most {MAX_PERMITS}")));
+            if value == 0 || value > MAX_PERMITS {
+                return Err(invalid(
+                    key,
+                    format!("must be greater than 0 and at most {MAX_PERMITS}"),
+                ));
             }
         }
         Ok(())
