@@ -45,6 +45,15 @@ const REFILL_BATCH: usize = 4096;
 const REFILL_LOW_WATER: usize = REFILL_BATCH / 2;
 /// How long a confirmation probe may take before the link is suspect.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Confirmation probes start at most this often while messages keep
+/// coming. Each is a request through nats-server on the connection the
+/// messages take, and one after every send (at low rates, one per message)
+/// added about 13 µs to a message's p50 delivery latency. Confirmation only
+/// frees memory and journal rows, which may wait this long.
+const PROBE_SPACING: Duration = Duration::from_millis(1);
+/// With this many core messages unconfirmed a probe starts without waiting
+/// out [`PROBE_SPACING`], so a burst does not pile up in memory.
+const PROBE_EARLY_AT: usize = 8 * SEND_BATCH;
 /// How often retention is enforced and idle compaction considered.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// A drained journal is compacted after this long without traffic.
@@ -247,6 +256,10 @@ struct Forwarder {
     answered_deferred_acks: u64,
     barriers: Vec<(u64, oneshot::Sender<()>)>,
     probe_in_flight: bool,
+    /// The earliest time the next probe may start (see [`PROBE_SPACING`]),
+    /// and whether one waits for it.
+    next_probe_at: tokio::time::Instant,
+    probe_waiting: bool,
     /// JetStream classes wait for a batch's PubAcks before sending more.
     jetstream_in_flight: Vec<bool>,
     /// Whether a JetStream class's stream stored a message on this
@@ -330,6 +343,8 @@ pub fn start(
         answered_deferred_acks: 0,
         barriers: Vec::new(),
         probe_in_flight: false,
+        next_probe_at: tokio::time::Instant::now(),
+        probe_waiting: false,
         generation: 0,
         last_activity: Instant::now(),
         pending: FuturesUnordered::new(),
@@ -387,6 +402,13 @@ impl Forwarder {
                     None => break,
                 },
                 _ = sweep.tick() => self.sweep(),
+                () = tokio::time::sleep_until(self.next_probe_at),
+                    if self.probe_waiting && !self.probe_in_flight => {
+                    self.probe_waiting = false;
+                    if self.nats.is_up() && self.unconfirmed_core() > 0 {
+                        self.start_probe();
+                    }
+                }
                 () = std::future::ready(()), if can_send => self.send_batch().await,
             }
             self.start_refills();
@@ -897,6 +919,13 @@ impl Forwarder {
         if self.probe_in_flight {
             return;
         }
+        let now = tokio::time::Instant::now();
+        if now < self.next_probe_at && self.unconfirmed_core() < PROBE_EARLY_AT {
+            self.probe_waiting = true;
+            return;
+        }
+        self.next_probe_at = now + PROBE_SPACING;
+        self.probe_waiting = false;
         self.probe_in_flight = true;
         let marks: Vec<usize> = self
             .queues
