@@ -12,10 +12,14 @@
 use super::cache::Change;
 use crate::etcd_link::EtcdLink;
 use bytes::Bytes;
-use etcd_client::{EventType, GetOptions, WatchOptions};
+use etcd_client::{GetOptions, WatchOptions};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
+
+/// etcd's `mvccpb.Event.EventType` values.
+const EVENT_PUT: i32 = 0;
+const EVENT_DELETE: i32 = 1;
 
 /// What the watch reports to the discovery task.
 #[derive(Debug)]
@@ -158,6 +162,7 @@ pub async fn follow(
             {
                 return;
             }
+            let mut unknown_event = None;
             let changes: Vec<Change> = response
                 .events()
                 .iter()
@@ -165,12 +170,28 @@ pub async fn follow(
                     let kv = event.kv()?;
                     let key = Bytes::copy_from_slice(kv.key());
                     let at = kv.mod_revision().max(0) as u64;
-                    Some(match event.event_type() {
-                        EventType::Put => Change::put(key, Bytes::copy_from_slice(kv.value()), at),
-                        EventType::Delete => Change::delete(key, at),
-                    })
+                    // The raw type: etcd-client's `event_type` panics on a
+                    // value other than PUT (0) and DELETE (1), which only a
+                    // broken or impostor etcd sends.
+                    match event.0.r#type {
+                        EVENT_PUT => Some(Change::put(key, Bytes::copy_from_slice(kv.value()), at)),
+                        EVENT_DELETE => Some(Change::delete(key, at)),
+                        other => {
+                            unknown_event = Some(other);
+                            None
+                        }
+                    }
                 })
                 .collect();
+            if let Some(event_type) = unknown_event {
+                warn!(
+                    prefix = %String::from_utf8_lossy(&prefix),
+                    event_type,
+                    "etcd sent a watch event of an unknown type; re-listing the prefix"
+                );
+                must_list = true;
+                break;
+            }
             // Only events advance the resume point: a response's header
             // revision can run ahead of catch-up events still to come.
             let last_event = changes.last().map_or(0, |change| change.revision);

@@ -8,7 +8,8 @@
 use super::model::{Change, LeaseId, Observed, SessionId};
 use crate::etcd_link::EtcdLink;
 use bytes::Bytes;
-use etcd_client::{Client, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::proto::PbTxnOpResponse;
+use etcd_client::{Client, PutOptions, Txn, TxnOp};
 use std::time::Duration;
 
 /// One unit of work against etcd.
@@ -159,20 +160,30 @@ pub async fn run(
                     if let Some(header) = response.header() {
                         link.saw_revision(header.revision());
                     }
-                    let observed = keys
-                        .into_iter()
-                        .zip(response.op_responses())
-                        .map(|(key, answer)| {
-                            let found = match answer {
-                                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| Observed {
-                                    value: Bytes::copy_from_slice(kv.value()),
-                                    lease: kv.lease(),
-                                }),
-                                _ => None,
-                            };
-                            (key, found)
-                        })
-                        .collect();
+                    // Read from the raw answers: etcd-client's
+                    // `op_responses` panics on an answer without its
+                    // result, which only a broken or impostor etcd sends.
+                    let mut observed = Vec::with_capacity(keys.len());
+                    for (key, answer) in keys.into_iter().zip(&response.0.responses) {
+                        let found = match &answer.response {
+                            Some(PbTxnOpResponse::ResponseRange(range)) => {
+                                range.kvs.first().map(|kv| Observed {
+                                    value: Bytes::copy_from_slice(&kv.value),
+                                    lease: kv.lease,
+                                })
+                            }
+                            Some(_) => None,
+                            None => {
+                                return StepResult::KeysRead {
+                                    observed: Vec::new(),
+                                    error: Some(
+                                        "etcd answered a read without its result".to_string(),
+                                    ),
+                                }
+                            }
+                        };
+                        observed.push((key, found));
+                    }
                     StepResult::KeysRead {
                         observed,
                         error: None,
