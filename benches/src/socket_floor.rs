@@ -1,11 +1,11 @@
 //! The machine's floor for local request/response: a bare round trip of a
 //! small message between two processes over a Unix socket, tokio on both
 //! sides (each end on a worker thread, as a component's task and the
-//! relay's session are) and nothing else. Every relay figure in µs includes at least such
-//! a crossing, so the latency and discovery scenarios measure it in the same
-//! run and report their figures against it: on a shared 2-core VM, waking a
-//! parked thread in another process costs tens of µs, and an absolute
-//! target below the floor cannot be met by any relay.
+//! relay's session are) and nothing else. Every relay figure in µs includes
+//! at least such a crossing, so the latency and discovery scenarios measure
+//! it in the same run and report their figures against it: on a shared
+//! 2-core VM, waking a parked thread in another process costs 10–30 µs,
+//! and an absolute target below the floor cannot be met by any relay.
 //!
 //! The echo side is this executable started again with `--socket-echo
 //! PATH` ([`serve_echo`]); [`SocketFloor`] owns that child and kills it by

@@ -42,7 +42,7 @@ use tracing::{info, warn};
 /// How often systemd's STATUS= line is refreshed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Why the relay could not start.
+/// Why the relay could not start, or (one case) why it stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error(transparent)]
@@ -71,7 +71,9 @@ pub enum RelayError {
     NatsClientGone,
 }
 
-/// Runs the relay until SIGTERM or SIGINT.
+/// Runs the relay until SIGTERM or SIGINT (`Ok`), or until its NATS client
+/// cannot recover (`Err(RelayError::NatsClientGone)`, after the same
+/// orderly stop).
 pub async fn run(config: Config) -> Result<(), RelayError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(RelayError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(RelayError::Signals)?;
