@@ -5,7 +5,7 @@
 use crate::support::{within, Stack};
 use bytes::Bytes;
 use futures::StreamExt;
-use holdfast_client::LinkEvent;
+use holdfast_client::{LinkEvent, OutboundMessage};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_relay_comes_back_and_subscriptions_work_again() {
@@ -105,13 +105,30 @@ fn publish_header_with_lone_cr(nats_url: &str, subject: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_client_that_cannot_recover_stops_the_relay_for_a_restart() {
+    const KEPT: usize = 200;
     let mut stack = Stack::start();
     let client = stack.client().await;
     let mut events = client.link_events();
     let mut subscriber = client.subscribe("poison.>").await.unwrap();
     client.flush().await.unwrap();
+    let nats = stack.direct_nats().await;
+    let mut plain = nats.subscribe("kept.>").await.unwrap();
+    crate::support::nats_round_trip(&nats).await;
 
     publish_header_with_lone_cr(&stack.nats.url(), "poison.now");
+    // Publishes made while the NATS client is gone, before and while the
+    // relay notices and stops: whatever it acknowledged must reach NATS
+    // after the restart.
+    let publisher = client.clone();
+    let publishing = tokio::spawn(async move {
+        let mut acks = Vec::with_capacity(KEPT);
+        for index in 0..KEPT {
+            let message = OutboundMessage::new(format!("kept.{index}"), format!("{index}"))
+                .class("kv_events");
+            acks.push((index, publisher.publish_with_ack(message).await));
+        }
+        acks
+    });
     let status = stack.relay.wait_for_exit();
     assert!(!status.success(), "holdfastd exited with {status}");
     let logs = stack.relay.logs();
@@ -140,7 +157,6 @@ async fn a_nats_client_that_cannot_recover_stops_the_relay_for_a_restart() {
     })
     .await;
     client.flush().await.unwrap();
-    let nats = stack.direct_nats().await;
     nats.publish("poison.after", "fine again".into())
         .await
         .unwrap();
@@ -155,4 +171,35 @@ async fn a_nats_client_that_cannot_recover_stops_the_relay_for_a_restart() {
             break;
         }
     }
+
+    let mut acknowledged = std::collections::BTreeSet::new();
+    for (index, ack) in within("the publishes after the poison", publishing)
+        .await
+        .unwrap()
+    {
+        let Ok(ack) = ack else { continue };
+        if within("an ack", ack).await.is_ok() {
+            acknowledged.insert(index);
+        }
+    }
+    assert!(
+        !acknowledged.is_empty(),
+        "no publish was acknowledged at all"
+    );
+    eprintln!(
+        "{} of {KEPT} publishes made after the poison were acknowledged",
+        acknowledged.len()
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    within("every acknowledged publish on NATS", async {
+        while !acknowledged.is_subset(&seen) {
+            let message = plain.next().await.unwrap();
+            let index: usize = std::str::from_utf8(&message.payload)
+                .unwrap()
+                .parse()
+                .unwrap();
+            seen.insert(index);
+        }
+    })
+    .await;
 }
