@@ -17,6 +17,8 @@ use thiserror::Error;
 /// The most a tokio semaphore or bounded channel can be sized to, and so the
 /// most any count limit in the config may be.
 const MAX_PERMITS: usize = tokio::sync::Semaphore::MAX_PERMITS;
+/// The largest `relay.max_frame_bytes`: NATS's own upper bound on a message.
+const MAX_FRAME_BYTES_LIMIT: u32 = 64 * 1024 * 1024;
 /// The most upstream endpoints the etcd front end's balanced channel takes.
 const MAX_FRONT_END_UPSTREAMS: usize = 1024;
 
@@ -362,10 +364,12 @@ impl Config {
                 "must be at least 1s (clients ping every 250ms)".to_string(),
             ));
         }
-        if self.relay.max_frame_bytes < 1024 {
+        // Each connection may hold a buffer this large while a frame
+        // arrives, so the bound is memory's; NATS carries nothing larger.
+        if !(1024..=MAX_FRAME_BYTES_LIMIT).contains(&self.relay.max_frame_bytes) {
             return Err(invalid(
                 "relay.max_frame_bytes",
-                "must be at least 1024".to_string(),
+                format!("must be at least 1024 and at most {MAX_FRAME_BYTES_LIMIT} (64 MiB, the largest NATS max_payload)"),
             ));
         }
         if self.nats.servers.is_empty() {
@@ -719,6 +723,10 @@ mod tests {
             (
                 "[sessions]\nmax_connections = 0\n",
                 "sessions.max_connections",
+            ),
+            (
+                "[relay]\nmax_frame_bytes = 4294967295\n",
+                "relay.max_frame_bytes",
             ),
             // Above tokio's semaphore limit: refused here, not a panic later.
             (
