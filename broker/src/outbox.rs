@@ -6,7 +6,9 @@
 //! its own answers. Fan-out tasks delivering subscription messages never
 //! wait: a full outbox drops the message (counted, reported to the client)
 //! or asks the session to disconnect, so one slow subscriber cannot stall
-//! delivery to anyone else.
+//! delivery to anyone else. Answers from the forwarder, the registry and
+//! discovery never wait either; they are counted instead, and the session
+//! stops reading new requests while a client leaves too many unread.
 
 use crate::config::SlowConsumerPolicy;
 use crate::stats::{bump, RelayStats};
@@ -37,6 +39,11 @@ struct Shared {
     session_id: u64,
     queued_bytes: AtomicUsize,
     max_bytes: usize,
+    /// Answers in the ack channel, and how many the session lets wait
+    /// before it stops reading (`sessions.outbound_queue_frames`).
+    queued_acks: AtomicUsize,
+    max_acks: usize,
+    acks_drained: Notify,
     policy: SlowConsumerPolicy,
     /// Drops not yet reported to the client.
     unreported_drops: AtomicU64,
@@ -57,9 +64,10 @@ pub struct Outbox {
 
 struct Senders {
     sender: mpsc::Sender<Frame>,
-    /// Acks from the forwarder. Unbounded so the forwarder never waits on a
-    /// session; bounded in practice because each ack answers one publish
-    /// that passed the forwarder's bounded intake.
+    /// Answers from the forwarder, the registry and discovery. Unbounded so
+    /// none of them ever waits on one session; bounded because the session
+    /// stops reading while `max_acks` are unread (see
+    /// [`Outbox::unread_answers_at_limit`]).
     acks: mpsc::UnboundedSender<Frame>,
     shared: Arc<Shared>,
 }
@@ -85,6 +93,9 @@ pub fn outbox(
         session_id,
         queued_bytes: AtomicUsize::new(0),
         max_bytes,
+        queued_acks: AtomicUsize::new(0),
+        max_acks: max_frames,
+        acks_drained: Notify::new(),
         policy,
         unreported_drops: AtomicU64::new(0),
         close_requested: AtomicBool::new(false),
@@ -145,7 +156,29 @@ impl Outbox {
     /// Queues an ack from the forwarder without waiting; `Err` when the
     /// session is gone.
     pub fn send_ack(&self, frame: Frame) -> Result<(), OutboxClosed> {
-        self.senders.acks.send(frame).map_err(|_| OutboxClosed)
+        self.shared().queued_acks.fetch_add(1, Ordering::AcqRel);
+        self.senders.acks.send(frame).map_err(|_| {
+            self.shared().queued_acks.fetch_sub(1, Ordering::AcqRel);
+            OutboxClosed
+        })
+    }
+
+    /// Whether the client has left as many answers unread as it may: the
+    /// session then reads nothing more from it until they drain.
+    pub fn unread_answers_at_limit(&self) -> bool {
+        let shared = self.shared();
+        shared.queued_acks.load(Ordering::Acquire) >= shared.max_acks
+    }
+
+    /// Resolves once the unread answers are below the limit again.
+    pub async fn unread_answers_drained(&self) {
+        loop {
+            let notified = self.shared().acks_drained.notified();
+            if !self.unread_answers_at_limit() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Offers a subscription message without waiting; a full outbox
@@ -233,24 +266,34 @@ impl OutboxReceiver {
     /// is gone.
     pub async fn recv_many(&mut self, batch: &mut Vec<Frame>, limit: usize) -> usize {
         let start = batch.len();
+        let mut acks_taken = 0;
         // Acks first: they are small and their publishers are waiting.
         while batch.len() - start < limit {
             match self.acks.try_recv() {
-                Ok(frame) => batch.push(frame),
+                Ok(frame) => {
+                    batch.push(frame);
+                    acks_taken += 1;
+                }
                 Err(_) => break,
             }
         }
         if batch.len() == start {
             tokio::select! {
                 _ = self.receiver.recv_many(batch, limit) => {}
-                Some(frame) = self.acks.recv() => batch.push(frame),
+                Some(frame) = self.acks.recv() => {
+                    batch.push(frame);
+                    acks_taken += 1;
+                }
             }
             if batch.len() == start {
                 // The frame queue is closed (every sender gone), but an ack
                 // sent just before the last sender went may still wait.
                 while batch.len() - start < limit {
                     match self.acks.try_recv() {
-                        Ok(frame) => batch.push(frame),
+                        Ok(frame) => {
+                            batch.push(frame);
+                            acks_taken += 1;
+                        }
                         Err(_) => break,
                     }
                 }
@@ -268,6 +311,15 @@ impl OutboxReceiver {
         self.shared
             .queued_bytes
             .fetch_sub(released, Ordering::AcqRel);
+        if acks_taken > 0 {
+            let before = self
+                .shared
+                .queued_acks
+                .fetch_sub(acks_taken, Ordering::AcqRel);
+            if before >= self.shared.max_acks && before - acks_taken < self.shared.max_acks {
+                self.shared.acks_drained.notify_waiters();
+            }
+        }
         received
     }
 

@@ -272,9 +272,24 @@ impl Session {
         let liveness_timeout = self.ctx.config.etcd.liveness_timeout;
         let idle_timeout = self.ctx.config.sessions.idle_timeout;
         let mut last_heard = tokio::time::Instant::now();
+        let mut answers_unread = false;
         loop {
             let liveness_deadline = last_heard + liveness_timeout;
             let idle_deadline = last_heard + idle_timeout;
+            // A client that sends but does not read its answers gets no
+            // more of its requests read until it catches up: the answers
+            // wait in memory, and this keeps them bounded.
+            let at_limit = self.outbox.unread_answers_at_limit();
+            if at_limit && !answers_unread {
+                self.ctx.stats.record_limit(Limit::UnreadAnswers);
+                warn!(
+                    session = self.id,
+                    client = %hello.client_name,
+                    peer = %self.peer,
+                    "client is not reading its answers; its requests are not read until it does"
+                );
+            }
+            answers_unread = at_limit;
             let flow = tokio::select! {
                 _ = self.ctx.shutdown.cancelled() => {
                     // Everything this client sent is answered before goodbye.
@@ -312,7 +327,9 @@ impl Session {
                         Flow::Continue
                     }
                 },
-                _ = tokio::time::sleep_until(liveness_deadline), if self.has_registrations() => {
+                // Not while reading is paused for unread answers: that
+                // client is sending, and its requests wait in the socket.
+                _ = tokio::time::sleep_until(liveness_deadline), if self.has_registrations() && !at_limit => {
                     // Frames may be waiting behind a slow handler; only a
                     // client that really sent nothing is dead.
                     match self.handle_ready_frame(reader).await {
@@ -335,6 +352,20 @@ impl Session {
                     }
                 }
                 _ = tokio::time::sleep_until(idle_deadline) => {
+                    if at_limit {
+                        // It read none of its answers for the whole idle
+                        // timeout; a GO_AWAY would wait behind them too.
+                        crate::stats::bump(&self.ctx.stats.slow_consumer_disconnects);
+                        warn!(
+                            session = self.id,
+                            client = %hello.client_name,
+                            peer = %self.peer,
+                            idle_timeout_ms = idle_timeout.as_millis() as u64,
+                            reason = "slow_consumer",
+                            "client read none of its answers within the idle timeout; closing its connection"
+                        );
+                        return Ending::Closed;
+                    }
                     if let Some(flow) = self.handle_ready_frame(reader).await {
                         last_heard = tokio::time::Instant::now();
                         flow
@@ -355,7 +386,8 @@ impl Session {
                         return Ending::Closed;
                     }
                 }
-                frame = reader.next() => {
+                () = self.outbox.unread_answers_drained(), if at_limit => Flow::Continue,
+                frame = reader.next(), if !at_limit => {
                     let flow = self.on_ready_frames(frame, reader).await;
                     // The liveness clock runs only while the relay waits
                     // on the socket: a client waiting for a PONG the

@@ -59,10 +59,13 @@ pub enum Limit {
     Watches,
     /// `sessions.max_inflight_requests`.
     InflightRequests,
+    /// `sessions.outbound_queue_frames` of answers (acks) a client has not
+    /// read: the session stops reading its requests until they drain.
+    UnreadAnswers,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 8] = [
         Limit::Connections,
         Limit::HelloTimeout,
         Limit::IdleTimeout,
@@ -70,6 +73,7 @@ impl Limit {
         Limit::Subscriptions,
         Limit::Watches,
         Limit::InflightRequests,
+        Limit::UnreadAnswers,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +85,7 @@ impl Limit {
             Limit::Subscriptions => "subscriptions",
             Limit::Watches => "watches",
             Limit::InflightRequests => "inflight_requests",
+            Limit::UnreadAnswers => "unread_answers",
         }
     }
 }

@@ -150,3 +150,130 @@ async fn subscription_and_request_limits_refuse_only_the_excess() {
         .unwrap();
     assert_eq!(&message.payload[..], b"still here");
 }
+
+/// Publishes with acks from a raw connection, `count` of them, as fast as
+/// the socket takes them.
+async fn write_acked_publishes(
+    stream: &mut tokio::net::unix::OwnedWriteHalf,
+    subject: &'static str,
+    count: u64,
+) {
+    use holdfast_wire::{Headers as WireHeaders, Publish, Text};
+    use tokio::io::AsyncWriteExt;
+    for ack_id in 1..=count {
+        let frame = crate::bad_input::frame_bytes(&Frame::Publish(Publish {
+            ack_id,
+            subject: Text::from_static(subject),
+            reply: None,
+            class: None,
+            headers: WireHeaders::new(),
+            payload: ack_id.to_string().into_bytes().into(),
+        }));
+        stream.write_all(&frame).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_its_acks_is_paused_not_buffered() {
+    use tokio::io::AsyncWriteExt;
+    const PUBLISHES: u64 = 50_000;
+    let stack =
+        Stack::start_with_config("[sessions]\noutbound_queue_frames = 64\nidle_timeout = \"3s\"\n");
+    let nats = stack.direct_nats().await;
+    let mut upstream = nats.subscribe("unread.>").await.unwrap();
+    crate::support::nats_round_trip(&nats).await;
+
+    // Writes everything, reads nothing (yet).
+    let stream = tokio::net::UnixStream::connect(stack.relay.socket())
+        .await
+        .unwrap();
+    let (mut read_half, mut write_half) = stream.into_split();
+    write_half
+        .write_all(&hello(PROTOCOL_VERSION, PROTOCOL_VERSION))
+        .await
+        .unwrap();
+    let writer = tokio::spawn(async move {
+        write_acked_publishes(&mut write_half, "unread.a", PUBLISHES).await;
+        write_half
+    });
+    // The relay stops reading once 64 answers wait unread, so far fewer than
+    // all publishes get through while the client does not read.
+    crate::support::wait_until_async("the relay notices the unread answers", || async {
+        limit_count(&stack.relay, "unread_answers").unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut through = 0u64;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), upstream.next()).await
+    {
+        through += 1;
+    }
+    assert!(
+        through < PUBLISHES / 2,
+        "{through} of {PUBLISHES} publishes were read while their acks went unread"
+    );
+    assert!(
+        !writer.is_finished(),
+        "the client's writes were not held back"
+    );
+
+    // Once the client reads, everything goes through and is answered.
+    let mut decoder = holdfast_wire::FrameDecoder::new(u32::MAX);
+    let mut received = bytes::BytesMut::new();
+    let mut acked = 0u64;
+    within("every ack", async {
+        use tokio::io::AsyncReadExt;
+        while acked < PUBLISHES {
+            let mut chunk = [0u8; 65536];
+            let read = read_half.read(&mut chunk).await.unwrap();
+            assert!(read > 0, "the relay closed the connection");
+            received.extend_from_slice(&chunk[..read]);
+            while let Ok(Some(frame)) = decoder.decode(&mut received) {
+                if let Frame::PubAck(ack) = frame {
+                    assert!(
+                        !matches!(ack.outcome, holdfast_wire::AckOutcome::Rejected { .. }),
+                        "{ack:?}"
+                    );
+                    acked += 1;
+                }
+            }
+        }
+    })
+    .await;
+    let _write_half = within("the writes", writer).await.unwrap();
+    within("every publish on NATS", async {
+        while through < PUBLISHES {
+            upstream.next().await.unwrap();
+            through += 1;
+        }
+    })
+    .await;
+
+    // A client that never reads is closed after the idle timeout.
+    let stream = tokio::net::UnixStream::connect(stack.relay.socket())
+        .await
+        .unwrap();
+    let (_never_read, mut write_half) = stream.into_split();
+    write_half
+        .write_all(&hello(PROTOCOL_VERSION, PROTOCOL_VERSION))
+        .await
+        .unwrap();
+    let writer = tokio::spawn(async move {
+        write_acked_publishes(&mut write_half, "unread.b", PUBLISHES).await;
+    });
+    crate::support::wait_until_async("the never-reading client is disconnected", || async {
+        metric(
+            &scrape(&stack.relay),
+            "holdfast_slow_consumer_disconnects_total",
+            &[],
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    writer.abort();
+    assert!(stack
+        .relay
+        .logs()
+        .contains("client read none of its answers within the idle timeout"));
+}
