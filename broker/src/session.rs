@@ -158,10 +158,14 @@ struct Session {
     /// Publishes read but not yet handed to the forwarder. Only this
     /// session's task touches it; the mutex is never contended.
     accepts: std::sync::Mutex<Vec<Accept>>,
-    /// Keys this session registered: while any exist the session must keep
-    /// sending within the liveness timeout. Only this session's task
-    /// touches it (as `accepts`).
-    registered: std::sync::Mutex<HashSet<bytes::Bytes>>,
+    /// Keys this session registered, as hashes: while any exist the
+    /// session must keep sending within the liveness timeout. Only this
+    /// session's task touches it (as `accepts`). Hashes, and at most
+    /// `etcd.max_registrations_per_session` of them: a key the registry
+    /// refuses stays here until DEREGISTER or the end of the session, and
+    /// keys may be 64 KiB each.
+    registered: std::sync::Mutex<HashSet<u64>>,
+    registered_hasher: std::collections::hash_map::RandomState,
     watches: std::sync::Mutex<HashSet<u32>>,
     /// A SUBSCRIBE was taken since the last PING barrier: that barrier must
     /// wait until NATS has the subscription, not just until it is written.
@@ -224,6 +228,7 @@ pub async fn run(
         requests_in_flight: Arc::new(Semaphore::new(sessions.max_inflight_requests)),
         accepts: std::sync::Mutex::new(Vec::new()),
         registered: Default::default(),
+        registered_hasher: Default::default(),
         watches: Default::default(),
         subscribed_since_barrier: Default::default(),
         published_since_barrier: Default::default(),
@@ -906,7 +911,14 @@ impl Session {
                 .answer_registration(register.request_id, ErrorCode::Unauthorized, &message)
                 .await;
         }
-        lock(&self.registered).insert(register.key.clone());
+        {
+            let hash = std::hash::BuildHasher::hash_one(&self.registered_hasher, &register.key);
+            let mut registered = lock(&self.registered);
+            // Past the per-session limit the registry refuses the key anyway.
+            if registered.len() < self.ctx.config.etcd.max_registrations_per_session {
+                registered.insert(hash);
+            }
+        }
         let ack = RegistrationAckTo {
             outbox: self.outbox.clone(),
             request_id: register.request_id,
@@ -919,7 +931,10 @@ impl Session {
     }
 
     async fn on_deregister(&self, deregister: Deregister) -> Flow {
-        lock(&self.registered).remove(&deregister.key);
+        lock(&self.registered).remove(&std::hash::BuildHasher::hash_one(
+            &self.registered_hasher,
+            &deregister.key,
+        ));
         let ack = RegistrationAckTo {
             outbox: self.outbox.clone(),
             request_id: deregister.request_id,

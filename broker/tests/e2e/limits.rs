@@ -277,3 +277,49 @@ async fn a_client_that_does_not_read_its_acks_is_paused_not_buffered() {
         .logs()
         .contains("client read none of its answers within the idle timeout"));
 }
+
+/// The relay's resident memory, in MiB.
+fn relay_rss_mib(relay: &Relay) -> f64 {
+    let pid = relay.pid().expect("relay is running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib / 1024.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_registrations_do_not_pile_up_in_the_session() {
+    // No etcd: every REGISTER is refused, and used to stay in the session's
+    // set of keys until it ended.
+    const KEYS: usize = 40_000;
+    const KEY_BYTES: usize = 8 * 1024;
+    let stack = Stack::start();
+    let client = stack.client().await;
+    let before = relay_rss_mib(&stack.relay);
+    let mut workers = Vec::new();
+    for worker in 0..8 {
+        let client = client.clone();
+        workers.push(tokio::spawn(async move {
+            for index in (worker..KEYS).step_by(8) {
+                let mut key = format!("big/{index}/").into_bytes();
+                key.resize(KEY_BYTES, b'k');
+                let refused = client.register(key, "v").await.unwrap_err();
+                assert_eq!(
+                    refused.code(),
+                    Some(ErrorCode::EtcdUnavailable),
+                    "{refused}"
+                );
+            }
+        }));
+    }
+    for worker in workers {
+        within("the registrations", worker).await.unwrap();
+    }
+    let grown = relay_rss_mib(&stack.relay) - before;
+    // 40k keys of 8 KiB are 320 MiB; the session keeps 8-byte hashes.
+    assert!(grown < 64.0, "the relay grew by {grown:.0} MiB");
+}
