@@ -1299,8 +1299,23 @@ async fn write_loop(mut socket: ByteWriter, mut outbox: OutboxReceiver, max_fram
             closing = matches!(frame, Frame::GoAway(_));
             if let Err(error) = encode(&frame, max_frame, &mut buffer) {
                 // Only frames built from validated input reach here; a frame
-                // that still cannot be encoded is skipped, not fatal.
+                // that still cannot be encoded is skipped, not fatal. A
+                // reply too large for this connection (NATS allows larger
+                // payloads than a small relay.max_frame_bytes) still gets
+                // its request an answer.
                 warn!(%error, frame_type = frame.frame_type(), "frame not sent: cannot be encoded");
+                if let Frame::Response(response) = &frame {
+                    let failed = Frame::Response(Response {
+                        request_id: response.request_id,
+                        outcome: ResponseOutcome::Failed {
+                            code: ErrorCode::LimitExceeded,
+                            message: Text::from(format!(
+                                "the reply does not fit in a frame on this connection: {error}"
+                            )),
+                        },
+                    });
+                    let _ = encode(&failed, max_frame, &mut buffer);
+                }
             }
             if buffer.len() >= WRITE_BUFFER_BYTES || closing {
                 if socket.write_all(&buffer).await.is_err() {

@@ -323,3 +323,29 @@ async fn refused_registrations_do_not_pile_up_in_the_session() {
     // 40k keys of 8 KiB are 320 MiB; the session keeps 8-byte hashes.
     assert!(grown < 64.0, "the relay grew by {grown:.0} MiB");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_larger_than_the_frame_limit_still_answers_the_request() {
+    let stack = Stack::start_with_config("[relay]\nmax_frame_bytes = 1024\n");
+    let nats = stack.direct_nats().await;
+    let mut requests = nats.subscribe("big.reply").await.unwrap();
+    crate::support::nats_round_trip(&nats).await;
+    let responder = nats.clone();
+    tokio::spawn(async move {
+        while let Some(request) = requests.next().await {
+            if let Some(reply) = request.reply {
+                let _ = responder.publish(reply, vec![b'x'; 4096].into()).await;
+            }
+        }
+    });
+    let client = stack.client().await;
+    let started = Instant::now();
+    let refused = client.request("big.reply", "q").await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::LimitExceeded), "{refused}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered at once, not at the request timeout"
+    );
+    // The connection carries on.
+    client.flush().await.unwrap();
+}
