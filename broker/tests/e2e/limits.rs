@@ -151,6 +151,24 @@ async fn subscription_and_request_limits_refuse_only_the_excess() {
     assert_eq!(&message.payload[..], b"still here");
 }
 
+/// A raw connection to the relay that has sent its HELLO (the WELCOME is
+/// left unread).
+async fn raw_session(
+    socket: &std::path::Path,
+) -> (
+    tokio::net::unix::OwnedReadHalf,
+    tokio::net::unix::OwnedWriteHalf,
+) {
+    use tokio::io::AsyncWriteExt;
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (read_half, mut write_half) = stream.into_split();
+    write_half
+        .write_all(&hello(PROTOCOL_VERSION, PROTOCOL_VERSION))
+        .await
+        .unwrap();
+    (read_half, write_half)
+}
+
 /// Publishes with acks from a raw connection, `count` of them, as fast as
 /// the socket takes them.
 async fn write_acked_publishes(
@@ -175,7 +193,6 @@ async fn write_acked_publishes(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_its_acks_is_paused_not_buffered() {
-    use tokio::io::AsyncWriteExt;
     const PUBLISHES: u64 = 50_000;
     let stack =
         Stack::start_with_config("[sessions]\noutbound_queue_frames = 64\nidle_timeout = \"3s\"\n");
@@ -184,14 +201,7 @@ async fn a_client_that_does_not_read_its_acks_is_paused_not_buffered() {
     crate::support::nats_round_trip(&nats).await;
 
     // Writes everything, reads nothing (yet).
-    let stream = tokio::net::UnixStream::connect(stack.relay.socket())
-        .await
-        .unwrap();
-    let (mut read_half, mut write_half) = stream.into_split();
-    write_half
-        .write_all(&hello(PROTOCOL_VERSION, PROTOCOL_VERSION))
-        .await
-        .unwrap();
+    let (mut read_half, mut write_half) = raw_session(stack.relay.socket()).await;
     let writer = tokio::spawn(async move {
         write_acked_publishes(&mut write_half, "unread.a", PUBLISHES).await;
         write_half
@@ -250,14 +260,7 @@ async fn a_client_that_does_not_read_its_acks_is_paused_not_buffered() {
     .await;
 
     // A client that never reads is closed after the idle timeout.
-    let stream = tokio::net::UnixStream::connect(stack.relay.socket())
-        .await
-        .unwrap();
-    let (_never_read, mut write_half) = stream.into_split();
-    write_half
-        .write_all(&hello(PROTOCOL_VERSION, PROTOCOL_VERSION))
-        .await
-        .unwrap();
+    let (_never_read, mut write_half) = raw_session(stack.relay.socket()).await;
     let writer = tokio::spawn(async move {
         write_acked_publishes(&mut write_half, "unread.b", PUBLISHES).await;
     });
