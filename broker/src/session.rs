@@ -278,6 +278,7 @@ impl Session {
         let idle_timeout = self.ctx.config.sessions.idle_timeout;
         let mut last_heard = tokio::time::Instant::now();
         let mut answers_unread = false;
+        let mut pauses = 0u64;
         loop {
             let liveness_deadline = last_heard + liveness_timeout;
             let idle_deadline = last_heard + idle_timeout;
@@ -287,12 +288,22 @@ impl Session {
             let at_limit = self.outbox.unread_answers_at_limit();
             if at_limit && !answers_unread {
                 self.ctx.stats.record_limit(Limit::UnreadAnswers);
-                warn!(
-                    session = self.id,
-                    client = %hello.client_name,
-                    peer = %self.peer,
-                    "client is not reading its answers; its requests are not read until it does"
-                );
+                pauses += 1;
+                // Counted every time; logged at warn once per connection,
+                // as a client that lags behind its answers may pause often.
+                if pauses == 1 {
+                    warn!(
+                        session = self.id,
+                        client = %hello.client_name,
+                        peer = %self.peer,
+                        "client is not reading its answers; its requests are not read until it does (further pauses on this connection are logged at debug)"
+                    );
+                } else {
+                    debug!(
+                        session = self.id,
+                        pauses, "reading paused for unread answers"
+                    );
+                }
             }
             answers_unread = at_limit;
             let flow = tokio::select! {
