@@ -371,6 +371,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn unread_answers_reach_the_limit_and_drain_below_it() {
+        let stats = Arc::new(RelayStats::default());
+        let (outbox, mut receiver) = outbox(7, 3, usize::MAX, SlowConsumerPolicy::Drop, stats);
+        for nonce in 0..3 {
+            assert!(!outbox.unread_answers_at_limit(), "{nonce} unread");
+            outbox.send_ack(Frame::Ping(Ping { nonce })).unwrap();
+        }
+        assert!(outbox.unread_answers_at_limit());
+        // A waiter made before the drain is woken by it.
+        let waiter = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.unread_answers_drained().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        let mut batch = Vec::new();
+        assert_eq!(receiver.recv_many(&mut batch, 1).await, 1);
+        assert!(!outbox.unread_answers_at_limit());
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter is woken")
+            .unwrap();
+        // Answers to a session that is gone are not counted.
+        drop(receiver);
+        assert!(outbox.send_ack(Frame::Ping(Ping { nonce: 9 })).is_err());
+        assert!(!outbox.unread_answers_at_limit());
+    }
+
+    #[tokio::test]
     async fn an_ack_sent_just_before_the_last_sender_goes_is_not_lost() {
         let stats = Arc::new(RelayStats::default());
         // The ack and the close both land while the receiver waits, so both
