@@ -244,12 +244,11 @@ impl CpuTimes {
 /// process shares the same cores, so a CPU-bound run's throughput ratio is
 /// about direct CPU / (direct CPU + what the relay path adds).
 fn cpu_row(settings: &Settings, direct: &[CpuTimes], default: &[CpuTimes]) -> Row {
-    let direct_path: Vec<f64> = direct.iter().map(|cpu| cpu.nats + cpu.bench).collect();
-    let relay: Vec<f64> = default.iter().map(|cpu| cpu.relay).collect();
     let field = |runs: &[CpuTimes], pick: fn(&CpuTimes) -> f64| {
         median(&runs.iter().map(pick).collect::<Vec<_>>()).unwrap_or(f64::NAN)
     };
     let direct_total = field(direct, |cpu| cpu.nats + cpu.bench);
+    let relay_cpu = field(default, |cpu| cpu.relay);
     let relay_total = field(default, |cpu| cpu.relay + cpu.nats + cpu.bench);
     let note = format!(
         "the publish/default and direct runs; CPU time (user + system, all threads) per message. \
@@ -260,17 +259,18 @@ fn cpu_row(settings: &Settings, direct: &[CpuTimes], default: &[CpuTimes]) -> Ro
          CPU; per-run figures, median over runs",
         field(direct, |cpu| cpu.nats),
         field(direct, |cpu| cpu.bench),
-        field(default, |cpu| cpu.relay),
+        relay_cpu,
         field(default, |cpu| cpu.nats),
         field(default, |cpu| cpu.bench),
         direct_total / relay_total,
     );
     Row {
         scenario: "publish/cpu per message".to_string(),
-        value: median(&relay),
+        // NaN only without runs: then there is no figure.
+        value: Some(relay_cpu).filter(|cpu| cpu.is_finite()),
         unit: "µs".to_string(),
         baseline: "direct path: nats-server, publisher and subscriber".to_string(),
-        baseline_value: median(&direct_path),
+        baseline_value: Some(direct_total).filter(|total| total.is_finite()),
         target: "context, not judged; lower is better".to_string(),
         repetitions: settings.repetitions,
         note,
