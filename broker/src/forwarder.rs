@@ -24,7 +24,7 @@ use crate::nats_link::{probe_round_trip, NatsLink};
 use crate::outbox::Outbox;
 use crate::stats::{PublishOutcome, RelayStats};
 use futures::stream::{FuturesOrdered, FuturesUnordered};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use holdfast_wire::chain::ChainStamper;
 use holdfast_wire::{AckOutcome, ErrorCode, ErrorFrame, Frame, LinkStatus, PubAck, Text};
 use std::future::Future;
@@ -807,21 +807,19 @@ impl Forwarder {
         let mut entries = batch.into_iter();
         while let Some(entry) = entries.next() {
             let result = match to_header_map(&entry.message.headers) {
-                Ok(Some(headers)) => {
-                    let publish = client.publish_with_headers(
-                        to_subject(&entry.message.subject),
-                        headers,
-                        entry.message.payload.clone(),
-                    );
-                    with_link(&nats, publish).await
-                }
-                Ok(None) => {
-                    let publish = client.publish(
-                        to_subject(&entry.message.subject),
-                        entry.message.payload.clone(),
-                    );
-                    with_link(&nats, publish).await
-                }
+                // Polled once first: with room in the client's command
+                // queue a publish completes at once, and racing it against
+                // the link (a watch receiver per message) cost more than
+                // the publish. Only one that must wait for room takes the
+                // race. A send that did not complete enqueued nothing (tokio
+                // mpsc's send is cancel-safe), so the retry sends it once.
+                Ok(headers) => match publish(&client, &entry.message, headers).now_or_never() {
+                    Some(result) => result.map_err(|_| ()),
+                    None => {
+                        let headers = to_header_map(&entry.message.headers).ok().flatten();
+                        with_link(&nats, publish(&client, &entry.message, headers)).await
+                    }
+                },
                 Err(error) => {
                     // Cannot happen for validated input; never silently.
                     warn!(%error, "dropping a message whose headers NATS rejects");
@@ -1140,6 +1138,23 @@ impl Forwarder {
                 .min()
                 .unwrap_or(0);
             gauges.oldest_accepted_ms.store(oldest, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Hands `message` to the NATS client (its command queue; the client's
+/// connection task writes it out).
+fn publish<'a>(
+    client: &'a async_nats::Client,
+    message: &QueuedMessage,
+    headers: Option<async_nats::HeaderMap>,
+) -> impl Future<Output = Result<(), async_nats::PublishError>> + 'a {
+    let subject = to_subject(&message.subject);
+    let payload = message.payload.clone();
+    async move {
+        match headers {
+            Some(headers) => client.publish_with_headers(subject, headers, payload).await,
+            None => client.publish(subject, payload).await,
         }
     }
 }
