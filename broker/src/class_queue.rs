@@ -8,7 +8,7 @@
 //! journal-only tail exists, new messages join that tail, never the window,
 //! so nothing accepted later can be sent before something accepted earlier.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use holdfast_wire::{Headers, Text};
 use std::collections::VecDeque;
 
@@ -30,6 +30,36 @@ impl QueuedMessage {
             .map(|(name, value)| name.len() + value.len())
             .sum();
         (self.payload.len() + self.subject.len() + headers) as u64
+    }
+
+    /// The same message in one allocation of its own, for a message held
+    /// until NATS returns. Fields decoded from a socket are slices of the
+    /// connection's read buffer, so one long-held message would keep the
+    /// whole buffer (up to 64 KiB, with every frame read along with it)
+    /// alive, while `memory_bytes` counts only the message's own bytes.
+    pub fn detached(&self) -> QueuedMessage {
+        // usize from u64: the message is in memory, so its size fits.
+        let mut buffer = BytesMut::with_capacity(self.size() as usize);
+        let mut copy = |bytes: &[u8]| {
+            buffer.extend_from_slice(bytes);
+            buffer.split().freeze()
+        };
+        let payload = copy(&self.payload);
+        let mut copy_text =
+            |text: &Text| Text::from_utf8(copy(text.as_bytes())).unwrap_or_else(|_| text.clone());
+        let subject = copy_text(&self.subject);
+        let headers = Headers(
+            self.headers
+                .iter()
+                .map(|(name, value)| (copy_text(name), copy_text(value)))
+                .collect(),
+        );
+        QueuedMessage {
+            subject,
+            headers,
+            payload,
+            accepted_at_ms: self.accepted_at_ms,
+        }
     }
 }
 
@@ -340,6 +370,37 @@ mod tests {
             .iter()
             .map(|entry| entry.message.payload.as_ref())
             .collect()
+    }
+
+    #[test]
+    fn a_detached_message_keeps_nothing_of_the_buffer_it_was_read_from() {
+        let read_buffer = Bytes::from(b"xxxxorders.newk1v1payloadyyyy".repeat(1000));
+        let field = |from: usize, to: usize| read_buffer.slice(from..to);
+        let text = |from: usize, to: usize| Text::from_utf8(field(from, to)).unwrap();
+        let mut headers = Headers::new();
+        headers.insert(text(14, 16), text(16, 18));
+        let read = QueuedMessage {
+            subject: text(4, 14),
+            headers,
+            payload: field(18, 25),
+            accepted_at_ms: 9,
+        };
+
+        let detached = read.detached();
+
+        assert_eq!(detached, read);
+        let buffer = read_buffer.as_ptr_range();
+        let mut fields = vec![detached.payload.as_ref(), detached.subject.as_bytes()];
+        for (name, value) in detached.headers.iter() {
+            fields.extend([name.as_bytes().as_ref(), value.as_bytes().as_ref()]);
+        }
+        for field in fields {
+            let range = field.as_ptr_range();
+            assert!(
+                range.end <= buffer.start || range.start >= buffer.end,
+                "a field still points into the read buffer"
+            );
+        }
     }
 
     #[test]

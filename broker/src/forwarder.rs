@@ -599,6 +599,15 @@ impl Forwarder {
                 };
                 queue.push_memory(message, None, Some(ack));
             } else {
+                // Held until NATS returns, possibly for the whole outage:
+                // copied out of the read buffer it shares with other frames.
+                // While NATS is up a queued message leaves within moments,
+                // so the copy is skipped on that path.
+                let message = if self.nats.is_up() {
+                    message
+                } else {
+                    message.detached()
+                };
                 queue.push_memory(message, None, None);
                 self.stats.record_publish(class, PublishOutcome::Queued);
                 answer(outbox, &request, latency.as_ref(), AckOutcome::Queued);

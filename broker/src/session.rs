@@ -25,7 +25,7 @@ use crate::status;
 use crate::subscription_table::SubscriptionKey;
 use crate::telemetry::REQUEST_DURATION_SECONDS;
 use async_nats::client::RequestErrorKind;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
 use holdfast_wire::chain::strip_chain_headers;
 use holdfast_wire::subject::{
@@ -881,9 +881,11 @@ impl Session {
                 .error(ErrorCode::Unauthorized, u64::from(sid), message)
                 .await;
         }
+        // Held for the life of the subscription: copied out of the read
+        // buffer, which the slices decoded from it would otherwise keep.
         let key = SubscriptionKey {
-            subject: subscribe.subject,
-            queue_group: subscribe.queue_group,
+            subject: Text::from(subscribe.subject.as_str()),
+            queue_group: subscribe.queue_group.as_deref().map(Text::from),
         };
         match self
             .ctx
@@ -934,10 +936,11 @@ impl Session {
             outbox: self.outbox.clone(),
             request_id: register.request_id,
         };
-        self.ctx
-            .registry
-            .register(self.id, register.key, register.value, ack)
-            .await;
+        // Held until deregistered, so copied out of the read buffer that
+        // the decoded slices share with every frame read along with them.
+        let key = Bytes::copy_from_slice(&register.key);
+        let value = Bytes::copy_from_slice(&register.value);
+        self.ctx.registry.register(self.id, key, value, ack).await;
         Flow::Continue
     }
 

@@ -2,7 +2,9 @@
 //! journal file, and chain validation catching a lost or reordered message.
 
 use crate::journal::{capture_stream, outage_under_way, read_captured};
+use crate::limits::relay_rss_mib;
 use crate::support::{within, NatsServer, Relay};
+use bytes::Bytes;
 use futures::StreamExt;
 use holdfast_client::{AckStatus, Client, ErrorCode, OutboundMessage, Validated};
 use std::time::Duration;
@@ -91,6 +93,43 @@ async fn a_full_journal_rejects_new_publishes_and_keeps_what_it_accepted() {
     let seen = read_captured(&nats.url(), accepted.len()).await;
     let payloads: Vec<String> = seen.into_iter().map(|(_, payload)| payload).collect();
     assert_eq!(payloads, accepted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_held_in_memory_during_an_outage_do_not_keep_their_read_buffers() {
+    // kv_events refuses everything (its journal budget is 1 KiB), so each
+    // large publish is let go at once, while the small prefill message read
+    // along with it is held in memory until NATS returns.
+    const PAIRS: usize = 16_000;
+    let config = "[classes.kv_events]\nmax_bytes = 1024\n";
+    let (mut nats, relay, client) = outage_under_way(config).await;
+    let before = relay_rss_mib(&relay);
+    let refused = Bytes::from(vec![b'r'; 8 * 1024]);
+    let mut acks = Vec::with_capacity(PAIRS);
+    for index in 0..PAIRS {
+        let big = OutboundMessage::new("load.bulk", refused.clone()).class("kv_events");
+        acks.push(client.publish_with_ack(big).await.unwrap());
+        let held = OutboundMessage::new("load.held", format!("held:{index}")).class("prefill");
+        client.publish_message(held).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    let grown = relay_rss_mib(&relay) - before;
+    for ack in acks {
+        let error = within("a refusal", ack).await.unwrap_err();
+        assert_eq!(error.code(), Some(ErrorCode::JournalFull), "{error}");
+    }
+    // 125 MiB were read; what is held is 16k messages of about 40 bytes.
+    assert!(grown < 40.0, "the relay grew by {grown:.0} MiB");
+
+    nats.restart();
+    let seen = read_captured(&nats.url(), PAIRS).await;
+    let expected: Vec<(String, String)> = (0..PAIRS)
+        .map(|index| ("load.held".to_string(), format!("held:{index}")))
+        .collect();
+    assert!(
+        seen == expected,
+        "the held messages did not arrive in order"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

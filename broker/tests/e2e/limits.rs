@@ -282,7 +282,7 @@ async fn a_client_that_does_not_read_its_acks_is_paused_not_buffered() {
 }
 
 /// The relay's resident memory, in MiB.
-fn relay_rss_mib(relay: &Relay) -> f64 {
+pub fn relay_rss_mib(relay: &Relay) -> f64 {
     let pid = relay.pid().expect("relay is running");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kib: f64 = status
