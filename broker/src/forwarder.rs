@@ -16,6 +16,7 @@
 
 use crate::class_queue::{ClassQueue, Entry, QueuedMessage};
 use crate::classes::{ClassId, Classes, Durability, WhenFull};
+use crate::drop_log::DropLog;
 use crate::journal::{
     format_message_id, Journal, JournalError, JournalStamp, NewMessage, MESSAGE_ID_HEADER,
 };
@@ -159,6 +160,9 @@ pub struct ForwarderView {
     pub classes: Classes,
     pub gauges: Vec<ClassGauges>,
     pub journal: Journal,
+    /// Sequence chains the stamper forgot to make room (see
+    /// [`ChainStamper::evictions`]).
+    pub chain_evictions: AtomicU64,
 }
 
 /// A cheap handle sessions use.
@@ -247,6 +251,7 @@ struct Forwarder {
     view: Arc<ForwarderView>,
     relay_id: Text,
     stamper: ChainStamper,
+    chain_eviction_log: DropLog,
     /// Journal appends not yet answered, per class (they fix the order).
     appends_in_flight: Vec<u64>,
     next_message_id: u64,
@@ -323,6 +328,7 @@ pub fn start(
         gauges: (0..classes.len()).map(|_| ClassGauges::default()).collect(),
         classes: classes.clone(),
         journal: journal.clone(),
+        chain_evictions: AtomicU64::new(0),
     });
     let forwarder = Forwarder {
         appends_in_flight: vec![0; classes.len()],
@@ -333,6 +339,7 @@ pub fn start(
         queues,
         journal,
         stamper: ChainStamper::new(relay_id.clone(), CHAIN_SUBJECTS),
+        chain_eviction_log: DropLog::default(),
         probe_subject: format!("_HOLDFAST.confirm.{relay_id}"),
         nats,
         stats,
@@ -511,6 +518,7 @@ impl Forwarder {
                         to_journal[class].1.push(ack);
                     }
                 }
+                self.note_chain_evictions();
                 let mut submitted = Vec::new();
                 for (class, (messages, acks)) in to_journal.into_iter().enumerate() {
                     if messages.is_empty() {
@@ -654,6 +662,28 @@ impl Forwarder {
             latency,
         };
         Some((class, new_message, ack))
+    }
+
+    /// Publishes the stamper's eviction count. An eviction is normal once
+    /// more subjects were journaled than it keeps, but a message lost just
+    /// before its chain restarted goes unnoticed by validators, so it is
+    /// counted and, at most every few seconds, logged.
+    fn note_chain_evictions(&mut self) {
+        let evictions = self.stamper.evictions();
+        if evictions == self.view.chain_evictions.load(Ordering::Relaxed) {
+            return;
+        }
+        self.view
+            .chain_evictions
+            .store(evictions, Ordering::Relaxed);
+        if let Some(evicted) = self.chain_eviction_log.due(evictions, Instant::now()) {
+            info!(
+                evicted,
+                total = evictions,
+                kept = CHAIN_SUBJECTS,
+                "sequence chains of the least recently journaled subjects forgotten to make room; their next message starts a new chain"
+            );
+        }
     }
 
     /// `Nats-Msg-Id`: relay, class and a relay-wide counter. Stamped once,

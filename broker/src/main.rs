@@ -7,6 +7,7 @@ mod class_queue;
 mod classes;
 mod config;
 mod discovery;
+mod drop_log;
 mod duration;
 mod etcd_front;
 mod etcd_link;

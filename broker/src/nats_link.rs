@@ -7,6 +7,7 @@
 //! to tell their clients (LINK_STATE frames).
 
 use crate::config::NatsConfig;
+use crate::drop_log::DropLog;
 use crate::link_monitor::LinkMonitor;
 use async_nats::{
     client::{FlushErrorKind, RequestErrorKind},
@@ -15,7 +16,7 @@ use async_nats::{
 };
 use futures::StreamExt;
 use holdfast_wire::LinkStatus;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
@@ -72,6 +73,7 @@ pub struct NatsLink {
     probe_subject: Arc<str>,
     /// Cancelled when the client's connection task has ended for good.
     client_gone: CancellationToken,
+    upstream_drops: Arc<AtomicU64>,
 }
 
 impl NatsLink {
@@ -83,6 +85,8 @@ impl NatsLink {
         shutdown: CancellationToken,
     ) -> Result<NatsLink, NatsLinkError> {
         let (event_tx, event_rx) = mpsc::channel::<Event>(64);
+        let upstream_drops = Arc::new(AtomicU64::new(0));
+        let event_drops = upstream_drops.clone();
         let reconnect_delay_max = config.reconnect_delay_max;
         let options = async_nats::ConnectOptions::new()
             .name(format!("holdfastd {relay_id}"))
@@ -99,6 +103,12 @@ impl NatsLink {
                 Duration::from_millis(50u64.saturating_mul(1 << exponent)).min(reconnect_delay_max)
             })
             .event_callback(move |event| {
+                // async-nats raises one event per message it dropped because
+                // an upstream subscription's queue was full. Counted here,
+                // before the hand-over below can lose events in a flood.
+                if matches!(event, Event::SlowConsumer(_)) {
+                    event_drops.fetch_add(1, Ordering::Relaxed);
+                }
                 let event_tx = event_tx.clone();
                 async move {
                     // Events only speed detection up; the probe catches what
@@ -135,6 +145,8 @@ impl NatsLink {
             servers: config.servers.join(","),
             is_up: is_up.clone(),
             state_tx,
+            upstream_drops: upstream_drops.clone(),
+            drop_log: DropLog::default(),
         };
         tokio::spawn(monitor.run(event_rx, shutdown));
         Ok(NatsLink {
@@ -143,7 +155,15 @@ impl NatsLink {
             state: state_rx,
             probe_subject,
             client_gone,
+            upstream_drops,
         })
+    }
+
+    /// Messages the NATS client dropped because an upstream subscription's
+    /// queue was full (at least this many: async-nats reports each drop as
+    /// an event, and its own event queue can overflow).
+    pub fn upstream_drops(&self) -> u64 {
+        self.upstream_drops.load(Ordering::Relaxed)
     }
 
     /// Resolves once the NATS client's connection task has ended for good.
@@ -216,6 +236,8 @@ struct MonitorTask {
     servers: String,
     is_up: Arc<AtomicBool>,
     state_tx: watch::Sender<LinkSnapshot>,
+    upstream_drops: Arc<AtomicU64>,
+    drop_log: DropLog,
 }
 
 impl MonitorTask {
@@ -290,10 +312,15 @@ impl MonitorTask {
             // is not there, so say so now rather than after link_timeout.
             Event::ClientError(_) if !self.monitor.wants_probe() => self.monitor.on_disconnected(),
             Event::SlowConsumer(sid) => {
-                warn!(
-                    upstream_sid = sid,
-                    "NATS client dropped messages for an upstream subscription (relay not keeping up)"
-                );
+                let total = self.upstream_drops.load(Ordering::Relaxed);
+                if let Some(dropped) = self.drop_log.due(total, now) {
+                    warn!(
+                        upstream_sid = sid,
+                        dropped,
+                        total,
+                        "NATS client dropped messages for an upstream subscription (relay not keeping up); counted in holdfast_messages_dropped_total{{reason=\"upstream_slow_consumer\"}}"
+                    );
+                }
                 None
             }
             other => {

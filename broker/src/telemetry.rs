@@ -193,6 +193,10 @@ fn describe() {
         "Journal files found unreadable at start and moved aside."
     );
     describe_counter!(
+        "holdfast_chain_evictions_total",
+        "Sequence chains forgotten to make room (the subject's next journaled message starts a new chain)."
+    );
+    describe_counter!(
         "holdfast_journal_commits_total",
         "Durable group commits of the journal."
     );
@@ -398,6 +402,7 @@ fn copy_counters(ctx: &SessionContext, router: RouterStats) {
         gauges_for_class(name, gauges, now_ms);
     }
     counter!("holdfast_journal_quarantines_total").absolute(read(&stats.journal_quarantines));
+    counter!("holdfast_chain_evictions_total").absolute(read(&view.chain_evictions));
     let journal = view.journal.stats();
     counter!("holdfast_journal_commits_total").absolute(journal.commits);
     counter!("holdfast_journal_appended_total").absolute(journal.appended);
@@ -421,6 +426,8 @@ fn copy_counters(ctx: &SessionContext, router: RouterStats) {
     }
     counter!("holdfast_messages_dropped_total", "reason" => "slow_consumer")
         .absolute(read(&stats.slow_consumer_drops));
+    counter!("holdfast_messages_dropped_total", "reason" => "upstream_slow_consumer")
+        .absolute(ctx.nats.upstream_drops());
     counter!("holdfast_slow_consumer_disconnects_total")
         .absolute(read(&stats.slow_consumer_disconnects));
     counter!("holdfast_local_deliveries_total").absolute(read(&stats.local_deliveries));

@@ -3,7 +3,7 @@
 
 use crate::journal::{capture_stream, outage_under_way, read_captured};
 use crate::limits::relay_rss_mib;
-use crate::support::{within, NatsServer, Relay};
+use crate::support::{metric, scrape, within, NatsServer, Relay};
 use bytes::Bytes;
 use futures::StreamExt;
 use holdfast_client::{AckStatus, Client, ErrorCode, OutboundMessage, Validated};
@@ -129,6 +129,24 @@ async fn messages_held_in_memory_during_an_outage_do_not_keep_their_read_buffers
     assert!(
         seen == expected,
         "the held messages did not arrive in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_forgotten_to_make_room_are_counted() {
+    // The relay keeps the chains of 100,000 subjects; 30 more journaled
+    // subjects make it forget the 30 least recently journaled.
+    const SUBJECTS: usize = 100_030;
+    let (_nats, relay, client) = outage_under_way("").await;
+    for index in 0..SUBJECTS {
+        let message = OutboundMessage::new(format!("load.s.{index}"), "x").class("kv_events");
+        client.publish_message(message).await.unwrap();
+    }
+    within("the journal appends", client.flush()).await.unwrap();
+    let metrics = scrape(&relay);
+    assert_eq!(
+        metric(&metrics, "holdfast_chain_evictions_total", &[]),
+        Some(30.0)
     );
 }
 
