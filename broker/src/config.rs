@@ -146,7 +146,8 @@ pub struct EtcdConfig {
     pub prefixes: Vec<String>,
     /// Most prefixes cached at once (configured ones included).
     pub max_cached_prefixes: usize,
-    /// Most registrations held by the relay across all sessions.
+    /// Most registrations held by the relay across all sessions, counting
+    /// removals etcd has not confirmed yet.
     pub max_registrations: usize,
     /// Most registrations one session may hold.
     pub max_registrations_per_session: usize,

@@ -44,7 +44,7 @@ impl Change {
 pub enum RegisterError {
     #[error("this session already holds {max} registrations (etcd.max_registrations_per_session)")]
     SessionLimit { max: usize },
-    #[error("the relay already holds {max} registrations (etcd.max_registrations)")]
+    #[error("the relay already holds {max} registrations and removals etcd has not confirmed (etcd.max_registrations)")]
     RelayLimit { max: usize },
 }
 
@@ -105,6 +105,11 @@ pub struct Registry {
     sessions: HashMap<SessionId, SessionEntry>,
     owners: HashMap<Bytes, SessionId>,
     pending: PendingKeys,
+    /// Queued keys no session owns: deletes etcd has not confirmed. They
+    /// count against `max_total` with the registrations, so registering
+    /// and deregistering new keys while etcd is down cannot queue deletes
+    /// without bound.
+    unowned_pending: usize,
     /// Leases of closed sessions: revoking deletes their keys.
     revocations: Vec<LeaseId>,
     max_total: usize,
@@ -117,6 +122,7 @@ impl Registry {
             sessions: HashMap::new(),
             owners: HashMap::new(),
             pending: PendingKeys::default(),
+            unowned_pending: 0,
             revocations: Vec::new(),
             max_total,
             max_per_session,
@@ -162,7 +168,12 @@ impl Registry {
                     max: self.max_per_session,
                 });
             }
-            if owner.is_none() && self.owners.len() >= self.max_total {
+            // Re-registering a key whose delete is queued replaces that
+            // delete, so it needs no room of its own.
+            if owner.is_none()
+                && !self.pending.contains(&key)
+                && self.owners.len() + self.unowned_pending >= self.max_total
+            {
                 return Err(RegisterError::RelayLimit {
                     max: self.max_total,
                 });
@@ -176,8 +187,8 @@ impl Registry {
             return Ok(());
         }
         entry.keys.insert(key.clone(), value);
-        self.owners.insert(key.clone(), session);
-        self.pending.mark(key);
+        self.set_owner(key.clone(), session);
+        self.mark_pending(key);
         Ok(())
     }
 
@@ -186,9 +197,9 @@ impl Registry {
         if self.owners.get(key) != Some(&session) {
             return false;
         }
-        self.owners.remove(key);
+        self.clear_owner(key);
         self.forget_key(session, key);
-        self.pending.mark(key.clone());
+        self.mark_pending(key.clone());
         true
     }
 
@@ -213,13 +224,13 @@ impl Registry {
             return 0;
         };
         for key in entry.keys.keys() {
-            self.owners.remove(key);
+            self.clear_owner(key);
             match entry.lease {
                 // Revoking the lease deletes the key.
-                Some(_) => self.pending.remove(key),
+                Some(_) => self.unmark_pending(key),
                 // Never written under a lease of ours; delete it explicitly
                 // in case an earlier relay or session left it behind.
-                None => self.pending.mark(key.clone()),
+                None => self.mark_pending(key.clone()),
             }
         }
         if let Some(lease) = entry.lease {
@@ -283,8 +294,9 @@ impl Registry {
             return false;
         }
         entry.lease = None;
-        for key in entry.keys.keys() {
-            self.pending.mark(key.clone());
+        let keys: Vec<Bytes> = entry.keys.keys().cloned().collect();
+        for key in keys {
+            self.mark_pending(key);
         }
         true
     }
@@ -322,8 +334,38 @@ impl Registry {
     pub fn applied(&mut self, changes: &[Change]) {
         for change in changes {
             if self.current_change(change.key()).as_ref() == Some(change) {
-                self.pending.remove(change.key());
+                self.unmark_pending(change.key());
             }
+        }
+    }
+
+    // Every change to `owners` and `pending` goes through these four, which
+    // keep `unowned_pending` in step.
+
+    fn mark_pending(&mut self, key: Bytes) {
+        if !self.pending.contains(&key) && !self.owners.contains_key(&key) {
+            self.unowned_pending += 1;
+        }
+        self.pending.mark(key);
+    }
+
+    fn unmark_pending(&mut self, key: &Bytes) {
+        if self.pending.contains(key) && !self.owners.contains_key(key) {
+            self.unowned_pending = self.unowned_pending.saturating_sub(1);
+        }
+        self.pending.remove(key);
+    }
+
+    fn set_owner(&mut self, key: Bytes, session: SessionId) {
+        let queued = self.pending.contains(&key);
+        if self.owners.insert(key, session).is_none() && queued {
+            self.unowned_pending = self.unowned_pending.saturating_sub(1);
+        }
+    }
+
+    fn clear_owner(&mut self, key: &Bytes) {
+        if self.owners.remove(key).is_some() && self.pending.contains(key) {
+            self.unowned_pending += 1;
         }
     }
 
@@ -364,7 +406,7 @@ impl Registry {
         let matches =
             observed.is_some_and(|observed| observed.value == value && observed.lease == lease);
         if !matches && !self.pending.contains(key) {
-            self.pending.mark(key.clone());
+            self.mark_pending(key.clone());
             return true;
         }
         false
@@ -585,5 +627,76 @@ mod tests {
             registry.register(3, key("d"), key("1")),
             Err(RegisterError::RelayLimit { max: 3 })
         );
+    }
+
+    #[test]
+    fn removals_etcd_has_not_confirmed_count_against_the_relay_limit() {
+        // etcd is down throughout: nothing is applied.
+        let mut registry = Registry::new(3, 100);
+        for name in ["a", "b", "c"] {
+            registry.register(1, key(name), key("1")).unwrap();
+        }
+        assert!(registry.deregister(1, &key("a")));
+        assert!(registry.deregister(1, &key("b")));
+        assert_eq!(registry.registrations(), 1);
+        assert_eq!(
+            registry.register(1, key("d"), key("1")),
+            Err(RegisterError::RelayLimit { max: 3 }),
+            "two deletes and a registration are queued"
+        );
+        // Registering a key again replaces its queued delete.
+        registry.register(1, key("a"), key("2")).unwrap();
+        assert_eq!(registry.pending_changes(), 3);
+
+        // Once etcd has the delete, its room is free again.
+        registry.lease_granted(1, 9);
+        let changes = registry.next_changes(10);
+        assert!(changes.contains(&Change::Delete { key: key("b") }));
+        registry.applied(&changes);
+        registry.register(1, key("d"), key("1")).unwrap();
+    }
+
+    #[test]
+    fn the_count_of_queued_deletes_stays_in_step_with_the_queue() {
+        let recount = |registry: &Registry| {
+            registry
+                .pending
+                .iter()
+                .filter(|key| !registry.owners.contains_key(*key))
+                .count()
+        };
+        let mut registry = Registry::new(1000, 1000);
+        // A fixed pseudo-random walk over every operation that moves a key
+        // in or out of the queue or changes its owner.
+        let mut state = 0x2545_f491_u64;
+        for step in 0..5000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let session = state % 4;
+            let name = key(&format!("k{}", (state >> 8) % 12));
+            match (state >> 16) % 12 {
+                0..=3 => {
+                    let _ = registry.register(session, name, key("v"));
+                }
+                4..=6 => {
+                    registry.deregister(session, &name);
+                }
+                7 => {
+                    registry.session_closed(session);
+                }
+                8 | 9 => {
+                    registry.lease_granted(session, step);
+                }
+                10 => {
+                    let changes = registry.next_changes(2);
+                    registry.applied(&changes);
+                }
+                _ => {
+                    registry.lease_lost(session, step - 1);
+                }
+            }
+            assert_eq!(registry.unowned_pending, recount(&registry), "step {step}");
+        }
     }
 }
