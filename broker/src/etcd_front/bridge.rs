@@ -56,15 +56,22 @@ const ANSWER_OWNER: u64 = u64::MAX;
 
 /// Waits for a registration's answer: Applied and Buffered are both a
 /// success (Buffered: etcd is down and the relay holds the write).
-pub async fn registered(mut receiver: OutboxReceiver, limit: Duration) -> Result<bool, Status> {
+pub async fn registered(receiver: OutboxReceiver, limit: Duration) -> Result<bool, Status> {
+    match registration_outcome(receiver, limit).await? {
+        RegistrationOutcome::Applied => Ok(true),
+        RegistrationOutcome::Buffered => Ok(false),
+        RegistrationOutcome::Rejected { code, message } => Err(status_for(code, message.as_str())),
+    }
+}
+
+/// Waits for a registration's answer, as the registry gave it; `Err` when
+/// none came (the registration may still be applied later).
+pub async fn registration_outcome(
+    mut receiver: OutboxReceiver,
+    limit: Duration,
+) -> Result<RegistrationOutcome, Status> {
     match next_frame(&mut receiver, limit).await? {
-        Frame::RegisterAck(ack) => match ack.outcome {
-            RegistrationOutcome::Applied => Ok(true),
-            RegistrationOutcome::Buffered => Ok(false),
-            RegistrationOutcome::Rejected { code, message } => {
-                Err(status_for(code, message.as_str()))
-            }
-        },
+        Frame::RegisterAck(ack) => Ok(ack.outcome),
         other => Err(Status::internal(format!(
             "the registry answered with an unexpected frame {other:?}"
         ))),

@@ -12,6 +12,7 @@ use etcd_client::proto::{
     PbPutRequest, PbPutResponse, PbRangeRequest, PbRangeResponse, PbRangeStreamResponse,
     PbResponseOp, PbTxnOpResponse, PbTxnRequest, PbTxnResponse,
 };
+use holdfast_wire::RegistrationOutcome;
 use std::sync::Arc;
 use tonic::codegen::tokio_stream;
 use tonic::{Request, Response, Status};
@@ -98,13 +99,28 @@ impl KvService {
         }
         let front = &self.front;
         let key = Bytes::from(request.key);
+        let value = Bytes::from(request.value);
         let (ack, answer) = front.outboxes.ack();
         let previous = front
             .owner
-            .put(request.lease, key.clone(), Bytes::from(request.value), ack)
+            .put(request.lease, key.clone(), value.clone(), ack)
             .await
             .map_err(owner_status)?;
-        bridge::registered(answer, WRITE_TIMEOUT).await?;
+        if let RegistrationOutcome::Rejected { code, message } =
+            bridge::registration_outcome(answer, WRITE_TIMEOUT).await?
+        {
+            // The registry refuses only keys it does not hold yet (a limit):
+            // a key that moved between relay leases is never refused, so
+            // only a new key is taken back out of the lease table.
+            if previous.is_none() {
+                front
+                    .owner
+                    .refused(request.lease, key, value)
+                    .await
+                    .map_err(owner_status)?;
+            }
+            return Err(bridge::status_for(code, message.as_str()));
+        }
         let revision = front.upstream.revision();
         Ok(PbPutResponse {
             header: Some(range::header(revision)),

@@ -90,6 +90,12 @@ enum Command {
         ack: AckTo,
         reply: Reply<Option<Bytes>>,
     },
+    Refused {
+        lease: FrontLeaseId,
+        key: Bytes,
+        value: Bytes,
+        reply: Reply<()>,
+    },
     InRange {
         key: Bytes,
         range_end: Bytes,
@@ -179,6 +185,25 @@ impl LeaseOwner {
     /// `ack`); returns its value then, `None` (and `ack` unused) otherwise.
     pub async fn delete(&self, key: Bytes, ack: AckTo) -> Result<Option<Bytes>, OwnerError> {
         self.ask(|reply| Command::Delete { key, ack, reply }).await
+    }
+
+    /// The registry refused the put of `key` = `value` under `lease` that
+    /// attached a key no relay lease held: it is detached again, so that
+    /// reads do not show a key the client was told was not written (unless
+    /// a later put has changed it since).
+    pub async fn refused(
+        &self,
+        lease: FrontLeaseId,
+        key: Bytes,
+        value: Bytes,
+    ) -> Result<(), OwnerError> {
+        self.ask(|reply| Command::Refused {
+            lease,
+            key,
+            value,
+            reply,
+        })
+        .await
     }
 
     /// The keys relay leases hold in etcd's range `[key, range_end)`.
@@ -415,6 +440,19 @@ impl OwnerTask {
                     None => {
                         let _ = reply.send(Ok(None));
                     }
+                }
+            }
+            Command::Refused {
+                lease,
+                key,
+                value,
+                reply,
+            } => {
+                if self.table.get(&key) == Some((lease, value)) {
+                    self.table.detach(&key);
+                    self.after_save(reply, Ok(()));
+                } else {
+                    let _ = reply.send(Ok(()));
                 }
             }
             Command::InRange {

@@ -645,6 +645,31 @@ async fn leases_reads_and_registrations_carry_on_through_an_etcd_outage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_the_registry_refuses_is_not_read_back() {
+    let stack = FrontStack::start("max_registrations = 2\n");
+    let mut front = stack.front().await;
+    let lease = front.lease_grant(30, None).await.unwrap().id();
+    let leased = || Some(PutOptions::new().with_lease(lease));
+    front.put("v1/full/a", "a", leased()).await.unwrap();
+    front.put("v1/full/b", "b", leased()).await.unwrap();
+    match front.put("v1/full/c", "c", leased()).await {
+        Err(etcd_client::Error::GRpcStatus(status)) => {
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        }
+        other => panic!("a third registration was not refused: {other:?}"),
+    }
+    let serializable = Some(GetOptions::new().with_prefix().with_serializable());
+    let read = front.get("v1/full/", serializable).await.unwrap();
+    let keys: Vec<&str> = read.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+    assert_eq!(keys, ["v1/full/a", "v1/full/b"]);
+    // An update of a key already held is not a new registration.
+    front.put("v1/full/a", "a2", leased()).await.unwrap();
+    let mut etcd = stack.etcd.client().await;
+    wait_in_etcd(&mut etcd, "v1/full/a", Some("a2"), WAIT).await;
+    assert_eq!(value_in(&mut etcd, "v1/full/c", None).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_come_back_after_etcd_restarts_empty() {
     let mut stack = FrontStack::start("");
     let mut front = stack.front().await;
