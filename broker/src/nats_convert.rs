@@ -52,6 +52,7 @@ pub fn to_header_map(headers: &Headers) -> Result<Option<HeaderMap>, InvalidHead
     if headers.is_empty() {
         return Ok(None);
     }
+    let distinct = names_distinct(headers);
     let mut map = HeaderMap::new();
     for (name, value) in headers.iter() {
         let header_name = match relay_header_name(name.as_str()) {
@@ -69,9 +70,29 @@ pub fn to_header_map(headers: &Headers) -> Result<Option<HeaderMap>, InvalidHead
             value.as_str().parse().map_err(|_| InvalidHeader::Value {
                 name: name.to_string(),
             })?;
-        map.append(header_name, header_value);
+        if distinct {
+            map.insert(header_name, header_value);
+        } else {
+            map.append(header_name, header_value);
+        }
     }
     Ok(Some(map))
+}
+
+/// Whether no two header names are alike, in any letter case (the map's
+/// own comparison is no looser). Then each can be inserted with one hash
+/// instead of append's look-up and insert: this runs for every replayed
+/// message, which carries four stamped headers. Long lists are not checked
+/// (pairwise comparison) and take the append path.
+fn names_distinct(headers: &Headers) -> bool {
+    const CHECKED: usize = 16;
+    let list = &headers.0;
+    list.len() <= CHECKED
+        && list.iter().enumerate().all(|(index, (name, _))| {
+            list[index + 1..]
+                .iter()
+                .all(|(other, _)| !name.as_str().eq_ignore_ascii_case(other.as_str()))
+        })
 }
 
 /// The names the relay stamps on every journaled message, without the
@@ -127,6 +148,17 @@ mod tests {
         let mut expected = headers.0.clone();
         expected.sort();
         assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn names_alike_in_letter_case_keep_every_value() {
+        let mut headers = Headers::new();
+        headers.insert("Tag", "one");
+        headers.insert("tag", "two");
+        headers.insert("TAG", "three");
+        let map = to_header_map(&headers).unwrap().unwrap();
+        let values: usize = map.iter().map(|(_, values)| values.len()).sum();
+        assert_eq!(values, 3);
     }
 
     #[test]
