@@ -146,6 +146,9 @@ pub struct EtcdConfig {
     pub prefixes: Vec<String>,
     /// Most prefixes cached at once (configured ones included).
     pub max_cached_prefixes: usize,
+    /// Most bytes of keys and values the discovery cache holds, across all
+    /// prefixes; a prefix that does not fit is not cached.
+    pub max_cached_bytes: usize,
     /// Most registrations held by the relay across all sessions, counting
     /// removals etcd has not confirmed yet.
     pub max_registrations: usize,
@@ -229,6 +232,7 @@ impl Default for EtcdConfig {
             reconcile_interval: Duration::from_secs(10),
             prefixes: Vec::new(),
             max_cached_prefixes: 256,
+            max_cached_bytes: 64 * 1024 * 1024,
             max_registrations: 1_000_000,
             max_registrations_per_session: 100_000,
         }
@@ -433,6 +437,7 @@ impl Config {
         }
         let positive = [
             ("etcd.max_cached_prefixes", etcd.max_cached_prefixes),
+            ("etcd.max_cached_bytes", etcd.max_cached_bytes),
             ("etcd.max_registrations", etcd.max_registrations),
             (
                 "etcd.max_registrations_per_session",

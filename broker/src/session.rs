@@ -1316,7 +1316,8 @@ async fn write_loop(mut socket: ByteWriter, mut outbox: OutboxReceiver, max_fram
                 // that still cannot be encoded is skipped, not fatal. A
                 // reply too large for this connection (NATS allows larger
                 // payloads than a small relay.max_frame_bytes) still gets
-                // its request an answer.
+                // its request an answer, and so does a GET whose snapshot
+                // is too large.
                 warn!(%error, frame_type = frame.frame_type(), "frame not sent: cannot be encoded");
                 if let Frame::Response(response) = &frame {
                     let failed = Frame::Response(Response {
@@ -1325,6 +1326,18 @@ async fn write_loop(mut socket: ByteWriter, mut outbox: OutboxReceiver, max_fram
                             code: ErrorCode::LimitExceeded,
                             message: Text::from(format!(
                                 "the reply does not fit in a frame on this connection: {error}"
+                            )),
+                        },
+                    });
+                    let _ = encode(&failed, max_frame, &mut buffer);
+                }
+                if let Frame::GetResponse(response) = &frame {
+                    let failed = Frame::GetResponse(GetResponse {
+                        request_id: response.request_id,
+                        outcome: GetOutcome::Failed {
+                            code: ErrorCode::LimitExceeded,
+                            message: Text::from(format!(
+                                "the snapshot does not fit in a frame on this connection (GET a narrower prefix): {error}"
                             )),
                         },
                     });

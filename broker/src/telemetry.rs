@@ -273,6 +273,11 @@ fn describe() {
         "Keys held in the discovery cache."
     );
     describe_gauge!(
+        "holdfast_discovery_cache_bytes",
+        Unit::Bytes,
+        "Bytes of keys and values held in the discovery cache (budget: etcd.max_cached_bytes)."
+    );
+    describe_gauge!(
         "holdfast_discovery_watchers",
         "Client watches served from the discovery cache."
     );
@@ -359,6 +364,9 @@ fn copy_etcd_counters(ctx: &SessionContext) {
     let discovery = &ctx.discovery.stats;
     gauge!("holdfast_discovery_cache_prefixes").set(read(&discovery.prefixes) as f64);
     gauge!("holdfast_discovery_cache_entries").set(read(&discovery.entries) as f64);
+    gauge!("holdfast_discovery_cache_bytes").set(read(&discovery.bytes) as f64);
+    counter!("holdfast_limit_rejections_total", "limit" => "discovery_cache_bytes")
+        .absolute(read(&discovery.refused));
     gauge!("holdfast_discovery_watchers").set(read(&discovery.watchers) as f64);
     gauge!("holdfast_discovery_staleness_seconds")
         .set(read(&discovery.max_stale_ms) as f64 / 1000.0);

@@ -48,6 +48,16 @@ pub struct PrefixCache {
     fresh: bool,
     /// Unix milliseconds when etcd last confirmed the entries.
     confirmed_at_ms: u64,
+    /// Bytes of the keys and values held, which the budget counts.
+    bytes: usize,
+}
+
+/// Bytes `entries` hold in keys and values.
+pub fn entry_bytes<'a>(entries: impl IntoIterator<Item = (&'a Bytes, &'a Bytes)>) -> usize {
+    entries
+        .into_iter()
+        .map(|(key, value)| key.len() + value.len())
+        .sum()
 }
 
 impl PrefixCache {
@@ -60,6 +70,7 @@ impl PrefixCache {
             loaded: false,
             fresh: false,
             confirmed_at_ms: 0,
+            bytes: 0,
         }
     }
 
@@ -71,9 +82,11 @@ impl PrefixCache {
         confirmed_at_ms: u64,
         entries: impl IntoIterator<Item = (Bytes, Bytes)>,
     ) -> PrefixCache {
+        let entries: BTreeMap<Bytes, Bytes> = entries.into_iter().collect();
         PrefixCache {
             prefix,
-            entries: entries.into_iter().collect(),
+            bytes: entry_bytes(&entries),
+            entries,
             revision,
             loaded: true,
             fresh: false,
@@ -99,6 +112,11 @@ impl PrefixCache {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Bytes of the keys and values held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn confirmed_at_ms(&self) -> u64 {
@@ -144,6 +162,7 @@ impl PrefixCache {
                 changes.push(Change::put(key.clone(), value.clone(), revision));
             }
         }
+        self.bytes = entry_bytes(&listing);
         self.entries = listing;
         self.revision = revision;
         self.loaded = true;
@@ -157,11 +176,18 @@ impl PrefixCache {
         for change in changes {
             match change.kind {
                 WatchEventKind::Put => {
-                    self.entries
-                        .insert(change.key.clone(), change.value.clone());
+                    self.bytes += change.key.len() + change.value.len();
+                    if let Some(old) = self
+                        .entries
+                        .insert(change.key.clone(), change.value.clone())
+                    {
+                        self.bytes = self.bytes.saturating_sub(change.key.len() + old.len());
+                    }
                 }
                 WatchEventKind::Delete => {
-                    self.entries.remove(&change.key);
+                    if let Some(old) = self.entries.remove(&change.key) {
+                        self.bytes = self.bytes.saturating_sub(change.key.len() + old.len());
+                    }
                 }
                 WatchEventKind::Synced => {}
             }
@@ -247,6 +273,27 @@ mod tests {
         assert_eq!(snapshot.revision, 13);
         assert_eq!(snapshot.entries.len(), 1);
         assert_eq!(snapshot.entries[0].key, b("v1/b"));
+    }
+
+    #[test]
+    fn the_byte_count_follows_listings_and_events() {
+        let mut cache = PrefixCache::new(b("v1/"));
+        cache.replace(listing(&[("v1/a", "1"), ("v1/b", "22")]), 10, 0);
+        assert_eq!(cache.bytes(), 5 + 6);
+        cache.apply(
+            &[
+                Change::put(b("v1/a"), b("1111"), 11),
+                Change::put(b("v1/c"), b("3"), 12),
+                Change::delete(b("v1/b"), 13),
+                Change::delete(b("v1/absent"), 14),
+            ],
+            14,
+            0,
+        );
+        assert_eq!(cache.bytes(), entry_bytes(cache.entries()));
+        assert_eq!(cache.bytes(), 8 + 5);
+        let restored = PrefixCache::restored(b("v1/"), 1, 0, listing(&[("v1/x", "yy")]));
+        assert_eq!(restored.bytes(), 6);
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! clients read or watch under it; a GET or WATCH of a narrower prefix is
 //! served by a cached wider one. Configured prefixes are cached at start,
 //! others on first use, up to `max_cached_prefixes` (the least recently
-//! used one without watchers makes room). While etcd is unreachable the
+//! used one without watchers makes room), and up to `max_cached_bytes` of
+//! keys and values (a prefix that does not fit is refused, and the same
+//! prefix is refused at once for a while rather than listed again). While
+//! etcd is unreachable the
 //! cache answers flagged stale with its age, and watches stay open; the
 //! cache is saved in the data dir so a restarted relay answers too.
 
@@ -44,6 +47,9 @@ const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a linearizable GET, or a GET waiting for a prefix's first
 /// listing, waits for etcd.
 const LINEARIZABLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a prefix refused for its size is refused at once, without
+/// listing it again (each listing costs etcd the whole prefix).
+const REFUSED_FOR: Duration = Duration::from_secs(10);
 
 type SessionId = u64;
 type WatchKey = (SessionId, u32);
@@ -60,6 +66,11 @@ pub struct DiscoveryStats {
     /// Largest age of a stale cached prefix, in milliseconds (0: all fresh).
     pub max_stale_ms: AtomicU64,
     pub relists: AtomicU64,
+    /// Bytes of keys and values cached, across all prefixes.
+    pub bytes: AtomicU64,
+    /// GETs and watches refused because their prefix did not fit
+    /// `max_cached_bytes`.
+    pub refused: AtomicU64,
 }
 
 /// Where a GET's answer goes.
@@ -238,6 +249,8 @@ pub fn start(
         link: link.clone(),
         report,
         max_prefixes: config.max_cached_prefixes,
+        max_bytes: config.max_cached_bytes,
+        refused: HashMap::new(),
         call_timeout: (config.probe_timeout * 4).max(Duration::from_secs(2)),
         path,
         dirty: false,
@@ -282,6 +295,9 @@ struct DiscoveryTask {
     link: EtcdLink,
     report: mpsc::Sender<Upstream>,
     max_prefixes: usize,
+    max_bytes: usize,
+    /// Prefixes refused for their size, and when.
+    refused: HashMap<Bytes, Instant>,
     call_timeout: Duration,
     path: PathBuf,
     dirty: bool,
@@ -293,9 +309,14 @@ impl DiscoveryTask {
     fn restore(&mut self, configured: &[String]) {
         match persist::load(&self.path) {
             Ok(saved) => {
+                let mut bytes = 0;
                 for prefix in saved {
                     let cache = prefix.into_cache();
-                    if self.caches.len() < self.max_prefixes {
+                    // The budget may have been lowered since the save.
+                    if self.caches.len() < self.max_prefixes
+                        && bytes + cache.bytes() <= self.max_bytes
+                    {
+                        bytes += cache.bytes();
                         self.insert(cache, false);
                     }
                 }
@@ -330,6 +351,9 @@ impl DiscoveryTask {
             self.link.clone(),
             self.report.clone(),
             self.call_timeout,
+            // etcd's encoding adds a few dozen bytes per entry to what the
+            // budget counts; an answer twice the budget cannot fit anyway.
+            self.max_bytes.saturating_mul(2).saturating_add(1 << 20),
         ));
         self.caches.insert(
             prefix,
@@ -435,6 +459,10 @@ impl DiscoveryTask {
     }
 
     fn on_get(&mut self, prefix: Bytes, to: GetTo) {
+        if let Some(message) = self.recently_refused(&prefix) {
+            bump(&self.stats.refused);
+            return to.fail(ErrorCode::LimitExceeded, &message);
+        }
         let Some(cache_prefix) = self.cache_for(&prefix) else {
             bump(&self.stats.misses);
             return to.fail(
@@ -465,6 +493,15 @@ impl DiscoveryTask {
 
     fn on_watch(&mut self, key: WatchKey, prefix: Bytes, send_initial: bool, outbox: Outbox) {
         self.remove_watch(key);
+        if let Some(message) = self.recently_refused(&prefix) {
+            bump(&self.stats.refused);
+            let _ = outbox.send_ack(Frame::Error(holdfast_wire::ErrorFrame {
+                code: ErrorCode::LimitExceeded,
+                reference: u64::from(key.1),
+                message: Text::from(message),
+            }));
+            return;
+        }
         let Some(cache_prefix) = self.cache_for(&prefix) else {
             let _ = outbox.send_ack(Frame::Error(holdfast_wire::ErrorFrame {
                 code: ErrorCode::LimitExceeded,
@@ -514,7 +551,7 @@ impl DiscoveryTask {
         if covering.is_some() {
             return covering;
         }
-        if self.caches.len() >= self.max_prefixes && !self.evict_one() {
+        if self.caches.len() >= self.max_prefixes && !self.evict_one_except(None) {
             return None;
         }
         self.insert(PrefixCache::new(prefix.clone()), false);
@@ -522,13 +559,17 @@ impl DiscoveryTask {
         Some(prefix.clone())
     }
 
-    /// Drops the least recently used prefix nobody watches; false if none.
-    fn evict_one(&mut self) -> bool {
+    /// Drops the least recently used prefix nobody watches (other than
+    /// `keep`); false if none.
+    fn evict_one_except(&mut self, keep: Option<&Bytes>) -> bool {
         let victim = self
             .caches
             .iter()
-            .filter(|(_, cached)| {
-                !cached.configured && cached.watchers.is_empty() && cached.waiting.is_empty()
+            .filter(|(prefix, cached)| {
+                Some(*prefix) != keep
+                    && !cached.configured
+                    && cached.watchers.is_empty()
+                    && cached.waiting.is_empty()
             })
             .min_by_key(|(_, cached)| cached.last_used)
             .map(|(prefix, _)| prefix.clone());
@@ -562,7 +603,12 @@ impl DiscoveryTask {
                     bump(&self.stats.relists);
                 }
                 self.dirty = true;
-                let cached = &mut *cached;
+                if !self.fits_budget(&prefix) {
+                    return;
+                }
+                let Some(cached) = self.caches.get_mut(&prefix) else {
+                    return;
+                };
                 for (get_prefix, to, _) in cached.waiting.drain(..) {
                     // Read from etcd this instant: fresh, even though the
                     // watch that keeps it fresh is still being set up.
@@ -594,6 +640,12 @@ impl DiscoveryTask {
                 };
                 cached.cache.apply(&changes, revision, now_ms);
                 self.dirty = true;
+                if !self.fits_budget(&prefix) {
+                    return;
+                }
+                let Some(cached) = self.caches.get_mut(&prefix) else {
+                    return;
+                };
                 deliver(
                     &cached.cache,
                     &cached.watchers,
@@ -607,7 +659,102 @@ impl DiscoveryTask {
                     cached.cache.set_fresh(false, now_ms);
                 }
             }
+            Upstream::TooLarge { prefix, detail } => {
+                self.refuse(&prefix, &detail);
+            }
         }
+    }
+
+    /// Whether the cache, with `prefix` as it is now, fits the byte budget;
+    /// unused prefixes are evicted to make it fit, and if it still does not,
+    /// `prefix` is refused (and false returned).
+    fn fits_budget(&mut self, prefix: &Bytes) -> bool {
+        loop {
+            let total: usize = self
+                .caches
+                .values()
+                .map(|cached| cached.cache.bytes())
+                .sum();
+            if total <= self.max_bytes {
+                return true;
+            }
+            let own = self
+                .caches
+                .get(prefix)
+                .map_or(0, |cached| cached.cache.bytes());
+            if own > self.max_bytes || !self.evict_one_except(Some(prefix)) {
+                let reason = format!("{own} bytes of keys and values, {} cached in all", total);
+                self.refuse(prefix, &reason);
+                return false;
+            }
+        }
+    }
+
+    /// Stops caching `prefix`, which does not fit: its waiting GETs and its
+    /// watches get LimitExceeded, and for [`REFUSED_FOR`] so does every GET
+    /// or watch of exactly this prefix.
+    fn refuse(&mut self, prefix: &Bytes, reason: &str) {
+        let Some(cached) = self.caches.remove(prefix) else {
+            return;
+        };
+        if let Some(upstream) = cached.upstream {
+            upstream.abort();
+        }
+        self.dirty = true;
+        warn!(
+            prefix = %String::from_utf8_lossy(prefix),
+            reason,
+            max_cached_bytes = self.max_bytes,
+            configured = cached.configured,
+            "a discovery prefix does not fit the cache (etcd.max_cached_bytes); its GETs and watches are refused"
+        );
+        let message = format!(
+            "the entries under this prefix do not fit the relay's discovery cache (etcd.max_cached_bytes = {}): {reason}",
+            self.max_bytes
+        );
+        for (_, to, _) in cached.waiting {
+            bump(&self.stats.refused);
+            to.fail(ErrorCode::LimitExceeded, &message);
+        }
+        for key in cached.watchers {
+            if let Some(watch) = self.watchers.remove(&key) {
+                bump(&self.stats.refused);
+                let _ = watch
+                    .outbox
+                    .send_ack(Frame::Error(holdfast_wire::ErrorFrame {
+                        code: ErrorCode::LimitExceeded,
+                        reference: u64::from(key.1),
+                        message: Text::from(message.as_str()),
+                    }));
+            }
+        }
+        let now = Instant::now();
+        self.refused
+            .retain(|_, since| now.duration_since(*since) < REFUSED_FOR);
+        // Bounded: with every slot taken, the oldest refusal is forgotten.
+        if self.refused.len() >= self.max_prefixes {
+            let oldest = self
+                .refused
+                .iter()
+                .min_by_key(|(_, since)| **since)
+                .map(|(prefix, _)| prefix.clone());
+            if let Some(oldest) = oldest {
+                self.refused.remove(&oldest);
+            }
+        }
+        self.refused.insert(prefix.clone(), now);
+    }
+
+    /// The refusal to repeat if `prefix` was refused for its size lately.
+    fn recently_refused(&self, prefix: &Bytes) -> Option<String> {
+        let since = self.refused.get(prefix)?;
+        (since.elapsed() < REFUSED_FOR).then(|| {
+            format!(
+                "the entries under this prefix did not fit the relay's discovery cache (etcd.max_cached_bytes = {}) {} ms ago; a narrower prefix may",
+                self.max_bytes,
+                since.elapsed().as_millis()
+            )
+        })
     }
 
     fn on_link(&mut self, up: bool) {
@@ -655,6 +802,12 @@ impl DiscoveryTask {
             .store(self.caches.len() as u64, Ordering::Relaxed);
         let entries: usize = self.caches.values().map(|cached| cached.cache.len()).sum();
         stats.entries.store(entries as u64, Ordering::Relaxed);
+        let bytes: usize = self
+            .caches
+            .values()
+            .map(|cached| cached.cache.bytes())
+            .sum();
+        stats.bytes.store(bytes as u64, Ordering::Relaxed);
         stats
             .watchers
             .store(self.watchers.len() as u64, Ordering::Relaxed);

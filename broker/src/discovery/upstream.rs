@@ -1,13 +1,18 @@
 //! One upstream etcd watch per cached prefix, re-established whenever the
 //! link comes back.
 //!
-//! On every (re)connect the task lists the prefix once to learn etcd's
-//! current revision. A cache that never synced, or an etcd whose revision
-//! went backwards (it came back empty), gets the listing; otherwise the
-//! watch resumes right after the last revision the cache saw, so every
-//! change made in between is delivered as an event. If etcd compacted that
-//! history away, the task lists again and the cache hands watchers the
-//! difference instead.
+//! On every (re)connect the task asks etcd for its current revision (a
+//! count-only read of the prefix). A cache that never synced, or an etcd
+//! whose revision went backwards (it came back empty), gets a full listing;
+//! otherwise the watch resumes right after the last revision the cache saw,
+//! so every change made in between is delivered as an event. If etcd
+//! compacted that history away, the task lists again and the cache hands
+//! watchers the difference instead.
+//!
+//! etcd's answers are decoded up to a limit derived from the cache's byte
+//! budget (gRPC's default, 4 MiB, would make a larger prefix fail to list
+//! forever); a prefix whose listing or watch response exceeds it is
+//! reported once as too large and the task ends.
 
 use super::cache::Change;
 use crate::etcd_link::EtcdLink;
@@ -40,17 +45,33 @@ pub enum Upstream {
     },
     /// The watch broke; the cache is stale until `Watching` again.
     Lost { prefix: Bytes },
+    /// An answer for the prefix was larger than `decode_limit`; the task
+    /// has ended.
+    TooLarge { prefix: Bytes, detail: String },
+}
+
+/// Whether `error` is gRPC refusing a message over the decode limit.
+fn is_too_large(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::OutOfRange
+            && status.message().contains("message length too large"))
 }
 
 /// Follows `prefix` from `revision` (0: never synced) until the discovery
-/// task goes away or aborts it.
+/// task goes away or aborts it; answers larger than `decode_limit` bytes
+/// end it with [`Upstream::TooLarge`].
 pub async fn follow(
     prefix: Bytes,
     mut revision: u64,
     link: EtcdLink,
     report: mpsc::Sender<Upstream>,
     call_timeout: Duration,
+    decode_limit: usize,
 ) {
+    let too_large = |error: &etcd_client::Error| Upstream::TooLarge {
+        prefix: prefix.clone(),
+        detail: error.to_string(),
+    };
     let mut state = link.watch();
     let mut must_list = revision == 0;
     loop {
@@ -58,16 +79,25 @@ pub async fn follow(
             Ok(state) => (state.client.clone(), state.generation),
             Err(_) => return,
         };
-        let Some(mut client) = client else {
+        let Some(client) = client else {
             continue;
         };
-        let listing = tokio::time::timeout(
-            call_timeout,
-            client.get(prefix.to_vec(), Some(GetOptions::new().with_prefix())),
-        )
-        .await;
+        let mut kv = client.kv_client().max_decoding_message_size(decode_limit);
+        // Only the revision is needed unless the entries are.
+        let with_entries = must_list;
+        let options = if with_entries {
+            GetOptions::new().with_prefix()
+        } else {
+            GetOptions::new().with_prefix().with_count_only()
+        };
+        let listing =
+            tokio::time::timeout(call_timeout, kv.get(prefix.to_vec(), Some(options))).await;
         let listing = match listing {
             Ok(Ok(listing)) => listing,
+            Ok(Err(error)) if is_too_large(&error) => {
+                let _ = report.send(too_large(&error)).await;
+                return;
+            }
             Ok(Err(error)) => {
                 debug!(error = %error, "listing a discovery prefix failed; retrying");
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -90,6 +120,9 @@ pub async fn follow(
                 "etcd's revision went backwards (restored or wiped); re-listing the prefix"
             );
             must_list = true;
+        }
+        if must_list && !with_entries {
+            continue;
         }
         if must_list {
             let entries = listing
@@ -119,7 +152,10 @@ pub async fn follow(
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(i64::try_from(revision + 1).unwrap_or(i64::MAX));
-        let mut stream = match client.watch(prefix.to_vec(), Some(options)).await {
+        let mut watch = client
+            .watch_client()
+            .max_decoding_message_size(decode_limit);
+        let mut stream = match watch.watch(prefix.to_vec(), Some(options)).await {
             Ok(stream) => stream,
             Err(error) => {
                 debug!(error = %error, "starting a discovery watch failed; retrying");
@@ -140,6 +176,10 @@ pub async fn follow(
             };
             let response = match message {
                 Ok(Some(response)) => response,
+                Err(error) if is_too_large(&error) => {
+                    let _ = report.send(too_large(&error)).await;
+                    return;
+                }
                 Ok(None) | Err(_) => break,
             };
             if response.compact_revision() > 0 || response.canceled() {

@@ -2,7 +2,7 @@
 //! revision and staleness, watches that converge across etcd restarts and
 //! compaction, and a saved snapshot that outlives a relay restart.
 
-use crate::support::{within, EtcdStack, WAIT};
+use crate::support::{metric, scrape, within, EtcdStack, WAIT};
 use bytes::Bytes;
 use futures::StreamExt;
 use holdfast_client::{Client, ConnectOptions, ErrorCode, WatchEvent, Watcher};
@@ -282,4 +282,91 @@ async fn the_cache_holds_at_most_its_limit_of_prefixes_and_never_drops_a_watched
     assert_eq!(refused.code(), Some(ErrorCode::LimitExceeded), "{refused}");
     // A narrower prefix of a watched one is still served from its cache.
     client.get("v1/b/x").await.unwrap();
+}
+
+/// Writes `count` values of 100 KiB under `prefix` straight into etcd.
+async fn fill(etcd: &mut etcd_client::Client, prefix: &str, count: usize) {
+    let value = "v".repeat(100 * 1024);
+    for index in 0..count {
+        etcd.put(format!("{prefix}{index:03}"), value.clone(), None)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_larger_than_a_grpc_message_is_cached() {
+    // 6 MiB: over gRPC's default 4 MiB message limit, which used to make
+    // the listing fail (and be retried four times a second) forever.
+    let stack = EtcdStack::start_with_tables("", "[relay]\nmax_frame_bytes = 16777216\n");
+    let mut etcd = stack.etcd.client().await;
+    fill(&mut etcd, "big/", 60).await;
+    let client = stack.client().await;
+    let snapshot = within("the GET", client.get("big/")).await.unwrap();
+    assert_eq!(snapshot.entries.len(), 60);
+    assert!(snapshot
+        .entries
+        .iter()
+        .all(|entry| entry.value.len() == 100 * 1024));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_over_the_byte_budget_is_refused_and_a_narrower_one_is_served() {
+    let stack = EtcdStack::start_with_config("max_cached_bytes = 1048576");
+    let mut etcd = stack.etcd.client().await;
+    // 4 MiB is more than etcd's answer may be at this budget (the listing
+    // is refused as it arrives); 1.5 MiB arrives and is counted.
+    fill(&mut etcd, "big/", 40).await;
+    fill(&mut etcd, "mid/", 15).await;
+    fill(&mut etcd, "grow/", 5).await;
+    let client = stack.client().await;
+
+    for prefix in ["big/", "mid/"] {
+        let started = Instant::now();
+        let refused = client.get(prefix).await.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::LimitExceeded), "{refused}");
+        assert!(
+            refused.to_string().contains("etcd.max_cached_bytes"),
+            "{refused}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "refused at once, not timed out"
+        );
+    }
+    // Asked again at once: refused without listing 4 MiB again.
+    let again = client.get("big/").await.unwrap_err();
+    assert_eq!(again.code(), Some(ErrorCode::LimitExceeded), "{again}");
+    let narrow = client.get("big/001").await.unwrap();
+    assert_eq!(narrow.entries.len(), 1);
+
+    // A watched prefix that outgrows the budget ends its watches with the
+    // same error rather than holding more.
+    let mut watcher = client.watch("grow/").await.unwrap();
+    let mut events = 0;
+    while !matches!(
+        within("the initial entries", watcher.next()).await,
+        Some(WatchEvent::Synced { .. })
+    ) {
+        events += 1;
+    }
+    assert_eq!(events, 5);
+    fill(&mut etcd, "grow/more/", 10).await;
+    while within("the end of the watch", watcher.next())
+        .await
+        .is_some()
+    {}
+    let ended = watcher.termination().expect("the relay ended the watch");
+    assert_eq!(ended.code(), Some(ErrorCode::LimitExceeded), "{ended}");
+
+    let metrics = scrape(&stack.relay);
+    let refusals = metric(
+        &metrics,
+        "holdfast_limit_rejections_total",
+        &[("limit", "discovery_cache_bytes")],
+    );
+    assert_eq!(refusals, Some(4.0), "three GETs and one watch");
+    let cached = metric(&metrics, "holdfast_discovery_cache_bytes", &[]).unwrap();
+    assert!(cached <= 1048576.0, "{cached}");
+    assert!(stack.relay.logs().contains("does not fit the cache"));
 }
