@@ -24,7 +24,7 @@ use bytes::Bytes;
 use etcd_steps::{Step, StepResult};
 use holdfast_wire::LinkStatus;
 use holdfast_wire::{ErrorCode, Frame, RegisterAck, RegistrationOutcome, Text};
-use model::{Change, LeaseId, Registry, SessionId, MAX_TXN_OPS};
+use model::{Change, LeaseId, Registry, SessionId, MAX_TXN_BYTES, MAX_TXN_OPS};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -400,7 +400,7 @@ impl RegistryTask {
             needing.truncate(LEASES_PER_STEP);
             return Some(Step::Grant(needing));
         }
-        let changes = self.model.next_changes(MAX_TXN_OPS);
+        let changes = self.model.next_changes(MAX_TXN_OPS, MAX_TXN_BYTES);
         if !changes.is_empty() {
             return Some(Step::Apply(changes));
         }
@@ -413,7 +413,18 @@ impl RegistryTask {
             }
         }
         if !audit.keys.is_empty() {
-            let batch = audit.keys.len().min(MAX_TXN_OPS);
+            // What etcd should hold for these keys comes back in one answer,
+            // so a batch is bounded in bytes as a write is.
+            let mut batch = 0;
+            let mut bytes = 0;
+            for key in audit.keys.iter().take(MAX_TXN_OPS) {
+                let size = self.model.registered_bytes(key);
+                if batch > 0 && bytes + size > MAX_TXN_BYTES {
+                    break;
+                }
+                bytes += size;
+                batch += 1;
+            }
             return Some(Step::ReadKeys(audit.keys.drain(..batch).collect()));
         }
         self.finish_audit();

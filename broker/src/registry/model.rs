@@ -18,6 +18,16 @@ pub type LeaseId = i64;
 /// Most operations in one etcd transaction (etcd's default `--max-txn-ops`).
 pub const MAX_TXN_OPS: usize = 128;
 
+/// Most bytes of keys and values in one etcd transaction. etcd refuses a
+/// request over its `--max-request-bytes` (1.5 MiB by default), and a batch
+/// it refuses would be retried, and refused, forever; this leaves room for
+/// the encoding around the keys and values.
+pub const MAX_TXN_BYTES: usize = 1024 * 1024;
+
+/// Most bytes of key and value one registration may have: it must fit in a
+/// transaction of its own.
+pub const MAX_REGISTRATION_BYTES: usize = MAX_TXN_BYTES;
+
 /// One key's change, as it goes to etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -46,6 +56,8 @@ pub enum RegisterError {
     SessionLimit { max: usize },
     #[error("the relay already holds {max} registrations and removals etcd has not confirmed (etcd.max_registrations)")]
     RelayLimit { max: usize },
+    #[error("a registration's key and value may have at most {max} bytes together (etcd refuses larger requests); this one has {bytes}")]
+    TooLarge { bytes: usize, max: usize },
 }
 
 /// What etcd holds for one key, as read by an audit.
@@ -144,6 +156,20 @@ impl Registry {
         self.sessions.len()
     }
 
+    /// Bytes of `key` and the value registered for it (0 for the value if
+    /// none is).
+    pub fn registered_bytes(&self, key: &Bytes) -> usize {
+        key.len() + self.value_len(key)
+    }
+
+    fn value_len(&self, key: &Bytes) -> usize {
+        self.owners
+            .get(key)
+            .and_then(|session| self.sessions.get(session))
+            .and_then(|entry| entry.keys.get(key))
+            .map_or(0, Bytes::len)
+    }
+
     /// Whether `key`'s latest change still has to reach etcd.
     pub fn is_pending(&self, key: &Bytes) -> bool {
         self.pending.contains(key)
@@ -157,6 +183,13 @@ impl Registry {
         key: Bytes,
         value: Bytes,
     ) -> Result<(), RegisterError> {
+        let bytes = key.len() + value.len();
+        if bytes > MAX_REGISTRATION_BYTES {
+            return Err(RegisterError::TooLarge {
+                bytes,
+                max: MAX_REGISTRATION_BYTES,
+            });
+        }
         let owner = self.owners.get(&key).copied();
         if owner != Some(session) {
             let held = self
@@ -301,13 +334,19 @@ impl Registry {
         true
     }
 
-    /// The next changes to write, oldest first, at most `max`. Keys whose
-    /// session has no lease yet wait (behind them, order is still kept per
-    /// key, which is all etcd can observe).
-    pub fn next_changes(&self, max: usize) -> Vec<Change> {
+    /// The next changes to write, oldest first: at most `max`, and at most
+    /// `max_bytes` of keys and values unless the first change alone is
+    /// larger. Keys whose session has no lease yet wait (behind them, order
+    /// is still kept per key, which is all etcd can observe).
+    pub fn next_changes(&self, max: usize, max_bytes: usize) -> Vec<Change> {
         let mut changes = Vec::new();
+        let mut bytes = 0;
         for key in self.pending.iter() {
             if changes.len() >= max {
+                break;
+            }
+            let size = self.registered_bytes(key);
+            if !changes.is_empty() && bytes + size > max_bytes {
                 break;
             }
             match self.owners.get(key) {
@@ -326,6 +365,7 @@ impl Registry {
                     });
                 }
             }
+            bytes += size;
         }
         changes
     }
@@ -417,7 +457,7 @@ impl Registry {
     fn has_work(&self) -> bool {
         !self.revocations.is_empty()
             || self.sessions.values().any(|entry| entry.lease.is_none())
-            || !self.next_changes(1).is_empty()
+            || !self.next_changes(1, MAX_TXN_BYTES).is_empty()
     }
 }
 
@@ -437,10 +477,10 @@ mod tests {
     fn a_key_waits_for_its_session_lease_then_is_put() {
         let mut registry = registry();
         registry.register(1, key("a"), key("1")).unwrap();
-        assert!(registry.next_changes(10).is_empty());
+        assert!(registry.next_changes(10, MAX_TXN_BYTES).is_empty());
         assert_eq!(registry.sessions_needing_lease(), vec![1]);
         assert!(registry.lease_granted(1, 77));
-        let changes = registry.next_changes(10);
+        let changes = registry.next_changes(10, MAX_TXN_BYTES);
         assert_eq!(
             changes,
             vec![Change::Put {
@@ -462,7 +502,7 @@ mod tests {
         registry.lease_granted(1, 5);
         registry.register(1, key("b"), key("1")).unwrap();
         registry.register(1, key("a"), key("2")).unwrap();
-        let changes = registry.next_changes(10);
+        let changes = registry.next_changes(10, MAX_TXN_BYTES);
         assert_eq!(changes.len(), 2);
         assert_eq!(changes[0].key(), &key("b"));
         assert_eq!(
@@ -480,12 +520,12 @@ mod tests {
         let mut registry = registry();
         registry.register(1, key("a"), key("1")).unwrap();
         registry.lease_granted(1, 5);
-        let in_flight = registry.next_changes(10);
+        let in_flight = registry.next_changes(10, MAX_TXN_BYTES);
         registry.register(1, key("a"), key("2")).unwrap();
         registry.applied(&in_flight);
         assert!(registry.is_pending(&key("a")));
         assert_eq!(
-            registry.next_changes(10),
+            registry.next_changes(10, MAX_TXN_BYTES),
             vec![Change::Put {
                 key: key("a"),
                 value: key("2"),
@@ -499,10 +539,10 @@ mod tests {
         let mut registry = registry();
         registry.register(1, key("a"), key("1")).unwrap();
         registry.lease_granted(1, 5);
-        registry.applied(&registry.next_changes(10));
+        registry.applied(&registry.next_changes(10, MAX_TXN_BYTES));
         assert!(registry.deregister(1, &key("a")));
         assert_eq!(
-            registry.next_changes(10),
+            registry.next_changes(10, MAX_TXN_BYTES),
             vec![Change::Delete { key: key("a") }]
         );
         assert_eq!(registry.revocations(), &[5]);
@@ -519,7 +559,7 @@ mod tests {
         assert_eq!(registry.session_closed(1), 2);
         assert_eq!(registry.revocations(), &[5]);
         assert!(
-            registry.next_changes(10).is_empty(),
+            registry.next_changes(10, MAX_TXN_BYTES).is_empty(),
             "revoke deletes the keys"
         );
         registry.revoked(1);
@@ -532,7 +572,7 @@ mod tests {
         registry.register(1, key("a"), key("1")).unwrap();
         registry.session_closed(1);
         assert_eq!(
-            registry.next_changes(10),
+            registry.next_changes(10, MAX_TXN_BYTES),
             vec![Change::Delete { key: key("a") }]
         );
         assert!(registry.revocations().is_empty());
@@ -556,7 +596,7 @@ mod tests {
         registry.lease_granted(2, 6);
         registry.session_closed(1);
         assert_eq!(
-            registry.next_changes(10),
+            registry.next_changes(10, MAX_TXN_BYTES),
             vec![Change::Put {
                 key: key("a"),
                 value: key("new"),
@@ -572,12 +612,12 @@ mod tests {
         registry.register(1, key("a"), key("1")).unwrap();
         registry.register(1, key("b"), key("2")).unwrap();
         registry.lease_granted(1, 5);
-        registry.applied(&registry.next_changes(10));
+        registry.applied(&registry.next_changes(10, MAX_TXN_BYTES));
         assert!(!registry.lease_lost(1, 4), "a stale report is ignored");
         assert!(registry.lease_lost(1, 5));
         assert_eq!(registry.sessions_needing_lease(), vec![1]);
         registry.lease_granted(1, 8);
-        let changes = registry.next_changes(10);
+        let changes = registry.next_changes(10, MAX_TXN_BYTES);
         assert_eq!(changes.len(), 2);
         assert!(changes
             .iter()
@@ -591,7 +631,7 @@ mod tests {
             registry.register(1, key(name), key("v")).unwrap();
         }
         registry.lease_granted(1, 5);
-        registry.applied(&registry.next_changes(10));
+        registry.applied(&registry.next_changes(10, MAX_TXN_BYTES));
         assert_eq!(registry.audit_targets().len(), 3);
         let good = Observed {
             value: key("v"),
@@ -605,7 +645,7 @@ mod tests {
         assert!(registry.audited(&key("b"), Some(&changed)));
         assert!(registry.audited(&key("c"), None));
         let requeued: Vec<Bytes> = registry
-            .next_changes(10)
+            .next_changes(10, MAX_TXN_BYTES)
             .iter()
             .map(|change| change.key().clone())
             .collect();
@@ -630,6 +670,34 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_changes_stays_within_what_etcd_takes_in_one_request() {
+        let mut registry = Registry::new(1000, 1000);
+        let value = Bytes::from(vec![b'v'; 300 * 1024]);
+        for name in ["a", "b", "c", "d", "e"] {
+            registry.register(1, key(name), value.clone()).unwrap();
+        }
+        registry.lease_granted(1, 7);
+        let mut batches = Vec::new();
+        while registry.pending_changes() > 0 {
+            let changes = registry.next_changes(MAX_TXN_OPS, MAX_TXN_BYTES);
+            batches.push(changes.len());
+            registry.applied(&changes);
+        }
+        // Three values of 300 KiB fit in 1 MiB, four do not.
+        assert_eq!(batches, [3, 2]);
+
+        let too_large = Bytes::from(vec![b'v'; MAX_REGISTRATION_BYTES]);
+        assert_eq!(
+            registry.register(1, key("huge"), too_large),
+            Err(RegisterError::TooLarge {
+                bytes: MAX_REGISTRATION_BYTES + 4,
+                max: MAX_REGISTRATION_BYTES
+            })
+        );
+        assert_eq!(registry.registrations(), 5, "the refused key is not held");
+    }
+
+    #[test]
     fn removals_etcd_has_not_confirmed_count_against_the_relay_limit() {
         // etcd is down throughout: nothing is applied.
         let mut registry = Registry::new(3, 100);
@@ -650,7 +718,7 @@ mod tests {
 
         // Once etcd has the delete, its room is free again.
         registry.lease_granted(1, 9);
-        let changes = registry.next_changes(10);
+        let changes = registry.next_changes(10, MAX_TXN_BYTES);
         assert!(changes.contains(&Change::Delete { key: key("b") }));
         registry.applied(&changes);
         registry.register(1, key("d"), key("1")).unwrap();
@@ -689,7 +757,7 @@ mod tests {
                     registry.lease_granted(session, step);
                 }
                 10 => {
-                    let changes = registry.next_changes(2);
+                    let changes = registry.next_changes(2, MAX_TXN_BYTES);
                     registry.applied(&changes);
                 }
                 _ => {

@@ -5,6 +5,7 @@
 use crate::support::{wait_until_async, within, EtcdStack, WAIT};
 use etcd_client::GetOptions;
 use futures::StreamExt;
+use holdfast_client::ErrorCode;
 use holdfast_client::{Client, ConnectOptions, LinkStatus, RegistrationStatus};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -478,6 +479,45 @@ async fn a_long_backoff_does_not_delay_noticing_that_etcd_is_back() {
         Duration::from_secs(3),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_too_large_for_etcd_are_refused_and_many_large_ones_still_land() {
+    let mut stack = EtcdStack::start();
+    let client = stack.client().await;
+    // More than etcd takes in one request (1.5 MiB by default): refused at
+    // once, and it does not hold up the registrations after it.
+    let huge = vec![b'h'; 2 * 1024 * 1024];
+    let refused = client.register("v1/large/huge", huge).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::LimitExceeded), "{refused}");
+    assert_eq!(
+        client.register("v1/large/small", "s").await.unwrap(),
+        RegistrationStatus::Applied
+    );
+
+    // 200 registrations of 16 KiB buffered through an outage are 3 MiB:
+    // more than one etcd request may carry.
+    stack.etcd.kill();
+    wait_for_etcd_status(&client, LinkStatus::Down).await;
+    let value = "v".repeat(16 * 1024);
+    for index in 0..200 {
+        let key = format!("v1/large/{index:03}");
+        let status = client.register(key, value.clone()).await.unwrap();
+        assert_eq!(status, RegistrationStatus::Buffered);
+    }
+    stack.etcd.start_again();
+    let mut etcd = stack.etcd.client().await;
+    let mut count = 0;
+    let deadline = Instant::now() + WAIT;
+    while count != 201 {
+        assert!(Instant::now() < deadline, "{count} of 201 keys in etcd");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let options = GetOptions::new().with_prefix().with_count_only();
+        count = match etcd.get("v1/large/", Some(options)).await {
+            Ok(found) => found.count(),
+            Err(_) => 0,
+        };
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
