@@ -146,19 +146,25 @@ impl Outbox {
 
     /// Queues a frame of the session's own, waiting for room.
     pub async fn send(&self, frame: Frame) -> Result<(), OutboxClosed> {
-        self.senders
-            .sender
-            .send(frame)
-            .await
-            .map_err(|_| OutboxClosed)
+        // Counted like an offered frame: the reader subtracts the size of
+        // every frame it takes, whichever way it came.
+        let size = queued_size(&frame);
+        self.shared().queued_bytes.fetch_add(size, Ordering::AcqRel);
+        self.senders.sender.send(frame).await.map_err(|_| {
+            self.shared().queued_bytes.fetch_sub(size, Ordering::AcqRel);
+            OutboxClosed
+        })
     }
 
     /// Queues an ack from the forwarder without waiting; `Err` when the
     /// session is gone.
     pub fn send_ack(&self, frame: Frame) -> Result<(), OutboxClosed> {
+        let size = queued_size(&frame);
+        self.shared().queued_bytes.fetch_add(size, Ordering::AcqRel);
         self.shared().queued_acks.fetch_add(1, Ordering::AcqRel);
         self.senders.acks.send(frame).map_err(|_| {
             self.shared().queued_acks.fetch_sub(1, Ordering::AcqRel);
+            self.shared().queued_bytes.fetch_sub(size, Ordering::AcqRel);
             OutboxClosed
         })
     }
@@ -354,6 +360,27 @@ mod tests {
             headers: Headers::new(),
             payload: Bytes::from(vec![0u8; size]),
         })
+    }
+
+    #[tokio::test]
+    async fn frames_sent_rather_than_offered_are_counted_on_the_way_in_too() {
+        let stats = Arc::new(RelayStats::default());
+        let (outbox, mut receiver) = outbox(7, 100, 1_000, SlowConsumerPolicy::Drop, stats.clone());
+        outbox.send(message(400)).await.unwrap();
+        outbox.send_ack(message(400)).unwrap();
+        assert_eq!(
+            outbox.offer(message(400)),
+            Delivery::Dropped,
+            "800 of 1000 bytes queued"
+        );
+        let mut batch = Vec::new();
+        while batch.len() < 2 {
+            receiver.recv_many(&mut batch, 10).await;
+        }
+        // Taking them released exactly what they had counted: a byte
+        // count that went below zero would refuse every later offer.
+        assert_eq!(outbox.offer(message(600)), Delivery::Queued);
+        assert_eq!(outbox.offer(message(600)), Delivery::Dropped);
     }
 
     #[tokio::test]

@@ -638,4 +638,32 @@ async fn malformed_registration_and_discovery_requests_get_typed_answers() {
             _ => continue,
         }
     }
+    // And a GET answered from the cache still gets through: the refused
+    // GET's answer once made the session's byte count go below zero,
+    // after which every cached answer and message was dropped.
+    framed
+        .send(Frame::Get(Get {
+            request_id: 6,
+            linearizable: false,
+            prefix: bytes::Bytes::from_static(b"v1/raw/"),
+        }))
+        .await
+        .unwrap();
+    loop {
+        match within("the cached GET", framed.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Frame::GetResponse(response) if response.request_id == 6 => {
+                assert!(
+                    matches!(response.outcome, GetOutcome::Snapshot(_)),
+                    "{:?}",
+                    response.outcome
+                );
+                break;
+            }
+            _ => continue,
+        }
+    }
 }
