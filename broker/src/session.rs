@@ -988,7 +988,25 @@ impl Session {
             request_id: get.request_id,
         };
         if get.linearizable {
-            self.ctx.discovery.get_linearizable(get.prefix, to);
+            // A read from etcd is outstanding work, like a request: it counts
+            // against the same limit, so a client cannot pile them up.
+            let Ok(permit) = self.requests_in_flight.clone().try_acquire_owned() else {
+                self.ctx.stats.record_limit(Limit::InflightRequests);
+                let message = format!(
+                    "more than {} requests and linearizable gets in flight on this connection",
+                    self.ctx.config.sessions.max_inflight_requests
+                );
+                return self
+                    .send(Frame::GetResponse(GetResponse {
+                        request_id: get.request_id,
+                        outcome: GetOutcome::Failed {
+                            code: ErrorCode::LimitExceeded,
+                            message: Text::from(message),
+                        },
+                    }))
+                    .await;
+            };
+            self.ctx.discovery.get_linearizable(get.prefix, to, permit);
         } else {
             self.ctx.discovery.get(get.prefix, to).await;
         }

@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -147,8 +147,9 @@ impl DiscoveryHandle {
         }
     }
 
-    /// Answers a GET of `prefix` from etcd itself, never stale.
-    pub fn get_linearizable(&self, prefix: Bytes, to: GetTo) {
+    /// Answers a GET of `prefix` from etcd itself, never stale. `permit`
+    /// (the session's in-flight limit) is held until it is answered.
+    pub fn get_linearizable(&self, prefix: Bytes, to: GetTo, permit: OwnedSemaphorePermit) {
         if !self.link.is_enabled() {
             return to.fail(ErrorCode::EtcdUnavailable, NOT_CONFIGURED);
         }
@@ -160,6 +161,7 @@ impl DiscoveryHandle {
         };
         bump(&self.stats.linearizable_gets);
         tokio::spawn(async move {
+            let _permit = permit;
             let read = client.get(prefix.to_vec(), Some(GetOptions::new().with_prefix()));
             match tokio::time::timeout(LINEARIZABLE_TIMEOUT, read).await {
                 Ok(Ok(listing)) => to.answer(GetOutcome::Snapshot(Snapshot {

@@ -370,3 +370,44 @@ async fn a_prefix_over_the_byte_budget_is_refused_and_a_narrower_one_is_served()
     assert!(cached <= 1048576.0, "{cached}");
     assert!(stack.relay.logs().contains("does not fit the cache"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linearizable_get_counts_against_the_in_flight_limit() {
+    let stack = EtcdStack::start_with_tables("", "[sessions]\nmax_inflight_requests = 1\n");
+    let mut etcd = stack.etcd.client().await;
+    put(&mut etcd, "v1/lin/a", "1").await;
+    // A responder that never answers holds the connection's one slot.
+    let direct = async_nats::connect(stack.nats.url()).await.unwrap();
+    let _silent = direct.subscribe("lin.slow").await.unwrap();
+    crate::support::nats_round_trip(&direct).await;
+    let client = stack.client().await;
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .request_with("lin.slow", Default::default(), "q", Duration::from_secs(2))
+                .await
+        })
+    };
+    // Once the relay holds the request, a linearizable GET is refused.
+    within("the relay holds the request", async {
+        while client.status().await.unwrap()["counters"]["requests_total"] != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let refused = client.get_linearizable("v1/lin/").await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::LimitExceeded), "{refused}");
+    // A cached GET is not held back by the limit.
+    let cached = client.get("v1/lin/").await;
+    if cached.is_err() {
+        eprintln!("{}", stack.relay.logs());
+    }
+    assert_eq!(cached.unwrap().entries.len(), 1);
+    within("the slow request ends", slow)
+        .await
+        .unwrap()
+        .unwrap_err();
+    let read = client.get_linearizable("v1/lin/").await.unwrap();
+    assert_eq!(read.entries.len(), 1);
+}
