@@ -106,7 +106,11 @@ fn publish_header_with_lone_cr(nats_url: &str, subject: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_client_that_cannot_recover_stops_the_relay_for_a_restart() {
     const KEPT: usize = 200;
-    let mut stack = Stack::start();
+    // Probes 2 s apart: the relay notices the dead client at the next one,
+    // and the publishes below must be taken before that even on a loaded
+    // machine (at the default 250 ms a busy CI run saw none acknowledged).
+    let mut stack =
+        Stack::start_with_config("[nats]\nprobe_interval = \"2s\"\nlink_timeout = \"4s\"\n");
     let client = stack.client().await;
     let mut events = client.link_events();
     let mut subscriber = client.subscribe("poison.>").await.unwrap();
