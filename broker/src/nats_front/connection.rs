@@ -169,6 +169,7 @@ pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<S
         verbose: false,
         said_hello: false,
         subscriptions: HashMap::new(),
+        nats_sids: HashMap::new(),
         next_sid: 1,
         next_ack_id: 1,
         next_ping: 1,
@@ -197,8 +198,11 @@ struct Inbound {
     echo: bool,
     verbose: bool,
     said_hello: bool,
-    /// The client's subscription ids and the session's for them.
+    /// The client's subscription ids and the session's for them, and the
+    /// way back (the outbound half names subscriptions to forget by the
+    /// session's id; a scan per name would be quadratic in a flood).
     subscriptions: HashMap<Text, u32>,
+    nats_sids: HashMap<u32, Text>,
     next_sid: u32,
     next_ack_id: u64,
     next_ping: u64,
@@ -220,8 +224,12 @@ impl Inbound {
                     }
                 },
                 Some(sid) = self.unsubscribes.recv() => {
-                    self.subscriptions.retain(|_, known| *known != sid);
-                    self.push(&Frame::Unsubscribe(Unsubscribe { sid }));
+                    self.forget(sid);
+                    // All that are waiting: a client flooding SUBs over the
+                    // limit must not outpace their removal.
+                    while let Ok(sid) = self.unsubscribes.try_recv() {
+                        self.forget(sid);
+                    }
                     if !self.flush().await {
                         return;
                     }
@@ -231,6 +239,16 @@ impl Inbound {
                 buffer = BytesMut::with_capacity(READ_BUFFER_BYTES);
             }
         }
+    }
+
+    /// Forgets subscription `sid`, which the outbound half dropped (the
+    /// session refused it, or it reached its message count), and tells the
+    /// session.
+    fn forget(&mut self, sid: u32) {
+        if let Some(nats_sid) = self.nats_sids.remove(&sid) {
+            self.subscriptions.remove(&nats_sid);
+        }
+        self.push(&Frame::Unsubscribe(Unsubscribe { sid }));
     }
 
     /// Handles every complete operation in `buffer`; false ends the connection.
@@ -302,12 +320,14 @@ impl Inbound {
                 sid: nats_sid,
             } => {
                 if let Some(old) = self.subscriptions.remove(&nats_sid) {
+                    self.nats_sids.remove(&old);
                     self.push(&Frame::Unsubscribe(Unsubscribe { sid: old }));
                     self.send_event(Event::Unsubscribed { sid: old }).await;
                 }
                 let sid = self.next_sid;
                 self.next_sid = self.next_sid.wrapping_add(1).max(1);
                 self.subscriptions.insert(nats_sid.clone(), sid);
+                self.nats_sids.insert(sid, nats_sid.clone());
                 let event = Event::Subscribed {
                     sid,
                     nats_sid,
@@ -335,6 +355,7 @@ impl Inbound {
                         }
                         _ => {
                             self.subscriptions.remove(&nats_sid);
+                            self.nats_sids.remove(&sid);
                             self.push(&Frame::Unsubscribe(Unsubscribe { sid }));
                             self.send_event(Event::Unsubscribed { sid }).await;
                         }
@@ -470,9 +491,21 @@ impl Outbound {
                 },
                 frame = self.frames.next() => match frame {
                     Some(Ok(frame)) => {
-                        let mut next = self.on_frame(frame);
+                        // Events first, before each frame, as in the biased
+                        // select: the inbound half announces a SUB before it
+                        // sends it, and the answer to it (a refusal) must
+                        // find what was announced, or both halves would keep
+                        // the subscription forever.
+                        let mut next = self.take_events();
+                        if matches!(next, Next::Continue) {
+                            next = self.on_frame(frame);
+                        }
                         // Everything already readable goes out in one write.
                         while matches!(next, Next::Continue) {
+                            next = self.take_events();
+                            if !matches!(next, Next::Continue) {
+                                break;
+                            }
                             match self.frames.next().now_or_never() {
                                 Some(Some(Ok(frame))) => next = self.on_frame(frame),
                                 _ => break,
@@ -518,6 +551,16 @@ impl Outbound {
             }
         }
         Next::Close
+    }
+
+    /// Handles the events already queued, without waiting.
+    fn take_events(&mut self) -> Next {
+        while let Ok(event) = self.events.try_recv() {
+            if let Next::Close = self.on_event(event) {
+                return Next::Close;
+            }
+        }
+        Next::Continue
     }
 
     fn on_event(&mut self, event: Event) -> Next {
@@ -598,11 +641,16 @@ impl Outbound {
             }
             Frame::Pong(_) => encode_pong(&mut self.text),
             Frame::Error(error) => {
-                let subject = u32::try_from(error.reference)
+                let refused = u32::try_from(error.reference)
                     .ok()
                     .filter(|sid| *sid != 0)
-                    .and_then(|sid| self.subscriptions.remove(&sid))
-                    .map(|subscription| subscription.subject);
+                    .and_then(|sid| Some((sid, self.subscriptions.remove(&sid)?)));
+                let subject = refused.map(|(sid, subscription)| {
+                    // The client side forgets it too, or SUBs refused over
+                    // a limit would pile up there.
+                    let _ = self.unsubscribes.send(sid);
+                    subscription.subject
+                });
                 self.report(error.code, &error.message, subject.as_ref());
             }
             Frame::GoAway(go_away) => {

@@ -408,3 +408,70 @@ async fn bad_protocol_input_gets_an_err_and_a_closed_connection_and_nothing_else
         .unwrap();
     assert_eq!(&message.payload[..], b"still here");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_refused_over_the_limit_are_not_kept() {
+    let config = format!("{FRONT_CONFIG}[sessions]\nmax_subscriptions = 1\n");
+    let stack = Stack::start_with_config(&config);
+    let mut stream = tokio::net::TcpStream::connect(front_address(&stack.relay))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"CONNECT {}\r\nSUB kept 1\r\nPING\r\n")
+        .await
+        .unwrap();
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = tokio::io::BufReader::new(reader);
+    let mut line = String::new();
+    let mut read_until = async |wanted: &str| {
+        use tokio::io::AsyncBufReadExt;
+        let mut refusals = 0;
+        loop {
+            line.clear();
+            assert_ne!(
+                reader.read_line(&mut line).await.unwrap(),
+                0,
+                "connection closed"
+            );
+            if line.starts_with("-ERR") {
+                refusals += 1;
+            }
+            if line.starts_with(wanted) {
+                return refusals;
+            }
+        }
+    };
+    within("PONG", read_until("PONG")).await;
+    // 100k SUBs over the limit, each with a 400-byte sid (40 MB of ids), twice:
+    // the first round sets the relay's high-water mark for passing that
+    // many refusals through; kept refusals would grow it again.
+    const REFUSED: usize = 100_000;
+    let mut rss = Vec::new();
+    for round in 0..2 {
+        let writing = tokio::spawn(async move {
+            let padding = "s".repeat(390);
+            let mut batch = String::new();
+            for index in 0..REFUSED {
+                batch.push_str(&format!(
+                    "SUB refused.{index} {padding}{round}{index:09}\r\n"
+                ));
+                if batch.len() > 64 * 1024 {
+                    writer.write_all(batch.as_bytes()).await.unwrap();
+                    batch.clear();
+                }
+            }
+            batch.push_str("PING\r\n");
+            writer.write_all(batch.as_bytes()).await.unwrap();
+            writer
+        });
+        let refusals = within("every refusal and the PONG", read_until("PONG")).await;
+        writer = writing.await.unwrap();
+        assert_eq!(refusals, REFUSED);
+        rss.push(crate::limits::relay_rss_mib(&stack.relay));
+    }
+    let grown = rss[1] - rss[0];
+    assert!(
+        grown < 16.0,
+        "the relay grew by {grown:.0} MiB in the second round"
+    );
+}
