@@ -558,6 +558,12 @@ impl Forwarder {
                 }
             }
             Command::Barrier(done) => {
+                // A PING whose wait timed out left its barrier behind; while
+                // answers stay outstanding (a stalled commit) those would
+                // pile up, one per PING.
+                if self.barriers.len() >= self.barriers.capacity() {
+                    self.barriers.retain(|(_, waiter)| !waiter.is_closed());
+                }
                 self.barriers.push((self.deferred_acks, done));
             }
         }
