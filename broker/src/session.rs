@@ -1008,7 +1008,10 @@ impl Session {
             };
             self.ctx.discovery.get_linearizable(get.prefix, to, permit);
         } else {
-            self.ctx.discovery.get(get.prefix, to).await;
+            // The prefix may become a cached prefix, kept for hours: copied
+            // out of the read buffer (see on_register).
+            let prefix = Bytes::copy_from_slice(&get.prefix);
+            self.ctx.discovery.get(prefix, to).await;
         }
         Flow::Continue
     }
@@ -1043,7 +1046,8 @@ impl Session {
             .watch(
                 self.id,
                 watch.watch_id,
-                watch.prefix,
+                // Held for the watch's life (and maybe as a cached prefix).
+                Bytes::copy_from_slice(&watch.prefix),
                 watch.send_initial,
                 self.outbox.clone(),
             )
