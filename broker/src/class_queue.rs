@@ -133,12 +133,20 @@ impl<A> ClassQueue<A> {
         }
     }
 
-    /// Whether a message of `size` bytes may join the window now.
+    /// Whether a message of `size` bytes may join the window now. The limit
+    /// counts each message's bookkeeping as well as its bytes, so that a
+    /// class of tiny messages stays within its memory too.
     pub fn fits_in_memory(&self, size: u64) -> bool {
+        let entries = self.window.len() as u64 + 1;
         self.journal_tail.is_none()
             && !self.refill_in_flight
-            && self.window_bytes + size <= self.memory_limit
+            && self.window_bytes + size + entries * Self::ENTRY_OVERHEAD <= self.memory_limit
     }
+
+    /// Memory one held message takes besides its bytes: its slot in the
+    /// window, plus the allocation its bytes were copied into and its
+    /// header list (an estimate of the allocator's share).
+    pub const ENTRY_OVERHEAD: u64 = std::mem::size_of::<Entry<A>>() as u64 + 64;
 
     /// Adds a message to the window (held in memory).
     pub fn push_memory(
@@ -373,6 +381,18 @@ mod tests {
     }
 
     #[test]
+    fn the_memory_limit_counts_each_messages_bookkeeping() {
+        let per_message = 1 + Queue::ENTRY_OVERHEAD + 1; // payload "x", subject "s"
+        let mut queue = Queue::new(10 * per_message);
+        let mut held = 0;
+        while queue.fits_in_memory(2) {
+            queue.push_memory(message("x", 0), None, None);
+            held += 1;
+        }
+        assert_eq!(held, 10);
+    }
+
+    #[test]
     fn a_detached_message_keeps_nothing_of_the_buffer_it_was_read_from() {
         let read_buffer = Bytes::from(b"xxxxorders.newk1v1payloadyyyy".repeat(1000));
         let field = |from: usize, to: usize| read_buffer.slice(from..to);
@@ -440,7 +460,7 @@ mod tests {
 
     #[test]
     fn once_a_journal_tail_exists_newcomers_join_it_not_the_window() {
-        let mut queue = Queue::new(3);
+        let mut queue = Queue::new(3 + Queue::ENTRY_OVERHEAD);
         queue.push_memory(message("aa", 1), None, None);
         assert!(!queue.fits_in_memory(2), "over the memory budget");
         queue.push_journal_only(10);
