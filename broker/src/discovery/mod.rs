@@ -9,9 +9,9 @@
 //! used one without watchers makes room), and up to `max_cached_bytes` of
 //! keys and values (a prefix that does not fit is refused, and the same
 //! prefix is refused at once for a while rather than listed again). While
-//! etcd is unreachable the
-//! cache answers flagged stale with its age, and watches stay open; the
-//! cache is saved in the data dir so a restarted relay answers too.
+//! etcd is unreachable the cache answers flagged stale with its age, and
+//! watches stay open; the cache is saved in the data dir so a restarted
+//! relay answers too.
 
 mod cache;
 mod persist;
@@ -752,7 +752,7 @@ impl DiscoveryTask {
         let since = self.refused.get(prefix)?;
         (since.elapsed() < REFUSED_FOR).then(|| {
             format!(
-                "the entries under this prefix did not fit the relay's discovery cache (etcd.max_cached_bytes = {}) {} ms ago; a narrower prefix may",
+                "the entries under this prefix did not fit the relay's discovery cache (etcd.max_cached_bytes = {}) {} ms ago; a narrower prefix may fit",
                 self.max_bytes,
                 since.elapsed().as_millis()
             )
