@@ -1312,6 +1312,33 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Writes everything the outbox holds, batch by batch, until GO_AWAY is
 /// written or every sender is gone.
+/// The answer that replaces `frame` when it cannot be encoded (too large
+/// for this connection), for frames whose requester waits for one.
+fn too_large_answer(frame: &Frame, error: &impl std::fmt::Display) -> Option<Frame> {
+    let message = |what: &str| {
+        Text::from(format!(
+            "{what} does not fit in a frame on this connection: {error}"
+        ))
+    };
+    match frame {
+        Frame::Response(response) => Some(Frame::Response(Response {
+            request_id: response.request_id,
+            outcome: ResponseOutcome::Failed {
+                code: ErrorCode::LimitExceeded,
+                message: message("the reply"),
+            },
+        })),
+        Frame::GetResponse(response) => Some(Frame::GetResponse(GetResponse {
+            request_id: response.request_id,
+            outcome: GetOutcome::Failed {
+                code: ErrorCode::LimitExceeded,
+                message: message("the snapshot (GET a narrower prefix)"),
+            },
+        })),
+        _ => None,
+    }
+}
+
 async fn write_loop(mut socket: ByteWriter, mut outbox: OutboxReceiver, max_frame: u32) {
     let mut batch = Vec::with_capacity(WRITE_BATCH_FRAMES);
     let mut buffer = BytesMut::with_capacity(WRITE_BUFFER_BYTES);
@@ -1341,28 +1368,7 @@ async fn write_loop(mut socket: ByteWriter, mut outbox: OutboxReceiver, max_fram
                 // its request an answer, and so does a GET whose snapshot
                 // is too large.
                 warn!(%error, frame_type = frame.frame_type(), "frame not sent: cannot be encoded");
-                if let Frame::Response(response) = &frame {
-                    let failed = Frame::Response(Response {
-                        request_id: response.request_id,
-                        outcome: ResponseOutcome::Failed {
-                            code: ErrorCode::LimitExceeded,
-                            message: Text::from(format!(
-                                "the reply does not fit in a frame on this connection: {error}"
-                            )),
-                        },
-                    });
-                    let _ = encode(&failed, max_frame, &mut buffer);
-                }
-                if let Frame::GetResponse(response) = &frame {
-                    let failed = Frame::GetResponse(GetResponse {
-                        request_id: response.request_id,
-                        outcome: GetOutcome::Failed {
-                            code: ErrorCode::LimitExceeded,
-                            message: Text::from(format!(
-                                "the snapshot does not fit in a frame on this connection (GET a narrower prefix): {error}"
-                            )),
-                        },
-                    });
+                if let Some(failed) = too_large_answer(&frame, &error) {
                     let _ = encode(&failed, max_frame, &mut buffer);
                 }
             }

@@ -298,16 +298,26 @@ async fn fill(etcd: &mut etcd_client::Client, prefix: &str, count: usize) {
 async fn a_prefix_larger_than_a_grpc_message_is_cached() {
     // 6 MiB: over gRPC's default 4 MiB message limit, which used to make
     // the listing fail (and be retried four times a second) forever.
-    let stack = EtcdStack::start_with_tables("", "[relay]\nmax_frame_bytes = 16777216\n");
+    let stack = EtcdStack::start();
     let mut etcd = stack.etcd.client().await;
     fill(&mut etcd, "big/", 60).await;
     let client = stack.client().await;
-    let snapshot = within("the GET", client.get("big/")).await.unwrap();
-    assert_eq!(snapshot.entries.len(), 60);
-    assert!(snapshot
+    // The whole prefix is cached but is more than one frame (4 MiB) holds:
+    // the GET is answered, not left waiting.
+    let whole = within("the GET", client.get("big/")).await.unwrap_err();
+    assert_eq!(whole.code(), Some(ErrorCode::LimitExceeded), "{whole}");
+    assert!(whole.to_string().contains("narrower prefix"), "{whole}");
+    // A narrower GET is served from it.
+    let part = within("the narrower GET", client.get("big/00"))
+        .await
+        .unwrap();
+    assert_eq!(part.entries.len(), 10);
+    assert!(part
         .entries
         .iter()
         .all(|entry| entry.value.len() == 100 * 1024));
+    let status = client.status().await.unwrap();
+    assert_eq!(status["etcd"]["cached_prefixes"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
