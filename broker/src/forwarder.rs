@@ -252,6 +252,7 @@ struct Forwarder {
     relay_id: Text,
     stamper: ChainStamper,
     chain_eviction_log: DropLog,
+    nats_refusal_log: DropLog,
     /// Journal appends not yet answered, per class (they fix the order).
     appends_in_flight: Vec<u64>,
     next_message_id: u64,
@@ -340,6 +341,7 @@ pub fn start(
         journal,
         stamper: ChainStamper::new(relay_id.clone(), CHAIN_SUBJECTS),
         chain_eviction_log: DropLog::default(),
+        nats_refusal_log: DropLog::default(),
         probe_subject: format!("_HOLDFAST.confirm.{relay_id}"),
         nats,
         stats,
@@ -859,24 +861,28 @@ impl Forwarder {
                 // race. A send that did not complete enqueued nothing (tokio
                 // mpsc's send is cancel-safe), so the retry sends it once.
                 Ok(headers) => match publish(&client, &entry.message, headers).now_or_never() {
-                    Some(result) => result.map_err(|_| ()),
+                    Some(result) => not_sent(result),
                     None => {
                         let headers = to_header_map(&entry.message.headers).ok().flatten();
-                        with_link(&nats, publish(&client, &entry.message, headers)).await
+                        match with_link(&nats, publish(&client, &entry.message, headers)).await {
+                            Some(result) => not_sent(result),
+                            None => Err(NotSent::Link),
+                        }
                     }
                 },
-                Err(error) => {
-                    // Cannot happen for validated input; never silently.
-                    warn!(%error, "dropping a message whose headers NATS rejects");
-                    Ok(())
-                }
+                // Validated when accepted; a message from an older journal
+                // might still fail.
+                Err(error) => Err(NotSent::Refused(error.to_string())),
             };
-            if result.is_err() {
-                self.batch_interrupted(class, entry, entries);
-                return;
+            match result {
+                Ok(()) => self.answer_sent(class, entry.ack),
+                Err(NotSent::Link) => {
+                    self.batch_interrupted(class, entry, entries);
+                    return;
+                }
+                Err(NotSent::Refused(reason)) => self.refused_by_nats(class, entry.ack, &reason),
             }
             sent += 1;
-            self.answer_sent(class, entry.ack);
         }
         if sent > 0 {
             self.start_probe();
@@ -907,15 +913,27 @@ impl Forwarder {
             );
             let sent = tokio::select! {
                 biased;
-                result = publish => result.ok(),
+                result = publish => Some(result),
                 () = link_lost(&nats) => None,
             };
-            let Some(ack) = sent else {
-                self.batch_interrupted(class, entry, entries);
-                return;
-            };
-            acks.push(ack);
-            self.answer_sent(class, entry.ack);
+            match sent {
+                Some(Ok(ack)) => {
+                    acks.push(ack);
+                    self.answer_sent(class, entry.ack);
+                }
+                Some(Err(error))
+                    if error.kind()
+                        == async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded =>
+                {
+                    // Counted as sent, with no PubAck to wait for: the next
+                    // confirmation releases it in order.
+                    self.refused_by_nats(class, entry.ack, &error.to_string());
+                }
+                _ => {
+                    self.batch_interrupted(class, entry, entries);
+                    return;
+                }
+            }
         }
         if acks.is_empty() {
             return;
@@ -947,6 +965,35 @@ impl Forwarder {
     }
 
     /// The send step handed an entry to NATS: answer its publisher, if one waits.
+    /// NATS can never take this message (larger than its max_payload): it
+    /// is dropped, counted and logged, and its publisher, if it waits, is
+    /// told. It counts as sent, so the confirmation that follows releases
+    /// it (and its journal row) in order instead of sending it forever.
+    fn refused_by_nats(&mut self, class: ClassId, ack: Option<AckTo>, reason: &str) {
+        let total = self
+            .stats
+            .nats_refused_drops
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if let Some(dropped) = self.nats_refusal_log.due(total, Instant::now()) {
+            warn!(
+                class = self.class_name(class),
+                reason,
+                dropped,
+                total,
+                "NATS refuses a message (larger than its max_payload); dropped, counted in holdfast_messages_dropped_total{{reason=\"nats_refused\"}}"
+            );
+        }
+        if let Some(ack) = ack {
+            self.answered_deferred_acks += 1;
+            self.stats.record_rejection(class, ErrorCode::LimitExceeded);
+            ack.answer(AckOutcome::Rejected {
+                code: ErrorCode::LimitExceeded,
+                message: Text::from(format!("NATS refused the message: {reason}")),
+            });
+        }
+    }
+
     fn answer_sent(&mut self, class: ClassId, ack: Option<AckTo>) {
         match ack {
             Some(ack) => {
@@ -1204,16 +1251,35 @@ fn publish<'a>(
     }
 }
 
+/// Why a message was not handed to NATS.
+enum NotSent {
+    /// The link is gone: the message stays queued and goes again.
+    Link,
+    /// NATS can never take it (larger than its max_payload).
+    Refused(String),
+}
+
+fn not_sent(result: Result<(), async_nats::PublishError>) -> Result<(), NotSent> {
+    result.map_err(|error| match error.kind() {
+        async_nats::client::PublishErrorKind::Send => NotSent::Link,
+        async_nats::client::PublishErrorKind::MaxPayloadExceeded
+        | async_nats::client::PublishErrorKind::InvalidSubject => {
+            NotSent::Refused(error.to_string())
+        }
+    })
+}
+
 /// Runs a NATS client call unless the link drops first (a stalled
-/// connection would otherwise hold the forwarder for the whole outage).
-async fn with_link<F, E>(nats: &NatsLink, call: F) -> Result<(), ()>
+/// connection would otherwise hold the forwarder for the whole outage);
+/// `None` then.
+async fn with_link<F, T>(nats: &NatsLink, call: F) -> Option<T>
 where
-    F: Future<Output = Result<(), E>>,
+    F: Future<Output = T>,
 {
     tokio::select! {
         biased;
-        result = call => result.map_err(|_| ()),
-        () = link_lost(nats) => Err(()),
+        result = call => Some(result),
+        () = link_lost(nats) => None,
     }
 }
 

@@ -16,7 +16,7 @@ use async_nats::{
 };
 use futures::StreamExt;
 use holdfast_wire::LinkStatus;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
@@ -74,6 +74,8 @@ pub struct NatsLink {
     /// Cancelled when the client's connection task has ended for good.
     client_gone: CancellationToken,
     upstream_drops: Arc<AtomicU64>,
+    /// The server's max_payload as of the last connect; 0 before one.
+    max_payload: Arc<AtomicUsize>,
 }
 
 impl NatsLink {
@@ -86,6 +88,7 @@ impl NatsLink {
     ) -> Result<NatsLink, NatsLinkError> {
         let (event_tx, event_rx) = mpsc::channel::<Event>(64);
         let upstream_drops = Arc::new(AtomicU64::new(0));
+        let max_payload = Arc::new(AtomicUsize::new(0));
         let event_drops = upstream_drops.clone();
         let reconnect_delay_max = config.reconnect_delay_max;
         let options = async_nats::ConnectOptions::new()
@@ -147,6 +150,7 @@ impl NatsLink {
             state_tx,
             upstream_drops: upstream_drops.clone(),
             drop_log: DropLog::default(),
+            max_payload: max_payload.clone(),
         };
         tokio::spawn(monitor.run(event_rx, shutdown));
         Ok(NatsLink {
@@ -156,7 +160,14 @@ impl NatsLink {
             probe_subject,
             client_gone,
             upstream_drops,
+            max_payload,
         })
+    }
+
+    /// The largest message (payload and header block) the NATS server takes,
+    /// as of the last connect; `None` before the first.
+    pub fn max_payload(&self) -> Option<usize> {
+        Some(self.max_payload.load(Ordering::Relaxed)).filter(|max| *max > 0)
     }
 
     /// Messages the NATS client dropped because an upstream subscription's
@@ -238,6 +249,7 @@ struct MonitorTask {
     state_tx: watch::Sender<LinkSnapshot>,
     upstream_drops: Arc<AtomicU64>,
     drop_log: DropLog,
+    max_payload: Arc<AtomicUsize>,
 }
 
 impl MonitorTask {
@@ -306,7 +318,11 @@ impl MonitorTask {
     fn on_event(&mut self, event: Event) -> Option<LinkStatus> {
         let now = Instant::now();
         match event {
-            Event::Connected => self.monitor.on_connected(now),
+            Event::Connected => {
+                let max_payload = self.client.server_info().max_payload;
+                self.max_payload.store(max_payload, Ordering::Relaxed);
+                self.monitor.on_connected(now)
+            }
             Event::Disconnected | Event::Closed => self.monitor.on_disconnected(),
             // A connect attempt that failed while not connected: the server
             // is not there, so say so now rather than after link_timeout.

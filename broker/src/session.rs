@@ -661,7 +661,7 @@ impl Session {
                 return self.reject(publish.ack_id, code, reason, 0).await;
             }
         };
-        if let Some((code, reason)) = check_publish(&publish) {
+        if let Some((code, reason)) = check_publish(&publish, self.ctx.nats.max_payload()) {
             self.ctx.stats.record_rejection(class, code);
             return self.reject(publish.ack_id, code, reason, 0).await;
         }
@@ -1213,9 +1213,37 @@ impl Session {
 }
 
 /// Checks a publish before anything is done with it.
-fn check_publish(publish: &Publish) -> Option<(ErrorCode, String)> {
+/// What the relay's own headers (sequence chain, message id, local
+/// delivery) add to a message's size at most.
+const RELAY_HEADERS_ALLOWANCE: usize = 256;
+
+fn check_publish(
+    publish: &Publish,
+    nats_max_payload: Option<usize>,
+) -> Option<(ErrorCode, String)> {
     if let Err(error) = check_headers(&publish.headers) {
         return Some((ErrorCode::ProtocolViolation, error.to_string()));
+    }
+    // NATS refuses a message larger than its max_payload whenever it is
+    // sent; refused now, its publisher hears so rather than the relay
+    // holding, journaling and then dropping it.
+    if let Some(max) = nats_max_payload {
+        // "NATS/1.0\r\n", "Name: value\r\n" per header, "\r\n".
+        let headers: usize = 12
+            + publish
+                .headers
+                .iter()
+                .map(|(name, value)| name.len() + value.len() + 4)
+                .sum::<usize>();
+        let size = publish.payload.len() + headers + RELAY_HEADERS_ALLOWANCE;
+        if size > max {
+            return Some((
+                ErrorCode::LimitExceeded,
+                format!(
+                    "the message is larger than NATS accepts: {size} bytes with its headers and the relay's, max_payload {max}"
+                ),
+            ));
+        }
     }
     if let Err(error) = validate_publish_subject(&publish.subject) {
         return Some((ErrorCode::InvalidSubject, format!("subject: {error}")));

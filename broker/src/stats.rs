@@ -149,6 +149,8 @@ pub struct RelayStats {
     pub local_deliveries: AtomicU64,
     pub messages_delivered: AtomicU64,
     pub slow_consumer_drops: AtomicU64,
+    /// Messages NATS can never take (over its max_payload), dropped.
+    pub nats_refused_drops: AtomicU64,
     pub slow_consumer_disconnects: AtomicU64,
     /// Connections closed for bad input, by code.
     pub frame_errors: CodeCounters,

@@ -436,6 +436,8 @@ fn copy_counters(ctx: &SessionContext, router: RouterStats) {
         .absolute(read(&stats.slow_consumer_drops));
     counter!("holdfast_messages_dropped_total", "reason" => "upstream_slow_consumer")
         .absolute(ctx.nats.upstream_drops());
+    counter!("holdfast_messages_dropped_total", "reason" => "nats_refused")
+        .absolute(read(&stats.nats_refused_drops));
     counter!("holdfast_slow_consumer_disconnects_total")
         .absolute(read(&stats.slow_consumer_disconnects));
     counter!("holdfast_local_deliveries_total").absolute(read(&stats.local_deliveries));

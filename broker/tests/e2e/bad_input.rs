@@ -318,3 +318,28 @@ async fn headers_nats_cannot_carry_are_refused_and_the_session_carries_on() {
         stack.relay.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_nats_takes_is_refused_and_the_rest_flows() {
+    // 2 MiB fits the relay's frame (4 MiB) but not nats-server's default
+    // max_payload (1 MiB). It used to be retried forever, every retry
+    // taken for a lost connection, and the relay's forwarder spun.
+    let stack = Stack::start();
+    let nats = stack.direct_nats().await;
+    let mut subscriber = nats.subscribe("size.>").await.unwrap();
+    crate::support::nats_round_trip(&nats).await;
+    let client = stack.client().await;
+    let huge = holdfast_client::OutboundMessage::new("size.huge", vec![b'x'; 2 * 1024 * 1024]);
+    let refused = within("the refusal", client.publish_with_ack(huge).await.unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(holdfast_wire::ErrorCode::LimitExceeded),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("max_payload"), "{refused}");
+    client.publish("size.small", "after").await.unwrap();
+    let message = within("the next message", subscriber.next()).await.unwrap();
+    assert_eq!(message.subject.as_str(), "size.small");
+}

@@ -151,6 +151,56 @@ async fn chains_forgotten_to_make_room_are_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journaled_message_nats_refuses_is_dropped_counted_and_does_not_block_the_rest() {
+    // The relay has never reached NATS, so it cannot know max_payload and
+    // journals a 2 MiB message that nats-server (1 MiB) will refuse.
+    let mut nats = NatsServer::start_jetstream();
+    capture_stream(&nats.url()).await;
+    nats.kill();
+    let relay = Relay::start(&nats.url());
+    let client = Client::connect(&relay.url()).await.unwrap();
+    for (subject, payload) in [
+        ("load.kv.huge", vec![b'x'; 2 * 1024 * 1024]),
+        ("load.kv.after", b"after".to_vec()),
+    ] {
+        let message = OutboundMessage::new(subject, payload).class("kv_events");
+        let ack = client
+            .publish_with_ack(message)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(ack.outcome, AckStatus::Journaled);
+    }
+    nats.restart();
+    let seen = read_captured(&nats.url(), 1).await;
+    assert_eq!(seen, [("load.kv.after".to_string(), "after".to_string())]);
+    let dropped = || {
+        metric(
+            &scrape(&relay),
+            "holdfast_messages_dropped_total",
+            &[("reason", "nats_refused")],
+        )
+    };
+    within("the drop is counted", async {
+        while dropped() != Some(1.0) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Once NATS is known, the same message is refused when published.
+    let message =
+        OutboundMessage::new("load.kv.huge", vec![b'x'; 2 * 1024 * 1024]).class("kv_events");
+    let refused = client
+        .publish_with_ack(message)
+        .await
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::LimitExceeded), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_journal_is_quarantined_and_the_relay_starts() {
     let nats = NatsServer::start();
     let mut relay = Relay::start_with_config(&nats.url(), "");
