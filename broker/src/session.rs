@@ -1215,7 +1215,7 @@ impl Session {
 /// Checks a publish before anything is done with it.
 /// What the relay's own headers (sequence chain, message id, local
 /// delivery) add to a message's size at most.
-const RELAY_HEADERS_ALLOWANCE: usize = 256;
+pub const RELAY_HEADERS_ALLOWANCE: usize = 256;
 
 fn check_publish(
     publish: &Publish,

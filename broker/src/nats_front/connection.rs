@@ -122,9 +122,13 @@ pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<S
     let (from_session, to_session) = tokio::io::split(front);
     let client_id = NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed);
     let max_frame = ctx.config.relay.max_frame_bytes;
-    let max_payload =
-        // nats-server's default; larger publishes would be refused upstream anyway.
-        DEFAULT_MAX_PAYLOAD.min((max_frame as usize).saturating_sub(FRAME_OVERHEAD_BYTES));
+    // What nats-server takes (its default until the relay has connected),
+    // less what the relay's own headers may add: a larger publish would be
+    // refused, and a NATS client that knows the limit refuses it itself.
+    let upstream = ctx.nats.max_payload().unwrap_or(DEFAULT_MAX_PAYLOAD);
+    let max_payload = upstream
+        .saturating_sub(crate::session::RELAY_HEADERS_ALLOWANCE)
+        .min((max_frame as usize).saturating_sub(FRAME_OVERHEAD_BYTES));
     let info = ServerInfo {
         server_id: ctx.relay_id.to_string(),
         server_name: "holdfastd".to_string(),
