@@ -964,7 +964,6 @@ impl Forwarder {
         }));
     }
 
-    /// The send step handed an entry to NATS: answer its publisher, if one waits.
     /// NATS can never take this message (larger than its max_payload): it
     /// is dropped, counted and logged, and its publisher, if it waits, is
     /// told. It counts as sent, so the confirmation that follows releases
@@ -994,6 +993,7 @@ impl Forwarder {
         }
     }
 
+    /// The send step handed an entry to NATS: answer its publisher, if one waits.
     fn answer_sent(&mut self, class: ClassId, ack: Option<AckTo>) {
         match ack {
             Some(ack) => {
