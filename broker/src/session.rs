@@ -1212,11 +1212,11 @@ impl Session {
     }
 }
 
-/// Checks a publish before anything is done with it.
 /// What the relay's own headers (sequence chain, message id, local
 /// delivery) add to a message's size at most.
 pub const RELAY_HEADERS_ALLOWANCE: usize = 256;
 
+/// Checks a publish before anything is done with it.
 fn check_publish(
     publish: &Publish,
     nats_max_payload: Option<usize>,
