@@ -1338,8 +1338,6 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Writes everything the outbox holds, batch by batch, until GO_AWAY is
-/// written or every sender is gone.
 /// The answer that replaces `frame` when it cannot be encoded (too large
 /// for this connection), for frames whose requester waits for one.
 fn too_large_answer(frame: &Frame, error: &impl std::fmt::Display) -> Option<Frame> {
@@ -1367,6 +1365,8 @@ fn too_large_answer(frame: &Frame, error: &impl std::fmt::Display) -> Option<Fra
     }
 }
 
+/// Writes everything the outbox holds, batch by batch, until GO_AWAY is
+/// written or every sender is gone.
 async fn write_loop(mut socket: ByteWriter, mut outbox: OutboxReceiver, max_frame: u32) {
     let mut batch = Vec::with_capacity(WRITE_BATCH_FRAMES);
     let mut buffer = BytesMut::with_capacity(WRITE_BUFFER_BYTES);
