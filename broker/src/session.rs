@@ -990,21 +990,19 @@ impl Session {
         if get.linearizable {
             // A read from etcd is outstanding work, like a request: it counts
             // against the same limit, so a client cannot pile them up.
-            let Ok(permit) = self.requests_in_flight.clone().try_acquire_owned() else {
-                self.ctx.stats.record_limit(Limit::InflightRequests);
-                let message = format!(
-                    "more than {} requests and linearizable gets in flight on this connection",
-                    self.ctx.config.sessions.max_inflight_requests
-                );
-                return self
-                    .send(Frame::GetResponse(GetResponse {
-                        request_id: get.request_id,
-                        outcome: GetOutcome::Failed {
-                            code: ErrorCode::LimitExceeded,
-                            message: Text::from(message),
-                        },
-                    }))
-                    .await;
+            let permit = match self.in_flight_permit() {
+                Ok(permit) => permit,
+                Err(message) => {
+                    return self
+                        .send(Frame::GetResponse(GetResponse {
+                            request_id: get.request_id,
+                            outcome: GetOutcome::Failed {
+                                code: ErrorCode::LimitExceeded,
+                                message: Text::from(message),
+                            },
+                        }))
+                        .await
+                }
             };
             self.ctx.discovery.get_linearizable(get.prefix, to, permit);
         } else {
@@ -1062,18 +1060,32 @@ impl Session {
         }
     }
 
+    /// One of the connection's `max_inflight_requests` slots, shared by
+    /// requests and linearizable GETs; without one the refusal is counted
+    /// and its message returned.
+    fn in_flight_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, String> {
+        self.requests_in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                self.ctx.stats.record_limit(Limit::InflightRequests);
+                format!(
+                    "more than {} requests and linearizable gets in flight on this connection",
+                    self.ctx.config.sessions.max_inflight_requests
+                )
+            })
+    }
+
     async fn on_request(&self, request: Request) -> Flow {
         bump(&self.ctx.stats.requests_total);
         let request_id = request.request_id;
-        let Ok(permit) = self.requests_in_flight.clone().try_acquire_owned() else {
-            self.ctx.stats.record_limit(Limit::InflightRequests);
-            let message = format!(
-                "more than {} requests in flight on this connection",
-                self.ctx.config.sessions.max_inflight_requests
-            );
-            return self
-                .fail_request(request_id, ErrorCode::LimitExceeded, message)
-                .await;
+        let permit = match self.in_flight_permit() {
+            Ok(permit) => permit,
+            Err(message) => {
+                return self
+                    .fail_request(request_id, ErrorCode::LimitExceeded, message)
+                    .await
+            }
         };
         if let Err(error) = validate_publish_subject(&request.subject) {
             return self
