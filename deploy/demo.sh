@@ -32,7 +32,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-nats-server -a 127.0.0.1 -p "$nats_port" >"$demo_dir/nats.log" 2>&1 &
+.deps/bin/nats-server -a 127.0.0.1 -p "$nats_port" >"$demo_dir/nats.log" 2>&1 &
 pids+=($!)
 etcd_url="http://127.0.0.1:$etcd_port"
 etcd_peer="http://127.0.0.1:$etcd_peer_port"

@@ -105,7 +105,8 @@ pub fn generate_certificates(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// nats-server: `$HOLDFAST_NATS_SERVER` if set, else the usual system paths.
+/// nats-server: `$HOLDFAST_NATS_SERVER` if set, else the project-local
+/// one, else the usual system paths.
 pub fn find_nats_server() -> Result<PathBuf> {
     find_system_binary("nats-server", NATS_SERVER_ENV)
 }
@@ -115,19 +116,27 @@ pub fn find_etcd() -> Result<PathBuf> {
     find_system_binary("etcd", ETCD_ENV)
 }
 
-/// `$env` if set, else `name` in /usr/sbin, /usr/bin or /usr/local/bin.
+/// `$env` if set, else `name` in the project-local `.deps/bin` (where
+/// deploy/install-deps.sh puts a current nats-server), /usr/sbin, /usr/bin
+/// or /usr/local/bin.
 fn find_system_binary(name: &str, env: &str) -> Result<PathBuf> {
     if let Some(path) = std::env::var_os(env) {
         return Ok(PathBuf::from(path));
     }
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin"] {
-        let candidate = Path::new(dir).join(name);
+    let project_local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/bin");
+    for dir in [
+        project_local.as_path(),
+        Path::new("/usr/sbin"),
+        Path::new("/usr/bin"),
+        Path::new("/usr/local/bin"),
+    ] {
+        let candidate = dir.join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
     Err(BenchError::Missing(format!(
-        "{name} not found in /usr/sbin, /usr/bin or /usr/local/bin \
+        "{name} not found in .deps/bin, /usr/sbin, /usr/bin or /usr/local/bin \
          (deploy/install-deps.sh installs it) and {env} is not set"
     )))
 }

@@ -119,11 +119,19 @@ impl Process {
     }
 }
 
+/// `$env` if set, else the project-local install (`.deps/bin`, where
+/// deploy/install-deps.sh puts a current nats-server), else the system's.
 fn find_binary(name: &str, env: &str) -> PathBuf {
     if let Ok(path) = std::env::var(env) {
         return PathBuf::from(path);
     }
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin"] {
+    let project_local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/bin");
+    for dir in [
+        project_local.as_path(),
+        Path::new("/usr/sbin"),
+        Path::new("/usr/bin"),
+        Path::new("/usr/local/bin"),
+    ] {
         let candidate = Path::new(dir).join(name);
         if candidate.exists() {
             return candidate;
