@@ -7,7 +7,11 @@
 use crate::access::{AccessConfig, AccessPolicy};
 use crate::classes::{ClassOverrides, Classes};
 use crate::duration;
+use crate::etcd_security::{EtcdSecurity, EtcdSecurityError};
+use crate::nats_security::{NatsSecurity, NatsSecurityError};
+use crate::secret_file::readable_by_others;
 use crate::tls::TlsFiles;
+use crate::url_credentials;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -114,6 +118,25 @@ pub struct NatsConfig {
     pub request_timeout: Duration,
     #[serde(deserialize_with = "duration::deserialize")]
     pub max_request_timeout: Duration,
+    /// CA certificates (PEM) that sign the servers' certificates; setting it
+    /// turns TLS on. Without it a `tls://` URL uses the system's roots.
+    pub tls_ca: PathBuf,
+    /// Client certificate (PEM) for servers that verify clients.
+    pub tls_cert: PathBuf,
+    /// The client certificate's private key (PEM); a secret file.
+    pub tls_key: PathBuf,
+    /// TLS before the server's INFO line, for servers configured with
+    /// `handshake_first`.
+    pub tls_first: bool,
+    /// JWT credentials (`.creds`: user JWT and nkey seed); a secret file.
+    pub creds_file: PathBuf,
+    /// An nkey seed (`SU...`) for servers that list the user's public nkey.
+    pub nkey_seed_file: PathBuf,
+    /// User name; the password comes from `password_file`.
+    pub user: String,
+    pub password_file: PathBuf,
+    /// A file holding the server's authorization token.
+    pub token_file: PathBuf,
 }
 
 /// `[etcd]`: the upstream etcd cluster, registrations and discovery.
@@ -154,6 +177,25 @@ pub struct EtcdConfig {
     pub max_registrations: usize,
     /// Most registrations one session may hold.
     pub max_registrations_per_session: usize,
+    /// How long no member may serve (counted from the first probe that
+    /// found none) before etcd is declared down, unless every member
+    /// refuses connections (then it is down at once). Rides out a leader
+    /// election.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub link_timeout: Duration,
+    /// The key probes read (count only; it need not exist). With etcd auth
+    /// on, the relay's user needs read permission on it.
+    pub probe_key: String,
+    /// CA certificates (PEM) that sign the members' certificates; `https://`
+    /// endpoints without it use the system's roots.
+    pub tls_ca: PathBuf,
+    /// Client certificate (PEM) for members run with `--client-cert-auth`.
+    pub tls_cert: PathBuf,
+    /// The client certificate's private key (PEM); a secret file.
+    pub tls_key: PathBuf,
+    /// etcd user; the password comes from `password_file`.
+    pub user: String,
+    pub password_file: PathBuf,
 }
 
 /// `[quic]`: the QUIC listener and its TLS material.
@@ -216,6 +258,15 @@ impl Default for NatsConfig {
             reconnect_delay_max: Duration::from_secs(1),
             request_timeout: Duration::from_secs(5),
             max_request_timeout: Duration::from_secs(60),
+            tls_ca: PathBuf::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            tls_first: false,
+            creds_file: PathBuf::new(),
+            nkey_seed_file: PathBuf::new(),
+            user: String::new(),
+            password_file: PathBuf::new(),
+            token_file: PathBuf::new(),
         }
     }
 }
@@ -235,6 +286,13 @@ impl Default for EtcdConfig {
             max_cached_bytes: 64 * 1024 * 1024,
             max_registrations: 1_000_000,
             max_registrations_per_session: 100_000,
+            link_timeout: Duration::from_secs(3),
+            probe_key: "\0holdfast-probe".to_string(),
+            tls_ca: PathBuf::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            user: String::new(),
+            password_file: PathBuf::new(),
         }
     }
 }
@@ -268,6 +326,19 @@ pub struct Overrides {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    pub nats_tls_ca: Option<PathBuf>,
+    pub nats_tls_cert: Option<PathBuf>,
+    pub nats_tls_key: Option<PathBuf>,
+    pub nats_creds: Option<PathBuf>,
+    pub nats_nkey_seed: Option<PathBuf>,
+    pub nats_user: Option<String>,
+    pub nats_password_file: Option<PathBuf>,
+    pub nats_token_file: Option<PathBuf>,
+    pub etcd_tls_ca: Option<PathBuf>,
+    pub etcd_tls_cert: Option<PathBuf>,
+    pub etcd_tls_key: Option<PathBuf>,
+    pub etcd_user: Option<String>,
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -288,6 +359,17 @@ impl Config {
             config.relay.metrics_addr = address.clone();
         }
         if let Some(servers) = &overrides.nats_servers {
+            // Every user of the node can read a process's command line.
+            if split_list(servers)
+                .iter()
+                .any(|server| url_credentials::split(server).1.is_some())
+            {
+                return Err(ConfigError::Invalid {
+                    path: None,
+                    key: "nats.servers",
+                    message: "--nats URLs must not carry credentials (every user can read a command line); use [nats] user and password_file, token_file, creds_file or nkey_seed_file".to_string(),
+                });
+            }
             config.nats.servers = split_list(servers);
         }
         if let Some(endpoints) = &overrides.etcd_endpoints {
@@ -310,6 +392,37 @@ impl Config {
         }
         if let Some(client_ca) = &overrides.tls_client_ca {
             config.quic.client_ca = client_ca.clone();
+        }
+        let nats = &mut config.nats;
+        for (value, field) in [
+            (&overrides.nats_tls_ca, &mut nats.tls_ca),
+            (&overrides.nats_tls_cert, &mut nats.tls_cert),
+            (&overrides.nats_tls_key, &mut nats.tls_key),
+            (&overrides.nats_creds, &mut nats.creds_file),
+            (&overrides.nats_nkey_seed, &mut nats.nkey_seed_file),
+            (&overrides.nats_password_file, &mut nats.password_file),
+            (&overrides.nats_token_file, &mut nats.token_file),
+        ] {
+            if let Some(value) = value {
+                *field = value.clone();
+            }
+        }
+        if let Some(user) = &overrides.nats_user {
+            nats.user = user.clone();
+        }
+        let etcd = &mut config.etcd;
+        for (value, field) in [
+            (&overrides.etcd_tls_ca, &mut etcd.tls_ca),
+            (&overrides.etcd_tls_cert, &mut etcd.tls_cert),
+            (&overrides.etcd_tls_key, &mut etcd.tls_key),
+            (&overrides.etcd_password_file, &mut etcd.password_file),
+        ] {
+            if let Some(value) = value {
+                *field = value.clone();
+            }
+        }
+        if let Some(user) = &overrides.etcd_user {
+            etcd.user = user.clone();
         }
         config.validate(path)?;
         Ok(config)
@@ -383,6 +496,12 @@ impl Config {
                 "at least one NATS server is needed".to_string(),
             ));
         }
+        if let Err(problem) = self.nats_security() {
+            return Err(invalid(problem.key, problem.message));
+        }
+        if let Err(problem) = self.etcd_security() {
+            return Err(invalid(problem.key, problem.message));
+        }
         if self.nats.probe_interval.is_zero() || self.nats.probe_interval >= self.nats.link_timeout
         {
             return Err(invalid(
@@ -416,6 +535,15 @@ impl Config {
                 "etcd.reconcile_interval",
                 "must be non-zero".to_string(),
             ));
+        }
+        if etcd.probe_key.is_empty() {
+            return Err(invalid(
+                "etcd.probe_key",
+                "must not be empty (etcd has no empty key)".to_string(),
+            ));
+        }
+        if etcd.link_timeout.is_zero() {
+            return Err(invalid("etcd.link_timeout", "must be non-zero".to_string()));
         }
         if etcd.reconnect_delay_max < etcd.probe_interval {
             return Err(invalid(
@@ -477,6 +605,40 @@ impl Config {
     /// The resolved message classes, in drain order.
     pub fn classes(&self) -> Result<Classes, String> {
         Classes::resolve(&self.classes)
+    }
+
+    /// The `[nats]` TLS and authentication settings, checked.
+    pub fn nats_security(&self) -> Result<NatsSecurity, NatsSecurityError> {
+        NatsSecurity::from_config(&self.nats)
+    }
+
+    /// The `[etcd]` TLS and authentication settings, checked.
+    pub fn etcd_security(&self) -> Result<EtcdSecurity, EtcdSecurityError> {
+        EtcdSecurity::from_config(&self.etcd)
+    }
+
+    /// What an operator should fix but that does not stop the relay:
+    /// secrets that every user of the machine may read.
+    pub fn security_warnings(&self, path: Option<&Path>) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Ok(nats) = self.nats_security() {
+            warnings.extend(nats.warnings());
+        }
+        if let Ok(etcd) = self.etcd_security() {
+            warnings.extend(etcd.warnings());
+        }
+        let urls_hold_secrets = self
+            .nats
+            .servers
+            .iter()
+            .any(|url| url_credentials::split(url).1.is_some());
+        if let Some(path) = path.filter(|path| urls_hold_secrets && readable_by_others(path)) {
+            warnings.push(format!(
+                "{} holds credentials in server URLs and is readable by every user on this machine; restrict it (chmod o-r) or move them to a password_file",
+                path.display()
+            ));
+        }
+        warnings
     }
 
     /// The compiled `[access]` rules.
@@ -662,6 +824,11 @@ mod tests {
             defaults.etcd.reconcile_interval
         );
         assert_eq!(documented.nats.link_timeout, defaults.nats.link_timeout);
+        assert_eq!(documented.etcd.link_timeout, defaults.etcd.link_timeout);
+        assert_eq!(documented.etcd.probe_key, defaults.etcd.probe_key);
+        assert_eq!(documented.nats.tls_first, defaults.nats.tls_first);
+        assert_eq!(documented.nats.creds_file, defaults.nats.creds_file);
+        assert_eq!(documented.etcd.user, defaults.etcd.user);
         assert_eq!(documented.relay.socket, defaults.relay.socket);
         assert_eq!(documented.relay.socket_group, defaults.relay.socket_group);
         assert_eq!(

@@ -9,8 +9,11 @@ mod config;
 mod discovery;
 mod drop_log;
 mod duration;
+mod etcd_failover;
 mod etcd_front;
 mod etcd_link;
+mod etcd_security;
+mod failure_log;
 mod fanout;
 mod forwarder;
 mod gen_cert;
@@ -21,6 +24,7 @@ mod listener;
 mod nats_convert;
 mod nats_front;
 mod nats_link;
+mod nats_security;
 mod notify;
 mod ops_http;
 mod outbox;
@@ -29,12 +33,14 @@ mod quic_listener;
 mod registry;
 mod relay;
 mod router;
+mod secret_file;
 mod session;
 mod stats;
 mod status;
 mod subscription_table;
 mod telemetry;
 mod tls;
+mod url_credentials;
 mod wall_clock;
 
 use clap::{Parser, ValueEnum};
@@ -89,6 +95,46 @@ struct Args {
     /// must present one (mutual TLS).
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
+    /// CA (PEM) that signs the NATS servers' certificates; turns TLS on
+    /// (nats.tls_ca).
+    #[arg(long, value_name = "FILE", help_heading = "Upstream security")]
+    nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS servers that verify clients.
+    #[arg(long, value_name = "FILE", help_heading = "Upstream security")]
+    nats_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --nats-tls-cert.
+    #[arg(long, value_name = "FILE", help_heading = "Upstream security")]
+    nats_tls_key: Option<PathBuf>,
+    /// NATS JWT credentials file (.creds) (nats.creds_file).
+    #[arg(long, value_name = "FILE", help_heading = "Upstream security")]
+    nats_creds: Option<PathBuf>,
+    /// File holding an nkey seed for NATS (nats.nkey_seed_file).
+    #[arg(long, value_name = "FILE", help_heading = "Upstream security")]
+    nats_nkey_seed: Option<PathBuf>,
+    /// NATS user; the password comes from --nats-password-file.
+    #[arg(long, value_name = "NAME", help_heading = "Upstream security")]
+    nats_user: Option<String>,
+    /// File holding the NATS user's password (never the password itself).
+    #[arg(long, value_name = "FILE", help_heading = "Upstream security")]
+    nats_password_file: Option<PathBuf>,
+    /// File holding a NATS authorization token.
+    #[arg(long, value_name = "FILE", help_heading = "Upstream security")]
+    nats_token_file: Option<PathBuf>,
+    /// CA (PEM) that signs the etcd members' certificates (etcd.tls_ca).
+    #[arg(long, value_name = "FILE", help_heading = "Upstream security")]
+    etcd_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd members run with --client-cert-auth.
+    #[arg(long, value_name = "FILE", help_heading = "Upstream security")]
+    etcd_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-tls-cert.
+    #[arg(long, value_name = "FILE", help_heading = "Upstream security")]
+    etcd_tls_key: Option<PathBuf>,
+    /// etcd user; the password comes from --etcd-password-file.
+    #[arg(long, value_name = "NAME", help_heading = "Upstream security")]
+    etcd_user: Option<String>,
+    /// File holding the etcd user's password (never the password itself).
+    #[arg(long, value_name = "FILE", help_heading = "Upstream security")]
+    etcd_password_file: Option<PathBuf>,
     /// Log format; the level comes from RUST_LOG (default "info").
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -98,6 +144,10 @@ struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
+    /// Check the configuration (the file, the flags given with it, and that
+    /// every certificate and secret file it names can be read), print any
+    /// warnings, and exit: 0 when the relay would start with it, 2 when not.
+    CheckConfig,
     /// Offline tools for the journal (run while the relay is stopped).
     Journal {
         #[command(subcommand)]
@@ -186,6 +236,19 @@ fn main() -> ExitCode {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         tls_client_ca: args.tls_client_ca,
+        nats_tls_ca: args.nats_tls_ca,
+        nats_tls_cert: args.nats_tls_cert,
+        nats_tls_key: args.nats_tls_key,
+        nats_creds: args.nats_creds,
+        nats_nkey_seed: args.nats_nkey_seed,
+        nats_user: args.nats_user,
+        nats_password_file: args.nats_password_file,
+        nats_token_file: args.nats_token_file,
+        etcd_tls_ca: args.etcd_tls_ca,
+        etcd_tls_cert: args.etcd_tls_cert,
+        etcd_tls_key: args.etcd_tls_key,
+        etcd_user: args.etcd_user,
+        etcd_password_file: args.etcd_password_file,
     };
     let config = match config::Config::load(args.config.as_deref(), &overrides) {
         Ok(config) => config,
@@ -194,6 +257,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let warnings = config.security_warnings(args.config.as_deref());
+    if matches!(args.command, Some(Command::CheckConfig)) {
+        for warning in &warnings {
+            eprintln!("warning: {warning}");
+        }
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // Named so `top -H` and profilers tell the relay's workers apart

@@ -8,7 +8,9 @@
 
 use crate::config::NatsConfig;
 use crate::drop_log::DropLog;
+use crate::failure_log::FailureLog;
 use crate::link_monitor::LinkMonitor;
+use crate::nats_security::NatsSecurity;
 use async_nats::{
     client::{FlushErrorKind, RequestErrorKind},
     connection::State,
@@ -17,7 +19,7 @@ use async_nats::{
 use futures::StreamExt;
 use holdfast_wire::LinkStatus;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -63,6 +65,30 @@ pub struct NatsLinkError {
 /// connection task is still there (it answers a flush's hand-over at once).
 const CLIENT_GONE_CHECK: Duration = Duration::from_millis(200);
 
+/// How often the known servers are checked for reachability (a TCP
+/// connect each), and how long one check may take.
+const SERVER_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+const SERVER_CHECK_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The shortest time between two diagnostic connects that find out why
+/// the client cannot connect (async-nats reports only the error's kind).
+const DIAGNOSE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The cluster as the relay sees it, for the status document and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct ServersView {
+    /// The configured seeds and the servers the cluster announced
+    /// (`connect_urls`), as `host:port`.
+    pub known: Vec<String>,
+    /// How many of `known` accepted a TCP connection at the last check;
+    /// `None` before the first.
+    pub reachable: Option<usize>,
+    /// Why the last connect failed (the server's or TLS's words); cleared
+    /// by a successful connect. Never holds a secret: errors name files,
+    /// not their contents.
+    pub last_error: Option<String>,
+}
+
 /// A cheap handle to the upstream connection.
 #[derive(Clone)]
 pub struct NatsLink {
@@ -76,6 +102,8 @@ pub struct NatsLink {
     upstream_drops: Arc<AtomicU64>,
     /// The server's max_payload as of the last connect; 0 before one.
     max_payload: Arc<AtomicUsize>,
+    servers: Arc<Mutex<ServersView>>,
+    security: Arc<NatsSecurity>,
 }
 
 impl NatsLink {
@@ -83,6 +111,7 @@ impl NatsLink {
     /// once even when no server is reachable.
     pub async fn start(
         config: &NatsConfig,
+        security: NatsSecurity,
         relay_id: &str,
         shutdown: CancellationToken,
     ) -> Result<NatsLink, NatsLinkError> {
@@ -91,7 +120,10 @@ impl NatsLink {
         let max_payload = Arc::new(AtomicUsize::new(0));
         let event_drops = upstream_drops.clone();
         let reconnect_delay_max = config.reconnect_delay_max;
-        let options = async_nats::ConnectOptions::new()
+        let security = Arc::new(security);
+        let servers = security.servers().to_vec();
+        let options = security
+            .connect_options()
             .name(format!("holdfastd {relay_id}"))
             .retry_on_initial_connect()
             .max_reconnects(None)
@@ -120,12 +152,17 @@ impl NatsLink {
                 }
             });
         let client = options
-            .connect(config.servers.clone())
+            .connect(servers.clone())
             .await
             .map_err(|error| NatsLinkError {
-                servers: config.servers.clone(),
+                servers: servers.clone(),
                 message: error.to_string(),
             })?;
+        let servers_view = Arc::new(Mutex::new(ServersView {
+            known: servers.iter().map(|server| host_port(server)).collect(),
+            reachable: None,
+            last_error: None,
+        }));
         let now = Instant::now();
         let initial = LinkSnapshot {
             status: LinkStatus::Unknown,
@@ -145,12 +182,18 @@ impl NatsLink {
             probe_subject: probe_subject.clone(),
             probe_interval: config.probe_interval,
             link_timeout: config.link_timeout,
-            servers: config.servers.join(","),
+            connect_timeout: config.connect_timeout,
+            seeds: servers.clone(),
+            servers: servers.join(","),
             is_up: is_up.clone(),
             state_tx,
             upstream_drops: upstream_drops.clone(),
             drop_log: DropLog::default(),
+            failure_log: FailureLog::default(),
             max_payload: max_payload.clone(),
+            view: servers_view.clone(),
+            security: security.clone(),
+            last_diagnosis: None,
         };
         tokio::spawn(monitor.run(event_rx, shutdown));
         Ok(NatsLink {
@@ -161,7 +204,22 @@ impl NatsLink {
             client_gone,
             upstream_drops,
             max_payload,
+            servers: servers_view,
+            security,
         })
+    }
+
+    /// The known servers, how many answer, and why the last connect failed.
+    pub fn servers_view(&self) -> ServersView {
+        self.servers
+            .lock()
+            .map(|view| view.clone())
+            .unwrap_or_default()
+    }
+
+    /// "tls" or "plaintext", and the authentication method's name.
+    pub fn security(&self) -> (&'static str, &'static str) {
+        (self.security.transport(), self.security.method())
     }
 
     /// The largest message (payload and header block) the NATS server takes,
@@ -244,24 +302,61 @@ struct MonitorTask {
     probe_subject: Arc<str>,
     probe_interval: Duration,
     link_timeout: Duration,
+    connect_timeout: Duration,
+    /// The configured servers, without credentials.
+    seeds: Vec<String>,
+    /// The same, joined for log lines.
     servers: String,
     is_up: Arc<AtomicBool>,
     state_tx: watch::Sender<LinkSnapshot>,
     upstream_drops: Arc<AtomicU64>,
     drop_log: DropLog,
+    failure_log: FailureLog,
     max_payload: Arc<AtomicUsize>,
+    view: Arc<Mutex<ServersView>>,
+    security: Arc<NatsSecurity>,
+    last_diagnosis: Option<Instant>,
 }
 
 impl MonitorTask {
     async fn run(mut self, mut events: mpsc::Receiver<Event>, shutdown: CancellationToken) {
         let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeOutcome>(1);
+        let (diagnosis_tx, mut diagnosis_rx) = mpsc::channel::<String>(1);
+        let (sweep_tx, mut sweep_rx) = mpsc::channel::<(Vec<String>, usize)>(1);
         let mut probe_in_flight = false;
         let mut ticker = tokio::time::interval(self.probe_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep_ticker = tokio::time::interval(SERVER_SWEEP_INTERVAL);
+        sweep_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let change = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                Some(event) = events.recv() => self.on_event(event),
+                Some(event) = events.recv() => {
+                    if matches!(event, Event::ClientError(_)) && !self.monitor.wants_probe() {
+                        self.diagnose(&diagnosis_tx);
+                    }
+                    self.on_event(event)
+                }
+                Some(reason) = diagnosis_rx.recv() => {
+                    self.on_connect_failure(reason);
+                    None
+                }
+                _ = sweep_ticker.tick() => {
+                    let known = self.known_servers();
+                    let sweep_tx = sweep_tx.clone();
+                    tokio::spawn(async move {
+                        let reachable = count_reachable(&known).await;
+                        let _ = sweep_tx.send((known, reachable)).await;
+                    });
+                    None
+                }
+                Some((known, reachable)) = sweep_rx.recv() => {
+                    if let Ok(mut view) = self.view.lock() {
+                        view.known = known;
+                        view.reachable = Some(reachable);
+                    }
+                    None
+                }
                 // Exactly when the silence runs out, not at the next tick, so
                 // a stalled server is declared down within `link_timeout`.
                 () = tokio::time::sleep_until(self.monitor.silence_deadline().into()),
@@ -315,18 +410,108 @@ impl MonitorTask {
         }
     }
 
+    /// The seeds and the servers the cluster announced, as `host:port`.
+    fn known_servers(&self) -> Vec<String> {
+        let mut known: Vec<String> = self.seeds.iter().map(|seed| host_port(seed)).collect();
+        if let Some(info) = self.client.try_server_info() {
+            for url in &info.connect_urls {
+                let address = host_port(url);
+                if !known.contains(&address) {
+                    known.push(address);
+                }
+            }
+        }
+        known
+    }
+
+    /// Starts a one-off connect with the same settings to learn why the
+    /// client's attempts fail: async-nats's events carry only the error's
+    /// kind ("TLS error"), its own connect error the cause ("invalid peer
+    /// certificate: UnknownIssuer"). At most one per `DIAGNOSE_INTERVAL`.
+    fn diagnose(&mut self, done: &mpsc::Sender<String>) {
+        let now = Instant::now();
+        if self
+            .last_diagnosis
+            .is_some_and(|at| now.saturating_duration_since(at) < DIAGNOSE_INTERVAL)
+        {
+            return;
+        }
+        self.last_diagnosis = Some(now);
+        let options = self
+            .security
+            .connect_options()
+            .connection_timeout(self.connect_timeout)
+            .skip_subject_validation(true);
+        let servers = self.seeds.clone();
+        let security = self.security.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let reason = match options.connect(servers).await {
+                // The servers are back; the client will follow shortly.
+                Ok(client) => {
+                    drop(client);
+                    return;
+                }
+                Err(error) => error.to_string(),
+            };
+            let reason = match security.credential_problem() {
+                Some(problem) => format!("{reason} ({problem})"),
+                None => reason,
+            };
+            let _ = done.send(reason).await;
+        });
+    }
+
+    /// Records and (rate-limited) logs why connecting failed.
+    fn on_connect_failure(&mut self, reason: String) {
+        if self.monitor.wants_probe() {
+            return;
+        }
+        if self.failure_log.due(&reason, Instant::now()) {
+            warn!(
+                servers = %self.servers,
+                reason = %reason,
+                "cannot connect to NATS; retrying with backoff"
+            );
+        }
+        if let Ok(mut view) = self.view.lock() {
+            view.last_error = Some(reason);
+        }
+    }
+
     fn on_event(&mut self, event: Event) -> Option<LinkStatus> {
         let now = Instant::now();
         match event {
             Event::Connected => {
-                let max_payload = self.client.server_info().max_payload;
-                self.max_payload.store(max_payload, Ordering::Relaxed);
+                let info = self.client.server_info();
+                self.max_payload.store(info.max_payload, Ordering::Relaxed);
+                self.failure_log.reset();
+                if let Ok(mut view) = self.view.lock() {
+                    view.last_error = None;
+                }
+                info!(
+                    server = %format!("{}:{}", info.host, info.port),
+                    server_name = %info.server_name,
+                    "connected to NATS"
+                );
                 self.monitor.on_connected(now)
             }
             Event::Disconnected | Event::Closed => self.monitor.on_disconnected(),
             // A connect attempt that failed while not connected: the server
             // is not there, so say so now rather than after link_timeout.
-            Event::ClientError(_) if !self.monitor.wants_probe() => self.monitor.on_disconnected(),
+            Event::ClientError(error) if !self.monitor.wants_probe() => {
+                let reason = error.to_string();
+                let known = self
+                    .view
+                    .lock()
+                    .map(|view| view.last_error.is_some())
+                    .unwrap_or(true);
+                // The diagnosis has the cause; the event only the kind.
+                if !known {
+                    self.on_connect_failure(reason);
+                }
+                self.monitor.on_disconnected()
+            }
             Event::SlowConsumer(sid) => {
                 let total = self.upstream_drops.load(Ordering::Relaxed);
                 if let Some(dropped) = self.drop_log.due(total, now) {
@@ -366,6 +551,39 @@ impl MonitorTask {
         }
         self.state_tx.send_replace(snapshot);
     }
+}
+
+/// `host:port` of a server URL such as `tls://10.0.0.5:4222`.
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:4222")
+    }
+}
+
+/// How many of `servers` (`host:port`) accept a TCP connection now.
+async fn count_reachable(servers: &[String]) -> usize {
+    let checks = servers.iter().map(|server| async move {
+        matches!(
+            tokio::time::timeout(
+                SERVER_CHECK_TIMEOUT,
+                tokio::net::TcpStream::connect(server.as_str())
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    });
+    futures::future::join_all(checks)
+        .await
+        .into_iter()
+        .filter(|reachable| *reachable)
+        .count()
 }
 
 /// One round trip through the server: a request to a subject nobody serves
@@ -448,4 +666,17 @@ async fn connection_task_gone(client: &async_nats::Client) -> bool {
         tokio::time::timeout(CLIENT_GONE_CHECK, client.flush()).await,
         Ok(Err(error)) if error.kind() == FlushErrorKind::SendError
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls_become_host_and_port() {
+        assert_eq!(host_port("nats://10.0.0.5:4222"), "10.0.0.5:4222");
+        assert_eq!(host_port("tls://nats.example"), "nats.example:4222");
+        assert_eq!(host_port("10.0.0.7:4333"), "10.0.0.7:4333");
+        assert_eq!(host_port("nats://u:p@10.0.0.5:4222/"), "10.0.0.5:4222");
+    }
 }

@@ -135,7 +135,10 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
 
     let relay_id = new_relay_id();
     let background = CancellationToken::new();
-    let nats = NatsLink::start(&config.nats, &relay_id, background.clone()).await?;
+    let nats_security = config
+        .nats_security()
+        .map_err(|problem| RelayError::Config(format!("{}: {problem}", problem.key)))?;
+    let nats = NatsLink::start(&config.nats, nats_security, &relay_id, background.clone()).await?;
     // Clients that connect now wait in the listen backlog rather than
     // being told "NATS unavailable" during the first connect's round trip.
     let settle_limit = config.nats.link_timeout + config.nats.probe_interval;
@@ -158,7 +161,10 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     );
     // etcd: connect in the background like NATS; registrations and
     // discovery answer (Buffered, stale, or an error) until it is up.
-    let etcd = EtcdLink::start(&config.etcd, background.clone());
+    let etcd_security = config
+        .etcd_security()
+        .map_err(|problem| RelayError::Config(format!("{}: {problem}", problem.key)))?;
+    let etcd = EtcdLink::start(&config.etcd, etcd_security, background.clone());
     if etcd.is_enabled() {
         // As with NATS: a registration arriving in the first moments is
         // answered Applied, not Buffered because the connect was under way.
@@ -272,7 +278,7 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         mutual_tls = !ctx.config.quic.client_ca.as_os_str().is_empty(),
         nats_listen = %nats_front_address.map_or_else(|| "off".to_string(), |address| address.to_string()),
         metrics = %metrics_addr,
-        nats = %ctx.config.nats.servers.join(","),
+        nats = %ctx.config.nats.servers.iter().map(|server| crate::url_credentials::redact(server)).collect::<Vec<_>>().join(","),
         nats_link = link_status_name(initial_link),
         etcd = %ctx.config.etcd.endpoints.join(","),
         "holdfastd ready"

@@ -65,10 +65,31 @@ pub struct NatsStatus {
     pub status: &'static str,
     /// The server currently connected to, if any.
     pub server: Option<String>,
+    /// The configured seeds (any credentials in them shown as `***`).
     pub servers: Vec<String>,
+    /// The seeds and the servers the cluster announced, as `host:port`.
+    pub known_servers: Vec<String>,
+    /// How many known servers accepted a connection at the last check
+    /// (every 5 s); absent before the first.
+    pub reachable_servers: Option<usize>,
+    /// "tls" or "plaintext".
+    pub transport: &'static str,
+    /// "none", "creds", "nkey", "user_password" or "token".
+    pub auth: &'static str,
+    /// Why the last connect failed, while the link is down.
+    pub last_error: Option<String>,
     /// Seconds since the status last changed.
     pub since_seconds: u64,
     pub outages: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EtcdMemberStatus {
+    pub endpoint: String,
+    /// "serving", "not_serving", "unreachable" or "unknown".
+    pub health: &'static str,
+    /// Why its last probe failed.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +98,18 @@ pub struct EtcdStatus {
     pub status: &'static str,
     pub configured: bool,
     pub endpoints: Vec<String>,
+    /// The member calls go to now.
+    pub endpoint: Option<String>,
+    /// How many members served or accepted a connection when last probed.
+    pub reachable_endpoints: usize,
+    /// Every member's health as of its last probe.
+    pub members: Vec<EtcdMemberStatus>,
+    /// "tls" or "plaintext".
+    pub transport: &'static str,
+    /// "none", "client_certificate" or "user_password".
+    pub auth: &'static str,
+    /// Times calls moved to another member while the link stayed up.
+    pub member_switches: u64,
     /// Seconds since the status last changed.
     pub since_seconds: u64,
     pub outages: u64,
@@ -112,6 +145,8 @@ pub fn link_status_name(status: LinkStatus) -> &'static str {
 /// Builds the document from the relay's live state.
 pub async fn document(ctx: &SessionContext) -> StatusDocument {
     let link = ctx.nats.snapshot();
+    let nats_servers = ctx.nats.servers_view();
+    let (nats_transport, nats_auth) = ctx.nats.security();
     let router = ctx.router.stats().await;
     let view = ctx.forwarder.view();
     let now_ms = crate::wall_clock::unix_millis();
@@ -170,7 +205,20 @@ pub async fn document(ctx: &SessionContext) -> StatusDocument {
         nats: NatsStatus {
             status: link_status_name(link.status),
             server: ctx.nats.connected_server(),
-            servers: ctx.config.nats.servers.clone(),
+            servers: ctx
+                .config
+                .nats
+                .servers
+                .iter()
+                .map(|server| crate::url_credentials::redact(server))
+                .collect(),
+            known_servers: nats_servers.known,
+            reachable_servers: nats_servers.reachable,
+            transport: nats_transport,
+            auth: nats_auth,
+            last_error: nats_servers
+                .last_error
+                .filter(|_| link.status != LinkStatus::Up),
             since_seconds: SystemTime::now()
                 .duration_since(link.since)
                 .map(|elapsed| elapsed.as_secs())
@@ -195,10 +243,28 @@ fn etcd_status(ctx: &SessionContext) -> EtcdStatus {
     let link = ctx.etcd.snapshot();
     let registry = &ctx.registry.stats;
     let discovery = &ctx.discovery.stats;
+    let members = ctx.etcd.members();
+    let security = ctx.etcd.security();
     EtcdStatus {
         status: link_status_name(link.status),
         configured: ctx.etcd.is_enabled(),
         endpoints: ctx.etcd.endpoints().to_vec(),
+        endpoint: ctx.etcd.member_in_use(),
+        reachable_endpoints: members
+            .iter()
+            .filter(|member| member.is_reachable())
+            .count(),
+        members: members
+            .into_iter()
+            .map(|member| EtcdMemberStatus {
+                endpoint: member.endpoint,
+                health: member.health,
+                error: member.error,
+            })
+            .collect(),
+        transport: security.transport(),
+        auth: security.method(),
+        member_switches: ctx.etcd.member_switches(),
         since_seconds: SystemTime::now()
             .duration_since(link.since)
             .map(|elapsed| elapsed.as_secs())

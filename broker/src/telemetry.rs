@@ -103,6 +103,14 @@ fn describe() {
         Unit::Seconds,
         "Total time the link has been down since the relay started."
     );
+    describe_gauge!(
+        "holdfast_upstream_servers",
+        "Servers of the upstream service: state=known (configured, and for NATS announced by the cluster) and state=reachable (accepting connections at the last check)."
+    );
+    describe_counter!(
+        "holdfast_etcd_member_switches_total",
+        "Times the relay moved its etcd calls to another member because the one in use stopped serving (not an outage)."
+    );
     describe_gauge!("holdfast_sessions", "Client connections open now.");
     describe_counter!(
         "holdfast_sessions_opened_total",
@@ -338,6 +346,16 @@ fn link_gauges(service: &'static str, link: LinkSnapshot) {
 
 fn copy_etcd_counters(ctx: &SessionContext) {
     counter!("holdfast_etcd_reconnect_attempts_total").absolute(ctx.etcd.reconnect_attempts());
+    counter!("holdfast_etcd_member_switches_total").absolute(ctx.etcd.member_switches());
+    let members = ctx.etcd.members();
+    gauge!("holdfast_upstream_servers", "service" => "etcd", "state" => "known")
+        .set(members.len() as f64);
+    gauge!("holdfast_upstream_servers", "service" => "etcd", "state" => "reachable").set(
+        members
+            .iter()
+            .filter(|member| member.is_reachable())
+            .count() as f64,
+    );
     let registry = &ctx.registry.stats;
     gauge!("holdfast_registrations").set(read(&registry.registrations) as f64);
     gauge!("holdfast_registration_changes_pending").set(read(&registry.pending_changes) as f64);
@@ -386,6 +404,11 @@ fn copy_counters(ctx: &SessionContext, router: RouterStats) {
     gauge!("holdfast_uptime_seconds").set(ctx.started_at.elapsed().as_secs_f64());
 
     link_gauges("nats", ctx.nats.snapshot());
+    let nats_servers = ctx.nats.servers_view();
+    gauge!("holdfast_upstream_servers", "service" => "nats", "state" => "known")
+        .set(nats_servers.known.len() as f64);
+    gauge!("holdfast_upstream_servers", "service" => "nats", "state" => "reachable")
+        .set(nats_servers.reachable.unwrap_or(0) as f64);
     if ctx.etcd.is_enabled() {
         link_gauges("etcd", ctx.etcd.snapshot());
         copy_etcd_counters(ctx);

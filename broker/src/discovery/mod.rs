@@ -160,6 +160,7 @@ impl DiscoveryHandle {
             );
         };
         bump(&self.stats.linearizable_gets);
+        let link = self.link.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let read = client.get(prefix.to_vec(), Some(GetOptions::new().with_prefix()));
@@ -179,11 +180,17 @@ impl DiscoveryHandle {
                         })
                         .collect(),
                 })),
-                Ok(Err(error)) => to.fail(ErrorCode::EtcdUnavailable, &error.to_string()),
-                Err(_) => to.fail(
-                    ErrorCode::EtcdUnavailable,
-                    "etcd did not answer the linearizable get in time",
-                ),
+                Ok(Err(error)) => {
+                    link.call_failed();
+                    to.fail(ErrorCode::EtcdUnavailable, &error.to_string())
+                }
+                Err(_) => {
+                    link.call_failed();
+                    to.fail(
+                        ErrorCode::EtcdUnavailable,
+                        "etcd did not answer the linearizable get in time",
+                    )
+                }
             }
         });
     }
@@ -254,6 +261,7 @@ pub fn start(
         max_bytes: config.max_cached_bytes,
         refused: HashMap::new(),
         call_timeout: (config.probe_timeout * 4).max(Duration::from_secs(2)),
+        watch_grace: config.link_timeout,
         path,
         dirty: false,
         stats: stats.clone(),
@@ -301,6 +309,9 @@ struct DiscoveryTask {
     /// Prefixes refused for their size, and when.
     refused: HashMap<Bytes, Instant>,
     call_timeout: Duration,
+    /// How long a watch whose member died may take to resume elsewhere
+    /// before its prefix is reported stale.
+    watch_grace: Duration,
     path: PathBuf,
     dirty: bool,
     stats: Arc<DiscoveryStats>,
@@ -356,6 +367,7 @@ impl DiscoveryTask {
             // etcd's encoding adds a few dozen bytes per entry to what the
             // budget counts; an answer twice the budget cannot fit anyway.
             self.max_bytes.saturating_mul(2).saturating_add(1 << 20),
+            self.watch_grace,
         ));
         self.caches.insert(
             prefix,

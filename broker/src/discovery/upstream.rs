@@ -9,6 +9,13 @@
 //! compacted that history away, the task lists again and the cache hands
 //! watchers the difference instead.
 //!
+//! A watch whose member dies (a cluster member killed) is resumed on the
+//! member the link moved to, from the last revision seen, without listing
+//! the prefix again. The cache is only reported stale when that takes
+//! longer than `grace` (the link's own `link_timeout`) or the link goes
+//! down: a member dying is not an outage, and the resumed watch delivers
+//! every change made in between.
+//!
 //! etcd's answers are decoded up to a limit derived from the cache's byte
 //! budget (gRPC's default, 4 MiB, would make a larger prefix fail to list
 //! forever); a prefix whose listing or watch response exceeds it is
@@ -18,7 +25,7 @@ use super::cache::Change;
 use crate::etcd_link::EtcdLink;
 use bytes::Bytes;
 use etcd_client::{GetOptions, WatchOptions};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -57,6 +64,22 @@ fn is_too_large(error: &etcd_client::Error) -> bool {
             && status.message().contains("message length too large"))
 }
 
+/// Why a watch stream ended.
+enum WatchEnd {
+    /// A new link generation: the cache is stale until watched again.
+    NewGeneration,
+    /// The stream broke (its member died): resume elsewhere within grace.
+    Broke,
+    /// The history is gone or unreadable: list the prefix again.
+    Relist,
+}
+
+/// A watch that ended and has not been resumed yet.
+struct Interruption {
+    since: Instant,
+    reported: bool,
+}
+
 /// Follows `prefix` from `revision` (0: never synced) until the discovery
 /// task goes away or aborts it; answers larger than `decode_limit` bytes
 /// end it with [`Upstream::TooLarge`].
@@ -67,6 +90,7 @@ pub async fn follow(
     report: mpsc::Sender<Upstream>,
     call_timeout: Duration,
     decode_limit: usize,
+    grace: Duration,
 ) {
     let too_large = |error: &etcd_client::Error| Upstream::TooLarge {
         prefix: prefix.clone(),
@@ -74,7 +98,25 @@ pub async fn follow(
     };
     let mut state = link.watch();
     let mut must_list = revision == 0;
+    let mut interrupted: Option<Interruption> = None;
     loop {
+        // A watch not resumed within the grace (or with the link down) is
+        // an interruption the cache must own up to.
+        if let Some(interruption) = interrupted.as_mut() {
+            let overdue = interruption.since.elapsed() >= grace || !link.is_up();
+            if overdue && !interruption.reported {
+                interruption.reported = true;
+                if report
+                    .send(Upstream::Lost {
+                        prefix: prefix.clone(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
         let (client, generation) = match state.wait_for(|state| state.client.is_some()).await {
             Ok(state) => (state.client.clone(), state.generation),
             Err(_) => return,
@@ -159,11 +201,12 @@ pub async fn follow(
             Ok(stream) => stream,
             Err(error) => {
                 debug!(error = %error, "starting a discovery watch failed; retrying");
+                link.call_failed();
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 continue;
             }
         };
-        loop {
+        let end = loop {
             let message = tokio::select! {
                 message = stream.message() => message,
                 // A new link generation means a new connection: follow it.
@@ -171,7 +214,7 @@ pub async fn follow(
                     if changed.is_err() {
                         return;
                     }
-                    break;
+                    break WatchEnd::NewGeneration;
                 }
             };
             let response = match message {
@@ -180,7 +223,7 @@ pub async fn follow(
                     let _ = report.send(too_large(&error)).await;
                     return;
                 }
-                Ok(None) | Err(_) => break,
+                Ok(None) | Err(_) => break WatchEnd::Broke,
             };
             if response.compact_revision() > 0 || response.canceled() {
                 info!(
@@ -190,17 +233,19 @@ pub async fn follow(
                     "etcd compacted the history the watch needed; re-listing the prefix"
                 );
                 must_list = true;
-                break;
+                break WatchEnd::Relist;
             }
-            if response.created()
-                && report
+            if response.created() {
+                interrupted = None;
+                if report
                     .send(Upstream::Watching {
                         prefix: prefix.clone(),
                     })
                     .await
                     .is_err()
-            {
-                return;
+                {
+                    return;
+                }
             }
             let mut unknown_event = None;
             let changes: Vec<Change> = response
@@ -230,7 +275,7 @@ pub async fn follow(
                     "etcd sent a watch event of an unknown type; re-listing the prefix"
                 );
                 must_list = true;
-                break;
+                break WatchEnd::Relist;
             }
             // Only events advance the resume point: a response's header
             // revision can run ahead of catch-up events still to come.
@@ -249,15 +294,30 @@ pub async fn follow(
             {
                 return;
             }
-        }
-        if report
-            .send(Upstream::Lost {
-                prefix: prefix.clone(),
-            })
-            .await
-            .is_err()
-        {
-            return;
+        };
+        match end {
+            WatchEnd::Broke => {
+                link.call_failed();
+                interrupted.get_or_insert(Interruption {
+                    since: Instant::now(),
+                    reported: false,
+                });
+            }
+            WatchEnd::NewGeneration | WatchEnd::Relist => {
+                interrupted = Some(Interruption {
+                    since: Instant::now(),
+                    reported: true,
+                });
+                if report
+                    .send(Upstream::Lost {
+                        prefix: prefix.clone(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -45,8 +45,12 @@ pub async fn keep_alive(
                     }
                     Ok(Ok(Some(_))) => {}
                     // The stream broke or etcd is slow: start a new stream
-                    // once the link is up again.
-                    _ => break,
+                    // once the link is up again (on whichever member it
+                    // moved to).
+                    _ => {
+                        link.call_failed();
+                        break;
+                    }
                 }
                 tokio::time::sleep(interval).await;
             }

@@ -228,6 +228,8 @@ impl RegistryTask {
     ) {
         let mut link = self.link.watch();
         let mut seen_generation = 0;
+        let mut seen_leader_changes = 0;
+        let mut seen_member_changes = 0;
         let mut in_flight: Option<JoinHandle<StepResult>> = None;
         let mut audit_ticker = tokio::time::interval(self.reconcile_interval);
         audit_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -249,10 +251,29 @@ impl RegistryTask {
                     if changed.is_err() {
                         break;
                     }
-                    let (status, generation) = {
+                    let (status, generation, leader_changes, member_changes) = {
                         let state = link.borrow_and_update();
-                        (state.link.status, state.generation)
+                        (
+                            state.link.status,
+                            state.generation,
+                            state.leader_changes,
+                            state.member_changes,
+                        )
                     };
+                    if member_changes != seen_member_changes {
+                        // Calls go to another member now: what failed on
+                        // the old one is tried there at once.
+                        seen_member_changes = member_changes;
+                        self.retry_at = None;
+                    }
+                    if leader_changes != seen_leader_changes {
+                        // Nothing is lost in an election; one check of the
+                        // keys costs little and proves it.
+                        seen_leader_changes = leader_changes;
+                        if status == LinkStatus::Up {
+                            self.start_audit(false);
+                        }
+                    }
                     if status == LinkStatus::Up && generation != seen_generation {
                         // A new connection, or etcd restarted under the old
                         // one: what an earlier pass checked proves nothing
@@ -471,6 +492,9 @@ impl RegistryTask {
         if let Some(error) = result.error() {
             warn!(error = %error, "etcd call failed; registrations stay buffered and are retried");
             self.retry_at = Some(tokio::time::Instant::now() + RETRY_DELAY);
+            // The member may be gone: the link checks the others now, and
+            // a move to one of them cuts this retry delay short.
+            self.link.call_failed();
         }
         match result {
             StepResult::Revoked { done, .. } => {

@@ -14,12 +14,15 @@ pub(crate) struct StatusArgs {
 }
 
 /// The keys the summary shows, in order; dotted keys are nested.
-const SUMMARY_KEYS: [&str; 10] = [
+const SUMMARY_KEYS: [&str; 13] = [
     "relay_id",
     "version",
     "uptime_seconds",
     "nats.status",
     "nats.server",
+    "nats.known_servers",
+    "nats.reachable_servers",
+    "nats.last_error",
     "etcd",
     "sessions",
     "subscriptions",
@@ -135,6 +138,13 @@ fn write_entry(summary: &mut String, name: &str, value: &Value, depth: usize) {
         Value::Object(_) => {
             let _ = writeln!(summary, "{indent}{name}: none");
         }
+        // A list of records (etcd members): one `key=value` line each.
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_object) => {
+            let _ = writeln!(summary, "{indent}{name}:");
+            for item in items {
+                write_entry(summary, "-", item, depth + 1);
+            }
+        }
         other => {
             let _ = writeln!(summary, "{indent}{name}: {}", scalar(other));
         }
@@ -208,6 +218,29 @@ mod tests {
              publish_rejections: none\n  \
              publishes_by_class:\n    \
              decode: forwarded=2 rejected=1"
+        );
+    }
+
+    #[test]
+    fn upstream_servers_and_members_read_as_lines() {
+        let document = json!({
+            "nats": {"status": "down", "server": null, "known_servers": ["a:1", "b:2"],
+                     "reachable_servers": 1, "last_error": "authorization violation"},
+            "etcd": {"endpoint": "https://e1:2379", "members": [
+                {"endpoint": "https://e1:2379", "health": "serving", "error": null},
+            ]},
+        });
+        assert_eq!(
+            summarize(&document).unwrap(),
+            "nats.status: down\n\
+             nats.server: null\n\
+             nats.known_servers: 2\n\
+             nats.reachable_servers: 1\n\
+             nats.last_error: authorization violation\n\
+             etcd:\n  \
+             endpoint: https://e1:2379\n  \
+             members:\n    \
+             -: endpoint=https://e1:2379 error=null health=serving"
         );
     }
 
