@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-fn holdfast() -> PathBuf {
+pub fn holdfast() -> PathBuf {
     let path = std::path::Path::new(env!("CARGO_BIN_EXE_holdfastd")).with_file_name("holdfast");
     assert!(
         path.exists(),

@@ -279,7 +279,7 @@ async fn keys_changed_or_deleted_behind_the_relays_back_are_repaired() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_etcd_is_detected_within_a_second_and_registrations_buffer() {
+async fn a_stopped_etcd_is_detected_within_link_timeout_and_registrations_buffer() {
     let stack = EtcdStack::start();
     let url = stack.relay.url().parse().unwrap();
     let client =
@@ -290,8 +290,10 @@ async fn a_stopped_etcd_is_detected_within_a_second_and_registrations_buffer() {
     stack.etcd.pause();
     let detected = wait_for_etcd_status(&client, LinkStatus::Down).await;
     eprintln!("stopped etcd reported after {detected:?}");
-    // 1 s promised; the slack absorbs a loaded CI machine.
-    assert!(detected < Duration::from_millis(1500), "took {detected:?}");
+    // link_timeout (1 s in the test config) after the first probe that
+    // went unanswered, sent within a probe interval (250 ms) of the stop;
+    // the slack absorbs a loaded CI machine.
+    assert!(detected < Duration::from_millis(1750), "took {detected:?}");
     let registered = within(
         "a registration while etcd is stopped is answered",
         client.register("v1/paused/during", "2"),

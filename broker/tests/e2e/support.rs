@@ -68,7 +68,7 @@ fn signal(child: &Child, signal: libc::c_int) {
 pub struct Process(Option<Child>);
 
 impl Process {
-    fn started(&mut self, child: Child) {
+    pub fn started(&mut self, child: Child) {
         self.0 = Some(child);
     }
 
@@ -121,7 +121,7 @@ impl Process {
 
 /// `$env` if set, else the project-local install (`.deps/bin`, where
 /// deploy/install-deps.sh puts a current nats-server), else the system's.
-fn find_binary(name: &str, env: &str) -> PathBuf {
+pub fn find_binary(name: &str, env: &str) -> PathBuf {
     if let Ok(path) = std::env::var(env) {
         return PathBuf::from(path);
     }
@@ -154,12 +154,48 @@ pub struct NatsServer {
     port: u16,
     dir: TempDir,
     jetstream: bool,
+    /// Extra nats-server configuration (TLS, authorization, cluster).
+    config: Option<String>,
     process: Process,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
         NatsServer::start_with(false)
+    }
+
+    /// With `config` (nats-server's configuration format) in a file passed
+    /// with `-c`; the port and loopback address still come from flags.
+    pub fn start_configured(config: &str) -> NatsServer {
+        NatsServer::start_configured_on(free_port(), config)
+    }
+
+    /// As [`NatsServer::start_configured`], on a port chosen beforehand
+    /// (cluster members name each other's ports).
+    pub fn start_configured_on(port: u16, config: &str) -> NatsServer {
+        let mut server = NatsServer {
+            port,
+            dir: tempfile::tempdir().expect("temp dir"),
+            jetstream: false,
+            config: Some(config.to_string()),
+            process: Process::default(),
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// What the server logged since its last start.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+
+    /// Starts the process again after [`NatsServer::kill`].
+    pub fn start_again(&mut self) {
+        self.spawn();
     }
 
     /// With JetStream on (file store in its temp dir, kept across restarts).
@@ -172,6 +208,7 @@ impl NatsServer {
             port: free_port(),
             dir: tempfile::tempdir().expect("temp dir"),
             jetstream,
+            config: None,
             process: Process::default(),
         };
         server.spawn();
@@ -188,6 +225,11 @@ impl NatsServer {
             .arg(self.dir.path());
         if self.jetstream {
             command.arg("-js");
+        }
+        if let Some(config) = &self.config {
+            let path = self.dir.path().join("nats.conf");
+            std::fs::write(&path, config).expect("write nats-server config");
+            command.arg("-c").arg(path);
         }
         let child = command
             .stdout(Stdio::null())
@@ -245,6 +287,15 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
+        if std::thread::panicking() && self.config.is_some() {
+            eprintln!(
+                "--- nats-server (port {}) logs ---\n{}",
+                self.port,
+                self.logs()
+            );
+        }
+        // A paused process must run again to die promptly.
+        self.process.resume();
         self.kill();
     }
 }
@@ -360,7 +411,14 @@ impl EtcdServer {
     /// and `extra` keys appended.
     pub fn relay_config(&self, extra: &str) -> String {
         let mut config = format!("[etcd]\nendpoints = [\"{}\"]\n{extra}\n", self.url());
-        for (key, value) in [("reconcile_interval", "2s"), ("reconnect_delay_max", "1s")] {
+        // A single test member elects itself within 250 ms, so a
+        // link_timeout of 1 s rides out nothing real and notices a stopped
+        // etcd quickly.
+        for (key, value) in [
+            ("reconcile_interval", "2s"),
+            ("reconnect_delay_max", "1s"),
+            ("link_timeout", "1s"),
+        ] {
             if !extra.contains(key) {
                 config.push_str(&format!("{key} = \"{value}\"\n"));
             }
