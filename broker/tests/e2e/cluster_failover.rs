@@ -1,8 +1,11 @@
-//! Clustered upstreams: a member of a 3-node NATS cluster or of a 3-member
-//! etcd cluster dies under load, and the relay moves on without losing
-//! anything and without reporting an outage that is not one.
+//! Clustered, secured upstreams as production runs them: a member of a
+//! 3-node NATS cluster (TLS, JWT credentials) or of a 3-member etcd cluster
+//! (TLS, client certificates) dies under load, and the relay moves on
+//! without losing anything, without reporting an outage that is not one,
+//! and without showing a secret.
 
-use crate::clusters::{EtcdCluster, NatsCluster};
+use crate::clusters::{secret_file, Certificates, EtcdCluster, NatsCluster};
+use crate::nats_jwt::NatsAuthFixture;
 use crate::support::{wait_until_async, within, Relay, WAIT};
 use futures::StreamExt;
 use holdfast_client::{
@@ -28,8 +31,9 @@ fn etcd_outages_logged(relay: &Relay) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_members_dying_are_ridden_out_until_quorum_is_lost() {
-    let mut cluster = EtcdCluster::start(3, None);
+    let mut cluster = EtcdCluster::start(3, Some(Certificates::generate("relay")));
     let leader = cluster.leader().expect("a leader");
+    let certificates = cluster.certificates().expect("TLS");
     // The relay starts on the leader (the first endpoint that serves), so
     // killing it tests both the move to another member and the election.
     let mut order: Vec<usize> = vec![leader];
@@ -39,8 +43,11 @@ async fn etcd_members_dying_are_ridden_out_until_quorum_is_lost() {
         .map(|member| format!("\"{}\"", cluster.url(*member)))
         .collect();
     let config = format!(
-        "[etcd]\nendpoints = [{}]\nprefixes = [\"v1/cluster/\"]\nreconcile_interval = \"2s\"\nreconnect_delay_max = \"1s\"\n",
-        endpoints.join(", ")
+        "[etcd]\nendpoints = [{}]\nprefixes = [\"v1/cluster/\"]\nreconcile_interval = \"2s\"\nreconnect_delay_max = \"1s\"\ntls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        endpoints.join(", "),
+        certificates.ca().display(),
+        certificates.client_cert().display(),
+        certificates.client_key().display()
     );
     let nats = crate::support::NatsServer::start();
     let relay = Relay::start_with_config(&nats.url(), &config);
@@ -148,18 +155,38 @@ struct Received {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nats_node_in_use_dying_under_load_loses_nothing_and_is_left_within_2s() {
-    let mut cluster = NatsCluster::start(3, "");
-    let seeds = cluster.urls("nats").join(",");
+    let certificates = Certificates::generate("relay");
+    let fixture = NatsAuthFixture::generate("relay", None);
+    let mut cluster = NatsCluster::start(
+        3,
+        &format!(
+            "{}{}",
+            certificates.nats_tls_block(false),
+            fixture.server_config()
+        ),
+    );
+    let seeds = cluster.urls("tls").join(",");
+    let secrets = tempfile::tempdir().unwrap();
+    let creds = secret_file(secrets.path(), "relay.creds", &fixture.user_creds);
     // Durable kv_events and the spill class default, as a worker sends them.
-    let relay = Relay::start(&seeds);
+    let relay = Relay::start_with_config(
+        &seeds,
+        &format!(
+            "[nats]\ntls_ca = \"{}\"\ncreds_file = \"{}\"\n",
+            certificates.ca().display(),
+            creds.display()
+        ),
+    );
     let client = patient_client(&relay).await;
 
     // One plain subscriber per node: whichever nodes are up, every message
     // routed through the cluster reaches at least one of them.
     let received = Arc::new(Mutex::new(Received::default()));
     let mut subscribers = Vec::new();
-    for (node, url) in cluster.urls("nats").into_iter().enumerate() {
-        let direct = async_nats::ConnectOptions::new()
+    for (node, url) in cluster.urls("tls").into_iter().enumerate() {
+        let direct = async_nats::ConnectOptions::with_credentials(&fixture.user_creds)
+            .expect("credentials")
+            .add_root_certificates(certificates.ca())
             .retry_on_initial_connect()
             .connect(url)
             .await
@@ -262,6 +289,7 @@ async fn the_nats_node_in_use_dying_under_load_loses_nothing_and_is_left_within_
 
     // Every acknowledged message reached the cluster, in order per class.
     let acked = acked.lock().map(|acked| acked.clone()).unwrap_or_default();
+    eprintln!("acknowledged per class: {acked:?}");
     let deadline = Instant::now() + WAIT;
     loop {
         let complete = {
@@ -310,5 +338,8 @@ async fn the_nats_node_in_use_dying_under_load_loses_nothing_and_is_left_within_
         "{}",
         relay.logs()
     );
+    assert!(!relay.logs().contains(&fixture.user_seed));
+    let (_, status) = relay.http_get("/status");
+    assert!(!status.contains(&fixture.user_seed));
     drop(killed_nodes);
 }

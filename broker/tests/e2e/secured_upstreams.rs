@@ -329,8 +329,7 @@ async fn etcd_with_tls_client_certificates() {
     // cluster's files, as an operator would install them.
     let certificates = etcd_certificates(&etcd);
     let nats = NatsServer::start();
-    let relay =
-        Relay::start_with_config(&nats.url(), &etcd_tls_config(certificates, &etcd.urls()));
+    let relay = Relay::start_with_config(&nats.url(), &etcd_tls_config(certificates, &etcd.urls()));
     let mut direct = etcd.client(0).await;
     registers_reads_and_watches(&relay, &mut direct).await;
     let status = relay.status();
