@@ -955,6 +955,33 @@ mod tests {
     }
 
     #[test]
+    fn a_readable_config_with_credentials_in_a_url_is_warned_about_without_the_secret() {
+        use std::os::unix::fs::PermissionsExt;
+        let file = write_config("[nats]\nservers = [\"nats://relay:s3cret@10.0.0.5:4222\"]\n");
+        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let config = Config::load(Some(file.path()), &Overrides::default()).unwrap();
+        let warnings = config.security_warnings(Some(file.path()));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("readable by every user"),
+            "{warnings:?}"
+        );
+        assert!(!warnings[0].contains("s3cret"), "{warnings:?}");
+        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(config.security_warnings(Some(file.path())).is_empty());
+        // On the command line the same URL is refused outright.
+        let overrides = Overrides {
+            nats_servers: Some("nats://relay:s3cret@10.0.0.5:4222".to_string()),
+            ..Overrides::default()
+        };
+        let error = Config::load(None, &overrides).unwrap_err().to_string();
+        assert!(
+            error.contains("nats.servers") && !error.contains("s3cret"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn unknown_key_names_the_key_and_the_file() {
         let file = write_config("[relay]\nsokcet = \"/tmp/a.sock\"\n");
         let error = Config::load(Some(file.path()), &Overrides::default())

@@ -178,6 +178,15 @@ async fn the_nats_node_in_use_dying_under_load_loses_nothing_and_is_left_within_
         ),
     );
     let client = patient_client(&relay).await;
+    wait_until_async("every seed known and reachable", || async {
+        let status = relay.status();
+        status["nats"]["known_servers"].as_array().map(Vec::len) == Some(3)
+            && status["nats"]["reachable_servers"] == 3
+    })
+    .await;
+    let status = relay.status();
+    assert_eq!(status["nats"]["transport"], "tls", "{status}");
+    assert_eq!(status["nats"]["auth"], "creds", "{status}");
 
     // One plain subscriber per node: whichever nodes are up, every message
     // routed through the cluster reaches at least one of them.

@@ -219,6 +219,37 @@ async fn nats_with_an_nkey_seed() {
     assert_never_shown(&relay, &seed);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_with_tls_first_and_a_token() {
+    let certificates = Certificates::generate("relay");
+    let tls_block = certificates
+        .nats_tls_block(false)
+        .replace("timeout: 2", "timeout: 2\n  handshake_first: true");
+    let server = NatsServer::start_configured(&format!(
+        "{tls_block}authorization {{ token: \"t0k3n-{PASSWORD}\" }}\n"
+    ));
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secret_file(secrets.path(), "nats-token", &format!("t0k3n-{PASSWORD}\n"));
+    let url = format!("tls://127.0.0.1:{}", server.port());
+    let relay = Relay::start_with_config(
+        &url,
+        &format!(
+            "[nats]\ntls_ca = \"{}\"\ntls_first = true\ntoken_file = \"{}\"\n",
+            certificates.ca().display(),
+            token_file.display()
+        ),
+    );
+    let direct = async_nats::ConnectOptions::with_token(format!("t0k3n-{PASSWORD}"))
+        .add_root_certificates(certificates.ca())
+        .tls_first()
+        .connect(url)
+        .await
+        .expect("a plain client with the same token");
+    carries_traffic_both_ways(&relay, &direct).await;
+    assert_eq!(relay.status()["nats"]["auth"], "token");
+    assert_never_shown(&relay, PASSWORD);
+}
+
 #[test]
 fn secrets_are_refused_on_the_command_line_and_exposed_files_warned_about() {
     // Credentials in --nats would be readable by every user of the node.
