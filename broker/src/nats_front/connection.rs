@@ -140,6 +140,7 @@ pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<S
         max_payload,
         client_id,
         client_ip: Some(address.ip().to_string()),
+        ldm: false,
     };
     let (events, event_receiver) = mpsc::channel(EVENT_QUEUE);
     let (unsubscribes, unsubscribe_receiver) = mpsc::unbounded_channel();
@@ -147,6 +148,7 @@ pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<S
     // Distinguishes this connection's own messages for no_echo.
     let origin = Text::from(format!("{}.{client_id}", ctx.relay_id));
     let outbound = Outbound {
+        info: info.clone(),
         client: client_write,
         frames: FramedRead::new(from_session, FrameCodec::new(max_frame)),
         events: event_receiver,
@@ -452,6 +454,9 @@ struct OutboundSubscription {
 
 /// Session → client.
 struct Outbound {
+    /// What the client was told at connect, repeated (in lame duck mode)
+    /// when the relay stops.
+    info: ServerInfo,
     client: OwnedWriteHalf,
     frames: FramedRead<ReadHalf<DuplexStream>, FrameCodec>,
     events: mpsc::Receiver<Event>,
@@ -658,12 +663,24 @@ impl Outbound {
                 self.report(error.code, &error.message, subject.as_ref());
             }
             Frame::GoAway(go_away) => {
-                let message = match go_away.code {
-                    ErrorCode::ShuttingDown => "Server Shutdown".to_string(),
-                    ErrorCode::SlowConsumer => "Slow Consumer".to_string(),
-                    _ => go_away.message.to_string(),
-                };
-                encode_err(&message, &mut self.text);
+                match go_away.code {
+                    // As nats-server before a planned stop: INFO in lame
+                    // duck mode, then the connection closes. Clients
+                    // reconnect; an -ERR here would be final for nats.py
+                    // and the Go client, which close for good on an
+                    // -ERR they do not know.
+                    ErrorCode::ShuttingDown => {
+                        let farewell = ServerInfo {
+                            ldm: true,
+                            ..self.info.clone()
+                        };
+                        encode_info(&farewell, &mut self.text);
+                    }
+                    // nats-server closes a slow consumer without a word,
+                    // and clients reconnect; do the same.
+                    ErrorCode::SlowConsumer => {}
+                    _ => encode_err(&go_away.message, &mut self.text),
+                }
                 return Next::Close;
             }
             // WELCOME, LINK_STATE and answers to frames this front end

@@ -483,3 +483,128 @@ async fn subscriptions_refused_over_the_limit_are_not_kept() {
         "the relay grew by {grown:.0} MiB in the second round"
     );
 }
+
+/// A nats-py client (the real Python client, installed into .deps/ by
+/// deploy/install-deps.sh) that prints one line per event: `ready`, each
+/// message's payload, `lame duck`, `reconnected`, `closed`, `error: ...`.
+const NATS_PY_CLIENT: &str = r#"
+import asyncio, sys
+import nats
+
+async def main():
+    def say(line):
+        print(line, flush=True)
+
+    async def on_lame_duck():
+        say("lame duck")
+
+    async def on_reconnected():
+        say("reconnected")
+
+    async def on_closed():
+        say("closed")
+
+    async def on_error(error):
+        say(f"error: {error}")
+
+    client = await nats.connect(
+        sys.argv[1],
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.1,
+        lame_duck_mode_cb=on_lame_duck,
+        reconnected_cb=on_reconnected,
+        closed_cb=on_closed,
+        error_cb=on_error,
+    )
+
+    async def on_message(message):
+        say(message.data.decode())
+
+    await client.subscribe("restart.test", cb=on_message)
+    await client.flush()
+    say("ready")
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_relay_restart_keeps_nats_py_clients_connected_and_subscribed() {
+    use std::io::BufRead;
+    let deps = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/python");
+    assert!(
+        deps.join("nats").exists(),
+        "nats-py missing in {}: run deploy/install-deps.sh",
+        deps.display()
+    );
+    // A fixed port: the restarted relay must listen where the client
+    // reconnects.
+    let port = crate::support::free_port();
+    let mut stack =
+        Stack::start_with_config(&format!("[relay]\nnats_listen = \"127.0.0.1:{port}\"\n"));
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(script.path(), NATS_PY_CLIENT).unwrap();
+    let mut python = std::process::Command::new("python3")
+        .arg(script.path())
+        .arg(format!("nats://127.0.0.1:{port}"))
+        .env("PYTHONPATH", &deps)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start python3");
+    let stdout = python.stdout.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |wanted: &str, publish: &mut dyn FnMut()| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            publish();
+            while let Ok(line) = lines.recv_timeout(Duration::from_millis(100)) {
+                seen.push(line.clone());
+                if line == wanted {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {wanted:?}; nats-py said {seen:?}"
+            );
+        }
+    };
+    let direct = stack.direct_nats().await;
+    wait_for("ready", &mut || {});
+    let handle = tokio::runtime::Handle::current();
+    let publish = |payload: &'static str| {
+        let direct = direct.clone();
+        let handle = handle.clone();
+        move || {
+            let direct = direct.clone();
+            tokio::task::block_in_place(|| {
+                handle.block_on(async {
+                    let _ = direct.publish("restart.test", payload.into()).await;
+                    let _ = direct.flush().await;
+                })
+            });
+        }
+    };
+    wait_for("before", &mut publish("before"));
+
+    assert!(stack.relay.terminate().success());
+    stack.relay.restart();
+    wait_for("after", &mut publish("after"));
+    let _ = python.kill();
+    let _ = python.wait();
+    assert!(seen.iter().any(|line| line == "lame duck"), "{seen:?}");
+    assert!(seen.iter().any(|line| line == "reconnected"), "{seen:?}");
+    assert!(!seen.iter().any(|line| line == "closed"), "{seen:?}");
+}

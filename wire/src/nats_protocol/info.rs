@@ -24,6 +24,15 @@ pub struct ServerInfo {
     pub client_id: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<String>,
+    /// Lame duck mode: the server is about to go away and the client should
+    /// reconnect (nats-server sends it before a planned shutdown). Omitted
+    /// when false, as nats-server does.
+    #[serde(skip_serializing_if = "is_false")]
+    pub ldm: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// Appends `INFO {json}\r\n`.
@@ -53,6 +62,7 @@ mod tests {
             max_payload: 1048576,
             client_id: 7,
             client_ip: Some("127.0.0.1".into()),
+            ldm: false,
         }
     }
 
@@ -68,6 +78,21 @@ mod tests {
                 .copied()
                 .collect::<Vec<u8>>()[..]
         );
+    }
+
+    #[test]
+    fn lame_duck_mode_is_announced_only_when_on() {
+        let mut out = BytesMut::new();
+        encode_info(
+            &ServerInfo {
+                ldm: true,
+                ..info()
+            },
+            &mut out,
+        );
+        assert!(std::str::from_utf8(&out)
+            .unwrap()
+            .contains(r#","ldm":true}"#));
     }
 
     #[test]
