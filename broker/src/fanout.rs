@@ -1,19 +1,19 @@
 //! One upstream subscription and the local subscribers that share it.
 //!
 //! Each distinct (subject, queue group) gets one task that owns the
-//! async-nats subscriber and the list of local subscribers; the router
+//! upstream subscription (on the relay's subscriber connection) and the
+//! list of local subscribers; the router
 //! changes that list through a channel, so delivering a message takes no
 //! lock. Plain subscriptions get every message; a queue group gets each
 //! message once, round-robin over members that have room. While NATS is
 //! down the router feeds node-local publishes in through the same path.
 
-use crate::nats_convert::{from_header_map, from_subject};
 use crate::nats_link::NatsLink;
+use crate::nats_subscriber::{UpstreamMessage, UpstreamSubscription};
 use crate::outbox::{Delivery, Outbox};
 use crate::stats::{add, RelayStats};
 use crate::subscription_table::{MemberId, SubscriptionKey};
 use bytes::Bytes;
-use futures::StreamExt;
 use holdfast_wire::{Frame, Headers, Message, Text};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -78,15 +78,9 @@ impl Fanout {
         mut commands: mpsc::Receiver<FanoutCommand>,
         subscribed: oneshot::Sender<()>,
     ) {
-        let subject = crate::nats_convert::to_subject(&self.key.subject);
-        let upstream = match &self.key.queue_group {
-            Some(group) => {
-                nats.client()
-                    .queue_subscribe(subject, group.to_string())
-                    .await
-            }
-            None => nats.client().subscribe(subject).await,
-        };
+        let upstream = nats
+            .subscribe(self.key.subject.clone(), self.key.queue_group.clone())
+            .await;
         let mut upstream = match upstream {
             Ok(subscriber) => Some(subscriber),
             Err(error) => {
@@ -126,26 +120,23 @@ impl Fanout {
         }
     }
 
-    fn on_upstream(&mut self, message: async_nats::Message) {
-        let mut headers = from_header_map(message.headers.as_ref());
+    fn on_upstream(&mut self, message: UpstreamMessage) {
+        let mut headers = message.headers;
         if let Some(status) = message.status {
             // A status-only message (503: nobody answered a request whose
             // reply subject this subscription covers) keeps its meaning for
             // clients that cannot see NATS status lines.
-            headers.insert(NATS_STATUS_HEADER, Text::from(status.as_u16().to_string()));
-            if let Some(description) = &message.description {
-                headers.insert(
-                    NATS_STATUS_DESCRIPTION_HEADER,
-                    Text::from(description.as_str()),
-                );
+            headers.insert(NATS_STATUS_HEADER, Text::from(status.to_string()));
+            if let Some(description) = message.description {
+                headers.insert(NATS_STATUS_DESCRIPTION_HEADER, description);
             }
         }
         if self.already_delivered_here(&headers) {
             return;
         }
         self.deliver(LocalMessage {
-            subject: from_subject(&message.subject),
-            reply: message.reply.as_ref().map(from_subject),
+            subject: message.subject,
+            reply: message.reply,
             headers,
             payload: message.payload,
         });
@@ -210,11 +201,9 @@ fn frame_for(sid: u32, message: &LocalMessage) -> Frame {
     })
 }
 
-async fn next_upstream(
-    upstream: &mut Option<async_nats::Subscriber>,
-) -> Option<async_nats::Message> {
+async fn next_upstream(upstream: &mut Option<UpstreamSubscription>) -> Option<UpstreamMessage> {
     match upstream {
-        Some(subscriber) => subscriber.next().await,
+        Some(subscription) => subscription.next().await,
         None => std::future::pending().await,
     }
 }
@@ -282,14 +271,13 @@ mod tests {
     async fn a_nats_status_message_reaches_subscribers_as_a_header() {
         let mut fanout = fanout(None);
         let mut receiver = member(&mut fanout, 1, 10, 16);
-        fanout.on_upstream(async_nats::Message {
-            subject: "work.reply".into(),
+        fanout.on_upstream(UpstreamMessage {
+            subject: Text::from_static("work.reply"),
             reply: None,
+            headers: Headers::new(),
+            status: Some(503),
+            description: Some(Text::from_static("No Responders")),
             payload: Bytes::new(),
-            headers: None,
-            status: Some(async_nats::StatusCode::NO_RESPONDERS),
-            description: Some("No Responders".to_string()),
-            length: 0,
         });
         let mut batch = Vec::new();
         receiver.recv_many(&mut batch, 10).await;

@@ -25,6 +25,7 @@ mod nats_convert;
 mod nats_front;
 mod nats_link;
 mod nats_security;
+mod nats_subscriber;
 mod notify;
 mod ops_http;
 mod outbox;

@@ -123,10 +123,6 @@ pub fn from_header_map(map: Option<&HeaderMap>) -> Headers {
     headers
 }
 
-pub fn from_subject(subject: &Subject) -> Text {
-    Text::from(subject.as_str())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

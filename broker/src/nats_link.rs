@@ -1,6 +1,12 @@
-//! The relay's one connection to the upstream NATS cluster, and its link state.
+//! The relay's connections to the upstream NATS cluster, and its link state.
 //!
-//! async-nats owns the socket, reconnects and re-subscribes; this file adds
+//! Publishing, JetStream, requests of the relay's own and the link's probes
+//! use async-nats; upstream subscriptions (and publishes that carry a reply
+//! subject) use the relay's own subscriber connection
+//! ([`crate::nats_subscriber`]), which survives malformed messages that
+//! would end async-nats's.
+//!
+//! async-nats owns its socket, reconnects and re-subscribes; this file adds
 //! what the relay needs on top: a round-trip probe through the server so a
 //! stopped server is noticed within `link_timeout`, a lock-free "is it up"
 //! flag for the publish hot path, and a watch channel that sessions follow
@@ -11,6 +17,9 @@ use crate::drop_log::DropLog;
 use crate::failure_log::FailureLog;
 use crate::link_monitor::LinkMonitor;
 use crate::nats_security::NatsSecurity;
+use crate::nats_subscriber::{
+    ServerAddress, SubscriberLink, SubscriberSettings, SubscriberState, UpstreamSubscription,
+};
 use async_nats::{
     client::{FlushErrorKind, RequestErrorKind},
     connection::State,
@@ -18,6 +27,7 @@ use async_nats::{
 };
 use futures::StreamExt;
 use holdfast_wire::LinkStatus;
+use holdfast_wire::Text;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -95,8 +105,6 @@ pub struct NatsLink {
     client: async_nats::Client,
     is_up: Arc<AtomicBool>,
     state: watch::Receiver<LinkSnapshot>,
-    /// A subject nobody subscribes to, for round trips to the server.
-    probe_subject: Arc<str>,
     /// Cancelled when the client's connection task has ended for good.
     client_gone: CancellationToken,
     upstream_drops: Arc<AtomicU64>,
@@ -104,6 +112,8 @@ pub struct NatsLink {
     max_payload: Arc<AtomicUsize>,
     servers: Arc<Mutex<ServersView>>,
     security: Arc<NatsSecurity>,
+    /// The upstream subscriptions' own connection.
+    subscriber: SubscriberLink,
 }
 
 impl NatsLink {
@@ -158,6 +168,21 @@ impl NatsLink {
                 servers: servers.clone(),
                 message: error.to_string(),
             })?;
+        let subscriber = SubscriberLink::start(
+            SubscriberSettings {
+                seeds: servers
+                    .iter()
+                    .filter_map(|server| ServerAddress::parse(server))
+                    .collect(),
+                security: security.clone(),
+                client_name: format!("holdfastd {relay_id} subscriptions"),
+                connect_timeout: config.connect_timeout,
+                reconnect_delay_max: config.reconnect_delay_max,
+                ping_interval: config.link_timeout,
+                upstream_drops: upstream_drops.clone(),
+            },
+            shutdown.clone(),
+        );
         let servers_view = Arc::new(Mutex::new(ServersView {
             known: servers.iter().map(|server| host_port(server)).collect(),
             reachable: None,
@@ -200,13 +225,54 @@ impl NatsLink {
             client,
             is_up,
             state: state_rx,
-            probe_subject,
             client_gone,
             upstream_drops,
             max_payload,
             servers: servers_view,
             security,
+            subscriber,
         })
+    }
+
+    /// Subscribes upstream on the subscriber connection (see
+    /// `nats_subscriber`): a malformed message there costs that message,
+    /// not the link.
+    pub async fn subscribe(
+        &self,
+        subject: Text,
+        queue_group: Option<Text>,
+    ) -> Result<UpstreamSubscription, String> {
+        self.subscriber.subscribe(subject, queue_group).await
+    }
+
+    /// Returns once nats-server processed every subscription made before,
+    /// at most `limit`.
+    pub async fn subscriptions_round_trip(&self, limit: Duration) -> bool {
+        self.subscriber.round_trip(limit).await
+    }
+
+    /// Publishes a request (a message with a reply subject) on the
+    /// subscriber connection, where its reply subscription lives.
+    pub async fn publish_request(
+        &self,
+        subject: Text,
+        reply: Text,
+        headers: holdfast_wire::Headers,
+        payload: bytes::Bytes,
+    ) -> Result<(), String> {
+        self.subscriber
+            .publish_request(subject, reply, headers, payload)
+            .await
+    }
+
+    /// The subscriber connection's server and last error.
+    pub fn subscriber_state(&self) -> SubscriberState {
+        self.subscriber.state()
+    }
+
+    /// Messages from NATS skipped because they could not be decoded.
+    pub fn malformed_upstream(&self) -> u64 {
+        self.subscriber.malformed()
     }
 
     /// The known servers, how many answer, and why the last connect failed.
@@ -248,16 +314,6 @@ impl NatsLink {
 
     pub fn client(&self) -> &async_nats::Client {
         &self.client
-    }
-
-    /// Returns once nats-server has processed everything this connection
-    /// sent before, so a subscription just made is active there. A flush
-    /// only writes the buffer; a request to the probe subject comes back
-    /// (answered by the relay itself, or "no responders") only after the
-    /// server handled the operations ahead of it. False when it did not
-    /// come back within `limit`.
-    pub async fn round_trip(&self, limit: Duration) -> bool {
-        probe_round_trip(&self.client, &self.probe_subject, limit).await
     }
 
     /// Whether publishes should go upstream now. One atomic load: this is

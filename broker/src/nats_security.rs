@@ -72,6 +72,16 @@ fn error(key: &'static str, message: impl Into<String>) -> NatsSecurityError {
     }
 }
 
+/// Where TLS material is and when TLS is used, for connections the relay
+/// makes without async-nats (its subscriber connection).
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub require: bool,
+    pub first: bool,
+    pub ca: Option<PathBuf>,
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
+}
+
 /// The resolved `[nats]` security settings.
 #[derive(Debug, Clone)]
 pub struct NatsSecurity {
@@ -259,6 +269,24 @@ impl NatsSecurity {
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
         options
+    }
+
+    /// The TLS settings.
+    pub fn tls_settings(&self) -> TlsSettings {
+        TlsSettings {
+            require: self.require_tls,
+            first: self.tls_first,
+            ca: self.ca.clone(),
+            client_certificate: self.client_certificate.clone(),
+        }
+    }
+
+    /// The credentials for one connect, signing the server's `nonce`, with
+    /// the files read now.
+    pub fn credentials(&self, nonce: &[u8]) -> Result<async_nats::Auth, String> {
+        self.auth
+            .credentials(nonce)
+            .map_err(|error| error.to_string())
     }
 
     /// "tls" or "plaintext", for the status document.

@@ -176,6 +176,10 @@ struct Session {
     /// wait for, and thousands of idle connections would otherwise keep the
     /// forwarder and the NATS client busy with barriers and flushes.
     published_since_barrier: std::sync::atomic::AtomicBool,
+    /// A publish with a reply subject went to NATS since the last PING
+    /// barrier (on the subscriber connection, which the barrier must then
+    /// round-trip too).
+    requested_since_barrier: std::sync::atomic::AtomicBool,
 }
 
 /// How a session ended, as far as its registrations care.
@@ -232,6 +236,7 @@ pub async fn run(
         watches: Default::default(),
         subscribed_since_barrier: Default::default(),
         published_since_barrier: Default::default(),
+        requested_since_barrier: Default::default(),
     };
     let ending = session.serve(&mut reader).await;
     ctx.router.remove_session(id).await;
@@ -595,9 +600,17 @@ impl Session {
                     }
                 }
                 if self.ctx.nats.is_up() {
-                    if self.subscribed_since_barrier.swap(false, Ordering::Relaxed) {
-                        self.ctx.nats.round_trip(BARRIER_FLUSH_TIMEOUT).await;
-                    } else if published {
+                    // Subscriptions and requests go on the subscriber
+                    // connection, everything else on the NATS client's.
+                    let subscribed = self.subscribed_since_barrier.swap(false, Ordering::Relaxed);
+                    let requested = self.requested_since_barrier.swap(false, Ordering::Relaxed);
+                    if subscribed || requested {
+                        self.ctx
+                            .nats
+                            .subscriptions_round_trip(BARRIER_FLUSH_TIMEOUT)
+                            .await;
+                    }
+                    if published {
                         let flush = self.ctx.nats.client().flush();
                         let _ = tokio::time::timeout(BARRIER_FLUSH_TIMEOUT, flush).await;
                     }
@@ -810,31 +823,29 @@ impl Session {
     }
 
     async fn forward(&self, message: LocalMessage) -> Result<(), (ErrorCode, String)> {
+        if let Some(reply) = message.reply {
+            // On the connection that holds the reply subscriptions, so
+            // nats-server's no-responders answer reaches the requester.
+            crate::nats_convert::check_headers(&message.headers)
+                .map_err(|error| (ErrorCode::ProtocolViolation, error.to_string()))?;
+            self.requested_since_barrier.store(true, Ordering::Relaxed);
+            return self
+                .ctx
+                .nats
+                .publish_request(message.subject, reply, message.headers, message.payload)
+                .await
+                .map_err(|reason| (ErrorCode::NatsUnavailable, reason));
+        }
         let headers = to_header_map(&message.headers)
             .map_err(|error| (ErrorCode::ProtocolViolation, error.to_string()))?;
         let client = self.ctx.nats.client();
         let subject = to_subject(&message.subject);
         let handover = async move {
-            match (message.reply, headers) {
-                (None, None) => client.publish(subject, message.payload).await,
-                (None, Some(headers)) => {
+            match headers {
+                None => client.publish(subject, message.payload).await,
+                Some(headers) => {
                     client
                         .publish_with_headers(subject, headers, message.payload)
-                        .await
-                }
-                (Some(reply), None) => {
-                    client
-                        .publish_with_reply(subject, to_subject(&reply), message.payload)
-                        .await
-                }
-                (Some(reply), Some(headers)) => {
-                    client
-                        .publish_with_reply_and_headers(
-                            subject,
-                            to_subject(&reply),
-                            headers,
-                            message.payload,
-                        )
                         .await
                 }
             }

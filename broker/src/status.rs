@@ -78,9 +78,22 @@ pub struct NatsStatus {
     pub auth: &'static str,
     /// Why the last connect failed, while the link is down.
     pub last_error: Option<String>,
+    /// The upstream subscriptions' own connection.
+    pub subscriptions_connection: SubscriptionsConnectionStatus,
     /// Seconds since the status last changed.
     pub since_seconds: u64,
     pub outages: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SubscriptionsConnectionStatus {
+    /// `host:port` while connected.
+    pub server: Option<String>,
+    /// Why it last failed or ended.
+    pub last_error: Option<String>,
+    pub reconnects: u64,
+    /// Messages skipped because they could not be decoded.
+    pub malformed_messages: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -219,6 +232,15 @@ pub async fn document(ctx: &SessionContext) -> StatusDocument {
             last_error: nats_servers
                 .last_error
                 .filter(|_| link.status != LinkStatus::Up),
+            subscriptions_connection: {
+                let state = ctx.nats.subscriber_state();
+                SubscriptionsConnectionStatus {
+                    server: state.server,
+                    last_error: state.last_error,
+                    reconnects: state.reconnects,
+                    malformed_messages: ctx.nats.malformed_upstream(),
+                }
+            },
             since_seconds: SystemTime::now()
                 .duration_since(link.since)
                 .map(|elapsed| elapsed.as_secs())

@@ -459,6 +459,8 @@ fn copy_counters(ctx: &SessionContext, router: RouterStats) {
         .absolute(read(&stats.slow_consumer_drops));
     counter!("holdfast_messages_dropped_total", "reason" => "upstream_slow_consumer")
         .absolute(ctx.nats.upstream_drops());
+    counter!("holdfast_messages_dropped_total", "reason" => "malformed_upstream")
+        .absolute(ctx.nats.malformed_upstream());
     counter!("holdfast_messages_dropped_total", "reason" => "nats_refused")
         .absolute(read(&stats.nats_refused_drops));
     counter!("holdfast_slow_consumer_disconnects_total")

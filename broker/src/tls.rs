@@ -50,7 +50,8 @@ pub enum TlsError {
     },
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// Every certificate in the PEM file at `path` (at least one).
+pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let error = |reason: String| TlsError::Certificates {
         path: path.to_path_buf(),
         reason,

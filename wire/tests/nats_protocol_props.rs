@@ -1,6 +1,7 @@
 //! Property tests of the NATS client-protocol codec: whatever a client
 //! encodes decodes back however it is split and spelled, and no input makes
-//! the decoder panic, stall or buffer past its limits.
+//! the decoder panic, stall or buffer past its limits. The same for the
+//! server-side decoder the relay's subscriber connection reads with.
 
 use bytes::{Bytes, BytesMut};
 use holdfast_wire::nats_protocol::*;
@@ -442,6 +443,62 @@ proptest! {
             prop_assert_eq!(block.headers, headers);
             prop_assert_eq!(block.status, None);
             prop_assert_eq!(&body[header_len..], &payload[..]);
+        }
+    }
+
+    #[test]
+    fn server_messages_decode_back_however_split(
+        messages in prop::collection::vec(
+            (token(), 1u64..100_000, prop::option::of(token()), headers(), payload(64)),
+            1..6,
+        ),
+        cuts in prop::collection::vec(1usize..40, 0..12),
+    ) {
+        let mut out = BytesMut::new();
+        for (subject, sid, reply, headers, payload) in &messages {
+            encode_msg(subject, &sid.to_string(), reply.as_deref(), headers, payload, &mut out);
+        }
+        let mut decoder = ServerOpDecoder::default();
+        let mut buffer = BytesMut::new();
+        let mut decoded = Vec::new();
+        let mut rest = &out[..];
+        for cut in cuts.iter().chain(std::iter::once(&usize::MAX)) {
+            let (chunk, tail) = rest.split_at((*cut).min(rest.len()));
+            rest = tail;
+            buffer.extend_from_slice(chunk);
+            while let Some(op) = decoder
+                .decode(&mut buffer)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?
+            {
+                decoded.push(op);
+            }
+        }
+        prop_assert!(buffer.is_empty());
+        prop_assert_eq!(decoded.len(), messages.len());
+        for (op, (subject, sid, reply, headers, payload)) in decoded.iter().zip(&messages) {
+            let ServerOp::Msg { sid: got_sid, subject: got_subject, reply: got_reply, headers: got_headers, payload: got_payload } = op else {
+                return Err(TestCaseError::fail(format!("{op:?}")));
+            };
+            prop_assert_eq!(got_sid, sid);
+            prop_assert_eq!(got_subject, subject);
+            prop_assert_eq!(got_reply, reply);
+            let got = got_headers.as_ref().map(|block| block.headers.clone()).unwrap_or_default();
+            prop_assert_eq!(&got, headers);
+            prop_assert_eq!(got_payload, payload);
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic_the_server_op_decoder(
+        input in prop::collection::vec(any::<u8>(), 0..512),
+    ) {
+        let mut decoder = ServerOpDecoder::new(64);
+        let mut buffer = BytesMut::from(&input[..]);
+        for _ in 0..input.len() + 1 {
+            match decoder.decode(&mut buffer) {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => break,
+            }
         }
     }
 

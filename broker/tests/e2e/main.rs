@@ -26,3 +26,4 @@ mod restart;
 mod secured_upstreams;
 mod slow_consumer;
 mod support;
+mod upstream_malformed;

@@ -75,7 +75,7 @@ async fn sigterm_says_goodbye_and_exits_zero() {
 /// a lone CR. nats-server forwards it as is, and async-nats 0.51's reader
 /// panics on it (nats-io/nats.rs#1612), ending the relay's NATS connection
 /// task for good.
-fn publish_header_with_lone_cr(nats_url: &str, subject: &str) {
+pub fn publish_header_with_lone_cr(nats_url: &str, subject: &str) {
     use std::io::{BufRead, BufReader, Write};
     let address = nats_url.trim_start_matches("nats://");
     let mut stream = std::net::TcpStream::connect(address).unwrap();
@@ -119,7 +119,15 @@ async fn a_nats_client_that_cannot_recover_stops_the_relay_for_a_restart() {
     let mut plain = nats.subscribe("kept.>").await.unwrap();
     crate::support::nats_round_trip(&nats).await;
 
-    publish_header_with_lone_cr(&stack.nats.url(), "poison.now");
+    // Clients' subscriptions are on the relay's own subscriber connection,
+    // which survives such a message (see upstream_malformed.rs); the NATS
+    // client still holds the link's probe subscription, so a message to
+    // the probe subject is how someone who knows it can end that client.
+    let relay_id = stack.relay.status()["relay_id"]
+        .as_str()
+        .expect("relay_id")
+        .to_string();
+    publish_header_with_lone_cr(&stack.nats.url(), &format!("_HOLDFAST.probe.{relay_id}"));
     // Publishes made while the NATS client is gone, before and while the
     // relay notices and stops: whatever it acknowledged must reach NATS
     // after the restart.

@@ -78,8 +78,9 @@ pub struct ClientOpDecoder {
 /// Most bytes reserved ahead for a payload that has not arrived yet.
 const MAX_RESERVE: usize = DEFAULT_MAX_PAYLOAD + 2;
 
-/// The most tokens any operation has (HPUB: op, subject, reply, two sizes).
-const MAX_TOKENS: usize = 5;
+/// The most tokens any operation has (HMSG from a server: op, subject,
+/// sid, reply, two sizes; client operations have at most five).
+const MAX_TOKENS: usize = 6;
 
 impl ClientOpDecoder {
     /// `max_payload`: largest PUB/HPUB payload (incl. headers) accepted.
@@ -133,34 +134,7 @@ impl ClientOpDecoder {
 
     /// Splits the next control line (without its line end) off `buffer`.
     fn take_line(&mut self, buffer: &mut BytesMut) -> Result<Option<Bytes>, NatsProtocolError> {
-        // A line of `max` bytes plus "\r\n" is the longest that can be valid.
-        let limit = self.max_control_line.saturating_add(2);
-        let search_end = buffer.len().min(limit);
-        let start = self.scanned.min(search_end);
-        let Some(offset) = buffer[start..search_end].iter().position(|&b| b == b'\n') else {
-            if buffer.len() >= limit {
-                return Err(NatsProtocolError::ControlLineTooLong {
-                    max: self.max_control_line,
-                });
-            }
-            self.scanned = search_end;
-            return Ok(None);
-        };
-        let newline = start + offset;
-        let end = if newline > 0 && buffer[newline - 1] == b'\r' {
-            newline - 1
-        } else {
-            newline
-        };
-        if end > self.max_control_line {
-            return Err(NatsProtocolError::ControlLineTooLong {
-                max: self.max_control_line,
-            });
-        }
-        self.scanned = 0;
-        let mut line = buffer.split_to(newline + 1).freeze();
-        line.truncate(end);
-        Ok(Some(line))
+        take_line(buffer, &mut self.scanned, self.max_control_line)
     }
 
     fn decode_payload(
@@ -326,6 +300,45 @@ enum Parsed {
     AwaitPayload(PendingPayload),
 }
 
+/// Splits the next control line (without its line end) off `buffer`, if
+/// one is complete within `max_control_line` bytes. `scanned` remembers how
+/// far earlier calls searched, so a long line fed piecemeal costs linear
+/// time.
+pub(super) fn take_line(
+    buffer: &mut BytesMut,
+    scanned: &mut usize,
+    max_control_line: usize,
+) -> Result<Option<Bytes>, NatsProtocolError> {
+    // A line of `max` bytes plus "\r\n" is the longest that can be valid.
+    let limit = max_control_line.saturating_add(2);
+    let search_end = buffer.len().min(limit);
+    let start = (*scanned).min(search_end);
+    let Some(offset) = buffer[start..search_end].iter().position(|&b| b == b'\n') else {
+        if buffer.len() >= limit {
+            return Err(NatsProtocolError::ControlLineTooLong {
+                max: max_control_line,
+            });
+        }
+        *scanned = search_end;
+        return Ok(None);
+    };
+    let newline = start + offset;
+    let end = if newline > 0 && buffer[newline - 1] == b'\r' {
+        newline - 1
+    } else {
+        newline
+    };
+    if end > max_control_line {
+        return Err(NatsProtocolError::ControlLineTooLong {
+            max: max_control_line,
+        });
+    }
+    *scanned = 0;
+    let mut line = buffer.split_to(newline + 1).freeze();
+    line.truncate(end);
+    Ok(Some(line))
+}
+
 fn parse_sub(line: &Bytes, args: &[(usize, usize)]) -> Result<ClientOp, NatsProtocolError> {
     const OP: &str = "SUB";
     let (subject, queue_group, sid) = match args {
@@ -370,11 +383,11 @@ fn no_args(op: &'static str, args: &[(usize, usize)]) -> Result<(), NatsProtocol
     }
 }
 
-fn invalid_args(op: &'static str, reason: &'static str) -> NatsProtocolError {
+pub(super) fn invalid_args(op: &'static str, reason: &'static str) -> NatsProtocolError {
     NatsProtocolError::InvalidArguments { op, reason }
 }
 
-fn unknown(op: &[u8]) -> NatsProtocolError {
+pub(super) fn unknown(op: &[u8]) -> NatsProtocolError {
     // Enough to recognise the operation in a log, bounded for hostile input.
     const SHOWN: usize = 16;
     NatsProtocolError::UnknownOperation {
@@ -386,7 +399,7 @@ fn is_blank(byte: u8) -> bool {
     byte == b' ' || byte == b'\t'
 }
 
-fn trim_blanks(bytes: &[u8]) -> &[u8] {
+pub(super) fn trim_blanks(bytes: &[u8]) -> &[u8] {
     let start = bytes
         .iter()
         .position(|&b| !is_blank(b))
@@ -431,14 +444,14 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
     })
 }
 
-fn parse_size(op: &'static str, digits: &[u8]) -> Result<usize, NatsProtocolError> {
+pub(super) fn parse_size(op: &'static str, digits: &[u8]) -> Result<usize, NatsProtocolError> {
     parse_decimal(digits)
         .and_then(|size| usize::try_from(size).ok())
         .ok_or_else(|| invalid_args(op, "size is not a decimal number in range"))
 }
 
 /// The first few blank-separated tokens of a line, as byte ranges.
-struct Tokens {
+pub(super) struct Tokens {
     ranges: [(usize, usize); MAX_TOKENS + 1],
     len: usize,
 }
@@ -446,7 +459,7 @@ struct Tokens {
 impl Tokens {
     /// Collects at most one token more than any operation takes, which is
     /// enough to say "too many arguments" without walking a hostile line.
-    fn split(line: &[u8]) -> Tokens {
+    pub(super) fn split(line: &[u8]) -> Tokens {
         let mut tokens = Tokens {
             ranges: [(0, 0); MAX_TOKENS + 1],
             len: 0,
@@ -468,11 +481,11 @@ impl Tokens {
         tokens
     }
 
-    fn get(&self, index: usize) -> Option<&(usize, usize)> {
+    pub(super) fn get(&self, index: usize) -> Option<&(usize, usize)> {
         self.as_slice().get(index)
     }
 
-    fn as_slice(&self) -> &[(usize, usize)] {
+    pub(super) fn as_slice(&self) -> &[(usize, usize)] {
         &self.ranges[..self.len]
     }
 }

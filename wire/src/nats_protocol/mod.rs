@@ -2,7 +2,9 @@
 //! --nats-listen` needs to look like nats-server to unmodified NATS clients.
 //!
 //! [`ClientOpDecoder`] turns the bytes a client sends into [`ClientOp`]s; the
-//! `encode_*` functions write what a server sends. Nothing here does I/O or
+//! `encode_*` functions write what a server sends. [`ServerOpDecoder`] is the
+//! other direction, for the relay's own upstream subscriber connection: it
+//! skips a message other publishers made malformed and goes on. Nothing here does I/O or
 //! knows about subscriptions: the connection task decides what each op means.
 //!
 //! # The subset
@@ -63,6 +65,7 @@ mod error;
 mod headers;
 mod info;
 mod server_encode;
+mod server_ops;
 
 pub use client_encode::encode_client_op;
 pub use codec::NatsCodecError;
@@ -77,6 +80,7 @@ pub use info::{encode_info, ServerInfo};
 pub use server_encode::{
     encode_err, encode_hmsg, encode_msg, encode_ok, encode_ping, encode_pong, encode_status_msg,
 };
+pub use server_ops::{ServerOp, ServerOpDecoder, SERVER_MAX_CONTROL_LINE, SERVER_MAX_PAYLOAD};
 
 #[cfg(test)]
 mod decoder_tests;
