@@ -3,6 +3,7 @@
 # 1.6.1) through etcd/NATS faults, directly and through holdfastd.
 # Not run in CI. Usage: benches/dynamo/run.sh [dynamo_check.py flags]
 #   e.g. benches/dynamo/run.sh --etcd-outage 30s --nats-outage 20s --lease-ttl 10s
+#        benches/dynamo/run.sh --secured --only etcd_member_kill,nats_node_kill --modes holdfast
 # Env: DYN_VENV (default /tmp/dynvenv), PYTHON3 (interpreter used to create it).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -10,18 +11,20 @@ repo="$(cd "$here/../.." && pwd)"
 venv="${DYN_VENV:-/tmp/dynvenv}"
 py3="${PYTHON3:-python3}"
 
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import dynamo.runtime' 2>/dev/null; then
-    echo "creating venv $venv with ai-dynamo-runtime==1.6.1" >&2
-    "$py3" -m venv "$venv"
-    "$venv/bin/pip" install --quiet 'ai-dynamo-runtime==1.6.1'
+# nkeys (ed25519 for the NATS JWTs of --secured) is pure Python over PyNaCl.
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import dynamo.runtime, nkeys' 2>/dev/null; then
+    echo "creating venv $venv with ai-dynamo-runtime==1.6.1 nkeys==0.2.1" >&2
+    [ -x "$venv/bin/python" ] || "$py3" -m venv "$venv"
+    "$venv/bin/pip" install --quiet 'ai-dynamo-runtime==1.6.1' 'nkeys==0.2.1'
 fi
 
 (cd "$repo" && cargo build --release -p holdfast-broker)
+target="${CARGO_TARGET_DIR:-$repo/target}"
 
+# The project-local nats-server (2.15.1) is preferred; deploy/install-deps.sh puts it there.
+[ -x "$repo/.deps/bin/nats-server" ] || "$repo/deploy/install-deps.sh"
 command -v etcd >/dev/null || { echo "etcd not in PATH (deploy/install-deps.sh)" >&2; exit 1; }
-command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] \
-    || { echo "nats-server not found (deploy/install-deps.sh)" >&2; exit 1; }
 
 exec "$venv/bin/python" "$here/dynamo_check.py" \
     --python "$venv/bin/python" \
-    --holdfastd "$repo/target/release/holdfastd" "$@"
+    --holdfastd "$target/release/holdfastd" "$@"
