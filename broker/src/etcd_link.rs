@@ -36,6 +36,9 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+/// How often every member is probed, even while the one in use serves.
+const HEALTH_REFRESH: Duration = Duration::from_secs(5);
+
 /// Base period of the TCP check that cuts a reconnect backoff short.
 const REACHABILITY_CHECK: Duration = Duration::from_millis(500);
 
@@ -274,9 +277,22 @@ struct LinkTask {
 impl LinkTask {
     async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.config.probe_interval, self.config.reconnect_delay_max);
+        let mut last_full_round = Instant::now();
         loop {
-            let members = self.failover.round_members();
+            // Every member now and then, so the status shows a member that
+            // came back as serving, not as it was when last left.
+            let members = if last_full_round.elapsed() >= HEALTH_REFRESH {
+                (0..self.config.endpoints.len()).collect()
+            } else {
+                self.failover.round_members()
+            };
             let swept = members.len() == self.config.endpoints.len();
+            if swept {
+                last_full_round = Instant::now();
+            }
+            // Read before asking: a write answered while the probe is in
+            // flight may carry a higher revision than the probe's answer.
+            let floor = self.highest_revision.load(Ordering::Relaxed);
             let started = Instant::now();
             let answers = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -294,7 +310,7 @@ impl LinkTask {
             }
             let outcome = self.failover.on_round(answers, started, Instant::now());
             let served = outcome.served;
-            self.apply(outcome, served);
+            self.apply(outcome, served, floor);
             if self.failover.status() == LinkStatus::Down {
                 let delay = backoff.next_delay();
                 self.reconnect_attempts.fetch_add(1, Ordering::Relaxed);
@@ -350,15 +366,13 @@ impl LinkTask {
     }
 
     /// Publishes what a round (or the passing of time) changed.
-    fn apply(&mut self, outcome: RoundOutcome, served: Option<ServerView>) {
+    /// `floor`: the highest revision seen before the round's probes went out.
+    fn apply(&mut self, outcome: RoundOutcome, served: Option<ServerView>, floor: i64) {
         self.publish_members();
         let mut history_changed = None;
         let mut leader_changed = None;
         if let Some(view) = served {
             if let Some(last) = self.last_view {
-                // Read the floor now: a write answered while the probe was
-                // in flight may carry a higher revision than the probe's.
-                let floor = self.highest_revision.load(Ordering::Relaxed);
                 let seen = ServerView {
                     revision: last.revision.max(floor),
                     ..last

@@ -81,7 +81,12 @@ pub fn generate(request: &GenCertRequest<'_>) -> Result<Vec<PathBuf>, GenCertErr
     server_params
         .distinguished_name
         .push(DnType::CommonName, "holdfastd");
-    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    // Client use too: etcd dials its own gateway with its server
+    // certificate and refuses one that may only serve.
+    server_params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     let server_key = KeyPair::generate()?;
     let server = server_params.signed_by(&server_key, &ca)?;
 

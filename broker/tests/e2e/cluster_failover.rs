@@ -142,6 +142,15 @@ async fn etcd_members_dying_are_ridden_out_until_quorum_is_lost() {
     })
     .await;
     assert_eq!(etcd_outages_logged(&relay), 1, "{}", relay.logs());
+    // Members that came back show as serving, not as last seen.
+    crate::support::wait_until("every member serving in the status", || {
+        relay.status()["etcd"]["reachable_endpoints"] == 3
+    });
+    assert!(
+        !relay.logs().contains("revision went back"),
+        "{}",
+        relay.logs()
+    );
     drop(client);
 }
 
