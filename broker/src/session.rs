@@ -205,6 +205,19 @@ pub async fn run(
     peer: Peer,
     ctx: Arc<SessionContext>,
 ) {
+    run_telling_hello(read_half, write_half, peer, ctx, None).await;
+}
+
+/// As [`run`], and says on `hello` when the client's HELLO was accepted
+/// (the QUIC listener tells a connection that serves from one that only
+/// holds a slot).
+pub async fn run_telling_hello(
+    read_half: ByteReader,
+    write_half: ByteWriter,
+    peer: Peer,
+    ctx: Arc<SessionContext>,
+    hello: Option<tokio::sync::oneshot::Sender<()>>,
+) {
     let id = ctx.next_session_id.fetch_add(1, Ordering::Relaxed);
     bump(&ctx.stats.sessions_total);
     ctx.stats.sessions_active.fetch_add(1, Ordering::Relaxed);
@@ -238,7 +251,7 @@ pub async fn run(
         published_since_barrier: Default::default(),
         requested_since_barrier: Default::default(),
     };
-    let ending = session.serve(&mut reader).await;
+    let ending = session.serve(&mut reader, hello).await;
     ctx.router.remove_session(id).await;
     if session.has_registrations() {
         ctx.registry
@@ -263,10 +276,17 @@ pub async fn run(
 }
 
 impl Session {
-    async fn serve(&self, reader: &mut Reader) -> Ending {
+    async fn serve(
+        &self,
+        reader: &mut Reader,
+        said_hello: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Ending {
         let Some(hello) = self.handshake(reader).await else {
             return Ending::Closed;
         };
+        if let Some(said_hello) = said_hello {
+            let _ = said_hello.send(());
+        }
         info!(
             session = self.id,
             client = %hello.client_name,

@@ -165,6 +165,10 @@ pub struct RelayStats {
     /// QUIC connections that failed in the handshake (bad or missing
     /// client certificate, wrong ALPN, timeout).
     pub quic_handshake_failures: AtomicU64,
+    /// QUIC connections open now, and how many of them carry no session
+    /// that said HELLO (closed after hello_timeout or idle_timeout).
+    pub quic_connections: AtomicU64,
+    pub quic_connections_without_session: AtomicU64,
     /// Journal files found unreadable at start and moved aside.
     pub journal_quarantines: AtomicU64,
 }

@@ -111,6 +111,10 @@ fn describe() {
         "holdfast_etcd_member_switches_total",
         "Times the relay moved its etcd calls to another member because the one in use stopped serving (not an outage)."
     );
+    describe_gauge!(
+        "holdfast_quic_connections",
+        "QUIC connections open now: state=serving (a session on it said HELLO) or state=without_session (closed after sessions.hello_timeout, or sessions.idle_timeout after its last session)."
+    );
     describe_gauge!("holdfast_sessions", "Client connections open now.");
     describe_counter!(
         "holdfast_sessions_opened_total",
@@ -490,4 +494,10 @@ fn copy_counters(ctx: &SessionContext, router: RouterStats) {
     }
     counter!("holdfast_quic_handshake_failures_total")
         .absolute(read(&stats.quic_handshake_failures));
+    gauge!("holdfast_quic_connections", "state" => "serving").set(
+        read(&stats.quic_connections).saturating_sub(read(&stats.quic_connections_without_session))
+            as f64,
+    );
+    gauge!("holdfast_quic_connections", "state" => "without_session")
+        .set(read(&stats.quic_connections_without_session) as f64);
 }

@@ -316,3 +316,100 @@ async fn a_thousand_connections_per_transport_are_held_open() {
         Some(0.0)
     );
 }
+
+/// A bare QUIC connection to the relay that completes the handshake and
+/// keeps itself alive with QUIC pings, but never opens a stream.
+async fn idle_quic_connection(
+    endpoint: &quinn::Endpoint,
+    address: std::net::SocketAddr,
+) -> quinn::Connection {
+    within(
+        "a QUIC handshake",
+        endpoint.connect(address, "localhost").unwrap(),
+    )
+    .await
+    .expect("the relay completes the handshake")
+}
+
+fn quic_client_endpoint(ca: &Path) -> quinn::Endpoint {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls_pki_types::CertificateDer::pem_file_iter(ca.join("ca.pem")).unwrap() {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"holdfast/1".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_millis(200)));
+    config.transport_config(std::sync::Arc::new(transport));
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    endpoint
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_connections_that_never_open_a_session_give_their_slot_back() {
+    const SLOTS: usize = 10;
+    let certs = certificates("idle");
+    let stack = Stack::start_with_config(&format!(
+        "[sessions]\nmax_connections = {SLOTS}\nhello_timeout = \"1s\"\n{}",
+        quic_table(certs.path(), false)
+    ));
+    let address: std::net::SocketAddr = stack.relay.status()["quic"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let endpoint = quic_client_endpoint(certs.path());
+    let mut idle = Vec::new();
+    for _ in 0..SLOTS {
+        idle.push(idle_quic_connection(&endpoint, address).await);
+    }
+    let metrics = scrape(&stack.relay);
+    assert_eq!(
+        metric(
+            &metrics,
+            "holdfast_quic_connections",
+            &[("state", "without_session")]
+        ),
+        Some(SLOTS as f64),
+        "{metrics}"
+    );
+    // Keepalives do not keep them: each is closed after hello_timeout.
+    for connection in &idle {
+        let reason = within("the relay closes the idle connection", connection.closed()).await;
+        assert!(
+            matches!(reason, quinn::ConnectionError::ApplicationClosed(_)),
+            "{reason:?}"
+        );
+    }
+    // And the slots are free for clients that use them.
+    let client = stack.client().await;
+    client.publish("after.idle", "x").await.unwrap();
+    client.flush().await.unwrap();
+    let metrics = scrape(&stack.relay);
+    assert!(
+        metric(
+            &metrics,
+            "holdfast_limit_rejections_total",
+            &[("limit", "hello_timeout")]
+        ) >= Some(SLOTS as f64),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "holdfast_quic_connections",
+            &[("state", "without_session")]
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
+}
