@@ -230,6 +230,9 @@ pub struct SessionConfig {
     /// A connection that sends nothing for this long is closed.
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
+    /// Bytes of partly received large frames held at once across all
+    /// connections; a reader waits for room before taking one in.
+    pub read_budget_bytes: usize,
 }
 
 impl Default for RelayConfig {
@@ -308,6 +311,7 @@ impl Default for SessionConfig {
             max_connections: 4096,
             hello_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
+            read_budget_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -490,6 +494,16 @@ impl Config {
                 format!("must be at least 1024 and at most {MAX_FRAME_BYTES_LIMIT} (64 MiB, the largest NATS max_payload)"),
             ));
         }
+        // A frame larger than the whole budget could never be read.
+        if self.sessions.read_budget_bytes < self.relay.max_frame_bytes as usize {
+            return Err(invalid(
+                "sessions.read_budget_bytes",
+                format!(
+                    "must be at least relay.max_frame_bytes ({})",
+                    self.relay.max_frame_bytes
+                ),
+            ));
+        }
         if self.nats.servers.is_empty() {
             return Err(invalid(
                 "nats.servers",
@@ -588,6 +602,10 @@ impl Config {
                 self.sessions.max_subscriptions,
             ),
             ("sessions.max_connections", self.sessions.max_connections),
+            (
+                "sessions.read_budget_bytes",
+                self.sessions.read_budget_bytes,
+            ),
         ];
         // Some size tokio semaphores and channels, which panic above
         // MAX_PERMITS; no limit needs to come anywhere near it.
@@ -842,6 +860,10 @@ mod tests {
         assert_eq!(
             documented.sessions.idle_timeout,
             defaults.sessions.idle_timeout
+        );
+        assert_eq!(
+            documented.sessions.read_budget_bytes,
+            defaults.sessions.read_budget_bytes
         );
         assert_eq!(documented.quic.addr, defaults.quic.addr);
         assert_eq!(documented.access.default, defaults.access.default);

@@ -16,6 +16,7 @@ mod etcd_security;
 mod failure_log;
 mod fanout;
 mod forwarder;
+mod frame_reader;
 mod gen_cert;
 mod journal;
 mod journal_inspect;

@@ -109,6 +109,10 @@ async fn serve_connection(
     let sessions = TaskTracker::new();
     let (events_tx, mut events) = mpsc::unbounded_channel::<StreamEvent>();
     let mut activity = Activity::new(tokio::time::Instant::now());
+    // The connection's streams share one frame's worth of reading.
+    let read_budget = Arc::new(tokio::sync::Semaphore::new(
+        ctx.config.relay.max_frame_bytes as usize,
+    ));
     loop {
         let deadline = activity.deadline(&ctx.config.sessions);
         tokio::select! {
@@ -117,12 +121,15 @@ async fn serve_connection(
                 Ok((send, receive)) => {
                     let (hello_tx, hello_rx) = oneshot::channel();
                     let events_tx = events_tx.clone();
-                    let session = session::run_telling_hello(
+                    let session = session::run_on_stream(
                         Box::new(receive),
                         Box::new(send),
                         peer.clone(),
                         ctx.clone(),
-                        Some(hello_tx),
+                        session::StreamContext {
+                            hello: Some(hello_tx),
+                            read_budget: Some(read_budget.clone()),
+                        },
                     );
                     sessions.spawn(async move {
                         let hello_events = events_tx.clone();

@@ -14,6 +14,7 @@ use crate::etcd_link::EtcdLink;
 use crate::fanout::LocalMessage;
 use crate::fanout::DELIVERED_LOCALLY_HEADER;
 use crate::forwarder::{Accept, AcceptBatch, AckRequest, ForwarderHandle};
+use crate::frame_reader::{BudgetedFrames, ReadBudgets};
 use crate::nats_convert::{check_headers, from_header_map, to_header_map, to_subject};
 use crate::nats_link::NatsLink;
 use crate::outbox::{outbox, Outbox, OutboxReceiver};
@@ -32,8 +33,8 @@ use holdfast_wire::subject::{
     validate_publish_subject, validate_queue_group, validate_subscribe_subject,
 };
 use holdfast_wire::{
-    encode, AckOutcome, CodecError, Deregister, ErrorCode, ErrorFrame, Frame, FrameCodec, Get,
-    GetOutcome, GetResponse, GoAway, Hello, LinkState, LinkStatus, Pong, PubAck, Publish, Register,
+    encode, AckOutcome, CodecError, Deregister, ErrorCode, ErrorFrame, Frame, Get, GetOutcome,
+    GetResponse, GoAway, Hello, LinkState, LinkStatus, Pong, PubAck, Publish, Register,
     RegisterAck, RegistrationOutcome, Request, Response, ResponseOutcome, Service, StatusResponse,
     Subscribe, Text, Watch, Welcome, PROTOCOL_VERSION,
 };
@@ -43,14 +44,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// How long a PING barrier waits for the NATS client to flush.
 const BARRIER_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
-/// Socket read buffer: big enough that one read carries many small frames.
-const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Publishes handed to the forwarder at most per hand-over.
 const ACCEPT_BATCH: usize = 1024;
 /// Frames handled per turn of the session loop before it looks at its
@@ -81,6 +79,9 @@ pub struct SessionContext {
     pub access: AccessPolicy,
     /// One permit per open connection (`sessions.max_connections`).
     pub connection_permits: Arc<Semaphore>,
+    /// Bytes of large frames being read, relay-wide
+    /// (`sessions.read_budget_bytes`).
+    pub read_budget: Arc<Semaphore>,
     /// Where the QUIC listener listens, if it does.
     pub quic_address: Option<std::net::SocketAddr>,
     /// Where the NATS client-protocol front end listens, if it does.
@@ -110,9 +111,11 @@ impl SessionContext {
         shutdown: CancellationToken,
     ) -> SessionContext {
         let connection_permits = Arc::new(Semaphore::new(config.sessions.max_connections));
+        let read_budget = Arc::new(Semaphore::new(config.sessions.read_budget_bytes));
         SessionContext {
             access,
             connection_permits,
+            read_budget,
             quic_address: None,
             nats_front_address: None,
             config,
@@ -137,7 +140,7 @@ pub type ByteReader = Box<dyn AsyncRead + Send + Unpin>;
 /// The write half of a connection, whatever the transport.
 pub type ByteWriter = Box<dyn AsyncWrite + Send + Unpin>;
 
-type Reader = FramedRead<ByteReader, FrameCodec>;
+type Reader = BudgetedFrames<ByteReader>;
 
 /// Whether the session goes on after a frame.
 enum Flow {
@@ -205,27 +208,42 @@ pub async fn run(
     peer: Peer,
     ctx: Arc<SessionContext>,
 ) {
-    run_telling_hello(read_half, write_half, peer, ctx, None).await;
+    run_on_stream(read_half, write_half, peer, ctx, StreamContext::default()).await;
 }
 
-/// As [`run`], and says on `hello` when the client's HELLO was accepted
-/// (the QUIC listener tells a connection that serves from one that only
-/// holds a slot).
-pub async fn run_telling_hello(
+/// What a QUIC connection shares with the sessions on its streams.
+#[derive(Default)]
+pub struct StreamContext {
+    /// Told when the client's HELLO was accepted (a connection that serves
+    /// is told from one that only holds a slot).
+    pub hello: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The connection's read budget, shared by its streams.
+    pub read_budget: Option<Arc<Semaphore>>,
+}
+
+/// As [`run`], for one stream of a connection that carries several.
+pub async fn run_on_stream(
     read_half: ByteReader,
     write_half: ByteWriter,
     peer: Peer,
     ctx: Arc<SessionContext>,
-    hello: Option<tokio::sync::oneshot::Sender<()>>,
+    stream: StreamContext,
 ) {
+    let hello = stream.hello;
     let id = ctx.next_session_id.fetch_add(1, Ordering::Relaxed);
     bump(&ctx.stats.sessions_total);
     ctx.stats.sessions_active.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard(ctx.stats.clone());
 
     let max_frame = ctx.config.relay.max_frame_bytes;
-    let mut reader =
-        FramedRead::with_capacity(read_half, FrameCodec::new(max_frame), READ_BUFFER_BYTES);
+    let budgets = ReadBudgets::new(
+        stream
+            .read_budget
+            .into_iter()
+            .chain(std::iter::once(ctx.read_budget.clone()))
+            .collect(),
+    );
+    let mut reader = BudgetedFrames::new(read_half, max_frame, budgets, ctx.stats.clone());
     let sessions = &ctx.config.sessions;
     let (outbox, outbox_receiver) = outbox(
         id,

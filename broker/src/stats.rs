@@ -62,10 +62,13 @@ pub enum Limit {
     /// `sessions.outbound_queue_frames` of answers (acks) a client has not
     /// read: the session stops reading its requests until they drain.
     UnreadAnswers,
+    /// `sessions.read_budget_bytes` (or a QUIC connection's one frame):
+    /// a reader waited for room before taking in a large frame.
+    ReadBudget,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 8] = [
+    pub const ALL: [Limit; 9] = [
         Limit::Connections,
         Limit::HelloTimeout,
         Limit::IdleTimeout,
@@ -74,6 +77,7 @@ impl Limit {
         Limit::Watches,
         Limit::InflightRequests,
         Limit::UnreadAnswers,
+        Limit::ReadBudget,
     ];
 
     pub fn name(self) -> &'static str {
@@ -86,6 +90,7 @@ impl Limit {
             Limit::Watches => "watches",
             Limit::InflightRequests => "inflight_requests",
             Limit::UnreadAnswers => "unread_answers",
+            Limit::ReadBudget => "read_budget",
         }
     }
 }

@@ -20,6 +20,11 @@ pub const ALPN: &[u8] = b"holdfast/1";
 /// Bidirectional streams (sessions) one QUIC connection may have open.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 
+/// Bytes a QUIC connection (all its streams), and one stream, may have in
+/// flight unread by the relay.
+pub const QUIC_CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
+pub const QUIC_STREAM_WINDOW: u32 = 1024 * 1024;
+
 /// A QUIC connection silent this long is gone; clients ping every 250 ms.
 const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -119,7 +124,13 @@ pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig, TlsError> 
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into())
-        .max_concurrent_uni_streams(0u32.into());
+        .max_concurrent_uni_streams(0u32.into())
+        // What QUIC itself buffers for a connection before the relay reads
+        // it (quinn's default connection window is unlimited): sixteen
+        // streams at 1.25 MiB each would otherwise sit in memory per
+        // connection, beyond the relay's read budget.
+        .receive_window(QUIC_CONNECTION_WINDOW.into())
+        .stream_receive_window(QUIC_STREAM_WINDOW.into());
     if let Ok(idle) = QUIC_IDLE_TIMEOUT.try_into() {
         transport.max_idle_timeout(Some(idle));
     }

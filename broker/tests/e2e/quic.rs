@@ -413,3 +413,66 @@ async fn quic_connections_that_never_open_a_session_give_their_slot_back() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_large_frames_on_many_quic_streams_stay_within_the_read_budget() {
+    const CONNECTIONS: usize = 3;
+    const STREAMS: usize = 16;
+    const FRAME: usize = 4 * 1024 * 1024;
+    let certs = certificates("reader");
+    let stack = Stack::start_with_config(&format!(
+        "[sessions]\nhello_timeout = \"20s\"\n{}",
+        quic_table(certs.path(), false)
+    ));
+    let address: std::net::SocketAddr = stack.relay.status()["quic"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let before = crate::limits::relay_rss_mib(&stack.relay);
+    let endpoint = quic_client_endpoint(certs.path());
+    let mut connections = Vec::new();
+    let mut writers = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let connection = idle_quic_connection(&endpoint, address).await;
+        for _ in 0..STREAMS {
+            let (mut send, _receive) = connection.open_bi().await.unwrap();
+            // A frame announced at 4 MiB, all of it sent but its last byte.
+            writers.push(tokio::spawn(async move {
+                let mut frame = ((FRAME - 4) as u32).to_be_bytes().to_vec();
+                frame.resize(FRAME - 1, 0x7f);
+                let _ = send.write_all(&frame).await;
+                // Held open, unfinished, until the test ends.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(send);
+            }));
+        }
+        connections.push(connection);
+    }
+    // Whatever the clients managed to send by now is all they will get in.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown = crate::limits::relay_rss_mib(&stack.relay) - before;
+    eprintln!(
+        "{CONNECTIONS} connections x {STREAMS} streams of unfinished 4 MiB frames: relay grew {grown:.0} MiB"
+    );
+    // One frame per connection in the relay's buffers, plus what QUIC may
+    // hold unread (2 MiB per connection); 48 frames would be 192 MiB.
+    assert!(grown < 40.0, "the relay grew by {grown:.0} MiB");
+    // Other clients are served meanwhile.
+    let client = stack.client().await;
+    client.publish("budget.other", "x").await.unwrap();
+    client.flush().await.unwrap();
+    let metrics = scrape(&stack.relay);
+    assert!(
+        metric(
+            &metrics,
+            "holdfast_limit_rejections_total",
+            &[("limit", "read_budget")]
+        ) >= Some(1.0),
+        "{metrics}"
+    );
+    for writer in writers {
+        writer.abort();
+    }
+    drop(connections);
+}
