@@ -18,6 +18,7 @@ use crate::nats_convert::{check_headers, from_header_map, to_header_map, to_subj
 use crate::nats_link::NatsLink;
 use crate::outbox::{outbox, Outbox, OutboxReceiver};
 use crate::peer::Peer;
+use crate::registry::model::{Claimant, Process};
 use crate::registry::{AckTo as RegistrationAckTo, RegistryHandle};
 use crate::router::RouterHandle;
 use crate::stats::{bump, Limit, PublishOutcome, RelayStats};
@@ -166,6 +167,9 @@ struct Session {
     /// keys may be 64 KiB each.
     registered: std::sync::Mutex<HashSet<u64>>,
     registered_hasher: std::collections::hash_map::RandomState,
+    /// The client process behind this session, once HELLO named it: a
+    /// later session of the same process may take its keys over.
+    process: std::sync::OnceLock<Process>,
     watches: std::sync::Mutex<HashSet<u32>>,
     /// A SUBSCRIBE was taken since the last PING barrier: that barrier must
     /// wait until NATS has the subscription, not just until it is written.
@@ -229,6 +233,7 @@ pub async fn run(
         accepts: std::sync::Mutex::new(Vec::new()),
         registered: Default::default(),
         registered_hasher: Default::default(),
+        process: Default::default(),
         watches: Default::default(),
         subscribed_since_barrier: Default::default(),
         published_since_barrier: Default::default(),
@@ -549,6 +554,10 @@ impl Session {
         } else {
             hello.instance_id
         };
+        let _ = self.process.set(Process {
+            instance_id,
+            identity: self.peer.identity(),
+        });
         let link = self.ctx.nats.snapshot();
         let welcome = Frame::Welcome(Welcome {
             version: PROTOCOL_VERSION,
@@ -938,10 +947,20 @@ impl Session {
         };
         // Held until deregistered, so copied out of the read buffer that
         // the decoded slices share with every frame read along with them.
+        let claimant = self.claimant(&register.key);
         let key = Bytes::copy_from_slice(&register.key);
         let value = Bytes::copy_from_slice(&register.value);
-        self.ctx.registry.register(self.id, key, value, ack).await;
+        self.ctx.registry.register(claimant, key, value, ack).await;
         Flow::Continue
+    }
+
+    /// This session as the registry sees it when it changes `key`.
+    fn claimant(&self, key: &[u8]) -> Claimant {
+        Claimant {
+            session: self.id,
+            process: self.process.get().cloned(),
+            may_take_over: self.permissions.may_take_over(key),
+        }
     }
 
     async fn on_deregister(&self, deregister: Deregister) -> Flow {
@@ -953,9 +972,10 @@ impl Session {
             outbox: self.outbox.clone(),
             request_id: deregister.request_id,
         };
+        let claimant = self.claimant(&deregister.key);
         self.ctx
             .registry
-            .deregister(self.id, deregister.key, ack)
+            .deregister(claimant, deregister.key, ack)
             .await;
         Flow::Continue
     }

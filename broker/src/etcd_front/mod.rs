@@ -15,6 +15,7 @@
 //!   the discovery cache ([`range`]); anything else goes to etcd unchanged
 //!   while it is up ([`upstream`]) and fails `Unavailable` while it is not.
 //! - Watch: served by the discovery cache's watches ([`watch`]).
+//! - Writes obey `access.default` and key ownership ([`write_policy`]).
 //! - Every other service (Maintenance, Cluster, Auth, Lock, Election) and
 //!   KV Compact answer `Unimplemented` naming the RPC ([`unimplemented`]).
 
@@ -29,6 +30,7 @@ mod txn;
 mod unimplemented;
 mod upstream;
 mod watch;
+mod write_policy;
 
 use crate::config::Config;
 use crate::discovery::DiscoveryHandle;
@@ -70,11 +72,14 @@ pub enum EtcdFrontError {
     NoUpstream,
     #[error(transparent)]
     Endpoint(#[from] upstream::EndpointError),
+    #[error("[access]: {0}")]
+    Access(String),
 }
 
 /// What every service of the front end shares.
 pub struct Front {
     owner: LeaseOwner,
+    writes: write_policy::WritePolicy,
     upstream: upstream::Upstream,
     discovery: DiscoveryHandle,
     outboxes: Outboxes,
@@ -115,6 +120,12 @@ pub async fn start(
         .await
         .map_err(|source| EtcdFrontError::Bind { address, source })?;
     let address = listener.local_addr().unwrap_or(address);
+    // TCP on loopback proves no identity: every client gets the default.
+    let permissions = config
+        .access_policy()
+        .map_err(EtcdFrontError::Access)?
+        .default_permissions();
+    let writes = write_policy::WritePolicy::new(permissions, registry.clone(), stats.clone());
     let call_timeout = (config.etcd.probe_timeout * 4).max(Duration::from_secs(2));
     let upstream = upstream::Upstream::new(&config.etcd.endpoints, link, call_timeout)?;
     let outboxes = Outboxes {
@@ -133,6 +144,7 @@ pub async fn start(
     .await;
     let front = Arc::new(Front {
         owner,
+        writes,
         upstream,
         discovery,
         outboxes,
@@ -233,7 +245,9 @@ fn owner_status(error: OwnerError) -> Status {
             let message = lease.to_string();
             match lease {
                 LeaseError::NotFound => Status::not_found(message),
-                LeaseError::Exists => Status::failed_precondition(message),
+                LeaseError::Exists | LeaseError::HeldByAnotherLease { .. } => {
+                    Status::failed_precondition(message)
+                }
                 LeaseError::TtlTooLarge => Status::out_of_range(message),
                 LeaseError::TooManyLeases { .. } | LeaseError::TooManyKeys { .. } => {
                     Status::resource_exhausted(message)
