@@ -57,8 +57,6 @@ const ACCEPT_BATCH: usize = 1024;
 /// Frames handled per turn of the session loop before it looks at its
 /// timers, link watches and shutdown again.
 const FRAMES_PER_TURN: usize = 4096;
-/// Watches one session may hold at once.
-const MAX_WATCHES_PER_SESSION: usize = 1024;
 /// Frames the writer takes from the outbox per batch.
 const WRITE_BATCH_FRAMES: usize = 512;
 /// Flush the write buffer early once it holds this much.
@@ -1042,10 +1040,10 @@ impl Session {
                 .error(ErrorCode::InvalidSubject, reference, message)
                 .await;
         }
+        let max_watches = self.ctx.config.etcd.max_watches_per_session;
         let admitted = {
             let mut watches = lock(&self.watches);
-            let admitted =
-                watches.contains(&watch.watch_id) || watches.len() < MAX_WATCHES_PER_SESSION;
+            let admitted = watches.contains(&watch.watch_id) || watches.len() < max_watches;
             if admitted {
                 watches.insert(watch.watch_id);
             }
@@ -1053,7 +1051,9 @@ impl Session {
         };
         if !admitted {
             self.ctx.stats.record_limit(Limit::Watches);
-            let message = format!("at most {MAX_WATCHES_PER_SESSION} watches per connection");
+            let message = format!(
+                "at most {max_watches} watches per connection (etcd.max_watches_per_session)"
+            );
             return self
                 .error(ErrorCode::LimitExceeded, reference, message)
                 .await;
@@ -1072,10 +1072,9 @@ impl Session {
             .await;
         match started {
             Ok(()) => Flow::Continue,
-            Err(message) => {
+            Err(refused) => {
                 lock(&self.watches).remove(&watch.watch_id);
-                self.error(ErrorCode::EtcdUnavailable, reference, message.to_string())
-                    .await
+                self.error(refused.code, reference, refused.message).await
             }
         }
     }

@@ -389,6 +389,10 @@ fn copy_etcd_counters(ctx: &SessionContext) {
     gauge!("holdfast_discovery_cache_bytes").set(read(&discovery.bytes) as f64);
     counter!("holdfast_limit_rejections_total", "limit" => "discovery_cache_bytes")
         .absolute(read(&discovery.refused));
+    counter!("holdfast_limit_rejections_total", "limit" => "cached_prefixes")
+        .absolute(read(&discovery.slots_full));
+    counter!("holdfast_limit_rejections_total", "limit" => "cached_prefixes_per_session")
+        .absolute(read(&discovery.session_limit));
     gauge!("holdfast_discovery_watchers").set(read(&discovery.watchers) as f64);
     gauge!("holdfast_discovery_staleness_seconds")
         .set(read(&discovery.max_stale_ms) as f64 / 1000.0);

@@ -84,6 +84,8 @@ pub struct Front {
     discovery: DiscoveryHandle,
     outboxes: Outboxes,
     watches: AtomicUsize,
+    /// `etcd.max_watches_per_session`, per watch stream.
+    max_watches_per_stream: usize,
     streams: AtomicU64,
     stop: CancellationToken,
 }
@@ -149,6 +151,7 @@ pub async fn start(
         discovery,
         outboxes,
         watches: AtomicUsize::new(0),
+        max_watches_per_stream: config.etcd.max_watches_per_session,
         streams: AtomicU64::new(0),
         stop: stop.clone(),
     });

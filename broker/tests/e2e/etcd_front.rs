@@ -3,7 +3,7 @@
 //! that live as long as the client keeps them alive, through an etcd
 //! outage, an empty etcd and a relay restart.
 
-use crate::support::{free_port, EtcdServer, NatsServer, Relay, WAIT};
+use crate::support::{free_port, within, EtcdServer, NatsServer, Relay, WAIT};
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
     WatchOptions,
@@ -980,4 +980,34 @@ async fn the_front_end_cannot_change_keys_another_session_or_lease_holds() {
         Some(6.0),
         "{metrics}"
     );
+}
+
+/// Reads the answer to a watch request: created, and canceled with a
+/// reason containing `refused` unless that is empty.
+async fn watch_answer(stream: &mut etcd_client::WatchStream, refused: &str) {
+    let response = within("a watch answer", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(response.created(), "{response:?}");
+    assert_eq!(response.canceled(), !refused.is_empty(), "{response:?}");
+    assert!(response.cancel_reason().contains(refused), "{response:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_stream_holds_at_most_its_share_of_watches_and_prefixes() {
+    let stack =
+        FrontStack::start("max_cached_prefixes_per_session = 2\nmax_watches_per_session = 3\n");
+    let mut front = stack.front().await;
+    let prefix = || Some(WatchOptions::new().with_prefix());
+    let mut stream = front.watch("v1/a/", prefix()).await.unwrap();
+    watch_answer(&mut stream, "").await;
+    stream.watch("v1/b/", prefix()).await.unwrap();
+    watch_answer(&mut stream, "").await;
+    stream.watch("v1/c/", prefix()).await.unwrap();
+    watch_answer(&mut stream, "max_cached_prefixes_per_session").await;
+    stream.watch("v1/a/x/", prefix()).await.unwrap();
+    watch_answer(&mut stream, "").await;
+    stream.watch("v1/a/y/", prefix()).await.unwrap();
+    watch_answer(&mut stream, "max_watches_per_session").await;
 }
