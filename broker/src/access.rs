@@ -1,11 +1,13 @@
-//! Access control: which identity may publish, subscribe and register what.
+//! Access control: which identity may publish, subscribe, register and take
+//! over what.
 //!
 //! Sans-IO: the `[access]` configuration is compiled once into an
 //! [`AccessPolicy`]; each session looks up its [`Permissions`] from its
 //! [`Peer`] when it starts, and checks every publish, request, subscription
 //! and registration against them. Rules are tried in file order and the
 //! first whose selector matches the peer applies; a peer no rule matches
-//! gets `default` (everything, or nothing).
+//! gets `default` (everything, or nothing, but never a takeover: taking a
+//! key from the live session that holds it needs a rule that names it).
 
 use crate::peer::Peer;
 use holdfast_wire::subject::{matches, validate_subscribe_subject};
@@ -56,6 +58,11 @@ pub struct AccessRule {
     /// Key prefixes it may register keys under.
     #[serde(default)]
     pub register: Vec<String>,
+    /// Key prefixes under which it may take over a key another live
+    /// session holds (the key moves to it); elsewhere such a registration
+    /// is refused as a conflict. Registering still needs `register`.
+    #[serde(default)]
+    pub takeover: Vec<String>,
 }
 
 /// What one kind of operation may touch.
@@ -73,6 +80,8 @@ pub struct Permissions {
     publish: Allowed,
     subscribe: Allowed,
     register: Allowed,
+    /// Prefixes under which keys of other sessions may be taken over.
+    takeover: Vec<String>,
 }
 
 /// The operations access rules govern, as counted in metrics.
@@ -109,6 +118,7 @@ impl Permissions {
             publish: Allowed::Everything,
             subscribe: Allowed::Everything,
             register: Allowed::Everything,
+            takeover: Vec::new(),
         }
     }
 
@@ -118,6 +128,7 @@ impl Permissions {
             publish: Allowed::Only(Vec::new()),
             subscribe: Allowed::Only(Vec::new()),
             register: Allowed::Only(Vec::new()),
+            takeover: Vec::new(),
         }
     }
 
@@ -146,6 +157,45 @@ impl Permissions {
                 .any(|prefix| key.starts_with(prefix.as_bytes())),
         }
     }
+
+    /// Whether every key of etcd's range `[key, range_end)` may be
+    /// registered (an empty `range_end` is `key` alone, `"\0"` every key
+    /// from `key` on): the range must lie under one allowed prefix.
+    pub fn may_register_range(&self, key: &[u8], range_end: &[u8]) -> bool {
+        match &self.register {
+            Allowed::Everything => true,
+            Allowed::Only(prefixes) => prefixes.iter().any(|prefix| {
+                let prefix = prefix.as_bytes();
+                if !key.starts_with(prefix) {
+                    return false;
+                }
+                match range_end {
+                    [] => true,
+                    [0] => false,
+                    // Every key below `range_end` starts with the prefix
+                    // when `range_end` is at most the first key after all
+                    // of them.
+                    end => prefix_end(prefix).is_some_and(|limit| end <= limit.as_slice()),
+                }
+            }),
+        }
+    }
+
+    /// Whether `key` may be taken from another live session that holds it.
+    pub fn may_take_over(&self, key: &[u8]) -> bool {
+        self.takeover
+            .iter()
+            .any(|prefix| key.starts_with(prefix.as_bytes()))
+    }
+}
+
+/// The first key after every key that starts with `prefix` (etcd's prefix
+/// range end); `None` when there is none (the prefix is all 0xff bytes).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let last = prefix.iter().rposition(|byte| *byte != 0xff)?;
+    let mut end = prefix[..=last].to_vec();
+    end[last] += 1;
+    Some(end)
 }
 
 /// Whether every subject `subject` (a subscription, wildcards allowed)
@@ -225,11 +275,17 @@ impl AccessPolicy {
                     "{name}.register: an empty prefix would allow every key; leave it out and use a default of \"allow\" instead"
                 ));
             }
+            if rule.takeover.iter().any(String::is_empty) {
+                return Err(format!(
+                    "{name}.takeover: an empty prefix would let this identity take every key from the session holding it; name the prefixes"
+                ));
+            }
             let permissions = Permissions {
                 source: name,
                 publish: Allowed::Only(rule.publish.clone()),
                 subscribe: Allowed::Only(rule.subscribe.clone()),
                 register: Allowed::Only(rule.register.clone()),
+                takeover: rule.takeover.clone(),
             };
             rules.push((selector, Arc::new(permissions)));
         }
@@ -241,6 +297,12 @@ impl AccessPolicy {
             rules,
             default: Arc::new(default),
         })
+    }
+
+    /// What identities no rule selects may do: also what a connection that
+    /// proves no identity (the etcd front end's TCP) gets.
+    pub fn default_permissions(&self) -> Arc<Permissions> {
+        self.default.clone()
     }
 
     /// The permissions of `peer`: the first rule selecting it, else the default.
@@ -369,7 +431,66 @@ mod tests {
         assert!(error.contains("access.rule[1].publish"), "{error}");
         let error = policy("[[rule]]\nuid = 1\nregister = [\"\"]\n").unwrap_err();
         assert!(error.contains("access.rule[0].register"), "{error}");
+        let error = policy("[[rule]]\nuid = 1\ntakeover = [\"\"]\n").unwrap_err();
+        assert!(error.contains("access.rule[0].takeover"), "{error}");
         assert!(policy("[[rule]]\nuid = 1\nbogus = 1\n").is_err());
         assert!(policy("default = \"maybe\"\n").is_err());
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    fn permissions(text: &str, peer: &Peer) -> Arc<Permissions> {
+        let config: AccessConfig = toml::from_str(text).unwrap();
+        AccessPolicy::compile(&config).unwrap().permissions(peer)
+    }
+
+    const UID_7: Peer = Peer::Unix {
+        uid: 7,
+        gid: 7,
+        pid: None,
+    };
+
+    #[test]
+    fn takeover_needs_a_rule_that_names_the_prefix() {
+        let allow_all = permissions("", &UID_7);
+        assert!(allow_all.may_register(b"v1/instances/a"));
+        assert!(
+            !allow_all.may_take_over(b"v1/instances/a"),
+            "the default never takes keys from their session"
+        );
+        let rule = permissions(
+            "[[rule]]\nuid = 7\nregister = [\"v1/\"]\ntakeover = [\"v1/instances/\"]\n",
+            &UID_7,
+        );
+        assert!(rule.may_take_over(b"v1/instances/a"));
+        assert!(!rule.may_take_over(b"v1/config/a"));
+    }
+
+    #[test]
+    fn a_range_is_allowed_only_inside_one_register_prefix() {
+        let allowed = permissions("[[rule]]\nuid = 7\nregister = [\"v1/a/\"]\n", &UID_7);
+        assert!(allowed.may_register_range(b"v1/a/k", b""));
+        assert!(
+            allowed.may_register_range(b"v1/a/", b"v1/a0"),
+            "the prefix itself"
+        );
+        assert!(allowed.may_register_range(b"v1/a/x/", b"v1/a/x0"));
+        assert!(allowed.may_register_range(b"v1/a/k", b"v1/a/m"));
+        assert!(
+            !allowed.may_register_range(b"v1/a/k", b"v1/b"),
+            "runs past it"
+        );
+        assert!(!allowed.may_register_range(b"v1/", b"v10"), "wider than it");
+        assert!(
+            !allowed.may_register_range(b"v1/a/k", b"\0"),
+            "every key on"
+        );
+        assert!(!allowed.may_register_range(b"v1/b/k", b""));
+        assert!(permissions("", &UID_7).may_register_range(b"\0", b"\0"));
+        assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(b"\xff\xff"), None);
     }
 }

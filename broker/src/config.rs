@@ -169,6 +169,11 @@ pub struct EtcdConfig {
     pub prefixes: Vec<String>,
     /// Most prefixes cached at once (configured ones included).
     pub max_cached_prefixes: usize,
+    /// Most cached prefixes the watches of one session may hold, so that
+    /// one client cannot take every slot from the others.
+    pub max_cached_prefixes_per_session: usize,
+    /// Most watches one session (or etcd front end watch stream) may hold.
+    pub max_watches_per_session: usize,
     /// Most bytes of keys and values the discovery cache holds, across all
     /// prefixes; a prefix that does not fit is not cached.
     pub max_cached_bytes: usize,
@@ -286,6 +291,8 @@ impl Default for EtcdConfig {
             reconcile_interval: Duration::from_secs(10),
             prefixes: Vec::new(),
             max_cached_prefixes: 256,
+            max_cached_prefixes_per_session: 64,
+            max_watches_per_session: 1024,
             max_cached_bytes: 64 * 1024 * 1024,
             max_registrations: 1_000_000,
             max_registrations_per_session: 100_000,
@@ -579,6 +586,11 @@ impl Config {
         }
         let positive = [
             ("etcd.max_cached_prefixes", etcd.max_cached_prefixes),
+            (
+                "etcd.max_cached_prefixes_per_session",
+                etcd.max_cached_prefixes_per_session,
+            ),
+            ("etcd.max_watches_per_session", etcd.max_watches_per_session),
             ("etcd.max_cached_bytes", etcd.max_cached_bytes),
             ("etcd.max_registrations", etcd.max_registrations),
             (
@@ -844,6 +856,14 @@ mod tests {
         assert_eq!(documented.nats.link_timeout, defaults.nats.link_timeout);
         assert_eq!(documented.etcd.link_timeout, defaults.etcd.link_timeout);
         assert_eq!(documented.etcd.probe_key, defaults.etcd.probe_key);
+        assert_eq!(
+            documented.etcd.max_cached_prefixes_per_session,
+            defaults.etcd.max_cached_prefixes_per_session
+        );
+        assert_eq!(
+            documented.etcd.max_watches_per_session,
+            defaults.etcd.max_watches_per_session
+        );
         assert_eq!(documented.nats.tls_first, defaults.nats.tls_first);
         assert_eq!(documented.nats.creds_file, defaults.nats.creds_file);
         assert_eq!(documented.etcd.user, defaults.etcd.user);
@@ -937,6 +957,14 @@ mod tests {
                 "sessions.outbound_queue_frames",
             ),
             ("[[access.rule]]\npublish = [\"a\"]\n", "access"),
+            (
+                "[etcd]\nmax_cached_prefixes_per_session = 0\n",
+                "etcd.max_cached_prefixes_per_session",
+            ),
+            (
+                "[etcd]\nmax_watches_per_session = 0\n",
+                "etcd.max_watches_per_session",
+            ),
         ] {
             let file = write_config(text);
             let error = Config::load(Some(file.path()), &Overrides::default())

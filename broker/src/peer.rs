@@ -44,6 +44,25 @@ impl Peer {
             Err(_) => Peer::Unknown,
         }
     }
+
+    /// What the transport proved about the peer, without what changes from
+    /// one connection of the same process to the next (its pid, its QUIC
+    /// address): two sessions with equal identities may be the same
+    /// process reconnecting.
+    pub fn identity(&self) -> String {
+        match self {
+            Peer::Unix { uid, .. } => format!("uid={uid}"),
+            Peer::Quic {
+                common_name: Some(name),
+                ..
+            } => format!("cn={name}"),
+            Peer::Quic {
+                common_name: None, ..
+            } => "quic".to_string(),
+            Peer::NatsProtocol { .. } => "nats-protocol".to_string(),
+            Peer::Unknown => "unknown".to_string(),
+        }
+    }
 }
 
 impl fmt::Display for Peer {

@@ -19,6 +19,7 @@ use crate::nats_convert::{check_headers, from_header_map, to_header_map, to_subj
 use crate::nats_link::NatsLink;
 use crate::outbox::{outbox, Outbox, OutboxReceiver};
 use crate::peer::Peer;
+use crate::registry::model::{Claimant, Process};
 use crate::registry::{AckTo as RegistrationAckTo, RegistryHandle};
 use crate::router::RouterHandle;
 use crate::stats::{bump, Limit, PublishOutcome, RelayStats};
@@ -54,8 +55,6 @@ const ACCEPT_BATCH: usize = 1024;
 /// Frames handled per turn of the session loop before it looks at its
 /// timers, link watches and shutdown again.
 const FRAMES_PER_TURN: usize = 4096;
-/// Watches one session may hold at once.
-const MAX_WATCHES_PER_SESSION: usize = 1024;
 /// Frames the writer takes from the outbox per batch.
 const WRITE_BATCH_FRAMES: usize = 512;
 /// Flush the write buffer early once it holds this much.
@@ -169,6 +168,9 @@ struct Session {
     /// keys may be 64 KiB each.
     registered: std::sync::Mutex<HashSet<u64>>,
     registered_hasher: std::collections::hash_map::RandomState,
+    /// The client process behind this session, once HELLO named it: a
+    /// later session of the same process may take its keys over.
+    process: std::sync::OnceLock<Process>,
     watches: std::sync::Mutex<HashSet<u32>>,
     /// A SUBSCRIBE was taken since the last PING barrier: that barrier must
     /// wait until NATS has the subscription, not just until it is written.
@@ -264,6 +266,7 @@ pub async fn run_on_stream(
         accepts: std::sync::Mutex::new(Vec::new()),
         registered: Default::default(),
         registered_hasher: Default::default(),
+        process: Default::default(),
         watches: Default::default(),
         subscribed_since_barrier: Default::default(),
         published_since_barrier: Default::default(),
@@ -592,6 +595,10 @@ impl Session {
         } else {
             hello.instance_id
         };
+        let _ = self.process.set(Process {
+            instance_id,
+            identity: self.peer.identity(),
+        });
         let link = self.ctx.nats.snapshot();
         let welcome = Frame::Welcome(Welcome {
             version: PROTOCOL_VERSION,
@@ -987,10 +994,20 @@ impl Session {
         };
         // Held until deregistered, so copied out of the read buffer that
         // the decoded slices share with every frame read along with them.
+        let claimant = self.claimant(&register.key);
         let key = Bytes::copy_from_slice(&register.key);
         let value = Bytes::copy_from_slice(&register.value);
-        self.ctx.registry.register(self.id, key, value, ack).await;
+        self.ctx.registry.register(claimant, key, value, ack).await;
         Flow::Continue
+    }
+
+    /// This session as the registry sees it when it changes `key`.
+    fn claimant(&self, key: &[u8]) -> Claimant {
+        Claimant {
+            session: self.id,
+            process: self.process.get().cloned(),
+            may_take_over: self.permissions.may_take_over(key),
+        }
     }
 
     async fn on_deregister(&self, deregister: Deregister) -> Flow {
@@ -1002,9 +1019,10 @@ impl Session {
             outbox: self.outbox.clone(),
             request_id: deregister.request_id,
         };
+        let claimant = self.claimant(&deregister.key);
         self.ctx
             .registry
-            .deregister(self.id, deregister.key, ack)
+            .deregister(claimant, deregister.key, ack)
             .await;
         Flow::Continue
     }
@@ -1071,10 +1089,10 @@ impl Session {
                 .error(ErrorCode::InvalidSubject, reference, message)
                 .await;
         }
+        let max_watches = self.ctx.config.etcd.max_watches_per_session;
         let admitted = {
             let mut watches = lock(&self.watches);
-            let admitted =
-                watches.contains(&watch.watch_id) || watches.len() < MAX_WATCHES_PER_SESSION;
+            let admitted = watches.contains(&watch.watch_id) || watches.len() < max_watches;
             if admitted {
                 watches.insert(watch.watch_id);
             }
@@ -1082,7 +1100,9 @@ impl Session {
         };
         if !admitted {
             self.ctx.stats.record_limit(Limit::Watches);
-            let message = format!("at most {MAX_WATCHES_PER_SESSION} watches per connection");
+            let message = format!(
+                "at most {max_watches} watches per connection (etcd.max_watches_per_session)"
+            );
             return self
                 .error(ErrorCode::LimitExceeded, reference, message)
                 .await;
@@ -1101,10 +1121,9 @@ impl Session {
             .await;
         match started {
             Ok(()) => Flow::Continue,
-            Err(message) => {
+            Err(refused) => {
                 lock(&self.watches).remove(&watch.watch_id);
-                self.error(ErrorCode::EtcdUnavailable, reference, message.to_string())
-                    .await
+                self.error(refused.code, reference, refused.message).await
             }
         }
     }

@@ -260,6 +260,10 @@ fn describe() {
         "Answers to REGISTER/DEREGISTER by outcome (applied, buffered, rejected)."
     );
     describe_counter!(
+        "holdfast_registration_conflicts_total",
+        "Registrations, deregistrations and etcd front end writes refused because another live session or front end lease holds the key."
+    );
+    describe_counter!(
         "holdfast_leases_total",
         "Lease events by kind: granted, revoked, lost (etcd dropped a lease the relay still needed)."
     );
@@ -371,9 +375,9 @@ fn copy_etcd_counters(ctx: &SessionContext) {
     ] {
         counter!("holdfast_registration_acks_total", "outcome" => outcome).absolute(read(value));
     }
-    // The registry refuses a registration only for its limits.
     counter!("holdfast_limit_rejections_total", "limit" => "registrations")
-        .absolute(read(&registry.acks_rejected));
+        .absolute(read(&registry.limit_refusals));
+    counter!("holdfast_registration_conflicts_total").absolute(read(&registry.conflicts));
     for (kind, value) in [
         ("granted", &registry.leases_granted),
         ("revoked", &registry.leases_revoked),
@@ -389,6 +393,10 @@ fn copy_etcd_counters(ctx: &SessionContext) {
     gauge!("holdfast_discovery_cache_bytes").set(read(&discovery.bytes) as f64);
     counter!("holdfast_limit_rejections_total", "limit" => "discovery_cache_bytes")
         .absolute(read(&discovery.refused));
+    counter!("holdfast_limit_rejections_total", "limit" => "cached_prefixes")
+        .absolute(read(&discovery.slots_full));
+    counter!("holdfast_limit_rejections_total", "limit" => "cached_prefixes_per_session")
+        .absolute(read(&discovery.session_limit));
     gauge!("holdfast_discovery_watchers").set(read(&discovery.watchers) as f64);
     gauge!("holdfast_discovery_staleness_seconds")
         .set(read(&discovery.max_stale_ms) as f64 / 1000.0);

@@ -310,7 +310,9 @@ impl Client {
     /// [`RegistrationStatus::Buffered`] when etcd (relay answer) or the relay
     /// (at once, without waiting) is unreachable; either way nothing more
     /// needs to be done. A refusal is [`Error::Relay`] with the relay's code,
-    /// and the key is then not kept. [`Error::Timeout`] means the relay did
+    /// and the key is then not kept: [`crate::ErrorCode::Conflict`] when another
+    /// live session holds the key (it is free again once that session
+    /// ends), `unauthorized` or `limit_exceeded` otherwise. [`Error::Timeout`] means the relay did
     /// not answer in time; the registration stays desired state.
     pub async fn register(
         &self,

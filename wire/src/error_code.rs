@@ -41,13 +41,16 @@ pub enum ErrorCode {
     LimitExceeded,
     /// A well-formed frame arrived where the protocol does not allow it.
     ProtocolViolation,
+    /// Another live session holds the key (a registration, or a write
+    /// through the etcd front end); it is free again once that session ends.
+    Conflict,
     /// A code this version of the protocol does not know.
     Unknown(u16),
 }
 
 impl ErrorCode {
     /// Every known code, for tables and exhaustive tests.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnsupportedVersion,
@@ -64,6 +67,7 @@ impl ErrorCode {
         ErrorCode::UnknownClass,
         ErrorCode::LimitExceeded,
         ErrorCode::ProtocolViolation,
+        ErrorCode::Conflict,
     ];
 
     /// The code's value on the wire.
@@ -85,6 +89,7 @@ impl ErrorCode {
             ErrorCode::UnknownClass => 14,
             ErrorCode::LimitExceeded => 15,
             ErrorCode::ProtocolViolation => 16,
+            ErrorCode::Conflict => 17,
             ErrorCode::Unknown(value) => value,
         }
     }
@@ -136,6 +141,7 @@ impl ErrorCode {
             ErrorCode::UnknownClass => "unknown_class",
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::ProtocolViolation => "protocol_violation",
+            ErrorCode::Conflict => "conflict",
             ErrorCode::Unknown(_) => "unknown",
         }
     }
@@ -177,5 +183,10 @@ mod tests {
         assert!(ErrorCode::JournalFull.is_retryable());
         assert!(!ErrorCode::BadFrame.is_retryable());
         assert!(!ErrorCode::Unauthorized.is_retryable());
+        // Another session holds the key until it ends; retrying the same
+        // registration at once fails the same way.
+        assert!(!ErrorCode::Conflict.is_retryable());
+        assert_eq!(ErrorCode::from_u16(17), ErrorCode::Conflict);
+        assert_eq!(ErrorCode::Conflict.name(), "conflict");
     }
 }

@@ -8,16 +8,21 @@
 //! others on first use, up to `max_cached_prefixes` (the least recently
 //! used one without watchers makes room), and up to `max_cached_bytes` of
 //! keys and values (a prefix that does not fit is refused, and the same
-//! prefix is refused at once for a while rather than listed again). While
+//! prefix is refused at once for a while rather than listed again). The
+//! watches of one session hold at most `max_cached_prefixes_per_session`
+//! cached prefixes, so that one client cannot take every slot (a watched
+//! prefix is never evicted) and leave the others none. While
 //! etcd is unreachable the cache answers flagged stale with its age, and
 //! watches stay open; the cache is saved in the data dir so a restarted
 //! relay answers too.
 
 mod cache;
 mod persist;
+mod session_pins;
 mod upstream;
 
 use crate::config::EtcdConfig;
+use crate::drop_log::DropLog;
 use crate::etcd_link::EtcdLink;
 use crate::outbox::Outbox;
 use crate::stats::bump;
@@ -29,12 +34,13 @@ use holdfast_wire::{
     ErrorCode, Frame, GetOutcome, GetResponse, KeyValue, LinkStatus, Snapshot, Text, WatchEvent,
     WatchEventKind,
 };
+use session_pins::SessionPins;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -71,6 +77,30 @@ pub struct DiscoveryStats {
     /// GETs and watches refused because their prefix did not fit
     /// `max_cached_bytes`.
     pub refused: AtomicU64,
+    /// GETs and watches refused because every cached prefix is watched
+    /// (`max_cached_prefixes`).
+    pub slots_full: AtomicU64,
+    /// Watches refused because their session's watches already hold
+    /// `max_cached_prefixes_per_session` prefixes.
+    pub session_limit: AtomicU64,
+}
+
+/// Why a watch was not started; the caller tells its client (before it
+/// answers anything sent after the WATCH).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct WatchRefused {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl WatchRefused {
+    fn new(code: ErrorCode, message: impl Into<String>) -> WatchRefused {
+        WatchRefused {
+            code,
+            message: message.into(),
+        }
+    }
 }
 
 /// Where a GET's answer goes.
@@ -108,6 +138,7 @@ enum Command {
         prefix: Bytes,
         send_initial: bool,
         outbox: Outbox,
+        reply: oneshot::Sender<Result<(), WatchRefused>>,
     },
     Unwatch {
         key: WatchKey,
@@ -195,7 +226,9 @@ impl DiscoveryHandle {
         });
     }
 
-    /// Starts watch `watch_id` of `session` on `prefix`; events go to `outbox`.
+    /// Starts watch `watch_id` of `session` on `prefix`; events go to
+    /// `outbox`. Returns once the watch is started or refused, so that the
+    /// caller's refusal reaches its client before any later answer.
     pub async fn watch(
         &self,
         session: SessionId,
@@ -203,19 +236,27 @@ impl DiscoveryHandle {
         prefix: Bytes,
         send_initial: bool,
         outbox: Outbox,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), WatchRefused> {
+        let shutting_down =
+            || WatchRefused::new(ErrorCode::ShuttingDown, "the relay is shutting down");
         let Some(commands) = &self.commands else {
-            return Err(NOT_CONFIGURED);
+            return Err(WatchRefused::new(
+                ErrorCode::EtcdUnavailable,
+                NOT_CONFIGURED,
+            ));
         };
+        let (reply, answer) = oneshot::channel();
         commands
             .send(Command::Watch {
                 key: (session, watch_id),
                 prefix,
                 send_initial,
                 outbox,
+                reply,
             })
             .await
-            .map_err(|_| "the relay is shutting down")
+            .map_err(|_| shutting_down())?;
+        answer.await.map_err(|_| shutting_down())?
     }
 
     pub async fn unwatch(&self, session: SessionId, watch_id: u32) {
@@ -258,6 +299,9 @@ pub fn start(
         link: link.clone(),
         report,
         max_prefixes: config.max_cached_prefixes,
+        pins: SessionPins::new(config.max_cached_prefixes_per_session),
+        session_limit_log: DropLog::default(),
+        slots_full_log: DropLog::default(),
         max_bytes: config.max_cached_bytes,
         refused: HashMap::new(),
         call_timeout: (config.probe_timeout * 4).max(Duration::from_secs(2)),
@@ -305,6 +349,12 @@ struct DiscoveryTask {
     link: EtcdLink,
     report: mpsc::Sender<Upstream>,
     max_prefixes: usize,
+    /// The cached prefixes each session's watches hold.
+    pins: SessionPins,
+    /// Refusals for the per-session and the relay's prefix limits are
+    /// logged at most once per interval each (a client may retry in a loop).
+    session_limit_log: DropLog,
+    slots_full_log: DropLog,
     max_bytes: usize,
     /// Prefixes refused for their size, and when.
     refused: HashMap<Bytes, Instant>,
@@ -456,7 +506,10 @@ impl DiscoveryTask {
                 prefix,
                 send_initial,
                 outbox,
-            } => self.on_watch(key, prefix, send_initial, outbox),
+                reply,
+            } => {
+                let _ = reply.send(self.on_watch(key, prefix, send_initial, outbox));
+            }
             Command::Unwatch { key } => self.remove_watch(key),
             Command::SessionClosed { session } => {
                 let keys: Vec<WatchKey> = self
@@ -479,6 +532,7 @@ impl DiscoveryTask {
         }
         let Some(cache_prefix) = self.cache_for(&prefix) else {
             bump(&self.stats.misses);
+            self.slots_full();
             return to.fail(
                 ErrorCode::LimitExceeded,
                 "every cached prefix is in use (etcd.max_cached_prefixes)",
@@ -505,30 +559,55 @@ impl DiscoveryTask {
         }
     }
 
-    fn on_watch(&mut self, key: WatchKey, prefix: Bytes, send_initial: bool, outbox: Outbox) {
+    fn on_watch(
+        &mut self,
+        key: WatchKey,
+        prefix: Bytes,
+        send_initial: bool,
+        outbox: Outbox,
+    ) -> Result<(), WatchRefused> {
         self.remove_watch(key);
         if let Some(message) = self.recently_refused(&prefix) {
             bump(&self.stats.refused);
-            let _ = outbox.send_ack(Frame::Error(holdfast_wire::ErrorFrame {
-                code: ErrorCode::LimitExceeded,
-                reference: u64::from(key.1),
-                message: Text::from(message),
-            }));
-            return;
+            return Err(WatchRefused::new(ErrorCode::LimitExceeded, message));
+        }
+        if !self.pins.admits(key.0, self.covering(&prefix).as_ref()) {
+            let held = self.pins.held(key.0);
+            bump(&self.stats.session_limit);
+            let total = self.stats.session_limit.load(Ordering::Relaxed);
+            if let Some(since) = self.session_limit_log.due(total, Instant::now()) {
+                warn!(
+                    session = key.0,
+                    prefix = %String::from_utf8_lossy(&prefix),
+                    held,
+                    refused_since_last_line = since,
+                    "a watch refused: its connection's watches already hold etcd.max_cached_prefixes_per_session cached prefixes"
+                );
+            }
+            return Err(WatchRefused::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "this connection's watches already hold {held} cached prefixes (etcd.max_cached_prefixes_per_session, at most {} per connection); watch a prefix that covers several",
+                    self.pins.max_per_session()
+                ),
+            ));
         }
         let Some(cache_prefix) = self.cache_for(&prefix) else {
-            let _ = outbox.send_ack(Frame::Error(holdfast_wire::ErrorFrame {
-                code: ErrorCode::LimitExceeded,
-                reference: u64::from(key.1),
-                message: Text::from("every cached prefix is in use (etcd.max_cached_prefixes)"),
-            }));
-            return;
+            self.slots_full();
+            return Err(WatchRefused::new(
+                ErrorCode::LimitExceeded,
+                "every cached prefix is in use (etcd.max_cached_prefixes)",
+            ));
         };
         let Some(cached) = self.caches.get_mut(&cache_prefix) else {
-            return;
+            return Err(WatchRefused::new(
+                ErrorCode::Internal,
+                "discovery cache vanished",
+            ));
         };
         cached.last_used = Instant::now();
         cached.watchers.push(key);
+        self.pins.pin(key.0, cache_prefix.clone());
         let mut watch = ClientWatch {
             prefix,
             cache_prefix,
@@ -539,6 +618,21 @@ impl DiscoveryTask {
             send_initial_entries(&cached.cache, key.1, &mut watch);
         }
         self.watchers.insert(key, watch);
+        Ok(())
+    }
+
+    /// Counts (and at most once per interval logs) a GET or watch refused
+    /// because every cached prefix is watched.
+    fn slots_full(&mut self) {
+        bump(&self.stats.slots_full);
+        let total = self.stats.slots_full.load(Ordering::Relaxed);
+        if let Some(since) = self.slots_full_log.due(total, Instant::now()) {
+            warn!(
+                max_cached_prefixes = self.max_prefixes,
+                refused_since_last_line = since,
+                "a GET or watch of a new prefix refused: every cached prefix is watched (etcd.max_cached_prefixes)"
+            );
+        }
     }
 
     fn remove_watch(&mut self, key: WatchKey) {
@@ -548,20 +642,25 @@ impl DiscoveryTask {
         if let Some(cached) = self.caches.get_mut(&watch.cache_prefix) {
             cached.watchers.retain(|other| *other != key);
         }
+        self.pins.unpin(key.0, &watch.cache_prefix);
     }
 
-    /// The cached prefix that covers `prefix`, cached now if none does.
-    fn cache_for(&mut self, prefix: &Bytes) -> Option<Bytes> {
+    /// The cached prefix that covers `prefix` now (the narrowest), if any.
+    fn covering(&self, prefix: &Bytes) -> Option<Bytes> {
         if self.caches.contains_key(prefix) {
             return Some(prefix.clone());
         }
-        let covering = self
-            .caches
+        self.caches
             .values()
             .filter(|cached| cached.cache.covers(prefix))
             .map(|cached| cached.cache.prefix())
             .max_by_key(|cached| cached.len())
-            .cloned();
+            .cloned()
+    }
+
+    /// The cached prefix that covers `prefix`, cached now if none does.
+    fn cache_for(&mut self, prefix: &Bytes) -> Option<Bytes> {
+        let covering = self.covering(prefix);
         if covering.is_some() {
             return covering;
         }
@@ -732,6 +831,7 @@ impl DiscoveryTask {
         }
         for key in cached.watchers {
             if let Some(watch) = self.watchers.remove(&key) {
+                self.pins.unpin(key.0, prefix);
                 bump(&self.stats.refused);
                 let _ = watch
                     .outbox

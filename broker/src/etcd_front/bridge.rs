@@ -149,6 +149,7 @@ pub fn status_for(code: ErrorCode, message: &str) -> Status {
         }
         ErrorCode::Timeout => Status::deadline_exceeded(message),
         ErrorCode::Unauthorized => Status::permission_denied(message),
+        ErrorCode::Conflict => Status::failed_precondition(message),
         ErrorCode::InvalidSubject | ErrorCode::UnknownClass | ErrorCode::ProtocolViolation => {
             Status::invalid_argument(message)
         }

@@ -1,10 +1,14 @@
 //! The KV service: Range, Put, DeleteRange and Txn, each either answered
 //! by the relay (leased writes, create-if-absent, serializable reads from
-//! the cache) or passed to etcd unchanged.
+//! the cache) or passed to etcd unchanged. Writes are first checked
+//! against the access rules and key ownership ([`super::write_policy`]).
 
 use super::bridge;
+use super::lease_owner::OwnerError;
+use super::leases::LeaseError;
 use super::range::{self, Entry};
 use super::txn::{self, TxnPlan};
+use super::write_policy::Holders;
 use super::{count, owner_status, Front, READ_TIMEOUT, WRITE_TIMEOUT};
 use bytes::Bytes;
 use etcd_client::proto::{
@@ -98,20 +102,28 @@ impl KvService {
             ));
         }
         let front = &self.front;
+        front.writes.may_write(&request.key, &[])?;
         let key = Bytes::from(request.key);
         let value = Bytes::from(request.value);
         let (ack, answer) = front.outboxes.ack();
-        let previous = front
+        let previous = match front
             .owner
             .put(request.lease, key.clone(), value.clone(), ack)
             .await
-            .map_err(owner_status)?;
+        {
+            Ok(previous) => previous,
+            Err(OwnerError::Lease(held @ LeaseError::HeldByAnotherLease { .. })) => {
+                return Err(front.writes.conflict(held.to_string()))
+            }
+            Err(error) => return Err(owner_status(error)),
+        };
         if let RegistrationOutcome::Rejected { code, message } =
             bridge::registration_outcome(answer, WRITE_TIMEOUT).await?
         {
-            // The registry refuses only keys it does not hold yet (a limit):
-            // a key that moved between relay leases is never refused, so
-            // only a new key is taken back out of the lease table.
+            // The registry refuses a key this lease did not hold yet (a
+            // limit, or a session holds it); an update of the lease's own
+            // key is never refused. So only a new key is taken back out of
+            // the lease table.
             if previous.is_none() {
                 front
                     .owner
@@ -142,6 +154,11 @@ impl KvService {
         if request.lease != 0 {
             return self.leased_put(request).await;
         }
+        let writes = &self.front.writes;
+        writes.may_write(&request.key, &[])?;
+        writes
+            .not_held(&request.key, &[], Holders::Everyone)
+            .await?;
         let answer: PbPutResponse = self
             .front
             .upstream
@@ -153,6 +170,11 @@ impl KvService {
 
     async fn delete_range(&self, request: PbDeleteRequest) -> Result<PbDeleteResponse, Status> {
         let front = &self.front;
+        front.writes.may_write(&request.key, &request.range_end)?;
+        front
+            .writes
+            .not_held(&request.key, &request.range_end, Holders::Sessions)
+            .await?;
         let own = front
             .owner
             .in_range(
@@ -205,6 +227,7 @@ impl KvService {
         let plan = txn::plan(&request).map_err(|error| Status::unimplemented(error.to_string()))?;
         match plan {
             TxnPlan::Forward => {
+                self.front.writes.check_forwarded_txn(&request).await?;
                 let answer: PbTxnResponse = self
                     .front
                     .upstream
@@ -214,6 +237,11 @@ impl KvService {
                 Ok(answer)
             }
             TxnPlan::LeasedPuts(puts) => {
+                // The access rules are checked for every put before the
+                // first is made, so a denied one leaves nothing half done.
+                for put in &puts {
+                    self.front.writes.may_write(&put.key, &[])?;
+                }
                 let mut responses = Vec::with_capacity(puts.len());
                 for put in puts {
                     let answer = self.leased_put(put).await?;
@@ -228,6 +256,7 @@ impl KvService {
                 })
             }
             TxnPlan::CreateIfAbsent { put, failure } => {
+                self.front.writes.may_write(&put.key, &[])?;
                 let existing = self.lookup(Bytes::copy_from_slice(&put.key)).await?;
                 let revision = self.front.upstream.revision();
                 match existing {

@@ -16,7 +16,8 @@
 use super::leases::{FrontLease, FrontLeaseId, KeeperId, LeaseError, LeaseInfo, LeaseTable};
 use super::persist::{self, SavedLease};
 use super::range::Entry;
-use crate::registry::{model::SessionId, AckTo, RegistryHandle};
+use crate::registry::model::{Claimant, SessionId};
+use crate::registry::{AckTo, RegistryHandle};
 use crate::wall_clock::unix_millis;
 use bytes::Bytes;
 use std::collections::hash_map::RandomState;
@@ -39,6 +40,11 @@ const FRONT_OWNER_BIT: u64 = 1 << 63;
 /// The registry owner of a relay lease.
 pub fn registry_owner(lease: FrontLeaseId) -> SessionId {
     FRONT_OWNER_BIT | (lease as u64)
+}
+
+/// Whether a registry owner is a client session (not a relay lease).
+pub fn is_session(owner: SessionId) -> bool {
+    owner & FRONT_OWNER_BIT == 0
 }
 
 /// Why the task did not do what was asked.
@@ -163,7 +169,8 @@ impl LeaseOwner {
     }
 
     /// Attaches `key` to `lease` and registers it; the registry answers on
-    /// `ack`. Returns the key's previous value if a relay lease held it.
+    /// `ack`. Returns the key's previous value if `lease` held it; a key
+    /// another relay lease holds is refused.
     pub async fn put(
         &self,
         lease: FrontLeaseId,
@@ -280,7 +287,12 @@ impl OwnerTask {
             // be deleted (the relay that wrote them is gone).
             for (key, value) in &lease.keys {
                 self.registry
-                    .register(owner, key.clone(), value.clone(), orphan_acks())
+                    .register(
+                        Claimant::plain(owner),
+                        key.clone(),
+                        value.clone(),
+                        orphan_acks(),
+                    )
                     .await;
             }
             if lease.deadline_ms > now && self.table.restore(id, lease) {
@@ -409,20 +421,10 @@ impl OwnerTask {
                 reply,
             } => match self.table.attach(lease, key.clone(), value.clone()) {
                 Ok(previous) => {
-                    if let Some((previous_lease, _)) = &previous {
-                        if *previous_lease != lease {
-                            debug!(
-                                key = %String::from_utf8_lossy(&key),
-                                from = previous_lease,
-                                to = lease,
-                                "a key moved to another relay lease"
-                            );
-                        }
-                    }
                     self.registry
-                        .register(registry_owner(lease), key, value, ack)
+                        .register(Claimant::plain(registry_owner(lease)), key, value, ack)
                         .await;
-                    self.after_save(reply, Ok(previous.map(|(_, value)| value)));
+                    self.after_save(reply, Ok(previous));
                 }
                 Err(error) => {
                     let _ = reply.send(Err(error.into()));
@@ -433,7 +435,7 @@ impl OwnerTask {
                 match self.table.detach(&key) {
                     Some(lease) => {
                         self.registry
-                            .deregister(registry_owner(lease), key, ack)
+                            .deregister(Claimant::plain(registry_owner(lease)), key, ack)
                             .await;
                         self.after_save(reply, Ok(value));
                     }

@@ -39,6 +39,10 @@ pub enum LeaseError {
     TooManyLeases { max: usize },
     #[error("lease {lease:x} already holds {max} keys")]
     TooManyKeys { lease: FrontLeaseId, max: usize },
+    #[error(
+        "`{key}` is held by another lease ({holder:x}); it is free again once that lease ends"
+    )]
+    HeldByAnotherLease { key: String, holder: FrontLeaseId },
 }
 
 /// One lease as the table holds it.
@@ -217,33 +221,33 @@ impl LeaseTable {
         ids
     }
 
-    /// Attaches `key` = `value` to `lease`. Returns the lease that held the
-    /// key before (it no longer does) and the previous value.
+    /// Attaches `key` = `value` to `lease`. Returns the key's previous
+    /// value if `lease` held it. A key another lease holds stays there:
+    /// it belongs to that lease until the lease ends.
     pub fn attach(
         &mut self,
         lease: FrontLeaseId,
         key: Bytes,
         value: Bytes,
-    ) -> Result<Option<(FrontLeaseId, Bytes)>, LeaseError> {
+    ) -> Result<Option<Bytes>, LeaseError> {
         let previous_owner = self.owners.get(&key).copied();
-        let entry = self.leases.get(&lease).ok_or(LeaseError::NotFound)?;
-        if previous_owner != Some(lease) && entry.keys.len() >= self.max_keys_per_lease {
-            return Err(LeaseError::TooManyKeys {
-                lease,
-                max: self.max_keys_per_lease,
-            });
+        let entry = self.leases.get_mut(&lease).ok_or(LeaseError::NotFound)?;
+        match previous_owner {
+            Some(holder) if holder != lease => {
+                return Err(LeaseError::HeldByAnotherLease {
+                    key: crate::registry::model::quoted_key(&key),
+                    holder,
+                })
+            }
+            None if entry.keys.len() >= self.max_keys_per_lease => {
+                return Err(LeaseError::TooManyKeys {
+                    lease,
+                    max: self.max_keys_per_lease,
+                })
+            }
+            _ => {}
         }
-        let previous = match previous_owner {
-            Some(owner) => self
-                .leases
-                .get_mut(&owner)
-                .and_then(|other| other.keys.remove(&key))
-                .map(|value| (owner, value)),
-            None => None,
-        };
-        if let Some(entry) = self.leases.get_mut(&lease) {
-            entry.keys.insert(key.clone(), value);
-        }
+        let previous = entry.keys.insert(key.clone(), value);
         self.owners.insert(key, lease);
         Ok(previous)
     }
@@ -411,17 +415,22 @@ mod tests {
     }
 
     #[test]
-    fn a_key_moves_to_the_lease_that_put_it_last() {
+    fn a_key_stays_with_its_lease_until_that_lease_ends() {
         let mut table = table();
         let mut ids = counter();
         let (one, _) = table.grant(0, 30, 0, &mut ids).unwrap();
         let (two, _) = table.grant(0, 30, 0, &mut ids).unwrap();
         assert_eq!(table.attach(one, b("k"), b("1")).unwrap(), None);
         assert_eq!(
-            table.attach(two, b("k"), b("2")).unwrap(),
-            Some((one, b("1")))
+            table.attach(two, b("k"), b("2")),
+            Err(LeaseError::HeldByAnotherLease {
+                key: "k".to_string(),
+                holder: one
+            })
         );
-        assert!(table.revoke(one).unwrap().is_empty());
+        assert_eq!(table.attach(one, b("k"), b("3")).unwrap(), Some(b("1")));
+        assert_eq!(table.revoke(one).unwrap().get(&b("k")), Some(&b("3")));
+        assert_eq!(table.attach(two, b("k"), b("2")).unwrap(), None);
         assert_eq!(table.get(b"k"), Some((two, b("2"))));
         assert_eq!(table.detach(&b("k")), Some(two));
         assert_eq!(table.key_count(), 0);

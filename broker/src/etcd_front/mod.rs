@@ -15,6 +15,7 @@
 //!   the discovery cache ([`range`]); anything else goes to etcd unchanged
 //!   while it is up ([`upstream`]) and fails `Unavailable` while it is not.
 //! - Watch: served by the discovery cache's watches ([`watch`]).
+//! - Writes obey `access.default` and key ownership ([`write_policy`]).
 //! - Every other service (Maintenance, Cluster, Auth, Lock, Election) and
 //!   KV Compact answer `Unimplemented` naming the RPC ([`unimplemented`]).
 
@@ -29,6 +30,7 @@ mod txn;
 mod unimplemented;
 mod upstream;
 mod watch;
+mod write_policy;
 
 use crate::config::Config;
 use crate::discovery::DiscoveryHandle;
@@ -70,15 +72,20 @@ pub enum EtcdFrontError {
     NoUpstream,
     #[error(transparent)]
     Endpoint(#[from] upstream::EndpointError),
+    #[error("[access]: {0}")]
+    Access(String),
 }
 
 /// What every service of the front end shares.
 pub struct Front {
     owner: LeaseOwner,
+    writes: write_policy::WritePolicy,
     upstream: upstream::Upstream,
     discovery: DiscoveryHandle,
     outboxes: Outboxes,
     watches: AtomicUsize,
+    /// `etcd.max_watches_per_session`, per watch stream.
+    max_watches_per_stream: usize,
     streams: AtomicU64,
     stop: CancellationToken,
 }
@@ -115,6 +122,12 @@ pub async fn start(
         .await
         .map_err(|source| EtcdFrontError::Bind { address, source })?;
     let address = listener.local_addr().unwrap_or(address);
+    // TCP on loopback proves no identity: every client gets the default.
+    let permissions = config
+        .access_policy()
+        .map_err(EtcdFrontError::Access)?
+        .default_permissions();
+    let writes = write_policy::WritePolicy::new(permissions, registry.clone(), stats.clone());
     let call_timeout = (config.etcd.probe_timeout * 4).max(Duration::from_secs(2));
     let upstream = upstream::Upstream::new(&config.etcd.endpoints, link, call_timeout)?;
     let outboxes = Outboxes {
@@ -133,10 +146,12 @@ pub async fn start(
     .await;
     let front = Arc::new(Front {
         owner,
+        writes,
         upstream,
         discovery,
         outboxes,
         watches: AtomicUsize::new(0),
+        max_watches_per_stream: config.etcd.max_watches_per_session,
         streams: AtomicU64::new(0),
         stop: stop.clone(),
     });
@@ -233,7 +248,9 @@ fn owner_status(error: OwnerError) -> Status {
             let message = lease.to_string();
             match lease {
                 LeaseError::NotFound => Status::not_found(message),
-                LeaseError::Exists => Status::failed_precondition(message),
+                LeaseError::Exists | LeaseError::HeldByAnotherLease { .. } => {
+                    Status::failed_precondition(message)
+                }
                 LeaseError::TtlTooLarge => Status::out_of_range(message),
                 LeaseError::TooManyLeases { .. } | LeaseError::TooManyKeys { .. } => {
                     Status::resource_exhausted(message)

@@ -218,6 +218,28 @@ impl StreamTask {
                     }
                     return false;
                 }
+                if self.watches.len() >= self.front.max_watches_per_stream {
+                    self.front
+                        .outboxes
+                        .stats
+                        .record_limit(crate::stats::Limit::Watches);
+                    let refused = Err(Status::resource_exhausted(""));
+                    count::<()>("watch_create", &refused);
+                    let revision = self.current_revision();
+                    return self
+                        .send(PbWatchResponse {
+                            header: Some(header(revision)),
+                            watch_id: create.watch_id,
+                            created: true,
+                            canceled: true,
+                            cancel_reason: format!(
+                                "this stream already holds {} watches (etcd.max_watches_per_session)",
+                                self.front.max_watches_per_stream
+                            ),
+                            ..PbWatchResponse::default()
+                        })
+                        .await;
+                }
                 let etcd_id = if create.watch_id != 0 {
                     create.watch_id
                 } else {
@@ -275,9 +297,10 @@ impl StreamTask {
                         self.outbox.clone(),
                     )
                     .await;
-                if let Err(reason) = started {
-                    count::<()>("watch_create", &Err(Status::unavailable("")));
-                    return self.send(refuse(reason.to_string())).await;
+                if let Err(refused) = started {
+                    let status = super::bridge::status_for(refused.code, &refused.message);
+                    count::<()>("watch_create", &Err(status));
+                    return self.send(refuse(refused.message)).await;
                 }
                 self.watches.insert(
                     internal,

@@ -11,12 +11,16 @@
 //! checks each lease and each key against etcd and queues whatever differs,
 //! which covers an etcd that came back empty, expired leases, and keys
 //! changed or deleted behind the relay's back.
+//!
+//! A key belongs to the live session that registered it (see
+//! [`model`]); another session's change of it is answered `conflict`.
 
 mod etcd_steps;
 mod lease_keeper;
 pub mod model;
 
 use crate::config::EtcdConfig;
+use crate::drop_log::DropLog;
 use crate::etcd_link::EtcdLink;
 use crate::outbox::Outbox;
 use crate::stats::{add, bump};
@@ -24,12 +28,14 @@ use bytes::Bytes;
 use etcd_steps::{Step, StepResult};
 use holdfast_wire::LinkStatus;
 use holdfast_wire::{ErrorCode, Frame, RegisterAck, RegistrationOutcome, Text};
-use model::{Change, LeaseId, Registry, SessionId, MAX_TXN_BYTES, MAX_TXN_OPS};
+use model::{
+    Change, Claimant, LeaseId, RegisterError, Registry, SessionId, MAX_TXN_BYTES, MAX_TXN_OPS,
+};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -50,6 +56,12 @@ pub struct RegistryStats {
     pub acks_applied: AtomicU64,
     pub acks_buffered: AtomicU64,
     pub acks_rejected: AtomicU64,
+    /// Registrations refused for a limit (of keys, or of a key's size).
+    pub limit_refusals: AtomicU64,
+    /// Changes refused because another live session (or etcd front end
+    /// lease) holds the key: registrations, deregistrations, and writes
+    /// through the etcd front end.
+    pub conflicts: AtomicU64,
     pub leases_granted: AtomicU64,
     pub leases_revoked: AtomicU64,
     pub leases_lost: AtomicU64,
@@ -74,17 +86,26 @@ impl AckTo {
     }
 }
 
+/// Which owners a [`RegistryHandle::first_held`] question is about.
+pub type OwnerFilter = fn(SessionId) -> bool;
+
 enum Command {
     Register {
-        session: SessionId,
+        claimant: Claimant,
         key: Bytes,
         value: Bytes,
         ack: AckTo,
     },
     Deregister {
-        session: SessionId,
+        claimant: Claimant,
         key: Bytes,
         ack: AckTo,
+    },
+    FirstHeld {
+        key: Bytes,
+        range_end: Bytes,
+        counts: OwnerFilter,
+        reply: oneshot::Sender<Option<(Bytes, SessionId)>>,
     },
     SessionClosed {
         session: SessionId,
@@ -108,10 +129,11 @@ impl RegistryHandle {
         }
     }
 
-    /// Registers `key` = `value` for `session`; the answer goes to `ack`.
-    pub async fn register(&self, session: SessionId, key: Bytes, value: Bytes, ack: AckTo) {
+    /// Registers `key` = `value` for the claimant's session; the answer
+    /// goes to `ack`.
+    pub async fn register(&self, claimant: Claimant, key: Bytes, value: Bytes, ack: AckTo) {
         self.send(Command::Register {
-            session,
+            claimant,
             key,
             value,
             ack,
@@ -119,9 +141,32 @@ impl RegistryHandle {
         .await;
     }
 
-    /// Removes `key` from `session`'s registrations.
-    pub async fn deregister(&self, session: SessionId, key: Bytes, ack: AckTo) {
-        self.send(Command::Deregister { session, key, ack }).await;
+    /// Removes `key` from the claimant's registrations.
+    pub async fn deregister(&self, claimant: Claimant, key: Bytes, ack: AckTo) {
+        self.send(Command::Deregister { claimant, key, ack }).await;
+    }
+
+    /// The first key of etcd's range `[key, range_end)` that a live owner
+    /// `counts` holds, with that owner; `None` also when the registry is
+    /// off or stopping.
+    pub async fn first_held(
+        &self,
+        key: Bytes,
+        range_end: Bytes,
+        counts: OwnerFilter,
+    ) -> Option<(Bytes, SessionId)> {
+        let commands = self.commands.as_ref()?;
+        let (reply, answer) = oneshot::channel();
+        commands
+            .send(Command::FirstHeld {
+                key,
+                range_end,
+                counts,
+                reply,
+            })
+            .await
+            .ok()?;
+        answer.await.ok().flatten()
     }
 
     /// The session is gone: delete its keys and revoke its lease.
@@ -140,7 +185,7 @@ impl RegistryHandle {
         let Some(commands) = &self.commands else {
             let ack = match command {
                 Command::Register { ack, .. } | Command::Deregister { ack, .. } => ack,
-                Command::SessionClosed { .. } => return,
+                Command::SessionClosed { .. } | Command::FirstHeld { .. } => return,
             };
             bump(&self.stats.acks_rejected);
             ack.send(RegistrationOutcome::Rejected {
@@ -153,7 +198,7 @@ impl RegistryHandle {
             // The task stops only at shutdown.
             let ack = match error.0 {
                 Command::Register { ack, .. } | Command::Deregister { ack, .. } => ack,
-                Command::SessionClosed { .. } => return,
+                Command::SessionClosed { .. } | Command::FirstHeld { .. } => return,
             };
             ack.send(RegistrationOutcome::Rejected {
                 code: ErrorCode::ShuttingDown,
@@ -186,6 +231,7 @@ pub fn start(config: &EtcdConfig, link: EtcdLink, stop: CancellationToken) -> Re
         lost,
         audit: None,
         retry_at: None,
+        conflict_log: DropLog::default(),
     };
     tokio::spawn(task.run(receiver, lost_receiver, stop));
     RegistryHandle {
@@ -217,6 +263,9 @@ struct RegistryTask {
     lost: mpsc::UnboundedSender<(SessionId, LeaseId)>,
     audit: Option<Audit>,
     retry_at: Option<tokio::time::Instant>,
+    /// Conflicts are logged at most once per interval: a client retrying a
+    /// refused key in a loop must not flood the log.
+    conflict_log: DropLog,
 }
 
 impl RegistryTask {
@@ -324,23 +373,27 @@ impl RegistryTask {
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Register {
-                session,
+                claimant,
                 key,
                 value,
                 ack,
-            } => match self.model.register(session, key.clone(), value) {
+            } => match self.model.register(&claimant, key.clone(), value) {
                 Ok(()) => self.answer_when_written(key, ack),
-                Err(error) => {
-                    bump(&self.stats.acks_rejected);
-                    ack.send(RegistrationOutcome::Rejected {
-                        code: ErrorCode::LimitExceeded,
-                        message: Text::from(error.to_string()),
-                    });
-                }
+                Err(error) => self.refuse(claimant.session, &error, ack),
             },
-            Command::Deregister { session, key, ack } => {
-                self.model.deregister(session, &key);
-                self.answer_when_written(key, ack);
+            Command::Deregister { claimant, key, ack } => {
+                match self.model.deregister(&claimant, &key) {
+                    Ok(_) => self.answer_when_written(key, ack),
+                    Err(error) => self.refuse(claimant.session, &error, ack),
+                }
+            }
+            Command::FirstHeld {
+                key,
+                range_end,
+                counts,
+                reply,
+            } => {
+                let _ = reply.send(self.model.first_held(&key, &range_end, counts));
             }
             Command::SessionClosed {
                 session,
@@ -370,6 +423,38 @@ impl RegistryTask {
                 }
             }
         }
+    }
+
+    /// Answers a refused change with its code, counted (and a conflict
+    /// logged, at most once per interval).
+    fn refuse(&mut self, session: SessionId, error: &RegisterError, ack: AckTo) {
+        bump(&self.stats.acks_rejected);
+        let code = match error {
+            RegisterError::Conflict { key, holder } => {
+                bump(&self.stats.conflicts);
+                let total = self.stats.conflicts.load(Ordering::Relaxed);
+                if let Some(since) = self.conflict_log.due(total, Instant::now()) {
+                    warn!(
+                        session,
+                        key = %key,
+                        holder,
+                        refused_since_last_line = since,
+                        "refused a change of a key another live session holds"
+                    );
+                }
+                ErrorCode::Conflict
+            }
+            RegisterError::SessionLimit { .. }
+            | RegisterError::RelayLimit { .. }
+            | RegisterError::TooLarge { .. } => {
+                bump(&self.stats.limit_refusals);
+                ErrorCode::LimitExceeded
+            }
+        };
+        ack.send(RegistrationOutcome::Rejected {
+            code,
+            message: Text::from(error.to_string()),
+        });
     }
 
     /// Applied once etcd has the key's latest change; Buffered at once if

@@ -8,6 +8,12 @@
 //! The task around the model asks it for the next step (revoke leases, grant
 //! leases, apply a batch of changes) and reports the outcome back; while
 //! etcd is down, nothing is asked and everything stays queued.
+//!
+//! A key belongs to the live session that registered it: another session's
+//! registration (or removal) of it is refused as a [`RegisterError::Conflict`]
+//! until that session ends, except for a new session of the same client
+//! process (a reconnect the relay has not noticed yet) and for a session an
+//! access rule lets take the key over.
 
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +33,21 @@ pub const MAX_TXN_BYTES: usize = 1024 * 1024;
 /// Most bytes of key and value one registration may have: it must fit in a
 /// transaction of its own.
 pub const MAX_REGISTRATION_BYTES: usize = MAX_TXN_BYTES;
+
+/// Most bytes of a key quoted in a message: a key may have 64 KiB, a
+/// message carries at most 64 KiB in all.
+const QUOTED_KEY_BYTES: usize = 256;
+
+/// `key` for a message or a log line: lossy UTF-8, cut after
+/// [`QUOTED_KEY_BYTES`] bytes.
+pub fn quoted_key(key: &[u8]) -> String {
+    match key.get(..QUOTED_KEY_BYTES) {
+        Some(start) if start.len() < key.len() => {
+            format!("{}...", String::from_utf8_lossy(start))
+        }
+        _ => String::from_utf8_lossy(key).into_owned(),
+    }
+}
 
 /// One key's change, as it goes to etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,9 +70,43 @@ impl Change {
     }
 }
 
+/// A client process as far as key ownership cares: the instance id it
+/// claims in HELLO and the identity its transport proved. A new session of
+/// the same process may take over the keys of its older session, which
+/// may not have been declared dead yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    pub instance_id: u64,
+    pub identity: String,
+}
+
+/// Who asks to register or remove a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimant {
+    pub session: SessionId,
+    /// `None` for owners that are not client sessions (the etcd front
+    /// end's leases): they never take over by process.
+    pub process: Option<Process>,
+    /// An access rule lets it take this key from another live session.
+    pub may_take_over: bool,
+}
+
+impl Claimant {
+    /// An owner that takes no key from anyone.
+    pub fn plain(session: SessionId) -> Claimant {
+        Claimant {
+            session,
+            process: None,
+            may_take_over: false,
+        }
+    }
+}
+
 /// Why a registration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegisterError {
+    #[error("`{key}` is held by another live session ({holder}); it is free again once that session ends (an [access] rule's `takeover` may allow taking it over)")]
+    Conflict { key: String, holder: SessionId },
     #[error("this session already holds {max} registrations (etcd.max_registrations_per_session)")]
     SessionLimit { max: usize },
     #[error("the relay already holds {max} registrations and removals etcd has not confirmed (etcd.max_registrations)")]
@@ -71,6 +126,7 @@ pub struct Observed {
 struct SessionEntry {
     keys: BTreeMap<Bytes, Bytes>,
     lease: Option<LeaseId>,
+    process: Option<Process>,
 }
 
 /// Keys waiting to be written to etcd, coalesced and in order of their
@@ -115,7 +171,8 @@ impl PendingKeys {
 #[derive(Debug)]
 pub struct Registry {
     sessions: HashMap<SessionId, SessionEntry>,
-    owners: HashMap<Bytes, SessionId>,
+    /// Ordered, so that the etcd front end can ask who holds keys in a range.
+    owners: BTreeMap<Bytes, SessionId>,
     pending: PendingKeys,
     /// Queued keys no session owns: deletes etcd has not confirmed. They
     /// count against `max_total` with the registrations, so registering
@@ -132,7 +189,7 @@ impl Registry {
     pub fn new(max_total: usize, max_per_session: usize) -> Registry {
         Registry {
             sessions: HashMap::new(),
-            owners: HashMap::new(),
+            owners: BTreeMap::new(),
             pending: PendingKeys::default(),
             unowned_pending: 0,
             revocations: Vec::new(),
@@ -175,14 +232,16 @@ impl Registry {
         self.pending.contains(key)
     }
 
-    /// Sets `key` to `value` for `session`. A key another session held moves
-    /// to this one (the last registrant owns it).
+    /// Sets `key` to `value` for the claimant's session. A key another live
+    /// session holds is refused ([`RegisterError::Conflict`]) unless the
+    /// claimant may take it over: then it moves to the claimant.
     pub fn register(
         &mut self,
-        session: SessionId,
+        claimant: &Claimant,
         key: Bytes,
         value: Bytes,
     ) -> Result<(), RegisterError> {
+        let session = claimant.session;
         let bytes = key.len() + value.len();
         if bytes > MAX_REGISTRATION_BYTES {
             return Err(RegisterError::TooLarge {
@@ -191,6 +250,14 @@ impl Registry {
             });
         }
         let owner = self.owners.get(&key).copied();
+        if let Some(holder) = owner.filter(|holder| *holder != session) {
+            if !self.may_take_from(claimant, holder) {
+                return Err(RegisterError::Conflict {
+                    key: quoted_key(&key),
+                    holder,
+                });
+            }
+        }
         if owner != Some(session) {
             let held = self
                 .sessions
@@ -216,6 +283,9 @@ impl Registry {
             self.forget_key(previous, &key);
         }
         let entry = self.sessions.entry(session).or_default();
+        if entry.process.is_none() {
+            entry.process = claimant.process.clone();
+        }
         if entry.keys.get(&key) == Some(&value) && owner == Some(session) {
             return Ok(());
         }
@@ -225,15 +295,56 @@ impl Registry {
         Ok(())
     }
 
-    /// Removes `key` if `session` holds it; returns whether it did.
-    pub fn deregister(&mut self, session: SessionId, key: &Bytes) -> bool {
-        if self.owners.get(key) != Some(&session) {
-            return false;
+    /// Removes `key` if the claimant's session holds it; returns whether
+    /// it did. A key another live session holds is refused as a conflict,
+    /// unless the claimant could take it over (it is then removed).
+    pub fn deregister(&mut self, claimant: &Claimant, key: &Bytes) -> Result<bool, RegisterError> {
+        let Some(holder) = self.owners.get(key).copied() else {
+            return Ok(false);
+        };
+        if holder != claimant.session && !self.may_take_from(claimant, holder) {
+            return Err(RegisterError::Conflict {
+                key: quoted_key(key),
+                holder,
+            });
         }
         self.clear_owner(key);
-        self.forget_key(session, key);
+        self.forget_key(holder, key);
         self.mark_pending(key.clone());
-        true
+        Ok(true)
+    }
+
+    /// Whether `claimant` may take a key from live session `holder`: an
+    /// access rule says so, or both are sessions of the same process.
+    fn may_take_from(&self, claimant: &Claimant, holder: SessionId) -> bool {
+        if claimant.may_take_over {
+            return true;
+        }
+        let holder_process = self
+            .sessions
+            .get(&holder)
+            .and_then(|entry| entry.process.as_ref());
+        claimant.process.is_some() && claimant.process.as_ref() == holder_process
+    }
+
+    /// The first key of etcd's range `[key, range_end)` (an empty
+    /// `range_end` is `key` alone, `"\0"` every key from `key` on) that a
+    /// live owner `counts` holds, with that owner.
+    pub fn first_held(
+        &self,
+        key: &[u8],
+        range_end: &[u8],
+        counts: impl Fn(SessionId) -> bool,
+    ) -> Option<(Bytes, SessionId)> {
+        self.owners
+            .range(Bytes::copy_from_slice(key)..)
+            .take_while(|(candidate, _)| match range_end {
+                [] => candidate.as_ref() == key,
+                [0] => true,
+                end => candidate.as_ref() < end,
+            })
+            .find(|(_, owner)| counts(**owner))
+            .map(|(key, owner)| (key.clone(), *owner))
     }
 
     fn forget_key(&mut self, session: SessionId, key: &Bytes) {
@@ -473,10 +584,141 @@ mod tests {
         Registry::new(1000, 100)
     }
 
+    fn process(instance_id: u64, identity: &str) -> Option<Process> {
+        Some(Process {
+            instance_id,
+            identity: identity.to_string(),
+        })
+    }
+
+    #[test]
+    fn a_key_held_by_a_live_session_is_refused_to_another_until_it_ends() {
+        let mut registry = registry();
+        let worker = Claimant {
+            process: process(0xa, "uid=1000"),
+            ..Claimant::plain(1)
+        };
+        let intruder = Claimant {
+            process: process(0xb, "uid=1000"),
+            ..Claimant::plain(2)
+        };
+        registry.register(&worker, key("k"), key("worker")).unwrap();
+        registry.lease_granted(1, 5);
+        registry.applied(&registry.next_changes(10, MAX_TXN_BYTES));
+        let conflict = RegisterError::Conflict {
+            key: "k".to_string(),
+            holder: 1,
+        };
+        assert_eq!(
+            registry.register(&intruder, key("k"), key("intruder")),
+            Err(conflict.clone())
+        );
+        assert_eq!(registry.deregister(&intruder, &key("k")), Err(conflict));
+        assert!(!registry.has_work(), "nothing changed for etcd");
+        assert_eq!(registry.sessions(), 1, "the intruder holds nothing");
+        assert_eq!(registry.session_closed(2), 0);
+        assert!(registry.revocations().is_empty());
+
+        // Once the worker's session ends, the key is free.
+        registry.session_closed(1);
+        registry.revoked(1);
+        registry.register(&intruder, key("k"), key("next")).unwrap();
+        assert_eq!(
+            registry.first_held(b"k", b"", |_| true),
+            Some((key("k"), 2))
+        );
+    }
+
+    #[test]
+    fn a_long_key_is_cut_in_messages() {
+        assert_eq!(quoted_key(b"short"), "short");
+        let long = vec![b'k'; 70_000];
+        let quoted = quoted_key(&long);
+        assert_eq!(quoted.len(), QUOTED_KEY_BYTES + 3);
+        assert!(quoted.ends_with("..."));
+    }
+
+    #[test]
+    fn a_new_session_of_the_same_process_takes_its_keys_over() {
+        let mut registry = registry();
+        let old = Claimant {
+            process: process(0xa, "uid=1000"),
+            ..Claimant::plain(1)
+        };
+        let reconnected = Claimant {
+            session: 2,
+            ..old.clone()
+        };
+        let same_id_other_user = Claimant {
+            process: process(0xa, "uid=1001"),
+            ..Claimant::plain(3)
+        };
+        registry.register(&old, key("k"), key("1")).unwrap();
+        registry.lease_granted(1, 5);
+        // An instance id read from a key proves nothing by itself.
+        assert!(matches!(
+            registry.register(&same_id_other_user, key("k"), key("x")),
+            Err(RegisterError::Conflict { holder: 1, .. })
+        ));
+        registry.register(&reconnected, key("k"), key("2")).unwrap();
+        registry.lease_granted(2, 6);
+        // The old session's end (its liveness timeout) leaves the key.
+        assert_eq!(registry.session_closed(1), 0);
+        assert_eq!(
+            registry.next_changes(10, MAX_TXN_BYTES),
+            vec![Change::Put {
+                key: key("k"),
+                value: key("2"),
+                lease: 6
+            }]
+        );
+        // Owners that are not client sessions never match by process.
+        registry
+            .register(&Claimant::plain(7), key("front"), key("1"))
+            .unwrap();
+        assert!(registry
+            .register(&Claimant::plain(8), key("front"), key("2"))
+            .is_err());
+    }
+
+    #[test]
+    fn the_holders_of_a_range_are_found_by_owner() {
+        let mut registry = registry();
+        for (session, name) in [(1, "a/1"), (2, "a/2"), (1, "b/1")] {
+            registry
+                .register(&Claimant::plain(session), key(name), key("v"))
+                .unwrap();
+        }
+        assert_eq!(
+            registry.first_held(b"a/", b"a0", |_| true),
+            Some((key("a/1"), 1))
+        );
+        assert_eq!(
+            registry.first_held(b"a/", b"a0", |owner| owner == 2),
+            Some((key("a/2"), 2))
+        );
+        assert_eq!(
+            registry.first_held(b"a/", b"", |_| true),
+            None,
+            "the key alone"
+        );
+        assert_eq!(
+            registry.first_held(b"b/1", b"", |_| true),
+            Some((key("b/1"), 1))
+        );
+        assert_eq!(
+            registry.first_held(b"a/2", b"\0", |owner| owner == 1),
+            Some((key("b/1"), 1))
+        );
+        assert_eq!(registry.first_held(b"c", b"\0", |_| true), None);
+    }
+
     #[test]
     fn a_key_waits_for_its_session_lease_then_is_put() {
         let mut registry = registry();
-        registry.register(1, key("a"), key("1")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("1"))
+            .unwrap();
         assert!(registry.next_changes(10, MAX_TXN_BYTES).is_empty());
         assert_eq!(registry.sessions_needing_lease(), vec![1]);
         assert!(registry.lease_granted(1, 77));
@@ -498,10 +740,16 @@ mod tests {
     #[test]
     fn changes_are_coalesced_per_key_and_ordered_by_latest_change() {
         let mut registry = registry();
-        registry.register(1, key("a"), key("1")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("1"))
+            .unwrap();
         registry.lease_granted(1, 5);
-        registry.register(1, key("b"), key("1")).unwrap();
-        registry.register(1, key("a"), key("2")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("b"), key("1"))
+            .unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("2"))
+            .unwrap();
         let changes = registry.next_changes(10, MAX_TXN_BYTES);
         assert_eq!(changes.len(), 2);
         assert_eq!(changes[0].key(), &key("b"));
@@ -518,10 +766,14 @@ mod tests {
     #[test]
     fn a_change_made_while_its_write_was_in_flight_stays_queued() {
         let mut registry = registry();
-        registry.register(1, key("a"), key("1")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("1"))
+            .unwrap();
         registry.lease_granted(1, 5);
         let in_flight = registry.next_changes(10, MAX_TXN_BYTES);
-        registry.register(1, key("a"), key("2")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("2"))
+            .unwrap();
         registry.applied(&in_flight);
         assert!(registry.is_pending(&key("a")));
         assert_eq!(
@@ -537,24 +789,33 @@ mod tests {
     #[test]
     fn deregistering_queues_a_delete_and_releases_the_lease_of_an_empty_session() {
         let mut registry = registry();
-        registry.register(1, key("a"), key("1")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("1"))
+            .unwrap();
         registry.lease_granted(1, 5);
         registry.applied(&registry.next_changes(10, MAX_TXN_BYTES));
-        assert!(registry.deregister(1, &key("a")));
+        assert!(registry.deregister(&Claimant::plain(1), &key("a")).unwrap());
         assert_eq!(
             registry.next_changes(10, MAX_TXN_BYTES),
             vec![Change::Delete { key: key("a") }]
         );
         assert_eq!(registry.revocations(), &[5]);
-        assert!(!registry.deregister(1, &key("a")), "second time is a no-op");
+        assert!(
+            !registry.deregister(&Claimant::plain(1), &key("a")).unwrap(),
+            "second time is a no-op"
+        );
         assert_eq!(registry.registrations(), 0);
     }
 
     #[test]
     fn a_closed_session_is_removed_by_revoking_its_lease() {
         let mut registry = registry();
-        registry.register(1, key("a"), key("1")).unwrap();
-        registry.register(1, key("b"), key("1")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("1"))
+            .unwrap();
+        registry
+            .register(&Claimant::plain(1), key("b"), key("1"))
+            .unwrap();
         registry.lease_granted(1, 5);
         assert_eq!(registry.session_closed(1), 2);
         assert_eq!(registry.revocations(), &[5]);
@@ -569,7 +830,9 @@ mod tests {
     #[test]
     fn a_session_closed_before_its_lease_deletes_its_keys_explicitly() {
         let mut registry = registry();
-        registry.register(1, key("a"), key("1")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("1"))
+            .unwrap();
         registry.session_closed(1);
         assert_eq!(
             registry.next_changes(10, MAX_TXN_BYTES),
@@ -581,18 +844,26 @@ mod tests {
     #[test]
     fn a_lease_granted_after_its_session_closed_is_revoked() {
         let mut registry = registry();
-        registry.register(1, key("a"), key("1")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("1"))
+            .unwrap();
         registry.session_closed(1);
         assert!(!registry.lease_granted(1, 9));
         assert_eq!(registry.revocations(), &[9]);
     }
 
     #[test]
-    fn the_last_registrant_owns_a_key_and_the_old_owner_closing_leaves_it() {
+    fn a_key_taken_over_stays_when_its_old_owner_closes() {
         let mut registry = registry();
-        registry.register(1, key("a"), key("old")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("old"))
+            .unwrap();
         registry.lease_granted(1, 5);
-        registry.register(2, key("a"), key("new")).unwrap();
+        let taker = Claimant {
+            may_take_over: true,
+            ..Claimant::plain(2)
+        };
+        registry.register(&taker, key("a"), key("new")).unwrap();
         registry.lease_granted(2, 6);
         registry.session_closed(1);
         assert_eq!(
@@ -609,8 +880,12 @@ mod tests {
     #[test]
     fn a_lost_lease_requeues_every_key_of_its_session() {
         let mut registry = registry();
-        registry.register(1, key("a"), key("1")).unwrap();
-        registry.register(1, key("b"), key("2")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("1"))
+            .unwrap();
+        registry
+            .register(&Claimant::plain(1), key("b"), key("2"))
+            .unwrap();
         registry.lease_granted(1, 5);
         registry.applied(&registry.next_changes(10, MAX_TXN_BYTES));
         assert!(!registry.lease_lost(1, 4), "a stale report is ignored");
@@ -628,7 +903,9 @@ mod tests {
     fn an_audit_requeues_missing_or_changed_keys_only() {
         let mut registry = registry();
         for name in ["a", "b", "c"] {
-            registry.register(1, key(name), key("v")).unwrap();
+            registry
+                .register(&Claimant::plain(1), key(name), key("v"))
+                .unwrap();
         }
         registry.lease_granted(1, 5);
         registry.applied(&registry.next_changes(10, MAX_TXN_BYTES));
@@ -655,16 +932,24 @@ mod tests {
     #[test]
     fn limits_refuse_new_keys_but_allow_updates() {
         let mut registry = Registry::new(3, 2);
-        registry.register(1, key("a"), key("1")).unwrap();
-        registry.register(1, key("b"), key("1")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("1"))
+            .unwrap();
+        registry
+            .register(&Claimant::plain(1), key("b"), key("1"))
+            .unwrap();
         assert_eq!(
-            registry.register(1, key("c"), key("1")),
+            registry.register(&Claimant::plain(1), key("c"), key("1")),
             Err(RegisterError::SessionLimit { max: 2 })
         );
-        registry.register(1, key("a"), key("2")).unwrap();
-        registry.register(2, key("c"), key("1")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("2"))
+            .unwrap();
+        registry
+            .register(&Claimant::plain(2), key("c"), key("1"))
+            .unwrap();
         assert_eq!(
-            registry.register(3, key("d"), key("1")),
+            registry.register(&Claimant::plain(3), key("d"), key("1")),
             Err(RegisterError::RelayLimit { max: 3 })
         );
     }
@@ -674,7 +959,9 @@ mod tests {
         let mut registry = Registry::new(1000, 1000);
         let value = Bytes::from(vec![b'v'; 300 * 1024]);
         for name in ["a", "b", "c", "d", "e"] {
-            registry.register(1, key(name), value.clone()).unwrap();
+            registry
+                .register(&Claimant::plain(1), key(name), value.clone())
+                .unwrap();
         }
         registry.lease_granted(1, 7);
         let mut batches = Vec::new();
@@ -688,7 +975,7 @@ mod tests {
 
         let too_large = Bytes::from(vec![b'v'; MAX_REGISTRATION_BYTES]);
         assert_eq!(
-            registry.register(1, key("huge"), too_large),
+            registry.register(&Claimant::plain(1), key("huge"), too_large),
             Err(RegisterError::TooLarge {
                 bytes: MAX_REGISTRATION_BYTES + 4,
                 max: MAX_REGISTRATION_BYTES
@@ -702,18 +989,22 @@ mod tests {
         // etcd is down throughout: nothing is applied.
         let mut registry = Registry::new(3, 100);
         for name in ["a", "b", "c"] {
-            registry.register(1, key(name), key("1")).unwrap();
+            registry
+                .register(&Claimant::plain(1), key(name), key("1"))
+                .unwrap();
         }
-        assert!(registry.deregister(1, &key("a")));
-        assert!(registry.deregister(1, &key("b")));
+        assert!(registry.deregister(&Claimant::plain(1), &key("a")).unwrap());
+        assert!(registry.deregister(&Claimant::plain(1), &key("b")).unwrap());
         assert_eq!(registry.registrations(), 1);
         assert_eq!(
-            registry.register(1, key("d"), key("1")),
+            registry.register(&Claimant::plain(1), key("d"), key("1")),
             Err(RegisterError::RelayLimit { max: 3 }),
             "two deletes and a registration are queued"
         );
         // Registering a key again replaces its queued delete.
-        registry.register(1, key("a"), key("2")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("a"), key("2"))
+            .unwrap();
         assert_eq!(registry.pending_changes(), 3);
 
         // Once etcd has the delete, its room is free again.
@@ -721,7 +1012,9 @@ mod tests {
         let changes = registry.next_changes(10, MAX_TXN_BYTES);
         assert!(changes.contains(&Change::Delete { key: key("b") }));
         registry.applied(&changes);
-        registry.register(1, key("d"), key("1")).unwrap();
+        registry
+            .register(&Claimant::plain(1), key("d"), key("1"))
+            .unwrap();
     }
 
     #[test]
@@ -743,12 +1036,16 @@ mod tests {
             state ^= state << 17;
             let session = state % 4;
             let name = key(&format!("k{}", (state >> 8) % 12));
+            let claimant = Claimant {
+                may_take_over: (state >> 24) % 2 == 0,
+                ..Claimant::plain(session)
+            };
             match (state >> 16) % 12 {
                 0..=3 => {
-                    let _ = registry.register(session, name, key("v"));
+                    let _ = registry.register(&claimant, name, key("v"));
                 }
                 4..=6 => {
-                    registry.deregister(session, &name);
+                    let _ = registry.deregister(&claimant, &name);
                 }
                 7 => {
                     registry.session_closed(session);

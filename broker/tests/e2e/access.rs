@@ -140,3 +140,31 @@ async fn an_identity_no_rule_names_gets_the_default() {
     let status = client.status().await.unwrap();
     assert_eq!(status["counters"]["access_denials"], 2, "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_rule_lets_an_identity_take_over_keys_under_its_prefixes() {
+    let uid = our_uid();
+    let access = format!(
+        "[access]\ndefault = \"deny\"\n[[access.rule]]\nuid = {uid}\n\
+         register = [\"v1/\"]\ntakeover = [\"v1/instances/\"]\n"
+    );
+    let stack = EtcdStack::start_with_tables("", &access);
+    let mut etcd = stack.etcd.client().await;
+    let first = stack.client().await;
+    first.register("v1/instances/a", "first").await.unwrap();
+    first.register("v1/config/a", "first").await.unwrap();
+    let second = stack.client().await;
+    // Under a takeover prefix the key moves to the second session ...
+    assert_eq!(
+        second.register("v1/instances/a", "second").await.unwrap(),
+        RegistrationStatus::Applied
+    );
+    // ... elsewhere the first session keeps it.
+    let refused = second.register("v1/config/a", "second").await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Conflict), "{refused}");
+    // The first session leaving takes only what it still holds.
+    first.close().await.unwrap();
+    crate::registry::wait_for_value(&mut etcd, "v1/config/a", None, crate::support::WAIT).await;
+    let kept = crate::registry::etcd_value(&mut etcd, "v1/instances/a").await;
+    assert_eq!(kept.map(|(value, _)| value).as_deref(), Some("second"));
+}

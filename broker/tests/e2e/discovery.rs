@@ -421,3 +421,95 @@ async fn a_linearizable_get_counts_against_the_in_flight_limit() {
     let read = client.get_linearizable("v1/lin/").await.unwrap();
     assert_eq!(read.entries.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_watching_many_prefixes_cannot_take_the_cache_from_others() {
+    // The default limits: 256 cached prefixes for the relay.
+    let stack = EtcdStack::start();
+    let greedy = stack.client().await;
+    let watches = futures::future::join_all(
+        (0..300).map(|index| greedy.watch(format!("v1/greedy/{index:03}/"))),
+    )
+    .await;
+    let (kept, refused): (Vec<_>, Vec<_>) = watches.into_iter().partition(Result::is_ok);
+    assert!(!kept.is_empty());
+    for error in refused.iter().filter_map(|watch| watch.as_ref().err()) {
+        assert_eq!(error.code(), Some(ErrorCode::LimitExceeded), "{error}");
+        assert!(error.to_string().contains("per connection"), "{error}");
+    }
+    // Everyone else still gets answers for prefixes of their own.
+    let other = stack.client().await;
+    for index in 0..20 {
+        let prefix = format!("v1/other/{index}/");
+        within("another client's GET", other.get(prefix.clone()))
+            .await
+            .unwrap_or_else(|error| panic!("GET {prefix}: {error}"));
+    }
+    let mut watcher = other.watch("v1/other/watched/").await.unwrap();
+    let mut etcd = stack.etcd.client().await;
+    put(&mut etcd, "v1/other/watched/k", "v").await;
+    loop {
+        match within("the other client's watch", watcher.next()).await {
+            Some(WatchEvent::Put { key, .. }) if key.as_ref() == b"v1/other/watched/k" => break,
+            Some(_) => continue,
+            None => panic!("watch ended"),
+        }
+    }
+    let metrics = scrape(&stack.relay);
+    assert_eq!(
+        metric(
+            &metrics,
+            "holdfast_limit_rejections_total",
+            &[("limit", "cached_prefixes_per_session")]
+        ),
+        Some(refused.len() as f64),
+        "{metrics}"
+    );
+    assert!(stack
+        .relay
+        .logs()
+        .contains("a watch refused: its connection's watches already hold"));
+    drop(kept);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_watches_and_the_prefixes_they_hold_are_capped_as_configured() {
+    let stack = EtcdStack::start_with_config(
+        "max_cached_prefixes_per_session = 2\nmax_watches_per_session = 3",
+    );
+    let client = stack.client().await;
+    let _one = client.watch("v1/a/").await.unwrap();
+    let _two = client.watch("v1/b/").await.unwrap();
+    let third = client.watch("v1/c/").await.unwrap_err();
+    assert_eq!(third.code(), Some(ErrorCode::LimitExceeded), "{third}");
+    assert!(
+        third
+            .to_string()
+            .contains("max_cached_prefixes_per_session"),
+        "{third}"
+    );
+    // Under a prefix its watches hold already, a watch costs no slot ...
+    let _narrow = client.watch("v1/a/x/").await.unwrap();
+    // ... but counts as a watch.
+    let fourth = client.watch("v1/a/y/").await.unwrap_err();
+    assert_eq!(fourth.code(), Some(ErrorCode::LimitExceeded), "{fourth}");
+    assert!(
+        fourth.to_string().contains("max_watches_per_session"),
+        "{fourth}"
+    );
+    // Another connection has its own allowance.
+    let other = stack.client().await;
+    let _other = other.watch("v1/c/").await.unwrap();
+    let metrics = scrape(&stack.relay);
+    for (limit, count) in [("cached_prefixes_per_session", 1.0), ("watches", 1.0)] {
+        assert_eq!(
+            metric(
+                &metrics,
+                "holdfast_limit_rejections_total",
+                &[("limit", limit)]
+            ),
+            Some(count),
+            "{limit}: {metrics}"
+        );
+    }
+}

@@ -3,7 +3,7 @@
 //! that live as long as the client keeps them alive, through an etcd
 //! outage, an empty etcd and a relay restart.
 
-use crate::support::{free_port, EtcdServer, NatsServer, Relay, WAIT};
+use crate::support::{free_port, within, EtcdServer, NatsServer, Relay, WAIT};
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
     WatchOptions,
@@ -805,4 +805,209 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
         .ok_or(())
+}
+
+/// Runs etcdctl against `endpoint`, expecting it to fail; returns its stderr.
+fn etcdctl_refused(etcdctl: &Path, endpoint: &str, args: &[&str]) -> String {
+    let output = Command::new(etcdctl)
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(args)
+        .output()
+        .expect("run etcdctl");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "etcdctl {args:?} succeeded: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_end_applies_the_access_default_to_writes() {
+    let Ok(etcdctl) = which("etcdctl") else {
+        eprintln!("etcdctl not on PATH; skipped (deploy/install-deps.sh installs it)");
+        return;
+    };
+    // This process's user may register through the socket; TCP on
+    // loopback proves no identity, so the front end gets the default.
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let uid = unsafe { libc::geteuid() };
+    let etcd = EtcdServer::start();
+    let nats = NatsServer::start();
+    let port = free_port();
+    let config = format!(
+        "[relay]\netcd_listen = \"127.0.0.1:{port}\"\n\n{}\n\
+         [access]\ndefault = \"deny\"\n[[access.rule]]\nuid = {uid}\nregister = [\"v1/\"]\n",
+        etcd.relay_config("")
+    );
+    let relay = Relay::start_with_config(&nats.url(), &config);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let client = holdfast_client::Client::connect(&relay.url())
+        .await
+        .unwrap();
+    client.register("v1/instances/w", "worker").await.unwrap();
+    let mut upstream = etcd.client().await;
+    wait_in_etcd(&mut upstream, "v1/instances/w", Some("worker"), WAIT).await;
+
+    tokio::task::block_in_place(|| {
+        for args in [
+            &["put", "bad/key", "v"][..],
+            &["put", "v1/instances/w", "stolen"][..],
+            &["del", "v1/instances/w"][..],
+            &["del", "--prefix", "v1/"][..],
+        ] {
+            let refused = etcdctl_refused(&etcdctl, &endpoint, args);
+            assert!(refused.contains("PermissionDenied"), "{args:?}: {refused}");
+        }
+        let granted = etcdctl_run(&etcdctl, &endpoint, &["lease", "grant", "30"]);
+        let lease = granted.split_whitespace().nth(1).expect("a lease id");
+        let refused = etcdctl_refused(
+            &etcdctl,
+            &endpoint,
+            &["put", "--lease", lease, "v1/leased", "v"],
+        );
+        assert!(refused.contains("PermissionDenied"), "{refused}");
+        // Reads stay open, as GET and WATCH do on the socket.
+        assert_eq!(
+            etcdctl_run(&etcdctl, &endpoint, &["get", "v1/instances/w"]),
+            "v1/instances/w\nworker\n"
+        );
+    });
+    // A transaction that writes is governed the same way.
+    let mut front = Client::connect([endpoint.as_str()], None).await.unwrap();
+    let txn = Txn::new().and_then(vec![TxnOp::delete("v1/instances/w", None)]);
+    match front.txn(txn).await {
+        Err(etcd_client::Error::GRpcStatus(status)) => {
+            assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        }
+        other => panic!("a deleting transaction was not refused: {other:?}"),
+    }
+    assert_eq!(value_in(&mut upstream, "bad/key", None).await, None);
+    assert_eq!(value_in(&mut upstream, "v1/leased", None).await, None);
+    assert_eq!(
+        value_in(&mut upstream, "v1/instances/w", None)
+            .await
+            .as_deref(),
+        Some("worker")
+    );
+    let metrics = crate::support::scrape(&relay);
+    assert_eq!(
+        crate::support::metric(
+            &metrics,
+            "holdfast_access_denied_total",
+            &[("operation", "register")]
+        ),
+        Some(6.0),
+        "{metrics}"
+    );
+    assert!(relay
+        .logs()
+        .contains("etcd front end: a write denied by the access rules"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_end_cannot_change_keys_another_session_or_lease_holds() {
+    let Ok(etcdctl) = which("etcdctl") else {
+        eprintln!("etcdctl not on PATH; skipped (deploy/install-deps.sh installs it)");
+        return;
+    };
+    let stack = FrontStack::start("");
+    let endpoint = stack.endpoint();
+    let mut upstream = stack.etcd.client().await;
+    let worker = holdfast_client::Client::connect(&stack.relay.url())
+        .await
+        .unwrap();
+    worker.register("v1/instances/w", "worker").await.unwrap();
+    wait_in_etcd(&mut upstream, "v1/instances/w", Some("worker"), WAIT).await;
+
+    tokio::task::block_in_place(|| {
+        let lease = etcdctl_lease_with_key(&etcdctl, &endpoint, "30", "v1/front/a");
+        for args in [
+            &["put", "v1/instances/w", "stolen"][..],
+            &["put", "--lease", &lease, "v1/instances/w", "stolen"][..],
+            &["del", "v1/instances/w"][..],
+            &["del", "--prefix", "v1/instances/"][..],
+        ] {
+            let refused = etcdctl_refused(&etcdctl, &endpoint, args);
+            assert!(
+                refused.contains("FailedPrecondition") && refused.contains("held by"),
+                "{args:?}: {refused}"
+            );
+        }
+        // A key another relay lease holds does not move to a second one.
+        let other = etcdctl_run(&etcdctl, &endpoint, &["lease", "grant", "30"]);
+        let other = other.split_whitespace().nth(1).expect("a lease id");
+        let refused = etcdctl_refused(
+            &etcdctl,
+            &endpoint,
+            &["put", "--lease", other, "v1/front/a", "moved"],
+        );
+        assert!(refused.contains("FailedPrecondition"), "{refused}");
+        // Its own lease may update it, and a delete through the front end
+        // may remove it (front end clients share one identity).
+        etcdctl_run(
+            &etcdctl,
+            &endpoint,
+            &["put", "--lease", &lease, "v1/front/a", "updated"],
+        );
+    });
+    let mut front = stack.front().await;
+    let txn = Txn::new().and_then(vec![TxnOp::put("v1/instances/w", "stolen", None)]);
+    match front.txn(txn).await {
+        Err(etcd_client::Error::GRpcStatus(status)) => {
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        }
+        other => panic!("a transaction over a held key was not refused: {other:?}"),
+    }
+    wait_in_etcd(&mut upstream, "v1/front/a", Some("updated"), WAIT).await;
+    front.delete("v1/front/a", None).await.unwrap();
+    wait_in_etcd(&mut upstream, "v1/front/a", None, WAIT).await;
+    assert_eq!(
+        value_in(&mut upstream, "v1/instances/w", None)
+            .await
+            .as_deref(),
+        Some("worker")
+    );
+    // The worker's key is free once its session ends.
+    worker.close().await.unwrap();
+    wait_in_etcd(&mut upstream, "v1/instances/w", None, WAIT).await;
+    front.put("v1/instances/w", "next", None).await.unwrap();
+    let metrics = crate::support::scrape(&stack.relay);
+    assert_eq!(
+        crate::support::metric(&metrics, "holdfast_registration_conflicts_total", &[]),
+        Some(6.0),
+        "{metrics}"
+    );
+}
+
+/// Reads the answer to a watch request: created, and canceled with a
+/// reason containing `refused` unless that is empty.
+async fn watch_answer(stream: &mut etcd_client::WatchStream, refused: &str) {
+    let response = within("a watch answer", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(response.created(), "{response:?}");
+    assert_eq!(response.canceled(), !refused.is_empty(), "{response:?}");
+    assert!(response.cancel_reason().contains(refused), "{response:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_stream_holds_at_most_its_share_of_watches_and_prefixes() {
+    let stack =
+        FrontStack::start("max_cached_prefixes_per_session = 2\nmax_watches_per_session = 3\n");
+    let mut front = stack.front().await;
+    let prefix = || Some(WatchOptions::new().with_prefix());
+    let mut stream = front.watch("v1/a/", prefix()).await.unwrap();
+    watch_answer(&mut stream, "").await;
+    stream.watch("v1/b/", prefix()).await.unwrap();
+    watch_answer(&mut stream, "").await;
+    stream.watch("v1/c/", prefix()).await.unwrap();
+    watch_answer(&mut stream, "max_cached_prefixes_per_session").await;
+    stream.watch("v1/a/x/", prefix()).await.unwrap();
+    watch_answer(&mut stream, "").await;
+    stream.watch("v1/a/y/", prefix()).await.unwrap();
+    watch_answer(&mut stream, "max_watches_per_session").await;
 }

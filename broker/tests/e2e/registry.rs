@@ -669,3 +669,166 @@ async fn malformed_registration_and_discovery_requests_get_typed_answers() {
         }
     }
 }
+
+/// HELLO on a raw Unix-socket connection claiming `instance_id`; returns the
+/// framed connection once WELCOME arrived.
+async fn raw_session(
+    stack: &EtcdStack,
+    instance_id: u64,
+) -> tokio_util::codec::Framed<tokio::net::UnixStream, holdfast_wire::FrameCodec> {
+    use futures::SinkExt;
+    use holdfast_wire::{Frame, FrameCodec, Hello, Text, PROTOCOL_VERSION};
+    let stream = tokio::net::UnixStream::connect(stack.relay.socket())
+        .await
+        .unwrap();
+    let mut framed = tokio_util::codec::Framed::new(
+        stream,
+        FrameCodec::new(holdfast_wire::DEFAULT_MAX_FRAME_BYTES),
+    );
+    framed
+        .send(Frame::Hello(Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            client_name: Text::from_static("raw"),
+            instance_id,
+        }))
+        .await
+        .unwrap();
+    let welcome = within("WELCOME", framed.next()).await.unwrap().unwrap();
+    assert!(matches!(welcome, Frame::Welcome(_)), "{welcome:?}");
+    framed
+}
+
+/// Sends REGISTER on a raw connection and returns the REGISTER_ACK's outcome.
+async fn raw_register(
+    framed: &mut tokio_util::codec::Framed<tokio::net::UnixStream, holdfast_wire::FrameCodec>,
+    request_id: u64,
+    key: &str,
+    value: &str,
+) -> holdfast_wire::RegistrationOutcome {
+    use futures::SinkExt;
+    use holdfast_wire::{Frame, Register};
+    framed
+        .send(Frame::Register(Register {
+            request_id,
+            key: bytes::Bytes::copy_from_slice(key.as_bytes()),
+            value: bytes::Bytes::copy_from_slice(value.as_bytes()),
+        }))
+        .await
+        .unwrap();
+    loop {
+        match within("REGISTER_ACK", framed.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Frame::RegisterAck(ack) if ack.request_id == request_id => return ack.outcome,
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_held_by_a_live_session_is_refused_to_others_until_that_session_ends() {
+    let stack = EtcdStack::start();
+    let mut etcd = stack.etcd.client().await;
+    let worker = stack.client().await;
+    let key = format!("v1/instances/ns/worker/generate/{:x}", worker.instance_id());
+    worker.register(key.clone(), "worker").await.unwrap();
+    wait_for_value(&mut etcd, &key, Some("worker"), WAIT).await;
+
+    // Another client read the key (GETs are open to all) and registers the
+    // same literal key: refused, not retryable, and the worker's value
+    // stays.
+    let intruder = stack.client().await;
+    let listed = intruder.get("v1/instances/").await.unwrap();
+    assert_eq!(listed.entries.len(), 1);
+    let refused = intruder
+        .register(key.clone(), "intruder")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Conflict), "{refused}");
+    assert!(!refused.is_retryable(), "{refused}");
+    let refused = intruder.deregister(key.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Conflict), "{refused}");
+    // The CLI says so and exits 1 instead of holding nothing.
+    let mut cli = Command::new(holdfast_cli())
+        .env("HOLDFAST_URL", stack.relay.url())
+        .args(["register", key.as_str(), "cli"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = cli.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > WAIT {
+            let _ = cli.kill();
+            panic!("holdfast register of a held key did not exit");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut cli.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: conflict (not retryable)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        etcd_value(&mut etcd, &key).await.map(|(value, _)| value),
+        Some("worker".to_string())
+    );
+    // The intruder leaving takes nothing with it: once its session is
+    // gone, the key stays in etcd with the worker's value.
+    intruder.close().await.unwrap();
+    wait_until_async("the intruder's and the CLI's sessions to end", || async {
+        stack.relay.status()["sessions"] == 1
+    })
+    .await;
+    let watched_since = Instant::now();
+    while watched_since.elapsed() < Duration::from_secs(1) {
+        assert_eq!(
+            etcd_value(&mut etcd, &key).await.map(|(value, _)| value),
+            Some("worker".to_string()),
+            "the worker's key after the intruder left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = crate::support::scrape(&stack.relay);
+    assert_eq!(
+        crate::support::metric(&metrics, "holdfast_registration_conflicts_total", &[]),
+        Some(3.0),
+        "{metrics}"
+    );
+
+    // The same process reconnecting before the relay noticed its old
+    // session died (same instance id, same user) takes its key over.
+    let instance = 0x5eed_u64;
+    let mut old = raw_session(&stack, instance).await;
+    let reconnect_key = "v1/instances/ns/worker/generate/5eed";
+    assert_eq!(
+        raw_register(&mut old, 1, reconnect_key, "before").await,
+        holdfast_wire::RegistrationOutcome::Applied
+    );
+    let mut new = raw_session(&stack, instance).await;
+    assert_eq!(
+        raw_register(&mut new, 1, reconnect_key, "after").await,
+        holdfast_wire::RegistrationOutcome::Applied
+    );
+    drop(old);
+    wait_for_value(&mut etcd, reconnect_key, Some("after"), WAIT).await;
+
+    // Once the worker's session ends, the key is free again.
+    worker.close().await.unwrap();
+    wait_for_value(&mut etcd, &key, None, WAIT).await;
+    let successor = stack.client().await;
+    assert_eq!(
+        successor.register(key.clone(), "successor").await.unwrap(),
+        RegistrationStatus::Applied
+    );
+    wait_for_value(&mut etcd, &key, Some("successor"), WAIT).await;
+    drop(new);
+}

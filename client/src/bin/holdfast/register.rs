@@ -7,7 +7,7 @@
 
 use crate::signals;
 use clap::Args;
-use holdfast_client::{Client, LinkEvent, LinkStatus, RegistrationStatus, Service};
+use holdfast_client::{Client, ErrorCode, LinkEvent, LinkStatus, RegistrationStatus, Service};
 use std::io::Write;
 use std::process::ExitCode;
 use tokio::sync::broadcast::error::RecvError;
@@ -21,7 +21,9 @@ Output (stdout, one line each): `instance_id <hex>`, `key <key>`, \
 `registered: applied|buffered`, then one line per change while held \
 (`etcd down: registration held by the relay`, `etcd up`, `relay lost: ...`, \
 `relay connected: ...`), and `deregistered: applied|buffered` after SIGINT \
-or SIGTERM, which exits 0.
+or SIGTERM, which exits 0. A key another live session holds is refused \
+(`error: conflict (not retryable): ...`, exit 1), also when that happens \
+while registering it again after a reconnect.
 
 Example: holdfast register 'workers/decode/{instance_id}' 10.0.0.7:9000")]
 pub(crate) struct RegisterArgs {
@@ -52,6 +54,15 @@ pub(crate) async fn run(client: &Client, args: RegisterArgs) -> ExitCode {
             () = stop.recv() => break,
             event = events.recv() => match event {
                 Ok(event) => {
+                    if let Some((code, message)) = refusal(&event, &key) {
+                        // Refused again after a reconnect: nothing is held
+                        // any more, which a wrapper script must notice.
+                        eprintln!(
+                            "error: {code} ({}): {message}",
+                            crate::retryability(code.is_retryable())
+                        );
+                        return ExitCode::FAILURE;
+                    }
                     if let Some(line) = describe(&event) {
                         say(line);
                     }
@@ -104,6 +115,20 @@ fn describe(event: &LinkEvent) -> Option<&'static str> {
     }
 }
 
+/// The relay's refusal of `key`, if `event` is one: the client library
+/// reports a registration refused without a caller waiting (one sent again
+/// after a reconnect) as a relay error naming the key.
+fn refusal<'a>(event: &'a LinkEvent, key: &str) -> Option<(ErrorCode, &'a str)> {
+    match event {
+        LinkEvent::RelayError { code, message }
+            if message.starts_with(&format!("registration of {key} refused")) =>
+        {
+            Some((*code, message))
+        }
+        _ => None,
+    }
+}
+
 /// One line on stdout, flushed. Failing to write (nobody reads any more) is
 /// no reason to drop the registration, so errors are ignored.
 fn say(line: &str) {
@@ -114,6 +139,25 @@ fn say(line: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_of_this_key_is_recognised_and_others_are_not() {
+        let refused = LinkEvent::RelayError {
+            code: ErrorCode::Conflict,
+            message: "registration of w/1 refused: `w/1` is held by another live session (3)"
+                .to_string(),
+        };
+        assert_eq!(
+            refusal(&refused, "w/1").map(|(code, _)| code),
+            Some(ErrorCode::Conflict)
+        );
+        assert_eq!(refusal(&refused, "w/2"), None);
+        let other = LinkEvent::RelayError {
+            code: ErrorCode::SlowConsumer,
+            message: "dropped 3 messages".to_string(),
+        };
+        assert_eq!(refusal(&other, "w/1"), None);
+    }
 
     #[test]
     fn the_instance_id_placeholder_becomes_lowercase_hex() {
