@@ -701,6 +701,12 @@ impl Config {
 
     /// The etcd front end's lease table and the keys under each lease.
     pub fn etcd_front_leases_path(&self) -> PathBuf {
+        self.relay.data_dir.join("etcd-front-leases.redb")
+    }
+
+    /// Where relays before the redb lease table kept it (read once, then
+    /// removed).
+    pub fn etcd_front_legacy_leases_path(&self) -> PathBuf {
         self.relay.data_dir.join("etcd-front-leases.json")
     }
 

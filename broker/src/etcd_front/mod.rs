@@ -124,6 +124,7 @@ pub async fn start(
     let orphan = outboxes.clone();
     let (owner, owner_task) = lease_owner::start(
         config.etcd_front_leases_path(),
+        config.etcd_front_legacy_leases_path(),
         MAX_LEASES,
         config.etcd.max_registrations_per_session,
         registry,

@@ -646,6 +646,17 @@ impl Relay {
         self.process.id()
     }
 
+    /// Bytes the relay has passed to write(2) and its kin so far (files
+    /// and sockets alike; /proc's `wchar`).
+    pub fn bytes_written(&self) -> u64 {
+        let pid = self.pid().expect("relay is running");
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("read io");
+        io.lines()
+            .find_map(|line| line.strip_prefix("wchar: "))
+            .and_then(|value| value.trim().parse().ok())
+            .expect("wchar in /proc/PID/io")
+    }
+
     pub fn kill(&mut self) {
         self.process.kill();
     }
