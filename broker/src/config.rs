@@ -222,7 +222,8 @@ pub struct SessionConfig {
     pub slow_consumer: SlowConsumerPolicy,
     pub max_inflight_requests: usize,
     pub max_subscriptions: usize,
-    /// Connections (Unix and QUIC) open at once; more are turned away.
+    /// Connections (Unix, QUIC and both front ends) open at once; more are
+    /// turned away. The relay admits fewer if its open-file limit says so.
     pub max_connections: usize,
     /// A connection must send HELLO within this long.
     #[serde(with = "duration")]

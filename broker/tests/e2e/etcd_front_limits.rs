@@ -1,10 +1,20 @@
 //! What the etcd front end costs the relay: the disk it writes for leases
-//! kept alive. Issue 18: one `etcdctl lease keep-alive` made the relay
-//! write 201 MB in 10 s.
+//! kept alive, and the connections and descriptors its clients hold.
+//! Issue 18: one `etcdctl lease keep-alive` made the relay write 201 MB in
+//! 10 s, and 320 idle connections with 300 descriptors made the relay
+//! unreachable on its socket and `/livez`, spinning at 114 % CPU.
 
-use crate::support::{free_port, within, EtcdServer, NatsServer, Relay};
-use etcd_client::{Client, PutOptions};
+use crate::bad_input::hello;
+use crate::support::{free_port, metric, scrape, within, EtcdServer, NatsServer, Relay, WAIT};
+use bytes::BytesMut;
+use etcd_client::{Client, PutOptions, WatchOptions};
+use holdfast_wire::{ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
 
 /// etcd, NATS and a relay whose etcd front end listens on `port`.
 struct FrontStack {
@@ -15,15 +25,20 @@ struct FrontStack {
 }
 
 impl FrontStack {
-    fn start() -> FrontStack {
+    /// `tables` are appended to the config (e.g. a `[sessions]` table);
+    /// `open_file_limit` starts the relay under that RLIMIT_NOFILE.
+    fn start(tables: &str, open_file_limit: Option<u64>) -> FrontStack {
         let etcd = EtcdServer::start();
         let nats = NatsServer::start();
         let port = free_port();
         let config = format!(
-            "[relay]\netcd_listen = \"127.0.0.1:{port}\"\n\n{}",
+            "[relay]\netcd_listen = \"127.0.0.1:{port}\"\n\n{}\n{tables}",
             etcd.relay_config("")
         );
-        let relay = Relay::start_with_config(&nats.url(), &config);
+        let relay = match open_file_limit {
+            Some(limit) => Relay::start_with_open_file_limit(&nats.url(), &config, limit),
+            None => Relay::start_with_config(&nats.url(), &config),
+        };
         FrontStack {
             etcd,
             _nats: nats,
@@ -43,9 +58,51 @@ impl FrontStack {
     }
 }
 
+fn count(relay: &Relay, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(&scrape(relay), name, labels).unwrap_or(0.0)
+}
+
+/// Says HELLO on the relay's socket and reads the first frame back.
+async fn first_frame(socket: &Path) -> Option<Frame> {
+    let mut stream = UnixStream::connect(socket).await.ok()?;
+    // Refused connections are closed as soon as GO_AWAY is out: the HELLO
+    // may find the socket closed, the answer is there to read all the same.
+    let _ = stream
+        .write_all(&hello(PROTOCOL_VERSION, PROTOCOL_VERSION))
+        .await;
+    let mut decoder = FrameDecoder::new(u32::MAX);
+    let mut received = BytesMut::new();
+    loop {
+        if let Ok(Some(frame)) = decoder.decode(&mut received) {
+            return Some(frame);
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(read) => received.extend_from_slice(&chunk[..read]),
+        }
+    }
+}
+
+/// GET `path` on the relay's operations endpoint, giving up after `limit`:
+/// the status code, or None if no answer came in time.
+fn ops_get(relay: &Relay, path: &str, limit: Duration) -> Option<u16> {
+    let started = Instant::now();
+    let address = relay.metrics_address();
+    let mut stream = TcpStream::connect_timeout(&address, limit).ok()?;
+    stream.set_read_timeout(Some(limit)).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    if started.elapsed() > limit {
+        return None;
+    }
+    response.split(' ').nth(1)?.parse().ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_alive_leases_cost_little_disk_and_survive_a_crash() {
-    let mut stack = FrontStack::start();
+    let mut stack = FrontStack::start("", None);
     let mut front = stack.front().await;
     let mut etcd = stack.etcd.client().await;
     // 12 keys of 500 kB under one lease (binary values: JSON stored each
@@ -137,4 +194,220 @@ async fn kept_alive_leases_cost_little_disk_and_survive_a_crash() {
     assert_eq!(upstream.kvs()[0].value(), value.as_slice());
     let upstream = etcd.get("v1/short", None).await.unwrap();
     assert_eq!(upstream.kvs()[0].value(), b"up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_etcd_connections_beyond_the_descriptors_leave_the_socket_and_livez_answering() {
+    const LIMIT: u64 = 256;
+    const FLOOD: usize = 300;
+    let stack = FrontStack::start("[sessions]\nhello_timeout = \"2s\"\n", Some(LIMIT));
+    let front_address: std::net::SocketAddr = format!("127.0.0.1:{}", stack.port).parse().unwrap();
+    let flood: Vec<TcpStream> = tokio::task::block_in_place(|| {
+        (0..FLOOD)
+            .map(|_| TcpStream::connect(front_address).expect("connect to the front end"))
+            .collect()
+    });
+    let flooded = Instant::now();
+
+    // While all of them are open (none has been answered or closed by the
+    // client): the operations endpoint and the socket answer.
+    let livez =
+        tokio::task::block_in_place(|| ops_get(&stack.relay, "/livez", Duration::from_secs(2)));
+    assert_eq!(livez, Some(200), "/livez answers within 2 s");
+    let answer = tokio::time::timeout(Duration::from_secs(3), first_frame(stack.relay.socket()))
+        .await
+        .expect("the socket answers HELLO within 3 s (before: no WELCOME within 3s)");
+    let socket_refused = match answer {
+        Some(Frame::Welcome(_)) => 0.0,
+        // All the slots the descriptors allow are held: a clear, retryable no.
+        Some(Frame::GoAway(go_away)) => {
+            assert_eq!(go_away.code, ErrorCode::LimitExceeded);
+            1.0
+        }
+        other => panic!("{other:?}"),
+    };
+
+    // The silent connections are closed after sessions.hello_timeout.
+    tokio::task::block_in_place(|| {
+        for mut stream in flood {
+            stream.set_read_timeout(Some(WAIT)).unwrap();
+            // The relay's HTTP/2 settings, then the end.
+            let mut settings = Vec::new();
+            match stream.read_to_end(&mut settings) {
+                Ok(_) => {}
+                Err(error) => assert!(
+                    matches!(
+                        error.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                    ),
+                    "{error}"
+                ),
+            }
+        }
+    });
+    let closed_after = flooded.elapsed();
+    eprintln!("all {FLOOD} silent connections closed within {closed_after:?}");
+    assert!(closed_after < Duration::from_secs(5), "{closed_after:?}");
+    let client = within("a WELCOME once the silent connections are gone", async {
+        loop {
+            match holdfast_client::Client::connect(&stack.relay.url()).await {
+                Ok(client) => break client,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    client.flush().await.unwrap();
+
+    let text = scrape(&stack.relay);
+    let limit =
+        |name| metric(&text, "holdfast_limit_rejections_total", &[("limit", name)]).unwrap_or(0.0);
+    eprintln!(
+        "refused {} (connections), closed {} (hello_timeout)",
+        limit("connections"),
+        limit("hello_timeout")
+    );
+    // The descriptors allow fewer than 300 slots: the rest were refused.
+    assert!(limit("connections") >= 1.0);
+    assert!(limit("hello_timeout") >= 1.0);
+    assert_eq!(
+        limit("connections") + limit("hello_timeout"),
+        FLOOD as f64 + socket_refused,
+        "each silent connection was either refused or timed out"
+    );
+    assert_eq!(
+        metric(&text, "holdfast_etcd_front_connections", &[]),
+        Some(0.0)
+    );
+    assert!(stack
+        .relay
+        .logs()
+        .contains("sessions.max_connections is more than the open-file limit leaves room for"));
+
+    // And etcd clients are served as before.
+    let mut front = stack.front().await;
+    front.put("v1/after/flood", "ok", None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_pauses_each_accept_loop_instead_of_spinning() {
+    let stack = FrontStack::start("", None);
+    let front_address: std::net::SocketAddr = format!("127.0.0.1:{}", stack.port).parse().unwrap();
+    // No descriptor number above stdin, stdout and stderr may be taken: the
+    // relay is out of descriptors until the limit is raised again.
+    stack.relay.set_open_file_soft_limit(3);
+    let cpu_before = stack.relay.cpu_time();
+    let measured = Instant::now();
+    let flood: Vec<TcpStream> = tokio::task::block_in_place(|| {
+        (0..40)
+            .map(|_| TcpStream::connect(front_address).expect("connect to the front end"))
+            .collect()
+    });
+    // The socket and the operations endpoint are out of descriptors too.
+    let socket = std::os::unix::net::UnixStream::connect(stack.relay.socket())
+        .expect("the socket's backlog takes the connection");
+    let ops = TcpStream::connect(stack.relay.metrics_address())
+        .expect("the endpoint's backlog takes the connection");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cpu = stack.relay.cpu_time() - cpu_before;
+    let wall = measured.elapsed();
+    eprintln!("out of descriptors: {cpu:?} of CPU in {wall:?}");
+    assert!(cpu < wall / 4, "the relay spun: {cpu:?} of CPU in {wall:?}");
+    let logs = stack.relay.logs();
+    assert!(
+        logs.contains("accept failed (out of file descriptors?)"),
+        "{logs}"
+    );
+
+    // Descriptors back: every listener serves again within its pause.
+    stack.relay.set_open_file_soft_limit(65_536);
+    drop((flood, socket, ops));
+    let text = within("the operations endpoint answers again", async {
+        loop {
+            let answered = tokio::task::block_in_place(|| {
+                ops_get(&stack.relay, "/metrics", Duration::from_secs(2)).is_some()
+            });
+            if answered {
+                break scrape(&stack.relay);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    for listener in ["etcd_front", "unix", "metrics"] {
+        let failures = metric(
+            &text,
+            "holdfast_accept_failures_total",
+            &[("listener", listener)],
+        )
+        .unwrap_or(0.0);
+        eprintln!("{listener}: {failures} paused accepts");
+        assert!(failures >= 1.0, "{listener} counted no paused accept");
+    }
+    let client = within(
+        "a WELCOME",
+        holdfast_client::Client::connect(&stack.relay.url()),
+    )
+    .await
+    .unwrap();
+    client.flush().await.unwrap();
+    let mut front = stack.front().await;
+    front.put("v1/after/emfile", "ok", None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_connection_with_an_open_watch_stays_and_an_idle_one_is_closed() {
+    let stack = FrontStack::start("[sessions]\nidle_timeout = \"1s\"\n", None);
+    let mut etcd = stack.etcd.client().await;
+    let idle_closed = |relay: &Relay| {
+        count(
+            relay,
+            "holdfast_limit_rejections_total",
+            &[("limit", "idle_timeout")],
+        )
+    };
+
+    // A watch stream is a request that stays open: quiet for twice the
+    // idle timeout, its connection stays and the event still arrives.
+    let mut watcher = stack.front().await;
+    let mut events = watcher
+        .watch("v1/quiet/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(idle_closed(&stack.relay), 0.0);
+    etcd.put("v1/quiet/a", "1", None).await.unwrap();
+    let key = within("the watch event", async {
+        loop {
+            let response = events.message().await.unwrap().expect("a watch response");
+            if let Some(event) = response.events().first() {
+                break event.kv().unwrap().key().to_vec();
+            }
+        }
+    })
+    .await;
+    assert_eq!(key, b"v1/quiet/a");
+
+    // A connection whose requests are all done is closed once idle...
+    let mut idle = stack.front().await;
+    idle.get("v1/quiet/a", None).await.unwrap();
+    let closed = within("the idle connection closed", async {
+        loop {
+            if idle_closed(&stack.relay) >= 1.0 {
+                break Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(idle_closed(&stack.relay), 1.0, "only the idle one");
+    assert_eq!(
+        count(&stack.relay, "holdfast_etcd_front_connections", &[]),
+        1.0,
+        "the watcher's connection is still open"
+    );
+    // ...and its client simply connects again for its next request.
+    tokio::time::sleep_until((closed + Duration::from_millis(200)).into()).await;
+    let again = idle.get("v1/quiet/a", None).await.unwrap();
+    assert_eq!(again.kvs()[0].value(), b"1");
 }
