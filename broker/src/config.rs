@@ -227,7 +227,8 @@ pub struct SessionConfig {
     pub slow_consumer: SlowConsumerPolicy,
     pub max_inflight_requests: usize,
     pub max_subscriptions: usize,
-    /// Connections (Unix and QUIC) open at once; more are turned away.
+    /// Connections (Unix, QUIC and both front ends) open at once; more are
+    /// turned away. The relay admits fewer if its open-file limit says so.
     pub max_connections: usize,
     /// A connection must send HELLO within this long.
     #[serde(with = "duration")]
@@ -731,6 +732,12 @@ impl Config {
 
     /// The etcd front end's lease table and the keys under each lease.
     pub fn etcd_front_leases_path(&self) -> PathBuf {
+        self.relay.data_dir.join("etcd-front-leases.redb")
+    }
+
+    /// Where relays before the redb lease table kept it (read once, then
+    /// removed).
+    pub fn etcd_front_legacy_leases_path(&self) -> PathBuf {
         self.relay.data_dir.join("etcd-front-leases.json")
     }
 

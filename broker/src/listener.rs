@@ -6,20 +6,22 @@
 //! one of the relay's connection permits and is identified by the kernel's
 //! peer credentials.
 
+use crate::accept_pressure::{self, AcceptFailures, RefusalLog};
+use crate::fd_budget::REFUSALS_IN_FLIGHT;
 use crate::peer::Peer;
 use crate::session::{self, SessionContext};
 use crate::stats::Limit;
 use holdfast_wire::{encode, ErrorCode, Frame, GoAway, Text};
-use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, info, warn};
 
 /// Why the socket could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -133,14 +135,24 @@ pub async fn serve(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
+    let mut failures = AcceptFailures::new(accept_pressure::Listener::Unix);
+    let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
+    let mut refused = RefusalLog::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    failures.accepted();
                     let peer = Peer::of_unix_stream(&stream);
                     let Ok(permit) = ctx.connection_permits.clone().try_acquire_owned() else {
-                        tracker.spawn(turn_away(stream, peer, ctx.clone()));
+                        ctx.stats.record_limit(Limit::Connections);
+                        refused.refused("unix", ctx.config.sessions.max_connections);
+                        // Telling it why holds its descriptor for a moment;
+                        // past a few at once, it is just closed.
+                        if let Ok(answering) = refusals.clone().try_acquire_owned() {
+                            tracker.spawn(turn_away(stream, peer, ctx.clone(), answering));
+                        }
                         continue;
                     };
                     let (read_half, write_half) = stream.into_split();
@@ -150,13 +162,7 @@ pub async fn serve(
                         drop(permit);
                     });
                 }
-                Err(error) if error.kind() == ErrorKind::ConnectionAborted => {}
-                Err(error) => {
-                    // Typically out of file descriptors: back off instead of
-                    // spinning, and keep serving the sessions we have.
-                    error!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                Err(error) => failures.pause(&error, &stop).await,
             },
         }
     }
@@ -167,10 +173,14 @@ pub async fn serve(
 }
 
 /// Tells a connection over `sessions.max_connections` why it is closed.
-async fn turn_away(mut stream: tokio::net::UnixStream, peer: Peer, ctx: Arc<SessionContext>) {
-    ctx.stats.record_limit(Limit::Connections);
+async fn turn_away(
+    mut stream: tokio::net::UnixStream,
+    peer: Peer,
+    ctx: Arc<SessionContext>,
+    _answering: OwnedSemaphorePermit,
+) {
+    debug!(%peer, "connection refused: sessions.max_connections reached");
     let max = ctx.config.sessions.max_connections;
-    warn!(%peer, max_connections = max, "connection refused: sessions.max_connections reached");
     let go_away = Frame::GoAway(GoAway {
         code: ErrorCode::LimitExceeded,
         message: Text::from(format!(

@@ -1,5 +1,6 @@
 //! `holdfastd`: command line, logging, and the runtime around [`relay::run`].
 
+mod accept_pressure;
 mod access;
 mod atomic_file;
 mod cert_subject;
@@ -15,6 +16,7 @@ mod etcd_link;
 mod etcd_security;
 mod failure_log;
 mod fanout;
+mod fd_budget;
 mod forwarder;
 mod frame_reader;
 mod gen_cert;

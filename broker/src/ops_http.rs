@@ -5,6 +5,7 @@
 //! (bounded in size and time), answer, close. An upstream outage never
 //! fails `/livez`: a degraded relay must not get itself restarted.
 
+use crate::accept_pressure::{AcceptFailures, Listener};
 use crate::session::SessionContext;
 use crate::status;
 use crate::telemetry::Telemetry;
@@ -16,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// Largest request head accepted.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -52,6 +53,7 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener, OpsListenError> {
 /// Serves until `stop` fires.
 pub async fn serve(listener: TcpListener, state: Arc<OpsState>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut failures = AcceptFailures::new(Listener::Metrics);
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -61,12 +63,12 @@ pub async fn serve(listener: TcpListener, state: Arc<OpsState>, stop: Cancellati
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    warn!(%error, "metrics endpoint accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    failures.pause(&error, &stop).await;
                     continue;
                 }
             },
         };
+        failures.accepted();
         let state = state.clone();
         tokio::spawn(async move {
             if let Err(error) = handle(stream, &state).await {

@@ -12,6 +12,7 @@
 //! shutdown the connection stops
 //! taking streams, lets its sessions say GO_AWAY, then closes.
 
+use crate::accept_pressure::RefusalLog;
 use crate::cert_subject;
 use crate::peer::Peer;
 use crate::session::{self, SessionContext};
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// Application close code when the relay ends a connection.
 const CLOSE_CODE: u32 = 0;
@@ -54,6 +55,7 @@ pub async fn serve(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
+    let mut refused = RefusalLog::default();
     loop {
         let incoming = tokio::select! {
             _ = stop.cancelled() => break,
@@ -64,9 +66,9 @@ pub async fn serve(
         };
         let Ok(permit) = ctx.connection_permits.clone().try_acquire_owned() else {
             ctx.stats.record_limit(Limit::Connections);
-            warn!(
+            refused.refused("quic", ctx.config.sessions.max_connections);
+            debug!(
                 peer = %incoming.remote_address(),
-                max_connections = ctx.config.sessions.max_connections,
                 "QUIC connection refused: sessions.max_connections reached"
             );
             incoming.refuse();

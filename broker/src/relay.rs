@@ -4,7 +4,7 @@
 //! end) first, reading the TLS files, so a second relay or a bad path fails
 //! before touching NATS; connect NATS and etcd in the background and give
 //! the first connects a moment to settle; start the registry, discovery,
-//! the etcd front end, the router and the operations endpoint; accept on
+//! the router, the etcd front end and the operations endpoint; accept on
 //! every listener; then tell systemd READY=1. Down (SIGTERM/SIGINT): not
 //! ready, stop accepting everywhere, save (not revoke) the etcd front end's
 //! leases, tell every session GO_AWAY after the frames it already read,
@@ -74,7 +74,7 @@ pub enum RelayError {
 /// Runs the relay until SIGTERM or SIGINT (`Ok`), or until its NATS client
 /// cannot recover (`Err(RelayError::NatsClientGone)`, after the same
 /// orderly stop).
-pub async fn run(config: Config) -> Result<(), RelayError> {
+pub async fn run(mut config: Config) -> Result<(), RelayError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(RelayError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(RelayError::Signals)?;
     let mode = config.socket_mode().map_err(RelayError::Config)?;
@@ -179,24 +179,7 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         config.discovery_cache_path(),
         registry_stop.clone(),
     );
-    // The etcd front end: unmodified etcd clients, through the same
-    // registry and discovery cache as sessions.
-    let etcd_front_stop = CancellationToken::new();
-    let etcd_front = match config.etcd_listen().map_err(RelayError::Config)? {
-        Some(address) => Some(
-            crate::etcd_front::start(
-                address,
-                &config,
-                etcd.clone(),
-                registry.clone(),
-                discovery.clone(),
-                stats.clone(),
-                etcd_front_stop.clone(),
-            )
-            .await?,
-        ),
-        None => None,
-    };
+    let etcd_listen = config.etcd_listen().map_err(RelayError::Config)?;
     let router = router::start(
         nats.clone(),
         Text::from(relay_id.as_str()),
@@ -205,6 +188,10 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
     );
     let sessions_stop = CancellationToken::new();
     let shutdown_grace = config.relay.shutdown_grace;
+    // Every connection takes a descriptor: admit no more than the open-file
+    // limit leaves after the relay's own (fd_budget.rs).
+    config.sessions.max_connections =
+        crate::fd_budget::connections_to_admit(config.sessions.max_connections);
     let mut context = SessionContext::new(
         Arc::new(config),
         classes,
@@ -226,6 +213,16 @@ pub async fn run(config: Config) -> Result<(), RelayError> {
         .and_then(|endpoint| endpoint.local_addr().ok());
     context.nats_front_address = nats_front_address;
     let ctx = Arc::new(context);
+    // The etcd front end: unmodified etcd clients, through the same
+    // registry and discovery cache as sessions, and the same connection
+    // limit.
+    let etcd_front_stop = CancellationToken::new();
+    let etcd_front = match etcd_listen {
+        Some(address) => {
+            Some(crate::etcd_front::start(address, &ctx, etcd_front_stop.clone()).await?)
+        }
+        None => None,
+    };
     let ops = Arc::new(OpsState {
         ctx: ctx.clone(),
         telemetry,

@@ -166,6 +166,10 @@ fn describe() {
         "Connections and operations refused because a limit was reached, by limit."
     );
     describe_counter!(
+        "holdfast_accept_failures_total",
+        "Times an accept loop paused because accept failed (out of file descriptors), by listener."
+    );
+    describe_counter!(
         "holdfast_access_denied_total",
         "Operations refused by the access rules, by operation."
     );

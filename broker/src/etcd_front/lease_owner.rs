@@ -10,20 +10,26 @@
 //! keys upstream at once (or as soon as etcd is back).
 //!
 //! Changes to leases and keys are saved before they are answered, several
-//! at a time (one file write for everything that arrived meanwhile);
-//! keepalives only move deadlines and are saved about once a second.
+//! at a time (one transaction for everything that arrived meanwhile, with
+//! only the rows that changed). A keepalive moves only its lease's expiry,
+//! which is saved half a TTL ahead: one keepalive in several writes that
+//! one row, and is answered once it is saved (see
+//! [`persist::expiry_to_save`] for why that is safe after a crash).
 
-use super::leases::{FrontLease, FrontLeaseId, KeeperId, LeaseError, LeaseInfo, LeaseTable};
-use super::persist::{self, SavedLease};
+use super::leases::{FrontLeaseId, KeeperId, LeaseError, LeaseInfo, LeaseTable};
+use super::persist::{self, Changes, LeaseStore};
 use super::range::Entry;
+use crate::drop_log::DropLog;
 use crate::registry::model::{Claimant, SessionId};
 use crate::registry::{AckTo, RegistryHandle};
 use crate::wall_clock::unix_millis;
 use bytes::Bytes;
 use std::collections::hash_map::RandomState;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -32,8 +38,6 @@ use tracing::{debug, info, warn};
 const COMMAND_QUEUE: usize = 4096;
 /// Commands handled before one save covers them all.
 const BATCH: usize = 256;
-/// How often deadlines moved by keepalives are saved.
-const DEADLINE_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Registry owners with this bit are relay leases, never sessions.
 const FRONT_OWNER_BIT: u64 = 1 << 63;
 
@@ -224,10 +228,12 @@ impl LeaseOwner {
     }
 }
 
-/// Restores the table saved at `path`, registers its keys again and starts
-/// the task. Returns the handle and the task (it saves once more on `stop`).
+/// Restores the table saved at `path` (importing the JSON table at
+/// `legacy_path` once), registers its keys again and starts the task.
+/// Returns the handle and the task (it saves once more on `stop`).
 pub async fn start(
     path: PathBuf,
+    legacy_path: PathBuf,
     max_leases: usize,
     max_keys_per_lease: usize,
     registry: RegistryHandle,
@@ -235,18 +241,35 @@ pub async fn start(
     stop: CancellationToken,
 ) -> (LeaseOwner, tokio::task::JoinHandle<()>) {
     let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
+    let opening = path.clone();
+    let opened =
+        tokio::task::spawn_blocking(move || LeaseStore::open(&opening, &legacy_path)).await;
+    let opened = match opened {
+        Ok(opened) => opened,
+        Err(error) => {
+            // Only a panic outside redb's own (caught) ones gets here.
+            warn!(%error, "opening the etcd front end's lease table failed; starting without leases");
+            persist::Opened::unavailable(path)
+        }
+    };
     let mut task = OwnerTask {
         table: LeaseTable::new(max_leases, max_keys_per_lease),
         registry,
-        path,
-        structural_change: false,
-        deadlines_moved: false,
+        store: Arc::new(opened.store),
+        unsaved_leases: BTreeSet::new(),
+        unsaved_keys: opened.orphan_keys.into_iter().collect(),
+        saved_expiry: HashMap::new(),
         answers: Vec::new(),
+        failures: 0,
+        failure_log: DropLog::default(),
         ids: RandomState::new(),
         id_counter: 0,
         stop: stop.clone(),
     };
-    task.restore(&orphan_acks).await;
+    task.restore(opened.leases, &orphan_acks).await;
+    // Expired leases found at start leave the file now, not with the
+    // first change after.
+    task.save(false).await;
     publish(&task.table);
     let handle = tokio::spawn(task.run(receiver, stop));
     (LeaseOwner { commands }, handle)
@@ -255,27 +278,25 @@ pub async fn start(
 struct OwnerTask {
     table: LeaseTable,
     registry: RegistryHandle,
-    path: PathBuf,
-    /// Leases or keys changed since the last save.
-    structural_change: bool,
-    /// Only deadlines changed since the last save.
-    deadlines_moved: bool,
+    store: Arc<LeaseStore>,
+    /// Leases whose row is to be written (or removed) with the next save.
+    unsaved_leases: BTreeSet<FrontLeaseId>,
+    /// Keys whose row is to be written (or removed) with the next save.
+    unsaved_keys: BTreeSet<Bytes>,
+    /// The expiry the store holds for each lease.
+    saved_expiry: HashMap<FrontLeaseId, u64>,
     /// Answers held back until the change they confirm is saved.
     answers: Vec<Box<dyn FnOnce() + Send>>,
+    /// Failed saves, and the pace of their log lines.
+    failures: u64,
+    failure_log: DropLog,
     ids: RandomState,
     id_counter: u64,
     stop: CancellationToken,
 }
 
 impl OwnerTask {
-    async fn restore(&mut self, orphan_acks: &impl Fn() -> AckTo) {
-        let saved = match persist::load(&self.path) {
-            Ok(saved) => saved,
-            Err(error) => {
-                warn!(error = %error, "the etcd front end's lease table is unreadable; starting without leases");
-                return;
-            }
-        };
+    async fn restore(&mut self, saved: Vec<persist::SavedLease>, orphan_acks: &impl Fn() -> AckTo) {
         let now = unix_millis();
         let (mut live, mut expired, mut keys) = (0usize, 0usize, 0usize);
         for lease in saved {
@@ -295,11 +316,16 @@ impl OwnerTask {
                     )
                     .await;
             }
-            if lease.deadline_ms > now && self.table.restore(id, lease) {
+            let expiry = lease.deadline_ms;
+            let lease_keys: Vec<Bytes> = lease.keys.keys().cloned().collect();
+            if expiry > now && self.table.restore(id, lease) {
                 live += 1;
+                self.saved_expiry.insert(id, expiry);
             } else {
                 expired += 1;
                 self.registry.session_closed(owner, true).await;
+                self.unsaved_leases.insert(id);
+                self.unsaved_keys.extend(lease_keys);
             }
         }
         if live + expired > 0 {
@@ -307,20 +333,17 @@ impl OwnerTask {
                 leases = live,
                 expired,
                 keys,
-                path = %self.path.display(),
+                path = %self.store.path().display(),
                 "etcd front end: lease table restored; keys of live leases are registered again, those of expired ones deleted"
             );
             if expired > 0 {
                 metrics::counter!("holdfast_etcd_front_leases_ended_total", "reason" => "expired")
                     .increment(expired as u64);
-                self.structural_change = true;
             }
         }
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>, stop: CancellationToken) {
-        let mut ticker = tokio::time::interval(DEADLINE_SAVE_INTERVAL);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_expiry = self.table.next_deadline();
             tokio::select! {
@@ -336,22 +359,18 @@ impl OwnerTask {
                     }
                 }
                 _ = sleep_until_unix_ms(next_expiry) => self.expire().await,
-                _ = ticker.tick() => {
-                    if self.deadlines_moved {
-                        self.save().await;
-                    }
-                }
             }
-            if self.structural_change {
-                self.save().await;
-            }
+            self.save(false).await;
             for answer in self.answers.drain(..) {
                 answer();
             }
             publish(&self.table);
         }
-        // Leases stay valid across a restart: saved, not revoked.
-        self.save().await;
+        // Leases stay valid across a restart: saved, not revoked, each with
+        // the expiry its client was promised (no slack after a clean stop).
+        let ids: Vec<FrontLeaseId> = self.table.ids();
+        self.unsaved_leases.extend(ids);
+        self.save(true).await;
         for answer in self.answers.drain(..) {
             answer();
         }
@@ -360,10 +379,15 @@ impl OwnerTask {
 
     /// Holds `answer` back until the table is saved.
     fn after_save<T: Send + 'static>(&mut self, reply: Reply<T>, answer: Result<T, OwnerError>) {
-        self.structural_change = true;
         self.answers.push(Box::new(move || {
             let _ = reply.send(answer);
         }));
+    }
+
+    /// The lease is gone from the table: its row and its keys' rows go too.
+    fn forget(&mut self, lease: FrontLeaseId, keys: impl IntoIterator<Item = Bytes>) {
+        self.unsaved_leases.insert(lease);
+        self.unsaved_keys.extend(keys);
     }
 
     async fn on_command(&mut self, command: Command) {
@@ -376,16 +400,30 @@ impl OwnerTask {
                     .table
                     .grant(id, ttl, now, || fresh_id(ids, counter, now));
                 match granted {
-                    Ok(granted) => self.after_save(reply, Ok(granted)),
+                    Ok(granted) => {
+                        self.unsaved_leases.insert(granted.0);
+                        self.after_save(reply, Ok(granted));
+                    }
                     Err(error) => {
                         let _ = reply.send(Err(error.into()));
                     }
                 }
             }
             Command::KeepAlive { id, keeper, reply } => {
-                let renewed = self.table.keep_alive(id, keeper, now);
-                self.deadlines_moved |= renewed.is_ok();
-                let _ = reply.send(renewed.map_err(OwnerError::from));
+                match self.table.keep_alive(id, keeper, now) {
+                    Ok(ttl) => {
+                        let deadline = self.table.lease(id).map_or(0, |lease| lease.deadline_ms);
+                        if persist::must_save(deadline, self.saved_expiry.get(&id).copied()) {
+                            self.unsaved_leases.insert(id);
+                            self.after_save(reply, Ok(ttl));
+                        } else {
+                            let _ = reply.send(Ok(ttl));
+                        }
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(error.into()));
+                    }
+                }
             }
             Command::KeeperLost { keeper, leases } => {
                 // Streams break when the relay stops too; its leases stay
@@ -395,12 +433,13 @@ impl OwnerTask {
                 }
                 for (lease, keys) in self.table.keeper_lost(keeper, leases) {
                     self.end_lease(lease, keys.len(), "connection_lost").await;
-                    self.structural_change = true;
+                    self.forget(lease, keys.into_keys());
                 }
             }
             Command::Revoke { id, reply } => match self.table.revoke(id) {
                 Ok(keys) => {
                     self.end_lease(id, keys.len(), "revoked").await;
+                    self.forget(id, keys.into_keys());
                     self.after_save(reply, Ok(()));
                 }
                 Err(error) => {
@@ -421,6 +460,7 @@ impl OwnerTask {
                 reply,
             } => match self.table.attach(lease, key.clone(), value.clone()) {
                 Ok(previous) => {
+                    self.unsaved_keys.insert(key.clone());
                     self.registry
                         .register(Claimant::plain(registry_owner(lease)), key, value, ack)
                         .await;
@@ -434,6 +474,7 @@ impl OwnerTask {
                 let value = self.table.get(&key).map(|(_, value)| value);
                 match self.table.detach(&key) {
                     Some(lease) => {
+                        self.unsaved_keys.insert(key.clone());
                         self.registry
                             .deregister(Claimant::plain(registry_owner(lease)), key, ack)
                             .await;
@@ -452,6 +493,7 @@ impl OwnerTask {
             } => {
                 if self.table.get(&key) == Some((lease, value)) {
                     self.table.detach(&key);
+                    self.unsaved_keys.insert(key);
                     self.after_save(reply, Ok(()));
                 } else {
                     let _ = reply.send(Ok(()));
@@ -477,7 +519,7 @@ impl OwnerTask {
         let now = unix_millis();
         for (lease, keys) in self.table.expire(now) {
             self.end_lease(lease, keys.len(), "expired").await;
-            self.structural_change = true;
+            self.forget(lease, keys.into_keys());
         }
     }
 
@@ -494,27 +536,74 @@ impl OwnerTask {
         );
     }
 
-    async fn save(&mut self) {
-        self.structural_change = false;
-        self.deadlines_moved = false;
-        let saved: Vec<SavedLease> = self
-            .table
-            .leases()
-            .map(|(id, lease): (&FrontLeaseId, &FrontLease)| SavedLease::from_lease(*id, lease))
+    /// The rows of every unsaved lease and key as the table has them now:
+    /// a lease's expiry half a TTL ahead, or exactly (`exact`, at a clean
+    /// stop, when no keepalive can come before the next start reads it).
+    fn changes(&mut self, exact: bool) -> Changes {
+        let mut changes = Changes::default();
+        for id in std::mem::take(&mut self.unsaved_leases) {
+            let row = self.table.lease(id).map(|lease| {
+                let expiry = if exact {
+                    lease.deadline_ms
+                } else {
+                    persist::expiry_to_save(lease.deadline_ms, lease.ttl_seconds)
+                };
+                (lease.ttl_seconds, expiry)
+            });
+            if exact && row.map(|(_, expiry)| expiry) == self.saved_expiry.get(&id).copied() {
+                continue;
+            }
+            changes.leases.insert(id, row);
+        }
+        for key in std::mem::take(&mut self.unsaved_keys) {
+            let row = self.table.get(&key);
+            changes.keys.insert(key, row);
+        }
+        changes
+    }
+
+    /// Writes what changed since the last save, if anything did.
+    async fn save(&mut self, exact: bool) {
+        let changes = self.changes(exact);
+        if changes.is_empty() {
+            return;
+        }
+        let leases: Vec<(FrontLeaseId, Option<u64>)> = changes
+            .leases
+            .iter()
+            .map(|(id, row)| (*id, row.map(|(_, expiry)| expiry)))
             .collect();
-        let path = self.path.clone();
-        let written = tokio::task::spawn_blocking(move || persist::save(&path, saved)).await;
+        let keys: Vec<Bytes> = changes.keys.keys().cloned().collect();
+        let store = self.store.clone();
+        let written = tokio::task::spawn_blocking(move || store.write(&changes)).await;
         let failure = match written {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => {
+                for (id, expiry) in leases {
+                    match expiry {
+                        Some(expiry) => self.saved_expiry.insert(id, expiry),
+                        None => self.saved_expiry.remove(&id),
+                    };
+                }
+                return;
+            }
             Ok(Err(error)) => error.to_string(),
             Err(error) => error.to_string(),
         };
+        // Not lost: the rows are written with the next save that succeeds
+        // (the table in memory is the truth until then).
+        self.unsaved_leases
+            .extend(leases.into_iter().map(|(id, _)| id));
+        self.unsaved_keys.extend(keys);
         metrics::counter!("holdfast_etcd_front_save_failures_total").increment(1);
-        warn!(
-            path = %self.path.display(),
-            error = %failure,
-            "cannot save the etcd front end's lease table; leases work but would not survive a restart"
-        );
+        self.failures += 1;
+        if let Some(count) = self.failure_log.due(self.failures, Instant::now()) {
+            warn!(
+                path = %self.store.path().display(),
+                error = %failure,
+                failures = count,
+                "cannot save the etcd front end's lease table; leases work but would not survive a restart"
+            );
+        }
     }
 }
 

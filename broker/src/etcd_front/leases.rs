@@ -214,6 +214,11 @@ impl LeaseTable {
         })
     }
 
+    /// The lease `id`, if the table holds it.
+    pub fn lease(&self, id: FrontLeaseId) -> Option<&FrontLease> {
+        self.leases.get(&id)
+    }
+
     /// Every lease id, ascending.
     pub fn ids(&self) -> Vec<FrontLeaseId> {
         let mut ids: Vec<FrontLeaseId> = self.leases.keys().copied().collect();
@@ -309,11 +314,6 @@ impl LeaseTable {
             }
         }
         expired
-    }
-
-    /// Every lease, for saving.
-    pub fn leases(&self) -> impl Iterator<Item = (&FrontLeaseId, &FrontLease)> {
-        self.leases.iter()
     }
 }
 

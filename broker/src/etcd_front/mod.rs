@@ -19,7 +19,9 @@
 //! - Every other service (Maintenance, Cluster, Auth, Lock, Election) and
 //!   KV Compact answer `Unimplemented` naming the RPC ([`unimplemented`]).
 
+mod activity;
 mod bridge;
+mod connection;
 mod kv;
 mod lease_owner;
 mod lease_service;
@@ -32,11 +34,8 @@ mod upstream;
 mod watch;
 mod write_policy;
 
-use crate::config::Config;
 use crate::discovery::DiscoveryHandle;
-use crate::etcd_link::EtcdLink;
-use crate::registry::RegistryHandle;
-use crate::stats::RelayStats;
+use crate::session::SessionContext;
 use bridge::Outboxes;
 use etcd_client::proto::{PbKvServer, PbLeaseServer, PbWatchServer};
 use lease_owner::{LeaseOwner, OwnerError};
@@ -105,16 +104,15 @@ impl EtcdFront {
     }
 }
 
-/// Binds `address` and serves etcd clients until `stop` fires.
+/// Binds `address` and serves etcd clients until `stop` fires; their
+/// connections take slots of `ctx.connection_permits`.
 pub async fn start(
     address: SocketAddr,
-    config: &Config,
-    link: EtcdLink,
-    registry: RegistryHandle,
-    discovery: DiscoveryHandle,
-    stats: Arc<RelayStats>,
+    ctx: &SessionContext,
     stop: CancellationToken,
 ) -> Result<EtcdFront, EtcdFrontError> {
+    let config = &ctx.config;
+    let link = ctx.etcd.clone();
     if !link.is_enabled() {
         return Err(EtcdFrontError::NoUpstream);
     }
@@ -127,19 +125,21 @@ pub async fn start(
         .access_policy()
         .map_err(EtcdFrontError::Access)?
         .default_permissions();
-    let writes = write_policy::WritePolicy::new(permissions, registry.clone(), stats.clone());
+    let writes =
+        write_policy::WritePolicy::new(permissions, ctx.registry.clone(), ctx.stats.clone());
     let call_timeout = (config.etcd.probe_timeout * 4).max(Duration::from_secs(2));
     let upstream = upstream::Upstream::new(&config.etcd.endpoints, link, call_timeout)?;
     let outboxes = Outboxes {
-        stats,
+        stats: ctx.stats.clone(),
         max_bytes: config.sessions.outbound_queue_bytes,
     };
     let orphan = outboxes.clone();
     let (owner, owner_task) = lease_owner::start(
         config.etcd_front_leases_path(),
+        config.etcd_front_legacy_leases_path(),
         MAX_LEASES,
         config.etcd.max_registrations_per_session,
-        registry,
+        ctx.registry.clone(),
         move || orphan.ack().0,
         stop.clone(),
     )
@@ -148,7 +148,7 @@ pub async fn start(
         owner,
         writes,
         upstream,
-        discovery,
+        discovery: ctx.discovery.clone(),
         outboxes,
         watches: AtomicUsize::new(0),
         max_watches_per_stream: config.etcd.max_watches_per_session,
@@ -156,8 +156,18 @@ pub async fn start(
         stop: stop.clone(),
     });
     describe_metrics();
-    let incoming = tonic::codegen::tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let admission = connection::Admission::new(
+        ctx.connection_permits.clone(),
+        config.sessions.max_connections,
+        activity::Deadlines {
+            hello: config.sessions.hello_timeout,
+            idle: config.sessions.idle_timeout,
+        },
+        ctx.stats.clone(),
+    );
+    let incoming = connection::incoming(listener, admission, stop.clone());
     let router = tonic::transport::Server::builder()
+        .layer(activity::ActivityLayer)
         .layer(unimplemented::NameUnknownRpcsLayer)
         .add_service(PbKvServer::new(kv::KvService::new(front.clone())))
         .add_service(PbLeaseServer::new(lease_service::LeaseService::new(
@@ -183,6 +193,10 @@ fn describe_metrics() {
     metrics::describe_counter!(
         "holdfast_etcd_front_requests_total",
         "etcd front end requests by RPC and outcome (ok or the gRPC status)"
+    );
+    metrics::describe_gauge!(
+        "holdfast_etcd_front_connections",
+        "TCP connections open on the etcd front end (each holds a sessions.max_connections slot)"
     );
     metrics::describe_gauge!(
         "holdfast_etcd_front_leases",

@@ -11,16 +11,17 @@
 
 mod connection;
 
+use crate::accept_pressure::{self, AcceptFailures, RefusalLog};
+use crate::fd_budget::REFUSALS_IN_FLIGHT;
 use crate::session::SessionContext;
 use crate::stats::Limit;
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, warn};
+use tracing::debug;
 
 /// Why the front end could not listen.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +49,15 @@ pub async fn serve(
         .local_addr()
         .map(|address| address.port())
         .unwrap_or(0);
+    let mut failures = AcceptFailures::new(accept_pressure::Listener::NatsFront);
+    let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
+    let mut refused = RefusalLog::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, address)) => {
+                    failures.accepted();
                     let _ = stream.set_nodelay(true);
                     match ctx.connection_permits.clone().try_acquire_owned() {
                         Ok(permit) => {
@@ -64,16 +69,20 @@ pub async fn serve(
                         }
                         Err(_) => {
                             ctx.stats.record_limit(Limit::Connections);
-                            warn!(peer = %address, "NATS client refused: sessions.max_connections reached");
-                            tracker.spawn(connection::refuse(stream, "Maximum Connections Exceeded"));
+                            refused.refused("nats_front", ctx.config.sessions.max_connections);
+                            debug!(peer = %address, "NATS client refused: sessions.max_connections reached");
+                            // Telling it why holds its descriptor for a
+                            // moment; past a few at once, it is just closed.
+                            if let Ok(answering) = refusals.clone().try_acquire_owned() {
+                                tracker.spawn(async move {
+                                    connection::refuse(stream, "Maximum Connections Exceeded").await;
+                                    drop(answering);
+                                });
+                            }
                         }
                     }
                 }
-                Err(error) if error.kind() == ErrorKind::ConnectionAborted => {}
-                Err(error) => {
-                    error!(%error, "accept failed on the NATS front end");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                Err(error) => failures.pause(&error, &stop).await,
             },
         }
     }

@@ -12,6 +12,7 @@ mod clusters;
 mod deploy_manifests;
 mod discovery;
 mod etcd_front;
+mod etcd_front_limits;
 mod journal;
 mod journal_limits;
 mod limits;

@@ -486,6 +486,8 @@ pub struct Relay {
     nats_url: String,
     metrics_port: u16,
     env: Vec<(String, String)>,
+    /// RLIMIT_NOFILE (soft and hard) the process is started with.
+    open_file_limit: Option<u64>,
     process: Process,
     starts: u32,
 }
@@ -503,8 +505,23 @@ impl Relay {
         Relay::start_with(nats_url, config_toml, &[])
     }
 
+    /// Starts with extra TOML under an open-file limit of `limit`
+    /// descriptors (as `prlimit --nofile=LIMIT:LIMIT holdfastd ...`).
+    pub fn start_with_open_file_limit(nats_url: &str, config_toml: &str, limit: u64) -> Relay {
+        Relay::start_configured(nats_url, config_toml, &[], Some(limit))
+    }
+
     /// Starts with extra TOML and extra environment variables.
     pub fn start_with(nats_url: &str, config_toml: &str, env: &[(&str, &str)]) -> Relay {
+        Relay::start_configured(nats_url, config_toml, env, None)
+    }
+
+    fn start_configured(
+        nats_url: &str,
+        config_toml: &str,
+        env: &[(&str, &str)],
+        open_file_limit: Option<u64>,
+    ) -> Relay {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("holdfast.sock");
         let config = dir.path().join("holdfast.toml");
@@ -519,6 +536,7 @@ impl Relay {
                 .iter()
                 .map(|(key, value)| (key.to_string(), value.to_string()))
                 .collect(),
+            open_file_limit,
             process: Process::default(),
             starts: 0,
         };
@@ -530,7 +548,26 @@ impl Relay {
         self.starts += 1;
         let log_path = self.log_path(self.starts);
         let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_holdfastd"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_holdfastd"));
+        if let Some(limit) = self.open_file_limit {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: runs in the child between fork and exec, and calls
+            // only setrlimit, which is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = command
             .arg("--config")
             .arg(&self.config)
             .arg("--data-dir")
@@ -644,6 +681,57 @@ impl Relay {
 
     pub fn pid(&self) -> Option<u32> {
         self.process.id()
+    }
+
+    /// Where `/metrics`, `/livez` and the rest are served.
+    pub fn metrics_address(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.metrics_port))
+    }
+
+    /// The relay's CPU time so far (user and system), from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let pid = self.pid().expect("relay is running");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+        // Fields after the parenthesised command name; utime and stime are
+        // the 14th and 15th of the line, counted in clock ticks.
+        let after_name = stat.rsplit_once(')').expect("stat has a name").1;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        // SAFETY: sysconf only reads a system constant.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis(ticks * 1000 / per_second)
+    }
+
+    /// Bytes the relay has passed to write(2) and its kin so far (files
+    /// and sockets alike; /proc's `wchar`).
+    pub fn bytes_written(&self) -> u64 {
+        let pid = self.pid().expect("relay is running");
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("read io");
+        io.lines()
+            .find_map(|line| line.strip_prefix("wchar: "))
+            .and_then(|value| value.trim().parse().ok())
+            .expect("wchar in /proc/PID/io")
+    }
+
+    /// Sets the running relay's soft open-file limit (the hard one stays).
+    pub fn set_open_file_soft_limit(&self, soft: u64) {
+        let pid = libc::pid_t::try_from(self.pid().expect("relay is running")).expect("pid");
+        let mut current = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: prlimit on a process we started, with valid pointers.
+        let read =
+            unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut current) };
+        assert_eq!(read, 0, "{}", std::io::Error::last_os_error());
+        let wanted = libc::rlimit {
+            rlim_cur: soft.min(current.rlim_max),
+            rlim_max: current.rlim_max,
+        };
+        // SAFETY: as above.
+        let set = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &wanted, std::ptr::null_mut()) };
+        assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
     }
 
     pub fn kill(&mut self) {
