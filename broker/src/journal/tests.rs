@@ -443,14 +443,22 @@ async fn group_commit_batches_concurrent_appends() {
     // Hold the writer off the database while the appends queue up, so the
     // outcome does not depend on how fast this machine produces them.
     let gate = hold_writer(&journal);
+    // Counted once queued: the writer may already have taken some of them
+    // into its first group (blocked on the gate), so the channel's length
+    // alone cannot say when all are in.
+    let submitted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tasks: Vec<_> = (0..10_000u64)
         .map(|i| {
             let journal = journal.clone();
-            tokio::spawn(async move { journal.append((i % 2) as usize, msg(i)).await })
+            let submitted = Arc::clone(&submitted);
+            tokio::spawn(async move {
+                let pending = journal.submit((i % 2) as usize, msg(i)).await?;
+                submitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                pending.await
+            })
         })
         .collect();
-    let sender = journal.inner.commands.clone().unwrap();
-    while sender.max_capacity() - sender.capacity() < 5_000 {
+    while submitted.load(std::sync::atomic::Ordering::Relaxed) < 10_000 {
         tokio::task::yield_now().await;
     }
     drop(gate);
