@@ -8,7 +8,8 @@
 //! (`trim`) following the counters in `ledger`; reads run on blocking tasks
 //! beside the writer. `recovery` opens and validates the file, quarantining
 //! a damaged one; `reclaim` gives the space of a drained journal back;
-//! `inspect` reads a stopped relay's file; `health` decides whether new messages
+//! `inspect` reads a stopped relay's file and `salvage` exports what can
+//! still be read of a set-aside one; `health` decides whether new messages
 //! are taken (free space, a disk-full commit, a database an I/O error
 //! closed, which the writer reopens); `state` holds what the handle,
 //! readers and writer share.
@@ -35,6 +36,7 @@ mod ledger;
 mod reclaim;
 mod record;
 mod recovery;
+mod salvage;
 mod state;
 mod store;
 mod trim;
@@ -46,6 +48,7 @@ mod tests;
 pub use health::{JournalHealth, Refusal};
 pub use holdfast_wire::{Headers, Text};
 pub use inspect::inspect;
+pub use salvage::{salvage, SalvageReport, SalvagedMessage};
 
 use bytes::Bytes;
 use holdfast_wire::ShortText;
