@@ -13,6 +13,8 @@ mod deploy_manifests;
 mod discovery;
 mod etcd_front;
 mod journal;
+mod journal_damage;
+mod journal_disk_full;
 mod journal_limits;
 mod limits;
 mod nats_front;

@@ -488,6 +488,8 @@ pub struct Relay {
     env: Vec<(String, String)>,
     process: Process,
     starts: u32,
+    /// A data dir elsewhere (e.g. on a small tmpfs), else `<dir>/data`.
+    data_dir: Option<PathBuf>,
 }
 
 /// Config for tests: production defaults except where noted by the caller.
@@ -503,8 +505,23 @@ impl Relay {
         Relay::start_with(nats_url, config_toml, &[])
     }
 
+    /// Starts with extra TOML and its journal in `data_dir` (which the
+    /// caller keeps, and removes, itself).
+    pub fn start_with_data_dir(nats_url: &str, config_toml: &str, data_dir: &Path) -> Relay {
+        Relay::start_in(nats_url, config_toml, &[], Some(data_dir.to_path_buf()))
+    }
+
     /// Starts with extra TOML and extra environment variables.
     pub fn start_with(nats_url: &str, config_toml: &str, env: &[(&str, &str)]) -> Relay {
+        Relay::start_in(nats_url, config_toml, env, None)
+    }
+
+    fn start_in(
+        nats_url: &str,
+        config_toml: &str,
+        env: &[(&str, &str)],
+        data_dir: Option<PathBuf>,
+    ) -> Relay {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("holdfast.sock");
         let config = dir.path().join("holdfast.toml");
@@ -521,6 +538,7 @@ impl Relay {
                 .collect(),
             process: Process::default(),
             starts: 0,
+            data_dir,
         };
         relay.spawn();
         relay
@@ -594,7 +612,9 @@ impl Relay {
 
     /// The relay's data directory (kept across restarts).
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     fn is_ready(&self) -> bool {
