@@ -276,20 +276,29 @@ impl<A> ClassQueue<A> {
 
     /// The journal read came back: those messages move into the window.
     /// Sequences the read skipped (expired or dropped in the journal) leave
-    /// the tail too.
-    pub fn finish_refill(&mut self, stored: Vec<(u64, QueuedMessage)>) {
+    /// the tail too, and so do the `skipped` ranges (damaged rows, whose
+    /// messages never come).
+    pub fn finish_refill(&mut self, stored: Vec<(u64, QueuedMessage)>, skipped: &[(u64, u64)]) {
         self.refill_in_flight = false;
         let Some((first, last)) = self.journal_tail else {
             return;
         };
         let mut next_first = first;
+        for &(from, to) in skipped {
+            let (from, to) = (from.max(first), to.min(last));
+            if from <= to {
+                self.journal_tail_messages =
+                    self.journal_tail_messages.saturating_sub(to - from + 1);
+                next_first = next_first.max(to + 1);
+            }
+        }
         for (seq, message) in stored {
             if seq < first || seq > last {
                 continue;
             }
             self.push_memory(message, Some(seq), None);
             self.journal_tail_messages = self.journal_tail_messages.saturating_sub(1);
-            next_first = seq + 1;
+            next_first = next_first.max(seq + 1);
         }
         self.journal_tail = if next_first > last || self.journal_tail_messages == 0 {
             self.journal_tail_messages = 0;
@@ -478,7 +487,7 @@ mod tests {
         // ...then the tail is read back from the journal, in order.
         assert_eq!(queue.start_refill(0), Some(9));
         assert_eq!(queue.start_refill(0), None, "one read at a time");
-        queue.finish_refill(vec![(10, message("j1", 2)), (11, message("j2", 3))]);
+        queue.finish_refill(vec![(10, message("j1", 2)), (11, message("j2", 3))], &[]);
         assert_eq!(payloads(&queue.take_unsent(9)), [b"j1", b"j2"]);
         assert_eq!(queue.confirm(2), Some(11));
         assert!(queue.is_empty());
@@ -501,7 +510,7 @@ mod tests {
         );
         assert_eq!(payloads(&queue.take_unsent(2)), vec![&b"w1"[..], b"w2"]);
         assert_eq!(queue.start_refill(1), Some(3), "one unsent: read ahead");
-        queue.finish_refill(vec![(4, message("j4", 2)), (5, message("j5", 2))]);
+        queue.finish_refill(vec![(4, message("j4", 2)), (5, message("j5", 2))], &[]);
         assert_eq!(
             payloads(&queue.take_unsent(10)),
             vec![&b"w3"[..], b"j4", b"j5"],
@@ -517,12 +526,39 @@ mod tests {
             queue.push_journal_only(seq);
         }
         assert_eq!(queue.start_refill(0), Some(9));
-        queue.finish_refill(vec![
-            (10, message("a", 1)),
-            (11, message("b", 1)),
-            (12, message("c", 1)),
-        ]);
+        queue.finish_refill(
+            vec![
+                (10, message("a", 1)),
+                (11, message("b", 1)),
+                (12, message("c", 1)),
+            ],
+            &[],
+        );
         assert_eq!(payloads(&queue.take_unsent(9)), [b"a", b"b", b"c"]);
+    }
+
+    #[test]
+    fn damaged_rows_a_refill_skipped_leave_the_tail_and_never_come() {
+        let mut queue: ClassQueue<u32> = ClassQueue::new(1_000_000);
+        queue.restore(1, 10, 10);
+        assert_eq!(queue.start_refill(0), Some(0));
+        // Rows 1..=3 and 7..=10 damaged: only 4..=6 come back.
+        let stored = (4..=6).map(|seq| (seq, message("m", seq))).collect();
+        queue.finish_refill(stored, &[(1, 3), (7, 10)]);
+        assert_eq!(queue.backlog().0, 3, "only what came is left to send");
+        assert!(
+            queue.start_refill(0).is_none(),
+            "nothing left in the journal to read"
+        );
+        // A read that found nothing but damage still moves past it.
+        let mut queue: ClassQueue<u32> = ClassQueue::new(1_000_000);
+        queue.restore(5, 9, 5);
+        assert_eq!(queue.start_refill(0), Some(4));
+        queue.finish_refill(Vec::new(), &[(5, 9)]);
+        assert!(
+            queue.is_empty(),
+            "a tail of damaged rows does not wait forever"
+        );
     }
 
     #[test]
@@ -530,11 +566,11 @@ mod tests {
         let mut queue = Queue::new(1_000);
         queue.restore(5, 8, 4);
         assert_eq!(queue.start_refill(0), Some(4));
-        queue.finish_refill(vec![(5, message("x", 1)), (6, message("y", 1))]);
+        queue.finish_refill(vec![(5, message("x", 1)), (6, message("y", 1))], &[]);
         assert_eq!(queue.backlog().0, 4);
         queue.take_unsent(9);
         assert_eq!(queue.start_refill(0), Some(6));
-        queue.finish_refill(vec![(7, message("z", 1)), (8, message("w", 1))]);
+        queue.finish_refill(vec![(7, message("z", 1)), (8, message("w", 1))], &[]);
         assert_eq!(payloads(&queue.take_unsent(9)), [b"z", b"w"]);
     }
 

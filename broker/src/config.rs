@@ -99,6 +99,10 @@ pub struct RelayConfig {
     /// Address of the etcd v3 gRPC front end (unmodified etcd clients
     /// connect here as to etcd); empty means none. Needs `[etcd] endpoints`.
     pub etcd_listen: String,
+    /// Durable publishes are refused (`journal_full`) while the data dir's
+    /// filesystem has less free space than this; 0 refuses only once a
+    /// commit finds the disk full.
+    pub journal_reserve_bytes: u64,
 }
 
 /// `[nats]`: the upstream NATS cluster.
@@ -253,6 +257,7 @@ impl Default for RelayConfig {
             metrics_addr: "127.0.0.1:9477".to_string(),
             nats_listen: String::new(),
             etcd_listen: String::new(),
+            journal_reserve_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -876,6 +881,10 @@ mod tests {
         assert_eq!(documented.etcd.user, defaults.etcd.user);
         assert_eq!(documented.relay.socket, defaults.relay.socket);
         assert_eq!(documented.relay.socket_group, defaults.relay.socket_group);
+        assert_eq!(
+            documented.relay.journal_reserve_bytes,
+            defaults.relay.journal_reserve_bytes
+        );
         assert_eq!(
             documented.sessions.max_connections,
             defaults.sessions.max_connections

@@ -220,8 +220,15 @@ enum Completion {
     },
     Refilled {
         class: ClassId,
-        result: Result<Vec<crate::journal::StoredMessage>, JournalError>,
+        result: Result<crate::journal::ReadBatch, JournalError>,
     },
+    /// A journal trim failed (e.g. the disk was full); it is retried.
+    ConfirmFailed {
+        class: ClassId,
+        through_seq: u64,
+    },
+    /// What the journal's periodic maintenance found.
+    Maintained(Option<crate::journal::JournalHealth>),
     Probed {
         generation: u64,
         marks: Vec<usize>,
@@ -253,6 +260,14 @@ struct Forwarder {
     stamper: ChainStamper,
     chain_eviction_log: DropLog,
     nats_refusal_log: DropLog,
+    /// Publishes refused because the journal could not take them (disk
+    /// full or below its reserve, or reopening), and when that was logged.
+    journal_refusals: u64,
+    journal_refusal_log: DropLog,
+    /// Per class: the highest trim that failed, retried at the next sweep
+    /// (otherwise delivered messages would stay, and a restart resend them).
+    confirm_retry: Vec<Option<u64>>,
+    maintenance_in_flight: bool,
     /// Journal appends not yet answered, per class (they fix the order).
     appends_in_flight: Vec<u64>,
     next_message_id: u64,
@@ -336,12 +351,16 @@ pub fn start(
         jetstream_in_flight: vec![false; classes.len()],
         jetstream_verified: vec![false; classes.len()],
         refill_retry_at: vec![None; classes.len()],
+        confirm_retry: vec![None; classes.len()],
         classes,
         queues,
         journal,
         stamper: ChainStamper::new(relay_id.clone(), CHAIN_SUBJECTS),
         chain_eviction_log: DropLog::default(),
         nats_refusal_log: DropLog::default(),
+        journal_refusals: 0,
+        journal_refusal_log: DropLog::default(),
+        maintenance_in_flight: false,
         probe_subject: format!("_HOLDFAST.confirm.{relay_id}"),
         nats,
         stats,
@@ -630,6 +649,31 @@ impl Forwarder {
             }
             return None;
         }
+        if let Some(refusal) = self.journal.refusing() {
+            // Refused before it is stamped, so the chain has no hole for it.
+            self.stats.record_rejection(class, ErrorCode::JournalFull);
+            let health = self.journal.health();
+            let why = match refusal {
+                crate::journal::Refusal::LowSpace => format!(
+                    "the journal's filesystem has {} bytes free, under the reserve of {} (relay.journal_reserve_bytes)",
+                    health.free_bytes.unwrap_or(0),
+                    health.reserve_bytes
+                ),
+                crate::journal::Refusal::DiskFull => {
+                    "the journal's disk is full; retry once space is freed".to_string()
+                }
+                crate::journal::Refusal::StorageError => {
+                    "the journal is reopening after an I/O error; retry shortly".to_string()
+                }
+            };
+            self.note_journal_refusal(class, refusal.name(), &why);
+            let outcome = AckOutcome::Rejected {
+                code: ErrorCode::JournalFull,
+                message: Text::from(why),
+            };
+            answer(outbox, &request, latency.as_ref(), outcome);
+            return None;
+        }
         let budget_used = self.journal.backlog(class).bytes;
         if spec.when_full == WhenFull::Reject && budget_used + size > spec.max_bytes {
             self.stats.record_rejection(class, ErrorCode::JournalFull);
@@ -670,6 +714,24 @@ impl Forwarder {
             latency,
         };
         Some((class, new_message, ack))
+    }
+
+    /// Counts a publish the journal could not take for want of space (or
+    /// while it reopens) and logs it, at most one line per interval.
+    fn note_journal_refusal(&mut self, class: ClassId, reason: &str, why: &str) {
+        self.journal_refusals += 1;
+        if let Some(refused) = self
+            .journal_refusal_log
+            .due(self.journal_refusals, Instant::now())
+        {
+            warn!(
+                class = self.class_name(class),
+                reason,
+                refused,
+                total = self.journal_refusals,
+                "journal-bound publishes refused with journal_full (retryable): {why}"
+            );
+        }
     }
 
     /// Publishes the stamper's eviction count. An eviction is normal once
@@ -728,9 +790,11 @@ impl Forwarder {
                 ack.answer(AckOutcome::Journaled);
             }
             Err(error) => {
-                let code = match error {
-                    JournalError::Full { .. } => ErrorCode::JournalFull,
-                    _ => ErrorCode::Internal,
+                // Full budget, full disk, a database reopening: retry later.
+                let code = if error.is_capacity() {
+                    ErrorCode::JournalFull
+                } else {
+                    ErrorCode::Internal
                 };
                 self.stats.record_rejection(class, code);
                 ack.answer(AckOutcome::Rejected {
@@ -759,16 +823,22 @@ impl Forwarder {
                     self.on_appended(class, ack, result);
                 }
                 for (class, count, error) in failures {
-                    warn!(%error, class = self.class_name(class), messages = count, "journal append failed; the publishers were told");
+                    if error.is_capacity() && !matches!(error, JournalError::Full { .. }) {
+                        self.journal_refusals += count - 1;
+                        self.note_journal_refusal(class, "journal_unavailable", &error.to_string());
+                    } else {
+                        warn!(%error, class = self.class_name(class), messages = count, "journal append failed; the publishers were told");
+                    }
                 }
             }
             Completion::Refilled { class, result } => match result {
-                Ok(stored) => {
-                    let messages = stored
+                Ok(batch) => {
+                    let messages = batch
+                        .messages
                         .into_iter()
                         .map(|stored| (stored.seq, QueuedMessage::from(stored)))
                         .collect();
-                    self.queues[class].finish_refill(messages);
+                    self.queues[class].finish_refill(messages, &batch.skipped);
                 }
                 Err(error) => {
                     warn!(%error, class = self.class_name(class), "journal read failed; retrying in 1 s");
@@ -810,6 +880,21 @@ impl Forwarder {
                     self.queues[class].unsend_all();
                 }
             }
+            Completion::ConfirmFailed { class, through_seq } => {
+                let retry = &mut self.confirm_retry[class];
+                *retry = Some(retry.map_or(through_seq, |seq| seq.max(through_seq)));
+            }
+            Completion::Maintained(health) => {
+                self.maintenance_in_flight = false;
+                if health.is_some_and(|health| health.refusing.is_none()) {
+                    // Trims that failed while the journal could not commit.
+                    for class in 0..self.confirm_retry.len() {
+                        if let Some(seq) = self.confirm_retry[class].take() {
+                            self.trim(class, seq);
+                        }
+                    }
+                }
+            }
             Completion::Expired { class, messages } => {
                 crate::stats::add(&self.view.gauges[class].expired, messages);
                 self.queues[class].tail_expired(messages);
@@ -821,14 +906,23 @@ impl Forwarder {
     /// NATS has the first `count` sent messages of `class`: let them go.
     fn confirm(&mut self, class: ClassId, count: usize) {
         if let Some(seq) = self.queues[class].confirm(count) {
-            let journal = self.journal.clone();
-            self.pending.push(Box::pin(async move {
-                if let Err(error) = journal.confirm(class, seq).await {
-                    warn!(%error, "journal trim failed; the messages will be sent again");
-                }
-                Completion::Background
-            }));
+            self.trim(class, seq);
         }
+    }
+
+    /// Removes what NATS confirmed from the journal; a failure is retried
+    /// once the journal commits again.
+    fn trim(&mut self, class: ClassId, through_seq: u64) {
+        let journal = self.journal.clone();
+        self.pending.push(Box::pin(async move {
+            match journal.confirm(class, through_seq).await {
+                Ok(()) => Completion::Background,
+                Err(error) => {
+                    warn!(%error, through_seq, "journal trim failed; retrying once the journal commits again");
+                    Completion::ConfirmFailed { class, through_seq }
+                }
+            }
+        }));
     }
 
     fn class_name(&self, class: ClassId) -> &str {
@@ -1187,6 +1281,21 @@ impl Forwarder {
             self.expire(crate::wall_clock::unix_millis());
         }
         self.sync_tails_with_journal();
+        if !self.maintenance_in_flight {
+            // Free space, a database to reopen, damaged rows at the head.
+            self.maintenance_in_flight = true;
+            let journal = self.journal.clone();
+            self.pending.push(Box::pin(async move {
+                let health = match journal.maintain().await {
+                    Ok(health) => Some(health),
+                    Err(error) => {
+                        warn!(%error, "journal maintenance failed");
+                        None
+                    }
+                };
+                Completion::Maintained(health)
+            }));
+        }
         let idle = self.last_activity.elapsed() >= COMPACT_AFTER_IDLE;
         if idle && self.queues.iter().all(ClassQueue::is_empty) {
             let journal = self.journal.clone();

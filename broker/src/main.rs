@@ -22,6 +22,7 @@ mod frame_reader;
 mod gen_cert;
 mod journal;
 mod journal_inspect;
+mod journal_salvage;
 mod link_monitor;
 mod listener;
 mod nats_convert;
@@ -187,6 +188,20 @@ enum JournalAction {
         #[arg(long)]
         json: bool,
     },
+    /// Export every readable, undelivered message of the journal files the
+    /// relay moved aside as damaged (journal.redb.quarantined-*, oldest
+    /// first) as JSON lines, for `holdfast pub --from-salvage FILE`.
+    Salvage {
+        /// The relay's data directory [default: /var/lib/holdfast].
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/holdfast")]
+        data_dir: PathBuf,
+        /// Salvage this journal file instead of the set-aside ones.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Where to write the JSON lines (created or replaced).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -203,6 +218,17 @@ fn main() -> ExitCode {
     }) = &args.command
     {
         return journal_inspect::run(data_dir, *json);
+    }
+    if let Some(Command::Journal {
+        action:
+            JournalAction::Salvage {
+                data_dir,
+                file,
+                out,
+            },
+    }) = &args.command
+    {
+        return journal_salvage::run(data_dir, file.as_deref(), out);
     }
     if let Some(Command::GenCert {
         out,

@@ -4,6 +4,8 @@
 //! responder we own instead of a web framework: read one request head
 //! (bounded in size and time), answer, close. An upstream outage never
 //! fails `/livez`: a degraded relay must not get itself restarted.
+//! `/readyz` is 503 while the journal refuses new messages (disk full or
+//! under its reserve, or reopening after an I/O error).
 
 use crate::accept_pressure::{AcceptFailures, Listener};
 use crate::session::SessionContext;
@@ -143,10 +145,19 @@ async fn route(path: &str, state: &OpsState) -> Response {
             }
         }
         "/readyz" => {
-            if state.ready.load(Ordering::Acquire) {
-                Response::text(200, "ready\n")
-            } else {
-                Response::text(503, "not ready\n")
+            // A journal that refuses new messages makes the relay unready:
+            // its durable publishes fail until the disk has room again.
+            let refusing = state.ctx.forwarder.view().journal.refusing();
+            match (state.ready.load(Ordering::Acquire), refusing) {
+                (true, None) => Response::text(200, "ready\n"),
+                (true, Some(refusal)) => Response::text(
+                    503,
+                    &format!(
+                        "not ready: journal refuses new messages ({})\n",
+                        refusal.name()
+                    ),
+                ),
+                (false, _) => Response::text(503, "not ready\n"),
             }
         }
         "/status" => {

@@ -118,6 +118,7 @@ pub async fn run(mut config: Config) -> Result<(), RelayError> {
                 },
             })
             .collect(),
+        reserve_bytes: config.relay.journal_reserve_bytes,
     };
     let journal_path = journal_settings.path.clone();
     // Opening is synchronous file work; keep it off the async workers.

@@ -57,6 +57,18 @@ pub struct JournalStatus {
     pub path: String,
     pub file_bytes: u64,
     pub quarantined_at_start: bool,
+    /// Why the journal refuses new messages (`low_space`, `disk_full`,
+    /// `storage_error`); `null` while it takes them.
+    pub refusing: Option<&'static str>,
+    /// The error behind the refusal, when there is one.
+    pub last_error: Option<String>,
+    /// Free space of its filesystem at the last reading, and the reserve.
+    pub free_bytes: Option<u64>,
+    pub reserve_bytes: u64,
+    pub reopens: u64,
+    /// Damaged rows skipped since start, and the messages they held.
+    pub corrupt_rows: u64,
+    pub corrupt_messages: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -199,12 +211,21 @@ pub async fn document(ctx: &SessionContext) -> StatusDocument {
         })
         .collect();
     let journal_path = view.journal.path();
+    let health = view.journal.health();
+    let journal_stats = view.journal.stats();
     let journal = JournalStatus {
         path: journal_path.display().to_string(),
         file_bytes: std::fs::metadata(journal_path)
             .map(|metadata| metadata.len())
             .unwrap_or_default(),
         quarantined_at_start: read(&ctx.stats.journal_quarantines) > 0,
+        refusing: health.refusing.map(crate::journal::Refusal::name),
+        last_error: health.last_error,
+        free_bytes: health.free_bytes,
+        reserve_bytes: health.reserve_bytes,
+        reopens: health.reopens,
+        corrupt_rows: journal_stats.corrupt_rows,
+        corrupt_messages: journal_stats.corrupt_messages,
     };
     StatusDocument {
         relay_id: ctx.relay_id.to_string(),

@@ -233,6 +233,27 @@ fn describe() {
         Unit::Bytes,
         "Size of the journal file on disk."
     );
+    describe_gauge!(
+        "holdfast_journal_refusing",
+        "1 while the journal refuses new messages for this reason (low_space, disk_full, storage_error), else 0."
+    );
+    describe_gauge!(
+        "holdfast_journal_free_bytes",
+        Unit::Bytes,
+        "Free space of the journal's filesystem at the last reading."
+    );
+    describe_counter!(
+        "holdfast_journal_reopens_total",
+        "Times the journal database was closed and reopened after an I/O error."
+    );
+    describe_counter!(
+        "holdfast_journal_corrupt_rows_total",
+        "Damaged journal rows found (checksum failed) and skipped; their messages are lost."
+    );
+    describe_counter!(
+        "holdfast_journal_corrupt_messages_total",
+        "Messages in the damaged journal rows that were skipped."
+    );
     describe_histogram!(
         JOURNAL_APPEND_SECONDS,
         Unit::Seconds,
@@ -458,6 +479,21 @@ fn copy_counters(ctx: &SessionContext, router: RouterStats) {
     if let Ok(metadata) = std::fs::metadata(view.journal.path()) {
         gauge!("holdfast_journal_file_bytes").set(metadata.len() as f64);
     }
+    counter!("holdfast_journal_corrupt_rows_total").absolute(journal.corrupt_rows);
+    counter!("holdfast_journal_corrupt_messages_total").absolute(journal.corrupt_messages);
+    let health = view.journal.health();
+    for refusal in crate::journal::Refusal::ALL {
+        let refusing = health.refusing == Some(refusal);
+        gauge!("holdfast_journal_refusing", "reason" => refusal.name()).set(if refusing {
+            1.0
+        } else {
+            0.0
+        });
+    }
+    if let Some(free) = health.free_bytes {
+        gauge!("holdfast_journal_free_bytes").set(free as f64);
+    }
+    counter!("holdfast_journal_reopens_total").absolute(health.reopens);
     let dropped_oldest: u64 = view
         .gauges
         .iter()

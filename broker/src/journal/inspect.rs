@@ -3,7 +3,7 @@
 
 use super::ledger::ClassLedger;
 use super::recovery::CACHE_BYTES;
-use super::store::{self, RowReadError, BATCHES, META};
+use super::store::{self, BATCHES, META};
 use super::writer::panic_message;
 use super::{ClassBacklog, JournalError};
 use redb::{Builder, DatabaseError, ReadableDatabase, TableError};
@@ -70,9 +70,15 @@ fn summarize(db: &impl ReadableDatabase) -> Result<Vec<(String, ClassBacklog)>, 
     let mut out = Vec::with_capacity(contents.classes.len());
     for (class, mut ledger) in contents.classes {
         if let (Some(batches), true) = (&batches, ledger.messages > 0) {
-            ledger.oldest_accepted_ms = store::edge_rows(batches, &class, ledger.confirmed)
-                .map_err(|error: RowReadError| error.into_journal_error(&class))?
-                .and_then(|(first, _)| first.first_live_accepted_ms);
+            let last_seq = ledger.next_seq.saturating_sub(1);
+            ledger.oldest_accepted_ms =
+                store::edge_rows(batches, &class, ledger.confirmed, last_seq)?.and_then(
+                    |(first, _)| match first {
+                        Ok(facts) => facts.first_live_accepted_ms,
+                        // A damaged head row: its header's latest time, if readable.
+                        Err((_, header)) => header.map(|header| header.max_accepted_ms),
+                    },
+                );
         }
         let backlog = ClassLedger::backlog(&ledger);
         out.push((class, backlog));

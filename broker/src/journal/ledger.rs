@@ -95,7 +95,12 @@ impl ClassLedger {
     ) {
         self.confirmed = self.confirmed.max(through_seq);
         self.messages = self.messages.saturating_sub(messages);
-        self.bytes = self.bytes.saturating_sub(bytes);
+        // A damaged row's bytes are estimated; an empty class holds none.
+        self.bytes = if self.messages == 0 {
+            0
+        } else {
+            self.bytes.saturating_sub(bytes)
+        };
         self.oldest_accepted_ms = if self.messages == 0 { None } else { oldest };
     }
 

@@ -8,8 +8,17 @@
 //! (`trim`) following the counters in `ledger`; reads run on blocking tasks
 //! beside the writer. `recovery` opens and validates the file, quarantining
 //! a damaged one; `reclaim` gives the space of a drained journal back;
-//! `inspect` reads a stopped relay's file; `state` holds what the handle,
+//! `inspect` reads a stopped relay's file and `salvage` exports what can
+//! still be read of a set-aside one; `health` decides whether new messages
+//! are taken (free space, a disk-full commit, a database an I/O error
+//! closed, which the writer reopens); `state` holds what the handle,
 //! readers and writer share.
+//!
+//! Damage: a row whose checksum fails costs that row only. Its messages are
+//! skipped wherever it is found (a read, a trim, the edge rows checked at
+//! open), it is counted and logged once, and it leaves the file once every
+//! message before it is gone. Only a file redb itself cannot open is moved
+//! aside.
 //!
 //! Counting: a class's `messages`/`bytes` are its live messages, those with a
 //! sequence above the class's removal floor. A partly confirmed row stays on
@@ -21,11 +30,13 @@
 
 // The replay/forwarding pipeline is the user of this API.
 
+mod health;
 mod inspect;
 mod ledger;
 mod reclaim;
 mod record;
 mod recovery;
+mod salvage;
 mod state;
 mod store;
 mod trim;
@@ -34,8 +45,10 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+pub use health::{JournalHealth, Refusal};
 pub use holdfast_wire::{Headers, Text};
 pub use inspect::inspect;
+pub use salvage::{salvage, SalvageReport, SalvagedMessage};
 
 use bytes::Bytes;
 use holdfast_wire::ShortText;
@@ -79,6 +92,9 @@ pub struct JournalSettings {
     pub path: PathBuf,
     /// Index in this Vec = class id used by the other calls.
     pub classes: Vec<ClassLimits>,
+    /// New messages are refused while the filesystem holding `path` has
+    /// less free space than this (0: only when a commit finds it full).
+    pub reserve_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +151,15 @@ pub struct StoredMessage {
     pub payload: Bytes,
 }
 
+/// What one read of a class found: the messages, and the rows it skipped
+/// because they are damaged (their sequences never come).
+#[derive(Clone, Debug, Default)]
+pub struct ReadBatch {
+    pub messages: Vec<StoredMessage>,
+    /// (first, last) sequence of each damaged row skipped, in order.
+    pub skipped: Vec<(u64, u64)>,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClassBacklog {
     pub messages: u64,
@@ -182,12 +207,25 @@ pub struct JournalStats {
     pub expired: u64,
     pub confirmed: u64,
     pub compactions: u64,
+    /// Damaged rows found (each counted once) and the messages they held.
+    pub corrupt_rows: u64,
+    pub corrupt_messages: u64,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum JournalError {
     #[error("journal class {class} is full ({max_bytes} bytes)")]
     Full { class: String, max_bytes: u64 },
+    /// The disk holding the journal is full, or has less free space than
+    /// the reserve: retry once space is freed.
+    #[error("journal disk is full: {0}")]
+    NoSpace(String),
+    /// An I/O error closed the database; the writer reopens it.
+    #[error("journal is reopening after an I/O error: {0}")]
+    Unavailable(String),
+    /// An I/O error failed a commit (the database must be reopened).
+    #[error("journal I/O error: {0}")]
+    Io(String),
     #[error("journal is closed")]
     Closed,
     #[error("journal storage: {0}")]
@@ -198,25 +236,79 @@ pub enum JournalError {
     UnknownClass(usize),
 }
 
+impl JournalError {
+    /// Whether the journal cannot take this message now but may later
+    /// (a full budget or disk, a database being reopened): retryable.
+    pub fn is_capacity(&self) -> bool {
+        matches!(
+            self,
+            JournalError::Full { .. } | JournalError::NoSpace(_) | JournalError::Unavailable(_)
+        )
+    }
+
+    /// Whether redb latched the failure: the database must be closed and
+    /// opened again before it commits anything.
+    fn needs_reopen(&self) -> bool {
+        matches!(
+            self,
+            JournalError::NoSpace(_) | JournalError::Unavailable(_) | JournalError::Io(_)
+        )
+    }
+}
+
+/// Whether an I/O error means the filesystem is out of space (or quota).
+fn is_no_space(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::StorageFull
+        || matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+impl From<redb::StorageError> for JournalError {
+    fn from(error: redb::StorageError) -> Self {
+        match &error {
+            redb::StorageError::Io(io) if is_no_space(io) => {
+                JournalError::NoSpace(error.to_string())
+            }
+            redb::StorageError::Io(_) => JournalError::Io(error.to_string()),
+            redb::StorageError::PreviousIo | redb::StorageError::DatabaseClosed => {
+                JournalError::Unavailable(error.to_string())
+            }
+            _ => JournalError::Storage(error.to_string()),
+        }
+    }
+}
+
+impl From<redb::Error> for JournalError {
+    fn from(error: redb::Error) -> Self {
+        match error {
+            redb::Error::Io(io) => redb::StorageError::Io(io).into(),
+            redb::Error::PreviousIo => redb::StorageError::PreviousIo.into(),
+            redb::Error::DatabaseClosed => redb::StorageError::DatabaseClosed.into(),
+            other => JournalError::Storage(other.to_string()),
+        }
+    }
+}
+
+/// The redb errors that wrap a [`redb::StorageError`]: classified by it.
 macro_rules! storage_error_from {
-    ($($error:ty),*) => {$(
-        impl From<$error> for JournalError {
-            fn from(error: $error) -> Self {
-                JournalError::Storage(error.to_string())
+    ($($error:ident),*) => {$(
+        impl From<redb::$error> for JournalError {
+            fn from(error: redb::$error) -> Self {
+                match error {
+                    redb::$error::Storage(storage) => storage.into(),
+                    other => JournalError::Storage(other.to_string()),
+                }
             }
         }
     )*};
 }
 
-storage_error_from!(
-    redb::Error,
-    redb::StorageError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::CommitError,
-    redb::SetDurabilityError,
-    redb::CompactionError
-);
+storage_error_from!(TransactionError, TableError, CommitError, CompactionError);
+
+impl From<redb::SetDurabilityError> for JournalError {
+    fn from(error: redb::SetDurabilityError) -> Self {
+        JournalError::Storage(error.to_string())
+    }
+}
 
 /// A queued append; resolves once the commit holding it is durable.
 #[must_use = "the append is only known durable once this resolves"]
@@ -303,7 +395,15 @@ impl Journal {
             }
         }
         let opened = recovery::open(&settings.path, &names)?;
-        let shared = Arc::new(Shared::new(opened.db, names, &opened.ledgers));
+        let shared = Arc::new(Shared::new(
+            opened.db,
+            names,
+            &opened.ledgers,
+            settings.reserve_bytes,
+        ));
+        for damaged in &opened.damaged {
+            shared.report_corrupt(damaged, "found at open");
+        }
         let (commands, receiver) = mpsc::channel(CHANNEL_CAPACITY);
         let writer = Writer::new(
             settings.path.clone(),
@@ -311,6 +411,7 @@ impl Journal {
             receiver,
             settings.classes,
             opened.ledgers,
+            settings.reserve_bytes,
         );
         let writer = std::thread::Builder::new()
             .name("holdfast-journal".into())
@@ -397,20 +498,30 @@ impl Journal {
     }
 
     /// Committed messages of `class` with seq > `after_seq`, in seq order, at
-    /// most `max_messages`. Runs on a blocking task beside the writer.
+    /// most `max_messages`, and the damaged rows skipped on the way (counted
+    /// and logged once each; they leave the file once the head reaches
+    /// them). Runs on a blocking task beside the writer.
     pub async fn read_after(
         &self,
         class: usize,
         after_seq: u64,
         max_messages: usize,
-    ) -> Result<Vec<StoredMessage>, JournalError> {
+    ) -> Result<ReadBatch, JournalError> {
         self.check_class(class)?;
         let shared = Arc::clone(&self.inner.shared);
         tokio::task::spawn_blocking(move || {
             let db = shared.db.read().map_err(|_| {
                 JournalError::Storage("journal database lock poisoned by a panic".into())
             })?;
-            store::read_after(&*db, &shared.classes[class].name, after_seq, max_messages)
+            let db = db.as_ref().ok_or_else(|| {
+                JournalError::Unavailable("the database is closed until it reopens".into())
+            })?;
+            let name = &shared.classes[class].name;
+            let (batch, damaged) = store::read_after(db, name, after_seq, max_messages)?;
+            for row in &damaged {
+                shared.report_corrupt(row, "skipped by a read");
+            }
+            Ok(batch)
         })
         .await
         .map_err(|error| JournalError::Storage(format!("journal read failed: {error}")))?
@@ -458,6 +569,25 @@ impl Journal {
     /// Totals since open.
     pub fn stats(&self) -> JournalStats {
         self.inner.shared.stats.load()
+    }
+
+    /// Whether new messages are taken now, and why not (lock-free).
+    pub fn refusing(&self) -> Option<Refusal> {
+        self.inner.shared.health.refusing()
+    }
+
+    /// The journal's state as the writer last published it.
+    pub fn health(&self) -> JournalHealth {
+        self.inner.shared.health.load()
+    }
+
+    /// Lets the writer read free space again, reopen a database an I/O
+    /// error closed, and drop damaged rows the head has reached. The
+    /// relay calls it about once a second; resolves once done.
+    pub async fn maintain(&self) -> Result<JournalHealth, JournalError> {
+        let (done, answer) = oneshot::channel();
+        self.send(Command::Maintain { done }).await?;
+        answer.await.map_err(|_| JournalError::Closed)?
     }
 
     /// When every configured class is empty: reclaims file space, so the

@@ -33,7 +33,7 @@ use std::ops::Range;
 
 /// Version byte of the row layout above.
 const ROW_VERSION: u8 = 1;
-const HEADER_LEN: usize = 29;
+pub(super) const HEADER_LEN: usize = 29;
 
 /// Rows are cut below 128 KiB: redb stores an oversized leaf in a
 /// power-of-two allocation, so a row just over a power of two would waste

@@ -1,16 +1,20 @@
 //! Opening the journal file: validate what is there, quarantine it if it is
-//! damaged, and hand the writer the ledgers to continue from.
+//! damaged beyond use, and hand the writer the ledgers to continue from.
 //!
-//! A journal file that redb cannot open (or panics on), or whose contents
-//! fail validation, is renamed to `<file>.quarantined-<unix-seconds>` and a
-//! fresh journal is created: the relay must start, never crash-loop on a bad
-//! file, and the damaged file is kept for a human. Validation is cheap on
-//! purpose (restart-to-ready with millions of messages journaled): per class
-//! it checks the meta counters against each other and fully decodes only the
-//! first and last rows, never the rows in between.
+//! A journal file that redb cannot open (or panics on), or whose counters
+//! contradict each other, is renamed to `<file>.quarantined-<unix-seconds>`
+//! and a fresh journal is created: the relay must start, never crash-loop on
+//! a bad file, and the damaged file is kept for a human (`holdfastd journal
+//! salvage` exports what it still holds). A damaged row costs that row only:
+//! an edge row that fails its checksum is reported and dropped when the
+//! head reaches it, and a byte count that disagrees with the rows is
+//! corrected. Validation is cheap on purpose (restart-to-ready with
+//! millions of messages journaled): per class it checks the meta counters
+//! against each other and fully decodes only the first and last rows, never
+//! the rows in between.
 
 use super::ledger::ClassLedger;
-use super::store::{self, RowReadError, BATCHES, FORMAT_KEY, FORMAT_VERSION, META};
+use super::store::{self, DamagedRow, EdgeRow, BATCHES, FORMAT_KEY, FORMAT_VERSION, META};
 use super::writer::panic_message;
 use super::JournalError;
 use redb::{
@@ -36,6 +40,8 @@ pub(super) struct Opened {
     pub ledgers: Vec<ClassLedger>,
     pub quarantined: Option<PathBuf>,
     pub reason: Option<String>,
+    /// Damaged edge rows found while validating (kept, skipped when read).
+    pub damaged: Vec<DamagedRow>,
 }
 
 /// Why an attempt to open failed.
@@ -66,12 +72,13 @@ pub(super) fn open(path: &Path, classes: &[String]) -> Result<Opened, JournalErr
         let _ = std::fs::remove_file(path);
     }
     let (quarantined, reason) = match attempt(path, classes) {
-        Ok((db, ledgers)) => {
+        Ok((db, ledgers, damaged)) => {
             return Ok(Opened {
                 db,
                 ledgers,
                 quarantined: None,
                 reason: None,
+                damaged,
             })
         }
         Err(failure) => match failure {
@@ -92,11 +99,12 @@ pub(super) fn open(path: &Path, classes: &[String]) -> Result<Opened, JournalErr
         "journal file is damaged: moved it aside and started an empty journal"
     );
     match attempt(path, classes) {
-        Ok((db, ledgers)) => Ok(Opened {
+        Ok((db, ledgers, damaged)) => Ok(Opened {
             db,
             ledgers,
             quarantined: Some(quarantined),
             reason: Some(reason),
+            damaged,
         }),
         Err(Failure::InUse) => Err(JournalError::InUse(path.to_path_buf())),
         Err(Failure::Environment(error) | Failure::Bad(error)) => {
@@ -108,9 +116,30 @@ pub(super) fn open(path: &Path, classes: &[String]) -> Result<Opened, JournalErr
     }
 }
 
+/// Opens the journal again while the relay runs, after an I/O error made
+/// redb close it. Never quarantines: the file held acknowledged messages a
+/// moment ago, so a failure is reported and the caller tries again later.
+pub(super) fn reopen(path: &Path, classes: &[String]) -> Result<Opened, JournalError> {
+    match attempt(path, classes) {
+        Ok((db, ledgers, damaged)) => Ok(Opened {
+            db,
+            ledgers,
+            quarantined: None,
+            reason: None,
+            damaged,
+        }),
+        Err(Failure::InUse) => Err(JournalError::InUse(path.to_path_buf())),
+        Err(Failure::Environment(error) | Failure::Bad(error)) => Err(JournalError::Unavailable(
+            format!("cannot reopen {}: {error}", path.display()),
+        )),
+    }
+}
+
+type Attempt = (Database, Vec<ClassLedger>, Vec<DamagedRow>);
+
 /// One open: redb open, validation, then the writes a valid file may need
 /// (tables, format key, meta for classes new to it).
-fn attempt(path: &Path, classes: &[String]) -> Result<(Database, Vec<ClassLedger>), Failure> {
+fn attempt(path: &Path, classes: &[String]) -> Result<Attempt, Failure> {
     // redb documents that it may panic on a file corrupted outside of it.
     panic::catch_unwind(AssertUnwindSafe(|| {
         // A file not closed cleanly is checked whole before it opens (the
@@ -134,10 +163,10 @@ fn attempt(path: &Path, classes: &[String]) -> Result<(Database, Vec<ClassLedger
                 "journal checked after an unclean stop"
             );
         }
-        let ledgers = validate(&db, classes)?;
+        let (ledgers, damaged) = validate(&db, classes)?;
         prepare(&db, classes)
             .map_err(|error| Failure::Environment(format!("cannot initialise: {error}")))?;
-        Ok((db, ledgers))
+        Ok((db, ledgers, damaged))
     }))
     .unwrap_or_else(|panic| {
         Err(Failure::Bad(format!(
@@ -163,8 +192,11 @@ fn classify(error: DatabaseError) -> Failure {
 }
 
 /// Checks meta and the edge rows of every class; returns the ledgers of the
-/// configured classes (new classes start empty).
-fn validate(db: &Database, classes: &[String]) -> Result<Vec<ClassLedger>, Failure> {
+/// configured classes (new classes start empty) and the damaged edge rows.
+fn validate(
+    db: &Database,
+    classes: &[String],
+) -> Result<(Vec<ClassLedger>, Vec<DamagedRow>), Failure> {
     let bad = |what: String| Failure::Bad(what);
     let redb = |error: StorageError| Failure::Bad(format!("reading it failed: {error}"));
     let txn = db
@@ -201,20 +233,29 @@ fn validate(db: &Database, classes: &[String]) -> Result<Vec<ClassLedger>, Failu
             }
         }
     }
+    let mut damaged = Vec::new();
     for (class, ledger) in &mut contents.classes {
         ledger
             .check()
             .map_err(|error| bad(format!("class {class:?}: {error}")))?;
         let edges = match &batches {
-            Some(batches) => match store::edge_rows(batches, class, ledger.confirmed) {
-                Ok(edges) => edges,
-                Err(RowReadError::Storage(error)) => return Err(redb(error)),
-                Err(corrupt) => return Err(bad(corrupt.into_journal_error(class).to_string())),
-            },
+            Some(batches) => {
+                let last_seq = ledger.next_seq.saturating_sub(1);
+                store::edge_rows(batches, class, ledger.confirmed, last_seq).map_err(redb)?
+            }
             None => None,
         };
-        ledger.oldest_accepted_ms =
-            check_edges(ledger, edges).map_err(|error| bad(format!("class {class:?}: {error}")))?;
+        if let Some((first, last)) = &edges {
+            for edge in [first, last] {
+                if let Err((row, _)) = edge {
+                    if !damaged.contains(row) {
+                        damaged.push(row.clone());
+                    }
+                }
+            }
+        }
+        ledger.oldest_accepted_ms = check_edges(class, ledger, edges)
+            .map_err(|error| bad(format!("class {class:?}: {error}")))?;
     }
     let mut ledgers = Vec::with_capacity(classes.len());
     for class in classes {
@@ -230,16 +271,28 @@ fn validate(db: &Database, classes: &[String]) -> Result<Vec<ClassLedger>, Failu
             warn!(class = %class, messages = ledger.messages, bytes = ledger.bytes, "journal holds messages of a class that is not configured; they stay in the file until the class is configured again");
         }
     }
-    Ok(ledgers)
+    Ok((ledgers, damaged))
+}
+
+/// What the checks need of an edge row: its sequence range, and its facts
+/// when it is intact.
+fn edge_range(edge: &EdgeRow) -> (u64, u64) {
+    match edge {
+        Ok(facts) => (facts.first_seq, facts.last_seq),
+        Err((row, _)) => (row.first_seq, row.last_seq),
+    }
 }
 
 /// Matches the counters against the first and last rows; returns the time
-/// of the first live message.
+/// of the first live message. A damaged edge row is checked as far as it
+/// can be (its range); the byte count, when the rows show it wrong, is
+/// corrected rather than condemning the file.
 fn check_edges(
-    ledger: &ClassLedger,
-    edges: Option<(store::RowFacts, store::RowFacts)>,
+    class: &str,
+    ledger: &mut ClassLedger,
+    edges: Option<(EdgeRow, EdgeRow)>,
 ) -> Result<Option<u64>, String> {
-    let Some((first, last)) = edges else {
+    let Some((first_edge, last_edge)) = edges else {
         return if ledger.messages == 0 {
             Ok(None)
         } else {
@@ -248,24 +301,34 @@ fn check_edges(
     };
     let head = ledger.confirmed + 1;
     let tail = ledger.next_seq - 1;
+    let (first_start, first_end) = edge_range(&first_edge);
+    let (_, last_end) = edge_range(&last_edge);
     if ledger.messages == 0 {
         return Err(format!(
-            "no messages counted but rows from sequence {} remain",
-            first.first_seq
+            "no messages counted but rows from sequence {first_start} remain"
         ));
     }
-    if first.first_seq > head || first.last_seq < head {
+    if first_start > head || first_end < head {
         return Err(format!(
-            "first row holds {}..={} but the first live sequence is {head}",
-            first.first_seq, first.last_seq
+            "first row holds {first_start}..={first_end} but the first live sequence is {head}"
         ));
     }
-    if last.last_seq != tail {
+    if last_end != tail {
         return Err(format!(
-            "last row ends at {} but the last sequence is {tail}",
-            last.last_seq
+            "last row ends at {last_end} but the last sequence is {tail}"
         ));
     }
+    let (first, last) = match (first_edge, last_edge) {
+        (Ok(first), Ok(last)) => (first, last),
+        (first, _) => {
+            // A damaged head row says no more than its header's latest
+            // time, if that: an upper bound, so expiry is late, never early.
+            return Ok(match first {
+                Ok(facts) => facts.first_live_accepted_ms,
+                Err((_, header)) => header.map(|header| header.max_accepted_ms),
+            });
+        }
+    };
     // Rows after the first are wholly live, so the edges bound the bytes.
     let edge_bytes = if first == last {
         first.live_bytes
@@ -274,10 +337,15 @@ fn check_edges(
     };
     let exact = first == last;
     if (exact && ledger.bytes != edge_bytes) || ledger.bytes < edge_bytes {
-        return Err(format!(
-            "{} bytes counted but the edge rows alone hold {edge_bytes}",
-            ledger.bytes
-        ));
+        // Only a budget figure (a damaged row removed earlier had its bytes
+        // estimated): corrected, kept by the next commit of the class.
+        warn!(
+            class,
+            counted = ledger.bytes,
+            rows = edge_bytes,
+            "journal byte count disagrees with its rows; corrected"
+        );
+        ledger.bytes = edge_bytes.max(if exact { 0 } else { ledger.bytes });
     }
     Ok(first.first_live_accepted_ms)
 }

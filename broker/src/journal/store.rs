@@ -11,8 +11,8 @@
 //! Classes are keyed by name, so reordering classes in the config is harmless.
 
 use super::ledger::ClassLedger;
-use super::record::{self, CorruptRow};
-use super::{JournalError, StoredMessage};
+use super::record::{self, CorruptRow, RowHeader};
+use super::{JournalError, ReadBatch};
 use bytes::Bytes;
 use redb::{ReadableDatabase, ReadableTable, StorageError, Table, TableDefinition};
 use std::collections::BTreeMap;
@@ -125,28 +125,46 @@ pub(super) fn read_meta(
     Ok(Ok(MetaContents { format, classes }))
 }
 
-/// Either redb failed or a row is damaged.
-#[derive(Debug)]
-pub(super) enum RowReadError {
-    Storage(StorageError),
-    Corrupt { first_seq: u64, error: CorruptRow },
+/// A row whose checksum failed: the sequences it held and why it is bad.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct DamagedRow {
+    pub class: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub error: CorruptRow,
 }
 
-impl From<StorageError> for RowReadError {
-    fn from(error: StorageError) -> Self {
-        RowReadError::Storage(error)
-    }
+/// Where the row after the one starting at `first_seq` starts, if any.
+pub(super) fn next_row_start(
+    batches: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    class: &str,
+    first_seq: u64,
+) -> Result<Option<u64>, StorageError> {
+    let after = (
+        Bound::Excluded((class, first_seq)),
+        Bound::Included((class, u64::MAX)),
+    );
+    Ok(match batches.range::<(&str, u64)>(after)?.next() {
+        Some(entry) => Some(entry?.0.value().1),
+        None => None,
+    })
 }
 
-impl RowReadError {
-    pub(super) fn into_journal_error(self, class: &str) -> JournalError {
-        match self {
-            RowReadError::Storage(error) => JournalError::Storage(error.to_string()),
-            RowReadError::Corrupt { first_seq, error } => JournalError::Storage(format!(
-                "class {class:?}, row at sequence {first_seq}: {error}"
-            )),
-        }
+/// The last sequence of a row, from its header when that is intact, else
+/// from where the next row starts (or the class's last sequence).
+pub(super) fn row_end(
+    batches: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    class: &str,
+    first_seq: u64,
+    header: Option<&RowHeader>,
+    last_seq_of_class: u64,
+) -> Result<u64, StorageError> {
+    if let Some(header) = header {
+        return Ok(header.last_seq(first_seq));
     }
+    Ok(next_row_start(batches, class, first_seq)?
+        .map_or(last_seq_of_class, |next| next.saturating_sub(1))
+        .max(first_seq))
 }
 
 /// Facts about one row gathered by [`inspect_row`].
@@ -186,27 +204,52 @@ pub(super) fn inspect_row(first_seq: u64, row: &[u8], floor: u64) -> Result<RowF
     Ok(facts)
 }
 
-/// The first and last rows of `class`, fully checked; `None` when it has no rows.
+/// An edge row as checked at open: its facts, or what is known of it when
+/// its checksum fails (with its header, when that much is intact).
+pub(super) type EdgeRow = Result<RowFacts, (DamagedRow, Option<RowHeader>)>;
+
+/// The first and last rows of `class`, fully checked; `None` when it has
+/// no rows. `last_seq_of_class` bounds a damaged last row whose header
+/// cannot say where it ends.
 pub(super) fn edge_rows(
     batches: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
     class: &str,
     floor: u64,
-) -> Result<Option<(RowFacts, RowFacts)>, RowReadError> {
+    last_seq_of_class: u64,
+) -> Result<Option<(EdgeRow, EdgeRow)>, StorageError> {
+    let check = |first_seq: u64, row: &[u8]| -> Result<EdgeRow, StorageError> {
+        match inspect_row(first_seq, row, floor) {
+            Ok(facts) => Ok(Ok(facts)),
+            Err(error) => {
+                let header = record::parse_header(row).ok();
+                let last_seq = row_end(
+                    batches,
+                    class,
+                    first_seq,
+                    header.as_ref(),
+                    last_seq_of_class,
+                )?;
+                let damaged = DamagedRow {
+                    class: class.to_owned(),
+                    first_seq,
+                    last_seq,
+                    error,
+                };
+                Ok(Err((damaged, header)))
+            }
+        }
+    };
     let mut rows = batches.range((class, 0)..=(class, u64::MAX))?;
     let Some(first) = rows.next() else {
         return Ok(None);
     };
     let (key, value) = first?;
-    let first_seq = key.value().1;
-    let first = inspect_row(first_seq, value.value(), floor)
-        .map_err(|error| RowReadError::Corrupt { first_seq, error })?;
+    let first = check(key.value().1, value.value())?;
     let last = match rows.next_back() {
-        None => first,
+        None => first.clone(),
         Some(entry) => {
             let (key, value) = entry?;
-            let first_seq = key.value().1;
-            inspect_row(first_seq, value.value(), floor)
-                .map_err(|error| RowReadError::Corrupt { first_seq, error })?
+            check(key.value().1, value.value())?
         }
     };
     Ok(Some((first, last)))
@@ -231,55 +274,92 @@ pub(super) fn classes_with_rows(
 }
 
 /// Committed messages of `class` with a sequence above `after_seq` (and
-/// above the class's removal floor), oldest first, at most `max`.
+/// above the class's removal floor), oldest first, at most `max`; damaged
+/// rows on the way are skipped and returned (with their ranges in the batch).
 pub(super) fn read_after(
     db: &impl ReadableDatabase,
     class: &str,
     after_seq: u64,
     max: usize,
-) -> Result<Vec<StoredMessage>, JournalError> {
+) -> Result<(ReadBatch, Vec<DamagedRow>), JournalError> {
+    let mut batch = ReadBatch::default();
+    let mut damaged = Vec::new();
     if max == 0 {
-        return Ok(Vec::new());
+        return Ok((batch, damaged));
     }
     let txn = db.begin_read()?;
     let meta = txn.open_table(META)?;
     // The floor from the same snapshot as the rows: a partly trimmed head row
     // still holds messages that are gone.
-    let confirmed = meta
-        .get(meta_key(class, MetaField::Confirmed).as_str())?
-        .map_or(0, |value| value.value());
+    let field = |field| -> Result<u64, StorageError> {
+        Ok(meta
+            .get(meta_key(class, field).as_str())?
+            .map_or(0, |value| value.value()))
+    };
+    let confirmed = field(MetaField::Confirmed)?;
+    let last_seq_of_class = field(MetaField::NextSeq)?.saturating_sub(1);
     let from = after_seq.max(confirmed).saturating_add(1);
     let batches = txn.open_table(BATCHES)?;
-    let read = || -> Result<Vec<StoredMessage>, RowReadError> {
-        // The row holding `from` is the last one starting at or before it.
-        let start = match batches.range((class, 0)..=(class, from))?.next_back() {
-            Some(entry) => entry?.0.value().1,
-            None => from,
+    // The row holding `from` is the last one starting at or before it.
+    let start = match batches.range((class, 0)..=(class, from))?.next_back() {
+        Some(entry) => entry?.0.value().1,
+        None => from,
+    };
+    let out = &mut batch.messages;
+    for entry in batches.range((class, start)..=(class, u64::MAX))? {
+        let (key, value) = entry?;
+        let first_seq = key.value().1;
+        let mut damage = |error, header: Option<&RowHeader>| -> Result<(), StorageError> {
+            let last_seq = row_end(&batches, class, first_seq, header, last_seq_of_class)?;
+            if last_seq >= from {
+                damaged.push(DamagedRow {
+                    class: class.to_owned(),
+                    first_seq,
+                    last_seq,
+                    error,
+                });
+            }
+            Ok(())
         };
-        let mut out = Vec::with_capacity(max.min(4096));
-        for entry in batches.range((class, start)..=(class, u64::MAX))? {
-            let (key, value) = entry?;
-            let first_seq = key.value().1;
-            let corrupt = |error| RowReadError::Corrupt { first_seq, error };
-            let header = record::parse_header(value.value()).map_err(corrupt)?;
-            if header.last_seq(first_seq) < from {
+        let header = match record::parse_header(value.value()) {
+            Ok(header) => header,
+            Err(error) => {
+                damage(error, None)?;
                 continue;
             }
-            // One copy of the row; the decoded fields are slices of it.
-            let row = Bytes::copy_from_slice(value.value());
-            let (_, walk) = record::walk(&row).map_err(corrupt)?;
+        };
+        if header.last_seq(first_seq) < from {
+            continue;
+        }
+        // One copy of the row; the decoded fields are slices of it.
+        let row = Bytes::copy_from_slice(value.value());
+        let kept = out.len();
+        let decoded = record::walk(&row).and_then(|(_, walk)| {
             for (seq, span) in (first_seq..).zip(walk) {
-                let span = span.map_err(corrupt)?;
+                let span = span?;
                 if seq < from {
                     continue;
                 }
-                out.push(record::decode_message(&row, &span, seq).map_err(corrupt)?);
+                out.push(record::decode_message(&row, &span, seq)?);
                 if out.len() >= max {
-                    return Ok(out);
+                    break;
                 }
             }
+            Ok(())
+        });
+        if let Err(error) = decoded {
+            // Nothing of a row that fails its checks is delivered.
+            out.truncate(kept);
+            damage(error, Some(&header))?;
+            continue;
         }
-        Ok(out)
-    };
-    read().map_err(|error| error.into_journal_error(class))
+        if out.len() >= max {
+            break;
+        }
+    }
+    batch.skipped = damaged
+        .iter()
+        .map(|row| (row.first_seq.max(from), row.last_seq))
+        .collect();
+    Ok((batch, damaged))
 }

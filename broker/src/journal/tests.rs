@@ -3,6 +3,7 @@
 use super::*;
 use redb::ReadableTable;
 use std::fs;
+use std::path::Path;
 use tempfile::TempDir;
 
 const BIG: u64 = u64::MAX;
@@ -18,6 +19,7 @@ fn settings(dir: &TempDir, classes: &[(&str, u64, WhenFull)]) -> JournalSettings
                 when_full: *when_full,
             })
             .collect(),
+        reserve_bytes: 0,
     }
 }
 
@@ -73,7 +75,7 @@ async fn append_range(journal: &Journal, class: usize, range: std::ops::Range<u6
 /// point and harmless: only the writer thread (and reads, which tests do
 /// not start while holding it) ever wait on this lock.
 #[allow(clippy::readonly_write_lock)] // exclusive on purpose: it shuts out the writer
-fn hold_writer(journal: &Journal) -> std::sync::RwLockWriteGuard<'_, redb::Database> {
+fn hold_writer(journal: &Journal) -> std::sync::RwLockWriteGuard<'_, Option<redb::Database>> {
     journal.inner.shared.db.write().unwrap()
 }
 
@@ -116,7 +118,7 @@ async fn appends_read_back_in_order_per_class() {
     );
     assert_eq!(append_range(&journal, 1, 100..103).await, vec![1, 2, 3]);
 
-    let read = journal.read_after(0, 0, 100).await.unwrap();
+    let read = journal.read_after(0, 0, 100).await.unwrap().messages;
     assert_eq!(read.len(), 10);
     for (i, message) in read.iter().enumerate() {
         let original = msg(i as u64);
@@ -127,14 +129,24 @@ async fn appends_read_back_in_order_per_class() {
         assert_eq!(message.payload, original.payload);
         assert_eq!(message.accepted_at_ms, original.accepted_at_ms);
     }
-    let page = journal.read_after(0, 4, 3).await.unwrap();
+    let page = journal.read_after(0, 4, 3).await.unwrap().messages;
     assert_eq!(
         page.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![5, 6, 7]
     );
-    assert!(journal.read_after(0, 10, 5).await.unwrap().is_empty());
-    assert!(journal.read_after(0, 0, 0).await.unwrap().is_empty());
-    let decode = journal.read_after(1, 0, 10).await.unwrap();
+    assert!(journal
+        .read_after(0, 10, 5)
+        .await
+        .unwrap()
+        .messages
+        .is_empty());
+    assert!(journal
+        .read_after(0, 0, 0)
+        .await
+        .unwrap()
+        .messages
+        .is_empty());
+    let decode = journal.read_after(1, 0, 10).await.unwrap().messages;
     assert_eq!(
         decode.iter().map(payload_index).collect::<Vec<_>>(),
         vec![100, 101, 102]
@@ -165,7 +177,7 @@ async fn reads_span_many_rows_of_a_large_group() {
     let mut after = 0;
     let mut seen = 0;
     loop {
-        let page = journal.read_after(0, after, 333).await.unwrap();
+        let page = journal.read_after(0, after, 333).await.unwrap().messages;
         if page.is_empty() {
             break;
         }
@@ -224,12 +236,12 @@ async fn reopen_keeps_everything_and_classes_are_found_by_name() {
     assert_eq!(report.classes[0].messages, 10);
     assert_eq!(report.classes[1].messages, 50);
     assert_eq!(report.classes[1].oldest_accepted_ms, Some(1_000));
-    let prefill = journal.read_after(1, 0, 1_000).await.unwrap();
+    let prefill = journal.read_after(1, 0, 1_000).await.unwrap().messages;
     assert_eq!(
         prefill.iter().map(payload_index).collect::<Vec<_>>(),
         (0..50).collect::<Vec<_>>()
     );
-    let decode = journal.read_after(0, 0, 1_000).await.unwrap();
+    let decode = journal.read_after(0, 0, 1_000).await.unwrap().messages;
     assert_eq!(
         decode.iter().map(payload_index).collect::<Vec<_>>(),
         (50..60).collect::<Vec<_>>()
@@ -251,12 +263,12 @@ async fn confirm_trims_rows_and_skips_confirmed_part_of_a_row() {
     assert_eq!(backlog.oldest_accepted_ms, Some(1_000 + 37));
     {
         let db = journal.inner.shared.db.read().unwrap();
-        let txn = redb::ReadableDatabase::begin_read(&*db).unwrap();
+        let txn = redb::ReadableDatabase::begin_read(db.as_ref().unwrap()).unwrap();
         let rows = txn.open_table(store::BATCHES).unwrap();
         let (first, _) = rows.first().unwrap().unwrap();
         assert!(first.value().1 <= 37, "the partly confirmed row stays");
     }
-    let read = journal.read_after(0, 0, 1_000).await.unwrap();
+    let read = journal.read_after(0, 0, 1_000).await.unwrap().messages;
     assert_eq!(read.first().map(|m| m.seq), Some(38));
     assert_eq!(read.len(), 63);
     let gone: u64 = (0..37).map(|i| size_of(&msg(i))).sum();
@@ -291,7 +303,7 @@ async fn partial_rows_survive_reopen() {
     assert!(report.quarantined.is_none(), "{:?}", report.reason);
     assert_eq!(report.classes[0].first_seq, 51);
     assert_eq!(report.classes[0].oldest_accepted_ms, Some(1_050));
-    let read = journal.read_after(0, 0, 10).await.unwrap();
+    let read = journal.read_after(0, 0, 10).await.unwrap().messages;
     assert_eq!(read[0].seq, 51);
 }
 
@@ -316,7 +328,10 @@ async fn reject_budget_refuses_and_keeps_everything() {
     assert_eq!(journal.stats().rejected_full, 2);
     let backlog = journal.backlog(0);
     assert_eq!((backlog.messages, backlog.bytes), (10, 1_000));
-    assert_eq!(journal.read_after(0, 0, 100).await.unwrap().len(), 10);
+    assert_eq!(
+        journal.read_after(0, 0, 100).await.unwrap().messages.len(),
+        10
+    );
     // Room again after a confirm; the rejected appends used no sequence.
     journal.confirm(0, 1).await.unwrap();
     assert_eq!(journal.append(0, sized(100, 11)).await.unwrap().seq, 11);
@@ -350,6 +365,7 @@ async fn drop_oldest_makes_room_and_counts() {
         .read_after(0, 0, 100)
         .await
         .unwrap()
+        .messages
         .iter()
         .map(|m| m.seq)
         .collect();
@@ -366,6 +382,7 @@ async fn drop_oldest_makes_room_and_counts() {
         .read_after(0, 0, 100)
         .await
         .unwrap()
+        .messages
         .iter()
         .map(|m| m.seq)
         .collect();
@@ -395,7 +412,10 @@ async fn expiry_removes_the_old_head_only() {
     assert_eq!(backlog.oldest_accepted_ms, Some(40));
     assert_eq!(backlog.first_seq, 4);
     assert_eq!(journal.stats().expired, 3);
-    assert_eq!(journal.read_after(0, 0, 10).await.unwrap()[0].seq, 4);
+    assert_eq!(
+        journal.read_after(0, 0, 10).await.unwrap().messages[0].seq,
+        4
+    );
     let removed = journal.expire_older_than(0, 1_000).await.unwrap();
     assert_eq!(removed.messages, 2);
     assert_eq!(journal.backlog(0).messages, 0);
@@ -443,14 +463,22 @@ async fn group_commit_batches_concurrent_appends() {
     // Hold the writer off the database while the appends queue up, so the
     // outcome does not depend on how fast this machine produces them.
     let gate = hold_writer(&journal);
+    // Counted once queued: the writer may already have taken some of them
+    // into its first group (blocked on the gate), so the channel's length
+    // alone cannot say when all are in.
+    let submitted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tasks: Vec<_> = (0..10_000u64)
         .map(|i| {
             let journal = journal.clone();
-            tokio::spawn(async move { journal.append((i % 2) as usize, msg(i)).await })
+            let submitted = Arc::clone(&submitted);
+            tokio::spawn(async move {
+                let pending = journal.submit((i % 2) as usize, msg(i)).await?;
+                submitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                pending.await
+            })
         })
         .collect();
-    let sender = journal.inner.commands.clone().unwrap();
-    while sender.max_capacity() - sender.capacity() < 5_000 {
+    while submitted.load(std::sync::atomic::Ordering::Relaxed) < 10_000 {
         tokio::task::yield_now().await;
     }
     drop(gate);
@@ -463,7 +491,7 @@ async fn group_commit_batches_concurrent_appends() {
     assert_eq!(journal.backlog(0).messages, 5_000);
     assert_eq!(journal.backlog(1).last_seq, 5_000);
     // Per class, sequence order is the order the writer received them.
-    let read = journal.read_after(0, 0, 10_000).await.unwrap();
+    let read = journal.read_after(0, 0, 10_000).await.unwrap().messages;
     assert_eq!(read.len(), 5_000);
     assert!(read.windows(2).all(|pair| pair[1].seq == pair[0].seq + 1));
 }
@@ -480,7 +508,7 @@ async fn submit_keeps_call_order_with_many_in_flight() {
     let seqs: Vec<u64> = results.into_iter().map(|r| r.unwrap().seq).collect();
     assert_eq!(seqs, (1..=3_000).collect::<Vec<_>>());
     assert!(journal.stats().commits < 3_000);
-    let read = journal.read_after(0, 0, 10_000).await.unwrap();
+    let read = journal.read_after(0, 0, 10_000).await.unwrap().messages;
     let order: Vec<u64> = read.iter().map(payload_index).collect();
     assert_eq!(order, (0..3_000).collect::<Vec<_>>());
 }
@@ -513,7 +541,10 @@ async fn compact_only_when_empty_and_the_file_shrinks() {
     assert!(compacted < full / 4, "{full} -> {compacted} bytes");
     // Still a working journal, sequence intact, also after a reopen.
     assert_eq!(journal.append(0, msg(0)).await.unwrap().seq, 8_001);
-    assert_eq!(journal.read_after(0, 0, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        journal.read_after(0, 0, 10).await.unwrap().messages.len(),
+        1
+    );
     assert!(!journal.compact_if_empty().await.unwrap(), "not empty");
     drop(journal);
     assert!(!reclaim::fresh_path(&path).exists());
@@ -545,7 +576,7 @@ async fn compaction_keeps_rows_of_unconfigured_classes() {
     assert_eq!(classes[0].0, "decode");
     assert_eq!(classes[0].1.messages, 1);
     let (journal, _) = Journal::open(two_classes(&dir)).unwrap();
-    let read = journal.read_after(1, 0, 10).await.unwrap();
+    let read = journal.read_after(1, 0, 10).await.unwrap().messages;
     assert_eq!(read.iter().map(payload_index).collect::<Vec<_>>(), vec![7]);
     assert_eq!(journal.backlog(0).last_seq, 3_000);
 }
@@ -580,7 +611,10 @@ async fn assert_fresh_and_working(journal: &Journal, report: &OpenReport) {
     assert!(report.reason.is_some());
     assert_eq!(report.classes, vec![ClassBacklog::default(); 2]);
     assert_eq!(journal.append(0, msg(0)).await.unwrap().seq, 1);
-    assert_eq!(journal.read_after(0, 0, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        journal.read_after(0, 0, 10).await.unwrap().messages.len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -653,32 +687,127 @@ async fn counters_that_disagree_with_rows_are_quarantined() {
     assert_fresh_and_working(&journal, &report).await;
 }
 
+/// Rewrites the row of `class` starting at `first_seq` in the closed
+/// journal at `path` with `damage` applied to its bytes.
+fn damage_row(path: &Path, class: &str, first_seq: u64, damage: impl FnOnce(&mut Vec<u8>)) {
+    let db = redb::Database::open(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut rows = txn.open_table(store::BATCHES).unwrap();
+        let mut row = rows
+            .get((class, first_seq))
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        damage(&mut row);
+        rows.insert((class, first_seq), row.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+/// Three rows of `prefill`: 1..=10, 11..=20, 21..=30 (one command each).
+async fn three_rows(settings: &JournalSettings) {
+    let (journal, _) = Journal::open(settings.clone()).unwrap();
+    for rows in [0..10u64, 10..20, 20..30] {
+        let pending = journal.submit_many(0, rows.map(msg).collect()).await;
+        for result in pending.unwrap().await.unwrap() {
+            result.unwrap();
+        }
+    }
+}
+
 #[tokio::test]
-async fn corrupt_row_is_quarantined() {
+async fn a_damaged_row_costs_that_row_only() {
     let dir = TempDir::new().unwrap();
     let settings = two_classes(&dir);
-    {
-        let (journal, _) = Journal::open(settings.clone()).unwrap();
-        append_range(&journal, 0, 0..10).await;
-    }
-    {
-        let db = redb::Database::open(&settings.path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut rows = txn.open_table(store::BATCHES).unwrap();
-            let mut row = rows.get(("prefill", 10)).unwrap().unwrap().value().to_vec();
-            let last = row.len() - 1;
-            row[last] ^= 1;
-            rows.insert(("prefill", 10), row.as_slice()).unwrap();
+    three_rows(&settings).await;
+    damage_row(&settings.path, "prefill", 11, |row| {
+        let middle = row.len() / 2;
+        for byte in &mut row[middle..middle + 8] {
+            *byte ^= 0xff;
         }
-        txn.commit().unwrap();
-    }
-    let (journal, report) = Journal::open(settings).unwrap();
-    assert!(
-        report.reason.as_deref().unwrap().contains("checksum"),
-        "{report:?}"
+    });
+    let (journal, report) = Journal::open(settings.clone()).unwrap();
+    assert!(report.quarantined.is_none(), "{report:?}");
+    assert_eq!(journal.backlog(0).messages, 30, "counted until they leave");
+    let read = journal.read_after(0, 0, 100).await.unwrap();
+    let seqs: Vec<u64> = read.messages.iter().map(|m| m.seq).collect();
+    let expected: Vec<u64> = (1..=10).chain(21..=30).collect();
+    assert_eq!(seqs, expected, "the rows around it are delivered");
+    assert_eq!(read.skipped, vec![(11, 20)]);
+    // Found again by the next read: counted once.
+    let again = journal.read_after(0, 10, 5).await.unwrap();
+    assert_eq!(again.messages[0].seq, 21);
+    let stats = journal.stats();
+    assert_eq!((stats.corrupt_rows, stats.corrupt_messages), (1, 10));
+    // Confirming what came before it takes it along: nothing else would.
+    journal.confirm(0, 10).await.unwrap();
+    assert_eq!(journal.backlog(0).first_seq, 21);
+    assert_eq!(
+        journal.stats().confirmed,
+        10,
+        "the damaged row is not counted as confirmed"
     );
-    assert_fresh_and_working(&journal, &report).await;
+    journal.confirm(0, 30).await.unwrap();
+    assert_eq!(
+        journal.backlog(0),
+        ClassBacklog {
+            last_seq: 30,
+            ..ClassBacklog::default()
+        }
+    );
+    drop(journal);
+    let (_, report) = Journal::open(settings).unwrap();
+    assert!(report.quarantined.is_none() && report.classes[0].messages == 0);
+}
+
+#[tokio::test]
+async fn a_damaged_head_row_found_at_open_leaves_with_maintenance() {
+    let dir = TempDir::new().unwrap();
+    let settings = two_classes(&dir);
+    three_rows(&settings).await;
+    // The header's own checksum fails: where the row ends comes from the next row.
+    damage_row(&settings.path, "prefill", 1, |row| row[10] ^= 1);
+    let (journal, report) = Journal::open(settings.clone()).unwrap();
+    assert!(report.quarantined.is_none(), "{report:?}");
+    assert_eq!(
+        journal.stats().corrupt_rows,
+        1,
+        "counted when found at open"
+    );
+    let read = journal.read_after(0, 0, 100).await.unwrap();
+    assert_eq!(read.skipped, vec![(1, 10)]);
+    assert_eq!(read.messages.first().map(|m| m.seq), Some(11));
+    let health = journal.maintain().await.unwrap();
+    assert_eq!(health.refusing, None);
+    let backlog = journal.backlog(0);
+    assert_eq!((backlog.first_seq, backlog.messages), (11, 20));
+    assert_eq!(journal.stats().corrupt_rows, 1, "still counted once");
+}
+
+#[tokio::test]
+async fn a_damaged_last_row_does_not_quarantine_or_wedge_the_class() {
+    let dir = TempDir::new().unwrap();
+    let settings = two_classes(&dir);
+    three_rows(&settings).await;
+    damage_row(&settings.path, "prefill", 21, |row| {
+        let last = row.len() - 1;
+        row[last] ^= 1;
+    });
+    let (journal, report) = Journal::open(settings.clone()).unwrap();
+    assert!(report.quarantined.is_none(), "{report:?}");
+    let read = journal.read_after(0, 0, 100).await.unwrap();
+    assert_eq!(read.messages.len(), 20);
+    assert_eq!(read.skipped, vec![(21, 30)]);
+    journal.confirm(0, 20).await.unwrap();
+    assert_eq!(
+        journal.backlog(0).messages,
+        0,
+        "the damaged tail left with the rest"
+    );
+    // New messages carry on after it.
+    assert_eq!(journal.append(0, msg(99)).await.unwrap().seq, 31);
 }
 
 #[tokio::test]
@@ -760,7 +889,7 @@ async fn submit_many_keeps_order_and_answers_each_message() {
     assert_eq!(seqs, [1, 2, 3]);
     assert!(matches!(second[1], Err(JournalError::Full { .. })));
     assert!(matches!(second[2], Err(JournalError::Full { .. })));
-    let stored = journal.read_after(0, 0, 10).await.unwrap();
+    let stored = journal.read_after(0, 0, 10).await.unwrap().messages;
     let payloads: Vec<_> = stored
         .iter()
         .map(|message| message.payload.clone())

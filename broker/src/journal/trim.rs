@@ -5,12 +5,15 @@
 //! group commit and not yet written.
 //!
 //! Planning only reads; the writer applies a plan (deletes the fully removed
-//! rows, raises the floor) only when the whole plan was computed, so a damaged
-//! row fails one command instead of leaving a half-applied removal.
+//! rows, raises the floor) only when the whole plan was computed.
+//!
+//! A damaged row (its checksum fails, or it was found damaged before) goes
+//! whole as soon as the head reaches it, whatever the cut: its messages
+//! cannot be delivered, and keeping it would stop every later removal.
 
-use super::record::{self, EncodedMessage, RowHeader};
-use super::store::RowReadError;
-use redb::ReadableTable;
+use super::record::{self, EncodedMessage, RowHeader, HEADER_LEN};
+use super::store::{self, DamagedRow};
+use redb::{ReadableTable, StorageError};
 
 /// Which head messages to remove.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,10 +60,16 @@ pub(super) struct HeadRemoval {
     pub pending_taken: usize,
     /// `accepted_at_ms` of the first message that stays (None: the class is empty).
     pub oldest_left: Option<u64>,
+    /// Damaged rows among those removed; their messages are in `messages`
+    /// too, and also in `damaged_messages`.
+    pub damaged: Vec<DamagedRow>,
+    pub damaged_messages: u64,
 }
 
 /// Plans `cut` over the rows of `class` above `floor`, then over `pending`
 /// (the class's unwritten messages, whose first sequence is `pending_first_seq`).
+/// `known_damaged` says whether the row starting at a sequence was found
+/// damaged earlier.
 pub(super) fn plan(
     batches: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
     class: &str,
@@ -68,7 +77,8 @@ pub(super) fn plan(
     pending: &[EncodedMessage],
     pending_first_seq: u64,
     cut: Cut,
-) -> Result<HeadRemoval, RowReadError> {
+    known_damaged: &dyn Fn(u64) -> bool,
+) -> Result<HeadRemoval, StorageError> {
     let mut out = HeadRemoval {
         through_seq: floor,
         ..HeadRemoval::default()
@@ -77,8 +87,36 @@ pub(super) fn plan(
         let (key, value) = entry?;
         let first_seq = key.value().1;
         let row = value.value();
-        let corrupt = |error| RowReadError::Corrupt { first_seq, error };
-        let header = record::parse_header(row).map_err(corrupt)?;
+        let header = match record::parse_header(row) {
+            Ok(header) if !known_damaged(first_seq) => header,
+            Ok(header) => {
+                let error = record::CorruptRow("found damaged earlier");
+                take_damaged(
+                    batches,
+                    class,
+                    first_seq,
+                    row,
+                    Some(&header),
+                    error,
+                    pending_first_seq,
+                    &mut out,
+                )?;
+                continue;
+            }
+            Err(error) => {
+                take_damaged(
+                    batches,
+                    class,
+                    first_seq,
+                    row,
+                    None,
+                    error,
+                    pending_first_seq,
+                    &mut out,
+                )?;
+                continue;
+            }
+        };
         let last_seq = header.last_seq(first_seq);
         if last_seq <= out.through_seq {
             // Nothing live left in it (normally already deleted).
@@ -92,9 +130,24 @@ pub(super) fn plan(
             out.rows_to_delete.push(first_seq);
             continue;
         }
-        let (_, walk) = record::walk(row).map_err(corrupt)?;
-        for (seq, span) in (first_seq..).zip(walk) {
-            let span = span.map_err(corrupt)?;
+        let spans =
+            match record::walk(row).and_then(|(_, walk)| walk.collect::<Result<Vec<_>, _>>()) {
+                Ok(spans) => spans,
+                Err(error) => {
+                    take_damaged(
+                        batches,
+                        class,
+                        first_seq,
+                        row,
+                        Some(&header),
+                        error,
+                        pending_first_seq,
+                        &mut out,
+                    )?;
+                    continue;
+                }
+            };
+        for (seq, span) in (first_seq..).zip(spans) {
             if seq <= out.through_seq {
                 continue;
             }
@@ -119,4 +172,48 @@ pub(super) fn plan(
         out.pending_taken += 1;
     }
     Ok(out)
+}
+
+/// Removes a damaged row whole. Its budget bytes are its header's total
+/// when the header is intact, else an upper bound from its length (the
+/// ledger clamps at zero), shared out by the part of it still live.
+#[allow(clippy::too_many_arguments)] // one call shape, from three places in `plan`
+fn take_damaged(
+    batches: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    class: &str,
+    first_seq: u64,
+    row: &[u8],
+    header: Option<&RowHeader>,
+    error: record::CorruptRow,
+    pending_first_seq: u64,
+    out: &mut HeadRemoval,
+) -> Result<(), StorageError> {
+    let last_seq = store::row_end(
+        batches,
+        class,
+        first_seq,
+        header,
+        pending_first_seq.saturating_sub(1),
+    )?;
+    out.rows_to_delete.push(first_seq);
+    if last_seq <= out.through_seq {
+        return Ok(());
+    }
+    let held = last_seq - first_seq + 1;
+    let live = last_seq - out.through_seq.max(first_seq.saturating_sub(1));
+    let bytes = header.map_or((row.len().saturating_sub(HEADER_LEN)) as u64, |header| {
+        header.total_bytes
+    });
+    out.messages += live;
+    out.damaged_messages += live;
+    let share = u128::from(bytes) * u128::from(live) / u128::from(held);
+    out.bytes += u64::try_from(share).unwrap_or(bytes);
+    out.through_seq = last_seq;
+    out.damaged.push(DamagedRow {
+        class: class.to_owned(),
+        first_seq,
+        last_seq,
+        error,
+    });
+    Ok(())
 }

@@ -6,20 +6,29 @@
 //! shared by however many messages arrived while the previous commit was on
 //! disk. Each class's new messages of a group become rows of up to
 //! `ROW_TARGET_BYTES`. Waiters are answered only after the commit is durable.
+//!
+//! It also keeps the journal healthy: it reads the filesystem's free space
+//! (refusing new messages below the reserve or after a disk-full commit),
+//! and when an I/O error made redb fail for good it closes the database and
+//! opens it again (what was committed is all there), then carries on.
 
+use super::health::{self, JournalHealth, Refusal, SpaceGuard, REOPEN_INTERVAL};
 use super::ledger::{Admission, ClassLedger};
 use super::reclaim;
 use super::record::{EncodedMessage, RowBuilder};
+use super::recovery;
 use super::state::{Shared, StatCells};
-use super::store::{self, RowReadError, BATCHES, META};
+use super::store::{self, DamagedRow, BATCHES, META};
 use super::trim::{self, Cut, HeadRemoval};
 use super::{Appended, ClassLimits, JournalError, Removed};
+use crate::drop_log::DropLog;
 use redb::{Durability, StorageError, Table};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 /// Commands waiting for the writer. Bounded, so a flood of appends waits for
 /// room instead of growing memory; also the most one group commit holds.
@@ -64,6 +73,10 @@ pub(super) enum Command {
     Compact {
         done: Answer<bool>,
     },
+    /// Read free space, reopen a failed database, drop damaged head rows.
+    Maintain {
+        done: Answer<JournalHealth>,
+    },
 }
 
 /// An answer held back until its group's commit is durable.
@@ -107,6 +120,8 @@ struct Tally {
     dropped: Vec<u64>,
     expired: Vec<u64>,
     dirty: Vec<bool>,
+    /// Damaged rows removed, to count, log and forget once committed.
+    damaged: Vec<DamagedRow>,
 }
 
 impl Tally {
@@ -117,6 +132,7 @@ impl Tally {
             dropped: vec![0; classes],
             expired: vec![0; classes],
             dirty: vec![false; classes],
+            damaged: Vec::new(),
         }
     }
 }
@@ -132,6 +148,17 @@ pub(super) struct Writer {
     /// Per class: messages accepted in the current group, not yet in a row.
     /// Their sequences end at `next_seq - 1`.
     pending: Vec<Vec<EncodedMessage>>,
+    space: SpaceGuard,
+    /// False between closing a failed database and opening it again.
+    db_open: bool,
+    last_reopen: Option<Instant>,
+    reopen_failures: DropLog,
+    reopen_failed: u64,
+    space_read_failures: DropLog,
+    space_read_failed: u64,
+    /// What was last published, so that only changes are logged.
+    published_refusal: Option<Refusal>,
+    last_error: Option<String>,
 }
 
 impl Writer {
@@ -141,16 +168,29 @@ impl Writer {
         commands: mpsc::Receiver<Command>,
         limits: Vec<ClassLimits>,
         ledgers: Vec<ClassLedger>,
+        reserve_bytes: u64,
     ) -> Writer {
         let pending = limits.iter().map(|_| Vec::new()).collect();
-        Writer {
+        let mut writer = Writer {
             path,
             shared,
             commands,
             limits,
             ledgers,
             pending,
-        }
+            space: SpaceGuard::new(reserve_bytes),
+            db_open: true,
+            last_reopen: None,
+            reopen_failures: DropLog::default(),
+            reopen_failed: 0,
+            space_read_failures: DropLog::default(),
+            space_read_failed: 0,
+            published_refusal: None,
+            last_error: None,
+        };
+        writer.check_space(Instant::now());
+        writer.publish_health();
+        writer
     }
 
     /// Runs until every handle is gone.
@@ -169,15 +209,32 @@ impl Writer {
     }
 
     fn process(&mut self, group: &mut Vec<Command>) {
+        let now = Instant::now();
+        self.check_space(now);
+        if !self.db_open
+            && self
+                .last_reopen
+                .is_none_or(|at| now.saturating_duration_since(at) >= REOPEN_INTERVAL)
+        {
+            self.reopen(now);
+        }
+        self.publish_health();
         let mut replies = Vec::with_capacity(group.len());
         let mut compactions = Vec::new();
+        let mut maintained = Vec::new();
         let mut tally = Tally::new(self.ledgers.len());
         let before = self.ledgers.clone();
         let mut commands = group.drain(..);
         // A panic inside redb (it may panic on a damaged file) must not take
         // the writer down with every later append; it fails this group.
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
-            self.commit_group(&mut commands, &mut replies, &mut compactions, &mut tally)
+            self.commit_group(
+                &mut commands,
+                &mut replies,
+                &mut compactions,
+                &mut maintained,
+                &mut tally,
+            )
         }))
         .unwrap_or_else(|panic| {
             Err(JournalError::Storage(format!(
@@ -189,14 +246,31 @@ impl Writer {
             Ok(true) => self.committed(&tally),
             Ok(false) => {}
             Err(error) => {
-                error!(%error, commands = replies.len(), "journal commit failed; the group is answered with the error");
+                if matches!(error, JournalError::Unavailable(_)) && !self.db_open {
+                    // Already logged when it closed; the reopen is retried.
+                } else if error.is_capacity() {
+                    warn!(%error, commands = replies.len(), "journal commit failed for want of space; the group is answered with the error (retryable)");
+                } else {
+                    error!(%error, commands = replies.len(), "journal commit failed; the group is answered with the error");
+                }
                 self.ledgers = before;
                 for pending in &mut self.pending {
                     pending.clear();
                 }
+                if matches!(error, JournalError::NoSpace(_)) {
+                    let free = self.data_dir_free().ok();
+                    self.space.disk_full(free, Instant::now());
+                }
+                if error.needs_reopen() && self.db_open {
+                    self.last_error = Some(error.to_string());
+                    // redb fails every later call once an I/O error hit it:
+                    // close it and open it again (the last commit is intact).
+                    self.reopen(Instant::now());
+                }
                 for command in commands {
                     match command {
                         Command::Compact { done } => compactions.push(done),
+                        Command::Maintain { done } => maintained.push(done),
                         Command::Append { done, .. } => {
                             replies.push(Reply::Appended(done, Err(error.clone())))
                         }
@@ -219,6 +293,11 @@ impl Writer {
         for reply in replies {
             reply.send();
         }
+        self.publish_health();
+        let health = self.shared.health.load();
+        for done in maintained {
+            drop(done.send(Ok(health.clone())));
+        }
         if !compactions.is_empty() {
             let result = self.compact_if_empty();
             for done in compactions {
@@ -234,10 +313,16 @@ impl Writer {
         commands: &mut impl Iterator<Item = Command>,
         replies: &mut Vec<Reply>,
         compactions: &mut Vec<Answer<bool>>,
+        maintained: &mut Vec<Answer<JournalHealth>>,
         tally: &mut Tally,
     ) -> Result<bool, JournalError> {
         let shared = Arc::clone(&self.shared);
         let db = shared.db.read().map_err(|_| poisoned())?;
+        let db = db.as_ref().ok_or_else(|| {
+            JournalError::Unavailable(
+                "an I/O error closed the database; it is being reopened".into(),
+            )
+        })?;
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         txn.set_quick_repair(QUICK_REPAIR);
@@ -246,6 +331,18 @@ impl Writer {
             for command in commands.by_ref() {
                 match command {
                     Command::Compact { done } => compactions.push(done),
+                    Command::Maintain { done } => {
+                        maintained.push(done);
+                        for class in 0..self.ledgers.len() {
+                            // A damaged row at the head goes now; nothing
+                            // else would remove it while no confirm comes.
+                            self.confirm(&shared, &mut batches, class, 0, tally)?
+                                .map_err(|error| {
+                                    warn!(%error, "journal: dropping a damaged head row failed");
+                                })
+                                .ok();
+                        }
+                    }
                     Command::Append {
                         class,
                         message,
@@ -329,6 +426,10 @@ impl Writer {
             return Ok(Err(JournalError::UnknownClass(class)));
         };
         let name = &shared.classes[class].name;
+        if let Some(refusal) = self.space.refusal() {
+            StatCells::add(&shared.stats.rejected_full, 1);
+            return Ok(Err(self.refusal_error(refusal)));
+        }
         let dropped_oldest = match ledger.admit(message.size, limits) {
             Admission::Fits => 0,
             Admission::Full => {
@@ -340,13 +441,12 @@ impl Writer {
             }
             Admission::MakeRoom { free } => {
                 let pending = &mut self.pending[class];
-                let removal = match plan(batches, name, ledger, pending, Cut::FreeBytes(free))? {
-                    Ok(removal) => removal,
-                    Err(error) => return Ok(Err(error)),
-                };
+                let removal = plan(shared, batches, name, ledger, pending, Cut::FreeBytes(free))?;
                 apply(batches, name, &removal, ledger, pending)?;
-                tally.dropped[class] += removal.messages;
-                removal.messages
+                let dropped = removal.messages - removal.damaged_messages;
+                tally.dropped[class] += dropped;
+                tally.damaged.extend(removal.damaged);
+                dropped
             }
         };
         let seq = ledger.accept(message.size, message.accepted_at_ms);
@@ -370,17 +470,28 @@ impl Writer {
         let Some(ledger) = self.ledgers.get_mut(class) else {
             return Ok(Err(JournalError::UnknownClass(class)));
         };
-        if ledger.messages == 0 || through_seq <= ledger.confirmed {
+        let name = &shared.classes[class].name;
+        // With a damaged row known, a confirm at or below the floor still
+        // drops it if it is at the head.
+        let damaged_known = shared.has_damaged(name);
+        if ledger.messages == 0 || (through_seq <= ledger.confirmed && !damaged_known) {
             return Ok(Ok(()));
         }
-        let name = &shared.classes[class].name;
         let pending = &mut self.pending[class];
-        let removal = match plan(batches, name, ledger, pending, Cut::Through(through_seq))? {
-            Ok(removal) => removal,
-            Err(error) => return Ok(Err(error)),
-        };
+        let removal = plan(
+            shared,
+            batches,
+            name,
+            ledger,
+            pending,
+            Cut::Through(through_seq),
+        )?;
+        if removal.messages == 0 && removal.rows_to_delete.is_empty() {
+            return Ok(Ok(()));
+        }
         apply(batches, name, &removal, ledger, pending)?;
-        tally.confirmed += removal.messages;
+        tally.confirmed += removal.messages - removal.damaged_messages;
+        tally.damaged.extend(removal.damaged);
         tally.dirty[class] = true;
         Ok(Ok(()))
     }
@@ -405,21 +516,21 @@ impl Writer {
         }
         let name = &shared.classes[class].name;
         let pending = &mut self.pending[class];
-        let removal = match plan(
+        let removal = plan(
+            shared,
             batches,
             name,
             ledger,
             pending,
             Cut::AcceptedBefore(cutoff_ms),
-        )? {
-            Ok(removal) => removal,
-            Err(error) => return Ok(Err(error)),
-        };
+        )?;
         apply(batches, name, &removal, ledger, pending)?;
-        tally.expired[class] += removal.messages;
+        let expired = removal.messages - removal.damaged_messages;
+        tally.expired[class] += expired;
+        tally.damaged.extend(removal.damaged);
         tally.dirty[class] = true;
         Ok(Ok(Removed {
-            messages: removal.messages,
+            messages: expired,
             bytes: removal.bytes,
         }))
     }
@@ -454,6 +565,11 @@ impl Writer {
     /// After a durable commit: publishes backlogs and counters, logs drops.
     fn committed(&self, tally: &Tally) {
         let stats = &self.shared.stats;
+        for row in &tally.damaged {
+            // Counted here if no read found it first; gone from the file now.
+            self.shared.report_corrupt(row, "reached by the head");
+            self.shared.forget_damaged(&row.class, row.first_seq);
+        }
         StatCells::add(&stats.commits, 1);
         StatCells::add(&stats.appended, tally.appended);
         StatCells::add(&stats.confirmed, tally.confirmed);
@@ -475,6 +591,128 @@ impl Writer {
         }
     }
 
+    /// The error an append gets while new messages are refused.
+    fn refusal_error(&self, refusal: Refusal) -> JournalError {
+        let free = self
+            .space
+            .free()
+            .map_or("unknown".to_string(), |free| free.to_string());
+        match refusal {
+            Refusal::LowSpace => JournalError::NoSpace(format!(
+                "{free} bytes free on the journal's filesystem, under its reserve of {} (relay.journal_reserve_bytes)",
+                self.space.reserve()
+            )),
+            Refusal::DiskFull => JournalError::NoSpace(format!(
+                "a commit found the disk full; taking messages again once space is freed ({free} bytes free now)"
+            )),
+            Refusal::StorageError => JournalError::Unavailable(
+                self.last_error
+                    .clone()
+                    .unwrap_or_else(|| "the database is being reopened".into()),
+            ),
+        }
+    }
+
+    /// Free bytes of the data directory's filesystem.
+    fn data_dir_free(&self) -> std::io::Result<u64> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        health::free_bytes(dir)
+    }
+
+    /// Reads the filesystem's free space when a reading is due.
+    fn check_space(&mut self, now: Instant) {
+        if !self.space.check_due(now) {
+            return;
+        }
+        match self.data_dir_free() {
+            Ok(free) => self.space.observe(free, now),
+            Err(error) => {
+                // The last reading stands.
+                self.space_read_failed += 1;
+                if let Some(failed) = self.space_read_failures.due(self.space_read_failed, now) {
+                    warn!(%error, failed, "journal: cannot read the free space of the data directory");
+                }
+                self.space.observe_failed(now);
+            }
+        }
+    }
+
+    /// Closes the database (redb fails every call after an I/O error) and
+    /// opens it again; on failure it stays closed until the next try.
+    fn reopen(&mut self, now: Instant) {
+        self.last_reopen = Some(now);
+        let Ok(mut db) = self.shared.db.write() else {
+            return;
+        };
+        if self.db_open {
+            warn!(error = self.last_error.as_deref().unwrap_or("unknown"), "journal: an I/O error failed the database; closing and reopening it (new messages are refused until it is open)");
+        }
+        // Closed first: the file's lock must be free for the new handle.
+        drop(db.take());
+        self.db_open = false;
+        let names: Vec<String> = self.shared.classes.iter().map(|c| c.name.clone()).collect();
+        match recovery::reopen(&self.path, &names) {
+            Ok(opened) => {
+                *db = Some(opened.db);
+                drop(db);
+                self.db_open = true;
+                // What is on disk is the truth: a commit that failed may or
+                // may not have reached it.
+                self.ledgers = opened.ledgers;
+                for pending in &mut self.pending {
+                    pending.clear();
+                }
+                for (class, shared) in self.shared.classes.iter().enumerate() {
+                    shared.publish(&self.ledgers[class]);
+                }
+                for row in &opened.damaged {
+                    self.shared.report_corrupt(row, "found at reopen");
+                }
+                self.shared.health.count_reopen();
+                self.reopen_failed = 0;
+                let messages: u64 = self.ledgers.iter().map(|ledger| ledger.messages).sum();
+                info!(messages, "journal reopened; its backlog is intact");
+            }
+            Err(error) => {
+                self.reopen_failed += 1;
+                self.last_error = Some(error.to_string());
+                if let Some(failed) = self.reopen_failures.due(self.reopen_failed, now) {
+                    warn!(%error, failed, "journal: reopening failed; retrying");
+                }
+            }
+        }
+    }
+
+    /// Publishes whether new messages are taken, logging a change.
+    fn publish_health(&mut self) {
+        let refusing = if self.db_open {
+            self.space.refusal()
+        } else {
+            Some(Refusal::StorageError)
+        };
+        self.shared.health.store(refusing, self.space.free());
+        if refusing == self.published_refusal {
+            return;
+        }
+        let free = self.space.free();
+        match refusing {
+            Some(refusal) => {
+                warn!(reason = refusal.name(), free_bytes = free, reserve_bytes = self.space.reserve(), "journal refuses new messages (journal_full) until this clears; /readyz reports not ready");
+                self.shared.health.set_last_error(self.last_error.clone());
+            }
+            None => {
+                info!(free_bytes = free, "journal takes new messages again");
+                self.last_error = None;
+                self.shared.health.set_last_error(None);
+            }
+        }
+        self.published_refusal = refusing;
+    }
+
     fn compact_if_empty(&self) -> Result<bool, JournalError> {
         if self.ledgers.iter().any(|ledger| ledger.messages > 0) {
             return Ok(false);
@@ -482,7 +720,10 @@ impl Writer {
         // Exclusive: no read transaction may run on the file being replaced
         // (and compaction refuses to run beside one).
         let mut db = self.shared.db.write().map_err(|_| poisoned())?;
-        let reclaimed = reclaim::reclaim(&self.path, &mut db)?;
+        let Some(db) = db.as_mut() else {
+            return Ok(false);
+        };
+        let reclaimed = reclaim::reclaim(&self.path, db)?;
         if reclaimed {
             StatCells::add(&self.shared.stats.compactions, 1);
         }
@@ -490,21 +731,27 @@ impl Writer {
     }
 }
 
-/// Plans a head removal; the outer error fails the group (redb failed), the
-/// inner one only the command (a damaged row).
+/// Plans a head removal (an error is redb's and fails the group).
 fn plan(
+    shared: &Shared,
     batches: &Batches<'_>,
     name: &str,
     ledger: &ClassLedger,
     pending: &[EncodedMessage],
     cut: Cut,
-) -> Result<Result<HeadRemoval, JournalError>, JournalError> {
+) -> Result<HeadRemoval, JournalError> {
     let pending_first = ledger.next_seq - pending.len() as u64;
-    match trim::plan(batches, name, ledger.confirmed, pending, pending_first, cut) {
-        Ok(removal) => Ok(Ok(removal)),
-        Err(RowReadError::Storage(error)) => Err(error.into()),
-        Err(corrupt) => Ok(Err(corrupt.into_journal_error(name))),
-    }
+    let any_damaged = shared.has_damaged(name);
+    let known_damaged = |first_seq| any_damaged && shared.is_damaged(name, first_seq);
+    Ok(trim::plan(
+        batches,
+        name,
+        ledger.confirmed,
+        pending,
+        pending_first,
+        cut,
+        &known_damaged,
+    )?)
 }
 
 fn apply(

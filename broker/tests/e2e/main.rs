@@ -14,6 +14,8 @@ mod discovery;
 mod etcd_front;
 mod etcd_front_limits;
 mod journal;
+mod journal_damage;
+mod journal_disk_full;
 mod journal_limits;
 mod limits;
 mod nats_front;

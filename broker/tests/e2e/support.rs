@@ -490,6 +490,8 @@ pub struct Relay {
     open_file_limit: Option<u64>,
     process: Process,
     starts: u32,
+    /// A data dir elsewhere (e.g. on a small tmpfs), else `<dir>/data`.
+    data_dir: Option<PathBuf>,
 }
 
 /// Config for tests: production defaults except where noted by the caller.
@@ -508,12 +510,24 @@ impl Relay {
     /// Starts with extra TOML under an open-file limit of `limit`
     /// descriptors (as `prlimit --nofile=LIMIT:LIMIT holdfastd ...`).
     pub fn start_with_open_file_limit(nats_url: &str, config_toml: &str, limit: u64) -> Relay {
-        Relay::start_configured(nats_url, config_toml, &[], Some(limit))
+        Relay::start_configured(nats_url, config_toml, &[], Some(limit), None)
+    }
+
+    /// Starts with extra TOML and its journal in `data_dir` (which the
+    /// caller keeps, and removes, itself).
+    pub fn start_with_data_dir(nats_url: &str, config_toml: &str, data_dir: &Path) -> Relay {
+        Relay::start_configured(
+            nats_url,
+            config_toml,
+            &[],
+            None,
+            Some(data_dir.to_path_buf()),
+        )
     }
 
     /// Starts with extra TOML and extra environment variables.
     pub fn start_with(nats_url: &str, config_toml: &str, env: &[(&str, &str)]) -> Relay {
-        Relay::start_configured(nats_url, config_toml, env, None)
+        Relay::start_configured(nats_url, config_toml, env, None, None)
     }
 
     fn start_configured(
@@ -521,6 +535,7 @@ impl Relay {
         config_toml: &str,
         env: &[(&str, &str)],
         open_file_limit: Option<u64>,
+        data_dir: Option<PathBuf>,
     ) -> Relay {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("holdfast.sock");
@@ -539,6 +554,7 @@ impl Relay {
             open_file_limit,
             process: Process::default(),
             starts: 0,
+            data_dir,
         };
         relay.spawn();
         relay
@@ -631,7 +647,9 @@ impl Relay {
 
     /// The relay's data directory (kept across restarts).
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     fn is_ready(&self) -> bool {

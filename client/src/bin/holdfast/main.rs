@@ -10,6 +10,7 @@ mod publish;
 mod register;
 mod render;
 mod request;
+mod salvage;
 mod signals;
 mod status;
 mod subscribe;

@@ -1,10 +1,14 @@
-//! `holdfast pub SUBJECT [PAYLOAD] [--class NAME] [--header K:V]... [--ack]`.
+//! `holdfast pub SUBJECT [PAYLOAD] [--class NAME] [--header K:V]... [--ack]`
+//! and `holdfast pub --from-salvage FILE`.
 //!
 //! Without PAYLOAD every line of stdin is one message, in order. With
 //! `--ack` publishes are pipelined (a bounded window of outstanding acks)
 //! and every ack is awaited; without it they are fire-and-forget followed by
-//! one flush. Either way one summary line goes to stderr.
+//! one flush. `--from-salvage` republishes what `holdfastd journal salvage`
+//! exported (each message with its subject, headers and class), always
+//! with acks. Either way one summary line goes to stderr.
 
+use crate::salvage::{SalvageError, SalvageLines};
 use clap::Args;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -13,6 +17,7 @@ use holdfast_client::{
 };
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::broadcast;
@@ -27,7 +32,8 @@ const STDIN_BUFFER_BYTES: usize = 256 * 1024;
 #[derive(Debug, Args)]
 pub(crate) struct PublishArgs {
     /// Subject to publish to.
-    subject: String,
+    #[arg(required_unless_present = "from_salvage")]
+    subject: Option<String>,
     /// Message payload; without it, each line of stdin is one message.
     payload: Option<String>,
     /// Message class (e.g. prefill, decode, kv_events, default).
@@ -39,23 +45,39 @@ pub(crate) struct PublishArgs {
     /// Ask the relay to acknowledge every message and wait for all acks.
     #[arg(long)]
     ack: bool,
+    /// Republish the messages of a `holdfastd journal salvage` file (JSON
+    /// lines), each with its subject, headers and class, waiting for acks.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["subject", "payload", "class", "headers"])]
+    from_salvage: Option<PathBuf>,
 }
 
 pub(crate) async fn run(client: &Client, args: PublishArgs) -> ExitCode {
-    let template = MessageTemplate::new(&args);
-    let mut payloads = match args.payload {
-        Some(payload) => Payloads::single(payload.into_bytes()),
-        None => Payloads::lines(tokio::io::stdin()),
+    let mut messages = match &args.from_salvage {
+        Some(path) => match tokio::fs::File::open(path).await {
+            Ok(file) => Messages::Salvage(SalvageLines::new(file)),
+            Err(error) => {
+                eprintln!("error: cannot open {}: {error}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => {
+            let payloads = match args.payload.clone() {
+                Some(payload) => Payloads::single(payload.into_bytes()),
+                None => Payloads::lines(tokio::io::stdin()),
+            };
+            Messages::Payloads(MessageTemplate::new(&args), payloads)
+        }
     };
     // Subscribed before the first publish, so no relay error is missed.
     let relay_errors = client.link_events();
     let mut tally = Tally::default();
-    let outcome = if args.ack {
-        publish_acknowledged(client, &template, &mut payloads, &mut tally).await
+    let acknowledged = args.ack || args.from_salvage.is_some();
+    let outcome = if acknowledged {
+        publish_acknowledged(client, &mut messages, &mut tally).await
     } else {
-        publish_unacknowledged(client, &template, &mut payloads, &mut tally, relay_errors).await
+        publish_unacknowledged(client, &mut messages, &mut tally, relay_errors).await
     };
-    eprintln!("{}", tally.summary(args.ack));
+    eprintln!("{}", tally.summary(acknowledged));
     match outcome {
         Err(failure) => {
             failure.report();
@@ -69,16 +91,15 @@ pub(crate) async fn run(client: &Client, args: PublishArgs) -> ExitCode {
 /// Pipelines publishes with acks through a bounded window.
 async fn publish_acknowledged<R: AsyncRead + Unpin>(
     client: &Client,
-    template: &MessageTemplate,
-    payloads: &mut Payloads<R>,
+    messages: &mut Messages<R>,
     tally: &mut Tally,
 ) -> Result<(), Failure> {
     let mut in_flight = FuturesUnordered::new();
     let read_result = loop {
-        let payload = match payloads.next().await {
-            Ok(Some(payload)) => payload,
+        let message = match messages.next().await {
+            Ok(Some(message)) => message,
             Ok(None) => break Ok(()),
-            Err(error) => break Err(Failure::Stdin(error)),
+            Err(failure) => break Err(failure),
         };
         while in_flight.len() >= ACK_WINDOW {
             if let Some(ack) = in_flight.next().await {
@@ -86,7 +107,7 @@ async fn publish_acknowledged<R: AsyncRead + Unpin>(
             }
         }
         tally.attempted += 1;
-        match client.publish_with_ack(template.message(payload)).await {
+        match client.publish_with_ack(message).await {
             Ok(ack) => in_flight.push(ack),
             Err(error) => tally.record_failure(&error),
         }
@@ -101,19 +122,18 @@ async fn publish_acknowledged<R: AsyncRead + Unpin>(
 /// Publishes fire-and-forget, then waits for the relay to have handled all of it.
 async fn publish_unacknowledged<R: AsyncRead + Unpin>(
     client: &Client,
-    template: &MessageTemplate,
-    payloads: &mut Payloads<R>,
+    messages: &mut Messages<R>,
     tally: &mut Tally,
     mut relay_errors: broadcast::Receiver<LinkEvent>,
 ) -> Result<(), Failure> {
     let read_result = loop {
-        let payload = match payloads.next().await {
-            Ok(Some(payload)) => payload,
+        let message = match messages.next().await {
+            Ok(Some(message)) => message,
             Ok(None) => break Ok(()),
-            Err(error) => break Err(Failure::Stdin(error)),
+            Err(failure) => break Err(failure),
         };
         tally.attempted += 1;
-        if let Err(error) = client.publish_message(template.message(payload)).await {
+        if let Err(error) = client.publish_message(message).await {
             tally.record_failure(&error);
         }
     };
@@ -137,6 +157,7 @@ async fn publish_unacknowledged<R: AsyncRead + Unpin>(
 /// Why `pub` stopped early.
 enum Failure {
     Stdin(std::io::Error),
+    Salvage(SalvageError),
     Client(Error),
 }
 
@@ -144,6 +165,7 @@ impl Failure {
     fn report(&self) {
         match self {
             Failure::Stdin(error) => eprintln!("error: cannot read stdin: {error}"),
+            Failure::Salvage(error) => eprintln!("error: {error}"),
             Failure::Client(error) => {
                 crate::fail(error);
             }
@@ -158,6 +180,25 @@ struct MessageTemplate {
     headers: Headers,
 }
 
+/// Where the messages come from: payloads under one template, or a
+/// salvage file.
+enum Messages<R> {
+    Payloads(MessageTemplate, Payloads<R>),
+    Salvage(SalvageLines<tokio::fs::File>),
+}
+
+impl<R: AsyncRead + Unpin> Messages<R> {
+    async fn next(&mut self) -> Result<Option<OutboundMessage>, Failure> {
+        match self {
+            Messages::Payloads(template, payloads) => match payloads.next().await {
+                Ok(payload) => Ok(payload.map(|payload| template.message(payload))),
+                Err(error) => Err(Failure::Stdin(error)),
+            },
+            Messages::Salvage(lines) => lines.next().await.map_err(Failure::Salvage),
+        }
+    }
+}
+
 impl MessageTemplate {
     fn new(args: &PublishArgs) -> MessageTemplate {
         let mut headers = Headers::new();
@@ -165,7 +206,7 @@ impl MessageTemplate {
             headers.insert(name.as_str(), value.as_str());
         }
         MessageTemplate {
-            subject: Text::from(args.subject.as_str()),
+            subject: Text::from(args.subject.as_deref().unwrap_or_default()),
             class: args.class.as_deref().map(Text::from),
             headers,
         }
