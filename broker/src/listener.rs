@@ -16,7 +16,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -62,10 +62,21 @@ pub fn bind(path: &Path, mode: u32, group: &str) -> Result<UnixListener, ListenE
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
     {
+        let created = !parent.exists();
         std::fs::create_dir_all(parent).map_err(|source| ListenError::Directory {
             path: parent.to_path_buf(),
             source,
         })?;
+        // The relay runs with umask 077; clients of the socket's group must
+        // still reach it through a directory the relay made.
+        if created {
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).map_err(
+                |source| ListenError::Directory {
+                    path: parent.to_path_buf(),
+                    source,
+                },
+            )?;
+        }
     }
     match std::fs::symlink_metadata(path) {
         Ok(metadata) if !metadata.file_type().is_socket() => {
@@ -135,6 +146,7 @@ pub async fn serve(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
+    let own_identity = crate::socket_guard::identity(&path);
     let mut failures = AcceptFailures::new(accept_pressure::Listener::Unix);
     let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
     let mut refused = RefusalLog::default();
@@ -167,8 +179,17 @@ pub async fn serve(
         }
     }
     drop(listener);
-    if let Err(error) = std::fs::remove_file(&path) {
-        warn!(socket = %path.display(), %error, "could not remove the socket file");
+    // Only the relay's own socket: the path may have been replaced (the
+    // socket guard then left it alone) or bound again by the guard, whose
+    // listener removes it.
+    let ours = match (crate::socket_guard::identity(&path), own_identity) {
+        (Some(now), Some(own)) => now == own,
+        _ => false,
+    };
+    if ours {
+        if let Err(error) = std::fs::remove_file(&path) {
+            warn!(socket = %path.display(), %error, "could not remove the socket file");
+        }
     }
 }
 
@@ -184,18 +205,35 @@ async fn turn_away(
     let go_away = Frame::GoAway(GoAway {
         code: ErrorCode::LimitExceeded,
         message: Text::from(format!(
-            "the relay already has {max} connections (sessions.max_connections); retry later"
+            "the relay is at sessions.max_connections ({max} connections)"
         )),
     });
     let mut bytes = bytes::BytesMut::new();
     if encode(&go_away, ctx.config.relay.max_frame_bytes, &mut bytes).is_ok() {
-        let write = async {
+        let answer = async {
             stream.write_all(&bytes).await?;
-            stream.shutdown().await
+            stream.shutdown().await?;
+            // Closing a socket with unread bytes in it (the client's HELLO)
+            // makes the kernel reset the connection, and the client then
+            // sees "broken pipe" instead of the GO_AWAY: read what it sent
+            // until it closes too.
+            let mut sink = [0u8; 4096];
+            let mut taken = 0usize;
+            while taken < REFUSAL_DRAIN_BYTES {
+                let read = stream.read(&mut sink).await?;
+                if read == 0 {
+                    break;
+                }
+                taken += read;
+            }
+            Ok::<(), std::io::Error>(())
         };
-        let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
     }
 }
+
+/// The most a refused connection's bytes are read before it is closed.
+const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
 
 #[cfg(test)]
 mod tests {

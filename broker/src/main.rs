@@ -40,6 +40,7 @@ mod relay;
 mod router;
 mod secret_file;
 mod session;
+mod socket_guard;
 mod stats;
 mod status;
 mod subscription_table;
@@ -211,6 +212,14 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    // Everything the relay writes (journal, lease table, discovery cache,
+    // salvage files, development keys) holds messages or secrets: nobody
+    // else may read it, whatever umask the relay was started with. Files
+    // meant for others (the socket) get their mode explicitly.
+    // SAFETY: umask(2) only sets the process's file mode creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     let args = Args::parse();
     init_logging(args.log_format);
     if let Some(Command::Journal {

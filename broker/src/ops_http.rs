@@ -5,7 +5,8 @@
 //! (bounded in size and time), answer, close. An upstream outage never
 //! fails `/livez`: a degraded relay must not get itself restarted.
 //! `/readyz` is 503 while the journal refuses new messages (disk full or
-//! under its reserve, or reopening after an I/O error).
+//! under its reserve, or reopening after an I/O error), and while the
+//! socket path is not the relay's (replaced by another file).
 
 use crate::accept_pressure::{AcceptFailures, Listener};
 use crate::session::SessionContext;
@@ -36,6 +37,8 @@ pub struct OpsState {
     pub telemetry: Telemetry,
     /// Set once clients are being accepted; cleared when shutting down.
     pub ready: AtomicBool,
+    /// Whether clients can find the relay at its socket path.
+    pub socket: Arc<crate::socket_guard::SocketHealth>,
 }
 
 /// Why the endpoint could not start.
@@ -148,6 +151,9 @@ async fn route(path: &str, state: &OpsState) -> Response {
             // A journal that refuses new messages makes the relay unready:
             // its durable publishes fail until the disk has room again.
             let refusing = state.ctx.forwarder.view().journal.refusing();
+            if let Some(problem) = state.socket.problem() {
+                return Response::text(503, &format!("not ready: {problem}\n"));
+            }
             match (state.ready.load(Ordering::Acquire), refusing) {
                 (true, None) => Response::text(200, "ready\n"),
                 (true, Some(refusal)) => Response::text(

@@ -81,6 +81,7 @@ pub async fn run(mut config: Config) -> Result<(), RelayError> {
     let metrics_addr = config.metrics_addr().map_err(RelayError::Config)?;
     let socket = config.relay.socket.clone();
     let listener = listener::bind(&socket, mode, &config.relay.socket_group)?;
+    let socket_identity = crate::socket_guard::identity(&socket);
     // TLS files are read now, so a bad path fails the start, not the first client.
     let quic_endpoint = match config.quic_addr().map_err(RelayError::Config)? {
         Some(address) => {
@@ -228,6 +229,7 @@ pub async fn run(mut config: Config) -> Result<(), RelayError> {
         ctx: ctx.clone(),
         telemetry,
         ready: Default::default(),
+        socket: Default::default(),
     });
     ops.telemetry.spawn_upkeep(background.clone());
     tokio::spawn(ops_http::serve(
@@ -245,6 +247,20 @@ pub async fn run(mut config: Config) -> Result<(), RelayError> {
         tracker.clone(),
         accept_stop.clone(),
     ));
+    if let Some(identity) = socket_identity {
+        tokio::spawn(crate::socket_guard::guard(
+            crate::socket_guard::Guarded {
+                path: socket.clone(),
+                mode,
+                group: ctx.config.relay.socket_group.clone(),
+                identity,
+            },
+            ctx.clone(),
+            tracker.clone(),
+            accept_stop.clone(),
+            ops.socket.clone(),
+        ));
+    }
     let quic_accept = quic_endpoint.clone().map(|endpoint| {
         tokio::spawn(quic_listener::serve(
             endpoint,

@@ -687,6 +687,14 @@ impl Session {
                 Flow::Continue
             }
             Frame::GoAway(_) => Flow::Close,
+            Frame::Hello(_) => {
+                self.go_away(
+                    ErrorCode::ProtocolViolation,
+                    "HELLO after WELCOME: a connection says HELLO once",
+                )
+                .await;
+                Flow::Close
+            }
             other => {
                 let message = format!(
                     "frame type 0x{:02x} is only sent by the relay",

@@ -343,3 +343,25 @@ async fn a_message_larger_than_nats_takes_is_refused_and_the_rest_flows() {
     let message = within("the next message", subscriber.next()).await.unwrap();
     assert_eq!(message.subject.as_str(), "size.small");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_hello_is_a_protocol_violation_named_as_such() {
+    let stack = Stack::start();
+    let hello = hello(PROTOCOL_VERSION, PROTOCOL_VERSION);
+    let frames = exchange(stack.relay.socket(), &[&hello, &hello], false).await;
+    assert!(
+        matches!(frames.first(), Some(Frame::Welcome(_))),
+        "{frames:?}"
+    );
+    let go_away = frames.iter().find_map(|frame| match frame {
+        Frame::GoAway(go_away) => Some(go_away.clone()),
+        _ => None,
+    });
+    let go_away = go_away.expect("a GO_AWAY");
+    assert_eq!(go_away.code, ErrorCode::ProtocolViolation);
+    assert!(
+        go_away.message.contains("HELLO after WELCOME"),
+        "{}",
+        go_away.message
+    );
+}

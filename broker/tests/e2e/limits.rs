@@ -54,6 +54,30 @@ async fn connections_beyond_max_connections_are_told_why_and_the_rest_keep_worki
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_turned_away_always_hears_limit_exceeded() {
+    let stack = Stack::start_with_config("[sessions]\nmax_connections = 1\n");
+    let _holder = stack.client().await;
+    // The client sends HELLO at once; a relay that closed with it unread
+    // reset the connection, and the client saw "broken pipe" instead.
+    for attempt in 0..20 {
+        let error = holdfast_client::Client::connect(&stack.relay.url())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("attempt {attempt} was admitted"));
+        assert_eq!(
+            error.code(),
+            Some(ErrorCode::LimitExceeded),
+            "attempt {attempt}: {error}"
+        );
+        let text = error.to_string();
+        assert!(
+            text.contains("sessions.max_connections") && !text.contains("retry later"),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_closed_after_the_hello_and_idle_deadlines() {
     let stack =
         Stack::start_with_config("[sessions]\nhello_timeout = \"300ms\"\nidle_timeout = \"1s\"\n");

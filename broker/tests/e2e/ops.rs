@@ -355,3 +355,90 @@ async fn etcd_metrics_follow_an_outage_and_every_series_is_documented() {
     );
     assert!(metric(&text, "holdfast_discovery_staleness_seconds", &[]).unwrap() > 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_files_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    // The harness starts holdfastd with the test's own umask (022 here),
+    // as an operator running it by hand would.
+    let etcd = crate::support::EtcdServer::start();
+    let nats = crate::support::NatsServer::start();
+    let front = crate::support::free_port();
+    let relay = crate::support::Relay::start_with_config(
+        &nats.url(),
+        &format!(
+            "[relay]\netcd_listen = \"127.0.0.1:{front}\"\n{}",
+            etcd.relay_config("prefixes = [\"v1/\"]")
+        ),
+    );
+    let client = holdfast_client::Client::connect(&relay.url())
+        .await
+        .unwrap();
+    client.register("v1/private", "x").await.unwrap();
+    let data_dir = relay.data_dir();
+    crate::support::wait_until("the discovery cache saved", || {
+        data_dir.join("discovery-cache.json").exists()
+    });
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data_dir), 0o700, "{}", data_dir.display());
+    let mut files = 0;
+    for entry in std::fs::read_dir(&data_dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            files += 1;
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+    }
+    assert!(
+        files >= 2,
+        "journal and discovery cache expected in {}",
+        data_dir.display()
+    );
+    // The socket is for its group, as configured.
+    assert_eq!(mode(relay.socket()), 0o660);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_socket_file_is_bound_again_and_a_replaced_one_makes_the_relay_unready() {
+    let stack = crate::support::Stack::start();
+    let connected = stack.client().await;
+    let socket = stack.relay.socket().to_path_buf();
+
+    // Removed: new clients can connect again within a couple of seconds.
+    std::fs::remove_file(&socket).unwrap();
+    let client = within("a client connects after the socket was removed", async {
+        loop {
+            match holdfast_client::Client::connect(&stack.relay.url()).await {
+                Ok(client) => break client,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await;
+    client.flush().await.unwrap();
+    assert_eq!(stack.relay.http_get("/readyz").0, 200);
+
+    // Replaced by another file: left alone, and not ready, saying why.
+    std::fs::remove_file(&socket).unwrap();
+    std::fs::write(&socket, b"not the relay").unwrap();
+    crate::support::wait_until("readyz reports the replaced socket", || {
+        let (code, body) = stack.relay.http_get("/readyz");
+        code == 503 && body.contains("replaced")
+    });
+    assert_eq!(std::fs::read(&socket).unwrap(), b"not the relay");
+    assert!(stack.relay.logs().contains("replaced by another file"));
+    // Connections made before are unaffected throughout.
+    connected.publish("still.working", "x").await.unwrap();
+    connected.flush().await.unwrap();
+
+    // Once the path is free again, the relay takes it back.
+    std::fs::remove_file(&socket).unwrap();
+    crate::support::wait_until("ready again", || stack.relay.http_get("/readyz").0 == 200);
+    holdfast_client::Client::connect(&stack.relay.url())
+        .await
+        .unwrap()
+        .flush()
+        .await
+        .unwrap();
+}
