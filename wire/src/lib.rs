@@ -19,7 +19,6 @@ pub mod nats_protocol;
 mod short_text;
 pub mod subject;
 mod text;
-mod xxh64;
 
 pub use codec::{
     encode, encoded_len, CodecError, DecodeError, EncodeError, FrameCodec, FrameDecoder,
