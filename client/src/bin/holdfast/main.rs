@@ -3,7 +3,6 @@
 //! Each verb lives in its own file; this one parses arguments, connects and
 //! maps outcomes to exit codes (0 success, 1 operation failed, 2 usage).
 
-mod duration;
 mod get;
 mod journal;
 mod publish;

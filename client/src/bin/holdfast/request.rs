@@ -1,6 +1,5 @@
 //! `holdfast req SUBJECT PAYLOAD [--timeout 5s]`: one request, its reply on stdout.
 
-use crate::duration::parse_duration;
 use clap::Args;
 use holdfast_client::{Client, Headers};
 use std::io::Write;
@@ -14,7 +13,7 @@ pub(crate) struct RequestArgs {
     /// Request payload.
     payload: String,
     /// How long to wait for a reply (e.g. 500ms, 5s, 2m).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
 }
 
