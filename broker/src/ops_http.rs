@@ -1,9 +1,9 @@
 //! The operations endpoint: `/metrics`, `/livez`, `/readyz`, `/status`.
 //!
-//! Four fixed GET routes for Prometheus and probes, so a small HTTP/1.1
-//! responder we own instead of a web framework: read one request head
-//! (bounded in size and time), answer, close. An upstream outage never
-//! fails `/livez`: a degraded relay must not get itself restarted.
+//! Four fixed GET routes for Prometheus and probes, served over HTTP/1.1 by
+//! hyper (already in the relay through tonic): one request per connection,
+//! its head bounded in time, then close. An upstream outage never fails
+//! `/livez`: a degraded relay must not get itself restarted.
 //! `/readyz` is 503 while the journal refuses new messages (disk full or
 //! under its reserve, or reopening after an I/O error), and while the
 //! socket path is not the relay's (replaced by another file).
@@ -12,17 +12,20 @@ use crate::accept_pressure::{AcceptFailures, Listener};
 use crate::session::SessionContext;
 use crate::status;
 use crate::telemetry::Telemetry;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-/// Largest request head accepted.
+/// Largest request head accepted (hyper's smallest buffer).
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// A client must send its request head within this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -76,7 +79,7 @@ pub async fn serve(listener: TcpListener, state: Arc<OpsState>, stop: Cancellati
         failures.accepted();
         let state = state.clone();
         tokio::spawn(async move {
-            if let Err(error) = handle(stream, &state).await {
+            if let Err(error) = handle(stream, state).await {
                 debug!(%error, "metrics endpoint connection failed");
             }
             drop(permit);
@@ -84,49 +87,32 @@ pub async fn serve(listener: TcpListener, state: Arc<OpsState>, stop: Cancellati
     }
 }
 
-async fn handle(mut stream: TcpStream, state: &OpsState) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_) => return Ok(()),
-    };
-    let response = match parse_request_line(&head) {
-        Some(("GET", path)) => route(path, state).await,
-        Some((_, _)) => Response::text(405, "method not allowed\n"),
-        None => Response::text(400, "bad request\n"),
-    };
-    stream.write_all(&response.into_bytes()).await?;
-    stream.shutdown().await
+async fn handle(stream: TcpStream, state: Arc<OpsState>) -> Result<(), hyper::Error> {
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(answer(&request, &state).await) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        // One request, then close: probes and scrapes open a connection
+        // each, and an idle keep-alive would hold one of the few slots.
+        .keep_alive(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_BYTES)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
 }
 
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut head = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
-        if head.len() >= MAX_REQUEST_BYTES {
-            break;
-        }
-        let read = stream.read(&mut chunk).await?;
-        if read == 0 {
-            break;
-        }
-        head.extend_from_slice(&chunk[..read]);
-    }
-    Ok(head)
-}
-
-/// Method and path (query string dropped) of an HTTP/1.x request line.
-fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
-    let line_end = head.windows(2).position(|window| window == b"\r\n")?;
-    let line = std::str::from_utf8(&head[..line_end]).ok()?;
-    let mut parts = line.split(' ');
-    let method = parts.next()?;
-    let target = parts.next()?;
-    let version = parts.next()?;
-    if !version.starts_with("HTTP/1.") || parts.next().is_some() {
-        return None;
-    }
-    let path = target.split('?').next().unwrap_or(target);
-    Some((method, path))
+async fn answer(
+    request: &hyper::Request<Incoming>,
+    state: &OpsState,
+) -> hyper::Response<Full<Bytes>> {
+    let response = if request.method() == hyper::Method::GET {
+        route(request.uri().path(), state).await
+    } else {
+        Response::text(405, "method not allowed\n")
+    };
+    response.into_hyper()
 }
 
 async fn route(path: &str, state: &OpsState) -> Response {
@@ -196,52 +182,14 @@ impl Response {
         }
     }
 
-    fn into_bytes(self) -> Vec<u8> {
-        let reason = match self.status {
-            200 => "OK",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            500 => "Internal Server Error",
-            _ => "Service Unavailable",
-        };
-        let mut bytes = format!(
-            "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-            self.status,
-            self.content_type,
-            self.body.len()
-        )
-        .into_bytes();
-        bytes.extend_from_slice(&self.body);
-        bytes
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_lines_parse_and_queries_are_dropped() {
-        assert_eq!(
-            parse_request_line(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
-            Some(("GET", "/metrics"))
+    fn into_hyper(self) -> hyper::Response<Full<Bytes>> {
+        let mut response = hyper::Response::new(Full::new(Bytes::from(self.body)));
+        *response.status_mut() = hyper::StatusCode::from_u16(self.status)
+            .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(self.content_type),
         );
-        assert_eq!(
-            parse_request_line(b"POST /livez HTTP/1.0\r\n\r\n"),
-            Some(("POST", "/livez"))
-        );
-        assert_eq!(parse_request_line(b"GET /livez\r\n\r\n"), None);
-        assert_eq!(parse_request_line(b"GET /livez SPDY/3\r\n\r\n"), None);
-        assert_eq!(parse_request_line(b"no line end"), None);
-    }
-
-    #[test]
-    fn responses_carry_length_and_close() {
-        let bytes = Response::text(503, "not ready\n").into_bytes();
-        let text = String::from_utf8(bytes).unwrap();
-        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
-        assert!(text.contains("content-length: 10\r\n"));
-        assert!(text.ends_with("\r\n\r\nnot ready\n"));
+        response
     }
 }
