@@ -24,6 +24,9 @@ use tracing::{info, warn};
 /// Bytes a read asks for at least.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// Unsubscribes handled per turn of the loop (one write for all of them).
+const UNSUBSCRIBE_BATCH: usize = 1024;
+
 /// Unanswered keepalive PINGs after which the connection counts as dead.
 const MAX_UNANSWERED_PINGS: usize = 3;
 
@@ -79,7 +82,13 @@ impl ConnectionTask {
         }
     }
 
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut unsubscribes: mpsc::UnboundedReceiver<u64>,
+        shutdown: CancellationToken,
+    ) {
+        let mut unsubscribed = Vec::with_capacity(UNSUBSCRIBE_BATCH);
         let mut live: Option<Live> = None;
         let mut attempt: Option<Attempt> = None;
         let mut retry_at = Some(Instant::now());
@@ -92,6 +101,14 @@ impl ConnectionTask {
                     None => return,
                     Some(command) => self.on_command(command, live.as_mut()),
                 },
+                taken = unsubscribes.recv_many(&mut unsubscribed, UNSUBSCRIBE_BATCH) => {
+                    if taken == 0 {
+                        return;
+                    }
+                    for sid in unsubscribed.drain(..) {
+                        self.unsubscribe(sid, live.as_mut());
+                    }
+                }
                 result = poll_attempt(&mut attempt) => {
                     attempt = None;
                     match result {
@@ -240,13 +257,6 @@ impl ConnectionTask {
                 );
                 let _ = done.send(sid);
             }
-            Command::Unsubscribe { sid } => {
-                if self.subscriptions.remove(&sid).is_some() {
-                    if let Some(live) = live {
-                        encode_unsub(&mut live.out, sid);
-                    }
-                }
-            }
             Command::Publish {
                 subject,
                 reply,
@@ -288,6 +298,14 @@ impl ConnectionTask {
                     let _ = done.send(());
                 }
             },
+        }
+    }
+
+    fn unsubscribe(&mut self, sid: u64, live: Option<&mut Live>) {
+        if self.subscriptions.remove(&sid).is_some() {
+            if let Some(live) = live {
+                encode_unsub(&mut live.out, sid);
+            }
         }
     }
 
