@@ -40,6 +40,7 @@ mod relay;
 mod router;
 mod secret_file;
 mod session;
+mod sparse_map;
 mod stats;
 mod status;
 mod subscription_table;

@@ -7,6 +7,7 @@ use super::transport::{establish, Established, UpstreamInfo};
 use super::{Command, SubscriberCounters, SubscriberSettings, SubscriberState, UpstreamMessage};
 use crate::drop_log::DropLog;
 use crate::failure_log::FailureLog;
+use crate::sparse_map::shrink_if_sparse;
 use bytes::{BufMut, BytesMut};
 use holdfast_wire::nats_protocol::{encode_client_op, ClientOp, ServerOp};
 use holdfast_wire::{Headers, Text};
@@ -303,6 +304,7 @@ impl ConnectionTask {
 
     fn unsubscribe(&mut self, sid: u64, live: Option<&mut Live>) {
         if self.subscriptions.remove(&sid).is_some() {
+            shrink_if_sparse(&mut self.subscriptions);
             if let Some(live) = live {
                 encode_unsub(&mut live.out, sid);
             }
