@@ -48,7 +48,11 @@ pub enum FanoutCommand {
     Remove {
         member: MemberId,
     },
-    Deliver(LocalMessage),
+    /// Boxed because it is by far the largest variant and is rare (node-
+    /// local delivery while NATS is down): tokio allocates a channel's
+    /// slots 32 at a time, the first 32 when the channel is made, so every
+    /// subscribed subject paid 32 slots of this size up front.
+    Deliver(Box<LocalMessage>),
 }
 
 pub struct Fanout {
@@ -115,7 +119,7 @@ impl Fanout {
                 self.members.retain(|(id, _)| *id != member);
             }
             FanoutCommand::Deliver(message) => {
-                self.deliver(message);
+                self.deliver(*message);
             }
         }
     }
@@ -126,8 +130,8 @@ impl Fanout {
             // A status-only message (503: nobody answered a request whose
             // reply subject this subscription covers) keeps its meaning for
             // clients that cannot see NATS status lines.
-            headers.insert(NATS_STATUS_HEADER, Text::from(status.to_string()));
-            if let Some(description) = message.description {
+            headers.insert(NATS_STATUS_HEADER, Text::from(status.code.to_string()));
+            if let Some(description) = status.description {
                 headers.insert(NATS_STATUS_DESCRIPTION_HEADER, description);
             }
         }
@@ -275,8 +279,10 @@ mod tests {
             subject: Text::from_static("work.reply"),
             reply: None,
             headers: Headers::new(),
-            status: Some(503),
-            description: Some(Text::from_static("No Responders")),
+            status: Some(Box::new(crate::nats_subscriber::UpstreamStatus {
+                code: 503,
+                description: Some(Text::from_static("No Responders")),
+            })),
             payload: Bytes::new(),
         });
         let mut batch = Vec::new();

@@ -397,7 +397,7 @@ impl Router {
         for (key, members) in targets {
             if let Some(fanout) = self.fanouts.get(&key) {
                 if fanout
-                    .send(FanoutCommand::Deliver(message.clone()))
+                    .send(FanoutCommand::Deliver(Box::new(message.clone())))
                     .await
                     .is_ok()
                 {

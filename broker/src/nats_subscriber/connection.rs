@@ -4,7 +4,10 @@
 
 use super::server_pool::ServerPool;
 use super::transport::{establish, Established, UpstreamInfo};
-use super::{Command, SubscriberCounters, SubscriberSettings, SubscriberState, UpstreamMessage};
+use super::{
+    Command, SubscriberCounters, SubscriberSettings, SubscriberState, UpstreamMessage,
+    UpstreamStatus,
+};
 use crate::drop_log::DropLog;
 use crate::failure_log::FailureLog;
 use crate::sparse_map::shrink_if_sparse;
@@ -339,12 +342,12 @@ impl ConnectionTask {
                         Some(block) => (block.headers, block.status, block.description),
                         None => (Headers::new(), None, None),
                     };
+                    let status = status.map(|code| Box::new(UpstreamStatus { code, description }));
                     let message = UpstreamMessage {
                         subject,
                         reply,
                         headers,
                         status,
-                        description,
                         payload,
                     };
                     self.deliver(sid, message, &mut live.out);

@@ -49,10 +49,18 @@ pub struct UpstreamMessage {
     pub subject: Text,
     pub reply: Option<Text>,
     pub headers: Headers,
-    /// The status of a status message (e.g. 503: no responders).
-    pub status: Option<u16>,
-    pub description: Option<Text>,
+    /// Boxed, as status messages are rare: every subscription's channel
+    /// allocates 32 slots of this type when it is made.
+    pub status: Option<Box<UpstreamStatus>>,
     pub payload: Bytes,
+}
+
+/// The status line of a status message.
+#[derive(Debug, Clone)]
+pub struct UpstreamStatus {
+    /// e.g. 503: no responders.
+    pub code: u16,
+    pub description: Option<Text>,
 }
 
 /// The connection as the status document shows it.
