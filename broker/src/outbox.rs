@@ -9,6 +9,14 @@
 //! delivery to anyone else. Answers from the forwarder, the registry and
 //! discovery never wait either; they are counted instead, and the session
 //! stops reading new requests while a client leaves too many unread.
+//!
+//! The byte bound is on what the frames hold in memory, and a frame is
+//! charged from the moment it is queued until its bytes are written: a
+//! session's writer takes frames with [`OutboxReceiver::take`] and gives
+//! their charge back with [`OutboxReceiver::written`] once the socket took
+//! them. (Giving it back when the writer merely took them let a subscriber
+//! that stopped reading hold a whole batch more than the bound: with 64 KiB
+//! messages and the default 64 MiB, half as much again.)
 
 use crate::config::SlowConsumerPolicy;
 use crate::stats::{bump, RelayStats};
@@ -121,7 +129,7 @@ pub fn outbox(
 /// Bytes a frame holds in memory while queued. Subscription messages, watch
 /// events and discovery snapshots count: the first two are pushed at a
 /// session uninvited, and a snapshot can be large.
-fn queued_size(frame: &Frame) -> usize {
+pub fn queued_size(frame: &Frame) -> usize {
     match frame {
         Frame::WatchEvent(event) => event.key.len() + event.value.len(),
         Frame::GetResponse(_) => holdfast_wire::encoded_len(frame),
@@ -146,8 +154,8 @@ impl Outbox {
 
     /// Queues a frame of the session's own, waiting for room.
     pub async fn send(&self, frame: Frame) -> Result<(), OutboxClosed> {
-        // Counted like an offered frame: the reader subtracts the size of
-        // every frame it takes, whichever way it came.
+        // Counted like an offered frame: the writer gives back the charge
+        // of every frame it wrote, whichever way it came.
         let size = queued_size(&frame);
         self.shared().queued_bytes.fetch_add(size, Ordering::AcqRel);
         self.senders.sender.send(frame).await.map_err(|_| {
@@ -268,9 +276,21 @@ impl Outbox {
 }
 
 impl OutboxReceiver {
-    /// Moves up to `limit` queued frames into `batch`; 0 means every sender
-    /// is gone.
+    /// Moves up to `limit` queued frames into `batch` and gives back their
+    /// charge at once, for a consumer that is done with them when it has
+    /// handled them; 0 means every sender is gone.
     pub async fn recv_many(&mut self, batch: &mut Vec<Frame>, limit: usize) -> usize {
+        let start = batch.len();
+        let received = self.take(batch, limit).await;
+        let released: usize = batch[start..].iter().map(queued_size).sum();
+        self.written(released);
+        received
+    }
+
+    /// Like [`OutboxReceiver::recv_many`], but the frames stay charged
+    /// until [`OutboxReceiver::written`] gives back their [`queued_size`]:
+    /// for a writer that may hold them while its socket is slow.
+    pub async fn take(&mut self, batch: &mut Vec<Frame>, limit: usize) -> usize {
         let start = batch.len();
         let mut acks_taken = 0;
         // Acks first: they are small and their publishers are waiting.
@@ -313,10 +333,6 @@ impl OutboxReceiver {
             }
         }
         let received = batch.len() - start;
-        let released: usize = batch[start..].iter().map(queued_size).sum();
-        self.shared
-            .queued_bytes
-            .fetch_sub(released, Ordering::AcqRel);
         if acks_taken > 0 {
             let before = self
                 .shared
@@ -327,6 +343,14 @@ impl OutboxReceiver {
             }
         }
         received
+    }
+
+    /// Gives back the charge of frames taken with [`OutboxReceiver::take`]
+    /// that are now written (or dropped).
+    pub fn written(&self, bytes: usize) {
+        if bytes > 0 {
+            self.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
     }
 
     /// Takes the count of drops since the last call, to report to the
@@ -381,6 +405,25 @@ mod tests {
         // count that went below zero would refuse every later offer.
         assert_eq!(outbox.offer(message(600)), Delivery::Queued);
         assert_eq!(outbox.offer(message(600)), Delivery::Dropped);
+    }
+
+    #[tokio::test]
+    async fn frames_the_writer_took_stay_charged_until_written() {
+        let stats = Arc::new(RelayStats::default());
+        let charge = queued_size(&message(1000));
+        let (outbox, mut receiver) =
+            outbox(7, 100, 2 * charge, SlowConsumerPolicy::Drop, stats.clone());
+        assert_eq!(outbox.offer(message(1000)), Delivery::Queued);
+        assert_eq!(outbox.offer(message(1000)), Delivery::Queued);
+        assert_eq!(outbox.offer(message(1000)), Delivery::Dropped);
+        let mut batch = Vec::new();
+        assert_eq!(receiver.take(&mut batch, 10).await, 2);
+        // Taken but not yet written: a client that does not read holds
+        // them, and they still count.
+        assert_eq!(outbox.offer(message(1000)), Delivery::Dropped);
+        receiver.written(charge);
+        assert_eq!(outbox.offer(message(1000)), Delivery::Queued);
+        assert_eq!(outbox.offer(message(1000)), Delivery::Dropped);
     }
 
     #[tokio::test]
