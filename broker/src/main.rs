@@ -6,6 +6,7 @@ mod atomic_file;
 mod cert_subject;
 mod class_queue;
 mod classes;
+mod compact;
 mod config;
 mod discovery;
 mod drop_log;

@@ -17,7 +17,7 @@ use crate::forwarder::{Accept, AcceptBatch, AckRequest, ForwarderHandle};
 use crate::frame_reader::{BudgetedFrames, ReadBudgets};
 use crate::nats_convert::{check_headers, from_header_map, to_header_map, to_subject};
 use crate::nats_link::NatsLink;
-use crate::outbox::{outbox, queued_size, Outbox, OutboxReceiver};
+use crate::outbox::{charged_bytes, outbox, Outbox, OutboxReceiver};
 use crate::peer::Peer;
 use crate::registry::model::{Claimant, Process};
 use crate::registry::{AckTo as RegistrationAckTo, RegistryHandle};
@@ -1472,7 +1472,7 @@ async fn write_loop(mut socket: ByteWriter, mut outbox: OutboxReceiver, max_fram
         let mut closing = false;
         for frame in batch.drain(..) {
             closing = matches!(frame, Frame::GoAway(_));
-            unwritten += queued_size(&frame);
+            unwritten += charged_bytes(&frame);
             if let Err(error) = encode(&frame, max_frame, &mut buffer) {
                 // Only frames built from validated input reach here; a frame
                 // that still cannot be encoded is skipped, not fatal. A
