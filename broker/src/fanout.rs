@@ -8,9 +8,10 @@
 //! message once, round-robin over members that have room. While NATS is
 //! down the router feeds node-local publishes in through the same path.
 
+use crate::compact::compact;
 use crate::nats_link::NatsLink;
 use crate::nats_subscriber::{UpstreamMessage, UpstreamSubscription};
-use crate::outbox::{Delivery, Outbox};
+use crate::outbox::{message_charge, Delivery, Outbox};
 use crate::stats::{add, RelayStats};
 use crate::subscription_table::{MemberId, SubscriptionKey};
 use bytes::Bytes;
@@ -48,7 +49,11 @@ pub enum FanoutCommand {
     Remove {
         member: MemberId,
     },
-    Deliver(LocalMessage),
+    /// Boxed because it is by far the largest variant and is rare (node-
+    /// local delivery while NATS is down): tokio allocates a channel's
+    /// slots 32 at a time, the first 32 when the channel is made, so every
+    /// subscribed subject paid 32 slots of this size up front.
+    Deliver(Box<LocalMessage>),
 }
 
 pub struct Fanout {
@@ -115,7 +120,7 @@ impl Fanout {
                 self.members.retain(|(id, _)| *id != member);
             }
             FanoutCommand::Deliver(message) => {
-                self.deliver(message);
+                self.deliver(*message);
             }
         }
     }
@@ -126,8 +131,8 @@ impl Fanout {
             // A status-only message (503: nobody answered a request whose
             // reply subject this subscription covers) keeps its meaning for
             // clients that cannot see NATS status lines.
-            headers.insert(NATS_STATUS_HEADER, Text::from(status.to_string()));
-            if let Some(description) = message.description {
+            headers.insert(NATS_STATUS_HEADER, Text::from(status.code.to_string()));
+            if let Some(description) = status.description {
                 headers.insert(NATS_STATUS_DESCRIPTION_HEADER, description);
             }
         }
@@ -153,19 +158,21 @@ impl Fanout {
         if self.members.is_empty() {
             return 0;
         }
+        let mut message = Compacted::new(message);
         let delivered = if self.key.queue_group.is_some() {
-            self.deliver_to_one(&message)
+            self.deliver_to_one(&mut message)
         } else {
-            self.deliver_to_all(&message)
+            self.deliver_to_all(&mut message)
         };
         add(&self.stats.messages_delivered, u64::from(delivered));
         delivered
     }
 
-    fn deliver_to_all(&mut self, message: &LocalMessage) -> u32 {
+    fn deliver_to_all(&mut self, message: &mut Compacted) -> u32 {
         let mut delivered = 0;
         for ((_, sid), outbox) in &self.members {
-            if outbox.offer(frame_for(*sid, message)) == Delivery::Queued {
+            let queued = outbox.offer_with(message.charge, || message.frame(*sid));
+            if queued == Delivery::Queued {
                 delivered += 1;
             }
         }
@@ -173,12 +180,12 @@ impl Fanout {
     }
 
     /// Queue group: the first member in round-robin order that has room.
-    fn deliver_to_one(&mut self, message: &LocalMessage) -> u32 {
+    fn deliver_to_one(&mut self, message: &mut Compacted) -> u32 {
         let count = self.members.len();
         for attempt in 0..count {
             let index = (self.next_queue_member + attempt) % count;
             let ((_, sid), outbox) = &self.members[index];
-            if outbox.try_offer(frame_for(*sid, message)) == Delivery::Queued {
+            if outbox.try_offer_with(message.charge, || message.frame(*sid)) == Delivery::Queued {
                 self.next_queue_member = index + 1;
                 return 1;
             }
@@ -191,14 +198,43 @@ impl Fanout {
     }
 }
 
-fn frame_for(sid: u32, message: &LocalMessage) -> Frame {
-    Frame::Message(Message {
-        sid,
-        subject: message.subject.clone(),
-        reply: message.reply.clone(),
-        headers: message.headers.clone(),
-        payload: message.payload.clone(),
-    })
+/// A message on its way to subscribers, copied into an allocation of its
+/// own (see [`crate::compact`]) when the first subscriber has room for it:
+/// queued, it must not keep the buffer it was read into alive, and a
+/// message every subscriber is too full for is not copied at all.
+struct Compacted {
+    original: LocalMessage,
+    copy: Option<LocalMessage>,
+    /// What each subscriber's outbox is charged for it.
+    charge: usize,
+}
+
+impl Compacted {
+    fn new(original: LocalMessage) -> Compacted {
+        let charge = message_charge(
+            &original.subject,
+            original.reply.as_ref(),
+            &original.headers,
+            original.payload.len(),
+        );
+        Compacted {
+            original,
+            copy: None,
+            charge,
+        }
+    }
+
+    fn frame(&mut self, sid: u32) -> Frame {
+        let original = &self.original;
+        let message = self.copy.get_or_insert_with(|| compact(original));
+        Frame::Message(Message {
+            sid,
+            subject: message.subject.clone(),
+            reply: message.reply.clone(),
+            headers: message.headers.clone(),
+            payload: message.payload.clone(),
+        })
+    }
 }
 
 async fn next_upstream(upstream: &mut Option<UpstreamSubscription>) -> Option<UpstreamMessage> {
@@ -275,8 +311,10 @@ mod tests {
             subject: Text::from_static("work.reply"),
             reply: None,
             headers: Headers::new(),
-            status: Some(503),
-            description: Some(Text::from_static("No Responders")),
+            status: Some(Box::new(crate::nats_subscriber::UpstreamStatus {
+                code: 503,
+                description: Some(Text::from_static("No Responders")),
+            })),
             payload: Bytes::new(),
         });
         let mut batch = Vec::new();
@@ -341,6 +379,28 @@ mod tests {
         }
         assert_eq!(payloads(&mut fast).await.len(), 10);
         assert_eq!(fanout.stats.snapshot().slow_consumer_drops, 9);
+    }
+
+    #[tokio::test]
+    async fn a_queued_message_does_not_keep_the_buffer_it_was_read_into() {
+        let mut fanout = fanout(None);
+        let mut first = member(&mut fanout, 1, 10, 16);
+        let mut second = member(&mut fanout, 2, 20, 16);
+        let read_buffer = Bytes::from(vec![b'x'; 64 * 1024]);
+        fanout.deliver(LocalMessage {
+            subject: Text::from_static("work.item"),
+            reply: None,
+            headers: Headers::new(),
+            payload: read_buffer.slice(100..1124),
+        });
+        let start = read_buffer.as_ptr() as usize;
+        let (_, one) = payloads(&mut first).await.remove(0);
+        let (_, other) = payloads(&mut second).await.remove(0);
+        assert_eq!(one, read_buffer.slice(100..1124));
+        let address = one.as_ptr() as usize;
+        assert!(!(start..start + read_buffer.len()).contains(&address));
+        // One copy, shared by every subscriber it went to.
+        assert_eq!(one.as_ptr(), other.as_ptr());
     }
 
     #[test]

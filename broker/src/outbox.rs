@@ -9,10 +9,18 @@
 //! delivery to anyone else. Answers from the forwarder, the registry and
 //! discovery never wait either; they are counted instead, and the session
 //! stops reading new requests while a client leaves too many unread.
+//!
+//! The byte bound is on what the frames hold in memory, and a frame is
+//! charged from the moment it is queued until its bytes are written: a
+//! session's writer takes frames with [`OutboxReceiver::take`] and gives
+//! their charge back with [`OutboxReceiver::written`] once the socket took
+//! them. (Giving it back when the writer merely took them let a subscriber
+//! that stopped reading hold a whole batch more than the bound: with 64 KiB
+//! messages and the default 64 MiB, half as much again.)
 
 use crate::config::SlowConsumerPolicy;
 use crate::stats::{bump, RelayStats};
-use holdfast_wire::Frame;
+use holdfast_wire::{Frame, Headers, Text};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
@@ -22,7 +30,7 @@ use tracing::warn;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
     Queued,
-    /// The outbox was full; nothing was counted yet (see [`Outbox::try_offer`]).
+    /// The outbox was full; nothing was counted yet (see [`Outbox::try_offer_with`]).
     Full,
     /// The outbox was full; the message was dropped for this subscriber.
     Dropped,
@@ -118,25 +126,52 @@ pub fn outbox(
     )
 }
 
+/// What a charged frame costs beyond its bytes: its slot in the channel,
+/// and the allocator's header and rounding of the one allocation that
+/// holds a message's bytes (see [`crate::fanout`], which gives each
+/// message exactly one).
+pub const FRAME_OVERHEAD_BYTES: usize = std::mem::size_of::<Frame>() + 32;
+
 /// Bytes a frame holds in memory while queued. Subscription messages, watch
 /// events and discovery snapshots count: the first two are pushed at a
-/// session uninvited, and a snapshot can be large.
-fn queued_size(frame: &Frame) -> usize {
+/// session uninvited, and a snapshot can be large. A message also holds its
+/// own copy of its header list (the names and values are shared).
+pub fn charged_bytes(frame: &Frame) -> usize {
     match frame {
-        Frame::WatchEvent(event) => event.key.len() + event.value.len(),
-        Frame::GetResponse(_) => holdfast_wire::encoded_len(frame),
-        Frame::Message(message) => {
-            message.payload.len()
-                + message.subject.len()
-                + message.reply.as_ref().map_or(0, |reply| reply.len())
-                + message
-                    .headers
-                    .iter()
-                    .map(|(name, value)| name.len() + value.len())
-                    .sum::<usize>()
-        }
+        Frame::WatchEvent(event) => event.key.len() + event.value.len() + FRAME_OVERHEAD_BYTES,
+        Frame::GetResponse(_) => holdfast_wire::encoded_len(frame) + FRAME_OVERHEAD_BYTES,
+        Frame::Message(message) => message_charge(
+            &message.subject,
+            message.reply.as_ref(),
+            &message.headers,
+            message.payload.len(),
+        ),
         _ => 0,
     }
+}
+
+/// [`charged_bytes`] of a message frame with these parts, known before the
+/// frame is made.
+pub fn message_charge(
+    subject: &Text,
+    reply: Option<&Text>,
+    headers: &Headers,
+    payload_len: usize,
+) -> usize {
+    let header_list = if headers.is_empty() {
+        0
+    } else {
+        headers.len() * std::mem::size_of::<(Text, Text)>() + 16
+    };
+    payload_len
+        + subject.len()
+        + reply.map_or(0, |reply| reply.len())
+        + headers
+            .iter()
+            .map(|(name, value)| name.len() + value.len())
+            .sum::<usize>()
+        + header_list
+        + FRAME_OVERHEAD_BYTES
 }
 
 impl Outbox {
@@ -146,9 +181,9 @@ impl Outbox {
 
     /// Queues a frame of the session's own, waiting for room.
     pub async fn send(&self, frame: Frame) -> Result<(), OutboxClosed> {
-        // Counted like an offered frame: the reader subtracts the size of
-        // every frame it takes, whichever way it came.
-        let size = queued_size(&frame);
+        // Counted like an offered frame: the writer gives back the charge
+        // of every frame it wrote, whichever way it came.
+        let size = charged_bytes(&frame);
         self.shared().queued_bytes.fetch_add(size, Ordering::AcqRel);
         self.senders.sender.send(frame).await.map_err(|_| {
             self.shared().queued_bytes.fetch_sub(size, Ordering::AcqRel);
@@ -159,7 +194,7 @@ impl Outbox {
     /// Queues an ack from the forwarder without waiting; `Err` when the
     /// session is gone.
     pub fn send_ack(&self, frame: Frame) -> Result<(), OutboxClosed> {
-        let size = queued_size(&frame);
+        let size = charged_bytes(&frame);
         self.shared().queued_bytes.fetch_add(size, Ordering::AcqRel);
         self.shared().queued_acks.fetch_add(1, Ordering::AcqRel);
         self.senders.acks.send(frame).map_err(|_| {
@@ -190,31 +225,44 @@ impl Outbox {
     /// Offers a subscription message without waiting; a full outbox
     /// applies the slow-consumer policy.
     pub fn offer(&self, frame: Frame) -> Delivery {
-        match self.try_offer(frame) {
+        let size = charged_bytes(&frame);
+        self.offer_with(size, || frame)
+    }
+
+    /// Like [`Outbox::offer`] for a frame of [`charged_bytes`] `size` that
+    /// `make` builds only once there is room for it, so a message for a
+    /// subscriber that is full costs no work.
+    pub fn offer_with(&self, size: usize, make: impl FnOnce() -> Frame) -> Delivery {
+        match self.try_offer_with(size, make) {
             Delivery::Full => self.overflow(),
             other => other,
         }
     }
 
-    /// Like [`Outbox::offer`], but a full outbox only answers `Full`, so a
-    /// queue group can try another member before anything counts as dropped.
-    pub fn try_offer(&self, frame: Frame) -> Delivery {
+    /// Like [`Outbox::offer_with`], but a full outbox only answers `Full`,
+    /// so a queue group can try another member before anything counts as
+    /// dropped.
+    pub fn try_offer_with(&self, size: usize, make: impl FnOnce() -> Frame) -> Delivery {
         if self.shared().close_requested.load(Ordering::Relaxed) {
             return Delivery::Closed;
         }
-        let size = queued_size(&frame);
         let queued = self.shared().queued_bytes.fetch_add(size, Ordering::AcqRel);
         if queued + size > self.shared().max_bytes {
             self.shared().queued_bytes.fetch_sub(size, Ordering::AcqRel);
             return Delivery::Full;
         }
-        match self.senders.sender.try_send(frame) {
-            Ok(()) => Delivery::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        match self.senders.sender.try_reserve() {
+            Ok(permit) => {
+                let frame = make();
+                debug_assert_eq!(charged_bytes(&frame), size, "charged as announced");
+                permit.send(frame);
+                Delivery::Queued
+            }
+            Err(mpsc::error::TrySendError::Full(())) => {
                 self.shared().queued_bytes.fetch_sub(size, Ordering::AcqRel);
                 Delivery::Full
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(mpsc::error::TrySendError::Closed(())) => {
                 self.shared().queued_bytes.fetch_sub(size, Ordering::AcqRel);
                 Delivery::Closed
             }
@@ -268,9 +316,22 @@ impl Outbox {
 }
 
 impl OutboxReceiver {
-    /// Moves up to `limit` queued frames into `batch`; 0 means every sender
-    /// is gone.
+    /// Moves up to `limit` queued frames into `batch` and gives back their
+    /// charge at once, for a consumer that is done with them when it has
+    /// handled them; 0 means every sender is gone.
     pub async fn recv_many(&mut self, batch: &mut Vec<Frame>, limit: usize) -> usize {
+        let start = batch.len();
+        let received = self.take(batch, limit).await;
+        let released: usize = batch[start..].iter().map(charged_bytes).sum();
+        self.written(released);
+        received
+    }
+
+    /// Like [`OutboxReceiver::recv_many`], but the frames stay charged
+    /// until [`OutboxReceiver::written`] gives back their
+    /// [`charged_bytes`]: for a writer that may hold them while its socket
+    /// is slow.
+    pub async fn take(&mut self, batch: &mut Vec<Frame>, limit: usize) -> usize {
         let start = batch.len();
         let mut acks_taken = 0;
         // Acks first: they are small and their publishers are waiting.
@@ -313,10 +374,6 @@ impl OutboxReceiver {
             }
         }
         let received = batch.len() - start;
-        let released: usize = batch[start..].iter().map(queued_size).sum();
-        self.shared
-            .queued_bytes
-            .fetch_sub(released, Ordering::AcqRel);
         if acks_taken > 0 {
             let before = self
                 .shared
@@ -327,6 +384,14 @@ impl OutboxReceiver {
             }
         }
         received
+    }
+
+    /// Gives back the charge of frames taken with [`OutboxReceiver::take`]
+    /// that are now written (or dropped).
+    pub fn written(&self, bytes: usize) {
+        if bytes > 0 {
+            self.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
     }
 
     /// Takes the count of drops since the last call, to report to the
@@ -381,6 +446,58 @@ mod tests {
         // count that went below zero would refuse every later offer.
         assert_eq!(outbox.offer(message(600)), Delivery::Queued);
         assert_eq!(outbox.offer(message(600)), Delivery::Dropped);
+    }
+
+    #[tokio::test]
+    async fn frames_the_writer_took_stay_charged_until_written() {
+        let stats = Arc::new(RelayStats::default());
+        let charge = charged_bytes(&message(1000));
+        let (outbox, mut receiver) =
+            outbox(7, 100, 2 * charge, SlowConsumerPolicy::Drop, stats.clone());
+        assert_eq!(outbox.offer(message(1000)), Delivery::Queued);
+        assert_eq!(outbox.offer(message(1000)), Delivery::Queued);
+        assert_eq!(outbox.offer(message(1000)), Delivery::Dropped);
+        let mut batch = Vec::new();
+        assert_eq!(receiver.take(&mut batch, 10).await, 2);
+        // Taken but not yet written: a client that does not read holds
+        // them, and they still count.
+        assert_eq!(outbox.offer(message(1000)), Delivery::Dropped);
+        receiver.written(charge);
+        assert_eq!(outbox.offer(message(1000)), Delivery::Queued);
+        assert_eq!(outbox.offer(message(1000)), Delivery::Dropped);
+    }
+
+    #[test]
+    fn a_message_is_charged_its_bytes_its_slot_and_its_header_list() {
+        let mut headers = Headers::new();
+        headers.insert("Seq", "42");
+        let frame = Frame::Message(Message {
+            sid: 1,
+            subject: Text::from_static("work"),
+            reply: Some(Text::from_static("inbox")),
+            headers,
+            payload: Bytes::from(vec![0u8; 1000]),
+        });
+        let header_list = std::mem::size_of::<(Text, Text)>() + 16;
+        assert_eq!(
+            charged_bytes(&frame),
+            1000 + 4 + 5 + 5 + header_list + FRAME_OVERHEAD_BYTES
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_has_nothing_built_for_it() {
+        let stats = Arc::new(RelayStats::default());
+        let charge = charged_bytes(&message(10));
+        let (outbox, _receiver) = outbox(7, 100, charge, SlowConsumerPolicy::Drop, stats);
+        assert_eq!(outbox.offer_with(charge, || message(10)), Delivery::Queued);
+        let built = std::cell::Cell::new(false);
+        let offered = outbox.offer_with(charge, || {
+            built.set(true);
+            message(10)
+        });
+        assert_eq!(offered, Delivery::Dropped);
+        assert!(!built.get());
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@
 use crate::fanout::{Fanout, FanoutCommand, LocalMessage};
 use crate::nats_link::NatsLink;
 use crate::outbox::Outbox;
+use crate::sparse_map::shrink_if_sparse;
 use crate::stats::{bump, RelayStats};
 use crate::subscription_table::{Joined, Left, MemberId, SubscriptionKey, SubscriptionTable};
 use bytes::Bytes;
@@ -374,6 +375,7 @@ impl Router {
             // upstream subscriber, which unsubscribes from NATS.
             Left::LastMember => {
                 self.fanouts.remove(&key);
+                shrink_if_sparse(&mut self.fanouts);
             }
             Left::StillShared => {
                 if let Some(fanout) = self.fanouts.get(&key) {
@@ -395,7 +397,7 @@ impl Router {
         for (key, members) in targets {
             if let Some(fanout) = self.fanouts.get(&key) {
                 if fanout
-                    .send(FanoutCommand::Deliver(message.clone()))
+                    .send(FanoutCommand::Deliver(Box::new(message.clone())))
                     .await
                     .is_ok()
                 {

@@ -17,7 +17,7 @@ use crate::forwarder::{Accept, AcceptBatch, AckRequest, ForwarderHandle};
 use crate::frame_reader::{BudgetedFrames, ReadBudgets};
 use crate::nats_convert::{check_headers, from_header_map, to_header_map, to_subject};
 use crate::nats_link::NatsLink;
-use crate::outbox::{outbox, Outbox, OutboxReceiver};
+use crate::outbox::{charged_bytes, outbox, Outbox, OutboxReceiver};
 use crate::peer::Peer;
 use crate::registry::model::{Claimant, Process};
 use crate::registry::{AckTo as RegistrationAckTo, RegistryHandle};
@@ -1458,8 +1458,12 @@ fn too_large_answer(frame: &Frame, error: &impl std::fmt::Display) -> Option<Fra
 async fn write_loop(mut socket: ByteWriter, mut outbox: OutboxReceiver, max_frame: u32) {
     let mut batch = Vec::with_capacity(WRITE_BATCH_FRAMES);
     let mut buffer = BytesMut::with_capacity(WRITE_BUFFER_BYTES);
+    // The outbox's charge of the frames encoded into `buffer`: given back
+    // once the socket took them, so frames held here while the client does
+    // not read count against `sessions.outbound_queue_bytes` like queued ones.
+    let mut unwritten = 0;
     loop {
-        if outbox.recv_many(&mut batch, WRITE_BATCH_FRAMES).await == 0 {
+        if outbox.take(&mut batch, WRITE_BATCH_FRAMES).await == 0 {
             break;
         }
         let drops = outbox.take_unreported_drops();
@@ -1476,6 +1480,7 @@ async fn write_loop(mut socket: ByteWriter, mut outbox: OutboxReceiver, max_fram
         let mut closing = false;
         for frame in batch.drain(..) {
             closing = matches!(frame, Frame::GoAway(_));
+            unwritten += charged_bytes(&frame);
             if let Err(error) = encode(&frame, max_frame, &mut buffer) {
                 // Only frames built from validated input reach here; a frame
                 // that still cannot be encoded is skipped, not fatal. A
@@ -1493,6 +1498,7 @@ async fn write_loop(mut socket: ByteWriter, mut outbox: OutboxReceiver, max_fram
                     return;
                 }
                 buffer.clear();
+                outbox.written(std::mem::take(&mut unwritten));
             }
             if closing {
                 break;
@@ -1504,6 +1510,7 @@ async fn write_loop(mut socket: ByteWriter, mut outbox: OutboxReceiver, max_fram
             }
             buffer.clear();
         }
+        outbox.written(std::mem::take(&mut unwritten));
         if closing {
             let _ = socket.shutdown().await;
             return;

@@ -6,6 +6,7 @@
 //! an upstream subscription must be created or dropped, and which pairs
 //! match a subject for node-local delivery while NATS is down.
 
+use crate::sparse_map::shrink_if_sparse;
 use holdfast_wire::{subject, Text};
 use std::collections::{HashMap, HashSet};
 
@@ -102,6 +103,9 @@ impl SubscriptionTable {
                 Left::LastMember
             }
         };
+        shrink_if_sparse(&mut self.members);
+        shrink_if_sparse(&mut self.member_counts);
+        shrink_if_sparse(&mut self.sessions);
         Some((key, left))
     }
 

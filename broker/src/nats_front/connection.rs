@@ -53,6 +53,11 @@ use tracing::{debug, info};
 
 /// Bytes buffered in each direction of the pipe to the session.
 const PIPE_BYTES: usize = 256 * 1024;
+/// Protocol text rendered before it is written: what is already readable
+/// goes out in one write, up to this much. Without a cap, a client reading
+/// slowly while its session's writer kept the pipe full made the text grow
+/// beyond the session's `sessions.outbound_queue_bytes`.
+const TEXT_FLUSH_BYTES: usize = 256 * 1024;
 /// Client bytes read at a time.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// How often the relay pings a NATS client, and how many may go unanswered.
@@ -510,7 +515,7 @@ impl Outbound {
                             next = self.on_frame(frame);
                         }
                         // Everything already readable goes out in one write.
-                        while matches!(next, Next::Continue) {
+                        while matches!(next, Next::Continue) && self.text.len() < TEXT_FLUSH_BYTES {
                             next = self.take_events();
                             if !matches!(next, Next::Continue) {
                                 break;

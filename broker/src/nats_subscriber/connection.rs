@@ -4,9 +4,13 @@
 
 use super::server_pool::ServerPool;
 use super::transport::{establish, Established, UpstreamInfo};
-use super::{Command, SubscriberCounters, SubscriberSettings, SubscriberState, UpstreamMessage};
+use super::{
+    Command, SubscriberCounters, SubscriberSettings, SubscriberState, UpstreamMessage,
+    UpstreamStatus,
+};
 use crate::drop_log::DropLog;
 use crate::failure_log::FailureLog;
+use crate::sparse_map::shrink_if_sparse;
 use bytes::{BufMut, BytesMut};
 use holdfast_wire::nats_protocol::{encode_client_op, ClientOp, ServerOp};
 use holdfast_wire::{Headers, Text};
@@ -23,6 +27,9 @@ use tracing::{info, warn};
 
 /// Bytes a read asks for at least.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// Unsubscribes handled per turn of the loop (one write for all of them).
+const UNSUBSCRIBE_BATCH: usize = 1024;
 
 /// Unanswered keepalive PINGs after which the connection counts as dead.
 const MAX_UNANSWERED_PINGS: usize = 3;
@@ -79,7 +86,13 @@ impl ConnectionTask {
         }
     }
 
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut unsubscribes: mpsc::UnboundedReceiver<u64>,
+        shutdown: CancellationToken,
+    ) {
+        let mut unsubscribed = Vec::with_capacity(UNSUBSCRIBE_BATCH);
         let mut live: Option<Live> = None;
         let mut attempt: Option<Attempt> = None;
         let mut retry_at = Some(Instant::now());
@@ -92,6 +105,14 @@ impl ConnectionTask {
                     None => return,
                     Some(command) => self.on_command(command, live.as_mut()),
                 },
+                taken = unsubscribes.recv_many(&mut unsubscribed, UNSUBSCRIBE_BATCH) => {
+                    if taken == 0 {
+                        return;
+                    }
+                    for sid in unsubscribed.drain(..) {
+                        self.unsubscribe(sid, live.as_mut());
+                    }
+                }
                 result = poll_attempt(&mut attempt) => {
                     attempt = None;
                     match result {
@@ -240,13 +261,6 @@ impl ConnectionTask {
                 );
                 let _ = done.send(sid);
             }
-            Command::Unsubscribe { sid } => {
-                if self.subscriptions.remove(&sid).is_some() {
-                    if let Some(live) = live {
-                        encode_unsub(&mut live.out, sid);
-                    }
-                }
-            }
             Command::Publish {
                 subject,
                 reply,
@@ -291,6 +305,15 @@ impl ConnectionTask {
         }
     }
 
+    fn unsubscribe(&mut self, sid: u64, live: Option<&mut Live>) {
+        if self.subscriptions.remove(&sid).is_some() {
+            shrink_if_sparse(&mut self.subscriptions);
+            if let Some(live) = live {
+                encode_unsub(&mut live.out, sid);
+            }
+        }
+    }
+
     /// Decodes and handles everything read; an error ends the connection.
     fn on_bytes(&mut self, live: Option<&mut Live>) -> Result<(), String> {
         let Some(live) = live else {
@@ -319,12 +342,12 @@ impl ConnectionTask {
                         Some(block) => (block.headers, block.status, block.description),
                         None => (Headers::new(), None, None),
                     };
+                    let status = status.map(|code| Box::new(UpstreamStatus { code, description }));
                     let message = UpstreamMessage {
                         subject,
                         reply,
                         headers,
                         status,
-                        description,
                         payload,
                     };
                     self.deliver(sid, message, &mut live.out);

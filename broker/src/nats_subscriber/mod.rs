@@ -16,7 +16,8 @@
 //! here.
 //!
 //! One task ([`connection`]) owns the connection and the subscription
-//! table; [`SubscriberLink`] talks to it over a bounded channel. Each
+//! table; [`SubscriberLink`] talks to it over a bounded channel, and a
+//! dropped [`UpstreamSubscription`] tells it over an unbounded one. Each
 //! subscription gets its messages on a bounded channel of its own: one that
 //! does not keep up loses messages (counted as
 //! `reason="upstream_slow_consumer"`), never holds up the others.
@@ -48,10 +49,18 @@ pub struct UpstreamMessage {
     pub subject: Text,
     pub reply: Option<Text>,
     pub headers: Headers,
-    /// The status of a status message (e.g. 503: no responders).
-    pub status: Option<u16>,
-    pub description: Option<Text>,
+    /// Boxed, as status messages are rare: every subscription's channel
+    /// allocates 32 slots of this type when it is made.
+    pub status: Option<Box<UpstreamStatus>>,
     pub payload: Bytes,
+}
+
+/// The status line of a status message.
+#[derive(Debug, Clone)]
+pub struct UpstreamStatus {
+    /// e.g. 503: no responders.
+    pub code: u16,
+    pub description: Option<Text>,
 }
 
 /// The connection as the status document shows it.
@@ -71,13 +80,8 @@ enum Command {
         messages: mpsc::Sender<UpstreamMessage>,
         done: oneshot::Sender<u64>,
     },
-    Unsubscribe {
-        sid: u64,
-    },
     /// Answered once the server processed everything sent before.
-    RoundTrip {
-        done: oneshot::Sender<()>,
-    },
+    RoundTrip { done: oneshot::Sender<()> },
     /// A publish with a reply subject: sent here, where the subscription
     /// for its reply lives, so nats-server's 503 no-responders answer
     /// (which goes only to the publishing connection) reaches it.
@@ -101,6 +105,12 @@ pub struct SubscriberCounters {
 #[derive(Clone)]
 pub struct SubscriberLink {
     commands: mpsc::Sender<Command>,
+    /// Sids of dropped subscriptions. Unbounded so that no unsubscribe is
+    /// ever lost: a full command queue used to swallow them (30k
+    /// subscriptions closing at once left 12k behind, each keeping its
+    /// upstream SUB, its table entry and its channel for the relay's
+    /// life). At most one per subscription ever made, taken in batches.
+    unsubscribes: mpsc::UnboundedSender<u64>,
     state: watch::Receiver<SubscriberState>,
     counters: Arc<SubscriberCounters>,
 }
@@ -124,12 +134,14 @@ impl SubscriberLink {
     /// Starts connecting in the background; returns at once.
     pub fn start(settings: SubscriberSettings, shutdown: CancellationToken) -> SubscriberLink {
         let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
+        let (unsubscribes, unsubscribed) = mpsc::unbounded_channel();
         let (state_tx, state) = watch::channel(SubscriberState::default());
         let counters = Arc::new(SubscriberCounters::default());
         let task = connection::ConnectionTask::new(settings, state_tx, counters.clone());
-        tokio::spawn(task.run(receiver, shutdown));
+        tokio::spawn(task.run(receiver, unsubscribed, shutdown));
         SubscriberLink {
             commands,
+            unsubscribes,
             state,
             counters,
         }
@@ -158,7 +170,7 @@ impl SubscriberLink {
         Ok(UpstreamSubscription {
             sid,
             messages: receiver,
-            commands: self.commands.clone(),
+            unsubscribes: self.unsubscribes.clone(),
         })
     }
 
@@ -219,7 +231,7 @@ impl SubscriberLink {
 pub struct UpstreamSubscription {
     sid: u64,
     messages: mpsc::Receiver<UpstreamMessage>,
-    commands: mpsc::Sender<Command>,
+    unsubscribes: mpsc::UnboundedSender<u64>,
 }
 
 impl UpstreamSubscription {
@@ -231,10 +243,7 @@ impl UpstreamSubscription {
 
 impl Drop for UpstreamSubscription {
     fn drop(&mut self) {
-        // If the queue is full the task still finds out: the next message
-        // for this sid meets a closed channel and it unsubscribes then.
-        let _ = self
-            .commands
-            .try_send(Command::Unsubscribe { sid: self.sid });
+        // Fails only once the connection task has stopped.
+        let _ = self.unsubscribes.send(self.sid);
     }
 }

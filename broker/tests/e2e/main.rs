@@ -18,6 +18,7 @@ mod journal_damage;
 mod journal_disk_full;
 mod journal_limits;
 mod limits;
+mod memory;
 mod nats_front;
 mod nats_jwt;
 mod ops;
