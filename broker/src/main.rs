@@ -1,57 +1,8 @@
-//! `holdfastd`: command line, logging, and the runtime around [`relay::run`].
-
-mod accept_pressure;
-mod access;
-mod atomic_file;
-mod cert_subject;
-mod class_queue;
-mod classes;
-mod compact;
-mod config;
-mod discovery;
-mod drop_log;
-mod duration;
-mod etcd_failover;
-mod etcd_front;
-mod etcd_link;
-mod etcd_security;
-mod failure_log;
-mod fanout;
-mod fd_budget;
-mod forwarder;
-mod frame_reader;
-mod gen_cert;
-mod journal;
-mod journal_inspect;
-mod journal_salvage;
-mod link_monitor;
-mod listener;
-mod nats_convert;
-mod nats_front;
-mod nats_link;
-mod nats_security;
-mod nats_subscriber;
-mod notify;
-mod ops_http;
-mod outbox;
-mod peer;
-mod quic_listener;
-mod registry;
-mod relay;
-mod router;
-mod secret_file;
-mod session;
-mod socket_guard;
-mod sparse_map;
-mod stats;
-mod status;
-mod subscription_table;
-mod telemetry;
-mod tls;
-mod url_credentials;
-mod wall_clock;
+//! `holdfastd`: command line, logging, signals, and the runtime around
+//! [`holdfast_broker::run`].
 
 use clap::{Parser, ValueEnum};
+use holdfast_broker::{config, gen_cert, journal_inspect, journal_salvage, relay};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
@@ -322,7 +273,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(relay::run(config)) {
+    let outcome = runtime.block_on(async move {
+        // Installed before the relay starts, so a SIGTERM while it starts
+        // up is an orderly stop too.
+        let shutdown = match stop_signals() {
+            Ok(shutdown) => shutdown,
+            Err(error) => return Err(relay::RelayError::Signals(error)),
+        };
+        relay::run(config, shutdown).await
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error @ relay::RelayError::NatsClientGone) => {
             tracing::error!(%error, "holdfastd stopped");
@@ -334,6 +294,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A future that resolves with the signal's name on SIGTERM or SIGINT.
+fn stop_signals() -> std::io::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        }
+    })
 }
 
 fn init_logging(format: LogFormat) {

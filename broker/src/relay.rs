@@ -34,7 +34,6 @@ use holdfast_wire::Text;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -71,12 +70,13 @@ pub enum RelayError {
     NatsClientGone,
 }
 
-/// Runs the relay until SIGTERM or SIGINT (`Ok`), or until its NATS client
-/// cannot recover (`Err(RelayError::NatsClientGone)`, after the same
-/// orderly stop).
-pub async fn run(mut config: Config) -> Result<(), RelayError> {
-    let mut terminate = signal(SignalKind::terminate()).map_err(RelayError::Signals)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(RelayError::Signals)?;
+/// Runs the relay until `shutdown` resolves (`Ok`; its output, e.g.
+/// "SIGTERM", is logged as the reason), or until its NATS client cannot
+/// recover (`Err(RelayError::NatsClientGone)`, after the same orderly stop).
+pub async fn run(
+    mut config: Config,
+    shutdown: impl std::future::Future<Output = &'static str>,
+) -> Result<(), RelayError> {
     let mode = config.socket_mode().map_err(RelayError::Config)?;
     let metrics_addr = config.metrics_addr().map_err(RelayError::Config)?;
     let socket = config.relay.socket.clone();
@@ -299,8 +299,7 @@ pub async fn run(mut config: Config) -> Result<(), RelayError> {
     );
 
     let (reason, outcome) = tokio::select! {
-        _ = terminate.recv() => ("SIGTERM", Ok(())),
-        _ = interrupt.recv() => ("SIGINT", Ok(())),
+        reason = shutdown => (reason, Ok(())),
         () = nats.client_gone() => ("NATS client gone", Err(RelayError::NatsClientGone)),
     };
     ops.ready.store(false, Ordering::Release);
