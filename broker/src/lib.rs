@@ -11,6 +11,7 @@ mod class_queue;
 mod classes;
 mod compact;
 pub mod config;
+mod context;
 mod discovery;
 mod drop_log;
 mod duration;

@@ -7,9 +7,10 @@
 //! peer credentials.
 
 use crate::accept_pressure::{self, AcceptFailures, RefusalLog};
+use crate::context::RelayContext;
 use crate::fd_budget::REFUSALS_IN_FLIGHT;
 use crate::peer::Peer;
-use crate::session::{self, SessionContext};
+use crate::session;
 use crate::stats::Limit;
 use holdfast_wire::{encode, ErrorCode, Frame, GoAway, Text};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -142,7 +143,7 @@ fn group_id(group: &str) -> Result<u32, ListenError> {
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
-    ctx: Arc<SessionContext>,
+    ctx: Arc<RelayContext>,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
@@ -197,7 +198,7 @@ pub async fn serve(
 async fn turn_away(
     mut stream: tokio::net::UnixStream,
     peer: Peer,
-    ctx: Arc<SessionContext>,
+    ctx: Arc<RelayContext>,
     _answering: OwnedSemaphorePermit,
 ) {
     debug!(%peer, "connection refused: sessions.max_connections reached");

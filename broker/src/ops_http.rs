@@ -9,7 +9,7 @@
 //! socket path is not the relay's (replaced by another file).
 
 use crate::accept_pressure::{AcceptFailures, Listener};
-use crate::session::SessionContext;
+use crate::context::RelayContext;
 use crate::status;
 use crate::telemetry::Telemetry;
 use bytes::Bytes;
@@ -36,7 +36,7 @@ const MAX_CONNECTIONS: usize = 32;
 
 /// Shared state the endpoint reports on.
 pub struct OpsState {
-    pub ctx: Arc<SessionContext>,
+    pub ctx: Arc<RelayContext>,
     pub telemetry: Telemetry,
     /// Set once clients are being accepted; cleared when shutting down.
     pub ready: AtomicBool,

@@ -14,8 +14,9 @@
 
 use crate::accept_pressure::RefusalLog;
 use crate::cert_subject;
+use crate::context::RelayContext;
 use crate::peer::Peer;
-use crate::session::{self, SessionContext};
+use crate::session;
 use crate::stats::{bump, Limit};
 use quinn::{Connection, Endpoint, Incoming};
 use rustls_pki_types::CertificateDer;
@@ -51,7 +52,7 @@ pub fn bind(address: SocketAddr, config: quinn::ServerConfig) -> Result<Endpoint
 /// until the relay's session shutdown.
 pub async fn serve(
     endpoint: Endpoint,
-    ctx: Arc<SessionContext>,
+    ctx: Arc<RelayContext>,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
@@ -83,7 +84,7 @@ pub async fn serve(
 async fn serve_connection(
     incoming: Incoming,
     _permit: OwnedSemaphorePermit,
-    ctx: Arc<SessionContext>,
+    ctx: Arc<RelayContext>,
 ) {
     let address = incoming.remote_address();
     let handshake = tokio::time::timeout(ctx.config.sessions.hello_timeout, incoming);

@@ -15,6 +15,7 @@
 
 use crate::classes::WhenFull;
 use crate::config::Config;
+use crate::context::{RelayContext, Upstreams};
 use crate::discovery;
 use crate::etcd_link::EtcdLink;
 use crate::forwarder;
@@ -26,7 +27,6 @@ use crate::ops_http::{self, OpsListenError, OpsState};
 use crate::quic_listener::{self, QuicListenError};
 use crate::registry;
 use crate::router::{self, RouterHandle};
-use crate::session::{SessionContext, Upstreams};
 use crate::stats::RelayStats;
 use crate::status::link_status_name;
 use crate::telemetry::Telemetry;
@@ -194,7 +194,7 @@ pub async fn run(
     // limit leaves after the relay's own (fd_budget.rs).
     config.sessions.max_connections =
         crate::fd_budget::connections_to_admit(config.sessions.max_connections);
-    let mut context = SessionContext::new(
+    let mut context = RelayContext::new(
         Arc::new(config),
         classes,
         Upstreams {
@@ -364,7 +364,7 @@ pub async fn run(
 }
 
 /// One line for systemd's STATUS=: the link and the load.
-fn status_line(ctx: &SessionContext) -> String {
+fn status_line(ctx: &RelayContext) -> String {
     let etcd = if ctx.etcd.is_enabled() {
         format!(
             "; etcd {}; {} registration(s), {} pending",
@@ -387,7 +387,7 @@ fn status_line(ctx: &SessionContext) -> String {
 /// pinging and gets restarted.
 async fn report_to_systemd(
     notifier: Arc<Notifier>,
-    ctx: Arc<SessionContext>,
+    ctx: Arc<RelayContext>,
     router: RouterHandle,
     stop: CancellationToken,
 ) {

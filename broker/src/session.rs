@@ -5,23 +5,19 @@
 //! everything queued in one syscall. Publishes go straight to the NATS
 //! client; subscriptions and node-local delivery go through the router.
 
-use crate::access::{AccessPolicy, Operation, Permissions};
+use crate::access::{Operation, Permissions};
 use crate::class_queue::QueuedMessage;
-use crate::classes::Classes;
-use crate::config::Config;
-use crate::discovery::{DiscoveryHandle, GetTo};
-use crate::etcd_link::EtcdLink;
+use crate::context::RelayContext;
+use crate::discovery::GetTo;
 use crate::fanout::LocalMessage;
 use crate::fanout::DELIVERED_LOCALLY_HEADER;
-use crate::forwarder::{Accept, AcceptBatch, AckRequest, ForwarderHandle};
+use crate::forwarder::{Accept, AcceptBatch, AckRequest};
 use crate::frame_reader::{BudgetedFrames, ReadBudgets};
 use crate::nats_convert::{check_headers, from_header_map, to_header_map, to_subject};
-use crate::nats_link::NatsLink;
 use crate::outbox::{charged_bytes, outbox, Outbox, OutboxReceiver};
 use crate::peer::Peer;
 use crate::registry::model::{Claimant, Process};
-use crate::registry::{AckTo as RegistrationAckTo, RegistryHandle};
-use crate::router::RouterHandle;
+use crate::registry::AckTo as RegistrationAckTo;
 use crate::stats::{bump, Limit, PublishOutcome, RelayStats};
 use crate::status;
 use crate::subscription_table::SubscriptionKey;
@@ -40,12 +36,11 @@ use holdfast_wire::{
     Subscribe, Text, Watch, Welcome, PROTOCOL_VERSION,
 };
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// How long a PING barrier waits for the NATS client to flush.
@@ -59,80 +54,6 @@ const FRAMES_PER_TURN: usize = 4096;
 const WRITE_BATCH_FRAMES: usize = 512;
 /// Flush the write buffer early once it holds this much.
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
-
-/// What every session shares: configuration and handles to the relay's tasks.
-pub struct SessionContext {
-    pub config: Arc<Config>,
-    pub classes: Classes,
-    pub nats: NatsLink,
-    pub etcd: EtcdLink,
-    pub registry: RegistryHandle,
-    pub discovery: DiscoveryHandle,
-    pub router: RouterHandle,
-    pub forwarder: ForwarderHandle,
-    pub stats: Arc<RelayStats>,
-    pub relay_id: Text,
-    pub started_at: Instant,
-    pub shutdown: CancellationToken,
-    /// Who may do what; looked up once per session.
-    pub access: AccessPolicy,
-    /// One permit per open connection (`sessions.max_connections`).
-    pub connection_permits: Arc<Semaphore>,
-    /// Bytes of large frames being read, relay-wide
-    /// (`sessions.read_budget_bytes`).
-    pub read_budget: Arc<Semaphore>,
-    /// Where the QUIC listener listens, if it does.
-    pub quic_address: Option<std::net::SocketAddr>,
-    /// Where the NATS client-protocol front end listens, if it does.
-    pub nats_front_address: Option<std::net::SocketAddr>,
-    next_session_id: AtomicU64,
-}
-
-/// The upstream services as sessions use them.
-pub struct Upstreams {
-    pub nats: NatsLink,
-    pub etcd: EtcdLink,
-    pub registry: RegistryHandle,
-    pub discovery: DiscoveryHandle,
-}
-
-impl SessionContext {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        config: Arc<Config>,
-        classes: Classes,
-        upstreams: Upstreams,
-        router: RouterHandle,
-        forwarder: ForwarderHandle,
-        stats: Arc<RelayStats>,
-        relay_id: Text,
-        access: AccessPolicy,
-        shutdown: CancellationToken,
-    ) -> SessionContext {
-        let connection_permits = Arc::new(Semaphore::new(config.sessions.max_connections));
-        let read_budget = Arc::new(Semaphore::new(config.sessions.read_budget_bytes));
-        SessionContext {
-            access,
-            connection_permits,
-            read_budget,
-            quic_address: None,
-            nats_front_address: None,
-            config,
-            classes,
-            nats: upstreams.nats,
-            etcd: upstreams.etcd,
-            registry: upstreams.registry,
-            discovery: upstreams.discovery,
-            router,
-            forwarder,
-            stats,
-            relay_id,
-            started_at: Instant::now(),
-            shutdown,
-            next_session_id: AtomicU64::new(1),
-        }
-    }
-}
 
 /// The read half of a connection, whatever the transport.
 pub type ByteReader = Box<dyn AsyncRead + Send + Unpin>;
@@ -149,7 +70,7 @@ enum Flow {
 
 struct Session {
     id: u64,
-    ctx: Arc<SessionContext>,
+    ctx: Arc<RelayContext>,
     peer: Peer,
     permissions: Arc<Permissions>,
     /// Operations already logged as denied, so a client retrying a denied
@@ -208,7 +129,7 @@ pub async fn run(
     read_half: ByteReader,
     write_half: ByteWriter,
     peer: Peer,
-    ctx: Arc<SessionContext>,
+    ctx: Arc<RelayContext>,
 ) {
     run_on_stream(read_half, write_half, peer, ctx, StreamContext::default()).await;
 }
@@ -228,11 +149,11 @@ pub async fn run_on_stream(
     read_half: ByteReader,
     write_half: ByteWriter,
     peer: Peer,
-    ctx: Arc<SessionContext>,
+    ctx: Arc<RelayContext>,
     stream: StreamContext,
 ) {
     let hello = stream.hello;
-    let id = ctx.next_session_id.fetch_add(1, Ordering::Relaxed);
+    let id = ctx.next_session_id();
     bump(&ctx.stats.sessions_total);
     ctx.stats.sessions_active.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard(ctx.stats.clone());
@@ -1344,11 +1265,7 @@ fn check_publish(
     None
 }
 
-async fn serve_request(
-    ctx: &SessionContext,
-    request: Request,
-    timeout: Duration,
-) -> ResponseOutcome {
+async fn serve_request(ctx: &RelayContext, request: Request, timeout: Duration) -> ResponseOutcome {
     let failed = |code: ErrorCode, message: String| ResponseOutcome::Failed {
         code,
         message: Text::from(message),

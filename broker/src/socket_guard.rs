@@ -8,8 +8,8 @@
 //! before), a replaced one is left alone and the relay reports itself not
 //! ready (`/readyz` 503, with the reason) until the path is its own again.
 
+use crate::context::RelayContext;
 use crate::listener;
-use crate::session::SessionContext;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -59,7 +59,7 @@ pub struct Guarded {
 /// Checks the socket path until `stop` fires.
 pub async fn guard(
     mut socket: Guarded,
-    ctx: Arc<SessionContext>,
+    ctx: Arc<RelayContext>,
     tracker: TaskTracker,
     stop: CancellationToken,
     health: Arc<SocketHealth>,

@@ -3,7 +3,7 @@
 //! Its shape is documented in the README ("holdfast status"); clients parse
 //! it as JSON, so fields are only ever added, never renamed.
 
-use crate::session::SessionContext;
+use crate::context::RelayContext;
 use crate::stats::StatsSnapshot;
 use holdfast_wire::LinkStatus;
 use serde::Serialize;
@@ -168,7 +168,7 @@ pub fn link_status_name(status: LinkStatus) -> &'static str {
 }
 
 /// Builds the document from the relay's live state.
-pub async fn document(ctx: &SessionContext) -> StatusDocument {
+pub async fn document(ctx: &RelayContext) -> StatusDocument {
     let link = ctx.nats.snapshot();
     let nats_servers = ctx.nats.servers_view();
     let (nats_transport, nats_auth) = ctx.nats.security();
@@ -281,7 +281,7 @@ pub async fn document(ctx: &SessionContext) -> StatusDocument {
     }
 }
 
-fn etcd_status(ctx: &SessionContext) -> EtcdStatus {
+fn etcd_status(ctx: &RelayContext) -> EtcdStatus {
     let read = |value: &AtomicU64| value.load(Ordering::Relaxed);
     let link = ctx.etcd.snapshot();
     let registry = &ctx.registry.stats;

@@ -7,9 +7,9 @@
 //! README's metrics table lists every series below; keep the two in step.
 
 use crate::access::Operation;
+use crate::context::RelayContext;
 use crate::nats_link::LinkSnapshot;
 use crate::router::RouterStats;
-use crate::session::SessionContext;
 use crate::stats::{read, Limit, PublishOutcome};
 use holdfast_wire::{ErrorCode, LinkStatus};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
@@ -63,7 +63,7 @@ impl Telemetry {
     }
 
     /// The exposition text, with counters brought up to date.
-    pub fn render(&self, ctx: &SessionContext, router: RouterStats) -> String {
+    pub fn render(&self, ctx: &RelayContext, router: RouterStats) -> String {
         copy_counters(ctx, router);
         self.handle.run_upkeep();
         self.handle.render()
@@ -377,7 +377,7 @@ fn link_gauges(service: &'static str, link: LinkSnapshot) {
         .set(link.downtime().as_secs_f64());
 }
 
-fn copy_etcd_counters(ctx: &SessionContext) {
+fn copy_etcd_counters(ctx: &RelayContext) {
     counter!("holdfast_etcd_reconnect_attempts_total").absolute(ctx.etcd.reconnect_attempts());
     counter!("holdfast_etcd_member_switches_total").absolute(ctx.etcd.member_switches());
     let members = ctx.etcd.members();
@@ -435,7 +435,7 @@ fn copy_etcd_counters(ctx: &SessionContext) {
     counter!("holdfast_discovery_relists_total").absolute(read(&discovery.relists));
 }
 
-fn copy_counters(ctx: &SessionContext, router: RouterStats) {
+fn copy_counters(ctx: &RelayContext, router: RouterStats) {
     let stats = &ctx.stats;
     gauge!("holdfast_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     gauge!("holdfast_uptime_seconds").set(ctx.started_at.elapsed().as_secs_f64());

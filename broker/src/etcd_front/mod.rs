@@ -34,8 +34,8 @@ mod upstream;
 mod watch;
 mod write_policy;
 
+use crate::context::RelayContext;
 use crate::discovery::DiscoveryHandle;
-use crate::session::SessionContext;
 use bridge::Outboxes;
 use etcd_client::proto::{PbKvServer, PbLeaseServer, PbWatchServer};
 use lease_owner::{LeaseOwner, OwnerError};
@@ -108,7 +108,7 @@ impl EtcdFront {
 /// connections take slots of `ctx.connection_permits`.
 pub async fn start(
     address: SocketAddr,
-    ctx: &SessionContext,
+    ctx: &RelayContext,
     stop: CancellationToken,
 ) -> Result<EtcdFront, EtcdFrontError> {
     let config = &ctx.config;

@@ -24,9 +24,10 @@
 //!   unanswered pings; the client's PONGs keep the session's idle clock
 //!   running.
 
+use crate::context::RelayContext;
 use crate::fanout::{NATS_STATUS_DESCRIPTION_HEADER, NATS_STATUS_HEADER};
 use crate::peer::Peer;
-use crate::session::{self, SessionContext};
+use crate::session;
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
 use holdfast_wire::nats_protocol::{
@@ -114,7 +115,7 @@ pub async fn refuse(mut stream: TcpStream, reason: &'static str) {
 }
 
 /// Serves one NATS client until it or its session ends.
-pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<SessionContext>) {
+pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<RelayContext>) {
     let (client_read, client_write) = stream.into_split();
     let (front, session_end) = tokio::io::duplex(PIPE_BYTES);
     let (session_read, session_write) = tokio::io::split(session_end);

@@ -12,8 +12,8 @@
 mod connection;
 
 use crate::accept_pressure::{self, AcceptFailures, RefusalLog};
+use crate::context::RelayContext;
 use crate::fd_budget::REFUSALS_IN_FLIGHT;
-use crate::session::SessionContext;
 use crate::stats::Limit;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,7 +41,7 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener, NatsListenError> {
 /// Accepts NATS clients until `stop` fires.
 pub async fn serve(
     listener: TcpListener,
-    ctx: Arc<SessionContext>,
+    ctx: Arc<RelayContext>,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
