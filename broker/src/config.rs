@@ -4,14 +4,14 @@
 //! can fix a typo at 3 a.m. without reading source. `deploy/holdfast.toml`
 //! documents every key; keep the two in step.
 
-use crate::access::{AccessConfig, AccessPolicy};
-use crate::classes::{ClassOverrides, Classes};
-use crate::duration;
-use crate::etcd_security::{EtcdSecurity, EtcdSecurityError};
-use crate::nats_security::{NatsSecurity, NatsSecurityError};
-use crate::secret_file::readable_by_others;
-use crate::tls::TlsFiles;
-use crate::url_credentials;
+use crate::front::access::{AccessConfig, AccessPolicy};
+use crate::front::tls::TlsFiles;
+use crate::keys::etcd::security::{EtcdSecurity, EtcdSecurityError};
+use crate::messaging::classes::{ClassOverrides, Classes};
+use crate::messaging::nats::security::{NatsSecurity, NatsSecurityError};
+use crate::util::duration;
+use crate::util::secret_file::readable_by_others;
+use crate::util::url_credentials;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

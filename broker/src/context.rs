@@ -3,16 +3,16 @@
 //! the router, forwarder, registry and discovery, the counters, and the
 //! limits shared across connections.
 
-use crate::access::AccessPolicy;
-use crate::classes::Classes;
 use crate::config::Config;
-use crate::discovery::DiscoveryHandle;
-use crate::etcd_link::EtcdLink;
-use crate::forwarder::ForwarderHandle;
-use crate::nats_link::NatsLink;
-use crate::registry::RegistryHandle;
-use crate::router::RouterHandle;
-use crate::stats::RelayStats;
+use crate::front::access::AccessPolicy;
+use crate::keys::discovery::DiscoveryHandle;
+use crate::keys::etcd::link::EtcdLink;
+use crate::keys::registry::RegistryHandle;
+use crate::messaging::classes::Classes;
+use crate::messaging::forwarder::ForwarderHandle;
+use crate::messaging::nats::link::NatsLink;
+use crate::messaging::router::RouterHandle;
+use crate::ops::stats::RelayStats;
 use holdfast_wire::Text;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -2,7 +2,8 @@
 //! [`holdfast_broker::run`].
 
 use clap::{Parser, ValueEnum};
-use holdfast_broker::{config, gen_cert, journal_inspect, journal_salvage, relay};
+use holdfast_broker::cli::{gen_cert, journal_inspect, journal_salvage};
+use holdfast_broker::{config, relay};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;

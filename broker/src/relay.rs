@@ -13,23 +13,23 @@
 //! the NATS client's connection task ended for good: only a new process
 //! gets a new connection, and the supervisor starts one.
 
-use crate::classes::WhenFull;
 use crate::config::Config;
 use crate::context::{RelayContext, Upstreams};
-use crate::discovery;
-use crate::etcd_link::EtcdLink;
-use crate::forwarder;
+use crate::front::quic::{self, QuicListenError};
+use crate::front::unix::{self, ListenError};
 use crate::journal::{ClassLimits, Journal, JournalSettings};
-use crate::listener::{self, ListenError};
-use crate::nats_link::{NatsLink, NatsLinkError};
-use crate::notify::Notifier;
-use crate::ops_http::{self, OpsListenError, OpsState};
-use crate::quic_listener::{self, QuicListenError};
-use crate::registry;
-use crate::router::{self, RouterHandle};
-use crate::stats::RelayStats;
-use crate::status::link_status_name;
-use crate::telemetry::Telemetry;
+use crate::keys::discovery;
+use crate::keys::etcd::link::EtcdLink;
+use crate::keys::registry;
+use crate::messaging::classes::WhenFull;
+use crate::messaging::forwarder;
+use crate::messaging::nats::link::{NatsLink, NatsLinkError};
+use crate::messaging::router::{self, RouterHandle};
+use crate::ops::http::{self, OpsListenError, OpsState};
+use crate::ops::notify::Notifier;
+use crate::ops::stats::RelayStats;
+use crate::ops::status::link_status_name;
+use crate::ops::telemetry::Telemetry;
 use holdfast_wire::Text;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -51,7 +51,7 @@ pub enum RelayError {
     #[error(transparent)]
     Nats(#[from] NatsLinkError),
     #[error(transparent)]
-    NatsFront(#[from] crate::nats_front::NatsListenError),
+    NatsFront(#[from] crate::front::nats::NatsListenError),
     #[error(transparent)]
     Ops(#[from] OpsListenError),
     #[error("cannot install the metrics recorder: {0}")]
@@ -63,7 +63,7 @@ pub enum RelayError {
     #[error("cannot open the journal: {0}")]
     Journal(#[from] crate::journal::JournalError),
     #[error(transparent)]
-    EtcdFront(#[from] crate::etcd_front::EtcdFrontError),
+    EtcdFront(#[from] crate::front::etcd::EtcdFrontError),
     /// Not a start failure: the relay ran, and stopped because its NATS
     /// client cannot recover (see `NatsLink::client_gone`).
     #[error("stopped because the NATS client's connection task ended; a restart reconnects")]
@@ -80,26 +80,26 @@ pub async fn run(
     let mode = config.socket_mode().map_err(RelayError::Config)?;
     let metrics_addr = config.metrics_addr().map_err(RelayError::Config)?;
     let socket = config.relay.socket.clone();
-    let listener = listener::bind(&socket, mode, &config.relay.socket_group)?;
-    let socket_identity = crate::socket_guard::identity(&socket);
+    let listener = unix::bind(&socket, mode, &config.relay.socket_group)?;
+    let socket_identity = crate::front::socket_guard::identity(&socket);
     // TLS files are read now, so a bad path fails the start, not the first client.
     let quic_endpoint = match config.quic_addr().map_err(RelayError::Config)? {
         Some(address) => {
-            let server_config =
-                crate::tls::server_config(&config.tls_files()).map_err(QuicListenError::from)?;
-            Some(quic_listener::bind(address, server_config)?)
+            let server_config = crate::front::tls::server_config(&config.tls_files())
+                .map_err(QuicListenError::from)?;
+            Some(quic::bind(address, server_config)?)
         }
         None => None,
     };
     let access = config.access_policy().map_err(RelayError::Config)?;
     let nats_front_listener = match config.nats_listen().map_err(RelayError::Config)? {
-        Some(address) => Some(crate::nats_front::bind(address).await?),
+        Some(address) => Some(crate::front::nats::bind(address).await?),
         None => None,
     };
     let nats_front_address = nats_front_listener
         .as_ref()
         .and_then(|listener| listener.local_addr().ok());
-    let ops_listener = ops_http::bind(metrics_addr).await?;
+    let ops_listener = http::bind(metrics_addr).await?;
     // The address actually bound (port 0 in the config picks a free one).
     let metrics_addr = ops_listener.local_addr().unwrap_or(metrics_addr);
     let telemetry = Telemetry::install()?;
@@ -170,7 +170,8 @@ pub async fn run(
     if etcd.is_enabled() {
         // As with NATS: a registration arriving in the first moments is
         // answered Applied, not Buffered because the connect was under way.
-        let limit = crate::etcd_link::connect_limit(&config.etcd) + config.etcd.probe_interval;
+        let limit =
+            crate::keys::etcd::link::connect_limit(&config.etcd) + config.etcd.probe_interval;
         etcd.settled(limit).await;
     }
     let registry_stop = CancellationToken::new();
@@ -193,7 +194,7 @@ pub async fn run(
     // Every connection takes a descriptor: admit no more than the open-file
     // limit leaves after the relay's own (fd_budget.rs).
     config.sessions.max_connections =
-        crate::fd_budget::connections_to_admit(config.sessions.max_connections);
+        crate::front::fd_budget::connections_to_admit(config.sessions.max_connections);
     let mut context = RelayContext::new(
         Arc::new(config),
         classes,
@@ -221,7 +222,7 @@ pub async fn run(
     let etcd_front_stop = CancellationToken::new();
     let etcd_front = match etcd_listen {
         Some(address) => {
-            Some(crate::etcd_front::start(address, &ctx, etcd_front_stop.clone()).await?)
+            Some(crate::front::etcd::start(address, &ctx, etcd_front_stop.clone()).await?)
         }
         None => None,
     };
@@ -232,15 +233,11 @@ pub async fn run(
         socket: Default::default(),
     });
     ops.telemetry.spawn_upkeep(background.clone());
-    tokio::spawn(ops_http::serve(
-        ops_listener,
-        ops.clone(),
-        background.clone(),
-    ));
+    tokio::spawn(http::serve(ops_listener, ops.clone(), background.clone()));
 
     let tracker = TaskTracker::new();
     let accept_stop = CancellationToken::new();
-    let accept = tokio::spawn(listener::serve(
+    let accept = tokio::spawn(unix::serve(
         listener,
         socket.clone(),
         ctx.clone(),
@@ -248,8 +245,8 @@ pub async fn run(
         accept_stop.clone(),
     ));
     if let Some(identity) = socket_identity {
-        tokio::spawn(crate::socket_guard::guard(
-            crate::socket_guard::Guarded {
+        tokio::spawn(crate::front::socket_guard::guard(
+            crate::front::socket_guard::Guarded {
                 path: socket.clone(),
                 mode,
                 group: ctx.config.relay.socket_group.clone(),
@@ -262,7 +259,7 @@ pub async fn run(
         ));
     }
     let quic_accept = quic_endpoint.clone().map(|endpoint| {
-        tokio::spawn(quic_listener::serve(
+        tokio::spawn(quic::serve(
             endpoint,
             ctx.clone(),
             tracker.clone(),
@@ -270,7 +267,7 @@ pub async fn run(
         ))
     });
     let nats_front_accept = nats_front_listener.map(|listener| {
-        tokio::spawn(crate::nats_front::serve(
+        tokio::spawn(crate::front::nats::serve(
             listener,
             ctx.clone(),
             tracker.clone(),
@@ -292,7 +289,7 @@ pub async fn run(
         mutual_tls = !ctx.config.quic.client_ca.as_os_str().is_empty(),
         nats_listen = %nats_front_address.map_or_else(|| "off".to_string(), |address| address.to_string()),
         metrics = %metrics_addr,
-        nats = %ctx.config.nats.servers.iter().map(|server| crate::url_credentials::redact(server)).collect::<Vec<_>>().join(","),
+        nats = %ctx.config.nats.servers.iter().map(|server| crate::util::url_credentials::redact(server)).collect::<Vec<_>>().join(","),
         nats_link = link_status_name(initial_link),
         etcd = %ctx.config.etcd.endpoints.join(","),
         "holdfastd ready"

@@ -7,7 +7,7 @@ use super::health::HealthCells;
 use super::ledger::ClassLedger;
 use super::store::DamagedRow;
 use super::{ClassBacklog, JournalStats};
-use crate::drop_log::DropLog;
+use crate::util::drop_log::DropLog;
 use redb::Database;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -21,7 +21,7 @@ use super::state::{Shared, StatCells};
 use super::store::{self, DamagedRow, BATCHES, META};
 use super::trim::{self, Cut, HeadRemoval};
 use super::{Appended, ClassLimits, JournalError, Removed};
-use crate::drop_log::DropLog;
+use crate::util::drop_log::DropLog;
 use redb::{Durability, StorageError, Table};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;

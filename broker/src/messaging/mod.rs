@@ -1,0 +1,13 @@
+//! Messages: the router and its fan-out to subscribers, the forwarder
+//! that carries publishes to NATS (through class queues and the journal),
+//! message classes, and the NATS links.
+
+pub mod class_queue;
+pub mod classes;
+pub mod compact;
+pub mod fanout;
+pub mod forwarder;
+pub mod nats;
+pub mod nats_convert;
+pub mod router;
+pub mod subscription_table;

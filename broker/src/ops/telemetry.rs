@@ -1,0 +1,551 @@
+//! Prometheus metrics: names, help texts, and the copy from the relay's
+//! counters at scrape time.
+//!
+//! Counters live in [`RelayStats`] (one atomic add per event on the hot
+//! path); a scrape copies them into the `metrics` recorder and renders the
+//! exposition text. Histograms are recorded where the latency happens. The
+//! README's metrics table lists every series below; keep the two in step.
+
+use crate::context::RelayContext;
+use crate::front::access::Operation;
+use crate::messaging::nats::link::LinkSnapshot;
+use crate::messaging::router::RouterStats;
+use crate::ops::stats::{read, Limit, PublishOutcome};
+use holdfast_wire::{ErrorCode, LinkStatus};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Latency buckets in seconds: 50 µs to 10 s.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+
+/// How often histogram samples are folded into buckets.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+pub const PUBLISH_ACK_SECONDS: &str = "holdfast_publish_ack_seconds";
+pub const REQUEST_DURATION_SECONDS: &str = "holdfast_request_duration_seconds";
+pub const JOURNAL_APPEND_SECONDS: &str = "holdfast_journal_append_seconds";
+pub const RECONCILE_SECONDS: &str = "holdfast_reconcile_duration_seconds";
+
+/// The installed Prometheus recorder.
+#[derive(Clone)]
+pub struct Telemetry {
+    handle: PrometheusHandle,
+}
+
+impl Telemetry {
+    /// Installs the process-wide recorder; call once, before sessions start.
+    pub fn install() -> Result<Telemetry, BuildError> {
+        let handle = PrometheusBuilder::new()
+            .set_buckets(&LATENCY_BUCKETS)?
+            .install_recorder()?;
+        describe();
+        Ok(Telemetry { handle })
+    }
+
+    /// Drains recorded histogram samples into their buckets every few
+    /// seconds. Without it every sample stays in memory until the next
+    /// scrape, and a relay nobody scrapes grows by each message it acks.
+    pub fn spawn_upkeep(&self, stop: tokio_util::sync::CancellationToken) {
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ticker.tick() => handle.run_upkeep(),
+                }
+            }
+        });
+    }
+
+    /// The exposition text, with counters brought up to date.
+    pub fn render(&self, ctx: &RelayContext, router: RouterStats) -> String {
+        copy_counters(ctx, router);
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+fn describe() {
+    describe_gauge!(
+        "holdfast_build_info",
+        "Always 1; the version label says which build runs."
+    );
+    describe_gauge!(
+        "holdfast_uptime_seconds",
+        Unit::Seconds,
+        "Seconds since the relay started."
+    );
+    describe_gauge!(
+        "holdfast_upstream_up",
+        "1 while the link to the upstream service is up, else 0."
+    );
+    describe_gauge!(
+        "holdfast_upstream_last_change_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the link's last state change."
+    );
+    describe_counter!(
+        "holdfast_upstream_outages_total",
+        "Times the link went down."
+    );
+    describe_gauge!(
+        "holdfast_upstream_current_outage_seconds",
+        Unit::Seconds,
+        "Length of the current outage; 0 while the link is up."
+    );
+    describe_gauge!(
+        "holdfast_upstream_downtime_seconds",
+        Unit::Seconds,
+        "Total time the link has been down since the relay started."
+    );
+    describe_gauge!(
+        "holdfast_upstream_servers",
+        "Servers of the upstream service: state=known (configured, and for NATS announced by the cluster) and state=reachable (accepting connections at the last check)."
+    );
+    describe_counter!(
+        "holdfast_etcd_member_switches_total",
+        "Times the relay moved its etcd calls to another member because the one in use stopped serving (not an outage)."
+    );
+    describe_gauge!(
+        "holdfast_quic_connections",
+        "QUIC connections open now: state=serving (a session on it said HELLO) or state=without_session (closed after sessions.hello_timeout, or sessions.idle_timeout after its last session)."
+    );
+    describe_gauge!("holdfast_sessions", "Client connections open now.");
+    describe_counter!(
+        "holdfast_sessions_opened_total",
+        "Client connections accepted."
+    );
+    describe_gauge!(
+        "holdfast_subscriptions",
+        "Subscriptions: kind=local counts client subscriptions, kind=upstream the distinct ones held with NATS."
+    );
+    describe_counter!(
+        "holdfast_publishes_total",
+        "Publishes by class and outcome."
+    );
+    describe_counter!(
+        "holdfast_publish_rejections_total",
+        "Rejected publishes by reason (error code)."
+    );
+    describe_counter!(
+        "holdfast_messages_dropped_total",
+        "Messages dropped by the relay, by reason."
+    );
+    describe_counter!(
+        "holdfast_slow_consumer_disconnects_total",
+        "Connections closed because their subscriber did not keep up."
+    );
+    describe_counter!(
+        "holdfast_local_deliveries_total",
+        "Messages delivered node-locally while NATS was down."
+    );
+    describe_counter!(
+        "holdfast_messages_delivered_total",
+        "Messages queued to local subscribers (from NATS or node-local)."
+    );
+    describe_counter!(
+        "holdfast_frame_errors_total",
+        "Connections closed for malformed input, by error code."
+    );
+    describe_counter!("holdfast_requests_total", "Requests received from clients.");
+    describe_counter!(
+        "holdfast_request_failures_total",
+        "Failed requests by error code."
+    );
+    describe_counter!(
+        "holdfast_requests_served_locally_total",
+        "Requests answered by subscribers on this relay while NATS was down."
+    );
+    describe_counter!(
+        "holdfast_limit_rejections_total",
+        "Connections and operations refused because a limit was reached, by limit."
+    );
+    describe_counter!(
+        "holdfast_accept_failures_total",
+        "Times an accept loop paused because accept failed (out of file descriptors), by listener."
+    );
+    describe_counter!(
+        "holdfast_access_denied_total",
+        "Operations refused by the access rules, by operation."
+    );
+    describe_counter!(
+        "holdfast_quic_handshake_failures_total",
+        "QUIC connections that failed in the TLS handshake (for example no or an untrusted client certificate)."
+    );
+    describe_histogram!(
+        PUBLISH_ACK_SECONDS,
+        Unit::Seconds,
+        "From a publish arriving to its ack being queued, for publishes that asked for one."
+    );
+    describe_gauge!(
+        "holdfast_journal_backlog_messages",
+        "Undelivered messages per class (in memory and in the journal)."
+    );
+    describe_gauge!(
+        "holdfast_journal_backlog_bytes",
+        Unit::Bytes,
+        "Bytes of undelivered messages per class (the larger of memory and journal)."
+    );
+    describe_gauge!(
+        "holdfast_journal_oldest_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest undelivered message per class; 0 when none."
+    );
+    describe_counter!(
+        "holdfast_replay_messages_total",
+        "Messages sent to NATS from a backlog (queued or journaled), per class."
+    );
+    describe_counter!(
+        "holdfast_expired_messages_total",
+        "Undelivered messages removed after max_age, per class."
+    );
+    describe_counter!(
+        "holdfast_journal_quarantines_total",
+        "Journal files found unreadable at start and moved aside."
+    );
+    describe_counter!(
+        "holdfast_chain_evictions_total",
+        "Sequence chains forgotten to make room (the subject's next journaled message starts a new chain)."
+    );
+    describe_counter!(
+        "holdfast_journal_commits_total",
+        "Durable group commits of the journal."
+    );
+    describe_counter!(
+        "holdfast_journal_appended_total",
+        "Messages written to the journal."
+    );
+    describe_counter!(
+        "holdfast_journal_confirmed_total",
+        "Journaled messages removed after NATS confirmed them."
+    );
+    describe_counter!(
+        "holdfast_journal_compactions_total",
+        "Times a drained journal file was shrunk."
+    );
+    describe_gauge!(
+        "holdfast_journal_file_bytes",
+        Unit::Bytes,
+        "Size of the journal file on disk."
+    );
+    describe_gauge!(
+        "holdfast_journal_refusing",
+        "1 while the journal refuses new messages for this reason (low_space, disk_full, storage_error), else 0."
+    );
+    describe_gauge!(
+        "holdfast_journal_free_bytes",
+        Unit::Bytes,
+        "Free space of the journal's filesystem at the last reading."
+    );
+    describe_counter!(
+        "holdfast_journal_reopens_total",
+        "Times the journal database was closed and reopened after an I/O error."
+    );
+    describe_counter!(
+        "holdfast_journal_corrupt_rows_total",
+        "Damaged journal rows found (checksum failed) and skipped; their messages are lost."
+    );
+    describe_counter!(
+        "holdfast_journal_corrupt_messages_total",
+        "Messages in the damaged journal rows that were skipped."
+    );
+    describe_histogram!(
+        JOURNAL_APPEND_SECONDS,
+        Unit::Seconds,
+        "From a batch of journal appends being submitted to their durable commit."
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "From a request arriving to its response being queued."
+    );
+    describe_counter!(
+        "holdfast_etcd_reconnect_attempts_total",
+        "Failed etcd connection attempts, each followed by a capped, jittered backoff."
+    );
+    describe_gauge!(
+        "holdfast_registrations",
+        "Keys registered by live sessions (held in etcd, or buffered while it is down)."
+    );
+    describe_gauge!(
+        "holdfast_registration_changes_pending",
+        "Registration changes (puts and deletes) not yet confirmed by etcd: buffered while it is down."
+    );
+    describe_gauge!(
+        "holdfast_registration_sessions",
+        "Sessions holding at least one registration (each with its own lease)."
+    );
+    describe_counter!(
+        "holdfast_registration_acks_total",
+        "Answers to REGISTER/DEREGISTER by outcome (applied, buffered, rejected)."
+    );
+    describe_counter!(
+        "holdfast_registration_conflicts_total",
+        "Registrations, deregistrations and etcd front end writes refused because another live session or front end lease holds the key."
+    );
+    describe_counter!(
+        "holdfast_leases_total",
+        "Lease events by kind: granted, revoked, lost (etcd dropped a lease the relay still needed)."
+    );
+    describe_counter!(
+        "holdfast_reconcile_runs_total",
+        "Completed reconcile passes (after etcd returns and every reconcile_interval)."
+    );
+    describe_counter!(
+        "holdfast_reconcile_repairs_total",
+        "Leases and keys a reconcile pass found different in etcd and rewrote."
+    );
+    describe_histogram!(
+        RECONCILE_SECONDS,
+        Unit::Seconds,
+        "Duration of a reconcile pass."
+    );
+    describe_gauge!(
+        "holdfast_discovery_cache_prefixes",
+        "Prefixes in the discovery cache, each with one upstream watch."
+    );
+    describe_gauge!(
+        "holdfast_discovery_cache_entries",
+        "Keys held in the discovery cache."
+    );
+    describe_gauge!(
+        "holdfast_discovery_cache_bytes",
+        Unit::Bytes,
+        "Bytes of keys and values held in the discovery cache (budget: etcd.max_cached_bytes)."
+    );
+    describe_gauge!(
+        "holdfast_discovery_watchers",
+        "Client watches served from the discovery cache."
+    );
+    describe_gauge!(
+        "holdfast_discovery_staleness_seconds",
+        Unit::Seconds,
+        "Age of the stalest cached prefix not confirmed by etcd right now; 0 while all are fresh."
+    );
+    describe_counter!(
+        "holdfast_discovery_gets_total",
+        "Discovery GETs by result: hit (answered from the cache), miss (not cached yet or refused), linearizable (sent to etcd)."
+    );
+    describe_counter!(
+        "holdfast_discovery_relists_total",
+        "Times a cached prefix was listed again (etcd compacted the watch's history or came back reset)."
+    );
+}
+
+fn unix_seconds(time: SystemTime) -> f64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs_f64())
+        .unwrap_or_default()
+}
+
+fn gauges_for_class(name: &str, gauges: &crate::messaging::forwarder::ClassGauges, now_ms: f64) {
+    let class = name.to_string();
+    gauge!("holdfast_journal_backlog_messages", "class" => class.clone())
+        .set(read(&gauges.backlog_messages) as f64);
+    gauge!("holdfast_journal_backlog_bytes", "class" => class.clone())
+        .set(read(&gauges.backlog_bytes) as f64);
+    let oldest = read(&gauges.oldest_accepted_ms);
+    let age = if oldest == 0 {
+        0.0
+    } else {
+        ((now_ms - oldest as f64) / 1000.0).max(0.0)
+    };
+    gauge!("holdfast_journal_oldest_age_seconds", "class" => class.clone()).set(age);
+    counter!("holdfast_replay_messages_total", "class" => class.clone())
+        .absolute(read(&gauges.replayed));
+    counter!("holdfast_expired_messages_total", "class" => class).absolute(read(&gauges.expired));
+}
+
+fn link_gauges(service: &'static str, link: LinkSnapshot) {
+    let up = if link.status == LinkStatus::Up {
+        1.0
+    } else {
+        0.0
+    };
+    gauge!("holdfast_upstream_up", "service" => service).set(up);
+    gauge!("holdfast_upstream_last_change_timestamp_seconds", "service" => service)
+        .set(unix_seconds(link.since));
+    counter!("holdfast_upstream_outages_total", "service" => service).absolute(link.outages);
+    gauge!("holdfast_upstream_current_outage_seconds", "service" => service)
+        .set(link.current_outage().as_secs_f64());
+    gauge!("holdfast_upstream_downtime_seconds", "service" => service)
+        .set(link.downtime().as_secs_f64());
+}
+
+fn copy_etcd_counters(ctx: &RelayContext) {
+    counter!("holdfast_etcd_reconnect_attempts_total").absolute(ctx.etcd.reconnect_attempts());
+    counter!("holdfast_etcd_member_switches_total").absolute(ctx.etcd.member_switches());
+    let members = ctx.etcd.members();
+    gauge!("holdfast_upstream_servers", "service" => "etcd", "state" => "known")
+        .set(members.len() as f64);
+    gauge!("holdfast_upstream_servers", "service" => "etcd", "state" => "reachable").set(
+        members
+            .iter()
+            .filter(|member| member.is_reachable())
+            .count() as f64,
+    );
+    let registry = &ctx.registry.stats;
+    gauge!("holdfast_registrations").set(read(&registry.registrations) as f64);
+    gauge!("holdfast_registration_changes_pending").set(read(&registry.pending_changes) as f64);
+    gauge!("holdfast_registration_sessions").set(read(&registry.sessions) as f64);
+    for (outcome, value) in [
+        ("applied", &registry.acks_applied),
+        ("buffered", &registry.acks_buffered),
+        ("rejected", &registry.acks_rejected),
+    ] {
+        counter!("holdfast_registration_acks_total", "outcome" => outcome).absolute(read(value));
+    }
+    counter!("holdfast_limit_rejections_total", "limit" => "registrations")
+        .absolute(read(&registry.limit_refusals));
+    counter!("holdfast_registration_conflicts_total").absolute(read(&registry.conflicts));
+    for (kind, value) in [
+        ("granted", &registry.leases_granted),
+        ("revoked", &registry.leases_revoked),
+        ("lost", &registry.leases_lost),
+    ] {
+        counter!("holdfast_leases_total", "kind" => kind).absolute(read(value));
+    }
+    counter!("holdfast_reconcile_runs_total").absolute(read(&registry.reconcile_runs));
+    counter!("holdfast_reconcile_repairs_total").absolute(read(&registry.reconcile_repairs));
+    let discovery = &ctx.discovery.stats;
+    gauge!("holdfast_discovery_cache_prefixes").set(read(&discovery.prefixes) as f64);
+    gauge!("holdfast_discovery_cache_entries").set(read(&discovery.entries) as f64);
+    gauge!("holdfast_discovery_cache_bytes").set(read(&discovery.bytes) as f64);
+    counter!("holdfast_limit_rejections_total", "limit" => "discovery_cache_bytes")
+        .absolute(read(&discovery.refused));
+    counter!("holdfast_limit_rejections_total", "limit" => "cached_prefixes")
+        .absolute(read(&discovery.slots_full));
+    counter!("holdfast_limit_rejections_total", "limit" => "cached_prefixes_per_session")
+        .absolute(read(&discovery.session_limit));
+    gauge!("holdfast_discovery_watchers").set(read(&discovery.watchers) as f64);
+    gauge!("holdfast_discovery_staleness_seconds")
+        .set(read(&discovery.max_stale_ms) as f64 / 1000.0);
+    for (result, value) in [
+        ("hit", &discovery.hits),
+        ("miss", &discovery.misses),
+        ("linearizable", &discovery.linearizable_gets),
+    ] {
+        counter!("holdfast_discovery_gets_total", "result" => result).absolute(read(value));
+    }
+    counter!("holdfast_discovery_relists_total").absolute(read(&discovery.relists));
+}
+
+fn copy_counters(ctx: &RelayContext, router: RouterStats) {
+    let stats = &ctx.stats;
+    gauge!("holdfast_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!("holdfast_uptime_seconds").set(ctx.started_at.elapsed().as_secs_f64());
+
+    link_gauges("nats", ctx.nats.snapshot());
+    let nats_servers = ctx.nats.servers_view();
+    gauge!("holdfast_upstream_servers", "service" => "nats", "state" => "known")
+        .set(nats_servers.known.len() as f64);
+    gauge!("holdfast_upstream_servers", "service" => "nats", "state" => "reachable")
+        .set(nats_servers.reachable.unwrap_or(0) as f64);
+    if ctx.etcd.is_enabled() {
+        link_gauges("etcd", ctx.etcd.snapshot());
+        copy_etcd_counters(ctx);
+    }
+
+    gauge!("holdfast_sessions").set(stats.sessions_active() as f64);
+    counter!("holdfast_sessions_opened_total").absolute(read(&stats.sessions_total));
+    gauge!("holdfast_subscriptions", "kind" => "local").set(router.local_subscriptions as f64);
+    gauge!("holdfast_subscriptions", "kind" => "upstream")
+        .set(router.upstream_subscriptions as f64);
+
+    let view = ctx.forwarder.view();
+    let now_ms = unix_seconds(SystemTime::now()) * 1000.0;
+    for (class, name) in stats.class_names().iter().enumerate() {
+        for outcome in PublishOutcome::ALL {
+            counter!("holdfast_publishes_total", "class" => name.clone(), "outcome" => outcome.name())
+                .absolute(stats.publishes(class, outcome));
+        }
+        let Some(gauges) = view.gauges.get(class) else {
+            continue;
+        };
+        gauges_for_class(name, gauges, now_ms);
+    }
+    counter!("holdfast_journal_quarantines_total").absolute(read(&stats.journal_quarantines));
+    counter!("holdfast_chain_evictions_total").absolute(read(&view.chain_evictions));
+    let journal = view.journal.stats();
+    counter!("holdfast_journal_commits_total").absolute(journal.commits);
+    counter!("holdfast_journal_appended_total").absolute(journal.appended);
+    counter!("holdfast_journal_confirmed_total").absolute(journal.confirmed);
+    counter!("holdfast_journal_compactions_total").absolute(journal.compactions);
+    if let Ok(metadata) = std::fs::metadata(view.journal.path()) {
+        gauge!("holdfast_journal_file_bytes").set(metadata.len() as f64);
+    }
+    counter!("holdfast_journal_corrupt_rows_total").absolute(journal.corrupt_rows);
+    counter!("holdfast_journal_corrupt_messages_total").absolute(journal.corrupt_messages);
+    let health = view.journal.health();
+    for refusal in crate::journal::Refusal::ALL {
+        let refusing = health.refusing == Some(refusal);
+        gauge!("holdfast_journal_refusing", "reason" => refusal.name()).set(if refusing {
+            1.0
+        } else {
+            0.0
+        });
+    }
+    if let Some(free) = health.free_bytes {
+        gauge!("holdfast_journal_free_bytes").set(free as f64);
+    }
+    counter!("holdfast_journal_reopens_total").absolute(health.reopens);
+    let dropped_oldest: u64 = view
+        .gauges
+        .iter()
+        .map(|gauges| read(&gauges.dropped_oldest))
+        .sum();
+    counter!("holdfast_messages_dropped_total", "reason" => "drop_oldest").absolute(dropped_oldest);
+    // Always show the outage reason so dashboards have a series before the
+    // first outage; other reasons appear once they happen.
+    counter!("holdfast_publish_rejections_total", "reason" => ErrorCode::NatsUnavailable.name())
+        .absolute(stats.publish_rejections.get(ErrorCode::NatsUnavailable));
+    for (reason, value) in stats.publish_rejections.by_name() {
+        counter!("holdfast_publish_rejections_total", "reason" => reason).absolute(value);
+    }
+    counter!("holdfast_messages_dropped_total", "reason" => "slow_consumer")
+        .absolute(read(&stats.slow_consumer_drops));
+    counter!("holdfast_messages_dropped_total", "reason" => "upstream_slow_consumer")
+        .absolute(ctx.nats.upstream_drops());
+    counter!("holdfast_messages_dropped_total", "reason" => "malformed_upstream")
+        .absolute(ctx.nats.malformed_upstream());
+    counter!("holdfast_messages_dropped_total", "reason" => "nats_refused")
+        .absolute(read(&stats.nats_refused_drops));
+    counter!("holdfast_slow_consumer_disconnects_total")
+        .absolute(read(&stats.slow_consumer_disconnects));
+    counter!("holdfast_local_deliveries_total").absolute(read(&stats.local_deliveries));
+    counter!("holdfast_messages_delivered_total").absolute(read(&stats.messages_delivered));
+    for code in [ErrorCode::BadFrame, ErrorCode::FrameTooLarge] {
+        counter!("holdfast_frame_errors_total", "code" => code.name())
+            .absolute(stats.frame_errors.get(code));
+    }
+    for (code, value) in stats.frame_errors.by_name() {
+        counter!("holdfast_frame_errors_total", "code" => code).absolute(value);
+    }
+    counter!("holdfast_requests_total").absolute(read(&stats.requests_total));
+    for (code, value) in stats.request_failures.by_name() {
+        counter!("holdfast_request_failures_total", "code" => code).absolute(value);
+    }
+    counter!("holdfast_requests_served_locally_total")
+        .absolute(read(&stats.requests_served_locally));
+    for limit in Limit::ALL {
+        counter!("holdfast_limit_rejections_total", "limit" => limit.name())
+            .absolute(stats.limit_rejections(limit));
+    }
+    for operation in Operation::ALL {
+        counter!("holdfast_access_denied_total", "operation" => operation.name())
+            .absolute(stats.access_denials(operation));
+    }
+    counter!("holdfast_quic_handshake_failures_total")
+        .absolute(read(&stats.quic_handshake_failures));
+    gauge!("holdfast_quic_connections", "state" => "serving").set(
+        read(&stats.quic_connections).saturating_sub(read(&stats.quic_connections_without_session))
+            as f64,
+    );
+    gauge!("holdfast_quic_connections", "state" => "without_session")
+        .set(read(&stats.quic_connections_without_session) as f64);
+}
