@@ -73,7 +73,7 @@ fn format_met(met: Option<bool>) -> &'static str {
 }
 
 /// The rows as a fixed-width table (Markdown pipe syntax, so it can be
-/// pasted into the README as is), followed by the notes.
+/// pasted into benches/RESULTS.md as is), followed by the notes.
 pub fn table(rows: &[Row]) -> String {
     let header = [
         "scenario",

@@ -6,11 +6,8 @@
 
 use crate::front::access::{AccessConfig, AccessPolicy};
 use crate::front::tls::TlsFiles;
-use crate::keys::etcd::security::{EtcdSecurity, EtcdSecurityError};
 use crate::messaging::classes::{ClassOverrides, Classes};
-use crate::messaging::nats::security::{NatsSecurity, NatsSecurityError};
 use crate::util::duration;
-use crate::util::secret_file::readable_by_others;
 use crate::util::url_credentials;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -360,7 +357,8 @@ pub struct Overrides {
 
 impl Config {
     /// Reads `path` (or the defaults when `None`), applies `overrides`, and
-    /// validates the result.
+    /// validates the shape and the numbers. `preflight::load` adds the checks
+    /// that read TLS and credential files; the daemon starts from that.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
         let mut config = match path {
             Some(path) => Config::from_file(path)?,
@@ -523,12 +521,6 @@ impl Config {
                 "at least one NATS server is needed".to_string(),
             ));
         }
-        if let Err(problem) = self.nats_security() {
-            return Err(invalid(problem.key, problem.message));
-        }
-        if let Err(problem) = self.etcd_security() {
-            return Err(invalid(problem.key, problem.message));
-        }
         if self.nats.probe_interval.is_zero() || self.nats.probe_interval >= self.nats.link_timeout
         {
             return Err(invalid(
@@ -641,40 +633,6 @@ impl Config {
     /// The resolved message classes, in drain order.
     pub fn classes(&self) -> Result<Classes, String> {
         Classes::resolve(&self.classes)
-    }
-
-    /// The `[nats]` TLS and authentication settings, checked.
-    pub fn nats_security(&self) -> Result<NatsSecurity, NatsSecurityError> {
-        NatsSecurity::from_config(&self.nats)
-    }
-
-    /// The `[etcd]` TLS and authentication settings, checked.
-    pub fn etcd_security(&self) -> Result<EtcdSecurity, EtcdSecurityError> {
-        EtcdSecurity::from_config(&self.etcd)
-    }
-
-    /// What an operator should fix but that does not stop the relay:
-    /// secrets that every user of the machine may read.
-    pub fn security_warnings(&self, path: Option<&Path>) -> Vec<String> {
-        let mut warnings = Vec::new();
-        if let Ok(nats) = self.nats_security() {
-            warnings.extend(nats.warnings());
-        }
-        if let Ok(etcd) = self.etcd_security() {
-            warnings.extend(etcd.warnings());
-        }
-        let urls_hold_secrets = self
-            .nats
-            .servers
-            .iter()
-            .any(|url| url_credentials::split(url).1.is_some());
-        if let Some(path) = path.filter(|path| urls_hold_secrets && readable_by_others(path)) {
-            warnings.push(format!(
-                "{} holds credentials in server URLs and is readable by every user on this machine; restrict it (chmod o-r) or move them to a password_file",
-                path.display()
-            ));
-        }
-        warnings
     }
 
     /// The compiled `[access]` rules.
@@ -1018,33 +976,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("etcd.lease_ttl"), "{error}");
-    }
-
-    #[test]
-    fn a_readable_config_with_credentials_in_a_url_is_warned_about_without_the_secret() {
-        use std::os::unix::fs::PermissionsExt;
-        let file = write_config("[nats]\nservers = [\"nats://relay:s3cret@10.0.0.5:4222\"]\n");
-        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
-        let config = Config::load(Some(file.path()), &Overrides::default()).unwrap();
-        let warnings = config.security_warnings(Some(file.path()));
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(
-            warnings[0].contains("readable by every user"),
-            "{warnings:?}"
-        );
-        assert!(!warnings[0].contains("s3cret"), "{warnings:?}");
-        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(config.security_warnings(Some(file.path())).is_empty());
-        // On the command line the same URL is refused outright.
-        let overrides = Overrides {
-            nats_servers: Some("nats://relay:s3cret@10.0.0.5:4222".to_string()),
-            ..Overrides::default()
-        };
-        let error = Config::load(None, &overrides).unwrap_err().to_string();
-        assert!(
-            error.contains("nats.servers") && !error.contains("s3cret"),
-            "{error}"
-        );
     }
 
     #[test]

@@ -11,9 +11,11 @@ mod journal;
 mod keys;
 mod messaging;
 mod ops;
+pub mod preflight;
 pub mod relay;
 mod session;
 mod util;
 
 pub use config::{Config, ConfigError, Overrides};
+pub use ops::metric_catalog;
 pub use relay::{run, RelayError};

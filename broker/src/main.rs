@@ -3,6 +3,7 @@
 
 use clap::{Parser, ValueEnum};
 use holdfast_broker::cli::{gen_cert, journal_inspect, journal_salvage};
+use holdfast_broker::preflight::{self, CheckedConfig};
 use holdfast_broker::{config, relay};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -243,14 +244,14 @@ fn main() -> ExitCode {
         etcd_user: args.etcd_user,
         etcd_password_file: args.etcd_password_file,
     };
-    let config = match config::Config::load(args.config.as_deref(), &overrides) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("holdfastd: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    let warnings = config.security_warnings(args.config.as_deref());
+    let CheckedConfig { config, warnings } =
+        match preflight::load(args.config.as_deref(), &overrides) {
+            Ok(checked) => checked,
+            Err(error) => {
+                eprintln!("holdfastd: {error}");
+                return ExitCode::from(2);
+            }
+        };
     if matches!(args.command, Some(Command::CheckConfig)) {
         for warning in &warnings {
             eprintln!("warning: {warning}");

@@ -20,10 +20,12 @@ use crate::front::unix::{self, ListenError};
 use crate::journal::{ClassLimits, Journal, JournalSettings};
 use crate::keys::discovery;
 use crate::keys::etcd::link::EtcdLink;
+use crate::keys::etcd::security::EtcdSecurity;
 use crate::keys::registry;
 use crate::messaging::classes::WhenFull;
 use crate::messaging::forwarder;
 use crate::messaging::nats::link::{NatsLink, NatsLinkError};
+use crate::messaging::nats::security::NatsSecurity;
 use crate::messaging::router::{self, RouterHandle};
 use crate::ops::http::{self, OpsListenError, OpsState};
 use crate::ops::notify::Notifier;
@@ -81,7 +83,7 @@ pub async fn run(
     let metrics_addr = config.metrics_addr().map_err(RelayError::Config)?;
     let socket = config.relay.socket.clone();
     let listener = unix::bind(&socket, mode, &config.relay.socket_group)?;
-    let socket_identity = crate::front::socket_guard::identity(&socket);
+    let socket_identity = unix::file_identity(&socket);
     // TLS files are read now, so a bad path fails the start, not the first client.
     let quic_endpoint = match config.quic_addr().map_err(RelayError::Config)? {
         Some(address) => {
@@ -137,8 +139,7 @@ pub async fn run(
 
     let relay_id = new_relay_id();
     let background = CancellationToken::new();
-    let nats_security = config
-        .nats_security()
+    let nats_security = NatsSecurity::from_config(&config.nats)
         .map_err(|problem| RelayError::Config(format!("{}: {problem}", problem.key)))?;
     let nats = NatsLink::start(&config.nats, nats_security, &relay_id, background.clone()).await?;
     // Clients that connect now wait in the listen backlog rather than
@@ -163,8 +164,7 @@ pub async fn run(
     );
     // etcd: connect in the background like NATS; registrations and
     // discovery answer (Buffered, stale, or an error) until it is up.
-    let etcd_security = config
-        .etcd_security()
+    let etcd_security = EtcdSecurity::from_config(&config.etcd)
         .map_err(|problem| RelayError::Config(format!("{}: {problem}", problem.key)))?;
     let etcd = EtcdLink::start(&config.etcd, etcd_security, background.clone());
     if etcd.is_enabled() {

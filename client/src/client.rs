@@ -491,7 +491,7 @@ impl Client {
         flushed.await.unwrap_or(Err(Error::Closed))
     }
 
-    /// The relay's status document (JSON; schema in the relay's README).
+    /// The relay's status document (JSON; schema in wire/PROTOCOL.md).
     pub async fn status(&self) -> Result<serde_json::Value> {
         self.ensure_connected()?;
         let (reply, answer) = oneshot::channel();

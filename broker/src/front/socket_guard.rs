@@ -40,13 +40,6 @@ impl SocketHealth {
     }
 }
 
-/// The file a path names: device and inode.
-pub fn identity(path: &std::path::Path) -> Option<(u64, u64)> {
-    std::fs::symlink_metadata(path)
-        .ok()
-        .map(|metadata| (metadata.dev(), metadata.ino()))
-}
-
 /// Where the socket is and how to bind it again.
 pub struct Guarded {
     pub path: PathBuf,
@@ -83,7 +76,7 @@ pub async fn guard(
                 warn!(socket = %path, "the socket file was removed while the relay runs; binding it again");
                 match unix::bind(&socket.path, socket.mode, &socket.group) {
                     Ok(bound) => {
-                        if let Some(identity) = identity(&socket.path) {
+                        if let Some(identity) = unix::file_identity(&socket.path) {
                             socket.identity = identity;
                         }
                         tracker.spawn(unix::serve(

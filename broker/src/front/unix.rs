@@ -13,7 +13,7 @@ use crate::front::peer::Peer;
 use crate::ops::stats::Limit;
 use crate::session;
 use holdfast_wire::{encode, ErrorCode, Frame, GoAway, Text};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,6 +139,13 @@ fn group_id(group: &str) -> Result<u32, ListenError> {
     Ok(unsafe { entry.assume_init() }.gr_gid)
 }
 
+/// The file a path names: device and inode.
+pub fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|metadata| (metadata.dev(), metadata.ino()))
+}
+
 /// Accepts connections until `stop` fires, then removes the socket file.
 pub async fn serve(
     listener: UnixListener,
@@ -147,7 +154,7 @@ pub async fn serve(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    let own_identity = crate::front::socket_guard::identity(&path);
+    let own_identity = file_identity(&path);
     let mut failures = AcceptFailures::new(accept_pressure::Listener::Unix);
     let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
     let mut refused = RefusalLog::default();
@@ -183,7 +190,7 @@ pub async fn serve(
     // Only the relay's own socket: the path may have been replaced (the
     // socket guard then left it alone) or bound again by the guard, whose
     // listener removes it.
-    let ours = match (crate::front::socket_guard::identity(&path), own_identity) {
+    let ours = match (file_identity(&path), own_identity) {
         (Some(now), Some(own)) => now == own,
         _ => false,
     };

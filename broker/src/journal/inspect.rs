@@ -2,9 +2,7 @@
 //! while the relay is stopped, without changing what the journal holds.
 
 use super::ledger::ClassLedger;
-use super::recovery::CACHE_BYTES;
-use super::store::{self, BATCHES, META};
-use super::writer::panic_message;
+use super::store::{self, panic_message, BATCHES, CACHE_BYTES, META};
 use super::{ClassBacklog, JournalError};
 use redb::{Builder, DatabaseError, ReadableDatabase, TableError};
 use std::panic::{self, AssertUnwindSafe};

@@ -11,8 +11,7 @@
 //! point leaves either the old or the new file at the path, both complete.
 //! With rows of unconfigured classes still present, `compact()` is used.
 
-use super::recovery::CACHE_BYTES;
-use super::store::{BATCHES, META};
+use super::store::{BATCHES, CACHE_BYTES, META};
 use super::JournalError;
 use redb::{Builder, Database, ReadableDatabase, ReadableTableMetadata};
 use std::ffi::OsString;

@@ -14,8 +14,10 @@
 //! the rows in between.
 
 use super::ledger::ClassLedger;
-use super::store::{self, DamagedRow, EdgeRow, BATCHES, FORMAT_KEY, FORMAT_VERSION, META};
-use super::writer::panic_message;
+use super::store::{
+    self, panic_message, DamagedRow, EdgeRow, BATCHES, CACHE_BYTES, FORMAT_KEY, FORMAT_VERSION,
+    META,
+};
 use super::JournalError;
 use redb::{
     Builder, Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableError,
@@ -28,11 +30,6 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
-
-/// redb's page cache. Its default (1 GiB) would let the cache alone break
-/// the relay's memory budget; the journal reads rows once, sequentially, so
-/// a small cache costs little.
-pub(super) const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 pub(super) struct Opened {
     pub db: Database,

@@ -9,6 +9,10 @@
 //!   counters and the rows never disagree after a crash.
 //!
 //! Classes are keyed by name, so reordering classes in the config is harmless.
+//!
+//! Also what every path that opens the file shares (opening, recovery,
+//! reclaim, inspection): the page cache size and the text of a panic caught
+//! around a redb call.
 
 use super::ledger::ClassLedger;
 use super::record::{self, CorruptRow, RowHeader};
@@ -20,6 +24,11 @@ use std::ops::Bound;
 
 pub(super) const BATCHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("batches");
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// redb's page cache. Its default (1 GiB) would let the cache alone break
+/// the relay's memory budget; the journal reads rows once, sequentially, so
+/// a small cache costs little.
+pub(super) const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Meta key holding the layout version of this file.
 pub(super) const FORMAT_KEY: &str = "@format";
@@ -362,4 +371,15 @@ pub(super) fn read_after(
         .map(|row| (row.first_seq.max(from), row.last_seq))
         .collect();
     Ok((batch, damaged))
+}
+
+/// What a panic caught around a redb call said, for the error it becomes.
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
 }

@@ -18,7 +18,7 @@ use super::reclaim;
 use super::record::{EncodedMessage, RowBuilder};
 use super::recovery;
 use super::state::{Shared, StatCells};
-use super::store::{self, DamagedRow, BATCHES, META};
+use super::store::{self, panic_message, DamagedRow, BATCHES, META};
 use super::trim::{self, Cut, HeadRemoval};
 use super::{Appended, ClassLimits, JournalError, Removed};
 use crate::util::drop_log::DropLog;
@@ -794,14 +794,4 @@ fn settle<T>(
 
 fn poisoned() -> JournalError {
     JournalError::Storage("journal database lock poisoned by a panic".into())
-}
-
-pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(message) = panic.downcast_ref::<&str>() {
-        (*message).to_owned()
-    } else if let Some(message) = panic.downcast_ref::<String>() {
-        message.clone()
-    } else {
-        "non-string panic payload".to_owned()
-    }
 }

@@ -8,13 +8,12 @@
 //! message once, round-robin over members that have room. While NATS is
 //! down the router feeds node-local publishes in through the same path.
 
-use crate::messaging::compact::compact;
+use crate::messaging::local_message::{compact, LocalMessage};
 use crate::messaging::nats::link::NatsLink;
 use crate::messaging::nats::subscriber::{UpstreamMessage, UpstreamSubscription};
 use crate::messaging::subscription_table::{MemberId, SubscriptionKey};
 use crate::ops::stats::{add, RelayStats};
 use crate::session::outbox::{message_charge, Delivery, Outbox};
-use bytes::Bytes;
 use holdfast_wire::{Frame, Headers, Message, Text};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -30,15 +29,6 @@ pub const DELIVERED_LOCALLY_HEADER: &str = "Holdfast-Delivered-Locally";
 pub const NATS_STATUS_HEADER: &str = "Nats-Status";
 /// The status message's description, when NATS gave one.
 pub const NATS_STATUS_DESCRIPTION_HEADER: &str = "Nats-Status-Description";
-
-/// A message published on this relay, for node-local delivery.
-#[derive(Debug, Clone)]
-pub struct LocalMessage {
-    pub subject: Text,
-    pub reply: Option<Text>,
-    pub headers: Headers,
-    pub payload: Bytes,
-}
 
 pub enum FanoutCommand {
     Add {
@@ -249,6 +239,7 @@ mod tests {
     use super::*;
     use crate::config::SlowConsumerPolicy;
     use crate::session::outbox::{outbox, OutboxReceiver};
+    use bytes::Bytes;
 
     fn message(payload: &'static str) -> LocalMessage {
         LocalMessage {

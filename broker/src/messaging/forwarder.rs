@@ -337,7 +337,7 @@ pub fn start(
     let ack_latency = classes
         .names()
         .map(|class| {
-            metrics::histogram!(crate::ops::telemetry::PUBLISH_ACK_SECONDS, "class" => class.to_string())
+            metrics::histogram!(crate::ops::metric_catalog::PUBLISH_ACK_SECONDS, "class" => class.to_string())
         })
         .collect();
     let view = Arc::new(ForwarderView {
@@ -377,7 +377,7 @@ pub fn start(
         last_activity: Instant::now(),
         pending: FuturesUnordered::new(),
         appends: FuturesOrdered::new(),
-        append_latency: metrics::histogram!(crate::ops::telemetry::JOURNAL_APPEND_SECONDS),
+        append_latency: metrics::histogram!(crate::ops::metric_catalog::JOURNAL_APPEND_SECONDS),
         ack_latency,
         class_texts,
     };

@@ -4,9 +4,9 @@
 
 pub mod class_queue;
 pub mod classes;
-pub mod compact;
 pub mod fanout;
 pub mod forwarder;
+pub mod local_message;
 pub mod nats;
 pub mod nats_convert;
 pub mod router;

@@ -6,7 +6,8 @@
 //! the per-message path from NATS goes through here: upstream messages flow
 //! straight from a fan-out task to the sessions' outboxes.
 
-use crate::messaging::fanout::{Fanout, FanoutCommand, LocalMessage};
+use crate::messaging::fanout::{Fanout, FanoutCommand};
+use crate::messaging::local_message::LocalMessage;
 use crate::messaging::nats::link::NatsLink;
 use crate::messaging::subscription_table::{
     Joined, Left, MemberId, SubscriptionKey, SubscriptionTable,

@@ -2,6 +2,7 @@
 //! counters and systemd notifications.
 
 pub mod http;
+pub mod metric_catalog;
 pub mod notify;
 pub mod stats;
 pub mod status;

@@ -1,6 +1,6 @@
 //! The status document: the relay's view, for `holdfast status`.
 //!
-//! Its shape is documented in the README ("holdfast status"); clients parse
+//! Its shape is documented in wire/PROTOCOL.md; clients parse
 //! it as JSON, so fields are only ever added, never renamed.
 
 use crate::context::RelayContext;

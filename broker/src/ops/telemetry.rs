@@ -1,18 +1,19 @@
-//! Prometheus metrics: names, help texts, and the copy from the relay's
+//! Prometheus metrics: the recorder, and the copy from the relay's
 //! counters at scrape time.
 //!
 //! Counters live in [`RelayStats`] (one atomic add per event on the hot
 //! path); a scrape copies them into the `metrics` recorder and renders the
-//! exposition text. Histograms are recorded where the latency happens. The
-//! README's metrics table lists every series below; keep the two in step.
+//! exposition text. Histograms are recorded where the latency happens.
+//! Names, types and help texts are in `metric_catalog`.
 
 use crate::context::RelayContext;
 use crate::front::access::Operation;
 use crate::messaging::nats::link::LinkSnapshot;
 use crate::messaging::router::RouterStats;
+use crate::ops::metric_catalog;
 use crate::ops::stats::{read, Limit, PublishOutcome};
 use holdfast_wire::{ErrorCode, LinkStatus};
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -24,11 +25,6 @@ const LATENCY_BUCKETS: [f64; 16] = [
 
 /// How often histogram samples are folded into buckets.
 const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
-
-pub const PUBLISH_ACK_SECONDS: &str = "holdfast_publish_ack_seconds";
-pub const REQUEST_DURATION_SECONDS: &str = "holdfast_request_duration_seconds";
-pub const JOURNAL_APPEND_SECONDS: &str = "holdfast_journal_append_seconds";
-pub const RECONCILE_SECONDS: &str = "holdfast_reconcile_duration_seconds";
 
 /// The installed Prometheus recorder.
 #[derive(Clone)]
@@ -42,7 +38,7 @@ impl Telemetry {
         let handle = PrometheusBuilder::new()
             .set_buckets(&LATENCY_BUCKETS)?
             .install_recorder()?;
-        describe();
+        metric_catalog::describe_all();
         Ok(Telemetry { handle })
     }
 
@@ -68,273 +64,6 @@ impl Telemetry {
         self.handle.run_upkeep();
         self.handle.render()
     }
-}
-
-fn describe() {
-    describe_gauge!(
-        "holdfast_build_info",
-        "Always 1; the version label says which build runs."
-    );
-    describe_gauge!(
-        "holdfast_uptime_seconds",
-        Unit::Seconds,
-        "Seconds since the relay started."
-    );
-    describe_gauge!(
-        "holdfast_upstream_up",
-        "1 while the link to the upstream service is up, else 0."
-    );
-    describe_gauge!(
-        "holdfast_upstream_last_change_timestamp_seconds",
-        Unit::Seconds,
-        "Unix time of the link's last state change."
-    );
-    describe_counter!(
-        "holdfast_upstream_outages_total",
-        "Times the link went down."
-    );
-    describe_gauge!(
-        "holdfast_upstream_current_outage_seconds",
-        Unit::Seconds,
-        "Length of the current outage; 0 while the link is up."
-    );
-    describe_gauge!(
-        "holdfast_upstream_downtime_seconds",
-        Unit::Seconds,
-        "Total time the link has been down since the relay started."
-    );
-    describe_gauge!(
-        "holdfast_upstream_servers",
-        "Servers of the upstream service: state=known (configured, and for NATS announced by the cluster) and state=reachable (accepting connections at the last check)."
-    );
-    describe_counter!(
-        "holdfast_etcd_member_switches_total",
-        "Times the relay moved its etcd calls to another member because the one in use stopped serving (not an outage)."
-    );
-    describe_gauge!(
-        "holdfast_quic_connections",
-        "QUIC connections open now: state=serving (a session on it said HELLO) or state=without_session (closed after sessions.hello_timeout, or sessions.idle_timeout after its last session)."
-    );
-    describe_gauge!("holdfast_sessions", "Client connections open now.");
-    describe_counter!(
-        "holdfast_sessions_opened_total",
-        "Client connections accepted."
-    );
-    describe_gauge!(
-        "holdfast_subscriptions",
-        "Subscriptions: kind=local counts client subscriptions, kind=upstream the distinct ones held with NATS."
-    );
-    describe_counter!(
-        "holdfast_publishes_total",
-        "Publishes by class and outcome."
-    );
-    describe_counter!(
-        "holdfast_publish_rejections_total",
-        "Rejected publishes by reason (error code)."
-    );
-    describe_counter!(
-        "holdfast_messages_dropped_total",
-        "Messages dropped by the relay, by reason."
-    );
-    describe_counter!(
-        "holdfast_slow_consumer_disconnects_total",
-        "Connections closed because their subscriber did not keep up."
-    );
-    describe_counter!(
-        "holdfast_local_deliveries_total",
-        "Messages delivered node-locally while NATS was down."
-    );
-    describe_counter!(
-        "holdfast_messages_delivered_total",
-        "Messages queued to local subscribers (from NATS or node-local)."
-    );
-    describe_counter!(
-        "holdfast_frame_errors_total",
-        "Connections closed for malformed input, by error code."
-    );
-    describe_counter!("holdfast_requests_total", "Requests received from clients.");
-    describe_counter!(
-        "holdfast_request_failures_total",
-        "Failed requests by error code."
-    );
-    describe_counter!(
-        "holdfast_requests_served_locally_total",
-        "Requests answered by subscribers on this relay while NATS was down."
-    );
-    describe_counter!(
-        "holdfast_limit_rejections_total",
-        "Connections and operations refused because a limit was reached, by limit."
-    );
-    describe_counter!(
-        "holdfast_accept_failures_total",
-        "Times an accept loop paused because accept failed (out of file descriptors), by listener."
-    );
-    describe_counter!(
-        "holdfast_access_denied_total",
-        "Operations refused by the access rules, by operation."
-    );
-    describe_counter!(
-        "holdfast_quic_handshake_failures_total",
-        "QUIC connections that failed in the TLS handshake (for example no or an untrusted client certificate)."
-    );
-    describe_histogram!(
-        PUBLISH_ACK_SECONDS,
-        Unit::Seconds,
-        "From a publish arriving to its ack being queued, for publishes that asked for one."
-    );
-    describe_gauge!(
-        "holdfast_journal_backlog_messages",
-        "Undelivered messages per class (in memory and in the journal)."
-    );
-    describe_gauge!(
-        "holdfast_journal_backlog_bytes",
-        Unit::Bytes,
-        "Bytes of undelivered messages per class (the larger of memory and journal)."
-    );
-    describe_gauge!(
-        "holdfast_journal_oldest_age_seconds",
-        Unit::Seconds,
-        "Age of the oldest undelivered message per class; 0 when none."
-    );
-    describe_counter!(
-        "holdfast_replay_messages_total",
-        "Messages sent to NATS from a backlog (queued or journaled), per class."
-    );
-    describe_counter!(
-        "holdfast_expired_messages_total",
-        "Undelivered messages removed after max_age, per class."
-    );
-    describe_counter!(
-        "holdfast_journal_quarantines_total",
-        "Journal files found unreadable at start and moved aside."
-    );
-    describe_counter!(
-        "holdfast_chain_evictions_total",
-        "Sequence chains forgotten to make room (the subject's next journaled message starts a new chain)."
-    );
-    describe_counter!(
-        "holdfast_journal_commits_total",
-        "Durable group commits of the journal."
-    );
-    describe_counter!(
-        "holdfast_journal_appended_total",
-        "Messages written to the journal."
-    );
-    describe_counter!(
-        "holdfast_journal_confirmed_total",
-        "Journaled messages removed after NATS confirmed them."
-    );
-    describe_counter!(
-        "holdfast_journal_compactions_total",
-        "Times a drained journal file was shrunk."
-    );
-    describe_gauge!(
-        "holdfast_journal_file_bytes",
-        Unit::Bytes,
-        "Size of the journal file on disk."
-    );
-    describe_gauge!(
-        "holdfast_journal_refusing",
-        "1 while the journal refuses new messages for this reason (low_space, disk_full, storage_error), else 0."
-    );
-    describe_gauge!(
-        "holdfast_journal_free_bytes",
-        Unit::Bytes,
-        "Free space of the journal's filesystem at the last reading."
-    );
-    describe_counter!(
-        "holdfast_journal_reopens_total",
-        "Times the journal database was closed and reopened after an I/O error."
-    );
-    describe_counter!(
-        "holdfast_journal_corrupt_rows_total",
-        "Damaged journal rows found (checksum failed) and skipped; their messages are lost."
-    );
-    describe_counter!(
-        "holdfast_journal_corrupt_messages_total",
-        "Messages in the damaged journal rows that were skipped."
-    );
-    describe_histogram!(
-        JOURNAL_APPEND_SECONDS,
-        Unit::Seconds,
-        "From a batch of journal appends being submitted to their durable commit."
-    );
-    describe_histogram!(
-        REQUEST_DURATION_SECONDS,
-        Unit::Seconds,
-        "From a request arriving to its response being queued."
-    );
-    describe_counter!(
-        "holdfast_etcd_reconnect_attempts_total",
-        "Failed etcd connection attempts, each followed by a capped, jittered backoff."
-    );
-    describe_gauge!(
-        "holdfast_registrations",
-        "Keys registered by live sessions (held in etcd, or buffered while it is down)."
-    );
-    describe_gauge!(
-        "holdfast_registration_changes_pending",
-        "Registration changes (puts and deletes) not yet confirmed by etcd: buffered while it is down."
-    );
-    describe_gauge!(
-        "holdfast_registration_sessions",
-        "Sessions holding at least one registration (each with its own lease)."
-    );
-    describe_counter!(
-        "holdfast_registration_acks_total",
-        "Answers to REGISTER/DEREGISTER by outcome (applied, buffered, rejected)."
-    );
-    describe_counter!(
-        "holdfast_registration_conflicts_total",
-        "Registrations, deregistrations and etcd front end writes refused because another live session or front end lease holds the key."
-    );
-    describe_counter!(
-        "holdfast_leases_total",
-        "Lease events by kind: granted, revoked, lost (etcd dropped a lease the relay still needed)."
-    );
-    describe_counter!(
-        "holdfast_reconcile_runs_total",
-        "Completed reconcile passes (after etcd returns and every reconcile_interval)."
-    );
-    describe_counter!(
-        "holdfast_reconcile_repairs_total",
-        "Leases and keys a reconcile pass found different in etcd and rewrote."
-    );
-    describe_histogram!(
-        RECONCILE_SECONDS,
-        Unit::Seconds,
-        "Duration of a reconcile pass."
-    );
-    describe_gauge!(
-        "holdfast_discovery_cache_prefixes",
-        "Prefixes in the discovery cache, each with one upstream watch."
-    );
-    describe_gauge!(
-        "holdfast_discovery_cache_entries",
-        "Keys held in the discovery cache."
-    );
-    describe_gauge!(
-        "holdfast_discovery_cache_bytes",
-        Unit::Bytes,
-        "Bytes of keys and values held in the discovery cache (budget: etcd.max_cached_bytes)."
-    );
-    describe_gauge!(
-        "holdfast_discovery_watchers",
-        "Client watches served from the discovery cache."
-    );
-    describe_gauge!(
-        "holdfast_discovery_staleness_seconds",
-        Unit::Seconds,
-        "Age of the stalest cached prefix not confirmed by etcd right now; 0 while all are fresh."
-    );
-    describe_counter!(
-        "holdfast_discovery_gets_total",
-        "Discovery GETs by result: hit (answered from the cache), miss (not cached yet or refused), linearizable (sent to etcd)."
-    );
-    describe_counter!(
-        "holdfast_discovery_relists_total",
-        "Times a cached prefix was listed again (etcd compacted the watch's history or came back reset)."
-    );
 }
 
 fn unix_seconds(time: SystemTime) -> f64 {

@@ -155,7 +155,6 @@ pub async fn start(
         streams: AtomicU64::new(0),
         stop: stop.clone(),
     });
-    describe_metrics();
     let admission = connection::Admission::new(
         ctx.connection_permits.clone(),
         config.sessions.max_connections,
@@ -187,41 +186,6 @@ pub async fn start(
         server,
         owner: owner_task,
     })
-}
-
-fn describe_metrics() {
-    metrics::describe_counter!(
-        "holdfast_etcd_front_requests_total",
-        "etcd front end requests by RPC and outcome (ok or the gRPC status)"
-    );
-    metrics::describe_gauge!(
-        "holdfast_etcd_front_connections",
-        "TCP connections open on the etcd front end (each holds a sessions.max_connections slot)"
-    );
-    metrics::describe_gauge!(
-        "holdfast_etcd_front_leases",
-        "relay leases held for etcd clients"
-    );
-    metrics::describe_gauge!(
-        "holdfast_etcd_front_lease_keys",
-        "keys attached to relay leases"
-    );
-    metrics::describe_counter!(
-        "holdfast_etcd_front_leases_ended_total",
-        "relay leases ended: expired (no keepalive within the TTL), revoked, or connection_lost (the keepalive stream that last renewed it broke)"
-    );
-    metrics::describe_gauge!(
-        "holdfast_etcd_front_watches",
-        "etcd watches open on the front end"
-    );
-    metrics::describe_counter!(
-        "holdfast_etcd_front_watch_events_dropped_total",
-        "watch events dropped for a watcher that did not keep up (its watches are canceled)"
-    );
-    metrics::describe_counter!(
-        "holdfast_etcd_front_save_failures_total",
-        "failed writes of the lease table to the data dir"
-    );
 }
 
 /// Counts one request by RPC and outcome.

@@ -544,7 +544,8 @@ impl RegistryTask {
         let elapsed = audit.started.elapsed();
         bump(&self.stats.reconcile_runs);
         add(&self.stats.reconcile_repairs, audit.repairs);
-        metrics::histogram!(crate::ops::telemetry::RECONCILE_SECONDS).record(elapsed.as_secs_f64());
+        metrics::histogram!(crate::ops::metric_catalog::RECONCILE_SECONDS)
+            .record(elapsed.as_secs_f64());
         // A pass after etcd came back is a state change worth a line even
         // when nothing differed; a quiet periodic pass is not.
         if audit.repairs > 0 || audit.after_reconnect {

@@ -1,5 +1,6 @@
-//! Gives a message about to be queued for subscribers an allocation of its
-//! own, so that what a slow subscriber holds is what its outbox charges.
+//! A message for node-local subscribers, and `compact`, which gives one
+//! about to be queued an allocation of its own, so that what a slow
+//! subscriber holds is what its outbox charges.
 //!
 //! Decoders hand out subjects, headers and payloads as slices of the
 //! buffer they read into (64 KiB at a time from NATS, and a session's read
@@ -11,9 +12,17 @@
 //! (`outbox::charged_bytes`), so the bound held only on paper. One copy
 //! per message, shared by every subscriber it goes to, makes it hold.
 
-use crate::messaging::fanout::LocalMessage;
 use bytes::{Bytes, BytesMut};
 use holdfast_wire::{Headers, Text};
+
+/// A message published on this relay, for node-local delivery.
+#[derive(Debug, Clone)]
+pub struct LocalMessage {
+    pub subject: Text,
+    pub reply: Option<Text>,
+    pub headers: Headers,
+    pub payload: Bytes,
+}
 
 /// The message with its subject, reply subject, header names and values
 /// and payload copied, in that order, into one allocation of their size.
