@@ -5,12 +5,13 @@
 //! provider (the one async-nats already links). With a client CA every
 //! connection must present a certificate it signed: mutual TLS.
 
+use crate::util::pem::{certificates, PemError};
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use std::path::{Path, PathBuf};
+use rustls_pki_types::PrivateKeyDer;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,10 +40,8 @@ pub struct TlsFiles {
 /// Why the TLS configuration could not be built; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read certificates from {path}: {reason}")]
-    Certificates { path: PathBuf, reason: String },
-    #[error("{path} holds no certificate")]
-    NoCertificate { path: PathBuf },
+    #[error(transparent)]
+    Certificates(#[from] PemError),
     #[error("cannot read a private key from {path}: {reason}")]
     Key { path: PathBuf, reason: String },
     #[error("the client CA {path} is not usable: {reason}")]
@@ -53,24 +52,6 @@ pub enum TlsError {
         key: PathBuf,
         reason: String,
     },
-}
-
-/// Every certificate in the PEM file at `path` (at least one).
-pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let error = |reason: String| TlsError::Certificates {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let certificates = CertificateDer::pem_file_iter(path)
-        .map_err(|e| error(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| error(e.to_string()))?;
-    if certificates.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(certificates)
 }
 
 /// Builds the quinn server configuration from `files`.

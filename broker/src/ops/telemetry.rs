@@ -8,10 +8,10 @@
 
 use crate::context::RelayContext;
 use crate::front::access::Operation;
-use crate::messaging::nats::link::LinkSnapshot;
 use crate::messaging::router::RouterStats;
 use crate::ops::metric_catalog;
 use crate::ops::stats::{read, Limit, PublishOutcome};
+use crate::util::link_snapshot::LinkSnapshot;
 use holdfast_wire::{ErrorCode, LinkStatus};
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};

@@ -24,8 +24,8 @@
 use crate::config::EtcdConfig;
 use crate::keys::etcd::failover::{Failover, MemberAnswer, RoundOutcome, ServerView, ViewChange};
 use crate::keys::etcd::security::EtcdSecurity;
-use crate::messaging::nats::link::LinkSnapshot;
 use crate::util::failure_log::FailureLog;
+use crate::util::link_snapshot::LinkSnapshot;
 use etcd_client::{Client, ConnectOptions, GetOptions};
 use holdfast_wire::backoff::{jitter_source, Backoff};
 use holdfast_wire::LinkStatus;

@@ -20,6 +20,7 @@ use crate::messaging::nats::subscriber::{
 };
 use crate::util::drop_log::DropLog;
 use crate::util::failure_log::FailureLog;
+use crate::util::link_snapshot::LinkSnapshot;
 use async_nats::{
     client::{FlushErrorKind, RequestErrorKind},
     connection::State,
@@ -34,33 +35,6 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-
-/// The link as sessions and the status document see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinkSnapshot {
-    pub status: LinkStatus,
-    pub since: SystemTime,
-    pub outages: u64,
-    /// Time spent down before the current state began.
-    pub past_downtime: Duration,
-}
-
-impl LinkSnapshot {
-    /// How long the current outage has lasted; zero while not down.
-    pub fn current_outage(&self) -> Duration {
-        if self.status != LinkStatus::Down {
-            return Duration::ZERO;
-        }
-        SystemTime::now()
-            .duration_since(self.since)
-            .unwrap_or_default()
-    }
-
-    /// Total time down since the relay started, the current outage included.
-    pub fn downtime(&self) -> Duration {
-        self.past_downtime + self.current_outage()
-    }
-}
 
 /// Why the NATS link could not be set up at all (a config problem; an
 /// unreachable server is not an error, it is a `Down` link).

@@ -200,7 +200,7 @@ async fn upgrade(
     match &settings.ca {
         Some(ca) => {
             for certificate in
-                crate::front::tls::certificates(ca).map_err(|error| error.to_string())?
+                crate::util::pem::certificates(ca).map_err(|error| error.to_string())?
             {
                 roots
                     .add(certificate)
@@ -218,7 +218,7 @@ async fn upgrade(
         .with_root_certificates(roots);
     let config = match &settings.client_certificate {
         Some((cert, key)) => {
-            let chain = crate::front::tls::certificates(cert).map_err(|error| error.to_string())?;
+            let chain = crate::util::pem::certificates(cert).map_err(|error| error.to_string())?;
             let key = PrivateKeyDer::from_pem_file(key).map_err(|error| {
                 format!("cannot read a private key from {}: {error}", key.display())
             })?;
