@@ -261,6 +261,13 @@ impl<A> ClassQueue<A> {
         self.window_bytes
     }
 
+    /// Whether [`ClassQueue::start_refill`] would start a read now.
+    pub fn wants_refill(&self, low_water: usize) -> bool {
+        self.unsent_in_window() <= low_water
+            && !self.refill_in_flight
+            && self.journal_tail.is_some()
+    }
+
     /// When at most `low_water` messages in the window are still unsent and
     /// the journal holds more: read the journal after this sequence (with a
     /// low water above zero, the read overlaps sending what is left instead

@@ -1,5 +1,8 @@
-//! The forwarder: the one task that owns every class queue and decides what
-//! goes to NATS, in which order, and when it may be let go.
+//! The forwarder: the one task that carries class traffic to NATS, through
+//! memory and the journal. Its decisions (order, confirmation, answers)
+//! are made by the sans-IO [`ForwardCore`]; this file is the select loop
+//! around it, the NATS publishes, the journal calls, stamping, metrics and
+//! logs.
 //!
 //! Sessions hand it class traffic (everything but requests and replies) over
 //! a bounded channel. It answers each publish with what happened to it:
@@ -15,10 +18,15 @@
 //! consumers and JetStream drop the duplicates).
 
 use crate::journal::{
-    format_message_id, Journal, JournalError, JournalStamp, NewMessage, MESSAGE_ID_HEADER,
+    format_message_id, ClassBacklog, Journal, JournalError, JournalStamp, NewMessage, Refusal,
+    MESSAGE_ID_HEADER,
 };
-use crate::messaging::class_queue::{ClassQueue, Entry, QueuedMessage};
-use crate::messaging::classes::{ClassId, Classes, Durability, WhenFull};
+use crate::messaging::class_queue::QueuedMessage;
+use crate::messaging::classes::{ClassId, Classes};
+use crate::messaging::forward_core::{
+    AckHandle, Admission, AppendFailed, ForwardCore, JournalState, Refilled, SendBatch, Trim,
+    SEND_BATCH,
+};
 use crate::messaging::nats::link::{probe_round_trip, NatsLink};
 use crate::messaging::nats_convert::{to_header_map, to_subject};
 use crate::ops::stats::{PublishOutcome, RelayStats};
@@ -27,38 +35,21 @@ use crate::util::drop_log::DropLog;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::{FutureExt, StreamExt};
 use holdfast_wire::chain::ChainStamper;
-use holdfast_wire::{AckOutcome, ErrorCode, ErrorFrame, Frame, LinkStatus, PubAck, Text};
+use holdfast_wire::{AckOutcome, ErrorFrame, Frame, LinkStatus, PubAck, Text};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// Messages sent per class before the forwarder looks at other events.
-const SEND_BATCH: usize = 512;
-/// Messages read back from the journal at a time.
-const REFILL_BATCH: usize = 4096;
-/// The next journal read starts once this few read messages are unsent, so
-/// the read overlaps the sending of the rest.
-const REFILL_LOW_WATER: usize = REFILL_BATCH / 2;
 /// How long a confirmation probe may take before the link is suspect.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Confirmation probes start at most this often while messages keep
-/// coming. Each is a request through nats-server on the connection the
-/// messages take, and one after every send (at low rates, one per message)
-/// added about 13 µs to a message's p50 delivery latency. Confirmation only
-/// frees memory and journal rows, which may wait this long.
-const PROBE_SPACING: Duration = Duration::from_millis(1);
-/// With this many core messages unconfirmed a probe starts without waiting
-/// out [`PROBE_SPACING`], so a burst does not pile up in memory.
-const PROBE_EARLY_AT: usize = 8 * SEND_BATCH;
 /// How often retention is enforced and idle compaction considered.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-/// A drained journal is compacted after this long without traffic.
-const COMPACT_AFTER_IDLE: Duration = Duration::from_secs(10);
 /// Commands the forwarder's intake holds before publishers wait (each
 /// carries up to one socket read's worth of publishes).
 const INTAKE: usize = 1_024;
@@ -84,6 +75,15 @@ pub struct AckTo {
     outbox: Option<Outbox>,
     request: AckRequest,
     latency: Option<metrics::Histogram>,
+}
+
+impl AckHandle for AckTo {
+    fn for_memory(self) -> AckTo {
+        AckTo {
+            outbox: self.outbox.filter(|_| self.request.ack_id != 0),
+            ..self
+        }
+    }
 }
 
 impl AckTo {
@@ -249,9 +249,40 @@ enum Completion {
     Background,
 }
 
+/// The journal's state as the core reads it.
+struct JournalGate<'a>(&'a Journal);
+
+impl JournalState for JournalGate<'_> {
+    fn refusal(&self) -> Option<String> {
+        let refusal = self.0.refusing()?;
+        let health = self.0.health();
+        Some(match refusal {
+            Refusal::LowSpace => format!(
+                "the journal's filesystem has {} bytes free, under the reserve of {} (relay.journal_reserve_bytes)",
+                health.free_bytes.unwrap_or(0),
+                health.reserve_bytes
+            ),
+            Refusal::DiskFull => "the journal's disk is full; retry once space is freed".to_string(),
+            Refusal::StorageError => {
+                "the journal is reopening after an I/O error; retry shortly".to_string()
+            }
+        })
+    }
+
+    fn backlog(&self, class: ClassId) -> ClassBacklog {
+        self.0.backlog(class)
+    }
+}
+
+/// The time as the core sees it; tokio's clock, so paused-time tests
+/// drive it too.
+fn now() -> Instant {
+    TokioInstant::now().into_std()
+}
+
 struct Forwarder {
+    core: ForwardCore<AckTo, oneshot::Sender<()>>,
     classes: Classes,
-    queues: Vec<ClassQueue<AckTo>>,
     journal: Journal,
     nats: NatsLink,
     stats: Arc<RelayStats>,
@@ -264,35 +295,8 @@ struct Forwarder {
     /// full or below its reserve, or reopening), and when that was logged.
     journal_refusals: u64,
     journal_refusal_log: DropLog,
-    /// Per class: the highest trim that failed, retried at the next sweep
-    /// (otherwise delivered messages would stay, and a restart resend them).
-    confirm_retry: Vec<Option<u64>>,
     maintenance_in_flight: bool,
-    /// Journal appends not yet answered, per class (they fix the order).
-    appends_in_flight: Vec<u64>,
     next_message_id: u64,
-    /// Publishes whose answer waits on a commit or a send, and how many of
-    /// those were answered; barriers wait on these counts.
-    deferred_acks: u64,
-    answered_deferred_acks: u64,
-    barriers: Vec<(u64, oneshot::Sender<()>)>,
-    probe_in_flight: bool,
-    /// The earliest time the next probe may start (see [`PROBE_SPACING`]),
-    /// and whether one waits for it.
-    next_probe_at: tokio::time::Instant,
-    probe_waiting: bool,
-    /// JetStream classes wait for a batch's PubAcks before sending more.
-    jetstream_in_flight: Vec<bool>,
-    /// Whether a JetStream class's stream stored a message on this
-    /// connection. Until then one message goes at a time: right after a
-    /// restart a stream may still be loading, and a pipelined batch would
-    /// be stored with holes that the resend then fills out of order.
-    jetstream_verified: Vec<bool>,
-    /// After a failed journal read, when that class may read again (a
-    /// damaged row must not turn into a busy loop of failing reads).
-    refill_retry_at: Vec<Option<Instant>>,
-    generation: u64,
-    last_activity: Instant,
     pending: FuturesUnordered<BoxFuture<Completion>>,
     /// Journal commits, answered strictly in submission order: a later
     /// batch must never reach the class queue before an earlier one, or a
@@ -310,28 +314,22 @@ struct Forwarder {
 pub fn start(
     classes: Classes,
     journal: Journal,
-    recovered: &[crate::journal::ClassBacklog],
+    recovered: &[ClassBacklog],
     nats: NatsLink,
     stats: Arc<RelayStats>,
     relay_id: Text,
     stop: CancellationToken,
 ) -> (ForwarderHandle, tokio::task::JoinHandle<()>) {
     let (commands, receiver) = mpsc::channel(INTAKE);
-    let mut queues = Vec::with_capacity(classes.len());
-    for (class, spec) in classes.specs().iter().enumerate() {
-        let mut queue = ClassQueue::new(spec.memory_bytes);
-        if let Some(backlog) = recovered.get(class) {
-            queue.restore(backlog.first_seq, backlog.last_seq, backlog.messages);
-            if backlog.messages > 0 {
-                info!(
-                    class = %spec.name,
-                    messages = backlog.messages,
-                    bytes = backlog.bytes,
-                    "journal backlog recovered; it will be replayed when NATS is up"
-                );
-            }
+    for (spec, backlog) in classes.specs().iter().zip(recovered) {
+        if backlog.messages > 0 {
+            info!(
+                class = %spec.name,
+                messages = backlog.messages,
+                bytes = backlog.bytes,
+                "journal backlog recovered; it will be replayed when NATS is up"
+            );
         }
-        queues.push(queue);
     }
     let class_texts = classes.names().map(Text::from).collect();
     let ack_latency = classes
@@ -347,13 +345,8 @@ pub fn start(
         chain_evictions: AtomicU64::new(0),
     });
     let forwarder = Forwarder {
-        appends_in_flight: vec![0; classes.len()],
-        jetstream_in_flight: vec![false; classes.len()],
-        jetstream_verified: vec![false; classes.len()],
-        refill_retry_at: vec![None; classes.len()],
-        confirm_retry: vec![None; classes.len()],
+        core: ForwardCore::new(classes.clone(), recovered, now()),
         classes,
-        queues,
         journal,
         stamper: ChainStamper::new(relay_id.clone(), CHAIN_SUBJECTS),
         chain_eviction_log: DropLog::default(),
@@ -367,14 +360,6 @@ pub fn start(
         view: view.clone(),
         relay_id,
         next_message_id: 0,
-        deferred_acks: 0,
-        answered_deferred_acks: 0,
-        barriers: Vec::new(),
-        probe_in_flight: false,
-        next_probe_at: tokio::time::Instant::now(),
-        probe_waiting: false,
-        generation: 0,
-        last_activity: Instant::now(),
         pending: FuturesUnordered::new(),
         appends: FuturesOrdered::new(),
         append_latency: metrics::histogram!(crate::ops::metric_catalog::JOURNAL_APPEND_SECONDS),
@@ -393,7 +378,8 @@ impl Forwarder {
         let mut replaying = false;
         self.publish_gauges();
         loop {
-            let can_send = self.nats.is_up() && self.has_unsent();
+            let can_send = self.core.has_sendable(self.nats.is_up());
+            let probe_due = self.core.probe_deadline();
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => {
@@ -405,13 +391,13 @@ impl Forwarder {
                         break;
                     }
                     if link.borrow_and_update().status == LinkStatus::Up {
-                        let backlog = self.backlog_total();
+                        let backlog = self.core.backlog_total();
                         if backlog > 0 {
                             replaying = true;
                             info!(backlog, "NATS is back: replay started");
                         }
                     } else {
-                        self.connection_lost();
+                        self.core.handle_link_down();
                     }
                 }
                 Some(completion) = self.appends.next() => self.on_completion(completion),
@@ -430,29 +416,40 @@ impl Forwarder {
                     None => break,
                 },
                 _ = sweep.tick() => self.sweep(),
-                () = tokio::time::sleep_until(self.next_probe_at),
-                    if self.probe_waiting && !self.probe_in_flight => {
-                    self.probe_waiting = false;
-                    if self.nats.is_up() && self.unconfirmed_core() > 0 {
-                        self.start_probe();
-                    }
-                }
+                // Wakes the loop; the probe starts below.
+                () = sleep_until(probe_due), if probe_due.is_some() => {}
                 () = std::future::ready(()), if can_send => self.send_batch().await,
             }
-            self.start_refills();
-            self.release_barriers();
-            // A probe that timed out leaves messages unconfirmed: ask again
-            // rather than wait for the next send that may never come.
-            if self.nats.is_up() && !self.probe_in_flight && self.unconfirmed_core() > 0 {
-                self.start_probe();
+            let link_up = self.nats.is_up();
+            let now = now();
+            for refill in self
+                .core
+                .poll_refills(now, link_up, &JournalGate(&self.journal))
+            {
+                let journal = self.journal.clone();
+                self.pending.push(Box::pin(async move {
+                    let result = journal
+                        .read_after(refill.class, refill.after, refill.count)
+                        .await;
+                    Completion::Refilled {
+                        class: refill.class,
+                        result,
+                    }
+                }));
             }
-            if replaying && self.backlog_total() == 0 {
+            // Also asks again after a probe that timed out, rather than
+            // waiting for the next send that may never come.
+            if let Some(probe) = self.core.poll_probe(now, link_up) {
+                self.start_probe(probe.generation, probe.marks);
+            }
+            self.give_answers();
+            while let Some(barrier) = self.core.poll_barrier() {
+                let _ = barrier.send(());
+            }
+            if replaying && self.core.backlog_total() == 0 {
                 replaying = false;
-                let replayed: u64 = self
-                    .view
-                    .gauges
-                    .iter()
-                    .map(|gauges| crate::ops::stats::read(&gauges.replayed))
+                let replayed: u64 = (0..self.classes.len())
+                    .map(|class| self.core.class_view(class).replayed)
                     .sum();
                 info!(
                     replayed_since_start = replayed,
@@ -463,19 +460,35 @@ impl Forwarder {
         }
     }
 
+    /// Gives every answer the core decided on, counting each outcome.
+    fn give_answers(&mut self) {
+        while let Some(answer) = self.core.poll_answer() {
+            let class = answer.class;
+            match &answer.outcome {
+                AckOutcome::Forwarded => {
+                    self.stats.record_publish(class, PublishOutcome::Forwarded)
+                }
+                AckOutcome::Queued => self.stats.record_publish(class, PublishOutcome::Queued),
+                AckOutcome::Journaled => {
+                    self.stats.record_publish(class, PublishOutcome::Journaled)
+                }
+                AckOutcome::Rejected { code, .. } => self.stats.record_rejection(class, *code),
+            }
+            answer.ack.answer(answer.outcome);
+        }
+    }
+
     /// On shutdown: messages held only in memory (acked `Queued`, or sent
     /// and not yet confirmed) go to the journal, so a restart replays them
     /// instead of losing them. They land behind anything of their class
     /// already journaled: a class that had both loses order here, not data.
     async fn persist_memory_backlog(&mut self) {
         let mut submitted = Vec::new();
-        for class in 0..self.queues.len() {
-            for message in self.queues[class].take_memory_only() {
-                match self.journal.submit(class, message.into()).await {
-                    Ok(pending) => submitted.push(pending),
-                    Err(error) => {
-                        warn!(%error, class = self.class_name(class), reason = "shutdown", "a queued message could not be journaled and is lost");
-                    }
+        for (class, message) in self.core.drain_memory_only() {
+            match self.journal.submit(class, message.into()).await {
+                Ok(pending) => submitted.push(pending),
+                Err(error) => {
+                    warn!(%error, class = self.class_name(class), reason = "shutdown", "a queued message could not be journaled and is lost");
                 }
             }
         }
@@ -495,42 +508,14 @@ impl Forwarder {
         );
     }
 
-    fn has_unsent(&self) -> bool {
-        self.sendable_class().is_some()
-    }
-
-    /// The class to send from now: the highest-priority class with anything
-    /// unsent, if it can send right now. A lower class never goes ahead
-    /// while a higher one waits for a journal read or for PubAcks, so a
-    /// backlog drains strictly class by class.
-    fn sendable_class(&self) -> Option<ClassId> {
-        let class = self.queues.iter().position(ClassQueue::has_unsent)?;
-        let queue = &self.queues[class];
-        (queue.has_unsent_in_window() && !self.jetstream_in_flight[class]).then_some(class)
-    }
-
-    fn backlog_total(&self) -> u64 {
-        self.queues.iter().map(|queue| queue.backlog().0).sum()
-    }
-
-    /// Unconfirmed messages of classes confirmed by a core round trip.
-    fn unconfirmed_core(&self) -> usize {
-        self.queues
-            .iter()
-            .enumerate()
-            .filter(|(class, _)| !self.classes.get(*class).is_some_and(|spec| spec.jetstream))
-            .map(|(_, queue)| queue.unconfirmed())
-            .sum()
-    }
-
     async fn on_command(&mut self, command: Command) {
-        self.last_activity = Instant::now();
+        self.core.handle_activity(now());
         match command {
             Command::Accept(AcceptBatch { outbox, accepts }) => {
                 // Journal-bound messages, per class in acceptance order, go
                 // to the writer as one group each: one channel operation and
                 // one commit wait per class per batch, not per message.
-                let mut to_journal: Vec<(Vec<NewMessage>, Vec<AckTo>)> = (0..self.queues.len())
+                let mut to_journal: Vec<(Vec<NewMessage>, Vec<AckTo>)> = (0..self.classes.len())
                     .map(|_| (Vec::new(), Vec::new()))
                     .collect();
                 for accept in accepts {
@@ -539,6 +524,7 @@ impl Forwarder {
                         to_journal[class].1.push(ack);
                     }
                 }
+                self.give_answers();
                 self.note_chain_evictions();
                 let mut submitted = Vec::new();
                 for (class, (messages, acks)) in to_journal.into_iter().enumerate() {
@@ -578,142 +564,73 @@ impl Forwarder {
                     }));
                 }
             }
-            Command::Barrier(done) => {
-                // A PING whose wait timed out left its barrier behind; while
-                // answers stay outstanding (a stalled commit) those would
-                // pile up, one per PING.
-                if self.barriers.len() >= self.barriers.capacity() {
-                    self.barriers.retain(|(_, waiter)| !waiter.is_closed());
-                }
-                self.barriers.push((self.deferred_acks, done));
-            }
+            // A PING whose wait timed out left its barrier behind; while
+            // answers stay outstanding (a stalled commit) those would pile
+            // up, one per PING.
+            Command::Barrier(done) => self.core.handle_barrier(done, |waiter| !waiter.is_closed()),
         }
     }
 
-    /// Takes one publish: queued in memory and answered (or waiting to be
-    /// forwarded), or bound for the journal — then it is returned, stamped,
-    /// for the caller to submit with the rest of its batch.
+    /// Takes one publish through the core: held in memory (answered now or
+    /// once sent), refused, or bound for the journal — then it is returned,
+    /// stamped, for the caller to submit with the rest of its batch.
     fn accept(&mut self, outbox: &Outbox, accept: Accept) -> Option<(ClassId, NewMessage, AckTo)> {
         let Accept {
             class,
             mut message,
             ack: request,
         } = accept;
-        let jetstream = self.classes.get(class)?.jetstream;
+        let jetstream = self.classes.get(class).is_some_and(|spec| spec.jetstream);
         if jetstream {
             // JetStream drops a resent copy only if it carries the same id,
             // so every message of such a class gets one, in memory or not.
             self.stamp_message_id(class, &mut message);
         }
-        let spec = self.classes.get(class)?;
-        let size = message.size();
-        let queue = &mut self.queues[class];
-        let must_journal = spec.durability == Durability::Durable
-            || !queue.fits_in_memory(size)
-            || self.appends_in_flight[class] > 0;
-        // Only acked publishes are timed; skip the handle otherwise.
-        let latency = (request.ack_id != 0)
-            .then(|| self.ack_latency.get(class).cloned())
-            .flatten();
-        if !must_journal {
-            // Its publisher waits to hear `Forwarded` only when it goes out
-            // within the next send or two; behind a real backlog (a replay,
-            // a JetStream stream not confirmed yet) it hears `Queued` now.
-            let jetstream_waiting = spec.jetstream && !self.jetstream_verified[class];
-            let forward_now = self.nats.is_up()
-                && !jetstream_waiting
-                && queue.unsent_in_window() < 2 * SEND_BATCH;
-            if forward_now {
-                // Answered `Forwarded` when the send step hands it to NATS;
-                // counted even without an ack, for the PING barrier.
-                self.deferred_acks += 1;
-                let ack = AckTo {
-                    outbox: (request.ack_id != 0).then(|| outbox.clone()),
-                    request,
-                    latency,
-                };
-                queue.push_memory(message, None, Some(ack));
-            } else {
-                // Held until NATS returns, possibly for the whole outage:
-                // copied out of the read buffer it shares with other frames.
-                // While NATS is up a queued message leaves within moments,
-                // so the copy is skipped on that path.
-                let message = if self.nats.is_up() {
-                    message
-                } else {
-                    message.detached()
-                };
-                queue.push_memory(message, None, None);
-                self.stats.record_publish(class, PublishOutcome::Queued);
-                answer(outbox, &request, latency.as_ref(), AckOutcome::Queued);
-            }
-            return None;
-        }
-        if let Some(refusal) = self.journal.refusing() {
-            // Refused before it is stamped, so the chain has no hole for it.
-            self.stats.record_rejection(class, ErrorCode::JournalFull);
-            let health = self.journal.health();
-            let why = match refusal {
-                crate::journal::Refusal::LowSpace => format!(
-                    "the journal's filesystem has {} bytes free, under the reserve of {} (relay.journal_reserve_bytes)",
-                    health.free_bytes.unwrap_or(0),
-                    health.reserve_bytes
-                ),
-                crate::journal::Refusal::DiskFull => {
-                    "the journal's disk is full; retry once space is freed".to_string()
-                }
-                crate::journal::Refusal::StorageError => {
-                    "the journal is reopening after an I/O error; retry shortly".to_string()
-                }
-            };
-            self.note_journal_refusal(class, refusal.name(), &why);
-            let outcome = AckOutcome::Rejected {
-                code: ErrorCode::JournalFull,
-                message: Text::from(why),
-            };
-            answer(outbox, &request, latency.as_ref(), outcome);
-            return None;
-        }
-        let budget_used = self.journal.backlog(class).bytes;
-        if spec.when_full == WhenFull::Reject && budget_used + size > spec.max_bytes {
-            self.stats.record_rejection(class, ErrorCode::JournalFull);
-            let message = Text::from(format!(
-                "class {} has {} of its {} journal bytes in use",
-                spec.name, budget_used, spec.max_bytes
-            ));
-            let outcome = AckOutcome::Rejected {
-                code: ErrorCode::JournalFull,
-                message,
-            };
-            answer(outbox, &request, latency.as_ref(), outcome);
-            return None;
-        }
-        // Stamped once, as the journal keeps it, so every copy that ever
-        // reaches NATS (including resends after a crash) carries the same
-        // chain position and id. A client's own chain headers were removed
-        // when the relay accepted the message.
-        let chain = self.stamper.advance(&message.subject, &message.payload);
-        let message_id = (!jetstream).then(|| {
-            self.next_message_id += 1;
-            (self.class_texts[class].clone(), self.next_message_id)
-        });
-        let mut new_message = NewMessage::from(message);
-        new_message.stamp = Some(JournalStamp {
-            relay_id: self.relay_id.clone(),
-            chain,
-            message_id,
-        });
-        // Counted now: later publishes of this batch must queue behind it.
-        self.appends_in_flight[class] += 1;
-        self.deferred_acks += 1;
-        // A commit can still fail, and even a fire-and-forget publisher
-        // hears of that (an ERROR frame), so this one keeps its session.
+        // Only acked publishes are timed; skip the handle otherwise. A
+        // commit can fail, and even a fire-and-forget publisher hears of
+        // that (an ERROR frame), so the handle keeps its session.
         let ack = AckTo {
             outbox: Some(outbox.clone()),
             request,
-            latency,
+            latency: (request.ack_id != 0)
+                .then(|| self.ack_latency.get(class).cloned())
+                .flatten(),
         };
-        Some((class, new_message, ack))
+        let link_up = self.nats.is_up();
+        let gate = JournalGate(&self.journal);
+        match self.core.handle_accept(class, message, ack, link_up, &gate) {
+            Admission::ToJournal(message, ack) => {
+                // Stamped once, as the journal keeps it, so every copy that
+                // ever reaches NATS (including resends after a crash)
+                // carries the same chain position and id. A client's own
+                // chain headers were removed when the relay accepted it.
+                let chain = self.stamper.advance(&message.subject, &message.payload);
+                let message_id = (!jetstream).then(|| {
+                    self.next_message_id += 1;
+                    (self.class_texts[class].clone(), self.next_message_id)
+                });
+                let mut new_message = NewMessage::from(message);
+                new_message.stamp = Some(JournalStamp {
+                    relay_id: self.relay_id.clone(),
+                    chain,
+                    message_id,
+                });
+                Some((class, new_message, ack))
+            }
+            Admission::JournalRefusing => {
+                let reason = self
+                    .journal
+                    .refusing()
+                    .map_or("journal_unavailable", Refusal::name);
+                let why = gate.refusal().unwrap_or_default();
+                self.note_journal_refusal(class, reason, &why);
+                None
+            }
+            Admission::Held
+            | Admission::Queued
+            | Admission::ClassFull
+            | Admission::UnknownClass => None,
+        }
     }
 
     /// Counts a publish the journal could not take for want of space (or
@@ -768,43 +685,6 @@ impl Forwarder {
             .insert(Text::from_static(MESSAGE_ID_HEADER), id);
     }
 
-    /// A journal commit answered one append.
-    fn on_appended(
-        &mut self,
-        class: ClassId,
-        ack: AckTo,
-        result: Result<crate::journal::Appended, JournalError>,
-    ) {
-        self.appends_in_flight[class] = self.appends_in_flight[class].saturating_sub(1);
-        self.answered_deferred_acks += 1;
-        match result {
-            Ok(appended) => {
-                if appended.dropped_oldest > 0 {
-                    crate::ops::stats::add(
-                        &self.view.gauges[class].dropped_oldest,
-                        appended.dropped_oldest,
-                    );
-                }
-                self.queues[class].push_journal_only(appended.seq);
-                self.stats.record_publish(class, PublishOutcome::Journaled);
-                ack.answer(AckOutcome::Journaled);
-            }
-            Err(error) => {
-                // Full budget, full disk, a database reopening: retry later.
-                let code = if error.is_capacity() {
-                    ErrorCode::JournalFull
-                } else {
-                    ErrorCode::Internal
-                };
-                self.stats.record_rejection(class, code);
-                ack.answer(AckOutcome::Rejected {
-                    code,
-                    message: Text::from(error.to_string()),
-                });
-            }
-        }
-    }
-
     fn on_completion(&mut self, completion: Completion) {
         match completion {
             Completion::Appended { results, started } => {
@@ -820,7 +700,11 @@ impl Forwarder {
                             None => failures.push((class, 1, error.clone())),
                         }
                     }
-                    self.on_appended(class, ack, result);
+                    let result = result.map_err(|error| AppendFailed {
+                        capacity: error.is_capacity(),
+                        message: error.to_string(),
+                    });
+                    self.core.handle_appended(class, ack, result);
                 }
                 for (class, count, error) in failures {
                     if error.is_capacity() && !matches!(error, JournalError::Full { .. }) {
@@ -831,34 +715,30 @@ impl Forwarder {
                     }
                 }
             }
-            Completion::Refilled { class, result } => match result {
-                Ok(batch) => {
-                    let messages = batch
-                        .messages
-                        .into_iter()
-                        .map(|stored| (stored.seq, QueuedMessage::from(stored)))
-                        .collect();
-                    self.queues[class].finish_refill(messages, &batch.skipped);
-                }
-                Err(error) => {
-                    warn!(%error, class = self.class_name(class), "journal read failed; retrying in 1 s");
-                    self.queues[class].abort_refill();
-                    self.refill_retry_at[class] = Some(Instant::now() + SWEEP_INTERVAL);
-                }
-            },
+            Completion::Refilled { class, result } => {
+                let read = match result {
+                    Ok(batch) => Some(Refilled {
+                        messages: batch
+                            .messages
+                            .into_iter()
+                            .map(|stored| (stored.seq, QueuedMessage::from(stored)))
+                            .collect(),
+                        skipped: batch.skipped,
+                    }),
+                    Err(error) => {
+                        warn!(%error, class = self.class_name(class), "journal read failed; retrying in 1 s");
+                        None
+                    }
+                };
+                self.core.handle_refilled(class, read, now());
+            }
             Completion::Probed {
                 generation,
                 marks,
                 confirmed,
             } => {
-                self.probe_in_flight = false;
-                if generation != self.generation || !confirmed {
-                    return;
-                }
-                for (class, mark) in marks.into_iter().enumerate() {
-                    if mark > 0 {
-                        self.confirm(class, mark);
-                    }
+                for trim in self.core.handle_probed(generation, &marks, confirmed) {
+                    self.trim(trim);
                 }
             }
             Completion::JetStreamAcked {
@@ -867,53 +747,37 @@ impl Forwarder {
                 count,
                 confirmed,
             } => {
-                self.jetstream_in_flight[class] = false;
-                if generation != self.generation {
-                    return;
-                }
-                self.jetstream_verified[class] = confirmed;
-                if confirmed {
-                    self.confirm(class, count);
-                } else {
-                    // Not stored (stream not ready, JetStream down): the
-                    // whole unconfirmed part of the class goes again.
-                    self.queues[class].unsend_all();
+                if let Some(trim) = self
+                    .core
+                    .handle_jetstream_acked(class, generation, count, confirmed)
+                {
+                    self.trim(trim);
                 }
             }
             Completion::ConfirmFailed { class, through_seq } => {
-                let retry = &mut self.confirm_retry[class];
-                *retry = Some(retry.map_or(through_seq, |seq| seq.max(through_seq)));
+                self.core.handle_trim_failed(Trim { class, through_seq });
             }
             Completion::Maintained(health) => {
                 self.maintenance_in_flight = false;
                 if health.is_some_and(|health| health.refusing.is_none()) {
                     // Trims that failed while the journal could not commit.
-                    for class in 0..self.confirm_retry.len() {
-                        if let Some(seq) = self.confirm_retry[class].take() {
-                            self.trim(class, seq);
-                        }
+                    for trim in self.core.handle_journal_healthy() {
+                        self.trim(trim);
                     }
                 }
             }
             Completion::Expired { class, messages } => {
-                crate::ops::stats::add(&self.view.gauges[class].expired, messages);
-                self.queues[class].tail_expired(messages);
+                self.core.handle_journal_expired(class, messages);
             }
             Completion::Background => {}
         }
     }
 
-    /// NATS has the first `count` sent messages of `class`: let them go.
-    fn confirm(&mut self, class: ClassId, count: usize) {
-        if let Some(seq) = self.queues[class].confirm(count) {
-            self.trim(class, seq);
-        }
-    }
-
     /// Removes what NATS confirmed from the journal; a failure is retried
     /// once the journal commits again.
-    fn trim(&mut self, class: ClassId, through_seq: u64) {
+    fn trim(&mut self, trim: Trim) {
         let journal = self.journal.clone();
+        let Trim { class, through_seq } = trim;
         self.pending.push(Box::pin(async move {
             match journal.confirm(class, through_seq).await {
                 Ok(()) => Completion::Background,
@@ -931,21 +795,18 @@ impl Forwarder {
             .map_or("unknown", |spec| spec.name.as_str())
     }
 
-    /// Sends from the highest-priority class with unsent work, then asks
-    /// NATS to confirm.
+    /// Hands the core's next batch to NATS.
     async fn send_batch(&mut self) {
-        let Some(class) = self.sendable_class() else {
+        let Some(batch) = self.core.poll_send(self.nats.is_up()) else {
             return;
         };
-        let jetstream = self.classes.get(class).is_some_and(|spec| spec.jetstream);
-        if jetstream {
-            return self.send_jetstream_batch(class).await;
+        if batch.jetstream {
+            return self.send_jetstream_batch(batch).await;
         }
-        let batch = self.queues[class].take_unsent(SEND_BATCH);
+        let class = batch.class;
         let nats = self.nats.clone();
         let client = nats.client().clone();
-        let mut sent = 0u64;
-        let mut entries = batch.into_iter();
+        let mut entries = batch.entries.into_iter();
         while let Some(entry) = entries.next() {
             let result = match to_header_map(&entry.message.headers) {
                 // Polled once first: with room in the client's command
@@ -969,32 +830,36 @@ impl Forwarder {
                 Err(error) => Err(NotSent::Refused(error.to_string())),
             };
             match result {
-                Ok(()) => self.answer_sent(class, entry.ack),
+                Ok(()) => self.core.handle_handed(class, entry.ack),
                 Err(NotSent::Link) => {
-                    self.batch_interrupted(class, entry, entries);
+                    self.core
+                        .handle_interrupted(class, std::iter::once(entry).chain(entries));
+                    self.give_answers();
                     return;
                 }
-                Err(NotSent::Refused(reason)) => self.refused_by_nats(class, entry.ack, &reason),
+                Err(NotSent::Refused(reason)) => {
+                    self.note_nats_refusal(class, &reason);
+                    self.core.handle_refused_by_nats(class, entry.ack, &reason);
+                }
             }
-            sent += 1;
-        }
-        if sent > 0 {
-            self.start_probe();
+            // Each publisher hears as soon as its message is handed over,
+            // not after the whole batch.
+            self.give_answers();
         }
     }
 
     /// A JetStream class's batch: each message's PubAck is its confirmation.
-    async fn send_jetstream_batch(&mut self, class: ClassId) {
-        let limit = if self.jetstream_verified[class] {
-            SEND_BATCH
-        } else {
-            1
-        };
-        let batch = self.queues[class].take_unsent(limit);
+    async fn send_jetstream_batch(&mut self, batch: SendBatch<AckTo>) {
+        let SendBatch {
+            class,
+            generation,
+            entries,
+            ..
+        } = batch;
         let nats = self.nats.clone();
         let jetstream = async_nats::jetstream::new(nats.client().clone());
-        let mut acks = Vec::with_capacity(batch.len());
-        let mut entries = batch.into_iter();
+        let mut acks = Vec::with_capacity(entries.len());
+        let mut entries = entries.into_iter();
         while let Some(entry) = entries.next() {
             let headers = to_header_map(&entry.message.headers)
                 .ok()
@@ -1013,7 +878,7 @@ impl Forwarder {
             match sent {
                 Some(Ok(ack)) => {
                     acks.push(ack);
-                    self.answer_sent(class, entry.ack);
+                    self.core.handle_handed(class, entry.ack);
                 }
                 Some(Err(error))
                     if error.kind()
@@ -1021,19 +886,23 @@ impl Forwarder {
                 {
                     // Counted as sent, with no PubAck to wait for: the next
                     // confirmation releases it in order.
-                    self.refused_by_nats(class, entry.ack, &error.to_string());
+                    let reason = error.to_string();
+                    self.note_nats_refusal(class, &reason);
+                    self.core.handle_refused_by_nats(class, entry.ack, &reason);
                 }
                 _ => {
-                    self.batch_interrupted(class, entry, entries);
+                    self.core
+                        .handle_interrupted(class, std::iter::once(entry).chain(entries));
+                    self.give_answers();
                     return;
                 }
             }
+            self.give_answers();
         }
         if acks.is_empty() {
             return;
         }
-        self.jetstream_in_flight[class] = true;
-        let generation = self.generation;
+        self.core.handle_jetstream_sent(class);
         let count = acks.len();
         self.pending.push(Box::pin(async move {
             let mut confirmed = true;
@@ -1059,10 +928,8 @@ impl Forwarder {
     }
 
     /// NATS can never take this message (larger than its max_payload): it
-    /// is dropped, counted and logged, and its publisher, if it waits, is
-    /// told. It counts as sent, so the confirmation that follows releases
-    /// it (and its journal row) in order instead of sending it forever.
-    fn refused_by_nats(&mut self, class: ClassId, ack: Option<AckTo>, reason: &str) {
+    /// is dropped, counted and logged (the core tells its publisher).
+    fn note_nats_refusal(&mut self, class: ClassId, reason: &str) {
         let total = self
             .stats
             .nats_refused_drops
@@ -1077,55 +944,9 @@ impl Forwarder {
                 "NATS refuses a message (larger than its max_payload); dropped, counted in holdfast_messages_dropped_total{{reason=\"nats_refused\"}}"
             );
         }
-        if let Some(ack) = ack {
-            self.answered_deferred_acks += 1;
-            self.stats.record_rejection(class, ErrorCode::LimitExceeded);
-            ack.answer(AckOutcome::Rejected {
-                code: ErrorCode::LimitExceeded,
-                message: Text::from(format!("NATS refused the message: {reason}")),
-            });
-        }
     }
 
-    /// The send step handed an entry to NATS: answer its publisher, if one waits.
-    fn answer_sent(&mut self, class: ClassId, ack: Option<AckTo>) {
-        match ack {
-            Some(ack) => {
-                self.answered_deferred_acks += 1;
-                self.stats.record_publish(class, PublishOutcome::Forwarded);
-                ack.answer(AckOutcome::Forwarded);
-            }
-            None => crate::ops::stats::add(&self.view.gauges[class].replayed, 1),
-        }
-    }
-
-    fn start_probe(&mut self) {
-        if self.probe_in_flight {
-            return;
-        }
-        let now = tokio::time::Instant::now();
-        if now < self.next_probe_at && self.unconfirmed_core() < PROBE_EARLY_AT {
-            self.probe_waiting = true;
-            return;
-        }
-        self.next_probe_at = now + PROBE_SPACING;
-        self.probe_waiting = false;
-        self.probe_in_flight = true;
-        let marks: Vec<usize> = self
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(class, queue)| {
-                // JetStream classes are confirmed by their PubAcks.
-                let jetstream = self.classes.get(class).is_some_and(|spec| spec.jetstream);
-                if jetstream {
-                    0
-                } else {
-                    queue.unconfirmed()
-                }
-            })
-            .collect();
-        let generation = self.generation;
+    fn start_probe(&mut self, generation: u64, marks: Vec<usize>) {
         let client = self.nats.client().clone();
         let subject = self.probe_subject.clone();
         self.pending.push(Box::pin(async move {
@@ -1141,146 +962,44 @@ impl Forwarder {
         }));
     }
 
-    fn connection_lost(&mut self) {
-        self.generation += 1;
-        self.jetstream_verified.fill(false);
-        for class in 0..self.queues.len() {
-            self.queues[class].unsend_all();
-            for ack in self.queues[class].take_waiting_acks() {
-                self.answer_queued(class, ack);
-            }
+    /// Retention, journal maintenance, and compaction of a drained journal.
+    fn sweep(&mut self) {
+        let sweep = self.core.handle_sweep(
+            now(),
+            crate::util::wall_clock::unix_millis(),
+            self.nats.is_up(),
+            &JournalGate(&self.journal),
+        );
+        for (class, messages, bytes) in sweep.expired_in_memory {
+            warn!(
+                class = self.class_name(class),
+                messages,
+                bytes,
+                reason = "max_age",
+                "undelivered messages expired"
+            );
         }
-    }
-
-    /// The link dropped while a batch was being handed over: the entry that
-    /// failed and the rest stay queued (sent again later), and publishers
-    /// still waiting hear `Queued`.
-    fn batch_interrupted(
-        &mut self,
-        class: ClassId,
-        failed: Entry<AckTo>,
-        rest: impl Iterator<Item = Entry<AckTo>>,
-    ) {
-        for ack in std::iter::once(failed.ack)
-            .chain(rest.map(|entry| entry.ack))
-            .flatten()
-        {
-            self.answer_queued(class, ack);
-        }
-        self.connection_lost();
-    }
-
-    /// A publish that was to be forwarded now waits in memory instead.
-    fn answer_queued(&mut self, class: ClassId, ack: AckTo) {
-        self.answered_deferred_acks += 1;
-        self.stats.record_publish(class, PublishOutcome::Queued);
-        ack.answer(AckOutcome::Queued);
-    }
-
-    fn start_refills(&mut self) {
-        if !self.nats.is_up() {
-            // Nothing would be sent; keep the backlog on disk, not in memory.
-            return;
-        }
-        let now = Instant::now();
-        for class in 0..self.queues.len() {
-            if self.refill_retry_at[class].is_some_and(|at| now < at) {
-                continue;
-            }
-            // As many as fit the class's memory budget beside what the
-            // window holds, at the journal's average message size (at most
-            // REFILL_BATCH; one when the window is empty, so a budget smaller
-            // than one message still makes progress).
-            let queue = &self.queues[class];
-            let backlog = self.journal.backlog(class);
-            let average = backlog
-                .bytes
-                .checked_div(backlog.messages)
-                .unwrap_or(1)
-                .max(1);
-            let memory = self.classes.get(class).map_or(0, |spec| spec.memory_bytes);
-            let room = memory.saturating_sub(queue.window_bytes());
-            let mut count = usize::try_from(room / average)
-                .unwrap_or(REFILL_BATCH)
-                .min(REFILL_BATCH);
-            if count == 0 {
-                if !queue.window_is_empty() {
-                    // Confirmations will make room.
-                    continue;
-                }
-                count = 1;
-            }
-            let Some(after) = self.queues[class].start_refill(REFILL_LOW_WATER) else {
-                continue;
-            };
+        for (class, cutoff) in sweep.expire_journal {
             let journal = self.journal.clone();
+            let name = self.class_name(class).to_string();
             self.pending.push(Box::pin(async move {
-                let result = journal.read_after(class, after, count).await;
-                Completion::Refilled { class, result }
-            }));
-        }
-    }
-
-    fn release_barriers(&mut self) {
-        if self.barriers.is_empty() {
-            return;
-        }
-        // Answers may complete out of order across classes; counting them
-        // is close enough for a flush barrier and never waits forever.
-        let completed = self.answered_deferred_acks;
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.barriers)
-            .into_iter()
-            .partition(|(ticket, _)| *ticket <= completed);
-        self.barriers = waiting;
-        for (_, done) in ready {
-            let _ = done.send(());
-        }
-    }
-
-    /// Removes (and counts) undelivered messages older than their class's
-    /// `max_age`, in memory and in the journal.
-    fn expire(&mut self, now: u64) {
-        for (class, spec) in self.classes.specs().iter().enumerate() {
-            let cutoff = now.saturating_sub(spec.max_age.as_millis() as u64);
-            let (messages, bytes) = self.queues[class].expire_before(cutoff);
-            if messages > 0 {
-                crate::ops::stats::add(&self.view.gauges[class].expired, messages);
-                warn!(class = %spec.name, messages, bytes, reason = "max_age", "undelivered messages expired");
-            }
-            let journal_oldest = self.journal.backlog(class).oldest_accepted_ms;
-            if journal_oldest.is_some_and(|oldest| oldest < cutoff) {
-                let journal = self.journal.clone();
-                let name = spec.name.clone();
-                self.pending.push(Box::pin(async move {
-                    match journal.expire_older_than(class, cutoff).await {
-                        Ok(removed) => {
-                            if removed.messages > 0 {
-                                warn!(class = %name, messages = removed.messages, bytes = removed.bytes, reason = "max_age", "journaled messages expired");
-                            }
-                            Completion::Expired {
-                                class,
-                                messages: removed.messages,
-                            }
+                match journal.expire_older_than(class, cutoff).await {
+                    Ok(removed) => {
+                        if removed.messages > 0 {
+                            warn!(class = %name, messages = removed.messages, bytes = removed.bytes, reason = "max_age", "journaled messages expired");
                         }
-                        Err(error) => {
-                            warn!(%error, "journal expiry failed");
-                            Completion::Background
+                        Completion::Expired {
+                            class,
+                            messages: removed.messages,
                         }
                     }
-                }));
-            }
+                    Err(error) => {
+                        warn!(%error, "journal expiry failed");
+                        Completion::Background
+                    }
+                }
+            }));
         }
-    }
-
-    /// Retention, and compaction of a drained journal.
-    fn sweep(&mut self) {
-        // Expiry bounds what an outage can pile up. Once NATS is back the
-        // backlog drains within seconds, and expiring it then would only
-        // turn late messages into lost ones.
-        if !self.nats.is_up() {
-            self.expire(crate::util::wall_clock::unix_millis());
-        }
-        self.sync_tails_with_journal();
         if !self.maintenance_in_flight {
             // Free space, a database to reopen, damaged rows at the head.
             self.maintenance_in_flight = true;
@@ -1296,8 +1015,7 @@ impl Forwarder {
                 Completion::Maintained(health)
             }));
         }
-        let idle = self.last_activity.elapsed() >= COMPACT_AFTER_IDLE;
-        if idle && self.queues.iter().all(ClassQueue::is_empty) {
+        if sweep.compact {
             let journal = self.journal.clone();
             self.pending.push(Box::pin(async move {
                 match journal.compact_if_empty().await {
@@ -1307,39 +1025,41 @@ impl Forwarder {
                 }
                 Completion::Background
             }));
-            // Once per idle period is enough.
-            self.last_activity = Instant::now();
-        }
-    }
-
-    /// The journal expires messages on its own; tails that no longer exist
-    /// there are dropped from the queues so nothing waits for them.
-    fn sync_tails_with_journal(&mut self) {
-        for class in 0..self.queues.len() {
-            let in_journal = self.journal.backlog(class).messages;
-            let (queued, _) = self.queues[class].backlog();
-            if in_journal == 0 && queued > 0 && self.appends_in_flight[class] == 0 {
-                self.queues[class].tail_expired(queued);
-            }
         }
     }
 
     fn publish_gauges(&self) {
-        for (class, queue) in self.queues.iter().enumerate() {
+        for class in 0..self.classes.len() {
             let gauges = &self.view.gauges[class];
-            let (messages, memory_bytes) = queue.backlog();
+            let view = self.core.class_view(class);
             let journal = self.journal.backlog(class);
-            gauges.backlog_messages.store(messages, Ordering::Relaxed);
+            gauges
+                .backlog_messages
+                .store(view.messages, Ordering::Relaxed);
             gauges
                 .backlog_bytes
-                .store(memory_bytes.max(journal.bytes), Ordering::Relaxed);
-            let oldest = [queue.oldest_in_memory_ms(), journal.oldest_accepted_ms]
+                .store(view.memory_bytes.max(journal.bytes), Ordering::Relaxed);
+            let oldest = [view.oldest_in_memory_ms, journal.oldest_accepted_ms]
                 .into_iter()
                 .flatten()
                 .min()
                 .unwrap_or(0);
             gauges.oldest_accepted_ms.store(oldest, Ordering::Relaxed);
+            gauges.replayed.store(view.replayed, Ordering::Relaxed);
+            gauges.expired.store(view.expired, Ordering::Relaxed);
+            gauges
+                .dropped_oldest
+                .store(view.dropped_oldest, Ordering::Relaxed);
         }
+    }
+}
+
+/// Resolves at `deadline`; never when there is none (the branch is
+/// disabled then anyway).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(TokioInstant::from_std(deadline)).await,
+        None => std::future::pending().await,
     }
 }
 

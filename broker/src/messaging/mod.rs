@@ -5,6 +5,7 @@
 pub mod class_queue;
 pub mod classes;
 pub mod fanout;
+pub mod forward_core;
 pub mod forwarder;
 pub mod local_message;
 pub mod nats;
