@@ -30,12 +30,11 @@ use crate::messaging::forward_core::{
 use crate::messaging::nats::link::{probe_round_trip, NatsLink};
 use crate::messaging::nats_convert::{to_header_map, to_subject};
 use crate::ops::stats::{PublishOutcome, RelayStats};
-use crate::session::outbox::Outbox;
 use crate::util::drop_log::DropLog;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::{FutureExt, StreamExt};
 use holdfast_wire::chain::ChainStamper;
-use holdfast_wire::{AckOutcome, ErrorFrame, Frame, LinkStatus, PubAck, Text};
+use holdfast_wire::{AckOutcome, LinkStatus, Text};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,13 +65,22 @@ pub struct AckRequest {
     pub received: Option<Instant>,
 }
 
+/// Where a publisher hears how its publishes went. The forwarder answers
+/// with a typed outcome; the session turns it into a PUB_ACK, or an ERROR
+/// frame for a fire-and-forget publish that was refused.
+pub trait PublishAnswers: Send + Sync {
+    /// `outcome` for the publish `request` asked about. Called on the
+    /// forwarder's task: queue the answer, never wait for room.
+    fn answer(&self, request: &AckRequest, outcome: AckOutcome);
+}
+
 /// Where a publish's answer goes, kept while the answer waits (on a send
 /// or a commit).
 pub struct AckTo {
     /// `None` for a fire-and-forget publish on the memory path: its only
     /// possible answers (forwarded, queued) are not sent, so it holds no
-    /// handle on the session (three shared counters per message otherwise).
-    outbox: Option<Outbox>,
+    /// handle on the session.
+    answers: Option<Arc<dyn PublishAnswers>>,
     request: AckRequest,
     latency: Option<metrics::Histogram>,
 }
@@ -80,7 +88,7 @@ pub struct AckTo {
 impl AckHandle for AckTo {
     fn for_memory(self) -> AckTo {
         AckTo {
-            outbox: self.outbox.filter(|_| self.request.ack_id != 0),
+            answers: self.answers.filter(|_| self.request.ack_id != 0),
             ..self
         }
     }
@@ -88,38 +96,14 @@ impl AckHandle for AckTo {
 
 impl AckTo {
     pub fn answer(&self, outcome: AckOutcome) {
-        if let Some(outbox) = &self.outbox {
-            answer(outbox, &self.request, self.latency.as_ref(), outcome);
+        let Some(answers) = &self.answers else {
+            return;
+        };
+        if let (Some(histogram), Some(received)) = (&self.latency, self.request.received) {
+            histogram.record(received.elapsed().as_secs_f64());
         }
+        answers.answer(&self.request, outcome);
     }
-}
-
-/// Sends `outcome` for `request` to its session: a PUB_ACK, or an ERROR
-/// for a fire-and-forget publish that was refused.
-pub fn answer(
-    outbox: &Outbox,
-    request: &AckRequest,
-    latency: Option<&metrics::Histogram>,
-    outcome: AckOutcome,
-) {
-    if let (Some(histogram), Some(received)) = (latency, request.received) {
-        histogram.record(received.elapsed().as_secs_f64());
-    }
-    let frame = match outcome {
-        AckOutcome::Rejected { code, message } if request.ack_id == 0 => Frame::Error(ErrorFrame {
-            code,
-            reference: 0,
-            message,
-        }),
-        _ if request.ack_id == 0 => return,
-        outcome => Frame::PubAck(PubAck {
-            ack_id: request.ack_id,
-            outcome,
-            local_deliveries: request.local_deliveries,
-        }),
-    };
-    // A session that left no longer needs its answer.
-    let _ = outbox.send_ack(frame);
 }
 
 /// One publish handed to the forwarder.
@@ -133,7 +117,7 @@ pub struct Accept {
 /// answers go (batched per socket read, so the hand-over costs one channel
 /// operation per read, not per message).
 pub struct AcceptBatch {
-    pub outbox: Outbox,
+    pub answers: Arc<dyn PublishAnswers>,
     pub accepts: Vec<Accept>,
 }
 
@@ -511,7 +495,7 @@ impl Forwarder {
     async fn on_command(&mut self, command: Command) {
         self.core.handle_activity(now());
         match command {
-            Command::Accept(AcceptBatch { outbox, accepts }) => {
+            Command::Accept(AcceptBatch { answers, accepts }) => {
                 // Journal-bound messages, per class in acceptance order, go
                 // to the writer as one group each: one channel operation and
                 // one commit wait per class per batch, not per message.
@@ -519,7 +503,7 @@ impl Forwarder {
                     .map(|_| (Vec::new(), Vec::new()))
                     .collect();
                 for accept in accepts {
-                    if let Some((class, message, ack)) = self.accept(&outbox, accept) {
+                    if let Some((class, message, ack)) = self.accept(&answers, accept) {
                         to_journal[class].0.push(message);
                         to_journal[class].1.push(ack);
                     }
@@ -574,7 +558,11 @@ impl Forwarder {
     /// Takes one publish through the core: held in memory (answered now or
     /// once sent), refused, or bound for the journal — then it is returned,
     /// stamped, for the caller to submit with the rest of its batch.
-    fn accept(&mut self, outbox: &Outbox, accept: Accept) -> Option<(ClassId, NewMessage, AckTo)> {
+    fn accept(
+        &mut self,
+        answers: &Arc<dyn PublishAnswers>,
+        accept: Accept,
+    ) -> Option<(ClassId, NewMessage, AckTo)> {
         let Accept {
             class,
             mut message,
@@ -590,7 +578,7 @@ impl Forwarder {
         // commit can fail, and even a fire-and-forget publisher hears of
         // that (an ERROR frame), so the handle keeps its session.
         let ack = AckTo {
-            outbox: Some(outbox.clone()),
+            answers: Some(answers.clone()),
             request,
             latency: (request.ack_id != 0)
                 .then(|| self.ack_latency.get(class).cloned())

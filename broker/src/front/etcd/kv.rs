@@ -63,8 +63,7 @@ impl KvService {
         prefix: Bytes,
     ) -> Result<PbRangeResponse, Status> {
         let front = &self.front;
-        let snapshot =
-            bridge::cached(&front.discovery, &front.outboxes, prefix, READ_TIMEOUT).await?;
+        let snapshot = bridge::cached(&front.discovery, prefix, READ_TIMEOUT).await?;
         let cached = snapshot
             .entries
             .into_iter()
@@ -105,7 +104,7 @@ impl KvService {
         front.writes.may_write(&request.key, &[])?;
         let key = Bytes::from(request.key);
         let value = Bytes::from(request.value);
-        let (ack, answer) = front.outboxes.ack();
+        let (ack, answer) = bridge::ack();
         let previous = match front
             .owner
             .put(request.lease, key.clone(), value.clone(), ack)
@@ -185,7 +184,7 @@ impl KvService {
             .map_err(owner_status)?;
         let mut removed = Vec::with_capacity(own.len());
         for entry in own {
-            let (ack, answer) = front.outboxes.ack();
+            let (ack, answer) = bridge::ack();
             let deleted = front
                 .owner
                 .delete(entry.key.clone(), ack)
@@ -320,8 +319,7 @@ impl KvService {
                 }));
             }
         }
-        let cached =
-            bridge::cached(&front.discovery, &front.outboxes, key.clone(), READ_TIMEOUT).await;
+        let cached = bridge::cached(&front.discovery, key.clone(), READ_TIMEOUT).await;
         Ok(cached.ok().and_then(|snapshot| {
             snapshot
                 .entries

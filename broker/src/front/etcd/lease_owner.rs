@@ -237,7 +237,6 @@ pub async fn start(
     max_leases: usize,
     max_keys_per_lease: usize,
     registry: RegistryHandle,
-    orphan_acks: impl Fn() -> AckTo,
     stop: CancellationToken,
 ) -> (LeaseOwner, tokio::task::JoinHandle<()>) {
     let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
@@ -266,7 +265,7 @@ pub async fn start(
         id_counter: 0,
         stop: stop.clone(),
     };
-    task.restore(opened.leases, &orphan_acks).await;
+    task.restore(opened.leases).await;
     // Expired leases found at start leave the file now, not with the
     // first change after.
     task.save(false).await;
@@ -296,7 +295,7 @@ struct OwnerTask {
 }
 
 impl OwnerTask {
-    async fn restore(&mut self, saved: Vec<persist::SavedLease>, orphan_acks: &impl Fn() -> AckTo) {
+    async fn restore(&mut self, saved: Vec<persist::SavedLease>) {
         let now = unix_millis();
         let (mut live, mut expired, mut keys) = (0usize, 0usize, 0usize);
         for lease in saved {
@@ -312,7 +311,8 @@ impl OwnerTask {
                         Claimant::plain(owner),
                         key.clone(),
                         value.clone(),
-                        orphan_acks(),
+                        // Nobody waits: the relay restores these itself.
+                        AckTo::discarded(),
                     )
                     .await;
             }

@@ -133,14 +133,12 @@ pub async fn start(
         stats: ctx.stats.clone(),
         max_bytes: config.sessions.outbound_queue_bytes,
     };
-    let orphan = outboxes.clone();
     let (owner, owner_task) = lease_owner::start(
         config.etcd_front_leases_path(),
         config.etcd_front_legacy_leases_path(),
         MAX_LEASES,
         config.etcd.max_registrations_per_session,
         ctx.registry.clone(),
-        move || orphan.ack().0,
         stop.clone(),
     )
     .await;

@@ -26,13 +26,13 @@ use crate::keys::etcd::link::EtcdLink;
 use crate::ops::stats::bump;
 use crate::session::outbox::Outbox;
 use crate::util::drop_log::DropLog;
+use crate::util::reply::Reply;
 use crate::util::wall_clock::unix_millis;
 use bytes::Bytes;
 use cache::{Change, PrefixCache};
 use etcd_client::GetOptions;
 use holdfast_wire::{
-    ErrorCode, Frame, GetOutcome, GetResponse, KeyValue, LinkStatus, Snapshot, Text, WatchEvent,
-    WatchEventKind,
+    ErrorCode, Frame, GetOutcome, KeyValue, LinkStatus, Snapshot, Text, WatchEvent, WatchEventKind,
 };
 use session_pins::SessionPins;
 use std::collections::{BTreeMap, HashMap};
@@ -103,21 +103,17 @@ impl WatchRefused {
     }
 }
 
-/// Where a GET's answer goes.
-pub struct GetTo {
-    pub outbox: Outbox,
-    pub request_id: u64,
-}
+/// Where a GET's answer goes: a session turns it into its client's
+/// GET_RESPONSE, the etcd front end into a gRPC answer.
+pub struct GetTo(Reply<GetOutcome>);
 
 impl GetTo {
-    /// Queues the answer within the session's outbound limits: a client that
-    /// asks for snapshots and never reads them is a slow consumer, not a
-    /// way to grow the relay's memory.
+    pub fn new(reply: Reply<GetOutcome>) -> GetTo {
+        GetTo(reply)
+    }
+
     fn answer(self, outcome: GetOutcome) {
-        self.outbox.offer(Frame::GetResponse(GetResponse {
-            request_id: self.request_id,
-            outcome,
-        }));
+        self.0.send(outcome);
     }
 
     fn fail(self, code: ErrorCode, message: &str) {

@@ -2,7 +2,7 @@
 //! the relay owns for that session.
 //!
 //! One task owns the [`model::Registry`]; sessions send it commands over a
-//! bounded channel and get their REGISTER_ACKs through their outbox. The
+//! bounded channel and get a typed answer through the reply they pass. The
 //! task never waits on etcd itself: one etcd step at a time runs in a
 //! spawned future while commands keep being accepted, so a stopped etcd
 //! delays registrations (answered Buffered) and nothing else.
@@ -22,12 +22,12 @@ pub mod model;
 use crate::config::EtcdConfig;
 use crate::keys::etcd::link::EtcdLink;
 use crate::ops::stats::{add, bump};
-use crate::session::outbox::Outbox;
 use crate::util::drop_log::DropLog;
+use crate::util::reply::Reply;
 use bytes::Bytes;
 use etcd_steps::{Step, StepResult};
 use holdfast_wire::LinkStatus;
-use holdfast_wire::{ErrorCode, Frame, RegisterAck, RegistrationOutcome, Text};
+use holdfast_wire::{ErrorCode, RegistrationOutcome, Text};
 use model::{
     Change, Claimant, LeaseId, RegisterError, Registry, SessionId, MAX_TXN_BYTES, MAX_TXN_OPS,
 };
@@ -69,22 +69,9 @@ pub struct RegistryStats {
     pub reconcile_repairs: AtomicU64,
 }
 
-/// Where a registration's answer goes.
-pub struct AckTo {
-    pub outbox: Outbox,
-    pub request_id: u64,
-}
-
-impl AckTo {
-    fn send(self, outcome: RegistrationOutcome) {
-        let frame = Frame::RegisterAck(RegisterAck {
-            request_id: self.request_id,
-            outcome,
-        });
-        // A closed session no longer wants its answer.
-        let _ = self.outbox.send_ack(frame);
-    }
-}
+/// Where a registration's answer goes: a session turns it into its
+/// client's REGISTER_ACK, the etcd front end into a gRPC answer.
+pub type AckTo = Reply<RegistrationOutcome>;
 
 /// Which owners a [`RegistryHandle::first_held`] question is about.
 pub type OwnerFilter = fn(SessionId) -> bool;
