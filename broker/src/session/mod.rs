@@ -8,6 +8,7 @@
 //! `subscribe.rs`, `request.rs`, `keys.rs` (registrations, discovery reads
 //! and watches).
 
+mod decoded;
 pub mod frame_reader;
 mod keys;
 pub mod outbox;
@@ -16,6 +17,7 @@ mod request;
 mod subscribe;
 mod writer;
 
+pub use decoded::FrameSender;
 pub use publish::RELAY_HEADERS_ALLOWANCE;
 
 use crate::context::RelayContext;
@@ -26,8 +28,8 @@ use crate::messaging::forwarder::{Accept, PublishAnswers};
 use crate::ops::stats::{bump, Limit, RelayStats};
 use crate::ops::status;
 use crate::session::frame_reader::{BudgetedFrames, ReadBudgets};
-use crate::session::outbox::{outbox, Outbox};
-use futures::{FutureExt, StreamExt};
+use crate::session::outbox::{outbox, Outbox, OutboxReceiver};
+use futures::{FutureExt, Stream, StreamExt};
 use holdfast_wire::{
     AckOutcome, CodecError, ErrorCode, ErrorFrame, Frame, GoAway, Hello, LinkState, PubAck,
     Service, StatusResponse, Text, Welcome, PROTOCOL_VERSION,
@@ -52,7 +54,11 @@ pub type ByteReader = Box<dyn AsyncRead + Send + Unpin>;
 /// The write half of a connection, whatever the transport.
 pub type ByteWriter = Box<dyn AsyncWrite + Send + Unpin>;
 
-type Reader = BudgetedFrames<ByteReader>;
+/// Where a session's frames come from: a byte stream decoded by
+/// [`BudgetedFrames`], or frames a front end decoded from its own protocol.
+trait FrameSource: Stream<Item = Result<Frame, CodecError>> + Unpin + Send + 'static {}
+
+impl<T: Stream<Item = Result<Frame, CodecError>> + Unpin + Send + 'static> FrameSource for T {}
 
 /// Whether the session goes on after a frame.
 enum Flow {
@@ -145,12 +151,6 @@ pub async fn run_on_stream(
     ctx: Arc<RelayContext>,
     stream: StreamContext,
 ) {
-    let hello = stream.hello;
-    let id = ctx.next_session_id();
-    bump(&ctx.stats.sessions_total);
-    ctx.stats.sessions_active.fetch_add(1, Ordering::Relaxed);
-    let _active = ActiveGuard(ctx.stats.clone());
-
     let max_frame = ctx.config.relay.max_frame_bytes;
     let budgets = ReadBudgets::new(
         stream
@@ -159,16 +159,78 @@ pub async fn run_on_stream(
             .chain(std::iter::once(ctx.read_budget.clone()))
             .collect(),
     );
-    let mut reader = BudgetedFrames::new(read_half, max_frame, budgets, ctx.stats.clone());
+    let reader = BudgetedFrames::new(read_half, max_frame, budgets, ctx.stats.clone());
+    let (id, outbox, outbox_receiver) = open_outbox(&ctx);
+    let writer = tokio::spawn(writer::write_loop(write_half, outbox_receiver, max_frame));
+    serve_connection(id, reader, outbox, peer, ctx.clone(), stream.hello).await;
+    // The writer ends once it has written GO_AWAY or every outbox handle is
+    // gone; bound the wait so a peer that stopped reading cannot hold us.
+    if tokio::time::timeout(ctx.config.relay.shutdown_grace, writer)
+        .await
+        .is_err()
+    {
+        debug!(
+            session = id,
+            "writer did not finish in time; connection dropped"
+        );
+    }
+}
+
+/// A session for a front end that speaks another protocol (the NATS front
+/// end): it hands the session frames it decoded itself and renders the
+/// session's frames itself, with no byte stream in between.
+pub struct DecodedSession {
+    /// Where the front end sends the client's frames, a batch per read;
+    /// dropping it ends the session as a closed connection would.
+    pub frames: FrameSender,
+    /// The session's frames for the client. Take them with
+    /// [`OutboxReceiver::take`] and give their charge back with
+    /// [`OutboxReceiver::written`] once the client has their bytes, as the
+    /// session's own writer does; it ends (0 frames) when the session has.
+    pub answers: OutboxReceiver,
+    /// The session's task.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a session whose frames arrive decoded.
+pub fn start_decoded(peer: Peer, ctx: Arc<RelayContext>) -> DecodedSession {
+    let (frames, reader) = decoded::frame_channel();
+    let (id, outbox, answers) = open_outbox(&ctx);
+    let task = tokio::spawn(serve_connection(id, reader, outbox, peer, ctx, None));
+    DecodedSession {
+        frames,
+        answers,
+        task,
+    }
+}
+
+/// A new session's id and its outbox.
+fn open_outbox(ctx: &RelayContext) -> (u64, Outbox, OutboxReceiver) {
+    let id = ctx.next_session_id();
     let sessions = &ctx.config.sessions;
-    let (outbox, outbox_receiver) = outbox(
+    let (outbox, receiver) = outbox(
         id,
         sessions.outbound_queue_frames,
         sessions.outbound_queue_bytes,
         sessions.slow_consumer,
         ctx.stats.clone(),
     );
-    let writer = tokio::spawn(writer::write_loop(write_half, outbox_receiver, max_frame));
+    (id, outbox, receiver)
+}
+
+/// Runs session `id` on frames from `reader` until it ends, then releases
+/// what it held (subscriptions, registrations, watches).
+async fn serve_connection<R: FrameSource>(
+    id: u64,
+    mut reader: R,
+    outbox: Outbox,
+    peer: Peer,
+    ctx: Arc<RelayContext>,
+    hello: Option<tokio::sync::oneshot::Sender<()>>,
+) {
+    bump(&ctx.stats.sessions_total);
+    ctx.stats.sessions_active.fetch_add(1, Ordering::Relaxed);
+    let _active = ActiveGuard(ctx.stats.clone());
     let mut session = Session {
         id,
         ctx: ctx.clone(),
@@ -177,7 +239,7 @@ pub async fn run_on_stream(
         denials_logged: HashSet::new(),
         publish_answers: Arc::new(publish::AnswersToOutbox(outbox.clone())),
         outbox,
-        requests_in_flight: Arc::new(Semaphore::new(sessions.max_inflight_requests)),
+        requests_in_flight: Arc::new(Semaphore::new(ctx.config.sessions.max_inflight_requests)),
         accepts: Vec::new(),
         registered: HashSet::new(),
         registered_hasher: Default::default(),
@@ -197,24 +259,12 @@ pub async fn run_on_stream(
     if session.has_watches() {
         ctx.discovery.session_closed(id).await;
     }
-    drop(session);
-    // The writer ends once it has written GO_AWAY or every outbox handle is
-    // gone; bound the wait so a peer that stopped reading cannot hold us.
-    if tokio::time::timeout(ctx.config.relay.shutdown_grace, writer)
-        .await
-        .is_err()
-    {
-        debug!(
-            session = id,
-            "writer did not finish in time; connection dropped"
-        );
-    }
 }
 
 impl Session {
     async fn serve(
         &mut self,
-        reader: &mut Reader,
+        reader: &mut impl FrameSource,
         said_hello: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Ending {
         let Some(hello) = self.handshake(reader).await else {
@@ -419,7 +469,7 @@ impl Session {
     async fn on_ready_frames(
         &mut self,
         first: Option<Result<Frame, CodecError>>,
-        reader: &mut Reader,
+        reader: &mut impl FrameSource,
     ) -> Flow {
         let mut next = first;
         let mut handled = 0;
@@ -459,7 +509,7 @@ impl Session {
 
     /// Handles the frames that can be read without waiting, as a turn of
     /// the loop does; `None` when the client has really sent nothing.
-    async fn handle_ready_frame(&mut self, reader: &mut Reader) -> Option<Flow> {
+    async fn handle_ready_frame(&mut self, reader: &mut impl FrameSource) -> Option<Flow> {
         let first = reader.next().now_or_never()?;
         Some(self.on_ready_frames(first, reader).await)
     }
@@ -472,7 +522,7 @@ impl Session {
         !self.watches.is_empty()
     }
 
-    async fn handshake(&mut self, reader: &mut Reader) -> Option<Hello> {
+    async fn handshake(&mut self, reader: &mut impl FrameSource) -> Option<Hello> {
         let hello_timeout = self.ctx.config.sessions.hello_timeout;
         let first = match tokio::time::timeout(hello_timeout, reader.next()).await {
             Err(_) => {

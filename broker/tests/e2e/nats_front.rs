@@ -608,3 +608,73 @@ async fn a_graceful_relay_restart_keeps_nats_py_clients_connected_and_subscribed
     assert!(seen.iter().any(|line| line == "reconnected"), "{seen:?}");
     assert!(!seen.iter().any(|line| line == "closed"), "{seen:?}");
 }
+
+/// A NATS client that subscribes and then stops reading holds the relay to
+/// its connection's outbound bound (`sessions.outbound_queue_bytes`, frames
+/// and their rendered text alike), the excess is dropped and counted, and
+/// once it reads again it hears how many it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_subscriber_that_stops_reading_is_held_to_its_outbound_bound() {
+    const QUEUE_BYTES: usize = 1 << 20;
+    const MESSAGES: usize = 20_000;
+    const PAYLOAD: usize = 4096;
+    let config =
+        format!("{FRONT_CONFIG}[sessions]\noutbound_queue_bytes = {QUEUE_BYTES}\nslow_consumer = \"drop\"\n");
+    let stack = Stack::start_with_config(&config);
+    let mut stalled = tokio::net::TcpStream::connect(front_address(&stack.relay))
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"CONNECT {\"verbose\":false}\r\nSUB flood 1\r\nPING\r\n")
+        .await
+        .unwrap();
+    wait_for_local_subscriptions(&stack.relay, 1).await;
+    let before = crate::limits::relay_rss_mib(&stack.relay);
+    // 80 MB for a subscriber that reads none of it.
+    let publisher = stack.direct_nats().await;
+    let payload = bytes::Bytes::from(vec![b'x'; PAYLOAD]);
+    for _ in 0..MESSAGES {
+        publisher.publish("flood", payload.clone()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let dropped = within("the excess is dropped and counted", async {
+        loop {
+            let text = scrape(&stack.relay);
+            let dropped = metric(
+                &text,
+                "holdfast_messages_dropped_total",
+                &[("reason", "slow_consumer")],
+            )
+            .unwrap_or(0.0);
+            if dropped > (MESSAGES / 2) as f64 {
+                break dropped;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let grown = crate::limits::relay_rss_mib(&stack.relay) - before;
+    assert!(
+        grown < 32.0,
+        "the relay grew by {grown:.0} MiB for one stalled 1 MiB-bound subscriber ({dropped} dropped)"
+    );
+    // Reading again, the client gets what was kept and then the report.
+    let mut received = Vec::new();
+    let mut buffer = vec![0u8; 1 << 16];
+    within("the drop report", async {
+        loop {
+            let read = stalled.read(&mut buffer).await.unwrap();
+            assert_ne!(read, 0, "the relay closed the connection");
+            received.extend_from_slice(&buffer[..read]);
+            if received
+                .windows(14)
+                .any(|window| window == b"not keeping up")
+            {
+                break;
+            }
+        }
+    })
+    .await;
+    let kept = received.windows(10).filter(|w| w == b"MSG flood ").count();
+    assert!(kept > 0 && kept < MESSAGES / 2, "{kept} messages kept");
+}

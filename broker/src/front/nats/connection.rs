@@ -1,8 +1,9 @@
 //! One NATS client connection, translated to and from a relay session.
 //!
 //! Two halves run concurrently so neither direction can stall the other:
-//! the inbound half decodes the client's operations and writes frames to
-//! the session; the outbound half reads the session's frames and writes
+//! the inbound half decodes the client's operations and hands the session
+//! frames, a batch per read (no encoding: `session::start_decoded`); the
+//! outbound half takes the session's frames from its outbox and writes
 //! NATS protocol text to the client. The inbound half tells the outbound
 //! half what it needs to render answers (subscription ids, pending
 //! requests, verbose acks) over a channel it reads first, so a MESSAGE is
@@ -28,37 +29,33 @@ use crate::context::RelayContext;
 use crate::front::peer::Peer;
 use crate::messaging::fanout::{NATS_STATUS_DESCRIPTION_HEADER, NATS_STATUS_HEADER};
 use crate::session;
+use crate::session::outbox::{charged_bytes, OutboxReceiver};
 use bytes::{Bytes, BytesMut};
-use futures::{FutureExt, StreamExt};
 use holdfast_wire::nats_protocol::{
     encode_err, encode_info, encode_msg, encode_ok, encode_ping, encode_pong, encode_status_msg,
     ClientOp, ClientOpDecoder, ServerInfo, DEFAULT_MAX_PAYLOAD,
 };
 use holdfast_wire::subject::matches;
 use holdfast_wire::{
-    encode, AckOutcome, ErrorCode, Frame, FrameCodec, Headers, Hello, Ping, Pong, Publish,
-    Subscribe, Text, Unsubscribe, PROTOCOL_VERSION,
+    AckOutcome, ErrorCode, Frame, Headers, Hello, Ping, Pong, Publish, Subscribe, Text,
+    Unsubscribe, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-/// Bytes buffered in each direction of the pipe to the session.
-const PIPE_BYTES: usize = 256 * 1024;
-/// Protocol text rendered before it is written: what is already readable
-/// goes out in one write, up to this much. Without a cap, a client reading
-/// slowly while its session's writer kept the pipe full made the text grow
-/// beyond the session's `sessions.outbound_queue_bytes`.
-const TEXT_FLUSH_BYTES: usize = 256 * 1024;
+/// Frames taken from the session's outbox at a time; their text goes out
+/// in one write. They stay charged to the outbox until written, so a client
+/// reading slowly holds at most `sessions.outbound_queue_bytes` of them.
+const TAKE_FRAMES: usize = 256;
 /// Client bytes read at a time.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// How often the relay pings a NATS client, and how many may go unanswered.
@@ -117,15 +114,7 @@ pub async fn refuse(mut stream: TcpStream, reason: &'static str) {
 /// Serves one NATS client until it or its session ends.
 pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<RelayContext>) {
     let (client_read, client_write) = stream.into_split();
-    let (front, session_end) = tokio::io::duplex(PIPE_BYTES);
-    let (session_read, session_write) = tokio::io::split(session_end);
-    let session = tokio::spawn(session::run(
-        Box::new(session_read),
-        Box::new(session_write),
-        Peer::NatsProtocol { address },
-        ctx.clone(),
-    ));
-    let (from_session, to_session) = tokio::io::split(front);
+    let session = session::start_decoded(Peer::NatsProtocol { address }, ctx.clone());
     let client_id = NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed);
     let max_frame = ctx.config.relay.max_frame_bytes;
     // What nats-server takes (its default until the relay has connected),
@@ -156,7 +145,9 @@ pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<R
     let outbound = Outbound {
         info: info.clone(),
         client: client_write,
-        frames: FramedRead::new(from_session, FrameCodec::new(max_frame)),
+        answers: session.answers,
+        taken: Vec::with_capacity(TAKE_FRAMES),
+        unwritten: 0,
         events: event_receiver,
         unsubscribes,
         origin: origin.clone(),
@@ -171,12 +162,11 @@ pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<R
     let outbound_task = tokio::spawn(outbound.run(info_text, closed.clone()));
     let inbound = Inbound {
         client: client_read,
-        session: to_session,
+        session: session.frames,
         decoder: ClientOpDecoder::new(max_payload),
         events,
         unsubscribes: unsubscribe_receiver,
         origin,
-        max_frame,
         echo: true,
         verbose: false,
         said_hello: false,
@@ -185,28 +175,28 @@ pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<R
         next_sid: 1,
         next_ack_id: 1,
         next_ping: 1,
-        frames: BytesMut::new(),
+        frames: Vec::new(),
     };
     inbound.run(closed.clone()).await;
-    // The session sees its input end; the outbound half writes what is
-    // left (an -ERR, the last PONG) and ends when the session does.
+    // Dropping the frame sender ended the session's input; the outbound
+    // half writes what is left (an -ERR, the last PONG) and ends when the
+    // session does.
     let grace = ctx.config.relay.shutdown_grace;
     if tokio::time::timeout(grace, outbound_task).await.is_err() {
         debug!(peer = %address, "NATS client did not take its last bytes in time");
     }
-    let _ = tokio::time::timeout(grace, session).await;
+    let _ = tokio::time::timeout(grace, session.task).await;
     debug!(peer = %address, "NATS client connection ended");
 }
 
 /// Client → session.
 struct Inbound {
     client: OwnedReadHalf,
-    session: WriteHalf<DuplexStream>,
+    session: session::FrameSender,
     decoder: ClientOpDecoder,
     events: mpsc::Sender<Event>,
     unsubscribes: mpsc::UnboundedReceiver<u32>,
     origin: Text,
-    max_frame: u32,
     echo: bool,
     verbose: bool,
     said_hello: bool,
@@ -218,7 +208,8 @@ struct Inbound {
     next_sid: u32,
     next_ack_id: u64,
     next_ping: u64,
-    frames: BytesMut,
+    /// Frames of the current read, handed to the session in one batch.
+    frames: Vec<Frame>,
 }
 
 impl Inbound {
@@ -260,7 +251,7 @@ impl Inbound {
         if let Some(nats_sid) = self.nats_sids.remove(&sid) {
             self.subscriptions.remove(&nats_sid);
         }
-        self.push(&Frame::Unsubscribe(Unsubscribe { sid }));
+        self.push(Frame::Unsubscribe(Unsubscribe { sid }));
     }
 
     /// Handles every complete operation in `buffer`; false ends the connection.
@@ -291,7 +282,7 @@ impl Inbound {
                 ClientOp::Connect(connect) => connect.name.clone(),
                 _ => None,
             };
-            self.push(&Frame::Hello(Hello {
+            self.push(Frame::Hello(Hello {
                 min_version: PROTOCOL_VERSION,
                 max_version: PROTOCOL_VERSION,
                 client_name: Text::from(name.unwrap_or_else(|| "nats-client".to_string())),
@@ -333,7 +324,7 @@ impl Inbound {
             } => {
                 if let Some(old) = self.subscriptions.remove(&nats_sid) {
                     self.nats_sids.remove(&old);
-                    self.push(&Frame::Unsubscribe(Unsubscribe { sid: old }));
+                    self.push(Frame::Unsubscribe(Unsubscribe { sid: old }));
                     self.send_event(Event::Unsubscribed { sid: old }).await;
                 }
                 let sid = self.next_sid;
@@ -348,7 +339,7 @@ impl Inbound {
                 if !self.send_event(event).await {
                     return false;
                 }
-                self.push(&Frame::Subscribe(Subscribe {
+                self.push(Frame::Subscribe(Subscribe {
                     sid,
                     subject,
                     queue_group,
@@ -368,7 +359,7 @@ impl Inbound {
                         _ => {
                             self.subscriptions.remove(&nats_sid);
                             self.nats_sids.remove(&sid);
-                            self.push(&Frame::Unsubscribe(Unsubscribe { sid }));
+                            self.push(Frame::Unsubscribe(Unsubscribe { sid }));
                             self.send_event(Event::Unsubscribed { sid }).await;
                         }
                     }
@@ -378,12 +369,12 @@ impl Inbound {
             ClientOp::Ping => {
                 let nonce = self.next_ping;
                 self.next_ping += 1;
-                self.push(&Frame::Ping(Ping { nonce }));
+                self.push(Frame::Ping(Ping { nonce }));
                 false
             }
             ClientOp::Pong => {
                 // Heard from the client: keeps the session's idle clock going.
-                self.push(&Frame::Pong(Pong { nonce: 0 }));
+                self.push(Frame::Pong(Pong { nonce: 0 }));
                 self.send_event(Event::PongReceived).await;
                 false
             }
@@ -417,7 +408,7 @@ impl Inbound {
             }
             None => 0,
         };
-        self.push(&Frame::Publish(Publish {
+        self.push(Frame::Publish(Publish {
             ack_id,
             subject,
             reply,
@@ -427,26 +418,23 @@ impl Inbound {
         }));
     }
 
-    fn push(&mut self, frame: &Frame) {
-        if let Err(error) = encode(frame, self.max_frame, &mut self.frames) {
-            // The decoder's payload limit keeps frames under the relay's.
-            debug!(%error, "NATS operation too large for a relay frame; dropped");
-        }
+    fn push(&mut self, frame: Frame) {
+        self.frames.push(frame);
     }
 
     async fn send_event(&mut self, event: Event) -> bool {
-        // Frames already encoded go first, so the outbound half learns of a
-        // subscription no later than the session does.
+        // Sent before the batch holding the frame it is about, so the
+        // outbound half learns of a subscription no later than the session.
         self.events.send(event).await.is_ok()
     }
 
+    /// Hands the session the frames of this read; false once it is gone.
     async fn flush(&mut self) -> bool {
         if self.frames.is_empty() {
             return true;
         }
-        let written = self.session.write_all(&self.frames).await;
-        self.frames.clear();
-        written.is_ok()
+        let batch = std::mem::take(&mut self.frames);
+        self.session.send(batch).await.is_ok()
     }
 }
 
@@ -464,7 +452,12 @@ struct Outbound {
     /// when the relay stops.
     info: ServerInfo,
     client: OwnedWriteHalf,
-    frames: FramedRead<ReadHalf<DuplexStream>, FrameCodec>,
+    /// The session's frames for this client.
+    answers: OutboxReceiver,
+    /// Frames taken from `answers`, rendered one by one.
+    taken: Vec<Frame>,
+    /// The outbox charge of frames rendered but not yet written.
+    unwritten: usize,
     events: mpsc::Receiver<Event>,
     unsubscribes: mpsc::UnboundedSender<u32>,
     origin: Text,
@@ -490,11 +483,8 @@ impl Outbound {
             SERVER_PING_INTERVAL,
         );
         loop {
-            if !self.text.is_empty() {
-                if self.client.write_all(&self.text).await.is_err() {
-                    break;
-                }
-                self.text.clear();
+            if !self.write_text().await {
+                break;
             }
             let next = tokio::select! {
                 biased;
@@ -504,31 +494,10 @@ impl Outbound {
                     // its last frames still get rendered.
                     None => self.drain_session().await,
                 },
-                frame = self.frames.next() => match frame {
-                    Some(Ok(frame)) => {
-                        // Events first, before each frame, as in the biased
-                        // select: the inbound half announces a SUB before it
-                        // sends it, and the answer to it (a refusal) must
-                        // find what was announced, or both halves would keep
-                        // the subscription forever.
-                        let mut next = self.take_events();
-                        if matches!(next, Next::Continue) {
-                            next = self.on_frame(frame);
-                        }
-                        // Everything already readable goes out in one write.
-                        while matches!(next, Next::Continue) && self.text.len() < TEXT_FLUSH_BYTES {
-                            next = self.take_events();
-                            if !matches!(next, Next::Continue) {
-                                break;
-                            }
-                            match self.frames.next().now_or_never() {
-                                Some(Some(Ok(frame))) => next = self.on_frame(frame),
-                                _ => break,
-                            }
-                        }
-                        next
-                    }
-                    _ => Next::Close,
+                taken = self.answers.take(&mut self.taken, TAKE_FRAMES) => match taken {
+                    // The session ended and every frame was rendered.
+                    0 => Next::Close,
+                    _ => self.on_taken(),
                 },
                 _ = pings.tick() => {
                     if self.pings_outstanding >= MAX_PINGS_OUTSTANDING {
@@ -542,9 +511,7 @@ impl Outbound {
                 }
             };
             if let Next::Close = next {
-                if !self.text.is_empty() {
-                    let _ = self.client.write_all(&self.text).await;
-                }
+                let _ = self.write_text().await;
                 break;
             }
         }
@@ -552,17 +519,56 @@ impl Outbound {
         closed.cancel();
     }
 
+    /// Writes the rendered text, then gives the outbox back the charge of
+    /// the frames it came from; false when the client is gone.
+    async fn write_text(&mut self) -> bool {
+        if !self.text.is_empty() {
+            if self.client.write_all(&self.text).await.is_err() {
+                return false;
+            }
+            self.text.clear();
+        }
+        self.answers.written(std::mem::take(&mut self.unwritten));
+        true
+    }
+
+    /// Renders the frames just taken from the outbox.
+    fn on_taken(&mut self) -> Next {
+        let drops = self.answers.take_unreported_drops();
+        if drops > 0 {
+            // As the session's own writer tells a framed client.
+            let message = Text::from(format!(
+                "{drops} message(s) dropped: this connection's subscriptions are not keeping up"
+            ));
+            self.report(ErrorCode::SlowConsumer, &message, None);
+        }
+        let mut taken = std::mem::take(&mut self.taken);
+        let mut next = Next::Continue;
+        for frame in taken.drain(..) {
+            self.unwritten += charged_bytes(&frame);
+            if matches!(next, Next::Close) {
+                // Not rendered, but still charged: given back with the rest.
+                continue;
+            }
+            // Events first, before each frame, as in the biased select: the
+            // inbound half announces a SUB before it sends it, and the
+            // answer to it (a refusal) must find what was announced, or
+            // both halves would keep the subscription forever.
+            next = self.take_events();
+            if matches!(next, Next::Continue) {
+                next = self.on_frame(frame);
+            }
+        }
+        self.taken = taken;
+        next
+    }
+
     /// Renders the session's remaining frames after the client stopped sending.
     async fn drain_session(&mut self) -> Next {
-        while let Some(Ok(frame)) = self.frames.next().await {
-            if let Next::Close = self.on_frame(frame) {
+        while self.answers.take(&mut self.taken, TAKE_FRAMES).await > 0 {
+            let next = self.on_taken();
+            if !self.write_text().await || matches!(next, Next::Close) {
                 break;
-            }
-            if !self.text.is_empty() {
-                if self.client.write_all(&self.text).await.is_err() {
-                    break;
-                }
-                self.text.clear();
             }
         }
         Next::Close

@@ -2,9 +2,10 @@
 //! clients connect here as they would to nats-server.
 //!
 //! Each TCP connection becomes an ordinary relay session: the connection
-//! task translates NATS protocol operations into framed-protocol frames and
-//! feeds them to [`crate::session::run`] over an in-memory pipe, and turns
-//! the session's frames back into NATS protocol text. So a NATS client gets
+//! task translates NATS protocol operations into frames and hands them to
+//! the session as values ([`crate::session::start_decoded`]; nothing is
+//! encoded in between), and renders the session's frames, taken from its
+//! outbox, as NATS protocol text. So a NATS client gets
 //! exactly the relay's semantics (classification, journal, replay, local
 //! delivery, shared upstream subscriptions, limits, access defaults) with
 //! no second implementation of any of them. See `connection.rs`.
