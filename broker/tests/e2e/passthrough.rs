@@ -163,7 +163,8 @@ async fn requests_work_in_both_directions() {
             responder.publish(reply, text.into()).await.unwrap();
         }
     });
-    nats.flush().await.unwrap();
+    // flush only writes the SUB; a round trip knows the server has it.
+    crate::support::nats_round_trip(&nats).await;
     let reply = client.request("svc.upper", "hello").await.unwrap();
     assert_eq!(reply.payload, Bytes::from("HELLO"));
 
