@@ -14,6 +14,10 @@ pub enum BenchError {
     /// A required program is missing.
     #[error("{0}")]
     Missing(String),
+    /// Starting, stopping or reading a server failed; the kit's message
+    /// names the binary, its address and the end of its log.
+    #[error(transparent)]
+    Processes(#[from] holdfast_testkit::Error),
 }
 
 /// `Result` with [`BenchError`].

@@ -8,12 +8,13 @@
 //! and an absolute target below the floor cannot be met by any relay.
 //!
 //! The echo side is this executable started again with `--socket-echo
-//! PATH` ([`serve_echo`]); [`SocketFloor`] owns that child and kills it by
-//! PID when dropped, however the measurement ends.
+//! PATH` ([`serve_echo`]); [`SocketFloor`] owns that child in a
+//! `holdfast_testkit::Process`, which kills it by PID when dropped, however
+//! the measurement ends.
 
 use crate::error::{BenchError, Context, Result};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,7 +32,7 @@ const ROUND_TRIP_LIMIT: Duration = Duration::from_secs(5);
 /// The echo process and a connection to it.
 pub struct SocketFloor {
     stream: UnixStream,
-    _echo: EchoProcess,
+    _echo: holdfast_testkit::Process,
     _dir: TempDir,
 }
 
@@ -41,14 +42,14 @@ impl SocketFloor {
         let dir = tempfile::tempdir().context("creating the socket floor's temp dir")?;
         let path = dir.path().join("echo.sock");
         let executable = std::env::current_exe().context("finding holdfast-bench itself")?;
-        let child = Command::new(executable)
-            .arg("--socket-echo")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting the socket floor's echo process")?;
-        let echo = EchoProcess(child);
+        let mut echo = holdfast_testkit::Process::default();
+        echo.spawn(
+            Command::new(executable)
+                .arg("--socket-echo")
+                .arg(&path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null()),
+        )?;
         let deadline = Instant::now() + START_LIMIT;
         let stream = loop {
             match UnixStream::connect(&path).await {
@@ -91,16 +92,6 @@ impl SocketFloor {
             }
         }
         Ok(latencies)
-    }
-}
-
-/// The echo child, killed (SIGKILL, by PID) and reaped when dropped.
-struct EchoProcess(Child);
-
-impl Drop for EchoProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -339,14 +339,10 @@ async fn next_line(
         .expect("the CLI closed stdout")
 }
 
-/// Sends `signal` (e.g. "TERM") to the child, as an operator or supervisor would.
-fn send_signal(child: &Child, signal: &str) {
-    let pid = child.id().expect("the CLI is running").to_string();
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+/// Sends `signal` to the child, as an operator or supervisor would.
+fn send_signal(child: &Child, signal: holdfast_testkit::Signal) {
+    let pid = child.id().expect("the CLI is running");
+    holdfast_testkit::send_signal(pid, signal).unwrap();
 }
 
 #[tokio::test]
@@ -476,7 +472,7 @@ async fn register_holds_the_key_reports_etcd_changes_and_deregisters_on_sigterm(
     );
     assert_eq!(next_line(&mut lines).await, "etcd up");
 
-    send_signal(&child, "TERM");
+    send_signal(&child, holdfast_testkit::Signal::Terminate);
     let deregister = match connection.recv_answering_pings().await {
         Frame::Deregister(deregister) => deregister,
         other => panic!("expected DEREGISTER, got {other:?}"),
@@ -526,7 +522,7 @@ async fn watch_prints_one_line_per_event_until_sigint() {
     assert_eq!(next_line(&mut lines).await, "SYNCED rev=5");
     assert_eq!(next_line(&mut lines).await, "DELETE workers/a rev=6");
 
-    send_signal(&child, "INT");
+    send_signal(&child, holdfast_testkit::Signal::Interrupt);
     match connection.recv_answering_pings().await {
         Frame::Unwatch(unwatch) => assert_eq!(unwatch.watch_id, watch.watch_id),
         other => panic!("expected UNWATCH, got {other:?}"),

@@ -330,7 +330,7 @@ impl EtcdCluster {
             .stderr(log)
             .spawn()
             .expect("start etcd");
-        this.process.started(child);
+        this.process.adopt(child);
     }
 
     /// SIGKILL one member.
