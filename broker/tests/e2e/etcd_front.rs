@@ -4,6 +4,7 @@
 //! outage, an empty etcd and a relay restart.
 
 use crate::support::{free_port, within, EtcdServer, NatsServer, Relay, WAIT};
+use crate::waiting::{lease_gone, lease_renewed, lease_ttl};
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
     WatchOptions,
@@ -421,12 +422,25 @@ fn etcdctl_run(etcdctl: &Path, endpoint: &str, args: &[&str]) -> String {
 }
 
 fn connection_lost_count(relay: &crate::support::Relay) -> f64 {
+    ended_count(relay, "connection_lost")
+}
+
+/// Relay leases ended for `reason`.
+fn ended_count(relay: &crate::support::Relay, reason: &str) -> f64 {
     crate::support::metric(
         &crate::support::scrape(relay),
         "holdfast_etcd_front_leases_ended_total",
-        &[("reason", "connection_lost")],
+        &[("reason", reason)],
     )
     .unwrap_or(0.0)
+}
+
+/// The upstream lease etcd itself holds `key` under.
+async fn upstream_lease(etcd: &mut Client, key: &str) -> i64 {
+    let found = etcd.get(key, None).await.unwrap();
+    let lease = found.kvs().first().map(|kv| kv.lease()).unwrap_or(0);
+    assert_ne!(lease, 0, "{key} is in etcd under a lease");
+    lease
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -505,6 +519,10 @@ async fn a_killed_rust_client_takes_its_keys_out_of_etcd_within_2s() {
     let (kept, was_kept) = tokio::sync::oneshot::channel();
     worker.spawn(async move {
         let mut client = Client::connect([endpoint], None).await.unwrap();
+        // Opening the stream renews the lease once, this renews it again:
+        // a stream that renewed twice is a long-lived keeper to the relay,
+        // not a one-shot renewal (etcdctl keep-alive --once) whose process
+        // exited, so breaking it ends its leases.
         let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.unwrap();
         keeper.keep_alive().await.unwrap();
         let _ = answers.message().await.unwrap();
@@ -513,8 +531,6 @@ async fn a_killed_rust_client_takes_its_keys_out_of_etcd_within_2s() {
         drop((client, keeper, answers));
     });
     was_kept.await.unwrap();
-    // Open longer than a one-shot renewal (etcdctl keep-alive --once) is.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
     worker.shutdown_background();
     let killed = Instant::now();
     wait_in_etcd(&mut etcd, "v1/killed/rust", None, Duration::from_secs(2)).await;
@@ -532,7 +548,7 @@ async fn a_keepalive_stream_the_client_ends_leaves_the_lease_to_its_ttl() {
     let stack = FrontStack::start("");
     let mut front = stack.front().await;
     let mut etcd = stack.etcd.client().await;
-    let lease = front.lease_grant(4, None).await.unwrap().id();
+    let lease = front.lease_grant(3, None).await.unwrap().id();
     front
         .put(
             "v1/ended/a",
@@ -561,19 +577,22 @@ async fn a_keepalive_stream_the_client_ends_leaves_the_lease_to_its_ttl() {
                 &["lease", "keep-alive", "--once", &hex],
             )
         });
-        assert!(once.contains("TTL(4)"), "{once}");
+        assert!(once.contains("TTL(3)"), "{once}");
     }
     let ended = Instant::now();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         value_in(&mut etcd, "v1/ended/a", None).await.as_deref(),
         Some("up"),
         "the lease lives on its TTL"
     );
     assert!(front.lease_time_to_live(lease, None).await.unwrap().ttl() > 0);
-    // Then the TTL passes.
+    // Then the TTL passes, and the lease ends by expiring, not with its
+    // stream: well after the stream ended (about 3 s, not at once).
     wait_in_etcd(&mut etcd, "v1/ended/a", None, Duration::from_secs(6)).await;
-    assert!(ended.elapsed() > Duration::from_secs(2));
+    let gone_after = ended.elapsed();
+    eprintln!("the ended stream's key gone after {gone_after:?}");
+    assert!(gone_after > Duration::from_millis(1500), "{gone_after:?}");
+    assert_eq!(ended_count(&stack.relay, "expired"), 1.0);
     assert_eq!(connection_lost_count(&stack.relay), 0.0);
 }
 
@@ -609,10 +628,18 @@ async fn leases_reads_and_registrations_carry_on_through_an_etcd_outage() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Longer than the lease's TTL: it lives because it is kept alive.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let alive = front.lease_time_to_live(lease, None).await.unwrap();
-    assert!(alive.ttl() > 0, "lease kept alive through the outage");
+    // The relay's own account of the lease's remaining TTL shows it renewed
+    // during the outage, twice: it lives because it is kept alive.
+    let renewed = lease_renewed(
+        "the front end lease during the etcd outage",
+        || {
+            let mut reader = front.clone();
+            async move { lease_ttl(&mut reader, lease).await }
+        },
+        2,
+    )
+    .await;
+    eprintln!("lease renewed twice within {renewed:?} during the outage");
     let stale = front.get("v1/out/", serializable()).await.unwrap();
     assert_eq!(stale.kvs().len(), 1, "answered from the cache");
     // Registrations made now are buffered.
@@ -711,10 +738,13 @@ async fn a_relay_restart_within_the_ttl_keeps_leases_and_keys() {
         .watch("v1/restart/", Some(WatchOptions::new().with_prefix()))
         .await
         .unwrap();
+    let first_upstream = upstream_lease(&mut etcd, "v1/restart/a").await;
     let status = tokio::task::block_in_place(|| stack.relay.terminate());
     assert!(status.success(), "holdfastd exited with {status:?}");
     stack.relay.restart();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The stopped relay's upstream lease runs out (etcd's clock); the key
+    // outlives it only if the restarted relay registered it again.
+    lease_gone(&mut etcd, first_upstream).await;
     let mut front = stack.front().await;
     let alive = front.lease_time_to_live(lease, None).await.unwrap();
     assert!(alive.ttl() > 0, "the lease survived the restart");
@@ -726,8 +756,8 @@ async fn a_relay_restart_within_the_ttl_keeps_leases_and_keys() {
         Some("1"),
         "registered again under the new relay"
     );
-    let upstream = etcd.get("v1/restart/a", None).await.unwrap();
-    assert_ne!(upstream.kvs()[0].lease(), 0);
+    let second_upstream = upstream_lease(&mut etcd, "v1/restart/a").await;
+    assert_ne!(second_upstream, first_upstream);
 
     // SIGKILL right after an acknowledged put: the table was saved before
     // the answer, so the key is registered again too.
@@ -740,7 +770,7 @@ async fn a_relay_restart_within_the_ttl_keeps_leases_and_keys() {
         .await
         .unwrap();
     stack.relay.restart();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    lease_gone(&mut etcd, second_upstream).await;
     let mut front = stack.front().await;
     assert!(front.lease_time_to_live(lease, None).await.unwrap().ttl() > 0);
     for (key, value) in [("v1/restart/a", "1"), ("v1/restart/b", "2")] {

@@ -5,7 +5,9 @@
 //! unreachable on its socket and `/livez`, spinning at 114 % CPU.
 
 use crate::bad_input::hello;
-use crate::support::{free_port, metric, scrape, within, EtcdServer, NatsServer, Relay, WAIT};
+use crate::support::{
+    free_port, metric, scrape, wait_until_async, within, EtcdServer, NatsServer, Relay, WAIT,
+};
 use bytes::BytesMut;
 use etcd_client::{Client, PutOptions, WatchOptions};
 use holdfast_wire::{ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION};
@@ -100,6 +102,9 @@ fn ops_get(relay: &Relay, path: &str, limit: Duration) -> Option<u16> {
     response.split(' ').nth(1)?.parse().ok()
 }
 
+/// The shortest lease TTL the front end grants (`MIN_TTL_SECONDS`).
+const SHORT_TTL: i64 = 2;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_alive_leases_cost_little_disk_and_survive_a_crash() {
     let mut stack = FrontStack::start("", None);
@@ -140,34 +145,46 @@ async fn kept_alive_leases_cost_little_disk_and_survive_a_crash() {
         }
     };
     within("the 12 keys in etcd", everything_upstream).await;
-    // A short lease, whose expiry the keepalives below move well past the
-    // one saved with its grant (its TTL and a half).
-    let short = front.lease_grant(4, None).await.unwrap().id();
+    // A short lease (the front end's shortest TTL), whose expiry the
+    // keepalives below move past the one saved with its grant (its TTL and
+    // a half: 3 s).
+    let short = front.lease_grant(SHORT_TTL, None).await.unwrap().id();
+    let granted = Instant::now();
     front
         .put("v1/short", "up", Some(PutOptions::new().with_lease(short)))
         .await
         .unwrap();
 
-    // Keep both alive every 500 ms for 7 s.
+    // Keep both alive every 500 ms until the short lease's saved expiry
+    // has passed, on the relay's clock too (it granted the lease before
+    // `granted`): only an expiry the keepalives saved keeps it after the
+    // crash below. Nothing shows that time passing but the time.
     let written_before = stack.relay.bytes_written();
     let (mut big_keeper, mut big_answers) = front.lease_keep_alive(big).await.unwrap();
     let (mut short_keeper, mut short_answers) = front.lease_keep_alive(short).await.unwrap();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(7) {
+    let saved_expiry = Duration::from_secs(SHORT_TTL as u64 * 3 / 2);
+    let mut rounds = 0;
+    while granted.elapsed() < saved_expiry + Duration::from_millis(100) {
         big_keeper.keep_alive().await.unwrap();
         short_keeper.keep_alive().await.unwrap();
-        for (answers, ttl) in [(&mut big_answers, 30), (&mut short_answers, 4)] {
+        for (answers, ttl) in [(&mut big_answers, 30), (&mut short_answers, SHORT_TTL)] {
             let answer = within("a keepalive answer", answers.message())
                 .await
                 .unwrap()
                 .expect("an answer");
             assert_eq!(answer.ttl(), ttl);
         }
+        rounds += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let written = stack.relay.bytes_written() - written_before;
-    eprintln!("the relay wrote {written} bytes during 7 s of keepalives");
-    // The whole table rewritten each second would be 140 MB.
+    eprintln!(
+        "the relay wrote {written} bytes during {rounds} rounds of keepalives in {:?}",
+        granted.elapsed()
+    );
+    // The whole table (6 MB) rewritten each second would be 18 MB, on
+    // each keepalive 12 times that.
+    assert!(rounds >= 4, "{rounds}");
     assert!(written < 1_000_000, "wrote {written} bytes");
     let table = stack.relay.data_dir().join("etcd-front-leases.redb");
     let table_size = std::fs::metadata(&table).expect("the lease table").len();
@@ -185,10 +202,10 @@ async fn kept_alive_leases_cost_little_disk_and_survive_a_crash() {
     eprintln!("after the crash the short lease has {} s left", alive.ttl());
     assert!(alive.ttl() > 0, "the lease survived the crash");
     // Never more than its TTL and half of it (the saved expiry's slack).
-    assert!(alive.ttl() <= 6, "{}", alive.ttl());
+    assert!(alive.ttl() <= SHORT_TTL * 3 / 2, "{}", alive.ttl());
     let (mut keeper, mut answers) = front.lease_keep_alive(short).await.unwrap();
     keeper.keep_alive().await.unwrap();
-    assert_eq!(answers.message().await.unwrap().unwrap().ttl(), 4);
+    assert_eq!(answers.message().await.unwrap().unwrap().ttl(), SHORT_TTL);
     assert!(front.lease_time_to_live(big, None).await.unwrap().ttl() > 0);
     let upstream = etcd.get("v1/big/07", None).await.unwrap();
     assert_eq!(upstream.kvs()[0].value(), value.as_slice());
@@ -308,16 +325,21 @@ async fn running_out_of_descriptors_pauses_each_accept_loop_instead_of_spinning(
         .expect("the socket's backlog takes the connection");
     let ops = TcpStream::connect(stack.relay.metrics_address())
         .expect("the endpoint's backlog takes the connection");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_until_async("an accept failing for want of descriptors", || async {
+        stack
+            .relay
+            .logs()
+            .contains("accept failed (out of file descriptors?)")
+    })
+    .await;
+    // Every listener has pending connections it cannot accept: a loop that
+    // retried at once would spin through this window. One second of CPU
+    // time is the measurement itself, not a wait for anything.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let cpu = stack.relay.cpu_time() - cpu_before;
     let wall = measured.elapsed();
     eprintln!("out of descriptors: {cpu:?} of CPU in {wall:?}");
     assert!(cpu < wall / 4, "the relay spun: {cpu:?} of CPU in {wall:?}");
-    let logs = stack.relay.logs();
-    assert!(
-        logs.contains("accept failed (out of file descriptors?)"),
-        "{logs}"
-    );
 
     // Descriptors back: every listener serves again within its pause.
     stack.relay.set_open_file_soft_limit(65_536);
@@ -367,28 +389,15 @@ async fn an_etcd_connection_with_an_open_watch_stays_and_an_idle_one_is_closed()
         )
     };
 
-    // A watch stream is a request that stays open: quiet for twice the
-    // idle timeout, its connection stays and the event still arrives.
+    // A watch stream is a request that stays open; a connection whose
+    // requests are all done is closed once idle. The watcher goes quiet
+    // first, so by the time the idle connection is closed the watcher has
+    // been quiet for longer than the idle timeout too.
     let mut watcher = stack.front().await;
     let mut events = watcher
         .watch("v1/quiet/", Some(WatchOptions::new().with_prefix()))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(idle_closed(&stack.relay), 0.0);
-    etcd.put("v1/quiet/a", "1", None).await.unwrap();
-    let key = within("the watch event", async {
-        loop {
-            let response = events.message().await.unwrap().expect("a watch response");
-            if let Some(event) = response.events().first() {
-                break event.kv().unwrap().key().to_vec();
-            }
-        }
-    })
-    .await;
-    assert_eq!(key, b"v1/quiet/a");
-
-    // A connection whose requests are all done is closed once idle...
     let mut idle = stack.front().await;
     idle.get("v1/quiet/a", None).await.unwrap();
     let closed = within("the idle connection closed", async {
@@ -406,6 +415,19 @@ async fn an_etcd_connection_with_an_open_watch_stays_and_an_idle_one_is_closed()
         1.0,
         "the watcher's connection is still open"
     );
+    // Its connection stayed, and the event still arrives.
+    etcd.put("v1/quiet/a", "1", None).await.unwrap();
+    let key = within("the watch event", async {
+        loop {
+            let response = events.message().await.unwrap().expect("a watch response");
+            if let Some(event) = response.events().first() {
+                break event.kv().unwrap().key().to_vec();
+            }
+        }
+    })
+    .await;
+    assert_eq!(key, b"v1/quiet/a");
+    assert_eq!(idle_closed(&stack.relay), 1.0, "the watcher was not closed");
     // ...and its client simply connects again for its next request.
     tokio::time::sleep_until((closed + Duration::from_millis(200)).into()).await;
     let again = idle.get("v1/quiet/a", None).await.unwrap();

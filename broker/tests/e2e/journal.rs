@@ -9,6 +9,8 @@
 use crate::support::{wait_until_async, within, NatsServer, Relay};
 use futures::StreamExt;
 use holdfast_client::{AckStatus, Client, LinkEvent, LinkStatus, OutboundMessage};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Every class durable, classified by subject, so every ack is
@@ -339,6 +341,8 @@ async fn live_traffic_never_overtakes_the_backlog_of_its_class() {
 
     const PER_CLASS: usize = 1_500;
     let publisher = client.clone();
+    let acked = Arc::new(AtomicUsize::new(0));
+    let progress = acked.clone();
     let publishing = tokio::spawn(async move {
         for index in 0..PER_CLASS {
             for subject in ["load.other.m", "load.kv.m"] {
@@ -346,15 +350,25 @@ async fn live_traffic_never_overtakes_the_backlog_of_its_class() {
                 let ack = publisher.publish_with_ack(message).await.unwrap().await;
                 assert!(ack.is_ok(), "{ack:?}");
             }
+            progress.store(index + 1, Ordering::Relaxed);
             if index % 100 == 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Some of each class goes through before NATS goes away, and more is
+    // accepted while it is away.
+    let more_acked = || async {
+        let mark = acked.load(Ordering::Relaxed);
+        wait_until_async("more publishes acknowledged", || async {
+            acked.load(Ordering::Relaxed) >= mark + 100
+        })
+        .await;
+    };
+    more_acked().await;
     nats.kill();
     wait_for_nats(&client, LinkStatus::Down).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    more_acked().await;
     nats.restart();
     // 3,000 acks awaited one by one: on a loaded machine that alone can take
     // longer than the usual wait. Order is what this test checks, not speed.

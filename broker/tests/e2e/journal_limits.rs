@@ -3,7 +3,7 @@
 
 use crate::journal::{capture_stream, outage_under_way, read_captured};
 use crate::limits::relay_rss_mib;
-use crate::support::{metric, scrape, within, NatsServer, Relay};
+use crate::support::{metric, scrape, wait_until_async, within, NatsServer, Relay};
 use bytes::Bytes;
 use futures::StreamExt;
 use holdfast_client::{AckStatus, Client, ErrorCode, OutboundMessage, Validated};
@@ -22,7 +22,21 @@ async fn messages_past_max_age_expire_and_are_counted() {
             .unwrap();
     }
     client.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // The relay's once-a-second sweep expires them 2 to 3 s from now.
+    let kv_events = || async {
+        let status = client.status().await.unwrap();
+        status["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|class| class["name"] == "kv_events")
+            .unwrap()
+            .clone()
+    };
+    wait_until_async("the old messages expired", || async {
+        kv_events().await["expired"] == 10
+    })
+    .await;
     for index in 0..10 {
         client
             .publish("load.kv.new", format!("new:{index}"))
@@ -30,14 +44,7 @@ async fn messages_past_max_age_expire_and_are_counted() {
             .unwrap();
     }
     client.flush().await.unwrap();
-    let status = client.status().await.unwrap();
-    let kv = status["classes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|class| class["name"] == "kv_events")
-        .unwrap()
-        .clone();
+    let kv = kv_events().await;
     assert_eq!(kv["expired"], 10, "{kv}");
     assert_eq!(kv["backlog_messages"], 10, "{kv}");
 

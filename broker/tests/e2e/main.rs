@@ -31,3 +31,4 @@ mod secured_upstreams;
 mod slow_consumer;
 mod support;
 mod upstream_malformed;
+mod waiting;

@@ -81,8 +81,17 @@ async fn metrics_and_health_follow_a_nats_outage() {
     let relay = &stack.relay;
     assert_eq!(relay.http_get("/livez").0, 200);
     assert_eq!(relay.http_get("/readyz").0, 200);
-    std::thread::sleep(Duration::from_millis(300));
-    let text = scrape(relay);
+    // The outage's clock has started and the queued publish shows in the
+    // backlog.
+    let decode = [("class", "decode")];
+    let text = crate::waiting::poll_for("the outage and its backlog in the metrics", || async {
+        let text = scrape(relay);
+        let started = metric(&text, "holdfast_upstream_current_outage_seconds", &nats)
+            .is_some_and(|seconds| seconds > 0.0);
+        let queued = metric(&text, "holdfast_journal_backlog_messages", &decode) == Some(1.0);
+        (started && queued).then_some(text)
+    })
+    .await;
     assert_eq!(
         metric(&text, "holdfast_upstream_up", &nats),
         Some(0.0),
@@ -98,7 +107,6 @@ async fn metrics_and_health_follow_a_nats_outage() {
         metric(&text, "holdfast_publishes_total", &decode_queued),
         Some(1.0)
     );
-    let decode = [("class", "decode")];
     assert_eq!(
         metric(&text, "holdfast_journal_backlog_messages", &decode),
         Some(1.0),
@@ -341,10 +349,17 @@ async fn etcd_metrics_follow_an_outage_and_every_series_is_documented() {
     })
     .await;
     client.register("v1/ops/b", "2").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The buffered change and the cache's staleness show.
+    let text = crate::waiting::poll_for("the etcd outage in the metrics", || async {
+        let (_, text) = stack.relay.http_get("/metrics");
+        let stale = metric(&text, "holdfast_discovery_staleness_seconds", &[])
+            .is_some_and(|seconds| seconds > 0.0);
+        let pending = metric(&text, "holdfast_registration_changes_pending", &[]) == Some(1.0);
+        (stale && pending).then_some(text)
+    })
+    .await;
     let (code, _) = stack.relay.http_get("/livez");
     assert_eq!(code, 200, "an etcd outage must not fail liveness");
-    let (_, text) = stack.relay.http_get("/metrics");
     assert_eq!(
         metric(&text, "holdfast_registration_changes_pending", &[]),
         Some(1.0)

@@ -252,11 +252,23 @@ async fn a_wildcard_subscriber_elsewhere_does_not_make_the_link_look_down() {
     // Someone debugging with `nats sub '>'`: it receives the relay's probes
     // too, and never answers them.
     let watcher = stack.direct_nats().await;
-    let _everything = watcher.subscribe(">").await.unwrap();
+    let mut everything = watcher.subscribe(">").await.unwrap();
     nats_round_trip(&watcher).await;
-    // Several link timeouts (1 s) and many probes later, the link is up and
-    // publishes are forwarded, not held.
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // The watcher sees the relay's link probes (one every 250 ms on the
+    // relay's clock). Had they gone unanswered since it subscribed, the link
+    // would be down one link timeout (1 s) after the last answered one;
+    // six probes later that has passed. Then the link is up and publishes
+    // are forwarded, not held.
+    let mut probes = 0;
+    within("six link probes seen by the watcher", async {
+        while probes < 6 {
+            let message = everything.next().await.expect("the watcher's subscription");
+            if message.subject.starts_with("_HOLDFAST.probe.") {
+                probes += 1;
+            }
+        }
+    })
+    .await;
     assert_eq!(client.nats_status(), holdfast_client::LinkStatus::Up);
     let ack = client
         .publish_with_ack(OutboundMessage::new("probe.check", "x"))

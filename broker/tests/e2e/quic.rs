@@ -286,6 +286,7 @@ async fn a_thousand_connections_per_transport_are_held_open() {
     let unix_clients = tokio::time::timeout(Duration::from_secs(120), connect_all(false))
         .await
         .expect("1000 Unix connections within 2 minutes");
+    let all_connected = Instant::now();
     let observer = stack.client().await;
     let status = observer.status().await.unwrap();
     assert_eq!(
@@ -293,8 +294,11 @@ async fn a_thousand_connections_per_transport_are_held_open() {
         Some(2 * CONNECTIONS as u64 + 1),
         "{status}"
     );
-    // Held open for several ping rounds, every one of them still works.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Held open for several ping rounds (every 250 ms), every one of them
+    // still works: the first connections have been held open for as long
+    // as the others took to connect, the last ones for four rounds. Only
+    // the time shows the rounds going by.
+    tokio::time::sleep_until((all_connected + Duration::from_secs(1)).into()).await;
     let mut checks = Vec::new();
     for client in quic_clients.iter().chain(unix_clients.iter()) {
         checks.push(client.flush());
@@ -440,15 +444,30 @@ async fn unfinished_large_frames_on_many_quic_streams_stay_within_the_read_budge
                 let mut frame = ((FRAME - 4) as u32).to_be_bytes().to_vec();
                 frame.resize(FRAME - 1, 0x7f);
                 let _ = send.write_all(&frame).await;
-                // Held open, unfinished, until the test ends.
+                // Held open, unfinished, until the test ends (aborted there).
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 drop(send);
             }));
         }
         connections.push(connection);
     }
-    // Whatever the clients managed to send by now is all they will get in.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The relay makes streams wait for room, at least one per connection
+    // (each connection's one frame is taken by a stream of its own)...
+    crate::waiting::poll_for("streams waiting for room to read", || async {
+        let waited = metric(
+            &scrape(&stack.relay),
+            "holdfast_limit_rejections_total",
+            &[("limit", "read_budget")],
+        )
+        .unwrap_or(0.0);
+        (waited >= CONNECTIONS as f64).then_some(())
+    })
+    .await;
+    // ...and the waiting streams' unread data soon fills each connection's
+    // QUIC window (2 MiB), after which the clients get nothing more in.
+    // Nothing shows the windows full; on loopback they take milliseconds,
+    // a second is plenty.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let grown = crate::limits::relay_rss_mib(&stack.relay) - before;
     eprintln!(
         "{CONNECTIONS} connections x {STREAMS} streams of unfinished 4 MiB frames: relay grew {grown:.0} MiB"

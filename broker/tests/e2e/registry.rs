@@ -3,6 +3,7 @@
 //! outage and rebuilt when etcd comes back, even empty.
 
 use crate::support::{wait_until_async, within, EtcdStack, WAIT};
+use crate::waiting::{etcd_backoff_started, lease_gone, lease_renewed, lease_ttl};
 use etcd_client::GetOptions;
 use futures::StreamExt;
 use holdfast_client::ErrorCode;
@@ -179,9 +180,12 @@ async fn an_etcd_outage_buffers_changes_keeps_nats_flowing_and_reconciles_after(
     assert_eq!(status["etcd"]["status"], "down");
     assert!(status["etcd"]["pending_changes"].as_u64().unwrap() >= 3);
 
-    // Down for several times the reconnect cap (1 s in the test config):
-    // the relay must still be back within about one cap of etcd returning.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Down until the backoff has reached the reconnect cap (1 s in the test
+    // config): from the probe interval (250 ms) it doubles to the cap by
+    // the fourth delay, so the fifth delay is capped where, uncapped, it
+    // would be 2 to 4 s. The relay must still be back within about one cap
+    // of etcd returning.
+    etcd_backoff_started(&stack.relay, 5).await;
     let starting = Instant::now();
     stack.etcd.start_again();
     let serving = Instant::now();
@@ -191,7 +195,7 @@ async fn an_etcd_outage_buffers_changes_keeps_nats_flowing_and_reconciles_after(
         serving - starting,
         serving.elapsed()
     );
-    // Uncapped, the delay after 4 s of failures would be 2 to 4 s.
+    // Uncapped, the fifth delay would be 2 to 4 s.
     assert!(
         serving.elapsed() < Duration::from_millis(1500),
         "reconnect took {:?} after etcd served; the backoff cap is 1 s",
@@ -356,7 +360,10 @@ async fn a_relay_restart_does_not_make_registrations_blink() {
     // taking the key along.
     wait_until_async("the client is back", || async { client.is_connected() }).await;
     assert_eq!(client.instance_id(), instance);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Past the old lease's end, on etcd's clock: had the key stayed on it,
+    // it would be gone now.
+    let expired_after = lease_gone(&mut etcd, first_lease).await;
+    eprintln!("the stopped relay's lease expired {expired_after:?} after the client was back");
     let (value, lease) = etcd_value(&mut etcd, "v1/steady/key")
         .await
         .expect("key kept");
@@ -390,26 +397,35 @@ async fn leases_are_kept_alive_across_an_etcd_restart() {
         .expect("key survived")
         .1;
     let mut watch = etcd.watch("v1/kept/key", None).await.unwrap();
-    let watched = Instant::now();
-    while watched.elapsed() < Duration::from_secs(8) {
-        if let Ok(Ok(Some(response))) =
-            tokio::time::timeout(Duration::from_millis(200), watch.message()).await
-        {
-            for event in response.events() {
-                assert_ne!(
-                    event.event_type(),
-                    etcd_client::EventType::Delete,
-                    "the key was deleted {:?} after the restart: its lease ran out",
-                    watched.elapsed()
-                );
-            }
+    // etcd's own account of the lease's remaining TTL shows renewals made
+    // after the restart: two, so the keeper goes on renewing rather than
+    // one keepalive having got through.
+    let renewed = lease_renewed(
+        "the registration's lease after the etcd restart",
+        || {
+            let mut reader = etcd.clone();
+            async move { lease_ttl(&mut reader, lease).await }
+        },
+        2,
+    )
+    .await;
+    eprintln!("lease {lease:x} renewed twice within {renewed:?} of the restart");
+    while let Ok(Ok(Some(response))) =
+        tokio::time::timeout(Duration::from_millis(100), watch.message()).await
+    {
+        for event in response.events() {
+            assert_ne!(
+                event.event_type(),
+                etcd_client::EventType::Delete,
+                "the key was deleted after the restart: its lease ran out"
+            );
         }
     }
     let (value, now) = etcd_value(&mut etcd, "v1/kept/key")
         .await
         .expect("key kept");
     assert_eq!(value, "1");
-    eprintln!("lease before {lease:x}, after {now:x}");
+    assert_eq!(now, lease, "the key stayed on its lease");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,32 +463,42 @@ async fn an_etcd_restarted_empty_faster_than_a_probe_is_still_rebuilt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_backoff_does_not_delay_noticing_that_etcd_is_back() {
-    // Backoff from 10 s (the probe interval) capped at 30 s: the first retry
-    // comes 5-10 s after the outage is noticed, the next 10-20 s after that.
-    // etcd is back after 11 s, so sleeping out the backoff would notice it
-    // 3.5 s later at the earliest; registrations must not wait for that.
+    // Backoff from 20 s (the probe interval) capped at 30 s: the first delay
+    // after the outage is noticed is 10 to 20 s. etcd comes back as soon as
+    // that delay has begun, so sleeping it out would notice etcd 10 s later
+    // at the earliest; registrations must not wait for that.
     let mut stack = EtcdStack::start_with_config(
-        "probe_interval = \"10s\"\nprobe_timeout = \"1s\"\nreconnect_delay_max = \"30s\"",
+        "probe_interval = \"20s\"\nprobe_timeout = \"1s\"\nreconnect_delay_max = \"30s\"",
     );
     let client = stack.client().await;
     client.register("v1/backoff/key", "1").await.unwrap();
     stack.etcd.kill();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while client.etcd_status() != LinkStatus::Down {
-        assert!(Instant::now() < deadline, "the outage was never noticed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        client.register("v1/backoff/key", "2").await.unwrap(),
-        RegistrationStatus::Buffered
-    );
-    tokio::time::sleep(Duration::from_secs(11)).await;
+    // A change etcd cannot take makes the relay check the link at once
+    // rather than at the next probe, 20 s away.
+    let registered = within(
+        "a registration while etcd is gone",
+        client.register("v1/backoff/key", "2"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(registered, RegistrationStatus::Buffered);
+    wait_for_etcd_status(&client, LinkStatus::Down).await;
+    etcd_backoff_started(&stack.relay, 1).await;
+    let backoff_began = Instant::now();
     stack.etcd.start_again();
     let serving = Instant::now();
     wait_for_etcd_status(&client, LinkStatus::Up).await;
     let noticed = serving.elapsed();
-    eprintln!("etcd back noticed after {noticed:?} despite the backoff");
+    eprintln!(
+        "etcd back noticed {noticed:?} after it served, {:?} into the backoff",
+        backoff_began.elapsed()
+    );
     assert!(noticed < Duration::from_secs(3), "took {noticed:?}");
+    assert!(
+        backoff_began.elapsed() < Duration::from_secs(10),
+        "up {:?} after a delay of at least 10 s began: the delay was not cut short",
+        backoff_began.elapsed()
+    );
     let mut etcd = stack.etcd.client().await;
     wait_for_value(
         &mut etcd,
@@ -788,15 +814,20 @@ async fn a_key_held_by_a_live_session_is_refused_to_others_until_that_session_en
         stack.relay.status()["sessions"] == 1
     })
     .await;
-    let watched_since = Instant::now();
-    while watched_since.elapsed() < Duration::from_secs(1) {
-        assert_eq!(
-            etcd_value(&mut etcd, &key).await.map(|(value, _)| value),
-            Some("worker".to_string()),
-            "the worker's key after the intruder left"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // A session's end reaches the registry before the session count
+    // drops, and the registry writes to etcd in order: a change it takes
+    // now is in etcd only once anything those ends caused is too.
+    let marker = format!("{key}/after-the-intruder");
+    assert_eq!(
+        worker.register(marker.clone(), "m").await.unwrap(),
+        RegistrationStatus::Applied
+    );
+    assert_eq!(
+        etcd_value(&mut etcd, &key).await.map(|(value, _)| value),
+        Some("worker".to_string()),
+        "the worker's key after the intruder left"
+    );
+    worker.deregister(marker).await.unwrap();
     let metrics = crate::support::scrape(&stack.relay);
     assert_eq!(
         crate::support::metric(&metrics, "holdfast_registration_conflicts_total", &[]),

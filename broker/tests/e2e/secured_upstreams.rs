@@ -368,6 +368,40 @@ async fn etcd_with_tls_client_certificates() {
     assert_eq!(status["etcd"]["auth"], "client_certificate", "{status}");
 }
 
+/// Waits until etcd (started with `--auth-token-ttl 1`) has dropped a
+/// token of the relay's user that it issued after this call began and that
+/// nobody used; returns how long that took.
+///
+/// etcd keeps a token alive while it is used and deletes the expired ones
+/// about once a second, so once a token issued now is refused, every token
+/// the relay last used before now has been deleted too. Each spare client
+/// authenticates as it connects and tries its token once (a try that
+/// succeeds renews the token), at a quarter-second spacing.
+async fn idle_tokens_expired(url: &str) -> Duration {
+    let started = std::time::Instant::now();
+    let spares = futures::future::join_all((0..12).map(|_| {
+        etcd_client::Client::connect(
+            [url],
+            Some(etcd_client::ConnectOptions::new().with_user("relay", PASSWORD)),
+        )
+    }))
+    .await;
+    let issued = std::time::Instant::now();
+    for (index, spare) in spares.into_iter().enumerate() {
+        let mut spare = spare.expect("connect as the relay's user");
+        let wait = Duration::from_secs(1) + Duration::from_millis(250) * index as u32;
+        tokio::time::sleep_until((issued + wait).into()).await;
+        match spare.get("v1/", None).await {
+            Err(error) if error.to_string().contains("invalid auth token") => {
+                return started.elapsed();
+            }
+            Err(error) => panic!("a spare token was refused for another reason: {error}"),
+            Ok(_) => {}
+        }
+    }
+    panic!("tokens left unused for 3.75 s are still valid");
+}
+
 /// The certificates the cluster was started with.
 fn etcd_certificates(etcd: &EtcdCluster) -> &Certificates {
     etcd.certificates().expect("a TLS cluster")
@@ -418,10 +452,11 @@ async fn etcd_with_a_user_limited_to_its_prefix_and_expiring_tokens() {
         "{}",
         relay.logs()
     );
-    // Past several token lifetimes: registrations and linearizable reads
-    // through the etcd front end (passed to etcd with the relay's token)
-    // still work.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Past a token lifetime, on etcd's clock: registrations and
+    // linearizable reads through the etcd front end (passed to etcd with
+    // the relay's token) still work.
+    let expired_after = idle_tokens_expired(&etcd.url(0)).await;
+    eprintln!("a token left unused expired after {expired_after:?}");
     let client = Client::connect(&relay.url()).await.unwrap();
     assert_eq!(
         client.register("v1/secure/later", "l").await.unwrap(),
