@@ -17,6 +17,17 @@ use holdfast_wire::Text;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+impl Subscriber {
+    /// Checks this subscription's messages against the relay's sequence
+    /// chain: lost, reordered or corrupted messages become
+    /// [`Validated::Break`](crate::Validated::Break) items and duplicates
+    /// are dropped. Opt-in, because only consumers that mirror a stream
+    /// (e.g. a KV router) need it.
+    pub fn validate_chain(self) -> ValidatedSubscriber {
+        ValidatedStream::new(self)
+    }
+}
+
 /// One item of a [`ValidatedStream`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Validated {

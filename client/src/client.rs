@@ -17,10 +17,11 @@ use crate::options::{ConnectOptions, OfflinePolicy};
 use crate::registration::RegistrationStatus;
 use crate::session;
 use crate::shared::{SharedState, UpstreamLinks};
-use crate::subscription::{Subscriber, SubscriptionState};
+use crate::stream_state::{SubscriptionState, WatchState};
+use crate::subscription::Subscriber;
 use crate::transport::Connector;
 use crate::url::RelayUrl;
-use crate::watcher::{WatchState, Watcher};
+use crate::watcher::Watcher;
 use bytes::Bytes;
 use holdfast_wire::codec::encoded_len;
 use holdfast_wire::subject::{

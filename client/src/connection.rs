@@ -25,7 +25,7 @@ use crate::options::ConnectOptions;
 use crate::registration::{AckRouting, RegistrationStatus, RegistrationWaiter, Registrations};
 use crate::session::{self, FrameReader, Session};
 use crate::shared::{SharedState, UpstreamLinks};
-use crate::subscription::SubscriptionState;
+use crate::stream_state::SubscriptionState;
 use crate::transport::{ByteWriter, Connector, Link};
 use crate::url::RelayUrl;
 use crate::watches::Watches;

@@ -1,36 +1,15 @@
 //! `Subscriber`: the stream of messages for one subscription.
 
-use crate::chain_validation::{ValidatedStream, ValidatedSubscriber};
 use crate::command::Command;
 use crate::error::{Error, Result};
 use crate::message::Message;
+use crate::stream_state::SubscriptionState;
 use futures::Stream;
 use holdfast_wire::Text;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::{mpsc, oneshot};
-
-/// What the connection task tells a subscriber besides its messages.
-#[derive(Debug, Default)]
-pub(crate) struct SubscriptionState {
-    dropped: AtomicU64,
-    termination: OnceLock<Error>,
-}
-
-impl SubscriptionState {
-    /// Counts one message dropped because the subscriber's channel was full;
-    /// returns the new total.
-    pub(crate) fn count_dropped(&self) -> u64 {
-        self.dropped.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Records why the relay or client ended the subscription (first reason wins).
-    pub(crate) fn terminate(&self, reason: Error) {
-        let _ = self.termination.set(reason);
-    }
-}
 
 /// The messages of one subscription, as a [`Stream`].
 ///
@@ -80,13 +59,13 @@ impl Subscriber {
 
     /// Messages this client dropped because this subscriber did not keep up.
     pub fn dropped(&self) -> u64 {
-        self.state.dropped.load(Ordering::Relaxed)
+        self.state.dropped()
     }
 
     /// Why the subscription ended, when the relay ended it or the client
     /// closed; `None` while it is live.
     pub fn termination(&self) -> Option<&Error> {
-        self.state.termination.get()
+        self.state.termination()
     }
 
     /// Ends the subscription and waits until the connection task has
@@ -102,15 +81,6 @@ impl Subscriber {
             .await
             .map_err(|_| Error::Closed)?;
         unsubscribed.await.map_err(|_| Error::Closed)
-    }
-
-    /// Checks this subscription's messages against the relay's sequence
-    /// chain: lost, reordered or corrupted messages become
-    /// [`Validated::Break`](crate::Validated::Break) items and duplicates
-    /// are dropped. Opt-in, because only consumers that mirror a stream
-    /// (e.g. a KV router) need it.
-    pub fn validate_chain(self) -> ValidatedSubscriber {
-        ValidatedStream::new(self)
     }
 
     /// Gives up the subscription without telling the connection task, which

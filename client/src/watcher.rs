@@ -2,55 +2,14 @@
 
 use crate::command::Command;
 use crate::error::{Error, Result};
+use crate::stream_state::WatchState;
+pub use crate::watch_event::WatchEvent;
 use bytes::Bytes;
 use futures::Stream;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::{mpsc, oneshot};
-
-/// One change under a watched prefix.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum WatchEvent {
-    /// `key` now holds `value` (created or updated).
-    Put {
-        key: Bytes,
-        value: Bytes,
-        revision: u64,
-    },
-    /// `key` is gone.
-    Delete { key: Bytes, revision: u64 },
-    /// Every entry of a (re)sent snapshot has been delivered: applying the
-    /// events so far gives the prefix's state as of `revision`.
-    Synced { revision: u64 },
-}
-
-/// What the connection task tells a watcher besides its events.
-#[derive(Debug, Default)]
-pub(crate) struct WatchState {
-    dropped: AtomicU64,
-    resyncs: AtomicU64,
-    termination: OnceLock<Error>,
-}
-
-impl WatchState {
-    /// Counts one event dropped because the watcher's channel was full;
-    /// returns the new total.
-    pub(crate) fn count_dropped(&self) -> u64 {
-        self.dropped.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Counts one snapshot re-requested after dropped events; returns the new total.
-    pub(crate) fn count_resync(&self) -> u64 {
-        self.resyncs.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Records why the relay or client ended the watch (first reason wins).
-    pub(crate) fn terminate(&self, reason: Error) {
-        let _ = self.termination.set(reason);
-    }
-}
 
 /// The changes under one key prefix, as a [`Stream`] of [`WatchEvent`]s,
 /// from [`Client::watch`](crate::Client::watch).
@@ -118,18 +77,18 @@ impl Watcher {
 
     /// Events this client dropped because this watcher did not keep up.
     pub fn dropped(&self) -> u64 {
-        self.state.dropped.load(Ordering::Relaxed)
+        self.state.dropped()
     }
 
     /// Snapshots re-requested because events were dropped.
     pub fn resyncs(&self) -> u64 {
-        self.state.resyncs.load(Ordering::Relaxed)
+        self.state.resyncs()
     }
 
     /// Why the watch ended, when the relay ended it or the client closed;
     /// `None` while it is live.
     pub fn termination(&self) -> Option<&Error> {
-        self.state.termination.get()
+        self.state.termination()
     }
 
     /// Ends the watch and waits until the connection task has dropped it

@@ -13,8 +13,9 @@
 
 use crate::command::NewWatch;
 use crate::error::Error;
+use crate::stream_state::WatchState;
+use crate::watch_event::WatchEvent;
 use crate::watch_view::WatchView;
-use crate::watcher::{WatchEvent, WatchState};
 use bytes::Bytes;
 use holdfast_wire::{Frame, Unwatch, Watch, WatchEventKind};
 use std::collections::HashMap;

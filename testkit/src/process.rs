@@ -6,6 +6,13 @@ use crate::error::{io, Result};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
+/// How many polls at `interval` fit in `limit` (at least one): the count
+/// bound of every wait loop, next to its deadline.
+pub(crate) fn polls(limit: Duration, interval: Duration) -> u64 {
+    let polls = limit.as_nanos() / interval.as_nanos().max(1);
+    u64::try_from(polls).unwrap_or(u64::MAX).saturating_add(1)
+}
+
 /// How often a bounded wait for an exit looks again.
 const EXIT_POLL: Duration = Duration::from_millis(10);
 /// How long [`Process::pause`] waits for every thread to stop.
@@ -193,7 +200,7 @@ impl Process {
     /// `None` if it is still running (or there is none).
     pub fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
-        let polls = crate::startup::polls(limit, EXIT_POLL);
+        let polls = polls(limit, EXIT_POLL);
         for _ in 0..polls {
             if let Some(status) = self.exited() {
                 return Some(status);
@@ -216,7 +223,7 @@ impl Process {
         };
         self.signal(Signal::Stop);
         let deadline = Instant::now() + PAUSE_LIMIT;
-        for _ in 0..crate::startup::polls(PAUSE_LIMIT, PAUSE_POLL) {
+        for _ in 0..polls(PAUSE_LIMIT, PAUSE_POLL) {
             if all_threads_stopped(pid) || Instant::now() >= deadline {
                 return;
             }
@@ -239,6 +246,16 @@ impl Drop for Process {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn polls_cover_the_limit() {
+        assert_eq!(
+            polls(Duration::from_secs(1), Duration::from_millis(10)),
+            101
+        );
+        assert_eq!(polls(Duration::ZERO, Duration::from_millis(10)), 1);
+        assert_eq!(polls(Duration::from_secs(1), Duration::ZERO), 1_000_000_001);
+    }
 
     /// The state letter of /proc/PID/stat: R, S, T (stopped), Z, ...
     fn state(pid: u32) -> Option<char> {

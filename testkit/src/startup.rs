@@ -3,18 +3,11 @@
 //! only in how they are spawned and probed ([`Launch`]).
 
 use crate::error::{Error, Result};
-use crate::process::Process;
+use crate::process::{polls, Process};
 use std::time::{Duration, Instant};
 
 /// Pause before starting again a server that exited while starting.
 const RESPAWN_DELAY: Duration = Duration::from_millis(100);
-
-/// How many polls at `interval` fit in `limit` (at least one): the count
-/// bound of every wait loop, next to its deadline.
-pub(crate) fn polls(limit: Duration, interval: Duration) -> u64 {
-    let polls = limit.as_nanos() / interval.as_nanos().max(1);
-    u64::try_from(polls).unwrap_or(u64::MAX).saturating_add(1)
-}
 
 /// A server the kit can bring up.
 pub(crate) trait Launch {
@@ -86,19 +79,4 @@ pub(crate) fn bring_up(server: &mut impl Launch, policy: Policy) -> Result<()> {
         spawns,
         log_tail: server.current_log_tail(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn polls_cover_the_limit() {
-        assert_eq!(
-            polls(Duration::from_secs(1), Duration::from_millis(10)),
-            101
-        );
-        assert_eq!(polls(Duration::ZERO, Duration::from_millis(10)), 1);
-        assert_eq!(polls(Duration::from_secs(1), Duration::ZERO), 1_000_000_001);
-    }
 }
