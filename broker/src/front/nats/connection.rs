@@ -58,6 +58,11 @@ use tracing::{debug, info};
 const TAKE_FRAMES: usize = 256;
 /// Client bytes read at a time.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// A batch for the session is handed over early once it holds this many
+/// frames or this many payload bytes: with two batches in flight, what a
+/// connection has waiting for its session stays within a few hundred KiB.
+const BATCH_FRAMES: usize = 512;
+const BATCH_BYTES: usize = 64 * 1024;
 /// How often the relay pings a NATS client, and how many may go unanswered.
 const SERVER_PING_INTERVAL: Duration = Duration::from_secs(20);
 const MAX_PINGS_OUTSTANDING: u32 = 2;
@@ -176,6 +181,7 @@ pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<R
         next_ack_id: 1,
         next_ping: 1,
         frames: Vec::new(),
+        batch_bytes: 0,
     };
     inbound.run(closed.clone()).await;
     // Dropping the frame sender ended the session's input; the outbound
@@ -210,6 +216,8 @@ struct Inbound {
     next_ping: u64,
     /// Frames of the current read, handed to the session in one batch.
     frames: Vec<Frame>,
+    /// Payload bytes in `frames`.
+    batch_bytes: usize,
 }
 
 impl Inbound {
@@ -260,6 +268,13 @@ impl Inbound {
             match self.decoder.decode(buffer) {
                 Ok(Some(op)) => {
                     if !self.handle(op).await {
+                        return false;
+                    }
+                    // A read full of tiny operations is handed over in
+                    // parts, so what waits for the session stays small.
+                    if (self.frames.len() >= BATCH_FRAMES || self.batch_bytes >= BATCH_BYTES)
+                        && !self.flush().await
+                    {
                         return false;
                     }
                 }
@@ -408,6 +423,7 @@ impl Inbound {
             }
             None => 0,
         };
+        self.batch_bytes += payload.len();
         self.push(Frame::Publish(Publish {
             ack_id,
             subject,
@@ -434,6 +450,7 @@ impl Inbound {
             return true;
         }
         let batch = std::mem::take(&mut self.frames);
+        self.batch_bytes = 0;
         self.session.send(batch).await.is_ok()
     }
 }
