@@ -17,7 +17,7 @@ mod request;
 mod subscribe;
 mod writer;
 
-pub use decoded::FrameSender;
+pub use decoded::{FrameBatch, FrameSender};
 pub use publish::RELAY_HEADERS_ALLOWANCE;
 
 use crate::context::RelayContext;

@@ -684,3 +684,57 @@ async fn a_nats_subscriber_that_stops_reading_is_held_to_its_outbound_bound() {
     let kept = received.windows(10).filter(|w| w == b"MSG flood ").count();
     assert!(kept > 0 && kept < MESSAGES / 2, "{kept} messages kept");
 }
+
+/// NATS clients flooding large messages at once share the relay-wide read
+/// budget (`sessions.read_budget_bytes`) as framed clients do: they wait
+/// for room, which is counted, and every message still arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_clients_flooding_large_messages_share_the_read_budget() {
+    const CLIENTS: usize = 4;
+    const MESSAGES: usize = 40;
+    const PAYLOAD: usize = 256 * 1024;
+    let config = "[relay]\nnats_listen = \"127.0.0.1:0\"\nmax_frame_bytes = 1048576\n\
+        [sessions]\nread_budget_bytes = 1048576\n";
+    let stack = Stack::start_with_config(config);
+    let direct = stack.direct_nats().await;
+    let mut arrivals = direct.subscribe("flood.>").await.unwrap();
+    nats_round_trip(&direct).await;
+    let mut publishers = Vec::new();
+    for client in 0..CLIENTS {
+        let front = front_client(&stack.relay).await;
+        publishers.push(tokio::spawn(async move {
+            for index in 0..MESSAGES {
+                let mut payload = vec![b'x'; PAYLOAD];
+                payload[..8].copy_from_slice(&(index as u64).to_be_bytes());
+                front
+                    .publish(format!("flood.{client}"), payload.into())
+                    .await
+                    .unwrap();
+            }
+            front.flush().await.unwrap();
+            front
+        }));
+    }
+    let mut next = [0u64; CLIENTS];
+    within("every message arrives", async {
+        for _ in 0..CLIENTS * MESSAGES {
+            let message = arrivals.next().await.unwrap();
+            let client: usize = message.subject.as_str()["flood.".len()..].parse().unwrap();
+            let index = u64::from_be_bytes(message.payload[..8].try_into().unwrap());
+            assert_eq!(index, next[client], "client {client}: out of order or lost");
+            assert_eq!(message.payload.len(), PAYLOAD);
+            next[client] += 1;
+        }
+    })
+    .await;
+    for publisher in publishers {
+        drop(publisher.await.unwrap());
+    }
+    let waited = metric(
+        &scrape(&stack.relay),
+        "holdfast_limit_rejections_total",
+        &[("limit", "read_budget")],
+    )
+    .unwrap_or(0.0);
+    assert!(waited > 0.0, "no NATS client waited for the read budget");
+}
