@@ -54,6 +54,9 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const INTAKE: usize = 1_024;
 /// Subjects the chain stamper keeps state for.
 const CHAIN_SUBJECTS: usize = 100_000;
+/// How long sending waits, after the link comes up, for the relay's own
+/// subscriptions to be back on NATS.
+const SUBSCRIPTIONS_LIMIT: Duration = Duration::from_secs(2);
 
 /// What a publisher asked to hear about one publish.
 #[derive(Debug, Clone, Copy)]
@@ -225,6 +228,12 @@ enum Completion {
         count: usize,
         confirmed: bool,
     },
+    /// The wait for the relay's subscriptions after link coming up `link_up`
+    /// ended: `in_place`, or given up after [`SUBSCRIPTIONS_LIMIT`].
+    SubscriptionsInPlace {
+        link_up: u64,
+        in_place: bool,
+    },
     /// The journal expired `messages` of `class` (retention).
     Expired {
         class: ClassId,
@@ -292,6 +301,14 @@ struct Forwarder {
     ack_latency: Vec<metrics::Histogram>,
     /// Class names as header text, shared by every message id stamped.
     class_texts: Vec<Text>,
+    /// Whether the relay's own subscriptions are back on NATS since the
+    /// link last came up: until then nothing is sent, or a replay could
+    /// reach NATS before this node's subscribers are listening again and
+    /// miss them (the subscriber connection reconnects on its own).
+    subscriptions_in_place: bool,
+    /// Counts the link's comings up, so the answer of an older wait for
+    /// the subscriptions is ignored.
+    link_ups: u64,
 }
 
 /// Starts the forwarder, adopting the backlog the journal recovered.
@@ -349,6 +366,8 @@ pub fn start(
         append_latency: metrics::histogram!(crate::ops::metric_catalog::JOURNAL_APPEND_SECONDS),
         ack_latency,
         class_texts,
+        subscriptions_in_place: false,
+        link_ups: 0,
     };
     let task = tokio::spawn(forwarder.run(receiver, stop));
     (ForwarderHandle { commands, view }, task)
@@ -361,8 +380,13 @@ impl Forwarder {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut replaying = false;
         self.publish_gauges();
+        if self.nats.is_up() {
+            self.wait_for_subscriptions();
+        }
         loop {
-            let can_send = self.core.has_sendable(self.nats.is_up());
+            let can_send = self
+                .core
+                .has_sendable(self.nats.is_up() && self.subscriptions_in_place);
             let probe_due = self.core.probe_deadline();
             tokio::select! {
                 biased;
@@ -375,6 +399,7 @@ impl Forwarder {
                         break;
                     }
                     if link.borrow_and_update().status == LinkStatus::Up {
+                        self.wait_for_subscriptions();
                         let backlog = self.core.backlog_total();
                         if backlog > 0 {
                             replaying = true;
@@ -673,8 +698,32 @@ impl Forwarder {
             .insert(Text::from_static(MESSAGE_ID_HEADER), id);
     }
 
+    /// Holds sending back until the subscriber connection has the relay's
+    /// subscriptions in place again (see `subscriptions_in_place`).
+    fn wait_for_subscriptions(&mut self) {
+        self.link_ups += 1;
+        self.subscriptions_in_place = false;
+        let link_up = self.link_ups;
+        let nats = self.nats.clone();
+        self.pending.push(Box::pin(async move {
+            let in_place = nats.subscriptions_in_place(SUBSCRIPTIONS_LIMIT).await;
+            Completion::SubscriptionsInPlace { link_up, in_place }
+        }));
+    }
+
     fn on_completion(&mut self, completion: Completion) {
         match completion {
+            Completion::SubscriptionsInPlace { link_up, in_place } => {
+                if link_up == self.link_ups {
+                    self.subscriptions_in_place = true;
+                    if !in_place {
+                        warn!(
+                            limit_ms = SUBSCRIPTIONS_LIMIT.as_millis() as u64,
+                            "the relay's subscriber connection to NATS is not back yet; sending anyway (this node's subscribers may miss what is sent until it is)"
+                        );
+                    }
+                }
+            }
             Completion::Appended { results, started } => {
                 // One sample per batch: the wait for its commits.
                 self.append_latency.record(started.elapsed().as_secs_f64());

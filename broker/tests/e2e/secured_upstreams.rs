@@ -326,9 +326,15 @@ async fn registers_reads_and_watches(relay: &Relay, direct: &mut etcd_client::Cl
         found.kvs().first().map(|kv| kv.value()),
         Some(b"w1".as_slice())
     );
-    let snapshot = client.get("v1/secure/").await.unwrap();
+    // The cache follows etcd through its watch, which with one-second
+    // tokens may be re-establishing right now: the key shows up shortly
+    // after etcd has it, not necessarily at once.
+    let snapshot = crate::waiting::poll_for("the cached GET to show the key", || async {
+        let snapshot = client.get("v1/secure/").await.unwrap();
+        (snapshot.entries.len() == 1).then_some(snapshot)
+    })
+    .await;
     assert!(!snapshot.stale);
-    assert_eq!(snapshot.entries.len(), 1);
     direct.put("v1/secure/other", "o", None).await.unwrap();
     within("the watch sees a put made directly", async {
         loop {

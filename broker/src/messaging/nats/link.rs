@@ -225,6 +225,12 @@ impl NatsLink {
         self.subscriber.round_trip(limit).await
     }
 
+    /// Waits until the subscriber connection is up with its subscriptions
+    /// in place on the server; false when `limit` passes first.
+    pub async fn subscriptions_in_place(&self, limit: Duration) -> bool {
+        self.subscriber.in_place(limit).await
+    }
+
     /// Publishes a request (a message with a reply subject) on the
     /// subscriber connection, where its reply subscription lives.
     pub async fn publish_request(

@@ -219,6 +219,24 @@ impl SubscriberLink {
         self.state.borrow().clone()
     }
 
+    /// Waits until this connection is up and a PING on it has come back,
+    /// so every subscription it holds (re-sent first thing on a connect)
+    /// is in place on the server; false when `limit` passes first.
+    pub async fn in_place(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut state = self.state.clone();
+        // The guard `wait_for` returns must not live across the next await.
+        let connected = matches!(
+            tokio::time::timeout_at(deadline, state.wait_for(|state| state.server.is_some())).await,
+            Ok(Ok(_))
+        );
+        if !connected {
+            return false;
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.round_trip(left).await
+    }
+
     /// Messages skipped because they could not be decoded.
     pub fn malformed(&self) -> u64 {
         self.counters
