@@ -31,8 +31,8 @@ use crate::session::frame_reader::{BudgetedFrames, ReadBudgets};
 use crate::session::outbox::{outbox, Outbox, OutboxReceiver};
 use futures::{FutureExt, Stream, StreamExt};
 use holdfast_wire::{
-    AckOutcome, CodecError, ErrorCode, ErrorFrame, Frame, GoAway, Hello, LinkState, PubAck,
-    Service, StatusResponse, Text, Welcome, PROTOCOL_VERSION,
+    AckOutcome, CodecError, ErrorCode, ErrorFrame, Frame, GoAway, Hello, LinkState, LinkStatus,
+    PubAck, Service, StatusResponse, Text, Welcome, PROTOCOL_VERSION,
 };
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -267,7 +267,13 @@ impl Session {
         reader: &mut impl FrameSource,
         said_hello: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Ending {
-        let Some(hello) = self.handshake(reader).await else {
+        // Watched from before the WELCOME that reports them, so a change
+        // while the handshake runs is still sent as LINK_STATE afterwards.
+        let mut link = self.ctx.nats.watch();
+        let nats_status = link.borrow_and_update().status;
+        let mut etcd = self.ctx.etcd.watch();
+        let mut etcd_status = etcd.borrow_and_update().link.status;
+        let Some(hello) = self.handshake(reader, nats_status, etcd_status).await else {
             return Ending::Closed;
         };
         if let Some(said_hello) = said_hello {
@@ -280,10 +286,6 @@ impl Session {
             access = %self.permissions.source,
             "session started"
         );
-        let mut link = self.ctx.nats.watch();
-        link.borrow_and_update();
-        let mut etcd = self.ctx.etcd.watch();
-        let mut etcd_status = etcd.borrow_and_update().link.status;
         let mut etcd_watching = self.ctx.etcd.is_enabled();
         let liveness_timeout = self.ctx.config.etcd.liveness_timeout;
         let idle_timeout = self.ctx.config.sessions.idle_timeout;
@@ -522,7 +524,14 @@ impl Session {
         !self.watches.is_empty()
     }
 
-    async fn handshake(&mut self, reader: &mut impl FrameSource) -> Option<Hello> {
+    /// Reads HELLO and answers WELCOME, which tells the client the link
+    /// states `nats` and `etcd`.
+    async fn handshake(
+        &mut self,
+        reader: &mut impl FrameSource,
+        nats: LinkStatus,
+        etcd: LinkStatus,
+    ) -> Option<Hello> {
         let hello_timeout = self.ctx.config.sessions.hello_timeout;
         let first = match tokio::time::timeout(hello_timeout, reader.next()).await {
             Err(_) => {
@@ -564,15 +573,14 @@ impl Session {
             instance_id,
             identity: self.peer.identity(),
         });
-        let link = self.ctx.nats.snapshot();
         let welcome = Frame::Welcome(Welcome {
             version: PROTOCOL_VERSION,
             session_id: self.id,
             instance_id,
             relay_id: self.ctx.relay_id.clone(),
             max_frame_bytes: self.ctx.config.relay.max_frame_bytes,
-            nats: link.status,
-            etcd: self.ctx.etcd.snapshot().status,
+            nats,
+            etcd,
         });
         match self.send(welcome).await {
             Flow::Continue => Some(hello),
