@@ -12,7 +12,7 @@
 //! and when an I/O error made redb fail for good it closes the database and
 //! opens it again (what was committed is all there), then carries on.
 
-use super::health::{self, JournalHealth, Refusal, SpaceGuard, REOPEN_INTERVAL};
+use super::health::{self, JournalHealth, Refusal, SpaceGuard, REOPEN_INTERVAL, RESUME_MARGIN_MIN};
 use super::ledger::{Admission, ClassLedger};
 use super::reclaim;
 use super::record::{EncodedMessage, RowBuilder};
@@ -257,8 +257,13 @@ impl Writer {
                 for pending in &mut self.pending {
                     pending.clear();
                 }
-                if matches!(error, JournalError::NoSpace(_)) {
-                    let free = self.data_dir_free().ok();
+                // An I/O error with the disk all but full is the disk being
+                // full too, however it surfaced: reopening would only run
+                // into the same wall, flipping readiness back and forth.
+                let free = self.data_dir_free().ok();
+                let out_of_space = matches!(error, JournalError::NoSpace(_))
+                    || (error.needs_reopen() && free.is_some_and(|free| free < RESUME_MARGIN_MIN));
+                if out_of_space {
                     self.space.disk_full(free, Instant::now());
                 }
                 if error.needs_reopen() && self.db_open {
@@ -645,7 +650,10 @@ impl Writer {
     /// opens it again; on failure it stays closed until the next try.
     fn reopen(&mut self, now: Instant) {
         self.last_reopen = Some(now);
-        let Ok(mut db) = self.shared.db.write() else {
+        // A handle of its own, so the lock can be held while health is
+        // published below.
+        let shared = self.shared.clone();
+        let Ok(mut db) = shared.db.write() else {
             return;
         };
         if self.db_open {
@@ -654,6 +662,10 @@ impl Writer {
         // Closed first: the file's lock must be free for the new handle.
         drop(db.take());
         self.db_open = false;
+        // Said before the reopen, which checks the whole file and may take
+        // a while: until it is open, /readyz and the status say why new
+        // messages are refused.
+        self.publish_health();
         let names: Vec<String> = self.shared.classes.iter().map(|c| c.name.clone()).collect();
         match recovery::reopen(&self.path, &names) {
             Ok(opened) => {
