@@ -75,9 +75,11 @@ impl Session {
             let subscribed = std::mem::take(&mut self.subscribed_since_barrier);
             let requested = std::mem::take(&mut self.requested_since_barrier);
             if subscribed || requested {
+                // Also when the subscriber connection is still coming back
+                // after an outage: its SUBs go out as it connects.
                 self.ctx
                     .nats
-                    .subscriptions_round_trip(BARRIER_FLUSH_TIMEOUT)
+                    .subscriptions_in_place(BARRIER_FLUSH_TIMEOUT)
                     .await;
             }
             if published {

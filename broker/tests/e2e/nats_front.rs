@@ -41,6 +41,44 @@ async fn front_client(relay: &Relay) -> async_nats::Client {
         .expect("an unmodified NATS client connects to the relay")
 }
 
+/// async-nats's `flush` does not wait for the server, so a subscription
+/// the relay has taken may still have its upstream SUB on the way to
+/// nats-server: `direct` publishes warm-ups on `subject` until `receiver`
+/// (a subscriber through the relay) gets one.
+async fn warm_up(
+    direct: &async_nats::Client,
+    subject: &str,
+    receiver: &mut async_nats::Subscriber,
+) {
+    within("the relay's subscription reaches nats-server", async {
+        loop {
+            direct
+                .publish(subject.to_string(), WARM_UP.into())
+                .await
+                .unwrap();
+            direct.flush().await.unwrap();
+            if let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(100), receiver.next()).await
+            {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+const WARM_UP: &str = "warm-up";
+
+/// The next message that is not a warm-up (later warm-ups may still come).
+async fn next_not_warm_up(receiver: &mut async_nats::Subscriber) -> async_nats::Message {
+    loop {
+        let message = receiver.next().await.expect("subscription open");
+        if &message.payload[..] != WARM_UP.as_bytes() {
+            return message;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unmodified_nats_client_publishes_subscribes_and_requests_through_the_relay() {
     let stack = Stack::start_with_config(FRONT_CONFIG);
@@ -196,6 +234,24 @@ async fn queue_groups_no_echo_and_auto_unsubscribe_behave_as_on_nats_server() {
     worker_a.flush().await.unwrap();
     worker_b.flush().await.unwrap();
     wait_for_local_subscriptions(&stack.relay, 2).await;
+    // The members share one upstream subscription, whose SUB may still be
+    // on its way to nats-server: warm-ups until one arrives.
+    within("the shared subscription reaches nats-server", async {
+        loop {
+            direct.publish("front.jobs", WARM_UP.into()).await.unwrap();
+            direct.flush().await.unwrap();
+            let arrived = tokio::time::timeout(Duration::from_millis(100), async {
+                tokio::select! {
+                    Some(_) = queue_a.next() => {},
+                    Some(_) = queue_b.next() => {},
+                }
+            });
+            if arrived.await.is_ok() {
+                break;
+            }
+        }
+    })
+    .await;
     for index in 0..40 {
         direct
             .publish("front.jobs", format!("{index}").into())
@@ -204,11 +260,12 @@ async fn queue_groups_no_echo_and_auto_unsubscribe_behave_as_on_nats_server() {
     }
     direct.flush().await.unwrap();
     let mut received = 0;
+    let is_job = |message: &async_nats::Message| &message.payload[..] != WARM_UP.as_bytes();
     within("all 40 jobs are taken, each once", async {
         while received < 40 {
             tokio::select! {
-                Some(_) = queue_a.next() => received += 1,
-                Some(_) = queue_b.next() => received += 1,
+                Some(message) = queue_a.next() => received += usize::from(is_job(&message)),
+                Some(message) = queue_b.next() => received += usize::from(is_job(&message)),
             }
         }
     })
@@ -234,14 +291,13 @@ async fn queue_groups_no_echo_and_auto_unsubscribe_behave_as_on_nats_server() {
     quiet.flush().await.unwrap();
     worker_a.flush().await.unwrap();
     wait_for_local_subscriptions(&stack.relay, 4).await;
+    warm_up(&direct, "front.echoless", &mut other).await;
     quiet
         .publish("front.echoless", "once".into())
         .await
         .unwrap();
     quiet.flush().await.unwrap();
-    let seen = within("another connection receives", other.next())
-        .await
-        .unwrap();
+    let seen = within("another connection receives", next_not_warm_up(&mut other)).await;
     assert_eq!(&seen.payload[..], b"once");
     assert!(
         seen.headers
@@ -250,14 +306,20 @@ async fn queue_groups_no_echo_and_auto_unsubscribe_behave_as_on_nats_server() {
             .is_none(),
         "the relay's origin marker is not shown to clients"
     );
-    let echoed = tokio::time::timeout(Duration::from_millis(300), own.next()).await;
+    let echoed = tokio::time::timeout(Duration::from_millis(300), next_not_warm_up(&mut own)).await;
     assert!(echoed.is_err(), "a no_echo connection got its own message");
 
-    // UNSUB with a maximum.
+    // UNSUB with a maximum. Another connection's subscription to the same
+    // subject puts the shared upstream one in place first (warm-ups would
+    // count against the maximum).
+    let mut opener = worker_a.subscribe("front.limited").await.unwrap();
+    worker_a.flush().await.unwrap();
+    wait_for_local_subscriptions(&stack.relay, 5).await;
+    warm_up(&direct, "front.limited", &mut opener).await;
     let mut limited = worker_b.subscribe("front.limited").await.unwrap();
     limited.unsubscribe_after(2).await.unwrap();
     worker_b.flush().await.unwrap();
-    wait_for_local_subscriptions(&stack.relay, 5).await;
+    wait_for_local_subscriptions(&stack.relay, 6).await;
     for index in 0..5 {
         direct
             .publish("front.limited", format!("{index}").into())
@@ -486,8 +548,11 @@ async fn subscriptions_refused_over_the_limit_are_not_kept() {
         rss.push(crate::limits::relay_rss_mib(&stack.relay));
     }
     let grown = rss[1] - rss[0];
+    // Kept refusals would add their 40 MB of ids; the allocator's arenas
+    // alone moved the high-water mark by up to 18 MiB with three test
+    // threads sharing two cores.
     assert!(
-        grown < 16.0,
+        grown < 28.0,
         "the relay grew by {grown:.0} MiB in the second round"
     );
 }

@@ -210,6 +210,8 @@ async fn relay_starts_degraded_without_nats_and_recovers() {
     nats.restart();
     wait_for_nats(&mut events, LinkStatus::Up).await;
     let mut subscriber = client.subscribe("late.start").await.unwrap();
+    // The barrier: the relay's SUB is on nats-server.
+    client.flush().await.unwrap();
     let direct = async_nats::connect(nats.url()).await.unwrap();
     direct.publish("late.start", "ok".into()).await.unwrap();
     direct.flush().await.unwrap();

@@ -219,14 +219,9 @@ impl NatsLink {
         self.subscriber.subscribe(subject, queue_group).await
     }
 
-    /// Returns once nats-server processed every subscription made before,
-    /// at most `limit`.
-    pub async fn subscriptions_round_trip(&self, limit: Duration) -> bool {
-        self.subscriber.round_trip(limit).await
-    }
-
-    /// Waits until the subscriber connection is up with its subscriptions
-    /// in place on the server; false when `limit` passes first.
+    /// Waits until the subscriber connection is up and nats-server has
+    /// processed every subscription made before; false when `limit`
+    /// passes first.
     pub async fn subscriptions_in_place(&self, limit: Duration) -> bool {
         self.subscriber.in_place(limit).await
     }
