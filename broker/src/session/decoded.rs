@@ -20,14 +20,15 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// Frames in the client's order, with what they hold of the read budget.
 pub struct FrameBatch {
     pub frames: Vec<Frame>,
-    pub reservation: Option<OwnedSemaphorePermit>,
+    /// Empty for a small batch.
+    pub reservation: Vec<OwnedSemaphorePermit>,
 }
 
 impl From<Vec<Frame>> for FrameBatch {
     fn from(frames: Vec<Frame>) -> FrameBatch {
         FrameBatch {
             frames,
-            reservation: None,
+            reservation: Vec::new(),
         }
     }
 }
@@ -40,7 +41,7 @@ pub struct DecodedFrames {
     batches: mpsc::Receiver<FrameBatch>,
     current: std::vec::IntoIter<Frame>,
     /// The reservation of the batch being taken.
-    held: Option<OwnedSemaphorePermit>,
+    held: Vec<OwnedSemaphorePermit>,
 }
 
 /// A sender for the front end and the stream of frames for the session.
@@ -49,7 +50,7 @@ pub fn frame_channel() -> (FrameSender, DecodedFrames) {
     let frames = DecodedFrames {
         batches,
         current: Vec::new().into_iter(),
-        held: None,
+        held: Vec::new(),
     };
     (sender, frames)
 }
@@ -65,7 +66,7 @@ impl Stream for DecodedFrames {
             }
             // Every frame of the batch is taken: its bytes are the
             // session's now, no longer waiting.
-            this.held = None;
+            this.held.clear();
             match this.batches.poll_recv(cx) {
                 Poll::Ready(Some(batch)) => {
                     this.current = batch.frames.into_iter();
@@ -138,7 +139,7 @@ mod tests {
     async fn a_batch_holds_its_reservation_until_its_last_frame_is_taken() {
         let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(10));
         let (sender, mut frames) = frame_channel();
-        let reservation = budget.clone().try_acquire_many_owned(10).ok();
+        let reservation = vec![budget.clone().try_acquire_many_owned(10).unwrap()];
         sender
             .send(FrameBatch {
                 frames: vec![ping(1), ping(2)],

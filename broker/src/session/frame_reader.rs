@@ -149,8 +149,9 @@ impl<R: AsyncRead + Unpin> Stream for BudgetedFrames<R> {
 }
 
 /// Takes `bytes` from every budget in turn; counts a wait when one has to
-/// wait. `None` when a budget was closed.
-fn reserve(budgets: ReadBudgets, bytes: usize, stats: Arc<RelayStats>) -> Reservation {
+/// wait. `None` when a budget was closed. Also what a front end that
+/// decodes its own protocol reserves its large batches with.
+pub(crate) fn reserve(budgets: ReadBudgets, bytes: usize, stats: Arc<RelayStats>) -> Reservation {
     Box::pin(async move {
         let amount = u32::try_from(bytes).unwrap_or(u32::MAX);
         let mut permits = Vec::with_capacity(budgets.0.len());

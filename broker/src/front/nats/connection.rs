@@ -28,9 +28,9 @@
 use crate::context::RelayContext;
 use crate::front::peer::Peer;
 use crate::messaging::fanout::{NATS_STATUS_DESCRIPTION_HEADER, NATS_STATUS_HEADER};
-use crate::ops::stats::{Limit, RelayStats};
+use crate::ops::stats::RelayStats;
 use crate::session;
-use crate::session::frame_reader::SMALL_FRAME_BYTES;
+use crate::session::frame_reader::{self, ReadBudgets, SMALL_FRAME_BYTES};
 use crate::session::outbox::{charged_bytes, OutboxReceiver};
 use bytes::{Bytes, BytesMut};
 use holdfast_wire::nats_protocol::{
@@ -50,7 +50,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -184,7 +184,7 @@ pub async fn serve(stream: TcpStream, address: SocketAddr, port: u16, ctx: Arc<R
         next_ping: 1,
         frames: Vec::new(),
         batch_bytes: 0,
-        read_budget: ctx.read_budget.clone(),
+        read_budgets: ReadBudgets::new(vec![ctx.read_budget.clone()]),
         read_budget_bytes: ctx.config.sessions.read_budget_bytes,
         stats: ctx.stats.clone(),
     };
@@ -225,7 +225,7 @@ struct Inbound {
     batch_bytes: usize,
     /// The relay-wide read budget a large batch is reserved from, its
     /// size, and where a wait for it is counted.
-    read_budget: Arc<Semaphore>,
+    read_budgets: ReadBudgets,
     read_budget_bytes: usize,
     stats: Arc<RelayStats>,
 }
@@ -465,21 +465,15 @@ impl Inbound {
         // cannot hold more than `sessions.read_budget_bytes` between them.
         let reservation = if self.batch_bytes > SMALL_FRAME_BYTES {
             let amount = self.batch_bytes.min(self.read_budget_bytes);
-            let amount = u32::try_from(amount).unwrap_or(u32::MAX);
-            let permit = match self.read_budget.clone().try_acquire_many_owned(amount) {
-                Ok(permit) => permit,
-                Err(_) => {
-                    self.stats.record_limit(Limit::ReadBudget);
-                    match self.read_budget.clone().acquire_many_owned(amount).await {
-                        Ok(permit) => permit,
-                        // The budget is closed: the relay is stopping.
-                        Err(_) => return false,
-                    }
-                }
-            };
-            Some(permit)
+            let reserving =
+                frame_reader::reserve(self.read_budgets.clone(), amount, self.stats.clone());
+            match reserving.await {
+                Some(permits) => permits,
+                // The budget is closed: the relay is stopping.
+                None => return false,
+            }
         } else {
-            None
+            Vec::new()
         };
         let batch = session::FrameBatch {
             frames: std::mem::take(&mut self.frames),
