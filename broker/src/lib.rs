@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 mod context;
 mod front;
+mod guard;
 mod journal;
 mod keys;
 mod messaging;

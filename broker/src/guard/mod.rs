@@ -1,0 +1,4 @@
+//! The planner guard (`[guard]`): rolls back planner scaling decisions that
+//! keep the fleet overloaded. See `core.rs` for the rules.
+
+pub mod core;
