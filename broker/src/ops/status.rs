@@ -33,6 +33,9 @@ pub struct StatusDocument {
     pub classes: Vec<ClassStatus>,
     pub journal: JournalStatus,
     pub counters: StatsSnapshot,
+    /// The planner guard per namespace; absent when `guard.enabled` is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<Vec<crate::guard::view::GuardView>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -278,6 +281,7 @@ pub async fn document(ctx: &RelayContext) -> StatusDocument {
         classes,
         journal,
         counters: ctx.stats.snapshot(),
+        guard: ctx.guard.as_ref().map(crate::guard::GuardHandle::views),
     }
 }
 
