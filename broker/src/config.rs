@@ -111,6 +111,10 @@ pub struct GuardConfig {
     pub lease_ttl: Duration,
     /// Workers (report sources) tracked per namespace and interval.
     pub max_workers: usize,
+    /// How long a worker's last report stands for it when it sends no
+    /// other (Dynamo's kv_metrics are sent only when they change).
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub report_ttl: Duration,
 }
 
 impl Default for GuardConfig {
@@ -127,6 +131,7 @@ impl Default for GuardConfig {
             kv_total_blocks: 0,
             lease_ttl: Duration::from_secs(10),
             max_workers: 4096,
+            report_ttl: Duration::from_secs(180),
         }
     }
 }
@@ -738,6 +743,9 @@ impl Config {
                 "must be at least 2s (etcd grants whole seconds)".to_string(),
             ));
         }
+        if guard.report_ttl.is_zero() {
+            return Err(("guard.report_ttl", "must be non-zero".to_string()));
+        }
         if guard.max_workers == 0 || guard.max_workers > 1_000_000 {
             return Err((
                 "guard.max_workers",
@@ -969,6 +977,7 @@ mod tests {
         assert_eq!(documented.guard.mode, defaults.guard.mode);
         assert_eq!(documented.guard.lease_ttl, defaults.guard.lease_ttl);
         assert_eq!(documented.guard.max_workers, defaults.guard.max_workers);
+        assert_eq!(documented.guard.report_ttl, defaults.guard.report_ttl);
         assert_eq!(documented.relay.socket_group, defaults.relay.socket_group);
         assert_eq!(
             documented.relay.journal_reserve_bytes,

@@ -42,8 +42,10 @@ pub struct GuardSettings {
     pub kv_usage_threshold: f64,
     pub prefill_queue_threshold: u64,
     pub consecutive: u32,
-    /// Sources (workers) remembered per interval.
+    /// Sources (workers) remembered at once.
     pub max_sources: usize,
+    /// How long a source's last report stands for it.
+    pub report_ttl: Duration,
 }
 
 /// Worker counts of a scaling decision.
@@ -80,6 +82,11 @@ pub struct PlannerState {
     pub decision: Option<Decision>,
     /// The deployment's `scaled_decision_id`.
     pub acknowledged: Option<u64>,
+    /// `scaled_decision_id` as it was when `decision` was written (its
+    /// mod_revision is older): an id the deployment had acknowledged by
+    /// then is one it ignores. A later acknowledgement (of this very
+    /// decision, read in the same go) does not count.
+    pub acknowledged_before: Option<u64>,
     /// The id of the last decision the guard wrote, from its marker.
     pub guard_written: Option<u64>,
     /// The counts before `decision`, from etcd's history; used only when
@@ -105,7 +112,11 @@ pub struct IntervalLoad {
     pub kv_usage: Option<f64>,
     /// Each source's highest queue depth, summed.
     pub prefill_queue: Option<u64>,
+    /// Reports received in the interval.
     pub reports: u64,
+    /// Sources counted: those that reported, and those whose last report
+    /// still stands.
+    pub sources: u64,
 }
 
 /// Why an interval breached.
@@ -193,52 +204,120 @@ pub struct GuardSnapshot {
     pub current_interval: IntervalLoad,
 }
 
-/// The reports of the interval under way.
+/// One named source's reports.
+#[derive(Debug, Clone, Copy)]
+struct Source {
+    last_kv: Option<f64>,
+    last_queue: Option<u64>,
+    /// The highest values since the interval began, its last value
+    /// included while that still stands.
+    interval_kv: Option<f64>,
+    interval_queue: Option<u64>,
+    last_seen: Instant,
+    reported_in_interval: bool,
+}
+
+fn max_of<T: PartialOrd + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b > a { b } else { a }),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// The reports of the interval under way. A named source's last report
+/// stands for it until it reports again or `report_ttl` passes (Dynamo's
+/// `kv_metrics` are published only when they change); reports that name
+/// no source count in their interval only, each as its own source.
 #[derive(Debug, Default)]
 struct Accumulator {
-    kv_usage: Option<f64>,
-    queue_by_source: HashMap<String, u64>,
-    anonymous_queue: u64,
+    sources: HashMap<String, Source>,
+    anonymous_kv: Option<f64>,
+    anonymous_queue: Option<u64>,
+    anonymous_reports: u64,
     reports: u64,
 }
 
 impl Accumulator {
-    fn add(&mut self, sample: &LoadSample, max_sources: usize) -> bool {
-        if let Some(queue) = sample.prefill_queue {
-            match &sample.source {
-                Some(source) => {
-                    let room = self.queue_by_source.len() < max_sources;
-                    match self.queue_by_source.get_mut(source) {
-                        Some(seen) => *seen = (*seen).max(queue),
-                        None if !room => return false,
-                        None => {
-                            self.queue_by_source.insert(source.clone(), queue);
-                        }
-                    }
+    fn add(&mut self, now: Instant, sample: &LoadSample, max_sources: usize) -> bool {
+        match &sample.source {
+            Some(name) => {
+                let room = self.sources.len() < max_sources;
+                let source = match self.sources.get_mut(name) {
+                    Some(source) => source,
+                    None if !room => return false,
+                    None => self.sources.entry(name.clone()).or_insert(Source {
+                        last_kv: None,
+                        last_queue: None,
+                        interval_kv: None,
+                        interval_queue: None,
+                        last_seen: now,
+                        reported_in_interval: true,
+                    }),
+                };
+                // A report replaces what it carries; the other value stands.
+                if sample.kv_usage.is_some() {
+                    source.last_kv = sample.kv_usage;
                 }
-                None => self.anonymous_queue = self.anonymous_queue.saturating_add(queue),
+                if sample.prefill_queue.is_some() {
+                    source.last_queue = sample.prefill_queue;
+                }
+                source.interval_kv = max_of(source.interval_kv, sample.kv_usage);
+                source.interval_queue = max_of(source.interval_queue, sample.prefill_queue);
+                source.last_seen = now;
+                source.reported_in_interval = true;
             }
-        }
-        if let Some(usage) = sample.kv_usage {
-            self.kv_usage = Some(self.kv_usage.map_or(usage, |seen| seen.max(usage)));
+            None => {
+                self.anonymous_kv = max_of(self.anonymous_kv, sample.kv_usage);
+                if let Some(queue) = sample.prefill_queue {
+                    self.anonymous_queue =
+                        Some(self.anonymous_queue.unwrap_or(0).saturating_add(queue));
+                }
+                self.anonymous_reports += 1;
+            }
         }
         self.reports += 1;
         true
     }
 
-    fn load(&self) -> IntervalLoad {
-        let has_queue = self.anonymous_queue > 0 || !self.queue_by_source.is_empty();
-        IntervalLoad {
-            kv_usage: self.kv_usage,
-            prefill_queue: has_queue.then(|| {
-                self.queue_by_source
-                    .values()
-                    .fold(self.anonymous_queue, |sum, depth| {
-                        sum.saturating_add(*depth)
-                    })
-            }),
+    /// The load so far, counting sources heard from within `report_ttl`
+    /// of `now`.
+    fn load(&self, now: Instant, report_ttl: Duration) -> IntervalLoad {
+        let mut load = IntervalLoad {
+            kv_usage: self.anonymous_kv,
+            prefill_queue: self.anonymous_queue,
             reports: self.reports,
+            sources: self.anonymous_reports,
+        };
+        for source in self.sources.values() {
+            if !source.reported_in_interval
+                && now.saturating_duration_since(source.last_seen) > report_ttl
+            {
+                continue;
+            }
+            load.sources += 1;
+            load.kv_usage = max_of(load.kv_usage, source.interval_kv);
+            if let Some(queue) = source.interval_queue {
+                load.prefill_queue = Some(load.prefill_queue.unwrap_or(0).saturating_add(queue));
+            }
         }
+        load
+    }
+
+    /// Ends the interval at `now`: forgets sources silent for longer than
+    /// `report_ttl`, carries the others' last values into the next.
+    fn next_interval(&mut self, now: Instant, report_ttl: Duration) {
+        self.sources
+            .retain(|_, source| now.saturating_duration_since(source.last_seen) <= report_ttl);
+        for source in self.sources.values_mut() {
+            source.interval_kv = source.last_kv;
+            source.interval_queue = source.last_queue;
+            source.reported_in_interval = false;
+        }
+        self.anonymous_kv = None;
+        self.anonymous_queue = None;
+        self.anonymous_reports = 0;
+        self.reports = 0;
     }
 }
 
@@ -347,7 +426,10 @@ impl NamespaceGuard {
                 self.reissue_due = None;
             }
             Origin::GuardReissue | Origin::Planner => {
-                let stale_id = self.acknowledged.unwrap_or(0).max(self.guard_written);
+                let stale_id = state
+                    .acknowledged_before
+                    .unwrap_or(0)
+                    .max(self.guard_written);
                 self.reissue_due = (decision.origin == Origin::Planner
                     && !first
                     && known.is_some()
@@ -374,7 +456,9 @@ impl NamespaceGuard {
     fn start_decision(&mut self, now: Instant, decision: Decision) {
         self.decision = Some(decision);
         self.interval_start = Some(now);
-        self.accumulator = Accumulator::default();
+        // Reports so far stand for their sources, as at an interval's start.
+        self.accumulator
+            .next_interval(now, self.settings.report_ttl);
         self.streak.clear();
     }
 
@@ -389,7 +473,7 @@ impl NamespaceGuard {
             .len()
             .saturating_sub(MAX_CATCH_UP_INTERVALS as usize);
         self.pending_closed.drain(..excess);
-        self.accumulator.add(sample, self.settings.max_sources)
+        self.accumulator.add(now, sample, self.settings.max_sources)
     }
 
     /// When the interval under way ends, if one is.
@@ -426,8 +510,10 @@ impl NamespaceGuard {
                 self.hold_off = 0;
                 continue;
             }
-            let accumulator = std::mem::take(&mut self.accumulator);
-            closed.push(self.judge(accumulator.load()));
+            let load = self.accumulator.load(start, self.settings.report_ttl);
+            self.accumulator
+                .next_interval(start, self.settings.report_ttl);
+            closed.push(self.judge(load));
         }
         self.interval_start = Some(start);
         closed
@@ -541,7 +627,7 @@ impl NamespaceGuard {
         self.awaiting = None;
     }
 
-    pub fn snapshot(&self) -> GuardSnapshot {
+    pub fn snapshot(&self, now: Instant) -> GuardSnapshot {
         GuardSnapshot {
             decision: self.decision,
             previous: self.previous,
@@ -549,7 +635,7 @@ impl NamespaceGuard {
             streak: self.streak.len() as u32,
             hold_off_intervals: self.hold_off,
             last_interval: self.last_interval,
-            current_interval: self.accumulator.load(),
+            current_interval: self.accumulator.load(now, self.settings.report_ttl),
         }
     }
 }
@@ -567,6 +653,7 @@ mod tests {
             prefill_queue_threshold: 100,
             consecutive: 3,
             max_sources: 8,
+            report_ttl: Duration::from_secs(5),
         }
     }
 
@@ -637,10 +724,10 @@ mod tests {
             &mut guard,
             at(t0, 2),
             &[
-                queue("w1", 40),
-                queue("w1", 60),
-                queue("w2", 41),
-                queue("w2", 3),
+                queue("w3", 40),
+                queue("w3", 60),
+                queue("w4", 41),
+                queue("w4", 3),
             ],
         );
         assert_eq!(poll.closed[0].load.prefill_queue, Some(101));
@@ -704,7 +791,7 @@ mod tests {
         // The planner moves on to 3/6 halfway through the third interval.
         let t1 = at(t0, 2) + INTERVAL / 2;
         guard.observe(t1, decision(2, counts(3, 6), 12, Origin::Planner), false);
-        assert_eq!(guard.snapshot().streak, 0);
+        assert_eq!(guard.snapshot(Instant::now()).streak, 0);
         for n in 0..2 {
             let poll = interval_with(&mut guard, at(t1, n), &[kv(0.99)]);
             assert_eq!(poll.action, None);
@@ -748,7 +835,7 @@ mod tests {
         let t0 = Instant::now();
         let mut guard = guard_after_scale_up(t0);
         let t1 = rolled_back(&mut guard, t0);
-        assert_eq!(guard.snapshot().hold_off_intervals, 3);
+        assert_eq!(guard.snapshot(Instant::now()).hold_off_intervals, 3);
         // The planner scales up again at once (its id is 3: it had seen
         // none of the guard's writes, and 2 is taken... see the re-issue
         // test for the reused-id case).
@@ -783,6 +870,7 @@ mod tests {
         // again, which the deployment has acknowledged already.
         let mut state = decision(2, counts(5, 5), 15, Origin::Planner);
         state.acknowledged = Some(2);
+        state.acknowledged_before = Some(2);
         guard.observe(t1, state, false);
         let poll = guard.poll(t1);
         let Some(Action::Reissue(reissue)) = poll.action else {
@@ -797,7 +885,7 @@ mod tests {
         let mut state = decision(3, counts(5, 5), 16, Origin::GuardReissue);
         state.guard_written = Some(3);
         guard.observe(t2, state, false);
-        let snapshot = guard.snapshot();
+        let snapshot = guard.snapshot(Instant::now());
         assert_eq!(snapshot.decision.map(|decision| decision.id), Some(3));
         assert_eq!(snapshot.previous, Some(counts(1, 1)));
         assert_eq!(guard.next_deadline(), Some(t1 + INTERVAL));
@@ -805,11 +893,24 @@ mod tests {
         let t3 = t2 + Duration::from_secs(1);
         let mut state = decision(3, counts(6, 6), 17, Origin::Planner);
         state.acknowledged = Some(3);
+        state.acknowledged_before = Some(3);
         guard.observe(t3, state, false);
         let Some(Action::Reissue(reissue)) = guard.poll(t3).action else {
             panic!("no second re-issue");
         };
         assert_eq!(reissue.new_id, 4);
+    }
+
+    #[test]
+    fn a_decision_acknowledged_before_the_guard_read_it_is_not_reissued() {
+        let t0 = Instant::now();
+        let mut guard = guard_after_scale_up(t0);
+        // Decision 2 was written, then acknowledged, then read.
+        let mut state = decision(2, counts(5, 5), 12, Origin::Planner);
+        state.acknowledged = Some(2);
+        state.acknowledged_before = Some(1);
+        guard.observe(t0, state, false);
+        assert_eq!(guard.poll(t0).action, None);
     }
 
     #[test]
@@ -822,7 +923,7 @@ mod tests {
         state.previous = Some(counts(1, 1));
         guard.observe(t0, state, true);
         assert_eq!(guard.poll(t0).action, None);
-        assert_eq!(guard.snapshot().previous, Some(counts(1, 1)));
+        assert_eq!(guard.snapshot(Instant::now()).previous, Some(counts(1, 1)));
     }
 
     #[test]
@@ -847,7 +948,7 @@ mod tests {
             interval_with(&mut guard, at(t0, n), &[kv(0.99)]);
         }
         guard.finished(Outcome::Superseded);
-        assert_eq!(guard.snapshot().hold_off_intervals, 0);
+        assert_eq!(guard.snapshot(Instant::now()).hold_off_intervals, 0);
         let t1 = at(t0, 3);
         guard.observe(t1, decision(2, counts(8, 8), 12, Origin::Planner), false);
         for n in 0..2 {
@@ -905,7 +1006,13 @@ mod tests {
         }
         assert!(!guard.on_load(t0, &queue("w8", 1)));
         assert!(guard.on_load(t0, &queue("w7", 5)));
-        assert_eq!(guard.snapshot().current_interval.prefill_queue, Some(12));
+        assert_eq!(
+            guard
+                .snapshot(Instant::now())
+                .current_interval
+                .prefill_queue,
+            Some(12)
+        );
     }
 
     #[test]
@@ -918,5 +1025,24 @@ mod tests {
         let poll = guard.poll(at(t0, 9));
         assert!(poll.closed.is_empty());
         assert_eq!(poll.action, None);
+    }
+
+    #[test]
+    fn a_sources_last_report_stands_until_report_ttl_passes() {
+        let t0 = Instant::now();
+        let mut guard = NamespaceGuard::new(GuardSettings {
+            report_ttl: Duration::from_secs(25),
+            ..settings()
+        });
+        guard.set_leader(true);
+        guard.observe(t0, decision(0, counts(1, 1), 10, Origin::Planner), true);
+        guard.observe(t0, decision(1, counts(2, 4), 11, Origin::Planner), false);
+        guard.on_load(t0 + Duration::from_secs(1), &kv(0.99));
+        let poll = guard.poll(at(t0, 3));
+        let streaks: Vec<_> = poll.closed.iter().map(|closed| closed.streak).collect();
+        assert_eq!(streaks, vec![1, 2, 0]);
+        assert_eq!(poll.closed[1].load.reports, 0);
+        assert_eq!(poll.closed[1].load.sources, 1);
+        assert_eq!(poll.closed[2].load.sources, 0);
     }
 }

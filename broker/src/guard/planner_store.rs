@@ -143,6 +143,11 @@ pub async fn read(
         state: PlannerState {
             decision,
             acknowledged: number(&keys.acknowledged),
+            acknowledged_before: find(&keys.acknowledged).and_then(|(_, value, revision)| {
+                decision
+                    .filter(|decision| *revision < decision.revision)
+                    .and_then(|_| parse_number(value))
+            }),
             guard_written: marker.as_ref().map(|(marker, _)| marker.decision_id),
             previous,
         },

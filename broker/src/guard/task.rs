@@ -52,6 +52,7 @@ impl NamespaceTask {
             prefill_queue_threshold: self.config.prefill_queue_threshold,
             consecutive: self.config.consecutive,
             max_sources: self.config.max_workers,
+            report_ttl: self.config.report_ttl,
         });
         let mut candidate = Candidate::new(
             keys.leader.clone(),
@@ -451,7 +452,7 @@ impl Shell<'_> {
         });
         if let Ok(mut view) = self.task.view.lock() {
             view.update(
-                core.snapshot(),
+                core.snapshot(Instant::now()),
                 leader,
                 candidate.leader_relay.clone(),
                 connected,

@@ -13,6 +13,7 @@ mod deploy_manifests;
 mod discovery;
 mod etcd_front;
 mod etcd_front_limits;
+mod guard;
 mod journal;
 mod journal_damage;
 mod journal_disk_full;
