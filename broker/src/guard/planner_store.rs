@@ -238,3 +238,123 @@ pub async fn write(
         .await?;
     Ok(response.succeeded())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_client::PutOptions;
+
+    /// Writes a decision the way Dynamo's coordinator does: one txn, under
+    /// its lease.
+    async fn planner_writes(client: &mut Client, keys: &PlannerKeys, lease: i64, id: u64, n: u64) {
+        let under = || Some(PutOptions::new().with_lease(lease));
+        client
+            .txn(Txn::new().and_then([
+                TxnOp::put(keys.num_prefill.as_str(), n.to_string(), under()),
+                TxnOp::put(keys.num_decode.as_str(), n.to_string(), under()),
+                TxnOp::put(keys.decision_id.as_str(), id.to_string(), under()),
+            ]))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_write_lands_under_the_planners_lease_only_if_nothing_moved() {
+        let etcd = holdfast_testkit::EtcdServer::start().unwrap();
+        let mut client = Client::connect([etcd.url()], None).await.unwrap();
+        let keys = PlannerKeys::new("ns");
+        let planner_lease = client.lease_grant(60, None).await.unwrap().id();
+        planner_writes(&mut client, &keys, planner_lease, 0, 1).await;
+        planner_writes(&mut client, &keys, planner_lease, 1, 3).await;
+        let guard_lease = client.lease_grant(60, None).await.unwrap().id();
+        let leader = client
+            .put(
+                keys.leader.as_str(),
+                "me",
+                Some(PutOptions::new().with_lease(guard_lease)),
+            )
+            .await
+            .unwrap();
+        let term = leader.header().unwrap().revision();
+
+        let read_now = read(&mut client, &keys, true).await.unwrap();
+        let seen = read_now.state.decision.unwrap();
+        assert_eq!(
+            seen.counts,
+            Counts {
+                prefill: 3,
+                decode: 3
+            }
+        );
+        assert_eq!(
+            read_now.state.previous,
+            Some(Counts {
+                prefill: 1,
+                decode: 1
+            })
+        );
+        // The planner moves on between the read and the write.
+        planner_writes(&mut client, &keys, planner_lease, 2, 5).await;
+        let marker = Marker {
+            kind: "rollback".to_string(),
+            decision_id: 2,
+            relay: "me".to_string(),
+            at_ms: 0,
+            detail: None,
+        };
+        let stale = Write {
+            counts: Counts {
+                prefill: 1,
+                decode: 1,
+            },
+            new_id: 2,
+            expect_revision: seen.revision,
+            leader_revision: term,
+            marker: &marker,
+        };
+        assert!(!write(&mut client, &keys, stale).await.unwrap());
+        let after = read(&mut client, &keys, false)
+            .await
+            .unwrap()
+            .state
+            .decision
+            .unwrap();
+        assert_eq!((after.id, after.counts.prefill), (2, 5));
+        assert_eq!(after.origin, Origin::Planner);
+
+        // Against the current decision, but from a relay that no longer leads.
+        let not_leader = Write {
+            counts: Counts {
+                prefill: 3,
+                decode: 3,
+            },
+            new_id: 3,
+            expect_revision: after.revision,
+            leader_revision: term + 1000,
+            marker: &marker,
+        };
+        assert!(!write(&mut client, &keys, not_leader).await.unwrap());
+
+        let current = Write {
+            counts: Counts {
+                prefill: 3,
+                decode: 3,
+            },
+            new_id: 3,
+            expect_revision: after.revision,
+            leader_revision: term,
+            marker: &marker,
+        };
+        assert!(write(&mut client, &keys, current).await.unwrap());
+        let rolled = read(&mut client, &keys, false).await.unwrap();
+        let decision = rolled.state.decision.unwrap();
+        assert_eq!((decision.id, decision.counts.prefill), (3, 3));
+        assert_eq!(decision.origin, Origin::GuardRollback);
+        // Still the planner's keys: they go when its lease does.
+        let id_key = client.get(keys.decision_id.as_str(), None).await.unwrap();
+        assert_eq!(id_key.kvs()[0].lease(), planner_lease);
+        client.lease_revoke(planner_lease).await.unwrap();
+        let gone = read(&mut client, &keys, false).await.unwrap();
+        assert!(gone.state.decision.is_none());
+    }
+}

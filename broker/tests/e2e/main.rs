@@ -14,6 +14,7 @@ mod discovery;
 mod etcd_front;
 mod etcd_front_limits;
 mod guard;
+mod guard_generic;
 mod journal;
 mod journal_damage;
 mod journal_disk_full;
