@@ -26,7 +26,7 @@
 //! worker) is checked for gaps only, since the blocks stored before are
 //! unknown. Memory is bounded by `max_tracked_blocks` (a stream over it
 //! keeps only its gap check) and `max_tracked_streams` (the least recently
-//! seen is forgotten).
+//! seen eighth is forgotten when it is reached).
 
 use crate::dynamo::kv_event::{self, CacheEventData, ClearedEvent, RouterEvent};
 use std::collections::HashMap;
@@ -286,8 +286,11 @@ impl KvConsistencyCheck {
         None
     }
 
+    /// Forgets the least recently seen eighth of the streams at once, so a
+    /// peer that keeps inventing worker ids costs one pass per many new
+    /// streams, not a scan of every stream for each.
     fn forget_least_recent(&mut self) {
-        let oldest = self
+        let mut by_age: Vec<(u64, Box<str>, (u64, u32))> = self
             .streams
             .iter()
             .flat_map(|(subject, streams)| {
@@ -295,11 +298,16 @@ impl KvConsistencyCheck {
                     .iter()
                     .map(move |(key, stream)| (stream.last_seen, subject.clone(), *key))
             })
-            .min_by_key(|(last_seen, _, _)| *last_seen);
-        let Some((_, subject, key)) = oldest else {
+            .collect();
+        let count = (by_age.len() / 8).max(1).min(by_age.len());
+        if count == 0 {
             return;
-        };
-        if let Some(streams) = self.streams.get_mut(&subject) {
+        }
+        by_age.select_nth_unstable_by_key(count - 1, |(last_seen, _, _)| *last_seen);
+        for (_, subject, key) in by_age.into_iter().take(count) {
+            let Some(streams) = self.streams.get_mut(&subject) else {
+                continue;
+            };
             if let Some(stream) = streams.remove(&key) {
                 self.block_count -= stream.blocks.map_or(0, |blocks| blocks.len());
                 self.stream_count -= 1;
@@ -713,5 +721,35 @@ mod tests {
         }
         assert_eq!(check.tracked_streams(), 3);
         assert_eq!(check.counts().forgotten, 2);
+    }
+
+    #[test]
+    fn invented_worker_ids_stay_within_the_stream_limit() {
+        let mut check = KvConsistencyCheck::new(
+            KvCheckLimits {
+                max_tracked_blocks: 1000,
+                max_tracked_streams: 64,
+            },
+            99,
+        );
+        started(&mut check, 7);
+        for worker in 1000..11_000 {
+            quiet(check.observe(SUBJECT, &one(worker, 1, Data::Stored(None, &[1])), 0));
+            // A worker seen all along is not the one forgotten.
+            if worker % 16 == 0 {
+                quiet(check.observe(
+                    SUBJECT,
+                    &one(7, 4 + (worker - 1000) / 16, Data::Removed(&[99])),
+                    0,
+                ));
+            }
+        }
+        assert!(check.tracked_streams() <= 64);
+        assert_eq!(
+            check.counts().forgotten,
+            10_001 - check.tracked_streams() as u64
+        );
+        assert!(check.tracked_blocks() <= 64 + 3);
+        assert_eq!(check.counts().gap_resets, 0);
     }
 }

@@ -356,7 +356,7 @@ pub const SERIES: &[Series] = &[
         name: "holdfast_kv_streams_untracked_total",
         kind: Kind::Counter,
         labels: &["reason"],
-        meaning: "streams the check stopped following in full: `reason=\"block_limit\"` (over `max_tracked_blocks`; gaps are still found) or `reason=\"stream_limit\"` (the least recently seen, forgotten for a new one)",
+        meaning: "streams the check stopped following in full: `reason=\"block_limit\"` (over `max_tracked_blocks`; gaps are still found) or `reason=\"stream_limit\"` (the least recently seen, forgotten an eighth of the limit at a time for new ones)",
     },
     Series {
         name: "holdfast_upstream_servers",

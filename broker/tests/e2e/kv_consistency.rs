@@ -147,6 +147,8 @@ async fn kv_events_lost_to_drop_oldest_make_routers_drop_that_worker() {
     let router = stack.direct_nats().await;
     let mut subscriber = router.subscribe(SUBJECT).await.unwrap();
     router.flush().await.unwrap();
+    // A router on the same node, subscribed through the relay.
+    let mut local_router = client.subscribe(SUBJECT).await.unwrap();
     for id in 1..=3 {
         publish_acked(&client, id, 16).await;
     }
@@ -221,6 +223,23 @@ async fn kv_events_lost_to_drop_oldest_make_routers_drop_that_worker() {
         .relay
         .logs()
         .contains("Dynamo KV event stream is not whole"));
+
+    // The local router had every event at publish time, the dropped ones
+    // too; the "cleared" reaches it through NATS after them.
+    let mut local_ids = Vec::new();
+    within("the cleared event on this node", async {
+        while let Some(message) = local_router.next().await {
+            let (_, events) = read_events(&message.payload);
+            let (worker, id, kind) = events[0].clone();
+            if kind == "cleared" {
+                assert_eq!(worker, WORKER);
+                break;
+            }
+            local_ids.push(id);
+        }
+    })
+    .await;
+    assert_eq!(local_ids, (1..=LAST).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
