@@ -759,6 +759,12 @@ impl Config {
         self.relay.data_dir.join("discovery-cache.json")
     }
 
+    /// Where the KV event check leaves each stream's place at a clean
+    /// stop, for the next start (read once, then removed).
+    pub fn kv_check_state_path(&self) -> PathBuf {
+        self.relay.data_dir.join("kv-check-streams.json")
+    }
+
     /// The journal file.
     pub fn journal_path(&self) -> PathBuf {
         self.relay.data_dir.join("journal.redb")

@@ -158,6 +158,7 @@ pub async fn run(
             classes: classes.clone(),
             relay_id: Text::from(relay_id.as_str()),
             kv_check: config.kv_consistency.limits(),
+            kv_check_state: config.kv_check_state_path(),
         },
         journal,
         &report.classes,
