@@ -73,6 +73,7 @@ pub struct Config {
     pub classes: BTreeMap<String, ClassOverrides>,
     /// `[guard]`: the planner guard; see `guard/mod.rs`.
     pub guard: GuardConfig,
+    pub kv_consistency: KvConsistencyConfig,
 }
 
 /// What the planner guard does when a decision keeps overloading the fleet.
@@ -133,6 +134,39 @@ impl Default for GuardConfig {
             max_workers: 4096,
             report_ttl: Duration::from_secs(180),
         }
+    }
+}
+
+/// `[kv_consistency]`: the check of Dynamo KV event streams on the
+/// `kv_events` class (see `messaging/kv_consistency.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvConsistencyConfig {
+    pub enabled: bool,
+    /// Blocks followed across all streams (at most about 40 bytes each).
+    pub max_tracked_blocks: usize,
+    /// (subject, worker, dp_rank) streams followed.
+    pub max_tracked_streams: usize,
+}
+
+impl Default for KvConsistencyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_tracked_blocks: 1_000_000,
+            max_tracked_streams: 4096,
+        }
+    }
+}
+
+impl KvConsistencyConfig {
+    /// The check's limits, `None` when it is off.
+    pub fn limits(&self) -> Option<crate::messaging::kv_consistency::KvCheckLimits> {
+        self.enabled
+            .then_some(crate::messaging::kv_consistency::KvCheckLimits {
+                max_tracked_blocks: self.max_tracked_blocks,
+                max_tracked_streams: self.max_tracked_streams,
+            })
     }
 }
 
@@ -578,6 +612,12 @@ impl Config {
                 ),
             ));
         }
+        if self.kv_consistency.enabled && self.kv_consistency.max_tracked_streams == 0 {
+            return Err(invalid(
+                "kv_consistency.max_tracked_streams",
+                "must be at least 1 while the check is enabled".to_string(),
+            ));
+        }
         if self.nats.servers.is_empty() {
             return Err(invalid(
                 "nats.servers",
@@ -842,6 +882,12 @@ impl Config {
     /// The persisted discovery cache.
     pub fn discovery_cache_path(&self) -> PathBuf {
         self.relay.data_dir.join("discovery-cache.json")
+    }
+
+    /// Where the KV event check leaves each stream's place at a clean
+    /// stop, for the next start (read once, then removed).
+    pub fn kv_check_state_path(&self) -> PathBuf {
+        self.relay.data_dir.join("kv-check-streams.json")
     }
 
     /// The journal file.

@@ -342,7 +342,7 @@ impl Shell<'_> {
                     .await;
                 let outcome = if published.is_ok() {
                     counter!("holdfast_guard_advice_total", "namespace" => namespace).increment(1);
-                    warn!(namespace = self.namespace, from_id = rollback.from.id, to_prefill = rollback.to.prefill, to_decode = rollback.to.decode, triggered_by = %serde_json::Value::from(serde_json::to_value(&rollback.triggered_by).unwrap_or_default()), "planner guard: advised a rollback (advise mode)");
+                    warn!(namespace = self.namespace, from_id = rollback.from.id, to_prefill = rollback.to.prefill, to_decode = rollback.to.decode, triggered_by = %serde_json::to_value(&rollback.triggered_by).unwrap_or_default(), "planner guard: advised a rollback (advise mode)");
                     Outcome::Advised
                 } else {
                     warn!(
