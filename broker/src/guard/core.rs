@@ -89,8 +89,8 @@ pub struct PlannerState {
     pub acknowledged_before: Option<u64>,
     /// The id of the last decision the guard wrote, from its marker.
     pub guard_written: Option<u64>,
-    /// The counts before `decision`, from etcd's history; used only when
-    /// the guard has not seen the decision before it (start, takeover).
+    /// The counts just before `decision`, from etcd's history (absent when
+    /// compacted away: then the last decision the guard saw counts).
     pub previous: Option<Counts>,
 }
 
@@ -409,7 +409,7 @@ impl NamespaceGuard {
                 if self.hold_off == 0 {
                     self.hold_off = self.settings.consecutive;
                 }
-                self.previous = known.map(|known| known.counts).or(state.previous);
+                self.previous = state.previous.or(known.map(|known| known.counts));
                 self.start_decision(now, decision);
             }
             Origin::GuardReissue
@@ -438,10 +438,9 @@ impl NamespaceGuard {
                         decision,
                         new_id: stale_id + 1,
                     });
-                self.previous = match known {
-                    Some(known) => Some(known.counts),
-                    None => state.previous,
-                };
+                // etcd's history knows the counts just before this write
+                // even when the guard missed writes in between.
+                self.previous = state.previous.or(known.map(|known| known.counts));
                 self.start_decision(
                     now,
                     Decision {
@@ -1044,5 +1043,25 @@ mod tests {
         assert_eq!(poll.closed[1].load.reports, 0);
         assert_eq!(poll.closed[1].load.sources, 1);
         assert_eq!(poll.closed[2].load.sources, 0);
+    }
+
+    #[test]
+    fn writes_the_guard_missed_are_filled_in_from_etcds_history() {
+        let t0 = Instant::now();
+        let mut guard = NamespaceGuard::new(settings());
+        guard.set_leader(true);
+        guard.observe(t0, PlannerState::default(), true);
+        // Decisions 0 (1/1) and 1 (3/3) landed before the guard's read.
+        let mut state = decision(1, counts(3, 3), 11, Origin::Planner);
+        state.previous = Some(counts(1, 1));
+        guard.observe(t0, state, false);
+        for n in 0..2 {
+            interval_with(&mut guard, at(t0, n), &[kv(0.99)]);
+        }
+        let poll = interval_with(&mut guard, at(t0, 2), &[kv(0.99)]);
+        let Some(Action::Rollback(rollback)) = poll.action else {
+            panic!("no rollback: {poll:?}");
+        };
+        assert_eq!(rollback.to, counts(1, 1));
     }
 }

@@ -70,8 +70,9 @@ fn parse_number(value: &[u8]) -> Option<u64> {
 }
 
 /// Reads the planner's keys and the marker at one revision; with
-/// `with_previous`, also the counts before the current decision from
-/// etcd's history (absent when compacted away).
+/// `with_previous`, also the counts just before the current decision from
+/// etcd's history (absent when compacted away, or when the decision is the
+/// planner's first).
 pub async fn read(
     client: &mut Client,
     keys: &PlannerKeys,

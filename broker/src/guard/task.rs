@@ -218,8 +218,9 @@ impl Shell<'_> {
         Some(Session { client, watch })
     }
 
-    /// Reads the planner's keys and hands them to the core; false when
-    /// etcd did not answer.
+    /// Reads the planner's keys (and, from etcd's history, the counts
+    /// before the decision) and hands them to the core; false when etcd
+    /// did not answer.
     async fn reread(
         &mut self,
         core: &mut NamespaceGuard,
@@ -228,7 +229,7 @@ impl Shell<'_> {
         first: bool,
     ) -> bool {
         let read =
-            tokio::time::timeout(CALL_LIMIT, planner_store::read(client, self.keys, first)).await;
+            tokio::time::timeout(CALL_LIMIT, planner_store::read(client, self.keys, true)).await;
         match read {
             Ok(Ok(read)) => {
                 if let Some(decision) = read.state.decision {
