@@ -35,6 +35,10 @@ use std::time::{Duration, Instant};
 /// stopped, the clock jumped) the rest are skipped as empty.
 const MAX_CATCH_UP_INTERVALS: u32 = 64;
 
+/// After a write etcd did not answer, the next attempt waits this long, so
+/// a stream of load reports does not become a stream of failing writes.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
 /// The guard's limits for one namespace.
 #[derive(Debug, Clone)]
 pub struct GuardSettings {
@@ -347,6 +351,8 @@ pub struct NamespaceGuard {
     awaiting: Option<u64>,
     /// Intervals closed by `on_load`, handed out by the next `poll`.
     pending_closed: Vec<ClosedInterval>,
+    /// No action before this, after a failed write.
+    retry_at: Option<Instant>,
 }
 
 impl NamespaceGuard {
@@ -367,6 +373,7 @@ impl NamespaceGuard {
             in_flight: None,
             awaiting: None,
             pending_closed: Vec::new(),
+            retry_at: None,
         }
     }
 
@@ -487,7 +494,7 @@ impl NamespaceGuard {
         closed.extend(self.close_intervals(now));
         Poll {
             closed,
-            action: self.next_action(),
+            action: self.next_action(now),
         }
     }
 
@@ -553,8 +560,11 @@ impl NamespaceGuard {
         }
     }
 
-    fn next_action(&mut self) -> Option<Action> {
+    fn next_action(&mut self, now: Instant) -> Option<Action> {
         if !self.leader || self.in_flight.is_some() || self.awaiting.is_some() {
+            return None;
+        }
+        if self.retry_at.is_some_and(|retry_at| now < retry_at) {
             return None;
         }
         let action = if let Some(reissue) = self.reissue_due.take() {
@@ -586,7 +596,7 @@ impl NamespaceGuard {
     }
 
     /// The shell reports how the last action ended.
-    pub fn finished(&mut self, outcome: Outcome) {
+    pub fn finished(&mut self, now: Instant, outcome: Outcome) {
         let Some(action) = self.in_flight.take() else {
             return;
         };
@@ -613,6 +623,7 @@ impl NamespaceGuard {
             // revision, so a decision changed meanwhile is not hit. A
             // rollback is retried while its streak lasts.
             Outcome::Failed => {
+                self.retry_at = Some(now + RETRY_DELAY);
                 if let Action::Reissue(reissue) = action {
                     self.reissue_due = Some(reissue);
                 }
@@ -809,7 +820,7 @@ mod tests {
         for n in 0..3 {
             interval_with(guard, at(t0, n), &[kv(0.99)]);
         }
-        guard.finished(Outcome::Written);
+        guard.finished(t0, Outcome::Written);
         let t1 = at(t0, 3) + Duration::from_millis(5);
         let mut state = decision(2, counts(1, 1), 13, Origin::GuardRollback);
         state.guard_written = Some(2);
@@ -878,7 +889,7 @@ mod tests {
         assert_eq!(reissue.new_id, 3);
         assert_eq!(reissue.decision.counts, counts(5, 5));
         assert_eq!(reissue.decision.revision, 15);
-        guard.finished(Outcome::Written);
+        guard.finished(t0, Outcome::Written);
         // The re-issue comes back: the same decision, its intervals go on.
         let t2 = t1 + Duration::from_secs(1);
         let mut state = decision(3, counts(5, 5), 16, Origin::GuardReissue);
@@ -946,7 +957,7 @@ mod tests {
         for n in 0..3 {
             interval_with(&mut guard, at(t0, n), &[kv(0.99)]);
         }
-        guard.finished(Outcome::Superseded);
+        guard.finished(t0, Outcome::Superseded);
         assert_eq!(guard.snapshot(Instant::now()).hold_off_intervals, 0);
         let t1 = at(t0, 3);
         guard.observe(t1, decision(2, counts(8, 8), 12, Origin::Planner), false);
@@ -973,8 +984,12 @@ mod tests {
         // In flight: no second action until it is reported.
         let poll = interval_with(&mut guard, at(t0, 3), &[kv(0.99)]);
         assert_eq!(poll.action, None);
-        guard.finished(Outcome::Failed);
-        let poll = interval_with(&mut guard, at(t0, 4), &[kv(0.99)]);
+        let failed_at = at(t0, 4);
+        guard.finished(failed_at, Outcome::Failed);
+        // Not again at once (a report arriving right after), but a second later.
+        assert!(guard.on_load(failed_at, &kv(0.99)));
+        assert_eq!(guard.poll(failed_at).action, None);
+        let poll = guard.poll(failed_at + RETRY_DELAY);
         assert!(matches!(poll.action, Some(Action::Rollback(_))), "{poll:?}");
     }
 
@@ -985,7 +1000,7 @@ mod tests {
         for n in 0..3 {
             interval_with(&mut guard, at(t0, n), &[kv(0.99)]);
         }
-        guard.finished(Outcome::Advised);
+        guard.finished(t0, Outcome::Advised);
         for n in 3..8 {
             assert_eq!(
                 interval_with(&mut guard, at(t0, n), &[kv(0.99)]).action,

@@ -159,7 +159,7 @@ impl NamespaceTask {
             }
             if let Some(action) = poll.action {
                 let outcome = shell.act(&action, session.as_mut(), term).await;
-                core.finished(outcome);
+                core.finished(Instant::now(), outcome);
             }
             shell.refresh(&core, &candidate, session.is_some());
         }
