@@ -171,8 +171,14 @@ async fn run(scenario: Scenario, cli: &Cli) -> ExitCode {
             settings.repetitions
         )
     };
+    // Figures against nats-server depend on its version (JetStream's
+    // default sync changed over releases): every run says which it used.
+    let nats_server = match harness::NatsServerBinary::find() {
+        Ok(binary) => binary.describe(),
+        Err(error) => format!("nats-server: {error}"),
+    };
     eprintln!(
-        "holdfast-bench {}{}: {plan}, on {} CPUs",
+        "holdfast-bench {}{}: {plan}, on {} CPUs, {nats_server}",
         scenario.name(),
         if cli.quick { " --quick" } else { "" },
         std::thread::available_parallelism().map_or(0, usize::from)
@@ -205,7 +211,7 @@ async fn run(scenario: Scenario, cli: &Cli) -> ExitCode {
     }
     println!(
         "holdfast-bench {}{} — each figure is the median of N repetitions; ratio = holdfast / \
-         baseline, both measured in this run ({:.0} s)\n",
+         baseline, both measured in this run ({:.0} s); {nats_server}\n",
         scenario.name(),
         if cli.quick { " --quick" } else { "" },
         started.elapsed().as_secs_f64()
