@@ -9,6 +9,7 @@
 
 mod error;
 mod harness;
+mod leaf;
 mod relay_status;
 mod report;
 mod scenarios;
