@@ -57,6 +57,10 @@ struct Cli {
     /// outage: publishes per second of the steady mixed load.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     outage_rate: u32,
+    /// outage: draw accepted, delivered and backlog per class over time,
+    /// with the outages shaded, into FILE (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     /// Internal: serve as the echo process of the socket floor measurement.
     #[arg(long, hide = true, value_name = "PATH")]
     socket_echo: Option<PathBuf>,
@@ -244,6 +248,7 @@ async fn run_one(scenario: Scenario, cli: &Cli, settings: &Settings) -> error::R
                 nats_outage: cli.nats_outage,
                 etcd_outage: cli.etcd_outage,
                 rate: cli.outage_rate,
+                plot: cli.plot.clone(),
             })
             .await
         }
@@ -266,5 +271,18 @@ mod tests {
         let echo = Cli::try_parse_from(["holdfast-bench", "--socket-echo", "/tmp/x"]).unwrap();
         assert_eq!(echo.socket_echo, Some(PathBuf::from("/tmp/x")));
         assert!(Cli::try_parse_from(["holdfast-bench", "all", "--repetitions", "0"]).is_err());
+        let outage = Cli::try_parse_from([
+            "holdfast-bench",
+            "outage",
+            "--nats-outage",
+            "20s",
+            "--etcd-outage",
+            "10s",
+            "--plot",
+            "o.svg",
+        ])
+        .unwrap();
+        assert_eq!(outage.nats_outage, Duration::from_secs(20));
+        assert_eq!(outage.plot, Some(PathBuf::from("o.svg")));
     }
 }
