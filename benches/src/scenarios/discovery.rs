@@ -198,7 +198,7 @@ async fn cached_get(settings: &Settings, etcd: &EtcdServer, client: &Client) -> 
             "p50",
             &through.0,
             &baseline.0,
-            "lower is better (p99 judged)",
+            "lower is better (p99 vs socket floor judged)",
             None,
         ),
         row(

@@ -94,6 +94,8 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
 
     let mut via_leaf = Vec::new();
     let mut relay_to_relay = Vec::new();
+    // Messages the relay dropped for its subscriber in those runs.
+    let mut relay_drops = 0u64;
     let mut direct = Vec::new();
     let mut default = Vec::new();
     let mut durable = Vec::new();
@@ -159,6 +161,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         )
         .await?;
         via_leaf.push(run);
+        let drops_before = slow_consumer_drops(&client).await?;
         let run = relay_to_relay_publish(
             &client,
             &relay.url(),
@@ -169,6 +172,9 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         )
         .await?;
         relay_to_relay.push(run);
+        relay_drops += slow_consumer_drops(&client)
+            .await?
+            .saturating_sub(drops_before);
     }
     let _ = quic.close().await;
     let _ = client.close().await;
@@ -201,6 +207,12 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         if missing > 0 {
             note.push_str(&format!(
                 "; {missing} messages never reached the subscriber"
+            ));
+        }
+        if matches!(against, Against::DirectToRelaySubscriber) && relay_drops > 0 {
+            note.push_str(&format!(
+                "; the relay counted {relay_drops} slow-consumer drops for its subscriber \
+                 (status counters.slow_consumer_drops)"
             ));
         }
         let (baseline, baseline_value, target) = match against {
@@ -275,6 +287,16 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         ),
         cpu_row(settings, &direct_cpu, &default_cpu),
     ])
+}
+
+/// The relay's count of messages it dropped because a local subscriber's
+/// queue was full.
+async fn slow_consumer_drops(client: &Client) -> Result<u64> {
+    let status = client
+        .status()
+        .await
+        .context("asking the relay for its status")?;
+    Ok(crate::relay_status::counter(&status, "slow_consumer_drops"))
 }
 
 /// What a throughput row is compared with.
