@@ -1,7 +1,7 @@
 //! holdfast-bench: measures holdfastd against what a user would otherwise
-//! use — direct async-nats, a local JetStream file store, raw
-//! append+fdatasync, a direct etcd-client — as ratios measured in the same
-//! run.
+//! use — a local NATS leaf node, direct async-nats, a local JetStream file
+//! store (default and `sync_interval: always`), raw append+fdatasync, a
+//! direct etcd-client — as ratios measured in the same run.
 //!
 //! This file is the command line: it parses the arguments, runs the chosen
 //! scenarios one after another (each starts and kills its own nats-server,
@@ -24,12 +24,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-/// Measures holdfastd against direct NATS, local JetStream, the disk and
-/// direct etcd.
+/// Measures holdfastd against a NATS leaf node, direct NATS, local
+/// JetStream, the disk and direct etcd.
 ///
 /// Every figure is the median of N repetitions and is compared with a
 /// baseline measured in the same run; the ratio is the result. Needs
-/// nats-server (or HOLDFAST_NATS_SERVER), etcd for `discovery` and
+/// nats-server (HOLDFAST_NATS_SERVER, else .deps/bin from
+/// deploy/install-deps.sh, else the system's; 2.10+ for the JetStream
+/// `sync_interval: always` row), etcd for `discovery` and
 /// `outage` (or HOLDFAST_ETCD) and holdfastd beside this executable (or
 /// HOLDFAST_BENCH_HOLDFASTD).
 #[derive(Debug, Parser)]
