@@ -71,6 +71,65 @@ pub fn generate_certificates(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The nats-server every scenario starts (`$HOLDFAST_NATS_SERVER`, else
+/// `.deps/bin`, else the system's) and the version it reports.
+#[derive(Debug, Clone)]
+pub struct NatsServerBinary {
+    pub path: PathBuf,
+    /// As `nats-server --version` prints it, e.g. `2.15.1`.
+    pub version: String,
+}
+
+impl NatsServerBinary {
+    /// Finds the binary and asks it for its version.
+    pub fn find() -> Result<NatsServerBinary> {
+        let path = kit::find_nats_server()?;
+        let output = Command::new(&path)
+            .arg("--version")
+            .output()
+            .context(&format!("running {} --version", path.display()))?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let version = parse_nats_version(&text).ok_or_else(|| {
+            failed(
+                &format!("reading the version of {}", path.display()),
+                format!("unexpected output {:?}", text.trim()),
+            )
+        })?;
+        Ok(NatsServerBinary { path, version })
+    }
+
+    /// Whether JetStream's `sync_interval` exists (nats-server 2.10 on).
+    pub fn has_sync_interval(&self) -> bool {
+        version_at_least(&self.version, (2, 10))
+    }
+
+    /// `nats-server 2.15.1 (/path/to/nats-server)`, for notes and headers;
+    /// the path without `..` or links, so it says which install it is.
+    pub fn describe(&self) -> String {
+        let path = std::fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone());
+        format!("nats-server {} ({})", self.version, path.display())
+    }
+}
+
+/// `2.15.1` from `nats-server: v2.15.1`.
+fn parse_nats_version(output: &str) -> Option<String> {
+    let version = output.trim().rsplit(' ').next()?.trim_start_matches('v');
+    let numeric = version
+        .split('.')
+        .next()
+        .is_some_and(|major| major.parse::<u32>().is_ok());
+    numeric.then(|| version.to_string())
+}
+
+/// Whether `version` (`MAJOR.MINOR[.PATCH...]`) is at least `minimum`.
+fn version_at_least(version: &str, minimum: (u32, u32)) -> bool {
+    let mut parts = version.split(['.', '-']).map(|part| part.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= minimum,
+        _ => false,
+    }
+}
+
 /// User + system CPU time of process `pid` so far, in seconds.
 pub fn proc_cpu_seconds(pid: u32) -> Result<f64> {
     Ok(kit::proc_stats::cpu_seconds(pid)?)
@@ -83,10 +142,19 @@ impl NatsServer {
     /// Starts nats-server on a free port; with `jetstream`, a file store in
     /// its temp dir (kept across restarts).
     pub async fn start(jetstream: bool) -> Result<NatsServer> {
-        let builder = kit::NatsServer::builder()
+        NatsServer::start_with(jetstream, None).await
+    }
+
+    /// As [`NatsServer::start`], with `config` (nats-server's config
+    /// syntax: leaf nodes, JetStream sync) in a file passed with `-c`.
+    pub async fn start_with(jetstream: bool, config: Option<String>) -> Result<NatsServer> {
+        let mut builder = kit::NatsServer::builder()
             .jetstream(jetstream)
             .start_limit(NATS_START_LIMIT)
             .stop_limit(STOP_LIMIT);
+        if let Some(config) = config {
+            builder = builder.config(config);
+        }
         Ok(NatsServer(blocking(|| builder.start())?))
     }
 
@@ -206,5 +274,24 @@ impl Relay {
     /// SIGKILL (a crash: the journal must carry everything acknowledged).
     pub fn kill(&mut self) {
         self.0.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_nats_server_versions() {
+        assert_eq!(
+            parse_nats_version("nats-server: v2.15.1\n").as_deref(),
+            Some("2.15.1")
+        );
+        assert_eq!(parse_nats_version("garbage"), None);
+        assert!(version_at_least("2.15.1", (2, 10)));
+        assert!(version_at_least("2.10.0", (2, 10)));
+        assert!(!version_at_least("2.9.10", (2, 10)));
+        assert!(version_at_least("3.0.0-beta", (2, 10)));
+        assert!(!version_at_least("x.y", (2, 10)));
     }
 }

@@ -1,7 +1,7 @@
 //! holdfast-bench: measures holdfastd against what a user would otherwise
-//! use — direct async-nats, a local JetStream file store, raw
-//! append+fdatasync, a direct etcd-client — as ratios measured in the same
-//! run.
+//! use — a local NATS leaf node, direct async-nats, a local JetStream file
+//! store (default and `sync_interval: always`), raw append+fdatasync, a
+//! direct etcd-client — as ratios measured in the same run.
 //!
 //! This file is the command line: it parses the arguments, runs the chosen
 //! scenarios one after another (each starts and kills its own nats-server,
@@ -9,6 +9,7 @@
 
 mod error;
 mod harness;
+mod leaf;
 mod relay_status;
 mod report;
 mod scenarios;
@@ -23,12 +24,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-/// Measures holdfastd against direct NATS, local JetStream, the disk and
-/// direct etcd.
+/// Measures holdfastd against a NATS leaf node, direct NATS, local
+/// JetStream, the disk and direct etcd.
 ///
 /// Every figure is the median of N repetitions and is compared with a
 /// baseline measured in the same run; the ratio is the result. Needs
-/// nats-server (or HOLDFAST_NATS_SERVER), etcd for `discovery` and
+/// nats-server (HOLDFAST_NATS_SERVER, else .deps/bin from
+/// deploy/install-deps.sh, else the system's; 2.10+ for the JetStream
+/// `sync_interval: always` row), etcd for `discovery` and
 /// `outage` (or HOLDFAST_ETCD) and holdfastd beside this executable (or
 /// HOLDFAST_BENCH_HOLDFASTD).
 #[derive(Debug, Parser)]
@@ -56,6 +59,10 @@ struct Cli {
     /// outage: publishes per second of the steady mixed load.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     outage_rate: u32,
+    /// outage: draw accepted, delivered and backlog per class over time,
+    /// with the outages shaded, into FILE (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     /// Internal: serve as the echo process of the socket floor measurement.
     #[arg(long, hide = true, value_name = "PATH")]
     socket_echo: Option<PathBuf>,
@@ -171,8 +178,14 @@ async fn run(scenario: Scenario, cli: &Cli) -> ExitCode {
             settings.repetitions
         )
     };
+    // Figures against nats-server depend on its version (JetStream's
+    // default sync changed over releases): every run says which it used.
+    let nats_server = match harness::NatsServerBinary::find() {
+        Ok(binary) => binary.describe(),
+        Err(error) => format!("nats-server: {error}"),
+    };
     eprintln!(
-        "holdfast-bench {}{}: {plan}, on {} CPUs",
+        "holdfast-bench {}{}: {plan}, on {} CPUs, {nats_server}",
         scenario.name(),
         if cli.quick { " --quick" } else { "" },
         std::thread::available_parallelism().map_or(0, usize::from)
@@ -205,7 +218,7 @@ async fn run(scenario: Scenario, cli: &Cli) -> ExitCode {
     }
     println!(
         "holdfast-bench {}{} — each figure is the median of N repetitions; ratio = holdfast / \
-         baseline, both measured in this run ({:.0} s)\n",
+         baseline, both measured in this run ({:.0} s); {nats_server}\n",
         scenario.name(),
         if cli.quick { " --quick" } else { "" },
         started.elapsed().as_secs_f64()
@@ -237,6 +250,7 @@ async fn run_one(scenario: Scenario, cli: &Cli, settings: &Settings) -> error::R
                 nats_outage: cli.nats_outage,
                 etcd_outage: cli.etcd_outage,
                 rate: cli.outage_rate,
+                plot: cli.plot.clone(),
             })
             .await
         }
@@ -259,5 +273,18 @@ mod tests {
         let echo = Cli::try_parse_from(["holdfast-bench", "--socket-echo", "/tmp/x"]).unwrap();
         assert_eq!(echo.socket_echo, Some(PathBuf::from("/tmp/x")));
         assert!(Cli::try_parse_from(["holdfast-bench", "all", "--repetitions", "0"]).is_err());
+        let outage = Cli::try_parse_from([
+            "holdfast-bench",
+            "outage",
+            "--nats-outage",
+            "20s",
+            "--etcd-outage",
+            "10s",
+            "--plot",
+            "o.svg",
+        ])
+        .unwrap();
+        assert_eq!(outage.nats_outage, Duration::from_secs(20));
+        assert_eq!(outage.plot, Some(PathBuf::from("o.svg")));
     }
 }

@@ -21,6 +21,12 @@ pub fn etcd_figure(status: &Value, field: &str) -> u64 {
     status["etcd"][field].as_u64().unwrap_or(0)
 }
 
+/// A counter of the `counters` object (`slow_consumer_drops`, ...); 0
+/// when absent.
+pub fn counter(status: &Value, field: &str) -> u64 {
+    status["counters"][field].as_u64().unwrap_or(0)
+}
+
 /// `backlog_messages` of one class (0 when the class is absent).
 pub fn class_backlog(status: &Value, class: &str) -> u64 {
     classes(status)
@@ -184,5 +190,8 @@ mod tests {
         assert_eq!(etcd_state(&status), "up");
         assert_eq!(etcd_figure(&status, "registrations"), 10_000);
         assert_eq!(etcd_figure(&status, "reconcile_runs"), 0);
+        let status = serde_json::json!({"counters": {"slow_consumer_drops": 7}});
+        assert_eq!(counter(&status, "slow_consumer_drops"), 7);
+        assert_eq!(counter(&status, "frame_errors"), 0);
     }
 }

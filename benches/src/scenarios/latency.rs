@@ -2,6 +2,11 @@
 //! through the relay vs a direct async-nats publisher, one message at a
 //! time, with the send time in the payload.
 //!
+//! The judged comparison is with a local NATS leaf node in front of the
+//! same nats-server (its hub), which adds a hop as the relay does:
+//! `latency/vs leaf node` sets the p50 the relay adds to a direct publish
+//! against the p50 the leaf adds.
+//!
 //! A message through the relay crosses one more process boundary than a
 //! direct one (publisher → relay), so `latency/p50 added vs socket floor`
 //! sets the added p50 against half a bare round trip between two processes
@@ -19,12 +24,16 @@ use std::time::{Duration, Instant};
 
 const PAYLOAD_BYTES: usize = 128;
 const WARM_UP: u64 = 200;
+/// The p50 the relay adds against the p50 a leaf node adds.
+const TARGET_VS_LEAF: f64 = 1.0;
 /// Longest a single message may take before the run counts as failed.
 const MESSAGE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Who sends the timestamped messages.
 enum Sender<'a> {
     Direct(&'a async_nats::Client),
+    /// A client of a leaf node whose hub the subscriber is on.
+    Leaf(&'a async_nats::Client),
     Relay(&'a holdfast_client::Client),
 }
 
@@ -35,6 +44,10 @@ impl Sender<'_> {
                 .publish(subject.to_string(), payload)
                 .await
                 .context("publishing directly to NATS"),
+            Sender::Leaf(client) => client
+                .publish(subject.to_string(), payload)
+                .await
+                .context("publishing to the leaf node"),
             Sender::Relay(client) => client
                 .publish(subject, payload)
                 .await
@@ -59,6 +72,9 @@ async fn measure(
         .await
         .context("subscribing on NATS")?;
     super::load::nats_round_trip(&receiver).await?;
+    if let Sender::Leaf(publisher) = &sender {
+        crate::leaf::wait_for_interest(publisher, &receiver, subject).await?;
+    }
     let base = Instant::now();
     let mut latencies = Vec::with_capacity(usize::try_from(samples).unwrap_or(0));
     for index in 0..WARM_UP + samples {
@@ -94,12 +110,14 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         relay: _relay,
         client,
         direct: publisher,
-    } = PassThrough::start().await?;
+        leaf,
+    } = PassThrough::start_with(super::RELAY_CONFIG).await?;
     let url = nats.url();
 
     let mut floor = SocketFloor::start().await?;
     let mut direct = (Vec::new(), Vec::new());
     let mut through = (Vec::new(), Vec::new());
+    let mut via_leaf = Vec::new();
     let mut floor_p50 = Vec::new();
     for rep in 0..settings.repetitions {
         eprintln!(
@@ -115,6 +133,9 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         let run = measure(Sender::Relay(&client), &url, &subject, samples).await?;
         through.0.extend(percentile(&run, 50.0));
         through.1.extend(percentile(&run, 99.0));
+        let subject = format!("bench.latency.leaf.{rep}");
+        let run = measure(Sender::Leaf(&leaf.publisher), &url, &subject, samples).await?;
+        via_leaf.extend(percentile(&run, 50.0));
         floor_p50.extend(percentile(&floor.round_trips(samples).await?, 50.0));
     }
     drop(floor);
@@ -148,6 +169,34 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
     let added_p50 = median(&through.0)
         .zip(median(&direct.0))
         .map(|(relay, direct)| relay - direct);
+    let leaf_added = median(&via_leaf)
+        .zip(median(&direct.0))
+        .map(|(leaf, direct)| leaf - direct);
+    let mut versus_leaf = Row {
+        scenario: "latency/vs leaf node".to_string(),
+        value: added_p50,
+        unit: "µs".to_string(),
+        baseline: "p50 a local leaf nats-server adds (async-nats → leaf → hub)".to_string(),
+        baseline_value: leaf_added,
+        target: format!("≤ {TARGET_VS_LEAF:.1}× the leaf's; lower is better"),
+        repetitions: settings.repetitions,
+        note: format!(
+            "p50 added to a direct publish, by the relay (the value) and by the leaf node (the \
+             baseline), the same runs as latency/p50; leaf p50 {}; per-run p50, median over runs",
+            crate::report::format_value(median(&via_leaf), "µs")
+        ),
+        ..Row::default()
+    };
+    // A leaf that added nothing (or less than nothing, in noise) leaves no
+    // meaningful ratio; say so instead of judging a sign flip.
+    if leaf_added.is_some_and(|added| added > 0.0) {
+        versus_leaf = versus_leaf.with_ratio();
+        versus_leaf.met = versus_leaf.ratio.map(|ratio| ratio <= TARGET_VS_LEAF);
+    } else {
+        versus_leaf
+            .note
+            .push_str("; the leaf added no latency in this run, so there is no ratio");
+    }
     let one_crossing = median(&floor_p50).map(|round_trip| round_trip / 2.0);
     let versus_floor = Row {
         scenario: "latency/p50 added vs socket floor".to_string(),
@@ -173,6 +222,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
     Ok(vec![
         row("p50", &through.0, &direct.0, 30.0),
         row("p99", &through.1, &direct.1, 100.0),
+        versus_leaf,
         versus_floor,
     ])
 }

@@ -34,6 +34,15 @@ pub struct Counted {
     pub last: Option<Instant>,
 }
 
+/// A subscriber's queue large enough for `expected` messages, so that the
+/// client never drops for a slow consumer.
+fn capacity_for(expected: u64) -> usize {
+    usize::try_from(expected)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1024)
+        .min(8_000_000)
+}
+
 /// A plain async-nats subscriber on its own connection, counting messages
 /// until it saw `expected` or none came for a while.
 pub struct CountingSubscriber {
@@ -44,21 +53,38 @@ pub struct CountingSubscriber {
 impl CountingSubscriber {
     /// Subscribes to `subject` and returns once NATS registered the subscription.
     pub async fn start(nats_url: &str, subject: &str, expected: u64) -> Result<CountingSubscriber> {
-        // Large enough that the client never drops for a slow consumer.
-        let capacity = usize::try_from(expected)
-            .unwrap_or(usize::MAX)
-            .saturating_add(1024)
-            .min(8_000_000);
         let client = async_nats::ConnectOptions::new()
-            .subscription_capacity(capacity)
+            .subscription_capacity(capacity_for(expected))
             .connect(nats_url)
             .await
             .context("connecting the counting subscriber to NATS")?;
-        let mut subscriber = client
+        let subscriber = client
             .subscribe(subject.to_string())
             .await
             .context("subscribing on NATS")?;
         nats_round_trip(&client).await?;
+        Ok(CountingSubscriber::count(
+            subscriber,
+            client,
+            expected,
+            |_| true,
+        ))
+    }
+
+    /// Counts the items of `stream` for which `counts` holds, until
+    /// `expected` or none came for a while; `keep_alive` (the stream's
+    /// connection) lives as long as the count.
+    pub fn count<S, K, F>(
+        mut stream: S,
+        keep_alive: K,
+        expected: u64,
+        counts: F,
+    ) -> CountingSubscriber
+    where
+        S: futures::Stream + Unpin + Send + 'static,
+        K: Send + 'static,
+        F: Fn(&S::Item) -> bool + Send + 'static,
+    {
         let counted = Arc::new(Mutex::new(Counted {
             received: 0,
             first: None,
@@ -66,11 +92,14 @@ impl CountingSubscriber {
         }));
         let shared = Arc::clone(&counted);
         let task = tokio::spawn(async move {
-            let _client = client;
+            let _keep_alive = keep_alive;
             let mut received = 0;
             while received < expected {
-                match tokio::time::timeout(IDLE_LIMIT, subscriber.next()).await {
-                    Ok(Some(_message)) => {
+                match tokio::time::timeout(IDLE_LIMIT, stream.next()).await {
+                    Ok(Some(item)) => {
+                        if !counts(&item) {
+                            continue;
+                        }
                         let now = Instant::now();
                         received += 1;
                         if let Ok(mut counted) = shared.lock() {
@@ -83,10 +112,10 @@ impl CountingSubscriber {
                 }
             }
         });
-        Ok(CountingSubscriber {
+        CountingSubscriber {
             task: Some(task),
             counted,
-        })
+        }
     }
 
     /// What it saw so far.
@@ -185,6 +214,19 @@ pub async fn direct_publish(
     size: usize,
 ) -> Result<Throughput> {
     let subscriber = CountingSubscriber::start(nats_url, subject, count).await?;
+    publish_counted(publisher, subscriber, subject, count, size).await
+}
+
+/// `count` messages of `size` bytes from `publisher` to `subject`, timed
+/// until `subscriber` (already subscribed, and reachable from the
+/// publisher's server) counted them.
+pub async fn publish_counted(
+    publisher: &async_nats::Client,
+    subscriber: CountingSubscriber,
+    subject: &str,
+    count: u64,
+    size: usize,
+) -> Result<Throughput> {
     let body = payload(size);
     // Built once and shared, as a publisher at these rates would.
     let subject = async_nats::Subject::from(subject);
@@ -231,6 +273,85 @@ pub async fn relay_publish(
     }
     client.flush().await.context("flushing the relay client")?;
     let counted = subscriber.finish().await?;
+    Throughput::from_counted(start, count, counted)
+}
+
+/// How long the relay's upstream subscription may take to reach NATS.
+const SUBSCRIBE_LIMIT: Duration = Duration::from_secs(15);
+
+/// `count` fire-and-forget messages of `size` bytes through the relay to
+/// NATS and back through the relay to a holdfast-client subscriber on its
+/// own connection (the path between two components on relays).
+///
+/// The subscriber takes `{prefix}.>`; messages go to `{prefix}.data`.
+/// Before the run, `probe` (a direct NATS client) publishes to
+/// `{prefix}.probe` until one arrives: then the relay's subscription is in
+/// place at nats-server, which the relay's confirmation of the SUBSCRIBE
+/// does not promise.
+pub async fn relay_to_relay_publish(
+    publisher: &holdfast_client::Client,
+    relay_url: &str,
+    probe: &async_nats::Client,
+    prefix: &str,
+    count: u64,
+    size: usize,
+) -> Result<Throughput> {
+    let url: holdfast_client::RelayUrl = relay_url.parse().context("parsing the relay's URL")?;
+    let options =
+        holdfast_client::ConnectOptions::new(url).subscription_capacity(capacity_for(count));
+    let subscriber_client = holdfast_client::Client::connect_with(options)
+        .await
+        .context("connecting the relay subscriber")?;
+    let mut subscriber = subscriber_client
+        .subscribe(format!("{prefix}.>"))
+        .await
+        .context("subscribing through the relay")?;
+    let data = Text::from(format!("{prefix}.data"));
+    let probe_subject = format!("{prefix}.probe");
+    let deadline = Instant::now() + SUBSCRIBE_LIMIT;
+    loop {
+        probe
+            .publish(probe_subject.clone(), Bytes::new())
+            .await
+            .context("publishing a subscription probe")?;
+        probe.flush().await.context("flushing the probe")?;
+        match tokio::time::timeout(Duration::from_millis(20), subscriber.next()).await {
+            Ok(Some(_)) => break,
+            Ok(None) => {
+                return Err(failed(
+                    "the relay subscription",
+                    "ended before its first message",
+                ))
+            }
+            Err(_) if Instant::now() > deadline => {
+                return Err(BenchError::Timeout(format!(
+                    "the relay's subscription to {prefix}.> to reach nats-server"
+                )))
+            }
+            Err(_) => {}
+        }
+    }
+    let wanted = data.clone();
+    let counter = CountingSubscriber::count(
+        subscriber,
+        subscriber_client,
+        count,
+        move |message: &holdfast_client::Message| message.subject == wanted,
+    );
+    let body = payload(size);
+    let class = Text::from("default");
+    let start = Instant::now();
+    for _ in 0..count {
+        publisher
+            .publish_message(OutboundMessage::new(data.clone(), body.clone()).class(class.clone()))
+            .await
+            .context("publishing through the relay")?;
+    }
+    publisher
+        .flush()
+        .await
+        .context("flushing the relay client")?;
+    let counted = counter.finish().await?;
     Throughput::from_counted(start, count, counted)
 }
 

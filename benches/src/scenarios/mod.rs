@@ -50,25 +50,29 @@ pub fn count_words(count: u64) -> String {
     }
 }
 
-/// A nats-server, a relay in front of it, a relay client and a direct NATS
-/// client, with the relay's link up: where the pass-through scenarios start.
-/// The server and relay are stopped when this is dropped.
+/// A nats-server, a relay in front of it, a relay client, a direct NATS
+/// client and a local leaf node whose hub the nats-server is (the
+/// alternative the relay is measured against), with the relay's link up:
+/// where the pass-through scenarios start. The servers and the relay are
+/// stopped when this is dropped.
 pub struct PassThrough {
     pub nats: crate::harness::NatsServer,
     pub relay: crate::harness::Relay,
     pub client: holdfast_client::Client,
     pub direct: async_nats::Client,
+    pub leaf: crate::leaf::LeafNode,
 }
 
 impl PassThrough {
-    pub async fn start() -> crate::error::Result<PassThrough> {
-        PassThrough::start_with(RELAY_CONFIG).await
-    }
-
-    /// As [`PassThrough::start`], with `config_toml` as the relay's config.
+    /// Starts the hub nats-server (leaf connections on a free port), the
+    /// relay with `config_toml` as its config, its client, a direct client
+    /// and the leaf node; returns once the relay's NATS link is up.
     pub async fn start_with(config_toml: &str) -> crate::error::Result<PassThrough> {
         use crate::error::Context;
-        let nats = crate::harness::NatsServer::start(false).await?;
+        let leaf_port = holdfast_testkit::free_port()?;
+        let nats =
+            crate::harness::NatsServer::start_with(false, Some(crate::leaf::hub_config(leaf_port)))
+                .await?;
         let relay = crate::harness::Relay::start(&nats.url(), config_toml).await?;
         let client = holdfast_client::Client::connect(&relay.url())
             .await
@@ -78,11 +82,13 @@ impl PassThrough {
         let direct = async_nats::connect(nats.url())
             .await
             .context("connecting the direct publisher")?;
+        let leaf = crate::leaf::LeafNode::start(leaf_port).await?;
         Ok(PassThrough {
             nats,
             relay,
             client,
             direct,
+            leaf,
         })
     }
 }

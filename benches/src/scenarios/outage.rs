@@ -14,12 +14,18 @@
 //! subscriber on the load's subjects, discovery GETs and registration
 //! changes during the outage, and the time until etcd holds every
 //! registration again after it returns.
+//!
+//! Throughout, the relay's accepted publishes and backlog per class are
+//! sampled once a second; with the capture stream's timestamps of what
+//! NATS stored, they make the run's [`timeline`], drawn by `--plot`.
 
 mod etcd;
+mod plot;
+mod timeline;
 
 use crate::error::{BenchError, Context, Result};
 use crate::harness::{EtcdServer, NatsServer, Relay};
-use crate::relay_status::{total_backlog, wait_for_etcd_settled, wait_for_nats};
+use crate::relay_status::{class_backlog, total_backlog, wait_for_etcd_settled, wait_for_nats};
 use crate::report::Row;
 use bytes::{BufMut, BytesMut};
 use futures::StreamExt;
@@ -28,16 +34,19 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+use timeline::{Sample, Timeline, Window};
 use tokio::sync::mpsc;
 
 /// How the outage run is shaped (from the command line).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct OutagePlan {
     pub nats_outage: Duration,
     pub etcd_outage: Duration,
     /// Publishes per second, spread over the four classes.
     pub rate: u32,
+    /// Where to draw the run's timeline as an SVG, if anywhere.
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// Production classes, each confirmed by a JetStream PubAck.
@@ -105,8 +114,7 @@ async fn generate(
         owed += per_tick;
         while owed >= 1.0 {
             owed -= 1.0;
-            let index = usize::try_from(seq % 4).unwrap_or(0);
-            let (class, subject) = CLASSES[index];
+            let (class, subject) = CLASSES[class_of(seq)];
             let mut payload = BytesMut::with_capacity(PAYLOAD_BYTES);
             payload.put_slice(format!("{seq:0width$}", width = SEQ_DIGITS).as_bytes());
             payload.resize(PAYLOAD_BYTES, b'x');
@@ -124,8 +132,14 @@ async fn generate(
     Ok(())
 }
 
-/// Awaits every ack in order.
-async fn collect(mut receiver: mpsc::Receiver<(u64, AckFuture)>) -> Acks {
+/// Accepted publishes per class, in [`timeline::CLASSES`] order.
+type ClassCounters = Arc<[AtomicU64; 4]>;
+
+/// Awaits every ack in order, counting the accepted ones per class.
+async fn collect(
+    mut receiver: mpsc::Receiver<(u64, AckFuture)>,
+    accepted_by_class: ClassCounters,
+) -> Acks {
     let mut acks = Acks::default();
     while let Some((seq, ack)) = receiver.recv().await {
         let index = usize::try_from(seq).unwrap_or(usize::MAX);
@@ -135,6 +149,7 @@ async fn collect(mut receiver: mpsc::Receiver<(u64, AckFuture)>) -> Acks {
         match tokio::time::timeout(ACK_LIMIT, ack).await {
             Ok(Ok(ack)) => {
                 acks.accepted[index] = true;
+                accepted_by_class[class_of(seq)].fetch_add(1, Ordering::Relaxed);
                 *acks.outcomes.entry(outcome_name(ack.outcome)).or_default() += 1;
             }
             Ok(Err(error)) => *acks.rejected.entry(error.name().to_string()).or_default() += 1,
@@ -144,14 +159,42 @@ async fn collect(mut receiver: mpsc::Receiver<(u64, AckFuture)>) -> Acks {
     acks
 }
 
-/// Samples the relay's total backlog every second; keeps the largest.
-async fn watch_backlog(client: Client, stop: Arc<AtomicBool>, max: Arc<AtomicU64>) {
+/// The class (index into [`CLASSES`] and [`timeline::CLASSES`]) the load
+/// gives sequence number `seq`.
+fn class_of(seq: u64) -> usize {
+    usize::try_from(seq % 4).unwrap_or(0)
+}
+
+/// Once a second until `stop`: the accepted publishes and the relay's
+/// backlog per class; keeps the largest total backlog in `max`.
+async fn sample_timeline(
+    client: Client,
+    stop: Arc<AtomicBool>,
+    max: Arc<AtomicU64>,
+    accepted_by_class: ClassCounters,
+    start: Instant,
+) -> Vec<Sample> {
+    let mut timeline = Timeline::default();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !stop.load(Ordering::Relaxed) {
-        if let Ok(status) = client.status().await {
-            max.fetch_max(total_backlog(&status), Ordering::Relaxed);
+        ticker.tick().await;
+        let Ok(status) = client.status().await else {
+            continue;
+        };
+        max.fetch_max(total_backlog(&status), Ordering::Relaxed);
+        let mut sample = Sample {
+            at: start.elapsed().as_secs_f64(),
+            accepted: [0; 4],
+            backlog: [0; 4],
+        };
+        for (class, name) in timeline::CLASSES.iter().enumerate() {
+            sample.accepted[class] = accepted_by_class[class].load(Ordering::Relaxed);
+            sample.backlog[class] = class_backlog(&status, name);
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        timeline.push(sample);
     }
+    timeline.samples().to_vec()
 }
 
 async fn capture_stream(nats_url: &str) -> Result<async_nats::jetstream::stream::Stream> {
@@ -169,8 +212,17 @@ async fn capture_stream(nats_url: &str) -> Result<async_nats::jetstream::stream:
         .context("creating the capture stream")
 }
 
-/// Reads the whole capture stream: how often each sequence number arrived.
-async fn read_capture(nats_url: &str) -> Result<Vec<u32>> {
+/// Reads the whole capture stream: how often each sequence number arrived;
+/// each stored message is also counted in `timeline` at the time NATS
+/// stored it (seconds since `wall_start`).
+async fn read_capture(
+    nats_url: &str,
+    timeline: &mut Timeline,
+    wall_start: SystemTime,
+) -> Result<Vec<u32>> {
+    let start_nanos = wall_start
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() as i128);
     let mut stream = capture_stream(nats_url).await?;
     let stored = stream
         .info()
@@ -201,6 +253,13 @@ async fn read_capture(nats_url: &str) -> Result<Vec<u32>> {
         read += 1;
         if let Some(seq) = payload_seq(&message.payload) {
             count_seq(&mut seen, seq);
+            match message.info() {
+                Ok(info) => {
+                    let since = info.published.unix_timestamp_nanos() - start_nanos;
+                    timeline.count_delivery(class_of(seq as u64), since as f64 / 1e9);
+                }
+                Err(_) => timeline.untimed_deliveries += 1,
+            }
         }
     }
     Ok(seen)
@@ -312,6 +371,8 @@ fn words(duration: Duration) -> String {
 }
 
 pub async fn run(plan: &OutagePlan) -> Result<Vec<Row>> {
+    let start = Instant::now();
+    let wall_start = SystemTime::now();
     // etcd runs from the start, as in production: the relay holds its link
     // (and the registrations) through the NATS outage too.
     let mut etcd_server = EtcdServer::start().await?;
@@ -333,8 +394,9 @@ pub async fn run(plan: &OutagePlan) -> Result<Vec<Row>> {
     let stop_listening = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let max_backlog = Arc::new(AtomicU64::new(0));
+    let accepted_by_class: ClassCounters = Arc::new(Default::default());
     let (ack_sender, ack_receiver) = mpsc::channel(100_000);
-    let collector = tokio::spawn(collect(ack_receiver));
+    let collector = tokio::spawn(collect(ack_receiver, Arc::clone(&accepted_by_class)));
     let generator = tokio::spawn(generate(
         client.clone(),
         plan.rate.max(1),
@@ -342,10 +404,12 @@ pub async fn run(plan: &OutagePlan) -> Result<Vec<Row>> {
         ack_sender,
         Arc::clone(&sent),
     ));
-    let watcher = tokio::spawn(watch_backlog(
+    let watcher = tokio::spawn(sample_timeline(
         client.clone(),
         Arc::clone(&stop_watch),
         Arc::clone(&max_backlog),
+        Arc::clone(&accepted_by_class),
+        start,
     ));
     // Whatever happens below, the background tasks stop when this guard goes.
     let _stop_guard = StopOnDrop(vec![
@@ -377,6 +441,12 @@ pub async fn run(plan: &OutagePlan) -> Result<Vec<Row>> {
     eprintln!("  outage: starting NATS again");
     nats.restart().await?;
     let restarted = Instant::now();
+    let seconds_since_start = |at: Instant| at.saturating_duration_since(start).as_secs_f64();
+    let mut timeline = Timeline::default();
+    timeline.nats_outage = Some(Window {
+        from: seconds_since_start(outage_start),
+        to: seconds_since_start(restarted),
+    });
     let drain_limit = (plan.nats_outage * 2).max(Duration::from_secs(600));
     let drained = wait_drained(&client, drain_limit).await;
     let replay_seconds = drained.map(|at| at.duration_since(restarted).as_secs_f64());
@@ -422,12 +492,36 @@ pub async fn run(plan: &OutagePlan) -> Result<Vec<Row>> {
     let heard = listener.await.context("subscriber task")?;
     let _ = listener_client.close().await;
     stop_watch.store(true, Ordering::Relaxed);
-    let _ = watcher.await;
+    let samples = watcher.await.unwrap_or_default();
     let _ = client.close().await;
 
     eprintln!("  outage: reading the capture stream");
-    let seen = read_capture(&nats.url()).await?;
+    let seen = read_capture(&nats.url(), &mut timeline, wall_start).await?;
     drop(relay);
+    for sample in samples {
+        timeline.push(sample);
+    }
+    if let Ok(run) = &etcd_run {
+        timeline.etcd_outage = run.killed.map(|killed| Window {
+            from: seconds_since_start(killed),
+            to: seconds_since_start(killed + run.down_for),
+        });
+    }
+    if let Some(path) = &plan.plot {
+        let title = format!(
+            "holdfast outage run: NATS down {}, etcd down {}, {} msg/s over 4 classes",
+            words(plan.nats_outage),
+            words(plan.etcd_outage),
+            plan.rate
+        );
+        plot::draw(path, &timeline, &title)?;
+        eprintln!(
+            "  outage: plot written to {} ({} samples; {} stored messages without a time)",
+            path.display(),
+            timeline.samples().len(),
+            timeline.untimed_deliveries
+        );
+    }
 
     let to_index = |seq: u64| usize::try_from(seq).unwrap_or(usize::MAX);
     let everything = 0..acks.accepted.len().max(seen.len());
@@ -737,6 +831,14 @@ impl Drop for StopOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_load_and_the_timeline_name_the_classes_alike() {
+        for (index, (class, _)) in CLASSES.iter().enumerate() {
+            assert_eq!(*class, timeline::CLASSES[index]);
+            assert_eq!(class_of(index as u64 + 4), index);
+        }
+    }
 
     #[test]
     fn reads_the_sequence_number_of_a_payload() {

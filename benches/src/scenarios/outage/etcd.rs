@@ -432,6 +432,8 @@ pub struct EtcdRun {
     /// The relay's `etcd` figures at the end of the outage.
     pub pending_at_end: u64,
     pub max_staleness_ms: u64,
+    /// When etcd was killed (its outage ends `down_for` later).
+    pub killed: Option<Instant>,
     /// Kill → etcd answering again.
     pub down_for: Duration,
     pub reconciled: Reconciled,
@@ -478,6 +480,7 @@ pub async fn outage(
     run.kill_seq = sent.load(Ordering::Relaxed);
     etcd.kill();
     let killed = Instant::now();
+    run.killed = Some(killed);
     let end = killed + length;
     let gets = tokio::spawn(keep_getting(
         getter,
