@@ -18,6 +18,7 @@ pub struct KvCheckView {
     duplicates: AtomicU64,
     gap_resets: AtomicU64,
     orphan_resets: AtomicU64,
+    restart_resets: AtomicU64,
     over_block_limit: AtomicU64,
     forgotten: AtomicU64,
     tracked_streams: AtomicU64,
@@ -31,7 +32,7 @@ pub struct LastReset {
     pub subject: String,
     pub worker_id: u64,
     pub dp_rank: u32,
-    /// "gap" or "orphan".
+    /// "gap", "orphan" or "restart".
     pub reason: &'static str,
     /// What was seen ("expected event 4, got 6").
     pub detail: String,
@@ -51,6 +52,7 @@ pub struct KvCheckStatus {
     pub duplicates: u64,
     pub resets_gap: u64,
     pub resets_orphan: u64,
+    pub resets_restart: u64,
     /// (subject, worker, dp_rank) streams followed now.
     pub tracked_streams: u64,
     pub tracked_blocks: u64,
@@ -77,6 +79,7 @@ impl KvCheckView {
         store(&self.duplicates, counts.duplicates);
         store(&self.gap_resets, counts.gap_resets);
         store(&self.orphan_resets, counts.orphan_resets);
+        store(&self.restart_resets, counts.restart_resets);
         store(&self.over_block_limit, counts.over_block_limit);
         store(&self.forgotten, counts.forgotten);
         store(&self.tracked_streams, streams as u64);
@@ -106,6 +109,7 @@ impl KvCheckView {
             duplicates: read(&self.duplicates),
             resets_gap: read(&self.gap_resets),
             resets_orphan: read(&self.orphan_resets),
+            resets_restart: read(&self.restart_resets),
             tracked_streams: read(&self.tracked_streams),
             tracked_blocks: read(&self.tracked_blocks),
             over_block_limit: read(&self.over_block_limit),

@@ -1,42 +1,50 @@
 //! The check of Dynamo KV event streams the forwarder sends, sans-IO: per
-//! (subject, worker, dp_rank) it follows the `event_id`s and the blocks
-//! routers hold, and says when routers must be told to drop a worker's
-//! blocks because the stream they get is no longer whole.
+//! (subject, worker, dp_rank) it follows the `event_id`s and, while the
+//! stream is whole, the blocks stored and not removed, and says when
+//! routers must be told to drop a worker's blocks because the stream they
+//! get is no longer whole.
 //!
 //! It sees messages in the order they go to NATS (after the journal, the
-//! class queue and any replay), which is the order routers apply them, so
-//! what it tracks is what a router that got every message believes:
+//! class queue and any replay), which is the order routers apply them:
 //! - A **gap** (an `event_id` more than one past the last) means events
 //!   were lost on the way (a `drop_oldest` class, expired or salvaged
 //!   rows): a lost removal would leave routers routing to blocks that are
 //!   gone. Routers get a "cleared" event for that worker before the message.
 //! - An **orphan** (a stored block whose parent was never stored) in a
-//!   stream followed from its first event means the same from the other
-//!   side; routers drop the orphan themselves, and get a "cleared" if they
-//!   hold any of the worker's blocks.
-//! - An `event_id` at or below the last is a resent copy (after a lost
-//!   connection or a relay restart, delivery is at least once, in order)
-//!   and changes nothing — except that the message a reset was sent before
-//!   gets its reset again, since the first may have been lost with it.
+//!   whole stream (followed from its first event, or from the worker's own
+//!   "cleared") means the same from the other side; routers drop the
+//!   orphan themselves, and get a "cleared" if they hold any of the
+//!   worker's blocks.
+//! - A **restart** (`event_id` 1 again after a higher one) is a new process
+//!   publishing under the same worker id: its cache is empty, so routers
+//!   drop the old process's blocks, and the stream is whole again.
+//! - Otherwise an `event_id` at or below the last is a resent copy (after a
+//!   lost connection or a relay restart, delivery is at least once, in
+//!   order) and changes nothing — except that the message a reset was sent
+//!   before gets its reset again, since the first may have been lost with
+//!   it.
 //!
-//! After a reset the worker's blocks stay known (as held by no router), so
-//! later blocks stored under them are neither orphans nor held by routers:
-//! routers rebuild that worker's tree from new sequences, never from a
-//! wrong one. A stream first seen mid-way (the relay started after the
-//! worker) is checked for gaps only, since the blocks stored before are
-//! unknown. Memory is bounded by `max_tracked_blocks` (a stream over it
-//! keeps only its gap check) and `max_tracked_streams` (the least recently
-//! seen eighth is forgotten when it is reached).
+//! After a gap or an orphan the worker's blocks are no longer all known
+//! (some were stored by events that never arrived), so the stream keeps
+//! only its gap check until the worker clears by itself: blocks stored
+//! under lost ones are orphans there by nature, and routers already skip
+//! them, so a reset for each would only throw away what routers rebuilt
+//! since the last. A stream first seen mid-way (the relay started after
+//! the worker) is checked for gaps only too. Memory is bounded by
+//! `max_tracked_blocks` (a stream over it keeps only its gap check) and
+//! `max_tracked_streams` (the least recently seen eighth is forgotten when
+//! it is reached).
 
 use crate::dynamo::kv_event::{self, CacheEventData, ClearedEvent, RouterEvent};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Why routers were told to drop a worker's blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResetReason {
     Gap,
     Orphan,
+    Restart,
 }
 
 impl ResetReason {
@@ -44,6 +52,7 @@ impl ResetReason {
         match self {
             ResetReason::Gap => "gap",
             ResetReason::Orphan => "orphan",
+            ResetReason::Restart => "restart",
         }
     }
 }
@@ -89,6 +98,7 @@ pub struct KvCheckCounts {
     pub duplicates: u64,
     pub gap_resets: u64,
     pub orphan_resets: u64,
+    pub restart_resets: u64,
     /// Streams that outgrew `max_tracked_blocks` and kept only the gap check.
     pub over_block_limit: u64,
     /// Streams forgotten to stay within `max_tracked_streams`.
@@ -110,12 +120,10 @@ pub struct SavedStream {
 #[derive(Debug)]
 struct Stream {
     last_event_id: u64,
-    /// Every block the worker stored and has not removed, and whether
-    /// routers hold it. `Some` only while every event since the worker's
-    /// first (or since it cleared) was seen.
-    blocks: Option<HashMap<u64, bool>>,
-    /// Blocks routers hold (entries of `blocks` set to true).
-    held: usize,
+    /// Every block the worker stored and has not removed, which is what
+    /// routers hold. `Some` only while the stream is whole: every event
+    /// since the worker's first (or since it cleared) was seen.
+    blocks: Option<HashSet<u64>>,
     /// The `event_id` a reset was sent before: a resent copy of it gets
     /// the reset again.
     reset_before: Option<u64>,
@@ -185,7 +193,6 @@ impl KvConsistencyCheck {
             let stream = Stream {
                 last_event_id: place.last_event_id,
                 blocks: None,
-                held: 0,
                 reset_before: place.reset_before,
                 last_seen: 0,
             };
@@ -248,17 +255,6 @@ impl KvConsistencyCheck {
                 verdict.after.push(reset);
             }
         }
-        // A reset sent after the message also drops what the message's
-        // earlier events stored.
-        for reset in &verdict.after {
-            if let Some(stream) = self
-                .streams
-                .get_mut(subject)
-                .and_then(|streams| streams.get_mut(&(reset.worker_id, reset.dp_rank)))
-            {
-                stream.drop_held();
-            }
-        }
         verdict
     }
 
@@ -270,13 +266,29 @@ impl KvConsistencyCheck {
         already_reset: bool,
     ) -> EventOutcome {
         let id = event.event.event_id;
+        let data = &event.event.data;
         let messages_seen = self.messages_seen;
-        let Some(stream) = self.stream(subject, key, id, &event.event.data) else {
+        let Some(stream) = self.stream(subject, key, id, data) else {
             // A new stream: nothing to compare with yet.
-            return self.apply_data(subject, key, &event.event.data, already_reset);
+            return self.apply_data(subject, key, id, data, already_reset);
         };
         stream.last_seen = messages_seen;
-        if id <= stream.last_event_id {
+        let last = stream.last_event_id;
+        if id == 1 && last > 1 && !already_reset {
+            let dropped = stream
+                .blocks
+                .replace(HashSet::new())
+                .map_or(0, |blocks| blocks.len());
+            stream.last_event_id = 1;
+            stream.reset_before = Some(1);
+            self.block_count -= dropped;
+            self.apply_data(subject, key, id, data, true);
+            return EventOutcome::Reset(
+                ResetReason::Restart,
+                format!("event ids started again at 1 after {last}"),
+            );
+        }
+        if id <= last {
             return match stream.reset_before {
                 Some(reset_id) if reset_id == id && !already_reset => EventOutcome::Reset(
                     ResetReason::Gap,
@@ -285,18 +297,19 @@ impl KvConsistencyCheck {
                 _ => EventOutcome::Duplicate,
             };
         }
-        let expected = stream.last_event_id + 1;
         stream.last_event_id = id;
-        if id > expected && !already_reset {
-            stream.drop_held();
+        if id > last + 1 && !already_reset {
+            let dropped = stream.blocks.take().map_or(0, |blocks| blocks.len());
             stream.reset_before = Some(id);
-            self.apply_data(subject, key, &event.event.data, true);
+            self.block_count -= dropped;
+            // Only a "cleared" of its own makes it whole again.
+            self.apply_data(subject, key, id, data, true);
             return EventOutcome::Reset(
                 ResetReason::Gap,
-                format!("expected event {expected}, got {id}"),
+                format!("expected event {}, got {id}", last + 1),
             );
         }
-        self.apply_data(subject, key, &event.event.data, already_reset)
+        self.apply_data(subject, key, id, data, already_reset)
     }
 
     /// The stream of `key` on `subject`, or `None` after starting a new one.
@@ -325,8 +338,7 @@ impl KvConsistencyCheck {
         let whole = id == 1 || matches!(data, CacheEventData::Cleared);
         let stream = Stream {
             last_event_id: id,
-            blocks: whole.then(HashMap::new),
-            held: 0,
+            blocks: whole.then(HashSet::new),
             reset_before: None,
             last_seen: self.messages_seen,
         };
@@ -376,6 +388,7 @@ impl KvConsistencyCheck {
         &mut self,
         subject: &str,
         key: (u64, u32),
+        id: u64,
         data: &CacheEventData,
         already_reset: bool,
     ) -> EventOutcome {
@@ -386,67 +399,55 @@ impl KvConsistencyCheck {
         else {
             return EventOutcome::Applied;
         };
-        let mut outcome = EventOutcome::Applied;
         match data {
             CacheEventData::Cleared => {
-                self.block_count -= stream.blocks.as_ref().map_or(0, HashMap::len);
-                stream.blocks = Some(HashMap::new());
-                stream.held = 0;
+                self.block_count -= stream
+                    .blocks
+                    .replace(HashSet::new())
+                    .map_or(0, |blocks| blocks.len());
                 stream.reset_before = None;
             }
             CacheEventData::Removed(removed) => {
                 if let Some(blocks) = stream.blocks.as_mut() {
                     for hash in &removed.block_hashes {
-                        if let Some(held) = blocks.remove(hash) {
+                        if blocks.remove(hash) {
                             self.block_count -= 1;
-                            stream.held -= usize::from(held);
                         }
                     }
                 }
             }
             CacheEventData::Stored(stored) => {
                 let Some(blocks) = stream.blocks.as_mut() else {
-                    return outcome;
+                    return EventOutcome::Applied;
                 };
-                let held = match stored.parent_hash {
-                    None => true,
-                    Some(parent) => match blocks.get(&parent) {
-                        Some(held) => *held,
-                        None => {
-                            // A router drops a block whose parent it lacks;
-                            // it only needs telling if it holds others.
-                            if stream.held > 0 && !already_reset {
-                                for held in blocks.values_mut() {
-                                    *held = false;
-                                }
-                                stream.held = 0;
-                                let first =
-                                    stored.blocks.first().map_or(0, |block| block.block_hash);
-                                outcome = EventOutcome::Reset(
-                                    ResetReason::Orphan,
-                                    format!("block {first} stored under {parent}, which was never stored"),
-                                );
-                            }
-                            false
-                        }
-                    },
-                };
-                for block in &stored.blocks {
-                    match blocks.insert(block.block_hash, held) {
-                        None => self.block_count += 1,
-                        Some(was_held) => stream.held -= usize::from(was_held),
+                if let Some(parent) = stored.parent_hash.filter(|parent| !blocks.contains(parent)) {
+                    // Routers drop a block whose parent they lack; they
+                    // only need telling if they hold others of the worker.
+                    if blocks.is_empty() || already_reset {
+                        return EventOutcome::Applied;
                     }
-                    stream.held += usize::from(held);
+                    self.block_count -= blocks.len();
+                    stream.blocks = None;
+                    stream.reset_before = Some(id);
+                    let first = stored.blocks.first().map_or(0, |block| block.block_hash);
+                    return EventOutcome::Reset(
+                        ResetReason::Orphan,
+                        format!("block {first} stored under {parent}, which was never stored"),
+                    );
+                }
+                for block in &stored.blocks {
+                    if blocks.insert(block.block_hash) {
+                        self.block_count += 1;
+                    }
                 }
                 if self.block_count > self.limits.max_tracked_blocks {
                     self.block_count -= blocks.len();
                     stream.blocks = None;
-                    stream.held = 0;
                     self.counts.over_block_limit += 1;
                 }
             }
         }
-        outcome
+        EventOutcome::Applied
     }
 
     fn reset_message(
@@ -459,6 +460,7 @@ impl KvConsistencyCheck {
         match reason {
             ResetReason::Gap => self.counts.gap_resets += 1,
             ResetReason::Orphan => self.counts.orphan_resets += 1,
+            ResetReason::Restart => self.counts.restart_resets += 1,
         }
         let sequence = self.next_sequence;
         self.next_sequence += 1;
@@ -478,18 +480,6 @@ impl KvConsistencyCheck {
             detail,
             message: kv_event::encode_cleared(&cleared, self.publisher_id, sequence, now_ms),
         }
-    }
-}
-
-impl Stream {
-    /// Routers were (or are about to be) told to drop this worker's blocks.
-    fn drop_held(&mut self) {
-        if let Some(blocks) = self.blocks.as_mut() {
-            for held in blocks.values_mut() {
-                *held = false;
-            }
-        }
-        self.held = 0;
     }
 }
 
@@ -618,9 +608,10 @@ mod tests {
     }
 
     #[test]
-    fn after_a_reset_blocks_under_cleared_ones_are_no_orphans() {
+    fn after_a_gap_blocks_under_lost_ones_are_no_reason_for_more_resets() {
         let mut check = check();
         started(&mut check, 7);
+        // Events 4..8 were dropped; among them stores of blocks 40 and 41.
         assert_eq!(
             check
                 .observe(SUBJECT, &one(7, 9, Data::Stored(None, &[30])), 0)
@@ -628,18 +619,53 @@ mod tests {
                 .len(),
             1
         );
-        // Routers dropped 10..21; a block under 12 is dropped by them too,
-        // silently: it is no reason for another reset.
-        for (id, parent, block) in [(10, 12, 40), (11, 40, 41), (12, 21, 50)] {
+        assert_eq!(check.tracked_blocks(), 0);
+        // Routers rebuild from block 30; blocks stored under the lost ones
+        // are skipped by them, silently: one clear per gap, not one per
+        // orphan (each would throw away what they rebuilt since).
+        for (id, parent, block) in [(10, 40, 42), (11, 30, 31), (12, 41, 43), (13, 12, 50)] {
             quiet(check.observe(
                 SUBJECT,
                 &one(7, id, Data::Stored(Some(parent), &[block])),
                 0,
             ));
         }
-        quiet(check.observe(SUBJECT, &one(7, 13, Data::Stored(Some(30), &[31])), 0));
-        assert_eq!(check.counts().gap_resets, 1);
+        // Only a later gap is another reset.
+        assert_eq!(
+            check
+                .observe(SUBJECT, &one(7, 15, Data::Removed(&[31])), 0)
+                .before
+                .len(),
+            1
+        );
+        assert_eq!(check.counts().gap_resets, 2);
         assert_eq!(check.counts().orphan_resets, 0);
+    }
+
+    #[test]
+    fn a_worker_that_starts_over_under_the_same_id_gets_a_reset() {
+        let mut check = check();
+        started(&mut check, 7);
+        quiet(check.observe(SUBJECT, &one(7, 4, Data::Removed(&[12])), 0));
+        // A new process, the same worker id: its ids start at 1 again.
+        let verdict = check.observe(SUBJECT, &one(7, 1, Data::Stored(None, &[90])), 0);
+        let [reset] = &verdict.before[..] else {
+            panic!("{verdict:?}")
+        };
+        assert_eq!(reset.reason, ResetReason::Restart);
+        assert_eq!(reset.detail, "event ids started again at 1 after 4");
+        // Its stream is whole from there: its own blocks, nothing of the old.
+        quiet(check.observe(SUBJECT, &one(7, 2, Data::Stored(Some(90), &[91])), 0));
+        assert_eq!(check.tracked_blocks(), 2);
+        assert_eq!(
+            check
+                .observe(SUBJECT, &one(7, 3, Data::Stored(Some(10), &[92])), 0)
+                .before
+                .len(),
+            1
+        );
+        assert_eq!(check.counts().restart_resets, 1);
+        assert_eq!(check.counts().orphan_resets, 1);
     }
 
     #[test]
@@ -732,7 +758,7 @@ mod tests {
         let verdict = check.observe(SUBJECT, &batch, 0);
         assert!(verdict.before.is_empty());
         assert_eq!(verdict.after.len(), 1);
-        // Block 22 came with the message, before the reset: not held.
+        // The stream is no longer whole: no more orphan resets.
         quiet(check.observe(SUBJECT, &one(7, 6, Data::Stored(Some(22), &[24])), 0));
         quiet(check.observe(SUBJECT, &one(7, 7, Data::Stored(Some(666), &[25])), 0));
     }

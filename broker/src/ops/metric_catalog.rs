@@ -320,7 +320,7 @@ pub const SERIES: &[Series] = &[
         name: "holdfast_kv_consistency_resets_total",
         kind: Kind::Counter,
         labels: &["reason"],
-        meaning: "\"cleared\" events the relay sent on a Dynamo worker's KV event subject so routers drop that worker's blocks: `reason=\"gap\"` (an `event_id` skipped: events were lost before NATS, e.g. by `drop_oldest`) or `reason=\"orphan\"` (a block stored under a parent never stored); docs/guarantees.md, \"KV-cache consistency\"",
+        meaning: "\"cleared\" events the relay sent on a Dynamo worker's KV event subject so routers drop that worker's blocks: `reason=\"gap\"` (an `event_id` skipped: events were lost before NATS, e.g. by `drop_oldest`) , `reason=\"orphan\"` (a block stored under a parent never stored) or `reason=\"restart\"` (event ids starting again at 1: a new process under the same worker id); docs/guarantees.md, \"KV-cache consistency\"",
     },
     Series {
         name: "holdfast_kv_events_checked_total",

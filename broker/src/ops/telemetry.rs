@@ -204,6 +204,8 @@ fn copy_counters(ctx: &RelayContext, router: RouterStats) {
     counter!("holdfast_kv_consistency_resets_total", "reason" => "gap").absolute(kv.resets_gap);
     counter!("holdfast_kv_consistency_resets_total", "reason" => "orphan")
         .absolute(kv.resets_orphan);
+    counter!("holdfast_kv_consistency_resets_total", "reason" => "restart")
+        .absolute(kv.resets_restart);
     counter!("holdfast_kv_events_checked_total").absolute(kv.checked);
     counter!("holdfast_kv_events_undecodable_total").absolute(kv.undecodable);
     counter!("holdfast_kv_events_duplicates_total").absolute(kv.duplicates);
