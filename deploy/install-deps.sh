@@ -35,17 +35,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# pip install into a project-local directory. --target never touches the
+# system's site-packages; --break-system-packages only matters for a
+# Debian-managed pip.
+pip_into() {
+  local target="$1"
+  shift
+  local flags=(--quiet --disable-pip-version-check --no-warn-script-location --target "$target")
+  if python3 -m pip install --help 2>/dev/null | grep -q -- --break-system-packages; then
+    flags+=(--break-system-packages)
+  fi
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install "${flags[@]}" "$@"
+}
+
 stamp="$deps_dir/.installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "${python_packages[*]}" ]; then
   echo "installing into $deps_dir: ${python_packages[*]}" >&2
   rm -rf "$deps_dir"
-  # --break-system-packages only matters for a Debian-managed pip; --target
-  # never touches the system's site-packages either way.
-  pip_flags=(--quiet --disable-pip-version-check --no-warn-script-location --target "$deps_dir/python")
-  if python3 -m pip install --help 2>/dev/null | grep -q -- --break-system-packages; then
-    pip_flags+=(--break-system-packages)
-  fi
-  PIP_ROOT_USER_ACTION=ignore python3 -m pip install "${pip_flags[@]}" "${python_packages[@]}"
+  pip_into "$deps_dir/python" "${python_packages[@]}"
   mkdir -p "$deps_dir/bin"
   ln -sf ../python/bin/nats-server "$deps_dir/bin/nats-server"
   cat >"$deps_dir/bin/kubernetes-validate" <<SCRIPT
@@ -62,11 +69,7 @@ dynamo_stamp="$deps_dir/dynamo/.installed"
 if [ "$(cat "$dynamo_stamp" 2>/dev/null)" != "$dynamo_package" ]; then
   echo "installing into $deps_dir/dynamo: $dynamo_package" >&2
   rm -rf "$deps_dir/dynamo"
-  dynamo_flags=(--quiet --disable-pip-version-check --no-warn-script-location --target "$deps_dir/dynamo")
-  if python3 -m pip install --help 2>/dev/null | grep -q -- --break-system-packages; then
-    dynamo_flags+=(--break-system-packages)
-  fi
-  if PIP_ROOT_USER_ACTION=ignore python3 -m pip install "${dynamo_flags[@]}" "$dynamo_package"; then
+  if pip_into "$deps_dir/dynamo" "$dynamo_package"; then
     echo "$dynamo_package" >"$dynamo_stamp"
   else
     echo "could not install $dynamo_package: the planner guard's Dynamo tests will skip" >&2

@@ -138,22 +138,30 @@ async fn receive_until(
     received
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kv_events_lost_to_drop_oldest_make_routers_drop_that_worker() {
-    let stack = Stack::start_with_config(
-        "[classes.kv_events]\nmax_bytes = 65536\nwhen_full = \"drop_oldest\"\n",
-    );
+/// A relay with `config`, a router subscribed on its nats-server, and the
+/// worker's first three events through the relay, seen by the router.
+async fn started_with_router(config: &str) -> (Stack, Client, async_nats::Subscriber) {
+    let stack = Stack::start_with_config(config);
     let client = stack.client().await;
     let router = stack.direct_nats().await;
     let mut subscriber = router.subscribe(SUBJECT).await.unwrap();
     router.flush().await.unwrap();
-    // A router on the same node, subscribed through the relay.
-    let mut local_router = client.subscribe(SUBJECT).await.unwrap();
     for id in 1..=3 {
         publish_acked(&client, id, 16).await;
     }
     let live = receive_until(&mut subscriber, 3).await;
     assert!(live.iter().all(|(_, events)| events[0].2 == "stored"));
+    (stack, client, subscriber)
+}
+
+const DROP_OLDEST: &str = "[classes.kv_events]\nmax_bytes = 65536\nwhen_full = \"drop_oldest\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_events_lost_to_drop_oldest_make_routers_drop_that_worker() {
+    let (stack, client, mut subscriber) = started_with_router(DROP_OLDEST).await;
+    // A router on the same node, subscribed through the relay (after the
+    // first three events: it sees the rest at publish time).
+    let mut local_router = client.subscribe(SUBJECT).await.unwrap();
 
     stack.nats.pause();
     wait_for_link(&client, LinkStatus::Down).await;
@@ -224,8 +232,9 @@ async fn kv_events_lost_to_drop_oldest_make_routers_drop_that_worker() {
         .logs()
         .contains("Dynamo KV event stream is not whole"));
 
-    // The local router had every event at publish time, the dropped ones
-    // too; the "cleared" reaches it through NATS after them.
+    // The local router had every event since it subscribed at publish
+    // time, the dropped ones too; the "cleared" reaches it through NATS
+    // after them.
     let mut local_ids = Vec::new();
     within("the cleared event on this node", async {
         while let Some(message) = local_router.next().await {
@@ -239,20 +248,12 @@ async fn kv_events_lost_to_drop_oldest_make_routers_drop_that_worker() {
         }
     })
     .await;
-    assert_eq!(local_ids, (1..=LAST).collect::<Vec<_>>());
+    assert_eq!(local_ids, (4..=LAST).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_kv_event_stream_passes_an_outage_unmarked() {
-    let stack = Stack::start();
-    let client = stack.client().await;
-    let router = stack.direct_nats().await;
-    let mut subscriber = router.subscribe(SUBJECT).await.unwrap();
-    router.flush().await.unwrap();
-    for id in 1..=3 {
-        publish_acked(&client, id, 16).await;
-    }
-    receive_until(&mut subscriber, 3).await;
+    let (stack, client, mut subscriber) = started_with_router("").await;
 
     stack.nats.pause();
     wait_for_link(&client, LinkStatus::Down).await;
@@ -298,17 +299,7 @@ async fn a_whole_kv_event_stream_passes_an_outage_unmarked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_across_a_clean_relay_restart_is_still_seen() {
-    let mut stack = Stack::start_with_config(
-        "[classes.kv_events]\nmax_bytes = 65536\nwhen_full = \"drop_oldest\"\n",
-    );
-    let client = stack.client().await;
-    let router = stack.direct_nats().await;
-    let mut subscriber = router.subscribe(SUBJECT).await.unwrap();
-    router.flush().await.unwrap();
-    for id in 1..=3 {
-        publish_acked(&client, id, 16).await;
-    }
-    receive_until(&mut subscriber, 3).await;
+    let (mut stack, client, mut subscriber) = started_with_router(DROP_OLDEST).await;
     drop(client);
 
     // An upgrade during a NATS outage: the relay stops cleanly and starts
