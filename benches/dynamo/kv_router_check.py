@@ -307,9 +307,9 @@ def run_one(mode, fault, args, results):
                     res["worker_ids"][w.label] = w.ready.get("worker_id")
                     marks["new_worker_ready"] = time.time()
                 else:
-                    res["notes"].append("the new worker could not start during the outage "
-                                        f"(exited: {not w.proc.alive()}); started again after NATS returned")
-                    w.proc.stop()
+                    # Dynamo retries its startup NATS connection for 120 s.
+                    res["notes"].append("the new worker did not start during the outage "
+                                        f"({'still waiting for NATS' if w.proc.alive() else 'exited'})")
                     restart_after_nats = True
             if w.ready and w.proc.alive():
                 r = w.publish(args.batch)
@@ -337,9 +337,16 @@ def run_one(mode, fault, args, results):
                 res["notes"].append("holdfastd not ready 120 s after its restart")
             marks["relay_restarted"] = time.time()
         if restart_after_nats:
-            w = new_worker(2)
-            if w.wait_ready(40):
+            if not (w.proc.alive() and w.wait_ready(60)):
+                w.proc.stop()
+                res["notes"].append("the new worker had exited; another one started after NATS returned")
+                w = new_worker(2)
+                w.wait_ready(60)
+            if w.ready:
                 res["worker_ids"][w.label] = w.ready.get("worker_id")
+                marks["new_worker_ready"] = time.time()
+                res["notes"].append(f"new worker ready {marks['new_worker_ready'] - marks['nats_back']:.1f} s "
+                                    "after NATS returned")
             else:
                 res["notes"].append("the new worker did not start after NATS returned either")
         time.sleep(args.settle_min)
