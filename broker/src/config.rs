@@ -71,6 +71,40 @@ pub struct Config {
     pub access: AccessConfig,
     /// `[classes.NAME]` tables; see `classes.rs`.
     pub classes: BTreeMap<String, ClassOverrides>,
+    pub kv_consistency: KvConsistencyConfig,
+}
+
+/// `[kv_consistency]`: the check of Dynamo KV event streams on the
+/// `kv_events` class (see `messaging/kv_consistency.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvConsistencyConfig {
+    pub enabled: bool,
+    /// Blocks followed across all streams (at most about 40 bytes each).
+    pub max_tracked_blocks: usize,
+    /// (subject, worker, dp_rank) streams followed.
+    pub max_tracked_streams: usize,
+}
+
+impl Default for KvConsistencyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_tracked_blocks: 1_000_000,
+            max_tracked_streams: 4096,
+        }
+    }
+}
+
+impl KvConsistencyConfig {
+    /// The check's limits, `None` when it is off.
+    pub fn limits(&self) -> Option<crate::messaging::kv_consistency::KvCheckLimits> {
+        self.enabled
+            .then_some(crate::messaging::kv_consistency::KvCheckLimits {
+                max_tracked_blocks: self.max_tracked_blocks,
+                max_tracked_streams: self.max_tracked_streams,
+            })
+    }
 }
 
 /// `[relay]`: the daemon itself.
@@ -513,6 +547,12 @@ impl Config {
                     "must be at least relay.max_frame_bytes ({})",
                     self.relay.max_frame_bytes
                 ),
+            ));
+        }
+        if self.kv_consistency.enabled && self.kv_consistency.max_tracked_streams == 0 {
+            return Err(invalid(
+                "kv_consistency.max_tracked_streams",
+                "must be at least 1 while the check is enabled".to_string(),
             ));
         }
         if self.nats.servers.is_empty() {

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 mod context;
+mod dynamo;
 mod front;
 mod journal;
 mod keys;

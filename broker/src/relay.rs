@@ -154,12 +154,15 @@ pub async fn run(
         .store(u64::from(report.quarantined.is_some()), Ordering::Relaxed);
     let forwarder_stop = CancellationToken::new();
     let (forwarder, forwarder_task) = forwarder::start(
-        classes.clone(),
+        forwarder::ForwarderSettings {
+            classes: classes.clone(),
+            relay_id: Text::from(relay_id.as_str()),
+            kv_check: config.kv_consistency.limits(),
+        },
         journal,
         &report.classes,
         nats.clone(),
         stats.clone(),
-        Text::from(relay_id.as_str()),
         forwarder_stop.clone(),
     );
     // etcd: connect in the background like NATS; registrations and

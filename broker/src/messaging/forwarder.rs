@@ -27,6 +27,8 @@ use crate::messaging::forward_core::{
     AckHandle, Admission, AppendFailed, ForwardCore, JournalState, Refilled, SendBatch, Trim,
     SEND_BATCH,
 };
+use crate::messaging::kv_check_view::KvCheckView;
+use crate::messaging::kv_consistency::{KvCheckLimits, KvConsistencyCheck, Reset};
 use crate::messaging::nats::link::{probe_round_trip, NatsLink};
 use crate::messaging::nats_convert::{to_header_map, to_subject};
 use crate::ops::stats::{PublishOutcome, RelayStats};
@@ -57,6 +59,8 @@ const CHAIN_SUBJECTS: usize = 100_000;
 /// How long sending waits, after the link comes up, for the relay's own
 /// subscriptions to be back on NATS.
 const SUBSCRIPTIONS_LIMIT: Duration = Duration::from_secs(2);
+/// The class whose Dynamo KV events are checked.
+const KV_EVENTS_CLASS: &str = "kv_events";
 
 /// What a publisher asked to hear about one publish.
 #[derive(Debug, Clone, Copy)]
@@ -150,6 +154,8 @@ pub struct ForwarderView {
     /// Sequence chains the stamper forgot to make room (see
     /// [`ChainStamper::evictions`]).
     pub chain_evictions: AtomicU64,
+    /// The Dynamo KV event check's numbers.
+    pub kv_check: KvCheckView,
 }
 
 /// A cheap handle sessions use.
@@ -309,18 +315,35 @@ struct Forwarder {
     /// Counts the link's comings up, so the answer of an older wait for
     /// the subscriptions is ignored.
     link_ups: u64,
+    /// Checks the Dynamo KV event streams of `kv_class` as they are sent.
+    kv_check: Option<KvConsistencyCheck>,
+    kv_class: Option<ClassId>,
+    kv_reset_log: DropLog,
+}
+
+/// What the forwarder is set up with.
+pub struct ForwarderSettings {
+    pub classes: Classes,
+    /// Stamped into chain headers and message ids.
+    pub relay_id: Text,
+    /// The Dynamo KV event check's limits; `None` turns it off.
+    pub kv_check: Option<KvCheckLimits>,
 }
 
 /// Starts the forwarder, adopting the backlog the journal recovered.
 pub fn start(
-    classes: Classes,
+    settings: ForwarderSettings,
     journal: Journal,
     recovered: &[ClassBacklog],
     nats: NatsLink,
     stats: Arc<RelayStats>,
-    relay_id: Text,
     stop: CancellationToken,
 ) -> (ForwarderHandle, tokio::task::JoinHandle<()>) {
+    let ForwarderSettings {
+        classes,
+        relay_id,
+        kv_check,
+    } = settings;
     let (commands, receiver) = mpsc::channel(INTAKE);
     for (spec, backlog) in classes.specs().iter().zip(recovered) {
         if backlog.messages > 0 {
@@ -344,7 +367,15 @@ pub fn start(
         classes: classes.clone(),
         journal: journal.clone(),
         chain_evictions: AtomicU64::new(0),
+        kv_check: KvCheckView::new(kv_check.is_some()),
     });
+    let kv_class = classes.by_name(KV_EVENTS_CLASS);
+    // Random per start, like a Dynamo publisher's own id: the relay's
+    // "cleared" messages are a publisher of their own.
+    let kv_publisher_id = std::hash::BuildHasher::hash_one(
+        &std::collections::hash_map::RandomState::new(),
+        relay_id.as_str(),
+    );
     let forwarder = Forwarder {
         core: ForwardCore::new(classes.clone(), recovered, now()),
         classes,
@@ -368,6 +399,11 @@ pub fn start(
         class_texts,
         subscriptions_in_place: false,
         link_ups: 0,
+        kv_check: kv_check
+            .filter(|_| kv_class.is_some())
+            .map(|limits| KvConsistencyCheck::new(limits, kv_publisher_id)),
+        kv_class,
+        kv_reset_log: DropLog::default(),
     };
     let task = tokio::spawn(forwarder.run(receiver, stop));
     (ForwarderHandle { commands, view }, task)
@@ -845,27 +881,29 @@ impl Forwarder {
         let client = nats.client().clone();
         let mut entries = batch.entries.into_iter();
         while let Some(entry) = entries.next() {
-            let result = match to_header_map(&entry.message.headers) {
-                // Polled once first: with room in the client's command
-                // queue a publish completes at once, and racing it against
-                // the link (a watch receiver per message) cost more than
-                // the publish. Only one that must wait for room takes the
-                // race. A send that did not complete enqueued nothing (tokio
-                // mpsc's send is cancel-safe), so the retry sends it once.
-                Ok(headers) => match publish(&client, &entry.message, headers).now_or_never() {
-                    Some(result) => not_sent(result),
-                    None => {
-                        let headers = to_header_map(&entry.message.headers).ok().flatten();
-                        match with_link(&nats, publish(&client, &entry.message, headers)).await {
-                            Some(result) => not_sent(result),
-                            None => Err(NotSent::Link),
-                        }
+            let (before, after) = self.check_kv_events(class, &entry.message);
+            let mut result = Ok(());
+            for reset in before {
+                result = hand_over(&nats, &client, &reset).await;
+                if result.is_err() {
+                    break;
+                }
+            }
+            if result.is_ok() {
+                result = hand_over(&nats, &client, &entry.message).await;
+            }
+            if result.is_ok() {
+                // Lost with a connection that drops just now, unlike a
+                // reset sent before a message (which its resent copy
+                // brings again); such resets are rare (a problem in the
+                // middle of one message), and routers then keep a tree
+                // that was right up to this message.
+                for reset in after {
+                    if hand_over(&nats, &client, &reset).await.is_err() {
+                        break;
                     }
-                },
-                // Validated when accepted; a message from an older journal
-                // might still fail.
-                Err(error) => Err(NotSent::Refused(error.to_string())),
-            };
+                }
+            }
             match result {
                 Ok(()) => self.core.handle_handed(class, entry.ack),
                 Err(NotSent::Link) => {
@@ -898,6 +936,22 @@ impl Forwarder {
         let mut acks = Vec::with_capacity(entries.len());
         let mut entries = entries.into_iter();
         while let Some(entry) = entries.next() {
+            // Core publishes on the same connection, so ahead of the
+            // message; the stream captures them like any publish.
+            let (before, after) = self.check_kv_events(class, &entry.message);
+            let mut resets_sent = true;
+            for reset in before {
+                if hand_over(&nats, nats.client(), &reset).await.is_err() {
+                    resets_sent = false;
+                    break;
+                }
+            }
+            if !resets_sent {
+                self.core
+                    .handle_interrupted(class, std::iter::once(entry).chain(entries));
+                self.give_answers();
+                return;
+            }
             let headers = to_header_map(&entry.message.headers)
                 .ok()
                 .flatten()
@@ -916,6 +970,11 @@ impl Forwarder {
                 Some(Ok(ack)) => {
                     acks.push(ack);
                     self.core.handle_handed(class, entry.ack);
+                    for reset in after {
+                        if hand_over(&nats, nats.client(), &reset).await.is_err() {
+                            break;
+                        }
+                    }
                 }
                 Some(Err(error))
                     if error.kind()
@@ -962,6 +1021,63 @@ impl Forwarder {
                 confirmed,
             }
         }));
+    }
+
+    /// Runs a message of the KV event class through the check: the
+    /// "cleared" messages to send before and after it, as messages.
+    fn check_kv_events(
+        &mut self,
+        class: ClassId,
+        message: &QueuedMessage,
+    ) -> (Vec<QueuedMessage>, Vec<QueuedMessage>) {
+        if Some(class) != self.kv_class {
+            return (Vec::new(), Vec::new());
+        }
+        let Some(check) = self.kv_check.as_mut() else {
+            return (Vec::new(), Vec::new());
+        };
+        let now_ms = crate::util::wall_clock::unix_millis();
+        let verdict = check.observe(message.subject.as_str(), &message.payload, now_ms);
+        self.view.kv_check.publish(
+            &check.counts(),
+            check.tracked_streams(),
+            check.tracked_blocks(),
+        );
+        let mut to_message = |reset: Reset| {
+            self.note_kv_reset(message.subject.as_str(), &reset, now_ms);
+            QueuedMessage {
+                subject: message.subject.clone(),
+                headers: Default::default(),
+                payload: reset.message.into(),
+                accepted_at_ms: now_ms,
+            }
+        };
+        let before = verdict.before.into_iter().map(&mut to_message).collect();
+        let after = verdict.after.into_iter().map(&mut to_message).collect();
+        (before, after)
+    }
+
+    /// Logs a reset (the first of a burst, then a count at most every few
+    /// seconds) and shows it in `/status`.
+    fn note_kv_reset(&mut self, subject: &str, reset: &Reset, now_ms: u64) {
+        self.view.kv_check.note_reset(subject, reset, now_ms);
+        let Some(check) = self.kv_check.as_ref() else {
+            return;
+        };
+        let counts = check.counts();
+        let total = counts.gap_resets + counts.orphan_resets;
+        if let Some(resets) = self.kv_reset_log.due(total, Instant::now()) {
+            warn!(
+                subject,
+                worker_id = reset.worker_id,
+                dp_rank = reset.dp_rank,
+                reason = reset.reason.as_str(),
+                detail = %reset.detail,
+                resets,
+                total,
+                "Dynamo KV event stream is not whole: routers are told to drop this worker's blocks (a \"cleared\" event), counted in holdfast_kv_consistency_resets_total"
+            );
+        }
     }
 
     /// NATS can never take this message (larger than its max_payload): it
@@ -1114,6 +1230,36 @@ fn publish<'a>(
             Some(headers) => client.publish_with_headers(subject, headers, payload).await,
             None => client.publish(subject, payload).await,
         }
+    }
+}
+
+/// Hands `message` to the NATS client, waiting for room in its command
+/// queue only while the link is up.
+async fn hand_over(
+    nats: &NatsLink,
+    client: &async_nats::Client,
+    message: &QueuedMessage,
+) -> Result<(), NotSent> {
+    match to_header_map(&message.headers) {
+        // Polled once first: with room in the client's command queue a
+        // publish completes at once, and racing it against the link (a
+        // watch receiver per message) cost more than the publish. Only one
+        // that must wait for room takes the race. A send that did not
+        // complete enqueued nothing (tokio mpsc's send is cancel-safe), so
+        // the retry sends it once.
+        Ok(headers) => match publish(client, message, headers).now_or_never() {
+            Some(result) => not_sent(result),
+            None => {
+                let headers = to_header_map(&message.headers).ok().flatten();
+                match with_link(nats, publish(client, message, headers)).await {
+                    Some(result) => not_sent(result),
+                    None => Err(NotSent::Link),
+                }
+            }
+        },
+        // Validated when accepted; a message from an older journal might
+        // still fail.
+        Err(error) => Err(NotSent::Refused(error.to_string())),
     }
 }
 

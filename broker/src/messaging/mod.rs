@@ -7,6 +7,8 @@ pub mod classes;
 pub mod fanout;
 pub mod forward_core;
 pub mod forwarder;
+pub mod kv_check_view;
+pub mod kv_consistency;
 pub mod local_message;
 pub mod nats;
 pub mod nats_convert;

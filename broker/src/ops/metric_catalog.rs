@@ -317,6 +317,48 @@ pub const SERIES: &[Series] = &[
         meaning: "sequence chains the relay forgot because more than 100,000 subjects were journaled since it started (least recently journaled first); that subject's next message starts a new chain at 1 (wire/PROTOCOL.md, \"Restarts\")",
     },
     Series {
+        name: "holdfast_kv_consistency_resets_total",
+        kind: Kind::Counter,
+        labels: &["reason"],
+        meaning: "\"cleared\" events the relay sent on a Dynamo worker's KV event subject so routers drop that worker's blocks: `reason=\"gap\"` (an `event_id` skipped: events were lost before NATS, e.g. by `drop_oldest`) or `reason=\"orphan\"` (a block stored under a parent never stored); docs/guarantees.md, \"KV-cache consistency\"",
+    },
+    Series {
+        name: "holdfast_kv_events_checked_total",
+        kind: Kind::Counter,
+        labels: &[],
+        meaning: "Dynamo KV event messages of the `kv_events` class the consistency check read as they went to NATS",
+    },
+    Series {
+        name: "holdfast_kv_events_undecodable_total",
+        kind: Kind::Counter,
+        labels: &[],
+        meaning: "messages of the `kv_events` class that were not Dynamo KV events; forwarded untouched, not checked",
+    },
+    Series {
+        name: "holdfast_kv_events_duplicates_total",
+        kind: Kind::Counter,
+        labels: &[],
+        meaning: "KV events sent again (at or below their stream's last `event_id`: resends after a lost connection or a restart); routers apply them harmlessly",
+    },
+    Series {
+        name: "holdfast_kv_tracked_streams",
+        kind: Kind::Gauge,
+        labels: &[],
+        meaning: "(subject, worker, dp_rank) KV event streams the check follows (at most `kv_consistency.max_tracked_streams`)",
+    },
+    Series {
+        name: "holdfast_kv_tracked_blocks",
+        kind: Kind::Gauge,
+        labels: &[],
+        meaning: "blocks the check follows across all streams (at most `kv_consistency.max_tracked_blocks`; about 40 bytes each at most)",
+    },
+    Series {
+        name: "holdfast_kv_streams_untracked_total",
+        kind: Kind::Counter,
+        labels: &["reason"],
+        meaning: "streams the check stopped following in full: `reason=\"block_limit\"` (over `max_tracked_blocks`; gaps are still found) or `reason=\"stream_limit\"` (the least recently seen, forgotten an eighth of the limit at a time for new ones)",
+    },
+    Series {
         name: "holdfast_upstream_servers",
         kind: Kind::Gauge,
         labels: &["service", "state"],

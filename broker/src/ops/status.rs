@@ -4,6 +4,7 @@
 //! it as JSON, so fields are only ever added, never renamed.
 
 use crate::context::RelayContext;
+use crate::messaging::kv_check_view::KvCheckStatus;
 use crate::ops::stats::StatsSnapshot;
 use holdfast_wire::LinkStatus;
 use serde::Serialize;
@@ -32,6 +33,8 @@ pub struct StatusDocument {
     /// Per class, in drain order.
     pub classes: Vec<ClassStatus>,
     pub journal: JournalStatus,
+    /// The check of Dynamo KV event streams (docs/guarantees.md).
+    pub kv_consistency: KvCheckStatus,
     pub counters: StatsSnapshot,
 }
 
@@ -277,6 +280,7 @@ pub async fn document(ctx: &RelayContext) -> StatusDocument {
         },
         classes,
         journal,
+        kv_consistency: view.kv_check.status(),
         counters: ctx.stats.snapshot(),
     }
 }

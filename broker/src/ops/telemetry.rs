@@ -200,6 +200,19 @@ fn copy_counters(ctx: &RelayContext, router: RouterStats) {
     }
     counter!("holdfast_journal_quarantines_total").absolute(read(&stats.journal_quarantines));
     counter!("holdfast_chain_evictions_total").absolute(read(&view.chain_evictions));
+    let kv = view.kv_check.status();
+    counter!("holdfast_kv_consistency_resets_total", "reason" => "gap").absolute(kv.resets_gap);
+    counter!("holdfast_kv_consistency_resets_total", "reason" => "orphan")
+        .absolute(kv.resets_orphan);
+    counter!("holdfast_kv_events_checked_total").absolute(kv.checked);
+    counter!("holdfast_kv_events_undecodable_total").absolute(kv.undecodable);
+    counter!("holdfast_kv_events_duplicates_total").absolute(kv.duplicates);
+    gauge!("holdfast_kv_tracked_streams").set(kv.tracked_streams as f64);
+    gauge!("holdfast_kv_tracked_blocks").set(kv.tracked_blocks as f64);
+    counter!("holdfast_kv_streams_untracked_total", "reason" => "block_limit")
+        .absolute(kv.over_block_limit);
+    counter!("holdfast_kv_streams_untracked_total", "reason" => "stream_limit")
+        .absolute(kv.forgotten);
     let journal = view.journal.stats();
     counter!("holdfast_journal_commits_total").absolute(journal.commits);
     counter!("holdfast_journal_appended_total").absolute(journal.appended);

@@ -17,6 +17,7 @@ mod journal;
 mod journal_damage;
 mod journal_disk_full;
 mod journal_limits;
+mod kv_consistency;
 mod limits;
 mod memory;
 mod nats_front;

@@ -14,7 +14,7 @@ pub(crate) struct StatusArgs {
 }
 
 /// The keys the summary shows, in order; dotted keys are nested.
-const SUMMARY_KEYS: [&str; 13] = [
+const SUMMARY_KEYS: [&str; 14] = [
     "relay_id",
     "version",
     "uptime_seconds",
@@ -27,6 +27,7 @@ const SUMMARY_KEYS: [&str; 13] = [
     "sessions",
     "subscriptions",
     "classes",
+    "kv_consistency",
     "counters",
 ];
 
