@@ -252,7 +252,7 @@ def run_one(mode, fault, args, results):
         if not wait_for(lambda: router.poll() or router.connects, 20):
             raise RuntimeError("router did not connect; see router.err")
 
-        def new_worker(gen):
+        def new_worker(gen, worker_id=None):
             label = "ab"[gen] if gen < 2 else f"g{gen}"
             cmd = os.path.join(stack.tmp, f"kv-cmd-{label}")
             state = os.path.join(outdir, f"state-worker-{label}.json")
@@ -260,7 +260,8 @@ def run_one(mode, fault, args, results):
                 args.python, os.path.join(HERE, "worker.py"), "--name", f"w{label}",
                 "--kv-chain-file", cmd, "--kv-state", state,
                 "--kv-hash-base", str((gen + 1) << 40), "--kv-token-base", str(gen * (1 << 28)),
-                "--kv-live-cap", str(args.live_cap)], outdir, env)
+                "--kv-live-cap", str(args.live_cap)]
+                + (["--kv-worker-id", str(worker_id)] if worker_id is not None else []), outdir, env)
             stack.procs.append(p)
             w = WorkerHandle(label, p, cmd, state)
             workers.append(w)
@@ -277,6 +278,7 @@ def run_one(mode, fault, args, results):
         res["before"] = compare(cp["workers"], [w.state()], cp["stats"]) if cp else None
 
         # ---- the outage
+        res["worker_rss_mb_before"] = rss_mb(w.proc.pid)
         marks["fault_start"] = time.time()
         stack.kill_nats()
         log(f"nats-server killed; {args.outage:.0f} s outage, {args.batch} events every {args.every} s")
@@ -284,6 +286,7 @@ def run_one(mode, fault, args, results):
         burst_done = fault not in BURST_FAULTS
         restart_done = fault != "kv_router_worker_restart"
         restart_after_nats = False
+        reuse = None
         during = 0
         while time.time() < end:
             t = time.time()
@@ -302,7 +305,8 @@ def run_one(mode, fault, args, results):
                 w.proc.kill9()
                 marks["worker_killed"] = time.time()
                 log(f"worker {w.label} (worker id {w.ready.get('worker_id')}) killed -9; starting a new one")
-                w = new_worker(1)
+                reuse = w.ready.get("worker_id") if args.reuse_worker_id else None
+                w = new_worker(1, reuse)
                 if w.wait_ready(30):
                     res["worker_ids"][w.label] = w.ready.get("worker_id")
                     marks["new_worker_ready"] = time.time()
@@ -319,6 +323,8 @@ def run_one(mode, fault, args, results):
                 time.sleep(min(rest, max(0.0, end - time.time())))
         marks["fault_end"] = time.time()
         res["events_during"] = during
+        # Where a direct worker keeps what it could not send: its own memory.
+        res["worker_rss_mb_at_outage_end"] = {x.label: rss_mb(x.proc.pid) for x in workers if x.proc.alive()}
         msgs_before_restart = router.messages()
         if not stack.restart_nats():
             res["notes"].append("nats-server did not come back")
@@ -340,7 +346,7 @@ def run_one(mode, fault, args, results):
             if not (w.proc.alive() and w.wait_ready(60)):
                 w.proc.stop()
                 res["notes"].append("the new worker had exited; another one started after NATS returned")
-                w = new_worker(2)
+                w = new_worker(2, reuse)
                 w.wait_ready(60)
             if w.ready:
                 res["worker_ids"][w.label] = w.ready.get("worker_id")
@@ -381,6 +387,17 @@ def run_one(mode, fault, args, results):
         json.dump(res, f, indent=2, default=str)
     log(f"--- {mode}/{fault}: " + json.dumps(res.get("end"), default=str)[:1500])
     return res
+
+
+def rss_mb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def settle(router, live_workers, args):
@@ -425,6 +442,13 @@ def table(all_res, outage):
         clears = sum(x.get("clears") or 0 for x in rows)
         gaps = ", ".join(str(x.get("router_gaps")) for x in rows if "router_gaps" in x) or "-"
         notes = list(r.get("notes") or [])
+        ids = list((r.get("worker_ids") or {}).values())
+        if len(ids) != len(set(ids)):
+            notes.append("the new worker reused the old one's worker id (its event ids restart at 1)")
+        rss = r.get("worker_rss_mb_at_outage_end") or {}
+        if rss:
+            notes.append(f"worker RSS {r.get('worker_rss_mb_before')} MB before the outage, at its end "
+                         + ", ".join(f"{k}: {v} MB" for k, v in rss.items()))
         if r.get("router_messages_at_relay_kill") is not None:
             notes.append(f"relay killed after {r['router_messages_at_relay_kill']} replayed messages")
         for m in r.get("relay_metrics") or []:
@@ -447,6 +471,9 @@ def main():
     ap.add_argument("--live-cap", type=int, default=2000, help="the worker keeps about this many live blocks")
     ap.add_argument("--drop-max-bytes", type=int, default=262_144,
                     help="kv_events class max_bytes in kv_router_drop_oldest")
+    ap.add_argument("--reuse-worker-id", action="store_true",
+                    help="kv_router_worker_restart: the new worker publishes under the old one's worker id "
+                         "(KvEventPublisher worker_id), its event ids starting at 1 again")
     ap.add_argument("--settle-min", type=float, default=10.0, help="quiet seconds meaning 'nothing more comes'")
     ap.add_argument("--settle-max", type=float, default=300.0)
     ap.add_argument("--holdfastd", default=os.path.join(os.path.dirname(os.path.dirname(HERE)),
