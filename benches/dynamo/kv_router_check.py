@@ -449,6 +449,10 @@ def table(all_res, outage):
         if rss:
             notes.append(f"worker RSS {r.get('worker_rss_mb_before')} MB before the outage, at its end "
                          + ", ".join(f"{k}: {v} MB" for k, v in rss.items()))
+        dup = sum(max(0, (x.get("router_events") or 0) - (x.get("events_published") or 0)
+                      - (x.get("clears") or 0)) for x in rows)
+        if dup and len(ids) == len(set(ids)):
+            notes.append(f"{dup} events applied twice (resent)")
         if r.get("router_messages_at_relay_kill") is not None:
             notes.append(f"relay killed after {r['router_messages_at_relay_kill']} replayed messages")
         for m in r.get("relay_metrics") or []:
