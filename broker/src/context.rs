@@ -45,6 +45,8 @@ pub struct RelayContext {
     pub quic_address: Option<std::net::SocketAddr>,
     /// Where the NATS client-protocol front end listens, if it does.
     pub nats_front_address: Option<std::net::SocketAddr>,
+    /// The planner guard, when `guard.enabled`.
+    pub guard: Option<crate::guard::GuardHandle>,
     next_session_id: AtomicU64,
 }
 
@@ -77,6 +79,7 @@ impl RelayContext {
             read_budget,
             quic_address: None,
             nats_front_address: None,
+            guard: None,
             config,
             classes,
             nats: upstreams.nats,

@@ -8,6 +8,7 @@ pub mod config;
 mod context;
 mod dynamo;
 mod front;
+mod guard;
 mod journal;
 mod keys;
 mod messaging;

@@ -158,6 +158,7 @@ pub async fn run(
             classes: classes.clone(),
             relay_id: Text::from(relay_id.as_str()),
             kv_check: config.kv_consistency.limits(),
+            kv_check_state: config.kv_check_state_path(),
         },
         journal,
         &report.classes,
@@ -193,6 +194,7 @@ pub async fn run(
         config.sessions.max_subscriptions,
     );
     let sessions_stop = CancellationToken::new();
+    let guard_stop = CancellationToken::new();
     let shutdown_grace = config.relay.shutdown_grace;
     // Every connection takes a descriptor: admit no more than the open-file
     // limit leaves after the relay's own (fd_budget.rs).
@@ -218,6 +220,16 @@ pub async fn run(
         .as_ref()
         .and_then(|endpoint| endpoint.local_addr().ok());
     context.nats_front_address = nats_front_address;
+    // The planner guard reuses the relay's NATS and etcd connections.
+    context.guard = context.config.guard.enabled.then(|| {
+        crate::guard::start(
+            &context.config.guard,
+            &relay_id,
+            nats.clone(),
+            context.etcd.clone(),
+            guard_stop.clone(),
+        )
+    });
     let ctx = Arc::new(context);
     // The etcd front end: unmodified etcd clients, through the same
     // registry and discovery cache as sessions, and the same connection
@@ -310,6 +322,8 @@ pub async fn run(
         "shutting down: no new connections, draining sessions"
     );
     accept_stop.cancel();
+    // The guard resigns its elections, so a peer takes over at once.
+    guard_stop.cancel();
     let _ = accept.await;
     if let Some(task) = quic_accept {
         let _ = task.await;

@@ -28,7 +28,7 @@ use crate::messaging::forward_core::{
     SEND_BATCH,
 };
 use crate::messaging::kv_check_view::KvCheckView;
-use crate::messaging::kv_consistency::{KvCheckLimits, KvConsistencyCheck, Reset};
+use crate::messaging::kv_consistency::{KvCheckLimits, KvConsistencyCheck, Reset, SavedStream};
 use crate::messaging::nats::link::{probe_round_trip, NatsLink};
 use crate::messaging::nats_convert::{to_header_map, to_subject};
 use crate::ops::stats::{PublishOutcome, RelayStats};
@@ -38,6 +38,7 @@ use futures::{FutureExt, StreamExt};
 use holdfast_wire::chain::ChainStamper;
 use holdfast_wire::{AckOutcome, LinkStatus, Text};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -318,6 +319,7 @@ struct Forwarder {
     /// Checks the Dynamo KV event streams of `kv_class` as they are sent.
     kv_check: Option<KvConsistencyCheck>,
     kv_class: Option<ClassId>,
+    kv_check_state: PathBuf,
     kv_reset_log: DropLog,
 }
 
@@ -328,6 +330,8 @@ pub struct ForwarderSettings {
     pub relay_id: Text,
     /// The Dynamo KV event check's limits; `None` turns it off.
     pub kv_check: Option<KvCheckLimits>,
+    /// Where the check leaves its streams' places at a clean stop.
+    pub kv_check_state: PathBuf,
 }
 
 /// Starts the forwarder, adopting the backlog the journal recovered.
@@ -343,6 +347,7 @@ pub fn start(
         classes,
         relay_id,
         kv_check,
+        kv_check_state,
     } = settings;
     let (commands, receiver) = mpsc::channel(INTAKE);
     for (spec, backlog) in classes.specs().iter().zip(recovered) {
@@ -401,7 +406,8 @@ pub fn start(
         link_ups: 0,
         kv_check: kv_check
             .filter(|_| kv_class.is_some())
-            .map(|limits| KvConsistencyCheck::new(limits, kv_publisher_id)),
+            .map(|limits| resume_kv_check(limits, kv_publisher_id, &kv_check_state)),
+        kv_check_state,
         kv_class,
         kv_reset_log: DropLog::default(),
     };
@@ -428,6 +434,7 @@ impl Forwarder {
                 biased;
                 _ = stop.cancelled() => {
                     self.persist_memory_backlog().await;
+                    self.save_kv_check();
                     break;
                 }
                 changed = link.changed() => {
@@ -1023,6 +1030,24 @@ impl Forwarder {
         }));
     }
 
+    /// Leaves the check's streams for the next start (after a clean stop
+    /// only; see [`resume_kv_check`]).
+    fn save_kv_check(&self) {
+        let Some(check) = self.kv_check.as_ref() else {
+            return;
+        };
+        let saved = check.save();
+        if saved.is_empty() {
+            return;
+        }
+        let written = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| crate::util::atomic_file::replace(&self.kv_check_state, &bytes));
+        if let Err(error) = written {
+            warn!(%error, path = %self.kv_check_state.display(), "cannot save the KV event check's streams; the next start checks them afresh");
+        }
+    }
+
     /// Runs a message of the KV event class through the check: the
     /// "cleared" messages to send before and after it, as messages.
     fn check_kv_events(
@@ -1231,6 +1256,37 @@ fn publish<'a>(
             None => client.publish(subject, payload).await,
         }
     }
+}
+
+/// A check that picks up the streams a clean stop left (the file is read
+/// once and removed: after a crash the next start must not trust places
+/// older than what was sent since).
+fn resume_kv_check(limits: KvCheckLimits, publisher_id: u64, state: &Path) -> KvConsistencyCheck {
+    let mut check = KvConsistencyCheck::new(limits, publisher_id);
+    let saved = match std::fs::read(state) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return check,
+        Err(error) => {
+            warn!(%error, path = %state.display(), "cannot read the KV event check's saved streams; starting afresh");
+            return check;
+        }
+    };
+    match serde_json::from_slice::<Vec<SavedStream>>(&saved) {
+        Ok(streams) => {
+            info!(
+                streams = streams.len(),
+                "KV event check resumed its streams from the last clean stop"
+            );
+            check.restore(streams);
+        }
+        Err(error) => {
+            warn!(%error, path = %state.display(), "the KV event check's saved streams are unreadable; starting afresh");
+        }
+    }
+    if let Err(error) = std::fs::remove_file(state) {
+        warn!(%error, path = %state.display(), "cannot remove the KV event check's saved streams");
+    }
+    check
 }
 
 /// Hands `message` to the NATS client, waiting for room in its command

@@ -520,6 +520,42 @@ pub const SERIES: &[Series] = &[
         labels: &[],
         meaning: "failed writes of the front end's lease table to the data dir",
     },
+    Series {
+        name: "holdfast_guard_rollbacks_total",
+        kind: Kind::Counter,
+        labels: &["namespace"],
+        meaning: "planner decisions the guard rolled back (written to etcd; `enforce` mode)",
+    },
+    Series {
+        name: "holdfast_guard_advice_total",
+        kind: Kind::Counter,
+        labels: &["namespace"],
+        meaning: "would-be rollbacks published on `holdfast.guard.advice.{namespace}` (`advise` mode)",
+    },
+    Series {
+        name: "holdfast_guard_breaches_total",
+        kind: Kind::Counter,
+        labels: &["namespace", "reason"],
+        meaning: "intervals whose fleet load was over a guard threshold (`kv_usage`, `prefill_queue`), on every relay guarding the namespace",
+    },
+    Series {
+        name: "holdfast_guard_reissues_total",
+        kind: Kind::Counter,
+        labels: &["namespace"],
+        meaning: "planner decisions the guard wrote again under a new id because the deployment had already acknowledged their id (Dynamo's planner reuses ids after a rollback)",
+    },
+    Series {
+        name: "holdfast_guard_load_reports_total",
+        kind: Kind::Counter,
+        labels: &["namespace", "outcome"],
+        meaning: "load reports the guard received: `used`, `ignored` (a topic or report it does not use), `undecodable` (skipped, logged), `too_many_workers` (over `guard.max_workers`, dropped)",
+    },
+    Series {
+        name: "holdfast_guard_leader",
+        kind: Kind::Gauge,
+        labels: &["namespace"],
+        meaning: "1 while this relay holds the namespace's guard election (and reaches etcd), else 0",
+    },
 ];
 
 /// Registers every series' help text with the installed recorder.

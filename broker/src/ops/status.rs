@@ -36,6 +36,9 @@ pub struct StatusDocument {
     /// The check of Dynamo KV event streams (docs/guarantees.md).
     pub kv_consistency: KvCheckStatus,
     pub counters: StatsSnapshot,
+    /// The planner guard per namespace; absent when `guard.enabled` is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<Vec<crate::guard::view::GuardView>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -282,6 +285,7 @@ pub async fn document(ctx: &RelayContext) -> StatusDocument {
         journal,
         kv_consistency: view.kv_check.status(),
         counters: ctx.stats.snapshot(),
+        guard: ctx.guard.as_ref().map(crate::guard::GuardHandle::views),
     }
 }
 

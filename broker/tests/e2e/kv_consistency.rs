@@ -295,3 +295,54 @@ async fn a_whole_kv_event_stream_passes_an_outage_unmarked() {
     assert_eq!(check["tracked_streams"], 1, "{check}");
     assert_eq!(check["tracked_blocks"], LAST, "{check}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_across_a_clean_relay_restart_is_still_seen() {
+    let mut stack = Stack::start_with_config(
+        "[classes.kv_events]\nmax_bytes = 65536\nwhen_full = \"drop_oldest\"\n",
+    );
+    let client = stack.client().await;
+    let router = stack.direct_nats().await;
+    let mut subscriber = router.subscribe(SUBJECT).await.unwrap();
+    router.flush().await.unwrap();
+    for id in 1..=3 {
+        publish_acked(&client, id, 16).await;
+    }
+    receive_until(&mut subscriber, 3).await;
+    drop(client);
+
+    // An upgrade during a NATS outage: the relay stops cleanly and starts
+    // again, then the worker's events overflow the class.
+    stack.nats.pause();
+    assert!(stack.relay.terminate().success());
+    assert!(stack
+        .relay
+        .data_dir()
+        .join("kv-check-streams.json")
+        .exists());
+    stack.relay.restart();
+    let client = stack.client().await;
+    wait_for_link(&client, LinkStatus::Down).await;
+    const LAST: u64 = 303;
+    for id in 4..=LAST {
+        assert_eq!(publish_acked(&client, id, 900).await, AckStatus::Journaled);
+    }
+    stack.nats.resume();
+    let replayed = receive_until(&mut subscriber, LAST).await;
+    let (_, first) = &replayed[0];
+    assert_eq!(first[0].2, "cleared", "{replayed:?}");
+    let first_kept = replayed[1].1[0].1;
+    assert!(first_kept > 4, "nothing was dropped: {replayed:?}");
+    let check = stack.relay.status()["kv_consistency"].clone();
+    assert_eq!(
+        check["last_reset"]["detail"],
+        format!("expected event 4, got {first_kept}"),
+        "{check}"
+    );
+    // Read once: a crash later must not resume from these places.
+    assert!(!stack
+        .relay
+        .data_dir()
+        .join("kv-check-streams.json")
+        .exists());
+}

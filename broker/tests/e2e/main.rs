@@ -13,6 +13,8 @@ mod deploy_manifests;
 mod discovery;
 mod etcd_front;
 mod etcd_front_limits;
+mod guard;
+mod guard_generic;
 mod journal;
 mod journal_damage;
 mod journal_disk_full;

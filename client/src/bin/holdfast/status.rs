@@ -14,7 +14,7 @@ pub(crate) struct StatusArgs {
 }
 
 /// The keys the summary shows, in order; dotted keys are nested.
-const SUMMARY_KEYS: [&str; 14] = [
+const SUMMARY_KEYS: [&str; 15] = [
     "relay_id",
     "version",
     "uptime_seconds",
@@ -28,6 +28,7 @@ const SUMMARY_KEYS: [&str; 14] = [
     "subscriptions",
     "classes",
     "kv_consistency",
+    "guard",
     "counters",
 ];
 
@@ -71,6 +72,14 @@ fn summarize(document: &Value) -> Option<String> {
                     let _ = writeln!(summary, "  {}", class_line(class));
                 }
             }
+            Value::Array(items) if key == "guard" => {
+                let _ = writeln!(summary, "{key}:");
+                for namespace in items {
+                    for line in guard_lines(namespace) {
+                        let _ = writeln!(summary, "  {line}");
+                    }
+                }
+            }
             Value::Array(items) => {
                 let _ = writeln!(summary, "{key}: {}", items.len());
             }
@@ -98,6 +107,67 @@ fn lookup<'a>(document: &'a Value, dotted_key: &str) -> Option<&'a Value> {
     dotted_key
         .split('.')
         .try_fold(document, |value, key| value.get(key))
+}
+
+/// One namespace of the planner guard: who acts, on what decision, the
+/// streak, and the last rollback or advice with what triggered it.
+fn guard_lines(guard: &Value) -> Vec<String> {
+    let field = |name: &str| {
+        lookup(guard, name)
+            .map(scalar)
+            .unwrap_or_else(|| "?".to_string())
+    };
+    let role = if guard.get("leader") == Some(&Value::Bool(true)) {
+        "leader".to_string()
+    } else {
+        format!("follower (leader {})", field("leader_relay"))
+    };
+    let decision = match guard.get("decision") {
+        Some(Value::Null) | None => "no decision".to_string(),
+        Some(_) => format!(
+            "decision {} ({} prefill / {} decode, {})",
+            field("decision.decision_id"),
+            field("decision.num_prefill_workers"),
+            field("decision.num_decode_workers"),
+            field("decision.origin")
+        ),
+    };
+    let mut lines = vec![format!(
+        "{}: {role}, {}, etcd {}; {decision}; breach streak {}, hold-off {}",
+        field("namespace"),
+        field("mode"),
+        field("etcd"),
+        field("breach_streak"),
+        field("hold_off_intervals"),
+    )];
+    for (label, key) in [
+        ("last rollback", "last_rollback"),
+        ("last advice", "last_advice"),
+    ] {
+        let Some(record) = guard.get(key).filter(|record| !record.is_null()) else {
+            continue;
+        };
+        let get = |name: &str| {
+            lookup(record, name)
+                .map(scalar)
+                .unwrap_or_else(|| "?".to_string())
+        };
+        lines.push(format!(
+            "  {label}: decision {} ({}/{}) -> {} ({}/{}), {}; triggered by {}",
+            get("rolled_back_decision_id"),
+            get("from.prefill"),
+            get("from.decode"),
+            get("new_decision_id"),
+            get("to.prefill"),
+            get("to.decode"),
+            get("outcome"),
+            record
+                .get("triggered_by")
+                .map(Value::to_string)
+                .unwrap_or_default()
+        ));
+    }
+    lines
 }
 
 /// `prefill: live, 0 messages, 0 bytes, oldest 0s` for one class.
@@ -269,5 +339,34 @@ mod tests {
         assert_eq!(human_duration(5), "5s");
         assert_eq!(human_duration(65), "1m 5s");
         assert_eq!(human_duration(90_061), "1d 1h 1m 1s");
+    }
+
+    #[test]
+    fn the_guard_shows_its_role_decision_and_last_rollback() {
+        let document = json!({
+            "guard": [{
+                "namespace": "dynamo",
+                "mode": "enforce",
+                "leader": true,
+                "leader_relay": "r-1",
+                "etcd": "connected",
+                "decision": {"decision_id": 2, "num_prefill_workers": 1, "num_decode_workers": 1, "origin": "guard_rollback"},
+                "breach_streak": 0,
+                "hold_off_intervals": 3,
+                "last_rollback": {
+                    "rolled_back_decision_id": 1,
+                    "from": {"prefill": 3, "decode": 3},
+                    "to": {"prefill": 1, "decode": 1},
+                    "new_decision_id": 2,
+                    "outcome": "written",
+                    "triggered_by": [{"kv_usage": 0.99}]
+                },
+                "last_advice": null
+            }]
+        });
+        assert_eq!(
+            summarize(&document).unwrap(),
+            "guard:\n  dynamo: leader, enforce, etcd connected; decision 2 (1 prefill / 1 decode, guard_rollback); breach streak 0, hold-off 3\n    last rollback: decision 1 (3/3) -> 2 (1/1), written; triggered by [{\"kv_usage\":0.99}]"
+        );
     }
 }
