@@ -21,7 +21,8 @@ Faults (fresh processes each):
   kv_router_outage          nats-server SIGKILLed for --outage, events
                             (stores and evictions) published throughout
   kv_router_worker_restart  the same; halfway the worker is SIGKILLed and a
-                            new worker process started (new worker id)
+                            new worker process started (new worker id; with
+                            --reuse-worker-id, the old one's)
   kv_router_burst           the same, plus --burst events at once early in
                             the outage
   kv_router_relay_kill      holdfast only: burst outage; holdfastd SIGKILLed
