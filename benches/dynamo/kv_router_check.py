@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -485,7 +486,6 @@ def main():
                                                         "target", "release", "holdfastd"))
     ap.add_argument("--python", default=os.environ.get("DYN_PYTHON", "/tmp/dynvenv/bin/python"))
     deps = os.path.join(os.path.dirname(os.path.dirname(HERE)), ".deps", "bin", "nats-server")
-    import shutil
     ap.add_argument("--nats-server", default=deps if os.access(deps, os.X_OK)
                     else shutil.which("nats-server") or "/usr/sbin/nats-server")
     ap.add_argument("--etcd", default=shutil.which("etcd") or "etcd")
