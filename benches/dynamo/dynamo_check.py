@@ -593,6 +593,9 @@ class Stack:
         self.relay = None
         self.procs = []
         self.config_path = None
+        # TOML for holdfastd (--config) on the single-server stack, e.g. a
+        # [classes.kv_events] override (kv_router_check.py).
+        self.relay_config_text = None
         if not self.cluster:
             # Exactly the original single-server stack.
             port = free_port()
@@ -741,6 +744,12 @@ class Stack:
             argv += ["--config", self.config_path]
         else:
             argv += ["--nats", self.nats_urls()[0], "--etcd", self.etcd_urls()[0]]
+            if self.relay_config_text:
+                self.config_path = os.path.join(self.tmp, "holdfast.toml")
+                with open(self.config_path, "w") as f:
+                    f.write(self.relay_config_text)
+                shutil.copy(self.config_path, os.path.join(self.outdir, "holdfast.toml"))
+                argv += ["--config", self.config_path]
         self.relay = Proc("holdfastd", argv, self.outdir,
                           env=dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info")))
         self.relay.start()

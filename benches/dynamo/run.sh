@@ -4,6 +4,7 @@
 # Not run in CI. Usage: benches/dynamo/run.sh [dynamo_check.py flags]
 #   e.g. benches/dynamo/run.sh --etcd-outage 30s --nats-outage 20s --lease-ttl 10s
 #        benches/dynamo/run.sh --secured --only etcd_member_kill,nats_node_kill --modes holdfast
+#        benches/dynamo/run.sh kv --quick          # KV router consistency (kv_router_check.py)
 # Env: DYN_VENV (default /tmp/dynvenv), PYTHON3 (interpreter used to create it).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -25,6 +26,12 @@ target="${CARGO_TARGET_DIR:-$repo/target}"
 [ -x "$repo/.deps/bin/nats-server" ] || "$repo/deploy/install-deps.sh"
 command -v etcd >/dev/null || { echo "etcd not in PATH (deploy/install-deps.sh)" >&2; exit 1; }
 
-exec "$venv/bin/python" "$here/dynamo_check.py" \
+# `run.sh kv [flags]`: the KV router consistency check (kv_router_check.py).
+script="$here/dynamo_check.py"
+if [ "${1:-}" = kv ]; then
+    shift
+    script="$here/kv_router_check.py"
+fi
+exec "$venv/bin/python" "$script" \
     --python "$venv/bin/python" \
     --holdfastd "$target/release/holdfastd" "$@"
