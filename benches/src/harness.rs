@@ -275,6 +275,11 @@ impl Relay {
     pub fn kill(&mut self) {
         self.0.kill();
     }
+
+    /// Its `/metrics` text.
+    pub fn metrics_text(&self) -> Result<String> {
+        Ok(blocking(|| self.0.http_get("/metrics"))?.body)
+    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,17 @@ pub fn counter(status: &Value, field: &str) -> u64 {
     status["counters"][field].as_u64().unwrap_or(0)
 }
 
+/// The value of the Prometheus series `name` with the label
+/// `reason="{reason}"` in `/metrics` text (0 when absent).
+pub fn dropped_total(metrics: &str, reason: &str) -> u64 {
+    let series = format!("holdfast_messages_dropped_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series.as_str()))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
+
 /// `backlog_messages` of one class (0 when the class is absent).
 pub fn class_backlog(status: &Value, class: &str) -> u64 {
     classes(status)

@@ -95,7 +95,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
     let mut via_leaf = Vec::new();
     let mut relay_to_relay = Vec::new();
     // Messages the relay dropped for its subscriber in those runs.
-    let mut relay_drops = 0u64;
+    let mut relay_drops = RelayDrops::default();
     let mut direct = Vec::new();
     let mut default = Vec::new();
     let mut durable = Vec::new();
@@ -161,7 +161,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         )
         .await?;
         via_leaf.push(run);
-        let drops_before = slow_consumer_drops(&client).await?;
+        let drops_before = RelayDrops::read(&client, &relay).await?;
         let run = relay_to_relay_publish(
             &client,
             &relay.url(),
@@ -172,9 +172,11 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         )
         .await?;
         relay_to_relay.push(run);
-        relay_drops += slow_consumer_drops(&client)
-            .await?
-            .saturating_sub(drops_before);
+        relay_drops.add(
+            &RelayDrops::read(&client, &relay)
+                .await?
+                .since(&drops_before),
+        );
     }
     let _ = quic.close().await;
     let _ = client.close().await;
@@ -202,18 +204,20 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
             Against::Leaf => &via_leaf,
             Against::Direct | Against::DirectToRelaySubscriber => &direct,
         };
-        let missing = runs.iter().map(Throughput::missing).sum::<u64>()
-            + baseline_runs.iter().map(Throughput::missing).sum::<u64>();
+        let missing = runs.iter().map(Throughput::missing).sum::<u64>();
+        let baseline_missing = baseline_runs.iter().map(Throughput::missing).sum::<u64>();
         if missing > 0 {
             note.push_str(&format!(
-                "; {missing} messages never reached the subscriber"
+                "; {missing} messages never reached the subscriber (all runs)"
             ));
         }
-        if matches!(against, Against::DirectToRelaySubscriber) && relay_drops > 0 {
+        if baseline_missing > 0 {
             note.push_str(&format!(
-                "; the relay counted {relay_drops} slow-consumer drops for its subscriber \
-                 (status counters.slow_consumer_drops)"
+                "; {baseline_missing} never reached the baseline's subscriber"
             ));
+        }
+        if matches!(against, Against::DirectToRelaySubscriber) && missing > 0 {
+            note.push_str(&format!("; {}", relay_drops.describe()));
         }
         let (baseline, baseline_value, target) = match against {
             Against::Leaf => (
@@ -291,12 +295,58 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
 
 /// The relay's count of messages it dropped because a local subscriber's
 /// queue was full.
-async fn slow_consumer_drops(client: &Client) -> Result<u64> {
-    let status = client
-        .status()
-        .await
-        .context("asking the relay for its status")?;
-    Ok(crate::relay_status::counter(&status, "slow_consumer_drops"))
+/// What the relay counted of messages it could not deliver to its
+/// subscriber: where a relay-to-relay run's missing messages went.
+#[derive(Debug, Clone, Copy, Default)]
+struct RelayDrops {
+    /// Its subscriber's queue was full (`slow_consumer` policy drop).
+    local: u64,
+    /// Its own NATS client dropped them (an upstream subscription not read
+    /// fast enough).
+    upstream: u64,
+    /// Its subscriber connection to NATS was lost and made again (what
+    /// nats-server sent meanwhile is gone, uncounted).
+    reconnects: u64,
+}
+
+impl RelayDrops {
+    async fn read(client: &Client, relay: &Relay) -> Result<RelayDrops> {
+        let status = client
+            .status()
+            .await
+            .context("asking the relay for its status")?;
+        let metrics = relay.metrics_text()?;
+        Ok(RelayDrops {
+            local: crate::relay_status::counter(&status, "slow_consumer_drops"),
+            upstream: crate::relay_status::dropped_total(&metrics, "upstream_slow_consumer"),
+            reconnects: status["nats"]["subscriptions_connection"]["reconnects"]
+                .as_u64()
+                .unwrap_or(0),
+        })
+    }
+
+    fn since(&self, earlier: &RelayDrops) -> RelayDrops {
+        RelayDrops {
+            local: self.local.saturating_sub(earlier.local),
+            upstream: self.upstream.saturating_sub(earlier.upstream),
+            reconnects: self.reconnects.saturating_sub(earlier.reconnects),
+        }
+    }
+
+    fn add(&mut self, more: &RelayDrops) {
+        self.local += more.local;
+        self.upstream += more.upstream;
+        self.reconnects += more.reconnects;
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "the relay counted {} drops for its full subscriber queue (slow_consumer), {} by its \
+             own NATS client (upstream_slow_consumer), and {} reconnects of its subscriber \
+             connection (messages nats-server sent meanwhile are not counted)",
+            self.local, self.upstream, self.reconnects
+        )
+    }
 }
 
 /// What a throughput row is compared with.
