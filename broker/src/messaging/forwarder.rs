@@ -889,27 +889,17 @@ impl Forwarder {
         let mut entries = batch.entries.into_iter();
         while let Some(entry) = entries.next() {
             let (before, after) = self.check_kv_events(class, &entry.message);
-            let mut result = Ok(());
-            for reset in before {
-                result = hand_over(&nats, &client, &reset).await;
-                if result.is_err() {
-                    break;
-                }
-            }
-            if result.is_ok() {
-                result = hand_over(&nats, &client, &entry.message).await;
-            }
+            let result = match hand_over_resets(&nats, &client, &before).await {
+                Ok(()) => hand_over(&nats, &client, &entry.message).await,
+                Err(lost) => Err(lost),
+            };
             if result.is_ok() {
                 // Lost with a connection that drops just now, unlike a
                 // reset sent before a message (which its resent copy
                 // brings again); such resets are rare (a problem in the
                 // middle of one message), and routers then keep a tree
                 // that was right up to this message.
-                for reset in after {
-                    if hand_over(&nats, &client, &reset).await.is_err() {
-                        break;
-                    }
-                }
+                let _ = hand_over_resets(&nats, &client, &after).await;
             }
             match result {
                 Ok(()) => self.core.handle_handed(class, entry.ack),
@@ -946,14 +936,10 @@ impl Forwarder {
             // Core publishes on the same connection, so ahead of the
             // message; the stream captures them like any publish.
             let (before, after) = self.check_kv_events(class, &entry.message);
-            let mut resets_sent = true;
-            for reset in before {
-                if hand_over(&nats, nats.client(), &reset).await.is_err() {
-                    resets_sent = false;
-                    break;
-                }
-            }
-            if !resets_sent {
+            if hand_over_resets(&nats, nats.client(), &before)
+                .await
+                .is_err()
+            {
                 self.core
                     .handle_interrupted(class, std::iter::once(entry).chain(entries));
                 self.give_answers();
@@ -977,11 +963,7 @@ impl Forwarder {
                 Some(Ok(ack)) => {
                     acks.push(ack);
                     self.core.handle_handed(class, entry.ack);
-                    for reset in after {
-                        if hand_over(&nats, nats.client(), &reset).await.is_err() {
-                            break;
-                        }
-                    }
+                    let _ = hand_over_resets(&nats, nats.client(), &after).await;
                 }
                 Some(Err(error))
                     if error.kind()
@@ -1090,7 +1072,7 @@ impl Forwarder {
             return;
         };
         let counts = check.counts();
-        let total = counts.gap_resets + counts.orphan_resets;
+        let total = counts.gap_resets + counts.orphan_resets + counts.restart_resets;
         if let Some(resets) = self.kv_reset_log.due(total, Instant::now()) {
             warn!(
                 subject,
@@ -1317,6 +1299,28 @@ async fn hand_over(
         // still fail.
         Err(error) => Err(NotSent::Refused(error.to_string())),
     }
+}
+
+/// Hands "cleared" messages to the NATS client, in order; `Err` only when
+/// the link went (the message they go with must wait for the next
+/// connection, and its resent copy brings them again). One that NATS refuses
+/// (larger than its max_payload: it cannot be, at a few hundred bytes) is
+/// skipped, never its message.
+async fn hand_over_resets(
+    nats: &NatsLink,
+    client: &async_nats::Client,
+    resets: &[QueuedMessage],
+) -> Result<(), NotSent> {
+    for reset in resets {
+        match hand_over(nats, client, reset).await {
+            Err(NotSent::Link) => return Err(NotSent::Link),
+            Err(NotSent::Refused(reason)) => {
+                warn!(subject = %reset.subject, reason, "NATS refused a KV \"cleared\" event; routers keep that worker's tree");
+            }
+            Ok(()) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Why a message was not handed to NATS.
