@@ -95,7 +95,10 @@ struct KvMetrics {
     worker_id: WorkerId,
     #[serde(default)]
     dp_rank: Option<u32>,
-    kv_used_blocks: u64,
+    /// Optional in `publish`: absent (nil) from a worker that reports only
+    /// its decode blocks.
+    #[serde(default)]
+    kv_used_blocks: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,7 +117,8 @@ struct ForwardPassMetrics {
 }
 
 /// Reads a Dynamo event-plane message. `Ok(None)`: a topic the guard does
-/// not use, or `kv_metrics` without `kv_total_blocks` configured.
+/// not use, or `kv_metrics` without `kv_total_blocks` configured or without
+/// `kv_used_blocks`.
 pub fn decode_dynamo(
     message: &[u8],
     kv_total_blocks: u64,
@@ -131,13 +135,16 @@ pub fn decode_dynamo(
                     reason: error.to_string(),
                 }
             })?;
+            let Some(used) = metrics.kv_used_blocks else {
+                return Ok(None);
+            };
             Ok(Some(LoadSample {
                 source: Some(format!(
                     "kv:{}:{}",
                     metrics.worker_id,
                     metrics.dp_rank.unwrap_or(0)
                 )),
-                kv_usage: Some(metrics.kv_used_blocks as f64 / kv_total_blocks as f64),
+                kv_usage: Some(used as f64 / kv_total_blocks as f64),
                 prefill_queue: None,
             }))
         }
@@ -182,6 +189,15 @@ mod tests {
         assert_eq!(sample.prefill_queue, None);
         assert!(sample.source.unwrap().starts_with("kv:"));
         assert!(decode_dynamo(KV_METRICS, 0).unwrap().is_none());
+    }
+
+    #[test]
+    fn dynamo_kv_metrics_without_used_blocks_are_ignored_not_errors() {
+        // `publish(0, 5, None)`: the same report with kv_used_blocks nil.
+        let mut report = KV_METRICS.to_vec();
+        let last = report.len() - 1;
+        report[last] = 0xc0;
+        assert!(decode_dynamo(&report, 20).unwrap().is_none());
     }
 
     #[test]
