@@ -42,6 +42,9 @@ use tracing::{info, warn};
 
 /// How often systemd's STATUS= line is refreshed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a stop waits for the planner guard to give its elections up
+/// (one etcd call each, itself bounded at 2 s).
+const GUARD_STOP_LIMIT: Duration = Duration::from_secs(3);
 
 /// Why the relay could not start, or (one case) why it stopped.
 #[derive(Debug, thiserror::Error)]
@@ -221,15 +224,18 @@ pub async fn run(
         .and_then(|endpoint| endpoint.local_addr().ok());
     context.nats_front_address = nats_front_address;
     // The planner guard reuses the relay's NATS and etcd connections.
-    context.guard = context.config.guard.enabled.then(|| {
-        crate::guard::start(
+    let mut guard_tasks = Vec::new();
+    if context.config.guard.enabled {
+        let (guard, tasks) = crate::guard::start(
             &context.config.guard,
             &relay_id,
             nats.clone(),
             context.etcd.clone(),
             guard_stop.clone(),
-        )
-    });
+        );
+        context.guard = Some(guard);
+        guard_tasks = tasks;
+    }
     let ctx = Arc::new(context);
     // The etcd front end: unmodified etcd clients, through the same
     // registry and discovery cache as sessions, and the same connection
@@ -322,8 +328,10 @@ pub async fn run(
         "shutting down: no new connections, draining sessions"
     );
     accept_stop.cancel();
-    // The guard resigns its elections, so a peer takes over at once.
+    // The guard resigns its elections, so a peer takes over at once rather
+    // than a lease TTL later (each resignation is one etcd call, bounded).
     guard_stop.cancel();
+    let _ = tokio::time::timeout(GUARD_STOP_LIMIT, futures::future::join_all(guard_tasks)).await;
     let _ = accept.await;
     if let Some(task) = quic_accept {
         let _ = task.await;

@@ -36,18 +36,20 @@ impl GuardHandle {
     }
 }
 
-/// Starts one task per namespace; returns at once.
+/// Starts one task per namespace; returns at once, with the tasks (which
+/// end after `stop`, once they gave their elections up).
 pub fn start(
     config: &GuardConfig,
     relay_id: &str,
     nats: NatsLink,
     etcd: EtcdLink,
     stop: CancellationToken,
-) -> GuardHandle {
+) -> (GuardHandle, Vec<tokio::task::JoinHandle<()>>) {
     let mode = match config.mode {
         GuardMode::Enforce => "enforce",
         GuardMode::Advise => "advise",
     };
+    let mut tasks = Vec::with_capacity(config.namespaces.len());
     let views: Vec<_> = config
         .namespaces
         .iter()
@@ -61,11 +63,12 @@ pub fn start(
                 etcd: etcd.clone(),
                 view: view.clone(),
             };
-            tokio::spawn(task.run(stop.clone()));
+            tasks.push(tokio::spawn(task.run(stop.clone())));
             view
         })
         .collect();
-    GuardHandle {
+    let handle = GuardHandle {
         views: Arc::new(views),
-    }
+    };
+    (handle, tasks)
 }

@@ -188,3 +188,36 @@ async fn during_an_etcd_outage_the_guard_acts_on_nothing_and_acts_again_after() 
     assert_eq!(guard["etcd"], "connected");
     assert_eq!(guard["decision"]["origin"], "guard_rollback", "{guard}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_cleanly_hands_its_election_over_at_once() {
+    let nats = NatsServer::start();
+    let etcd = EtcdServer::start();
+    let namespace = "guardhandover";
+    // An 8 s lease: a leader that just vanished is replaced only once it
+    // expires; one that stops cleanly gives it up, and the other relay
+    // (trying every quarter TTL) leads within about 2 s.
+    let config =
+        config(&etcd, namespace, "enforce").replace("lease_ttl = \"2s\"", "lease_ttl = \"8s\"");
+    let mut relays = [
+        Relay::start_with_config(&nats.url(), &config),
+        Relay::start_with_config(&nats.url(), &config),
+    ];
+    let leader = poll_for("a relay to lead", || async {
+        relays
+            .iter()
+            .position(|relay| guard_status(relay)["leader"] == true)
+    })
+    .await;
+    let follower = 1 - leader;
+    let stopped = std::time::Instant::now();
+    assert!(relays[leader].terminate().success());
+    let survivor = &relays[follower];
+    until_guard(survivor, "the other relay to lead", |guard| {
+        guard["leader"] == true
+    })
+    .await;
+    let took = stopped.elapsed();
+    assert!(took < Duration::from_secs(4), "took over after {took:?}");
+    assert!(took < WAIT);
+}
