@@ -1160,11 +1160,25 @@ def scan_secrets(secrets, outdir):
     return found
 
 
-def _kv_publish(cmd_path, worker, first, count):
-    tmp = cmd_path + ".tmp"
+def write_command(path, text):
+    """Leaves `text` in a command file a worker or router polls, whole:
+    written beside it, then renamed over it."""
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(f"{first} {count}")
-    os.rename(tmp, cmd_path)
+        f.write(text)
+    os.rename(tmp, path)
+
+
+def write_results(results, table_text, all_res):
+    """table.md and summary.json in the results directory."""
+    with open(os.path.join(results, "table.md"), "w") as f:
+        f.write(table_text + "\n")
+    with open(os.path.join(results, "summary.json"), "w") as f:
+        json.dump([v for v in all_res.values()], f, indent=2, default=str)
+
+
+def _kv_publish(cmd_path, worker, first, count):
+    write_command(cmd_path, f"{first} {count}")
     # Wait (bounded) for the worker to report the batch.
     wait_for(lambda: any(r.get("ev") == "kv_published" and r.get("first") == first
                          for r in read_jsonl(worker.stdout_path)), 10 + count * 0.05)
@@ -1455,10 +1469,7 @@ def main():
         for note in r.get("notes") or []:
             print(f"    note: {note}")
     print(f"\nraw JSON lines and summaries: {results}")
-    with open(os.path.join(results, "table.md"), "w") as f:
-        f.write(t + "\n")
-    with open(os.path.join(results, "summary.json"), "w") as f:
-        json.dump([v for v in all_res.values()], f, indent=2, default=str)
+    write_results(results, t, all_res)
 
 
 if __name__ == "__main__":

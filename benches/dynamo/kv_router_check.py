@@ -46,7 +46,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dynamo_check import (HERE, Proc, Stack, http_get, log, notable_stderr,  # noqa: E402
-                          parse_duration, read_jsonl, wait_for, wait_http_ok)
+                          parse_duration, read_jsonl, wait_for, wait_http_ok,
+                          write_command, write_results)
 
 FAULTS = ["kv_router_outage", "kv_router_worker_restart", "kv_router_burst",
           "kv_router_relay_kill", "kv_router_drop_oldest"]
@@ -113,10 +114,7 @@ class RouterHandle:
         return ((self.stats.get("workers") or {}).get(str(wid)) or {}).get("last_event_id")
 
     def checkpoint(self, name, timeout=60):
-        tmp = self.cmd + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"checkpoint {name}")
-        os.rename(tmp, self.cmd)
+        write_command(self.cmd, f"checkpoint {name}")
 
         def got():
             self.poll()
@@ -155,10 +153,7 @@ class WorkerHandle:
         """Asks for `count` changes and waits (bounded) for the report."""
         self.seq += 1
         cid = f"{self.label}{self.seq}"
-        tmp = self.cmd + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{cid} {count}")
-        os.rename(tmp, self.cmd)
+        write_command(self.cmd, f"{cid} {count}")
 
         def done():
             self.poll()
@@ -529,10 +524,7 @@ def main():
         for m in r.get("relay_metrics") or []:
             print(f"    {m}")
     print(f"\nraw output: {results}")
-    with open(os.path.join(results, "table.md"), "w") as f:
-        f.write(t + "\n")
-    with open(os.path.join(results, "summary.json"), "w") as f:
-        json.dump([v for v in all_res.values()], f, indent=2, default=str)
+    write_results(results, t, all_res)
 
 
 if __name__ == "__main__":
