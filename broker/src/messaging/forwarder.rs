@@ -1045,11 +1045,6 @@ impl Forwarder {
         };
         let now_ms = crate::util::wall_clock::unix_millis();
         let verdict = check.observe(message.subject.as_str(), &message.payload, now_ms);
-        self.view.kv_check.publish(
-            &check.counts(),
-            check.tracked_streams(),
-            check.tracked_blocks(),
-        );
         let mut to_message = |reset: Reset| {
             self.note_kv_reset(message.subject.as_str(), &reset, now_ms);
             QueuedMessage {
@@ -1189,6 +1184,13 @@ impl Forwarder {
     }
 
     fn publish_gauges(&self) {
+        if let Some(check) = &self.kv_check {
+            self.view.kv_check.publish(
+                &check.counts(),
+                check.tracked_streams(),
+                check.tracked_blocks(),
+            );
+        }
         for class in 0..self.classes.len() {
             let gauges = &self.view.gauges[class];
             let view = self.core.class_view(class);

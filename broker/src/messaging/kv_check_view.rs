@@ -1,8 +1,9 @@
 //! What the KV event check shows outside the forwarder: its counts (for
 //! `/metrics`) and the last reset with the numbers behind it (for
 //! `/status`). The forwarder writes, scrapes and status requests read; the
-//! counts are atomics stored once per send batch, the last reset sits
-//! behind a lock taken only when a reset happens or status is read.
+//! counts are atomics stored once per turn of the forwarder's loop (with
+//! its other gauges), the last reset sits behind a lock taken only when a
+//! reset happens or status is read.
 
 use crate::messaging::kv_consistency::{KvCheckCounts, Reset};
 use serde::Serialize;
