@@ -11,11 +11,16 @@
 //! order — strictly: a class is only sent from while no higher class has
 //! anything unsent, so prefills drain before decodes, and live traffic of a
 //! higher class is never starved by a lower class's backlog. A message
-//! leaves a queue (and the journal) only once NATS confirmed it: a probe
-//! request after a batch comes back only after the server processed
-//! everything this connection sent before it. A lost connection makes every
+//! leaves a queue (and the journal) only once NATS confirmed it: a PING
+//! after a batch comes back only after the server processed everything
+//! the connection sent before it. A lost connection makes every
 //! unconfirmed message unsent again (at-least-once; `Nats-Msg-Id` lets
 //! consumers and JetStream drop the duplicates).
+//!
+//! Core classes go out on the relay's own upstream connection (the
+//! subscriber link's), each batch encoded here into one buffer and written
+//! at once; JetStream classes go through async-nats, whose PubAcks confirm
+//! them.
 
 use crate::journal::{
     format_message_id, ClassBacklog, Journal, JournalError, JournalStamp, NewMessage, Refusal,
@@ -29,13 +34,16 @@ use crate::messaging::forward_core::{
 };
 use crate::messaging::kv_check_view::KvCheckView;
 use crate::messaging::kv_consistency::{KvCheckLimits, KvConsistencyCheck, Reset, SavedStream};
-use crate::messaging::nats::link::{probe_round_trip, NatsLink};
+use crate::messaging::nats::link::NatsLink;
+use crate::messaging::nats::subscriber::{SubscriberState, UpstreamPublisher};
 use crate::messaging::nats_convert::{to_header_map, to_subject};
 use crate::ops::stats::{PublishOutcome, RelayStats};
 use crate::util::drop_log::DropLog;
+use bytes::BytesMut;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::{FutureExt, StreamExt};
 use holdfast_wire::chain::ChainStamper;
+use holdfast_wire::nats_protocol::{encode_publish, is_sendable_subject, publish_size};
 use holdfast_wire::{AckOutcome, LinkStatus, Text};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -226,7 +234,9 @@ enum Completion {
     Probed {
         generation: u64,
         marks: Vec<usize>,
-        confirmed: bool,
+        /// The upstream connection's loss count when the PING came back;
+        /// `None` without an answer.
+        losses: Option<u64>,
     },
     /// Every PubAck of a JetStream class's batch came back (or one failed).
     JetStreamAcked {
@@ -302,7 +312,13 @@ struct Forwarder {
     /// batch must never reach the class queue before an earlier one, or a
     /// refill in between would send it first.
     appends: FuturesOrdered<BoxFuture<Completion>>,
-    probe_subject: String,
+    /// Core publishes and their confirmations, on the upstream connection.
+    upstream: UpstreamPublisher,
+    /// The upstream connection's losses the core has been told of: a
+    /// higher count means something handed over may not have arrived.
+    upstream_losses: u64,
+    /// Whether the upstream connection is up (core classes wait otherwise).
+    upstream_up: bool,
     append_latency: metrics::Histogram,
     /// Per class: time from an acked publish's arrival to its answer.
     ack_latency: Vec<metrics::Histogram>,
@@ -391,7 +407,9 @@ pub fn start(
         journal_refusals: 0,
         journal_refusal_log: DropLog::default(),
         maintenance_in_flight: false,
-        probe_subject: format!("_HOLDFAST.confirm.{relay_id}"),
+        upstream: nats.upstream_publisher(),
+        upstream_losses: nats.subscriber_state().losses,
+        upstream_up: nats.subscriber_state().server.is_some(),
         nats,
         stats,
         view: view.clone(),
@@ -418,6 +436,8 @@ pub fn start(
 impl Forwarder {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>, stop: CancellationToken) {
         let mut link = self.nats.watch();
+        let mut upstream = self.nats.watch_subscriber();
+        let mut upstream_open = true;
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut replaying = false;
@@ -428,7 +448,7 @@ impl Forwarder {
         loop {
             let can_send = self
                 .core
-                .has_sendable(self.nats.is_up() && self.subscriptions_in_place);
+                .has_sendable(self.link_up() && self.subscriptions_in_place);
             let probe_due = self.core.probe_deadline();
             tokio::select! {
                 biased;
@@ -452,6 +472,14 @@ impl Forwarder {
                         self.core.handle_link_down();
                     }
                 }
+                changed = upstream.changed(), if upstream_open => match changed {
+                    Ok(()) => {
+                        let state = upstream.borrow_and_update().clone();
+                        self.on_upstream(&state);
+                    }
+                    // The connection task stopped: the relay is stopping.
+                    Err(_) => upstream_open = false,
+                },
                 Some(completion) = self.appends.next() => self.on_completion(completion),
                 Some(completion) = self.pending.next() => self.on_completion(completion),
                 command = commands.recv() => match command {
@@ -472,7 +500,7 @@ impl Forwarder {
                 () = sleep_until(probe_due), if probe_due.is_some() => {}
                 () = std::future::ready(()), if can_send => self.send_batch().await,
             }
-            let link_up = self.nats.is_up();
+            let link_up = self.link_up();
             let now = now();
             for refill in self
                 .core
@@ -743,6 +771,28 @@ impl Forwarder {
 
     /// Holds sending back until the subscriber connection has the relay's
     /// subscriptions in place again (see `subscriptions_in_place`).
+    /// Whether class traffic can go upstream: the NATS link is up, and so
+    /// is the connection core publishes take.
+    fn link_up(&self) -> bool {
+        self.nats.is_up() && self.upstream_up
+    }
+
+    /// The upstream connection changed: a loss sends everything
+    /// unconfirmed again; a new connection waits for the relay's
+    /// subscriptions, as the link's coming up does.
+    fn on_upstream(&mut self, state: &SubscriberState) {
+        if state.losses != self.upstream_losses {
+            self.upstream_losses = state.losses;
+            self.core.handle_link_down();
+            self.give_answers();
+        }
+        let up = state.server.is_some();
+        if up && !self.upstream_up && self.nats.is_up() {
+            self.wait_for_subscriptions();
+        }
+        self.upstream_up = up;
+    }
+
     fn wait_for_subscriptions(&mut self) {
         self.link_ups += 1;
         self.subscriptions_in_place = false;
@@ -815,10 +865,18 @@ impl Forwarder {
             Completion::Probed {
                 generation,
                 marks,
-                confirmed,
+                losses,
             } => {
+                // Confirmed only if nothing was lost since the core last
+                // heard of a loss: otherwise part of what the marks cover
+                // may never have reached the server.
+                let confirmed = losses == Some(self.upstream_losses);
                 for trim in self.core.handle_probed(generation, &marks, confirmed) {
                     self.trim(trim);
+                }
+                if let Some(losses) = losses.filter(|losses| *losses > self.upstream_losses) {
+                    self.upstream_losses = losses;
+                    self.core.handle_link_down();
                 }
             }
             Completion::JetStreamAcked {
@@ -877,47 +935,63 @@ impl Forwarder {
 
     /// Hands the core's next batch to NATS.
     async fn send_batch(&mut self) {
-        let Some(batch) = self.core.poll_send(self.nats.is_up()) else {
+        let Some(batch) = self.core.poll_send(self.link_up()) else {
             return;
         };
         if batch.jetstream {
             return self.send_jetstream_batch(batch).await;
         }
         let class = batch.class;
-        let nats = self.nats.clone();
-        let client = nats.client().clone();
-        let mut entries = batch.entries.into_iter();
-        while let Some(entry) = entries.next() {
+        let entries = batch.entries;
+        // The whole batch as PUB/HPUB operations, one write upstream.
+        let bytes: usize = entries
+            .iter()
+            .map(|entry| entry.message.subject.len() + entry.message.payload.len() + 32)
+            .sum();
+        let mut operations = BytesMut::with_capacity(bytes);
+        let max_payload = self.nats.max_payload();
+        // Entries NATS can never take, by position, with the reason.
+        let mut refused = Vec::new();
+        for (position, entry) in entries.iter().enumerate() {
             let (before, after) = self.check_kv_events(class, &entry.message);
-            let result = match hand_over_resets(&nats, &client, &before).await {
-                Ok(()) => hand_over(&nats, &client, &entry.message).await,
-                Err(lost) => Err(lost),
-            };
-            if result.is_ok() {
-                // Lost with a connection that drops just now, unlike a
-                // reset sent before a message (which its resent copy
-                // brings again); such resets are rare (a problem in the
-                // middle of one message), and routers then keep a tree
-                // that was right up to this message.
-                let _ = hand_over_resets(&nats, &client, &after).await;
-            }
-            match result {
-                Ok(()) => self.core.handle_handed(class, entry.ack),
-                Err(NotSent::Link) => {
-                    self.core
-                        .handle_interrupted(class, std::iter::once(entry).chain(entries));
-                    self.give_answers();
-                    return;
+            for reset in &before {
+                if let Err(reason) = encode_upstream(&mut operations, reset, max_payload) {
+                    warn!(subject = %reset.subject, reason, "NATS would refuse a KV \"cleared\" event; routers keep that worker's tree");
                 }
-                Err(NotSent::Refused(reason)) => {
+            }
+            match encode_upstream(&mut operations, &entry.message, max_payload) {
+                Ok(()) => {
+                    for reset in &after {
+                        if let Err(reason) = encode_upstream(&mut operations, reset, max_payload) {
+                            warn!(subject = %reset.subject, reason, "NATS would refuse a KV \"cleared\" event; routers keep that worker's tree");
+                        }
+                    }
+                }
+                Err(reason) => refused.push((position, reason)),
+            }
+        }
+        let handed = if operations.is_empty() {
+            Some(Ok(()))
+        } else {
+            with_link(&self.nats, self.upstream.send(operations)).await
+        };
+        if !matches!(handed, Some(Ok(()))) {
+            // The link went, or the relay is stopping: all of it goes again.
+            self.core.handle_interrupted(class, entries);
+            self.give_answers();
+            return;
+        }
+        let mut refused = refused.into_iter().peekable();
+        for (position, entry) in entries.into_iter().enumerate() {
+            match refused.next_if(|(at, _)| *at == position) {
+                Some((_, reason)) => {
                     self.note_nats_refusal(class, &reason);
                     self.core.handle_refused_by_nats(class, entry.ack, &reason);
                 }
+                None => self.core.handle_handed(class, entry.ack),
             }
-            // Each publisher hears as soon as its message is handed over,
-            // not after the whole batch.
-            self.give_answers();
         }
+        self.give_answers();
     }
 
     /// A JetStream class's batch: each message's PubAck is its confirmation.
@@ -1102,17 +1176,18 @@ impl Forwarder {
     }
 
     fn start_probe(&mut self, generation: u64, marks: Vec<usize>) {
-        let client = self.nats.client().clone();
-        let subject = self.probe_subject.clone();
+        let upstream = self.upstream.clone();
         self.pending.push(Box::pin(async move {
-            // Nobody answers this subject: the server says "no responders"
-            // only after processing every message this connection sent
-            // before the probe.
-            let confirmed = probe_round_trip(&client, &subject, PROBE_TIMEOUT).await;
+            // The server answers a PING only after processing everything
+            // the connection sent before it.
+            let losses = tokio::time::timeout(PROBE_TIMEOUT, upstream.confirm())
+                .await
+                .ok()
+                .flatten();
             Completion::Probed {
                 generation,
                 marks,
-                confirmed,
+                losses,
             }
         }));
     }
@@ -1223,6 +1298,35 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(TokioInstant::from_std(deadline)).await,
         None => std::future::pending().await,
     }
+}
+
+/// Appends `message` to a batch for the upstream connection, or says why
+/// NATS can never take it (checked here, where async-nats used to check
+/// before its own writes: a PUB over the server's limit would cost the
+/// connection).
+fn encode_upstream(
+    operations: &mut BytesMut,
+    message: &QueuedMessage,
+    max_payload: Option<usize>,
+) -> Result<(), String> {
+    let subject = message.subject.as_bytes();
+    if !is_sendable_subject(subject) {
+        return Err(format!("invalid subject {:?}", message.subject.as_str()));
+    }
+    let size = publish_size(&message.headers, &message.payload);
+    if let Some(max) = max_payload.filter(|max| size > *max) {
+        return Err(format!(
+            "message of {size} bytes exceeds the server's max_payload of {max}"
+        ));
+    }
+    encode_publish(
+        operations,
+        subject,
+        None,
+        &message.headers,
+        &message.payload,
+    );
+    Ok(())
 }
 
 /// Hands `message` to the NATS client (its command queue; the client's

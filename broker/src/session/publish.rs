@@ -70,8 +70,8 @@ impl Session {
             }
         }
         if self.ctx.nats.is_up() {
-            // Subscriptions and requests go on the subscriber connection,
-            // everything else on the NATS client's.
+            // Subscriptions, requests and core class traffic go on the
+            // subscriber connection, JetStream classes on the NATS client's.
             let subscribed = std::mem::take(&mut self.subscribed_since_barrier);
             let requested = std::mem::take(&mut self.requested_since_barrier);
             if subscribed || requested {
@@ -83,8 +83,7 @@ impl Session {
                     .await;
             }
             if published {
-                let flush = self.ctx.nats.client().flush();
-                let _ = tokio::time::timeout(BARRIER_FLUSH_TIMEOUT, flush).await;
+                self.ctx.nats.flush_publishes(BARRIER_FLUSH_TIMEOUT).await;
             }
         }
         self.send(Frame::Pong(Pong { nonce: ping.nonce })).await

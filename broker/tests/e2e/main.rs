@@ -33,5 +33,6 @@ mod restart;
 mod secured_upstreams;
 mod slow_consumer;
 mod support;
+mod upstream_loss;
 mod upstream_malformed;
 mod waiting;

@@ -1,12 +1,81 @@
-//! Encoding a [`ClientOp`] as a NATS client would send it.
-//!
-//! The relay never sends these; they exist so tests, fuzzers and tools can
-//! play the client against the decoder with the same types it produces.
+//! Encoding a [`ClientOp`] as a NATS client would send it: the relay's
+//! own upstream connection writes its SUBs and publishes this way, and
+//! tests, fuzzers and tools play the client against the decoder with the
+//! same types it produces.
 
 use super::headers::{encode_header_block, header_block_len};
 use super::server_encode::put_decimal;
 use super::ClientOp;
+use crate::Headers;
 use bytes::{BufMut, BytesMut};
+
+/// Appends one publish as PUB (no headers) or HPUB, from borrowed parts:
+/// the relay encodes a batch of queued messages without building a
+/// [`ClientOp`] (and cloning its parts) for each.
+///
+/// The caller checks the subject with [`is_sendable_subject`]; CR and LF
+/// inside header names and values become spaces, as in every header block.
+pub fn encode_publish(
+    out: &mut BytesMut,
+    subject: &[u8],
+    reply: Option<&[u8]>,
+    headers: &Headers,
+    payload: &[u8],
+) {
+    let reply_len = reply.map_or(0, |reply| reply.len() + 1);
+    if headers.is_empty() {
+        out.reserve(subject.len() + reply_len + payload.len() + 32);
+        out.put_slice(b"PUB ");
+        out.put_slice(subject);
+        if let Some(reply) = reply {
+            out.put_u8(b' ');
+            out.put_slice(reply);
+        }
+        out.put_u8(b' ');
+        put_decimal(out, payload.len());
+    } else {
+        let header_len = header_block_len(None, headers);
+        out.reserve(subject.len() + reply_len + header_len + payload.len() + 48);
+        out.put_slice(b"HPUB ");
+        out.put_slice(subject);
+        if let Some(reply) = reply {
+            out.put_u8(b' ');
+            out.put_slice(reply);
+        }
+        out.put_u8(b' ');
+        put_decimal(out, header_len);
+        out.put_u8(b' ');
+        put_decimal(out, header_len + payload.len());
+        out.put_slice(b"\r\n");
+        encode_header_block(None, headers, out);
+        out.put_slice(payload);
+        out.put_slice(b"\r\n");
+        return;
+    }
+    out.put_slice(b"\r\n");
+    out.put_slice(payload);
+    out.put_slice(b"\r\n");
+}
+
+/// The bytes a publish of these parts counts against the server's
+/// `max_payload` (the header block and the payload).
+pub fn publish_size(headers: &Headers, payload: &[u8]) -> usize {
+    if headers.is_empty() {
+        payload.len()
+    } else {
+        header_block_len(None, headers) + payload.len()
+    }
+}
+
+/// Whether `subject` can stand in a PUB line: not empty, and no space,
+/// tab, CR or LF (any of which would split the line into other
+/// operations).
+pub fn is_sendable_subject(subject: &[u8]) -> bool {
+    !subject.is_empty()
+        && !subject
+            .iter()
+            .any(|byte| matches!(byte, b' ' | b'\t' | b'\r' | b'\n'))
+}
 
 /// Appends `op` in its canonical client form (upper-case name, single
 /// spaces, CRLF). HPUB always carries a full `NATS/1.0` block, even with no
@@ -84,5 +153,81 @@ pub fn encode_client_op(op: &ClientOp, out: &mut BytesMut) {
         }
         ClientOp::Ping => out.put_slice(b"PING\r\n"),
         ClientOp::Pong => out.put_slice(b"PONG\r\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nats_protocol::ClientOpDecoder;
+    use crate::Text;
+    use bytes::Bytes;
+
+    fn decode_all(bytes: BytesMut) -> Vec<ClientOp> {
+        let mut decoder = ClientOpDecoder::new(1 << 20);
+        let mut buffer = bytes;
+        let mut ops = Vec::new();
+        while let Some(op) = decoder.decode(&mut buffer).expect("valid protocol") {
+            ops.push(op);
+        }
+        assert!(buffer.is_empty(), "left over: {:?}", &buffer[..]);
+        ops
+    }
+
+    #[test]
+    fn a_batch_of_publishes_decodes_as_the_same_messages_in_order() {
+        let mut headers = Headers::new();
+        headers.insert("Holdfast-Chain", "r1:7");
+        headers.insert("X-Line", "a\r\nINJECTED");
+        let mut out = BytesMut::new();
+        encode_publish(&mut out, b"a.b", None, &Headers::new(), b"plain");
+        encode_publish(&mut out, b"c", Some(b"_INBOX.1"), &headers, b"");
+        encode_publish(&mut out, b"d", Some(b"r"), &Headers::new(), b"x\r\ny");
+        let ops = decode_all(out);
+        assert_eq!(
+            ops,
+            vec![
+                ClientOp::Pub {
+                    subject: Text::from("a.b"),
+                    reply: None,
+                    payload: Bytes::from_static(b"plain"),
+                },
+                ClientOp::HPub {
+                    subject: Text::from("c"),
+                    reply: Some(Text::from("_INBOX.1")),
+                    headers: {
+                        let mut expected = Headers::new();
+                        expected.insert("Holdfast-Chain", "r1:7");
+                        // One header per line: CR LF cannot start another.
+                        expected.insert("X-Line", "a  INJECTED");
+                        expected
+                    },
+                    payload: Bytes::new(),
+                },
+                ClientOp::Pub {
+                    subject: Text::from("d"),
+                    reply: Some(Text::from("r")),
+                    payload: Bytes::from_static(b"x\r\ny"),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn size_counts_what_the_server_counts_against_max_payload() {
+        let mut headers = Headers::new();
+        assert_eq!(publish_size(&headers, b"12345"), 5);
+        headers.insert("A", "1");
+        let mut block = BytesMut::new();
+        encode_header_block(None, &headers, &mut block);
+        assert_eq!(publish_size(&headers, b"12345"), block.len() + 5);
+    }
+
+    #[test]
+    fn subjects_that_would_split_the_line_are_not_sendable() {
+        assert!(is_sendable_subject(b"a.b.>"));
+        for bad in [&b""[..], b"a b", b"a\tb", b"a\r\nPUB x 1", b"a\n"] {
+            assert!(!is_sendable_subject(bad), "{bad:?}");
+        }
     }
 }

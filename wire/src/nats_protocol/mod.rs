@@ -67,7 +67,7 @@ mod info;
 mod server_encode;
 mod server_ops;
 
-pub use client_encode::encode_client_op;
+pub use client_encode::{encode_client_op, encode_publish, is_sendable_subject, publish_size};
 pub use codec::NatsCodecError;
 pub use connect::Connect;
 pub use decoder::{ClientOp, ClientOpDecoder, DEFAULT_MAX_CONTROL_LINE, DEFAULT_MAX_PAYLOAD};

@@ -1,10 +1,11 @@
 //! The relay's connections to the upstream NATS cluster, and its link state.
 //!
-//! Publishing, JetStream, requests of the relay's own and the link's probes
-//! use async-nats; upstream subscriptions (and publishes that carry a reply
-//! subject) use the relay's own subscriber connection
-//! ([`crate::messaging::nats::subscriber`]), which survives malformed messages that
-//! would end async-nats's.
+//! JetStream, requests of the relay's own and the link's probes use
+//! async-nats; upstream subscriptions, the forwarder's core publishes and
+//! publishes that carry a reply subject use the relay's own subscriber
+//! connection ([`crate::messaging::nats::subscriber`]), which survives
+//! malformed messages that would end async-nats's and takes a batch of
+//! publishes in one write.
 //!
 //! async-nats owns its socket, reconnects and re-subscribes; this file adds
 //! what the relay needs on top: a round-trip probe through the server so a
@@ -16,7 +17,8 @@ use crate::config::NatsConfig;
 use crate::messaging::nats::link_monitor::LinkMonitor;
 use crate::messaging::nats::security::NatsSecurity;
 use crate::messaging::nats::subscriber::{
-    ServerAddress, SubscriberLink, SubscriberSettings, SubscriberState, UpstreamSubscription,
+    ServerAddress, SubscriberLink, SubscriberSettings, SubscriberState, UpstreamPublisher,
+    UpstreamSubscription,
 };
 use crate::util::drop_log::DropLog;
 use crate::util::failure_log::FailureLog;
@@ -243,6 +245,28 @@ impl NatsLink {
     /// The subscriber connection's server and last error.
     pub fn subscriber_state(&self) -> SubscriberState {
         self.subscriber.state()
+    }
+
+    /// The forwarder's handle for core publishes: they go on the subscriber
+    /// connection, a batch per write (see `subscriber`'s module doc).
+    pub fn upstream_publisher(&self) -> UpstreamPublisher {
+        self.subscriber.publisher()
+    }
+
+    /// The subscriber connection's state as it changes.
+    pub fn watch_subscriber(&self) -> watch::Receiver<SubscriberState> {
+        self.subscriber.watch_state()
+    }
+
+    /// Returns once NATS processed everything handed to either connection
+    /// before (core publishes and requests on the subscriber connection,
+    /// JetStream on the client's), or once `limit` passed.
+    pub async fn flush_publishes(&self, limit: Duration) {
+        let client = self.client.clone();
+        let both = futures::future::join(self.subscriber.round_trip(limit), async move {
+            let _ = client.flush().await;
+        });
+        let _ = tokio::time::timeout(limit, both).await;
     }
 
     /// Messages from NATS skipped because they could not be decoded.

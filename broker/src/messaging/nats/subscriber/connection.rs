@@ -47,9 +47,18 @@ struct Live {
     server: String,
     /// Bytes to write after the current event.
     out: BytesMut,
-    /// One entry per PING sent, in order: the waiter of a round trip, or
-    /// `None` for a keepalive.
-    pongs_due: VecDeque<Option<oneshot::Sender<()>>>,
+    /// One entry per PING sent, in order.
+    pongs_due: VecDeque<PongDue>,
+}
+
+/// Who waits for the PONG of a PING.
+enum PongDue {
+    Keepalive,
+    /// Told when the PONG comes or the connection goes (what was sent
+    /// before is then as processed as it will get).
+    RoundTrip(oneshot::Sender<()>),
+    /// Told only when the PONG comes, with the loss count.
+    Confirm(oneshot::Sender<u64>),
 }
 
 type Attempt = Pin<Box<dyn Future<Output = Result<Established, String>> + Send>>;
@@ -143,13 +152,17 @@ impl ConnectionTask {
                 }
                 _ = ping.tick(), if live.is_some() => {
                     if let Some(current) = live.as_mut() {
-                        let unanswered = current.pongs_due.iter().filter(|due| due.is_none()).count();
+                        let unanswered = current
+                            .pongs_due
+                            .iter()
+                            .filter(|due| matches!(due, PongDue::Keepalive))
+                            .count();
                         if unanswered >= MAX_UNANSWERED_PINGS {
                             self.on_lost(&mut live, format!("no PONG to {unanswered} PINGs"));
                             retry_at = Some(Instant::now());
                         } else {
                             current.out.put_slice(b"PING\r\n");
-                            current.pongs_due.push_back(None);
+                            current.pongs_due.push_back(PongDue::Keepalive);
                         }
                     }
                 }
@@ -225,9 +238,12 @@ impl ConnectionTask {
         let Some(lost) = live.take() else {
             return;
         };
-        // What was sent before is as processed as it will get.
-        for waiter in lost.pongs_due.into_iter().flatten() {
-            let _ = waiter.send(());
+        for due in lost.pongs_due {
+            // What was sent before is as processed as it will get; a
+            // confirmation waiter hears nothing (its sender drops).
+            if let PongDue::RoundTrip(waiter) = due {
+                let _ = waiter.send(());
+            }
         }
         self.pool.lost();
         warn!(server = %lost.server, reason = %reason, "subscriber connection to NATS lost; reconnecting");
@@ -235,6 +251,7 @@ impl ConnectionTask {
             state.server = None;
             state.last_error = Some(reason);
             state.reconnects += 1;
+            state.losses += 1;
         });
     }
 
@@ -292,10 +309,29 @@ impl ConnectionTask {
                     ));
                 }
             },
+            Command::PublishBatch {
+                mut operations,
+                permit,
+            } => {
+                match live {
+                    Some(live) if live.out.is_empty() => {
+                        std::mem::swap(&mut live.out, &mut operations)
+                    }
+                    Some(live) => live.out.extend_from_slice(&operations),
+                    None => self.state.send_modify(|state| state.losses += 1),
+                }
+                drop(permit);
+            }
+            Command::Confirm { done } => {
+                if let Some(live) = live {
+                    live.out.put_slice(b"PING\r\n");
+                    live.pongs_due.push_back(PongDue::Confirm(done));
+                }
+            }
             Command::RoundTrip { done } => match live {
                 Some(live) => {
                     live.out.put_slice(b"PING\r\n");
-                    live.pongs_due.push_back(Some(done));
+                    live.pongs_due.push_back(PongDue::RoundTrip(done));
                 }
                 // Made on connect, before anything else: nothing to wait for.
                 None => {
@@ -354,11 +390,15 @@ impl ConnectionTask {
                 }
                 ServerOp::Malformed { sid, reason } => self.on_malformed(sid, &reason),
                 ServerOp::Ping => live.out.put_slice(b"PONG\r\n"),
-                ServerOp::Pong => {
-                    if let Some(Some(waiter)) = live.pongs_due.pop_front() {
+                ServerOp::Pong => match live.pongs_due.pop_front() {
+                    Some(PongDue::RoundTrip(waiter)) => {
                         let _ = waiter.send(());
                     }
-                }
+                    Some(PongDue::Confirm(waiter)) => {
+                        let _ = waiter.send(self.state.borrow().losses);
+                    }
+                    Some(PongDue::Keepalive) | None => {}
+                },
                 ServerOp::Info(json) => {
                     if let Ok(info) = serde_json::from_slice::<UpstreamInfo>(&json) {
                         let tls = live.connection.tls;
