@@ -207,8 +207,37 @@ impl<A> ClassQueue<A> {
         self.has_unsent_in_window() || self.journal_tail.is_some()
     }
 
-    /// Marks up to `limit` unsent entries as sent and returns them in order;
-    /// a waiting ack goes with its entry once (a resend carries none).
+    /// Marks up to `limit` unsent entries as sent; returns where they start
+    /// in the window and their acks in order (a waiting ack goes with its
+    /// entry once; a resend carries none). The messages stay where they are
+    /// ([`ClassQueue::window_messages`]): cloning each (its `Bytes` share a
+    /// session's read buffer, so every clone and drop is an atomic on a
+    /// line other threads write) cost more than encoding it.
+    pub fn take_unsent_acks(&mut self, limit: usize) -> (usize, Vec<Option<A>>) {
+        let first = self.sent;
+        let end = (self.sent + limit).min(self.window.len());
+        let acks = self
+            .window
+            .range_mut(first..end)
+            .map(|entry| entry.ack.take())
+            .collect();
+        self.sent = end;
+        (first, acks)
+    }
+
+    /// `count` messages of the window from position `first`.
+    pub fn window_messages(
+        &self,
+        first: usize,
+        count: usize,
+    ) -> impl Iterator<Item = &QueuedMessage> {
+        self.window
+            .range(first..first + count)
+            .map(|entry| &entry.message)
+    }
+
+    /// As [`ClassQueue::take_unsent_acks`], with a copy of each message.
+    #[cfg(test)]
     pub fn take_unsent(&mut self, limit: usize) -> Vec<Entry<A>> {
         let end = (self.sent + limit).min(self.window.len());
         let batch = self

@@ -26,7 +26,7 @@
 //! - A barrier is released once every answer owed before it was given.
 
 use crate::journal::{Appended, ClassBacklog};
-use crate::messaging::class_queue::{ClassQueue, Entry, QueuedMessage};
+use crate::messaging::class_queue::{ClassQueue, QueuedMessage};
 use crate::messaging::classes::{ClassId, Classes, Durability, WhenFull};
 use holdfast_wire::{AckOutcome, ErrorCode, Text};
 use std::collections::VecDeque;
@@ -117,7 +117,11 @@ pub struct SendBatch<A> {
     pub jetstream: bool,
     /// The connection generation the batch goes out on.
     pub generation: u64,
-    pub entries: Vec<Entry<A>>,
+    /// Where the batch starts in its class's window (see
+    /// [`ForwardCore::batch_messages`]).
+    pub first: usize,
+    /// Each message's ack, if its publisher still waits for one.
+    pub acks: Vec<Option<A>>,
 }
 
 /// A confirmation probe to start: on success, the first `marks[class]`
@@ -390,13 +394,21 @@ impl<A: AckHandle, B> ForwardCore<A, B> {
         } else {
             SEND_BATCH
         };
-        let entries = self.queues[class].take_unsent(limit);
+        let (first, acks) = self.queues[class].take_unsent_acks(limit);
         Some(SendBatch {
             class,
             jetstream,
             generation: self.generation,
-            entries,
+            first,
+            acks,
         })
+    }
+
+    /// The messages of `batch`, in order. Valid until the core next
+    /// changes (a confirmation moves the window): the shell encodes them
+    /// right after [`ForwardCore::poll_send`].
+    pub fn batch_messages(&self, batch: &SendBatch<A>) -> impl Iterator<Item = &QueuedMessage> {
+        self.queues[batch.class].window_messages(batch.first, batch.acks.len())
     }
 
     /// The shell handed a message of a batch to NATS.
@@ -433,14 +445,14 @@ impl<A: AckHandle, B> ForwardCore<A, B> {
     }
 
     /// The link dropped while a batch was being handed over: `unsent` (the
-    /// entry that failed and the rest) stays queued and goes again later;
-    /// publishers still waiting hear `Queued`.
+    /// acks of the entry that failed and the rest) stays queued and goes
+    /// again later; publishers still waiting hear `Queued`.
     pub fn handle_interrupted(
         &mut self,
         class: ClassId,
-        unsent: impl IntoIterator<Item = Entry<A>>,
+        unsent: impl IntoIterator<Item = Option<A>>,
     ) {
-        for ack in unsent.into_iter().filter_map(|entry| entry.ack) {
+        for ack in unsent.into_iter().flatten() {
             self.answer_queued(class, ack);
         }
         self.handle_link_down();
@@ -861,11 +873,15 @@ mod tests {
             .collect()
     }
 
-    fn payloads(batch: &SendBatch<Ack>) -> Vec<String> {
-        batch
-            .entries
-            .iter()
-            .map(|entry| String::from_utf8(entry.message.payload.to_vec()).unwrap())
+    /// The payloads of the next batch, taken as sent.
+    fn next_payloads(core: &mut Core) -> Vec<String> {
+        let batch = core.poll_send(true).unwrap();
+        payloads(core, &batch)
+    }
+
+    fn payloads(core: &Core, batch: &SendBatch<Ack>) -> Vec<String> {
+        core.batch_messages(batch)
+            .map(|message| String::from_utf8(message.payload.to_vec()).unwrap())
             .collect()
     }
 
@@ -873,9 +889,9 @@ mod tests {
     /// payloads.
     fn send(core: &mut Core) -> Option<(ClassId, Vec<String>)> {
         let batch = core.poll_send(true)?;
-        let sent = (batch.class, payloads(&batch));
-        for entry in batch.entries {
-            core.handle_handed(batch.class, entry.ack);
+        let sent = (batch.class, payloads(core, &batch));
+        for ack in batch.acks {
+            core.handle_handed(batch.class, ack);
         }
         Some(sent)
     }
@@ -1164,7 +1180,7 @@ mod tests {
             .is_empty());
         assert_eq!(core.backlog_total(), 2);
         let batch = core.poll_send(true).unwrap();
-        assert_eq!(payloads(&batch), ["m1", "m2"]);
+        assert_eq!(payloads(&core, &batch), ["m1", "m2"]);
         assert_eq!(batch.generation, probe.generation + 1);
     }
 
@@ -1247,10 +1263,10 @@ mod tests {
             accept(&mut core, PREFILL, id, true);
         }
         let batch = core.poll_send(true).unwrap();
-        let mut entries = batch.entries.into_iter();
-        let first = entries.next().unwrap();
-        core.handle_handed(PREFILL, first.ack);
-        core.handle_interrupted(PREFILL, entries);
+        let mut acks = batch.acks.into_iter();
+        let first = acks.next().unwrap();
+        core.handle_handed(PREFILL, first);
+        core.handle_interrupted(PREFILL, acks);
         assert_eq!(
             answers(&mut core),
             [
@@ -1260,7 +1276,7 @@ mod tests {
             ]
         );
         // All three go again: the first may not have reached NATS either.
-        assert_eq!(payloads(&core.poll_send(true).unwrap()), ["m1", "m2", "m3"]);
+        assert_eq!(next_payloads(&mut core), ["m1", "m2", "m3"]);
     }
 
     #[test]
@@ -1312,11 +1328,11 @@ mod tests {
         );
         let batch = core.poll_send(true).unwrap();
         assert!(batch.jetstream);
-        assert_eq!(payloads(&batch), ["m1"]);
+        assert_eq!(payloads(&core, &batch), ["m1"]);
         core.handle_jetstream_sent(DECODE);
         assert!(core.poll_send(true).is_none(), "waits for the PubAck");
         core.handle_jetstream_acked(DECODE, batch.generation, 1, true);
-        assert_eq!(payloads(&core.poll_send(true).unwrap()), ["m2", "m3"]);
+        assert_eq!(next_payloads(&mut core), ["m2", "m3"]);
     }
 
     #[test]
@@ -1333,7 +1349,7 @@ mod tests {
             "decode waits while prefill has unsent messages and its PubAcks are out"
         );
         core.handle_jetstream_acked(PREFILL, batch.generation, 1, false);
-        assert_eq!(payloads(&core.poll_send(true).unwrap()), ["m1"]);
+        assert_eq!(next_payloads(&mut core), ["m1"]);
         core.handle_jetstream_sent(PREFILL);
         core.handle_link_down();
         assert!(core
@@ -1395,8 +1411,8 @@ mod tests {
         let mut core = core_with("", t0);
         accept(&mut core, PREFILL, 1, true);
         let batch = core.poll_send(true).unwrap();
-        for entry in batch.entries {
-            core.handle_refused_by_nats(PREFILL, entry.ack, "maximum payload exceeded");
+        for ack in batch.acks {
+            core.handle_refused_by_nats(PREFILL, ack, "maximum payload exceeded");
         }
         assert!(matches!(
             &answers(&mut core)[..],

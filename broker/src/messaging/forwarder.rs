@@ -942,32 +942,33 @@ impl Forwarder {
             return self.send_jetstream_batch(batch).await;
         }
         let class = batch.class;
-        let entries = batch.entries;
         // The whole batch as PUB/HPUB operations, one write upstream.
-        let bytes: usize = entries
-            .iter()
-            .map(|entry| entry.message.subject.len() + entry.message.payload.len() + 32)
+        let bytes: usize = self
+            .core
+            .batch_messages(&batch)
+            .map(|message| message.subject.len() + message.payload.len() + 32)
             .sum();
         let mut operations = BytesMut::with_capacity(bytes);
         let max_payload = self.nats.max_payload();
-        // Entries NATS can never take, by position, with the reason.
+        // Messages NATS can never take, by position, with the reason.
         let mut refused = Vec::new();
-        for (position, entry) in entries.iter().enumerate() {
-            let (before, after) = self.check_kv_events(class, &entry.message);
-            for reset in &before {
-                if let Err(reason) = encode_upstream(&mut operations, reset, max_payload) {
-                    warn!(subject = %reset.subject, reason, "NATS would refuse a KV \"cleared\" event; routers keep that worker's tree");
+        if Some(class) == self.kv_class && self.kv_check.is_some() {
+            // The check needs the forwarder mutably; the class's messages
+            // are copied out of the window for it.
+            let messages: Vec<QueuedMessage> = self.core.batch_messages(&batch).cloned().collect();
+            for (position, message) in messages.iter().enumerate() {
+                let (before, after) = self.check_kv_events(class, message);
+                encode_resets(&mut operations, &before, max_payload);
+                match encode_upstream(&mut operations, message, max_payload) {
+                    Ok(()) => encode_resets(&mut operations, &after, max_payload),
+                    Err(reason) => refused.push((position, reason)),
                 }
             }
-            match encode_upstream(&mut operations, &entry.message, max_payload) {
-                Ok(()) => {
-                    for reset in &after {
-                        if let Err(reason) = encode_upstream(&mut operations, reset, max_payload) {
-                            warn!(subject = %reset.subject, reason, "NATS would refuse a KV \"cleared\" event; routers keep that worker's tree");
-                        }
-                    }
+        } else {
+            for (position, message) in self.core.batch_messages(&batch).enumerate() {
+                if let Err(reason) = encode_upstream(&mut operations, message, max_payload) {
+                    refused.push((position, reason));
                 }
-                Err(reason) => refused.push((position, reason)),
             }
         }
         let handed = if operations.is_empty() {
@@ -977,18 +978,18 @@ impl Forwarder {
         };
         if !matches!(handed, Some(Ok(()))) {
             // The link went, or the relay is stopping: all of it goes again.
-            self.core.handle_interrupted(class, entries);
+            self.core.handle_interrupted(class, batch.acks);
             self.give_answers();
             return;
         }
         let mut refused = refused.into_iter().peekable();
-        for (position, entry) in entries.into_iter().enumerate() {
+        for (position, ack) in batch.acks.into_iter().enumerate() {
             match refused.next_if(|(at, _)| *at == position) {
                 Some((_, reason)) => {
                     self.note_nats_refusal(class, &reason);
-                    self.core.handle_refused_by_nats(class, entry.ack, &reason);
+                    self.core.handle_refused_by_nats(class, ack, &reason);
                 }
-                None => self.core.handle_handed(class, entry.ack),
+                None => self.core.handle_handed(class, ack),
             }
         }
         self.give_answers();
@@ -996,37 +997,38 @@ impl Forwarder {
 
     /// A JetStream class's batch: each message's PubAck is its confirmation.
     async fn send_jetstream_batch(&mut self, batch: SendBatch<AckTo>) {
+        let messages: Vec<QueuedMessage> = self.core.batch_messages(&batch).cloned().collect();
         let SendBatch {
             class,
             generation,
-            entries,
+            acks: waiting,
             ..
         } = batch;
         let nats = self.nats.clone();
         let jetstream = async_nats::jetstream::new(nats.client().clone());
-        let mut acks = Vec::with_capacity(entries.len());
-        let mut entries = entries.into_iter();
-        while let Some(entry) = entries.next() {
+        let mut acks = Vec::with_capacity(messages.len());
+        let mut entries = messages.into_iter().zip(waiting);
+        while let Some((message, ack)) = entries.next() {
             // Core publishes on the same connection, so ahead of the
             // message; the stream captures them like any publish.
-            let (before, after) = self.check_kv_events(class, &entry.message);
+            let (before, after) = self.check_kv_events(class, &message);
             if hand_over_resets(&nats, nats.client(), &before)
                 .await
                 .is_err()
             {
-                self.core
-                    .handle_interrupted(class, std::iter::once(entry).chain(entries));
+                let unsent = std::iter::once(ack).chain(entries.map(|(_, ack)| ack));
+                self.core.handle_interrupted(class, unsent);
                 self.give_answers();
                 return;
             }
-            let headers = to_header_map(&entry.message.headers)
+            let headers = to_header_map(&message.headers)
                 .ok()
                 .flatten()
                 .unwrap_or_default();
             let publish = jetstream.publish_with_headers(
-                to_subject(&entry.message.subject),
+                to_subject(&message.subject),
                 headers,
-                entry.message.payload.clone(),
+                message.payload.clone(),
             );
             let sent = tokio::select! {
                 biased;
@@ -1034,9 +1036,9 @@ impl Forwarder {
                 () = link_lost(&nats) => None,
             };
             match sent {
-                Some(Ok(ack)) => {
-                    acks.push(ack);
-                    self.core.handle_handed(class, entry.ack);
+                Some(Ok(pub_ack)) => {
+                    acks.push(pub_ack);
+                    self.core.handle_handed(class, ack);
                     let _ = hand_over_resets(&nats, nats.client(), &after).await;
                 }
                 Some(Err(error))
@@ -1047,11 +1049,11 @@ impl Forwarder {
                     // confirmation releases it in order.
                     let reason = error.to_string();
                     self.note_nats_refusal(class, &reason);
-                    self.core.handle_refused_by_nats(class, entry.ack, &reason);
+                    self.core.handle_refused_by_nats(class, ack, &reason);
                 }
                 _ => {
-                    self.core
-                        .handle_interrupted(class, std::iter::once(entry).chain(entries));
+                    let unsent = std::iter::once(ack).chain(entries.map(|(_, ack)| ack));
+                    self.core.handle_interrupted(class, unsent);
                     self.give_answers();
                     return;
                 }
@@ -1327,6 +1329,16 @@ fn encode_upstream(
         &message.payload,
     );
     Ok(())
+}
+
+/// Appends KV "cleared" events to a batch; one NATS would refuse (it
+/// cannot be, at a few hundred bytes) is skipped, never its message.
+fn encode_resets(operations: &mut BytesMut, resets: &[QueuedMessage], max_payload: Option<usize>) {
+    for reset in resets {
+        if let Err(reason) = encode_upstream(operations, reset, max_payload) {
+            warn!(subject = %reset.subject, reason, "NATS would refuse a KV \"cleared\" event; routers keep that worker's tree");
+        }
+    }
 }
 
 /// Hands `message` to the NATS client (its command queue; the client's
