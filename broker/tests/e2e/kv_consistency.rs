@@ -4,7 +4,7 @@
 //! for that worker, so the router drops its tree instead of routing on a
 //! wrong one.
 
-use crate::support::{metric, within, Stack};
+use crate::support::{metric, wait_until, within, Stack};
 use futures::StreamExt;
 use holdfast_client::{AckStatus, Client, LinkStatus, OutboundMessage};
 use serde::Deserialize;
@@ -151,6 +151,14 @@ async fn started_with_router(config: &str) -> (Stack, Client, async_nats::Subscr
     }
     let live = receive_until(&mut subscriber, 3).await;
     assert!(live.iter().all(|(_, events)| events[0].2 == "stored"));
+    // Confirmed by NATS too: one still unconfirmed when a test stops NATS
+    // would be sent again after it (at-least-once), a copy these tests'
+    // exact sequences do not expect.
+    wait_until("the first events are confirmed", || {
+        stack.relay.status()["classes"]
+            .as_array()
+            .is_some_and(|classes| classes.iter().all(|class| class["backlog_messages"] == 0))
+    });
     (stack, client, subscriber)
 }
 
