@@ -488,11 +488,25 @@ impl Session {
             };
             // Publishes wait in a batch until this read is used up; anything
             // else first hands them over, in order.
-            if !matches!(frame, Frame::Publish(_)) {
-                self.flush_accepts().await;
-            }
-            if let Flow::Close = self.on_frame(frame).await {
-                return Flow::Close;
+            let frame = match frame {
+                Frame::Publish(publish) => match self.plain_publish_class(&publish) {
+                    Some(class) => {
+                        if self.accept_plain_publish(class, publish) {
+                            self.flush_accepts().await;
+                        }
+                        None
+                    }
+                    None => Some(Frame::Publish(publish)),
+                },
+                other => {
+                    self.flush_accepts().await;
+                    Some(other)
+                }
+            };
+            if let Some(frame) = frame {
+                if let Flow::Close = self.on_frame(frame).await {
+                    return Flow::Close;
+                }
             }
             handled += 1;
             // Checked before the next read: a frame taken off the reader

@@ -8,6 +8,7 @@
 use super::{Flow, Session, BARRIER_FLUSH_TIMEOUT};
 use crate::front::access::Operation;
 use crate::messaging::class_queue::QueuedMessage;
+use crate::messaging::classes::ClassId;
 use crate::messaging::fanout::DELIVERED_LOCALLY_HEADER;
 use crate::messaging::forwarder::{Accept, AcceptBatch, AckRequest, PublishAnswers};
 use crate::messaging::local_message::LocalMessage;
@@ -89,6 +90,75 @@ impl Session {
         self.send(Frame::Pong(Pong { nonce: ping.nonce })).await
     }
 
+    /// The class of a common publish, which can be taken without an
+    /// await: class traffic that passes every check, while NATS is up or
+    /// no local subscriber waits. `None` for any other, which
+    /// [`Session::on_publish`] handles (and answers, if refused).
+    ///
+    /// At 800k publishes a second, the `on_frame` and `on_publish` futures
+    /// each publish went through (and the frame moved into each) were a
+    /// tenth of the relay's CPU.
+    pub(super) fn plain_publish_class(&self, publish: &Publish) -> Option<ClassId> {
+        if publish.reply.is_some()
+            || publish.subject.starts_with("_INBOX.")
+            || (!self.ctx.nats.is_up() && self.ctx.router.has_local_subscribers())
+        {
+            return None;
+        }
+        let class = self
+            .ctx
+            .classes
+            .classify(publish.class.as_deref(), &publish.subject)
+            .ok()?;
+        if check_publish(publish, self.ctx.nats.max_payload()).is_some()
+            || !self.permissions.may_publish(&publish.subject)
+        {
+            return None;
+        }
+        Some(class)
+    }
+
+    /// Takes a publish [`Session::plain_publish_class`] gave `class`; true
+    /// when the batch for the forwarder is full (hand it over).
+    pub(super) fn accept_plain_publish(&mut self, class: ClassId, publish: Publish) -> bool {
+        self.published_since_barrier = true;
+        let mut message = LocalMessage {
+            subject: publish.subject,
+            reply: None,
+            headers: publish.headers,
+            payload: publish.payload,
+        };
+        strip_relay_headers(&mut message);
+        self.queue_accept(class, message, publish.ack_id, 0);
+        self.accepts.len() >= ACCEPT_BATCH
+    }
+
+    /// Gathers an accepted publish into the batch for the forwarder.
+    fn queue_accept(
+        &mut self,
+        class: ClassId,
+        message: LocalMessage,
+        ack_id: u64,
+        local_deliveries: u32,
+    ) {
+        self.accepts.push(Accept {
+            class,
+            message: QueuedMessage {
+                subject: message.subject,
+                headers: message.headers,
+                payload: message.payload,
+                // Stamped for the whole batch when it is handed over.
+                accepted_at_ms: 0,
+            },
+            ack: AckRequest {
+                ack_id,
+                local_deliveries,
+                // Only acked publishes are timed.
+                received: (ack_id != 0).then(Instant::now),
+            },
+        });
+    }
+
     /// Handles a publish. Class traffic goes to the forwarder, which answers
     /// it; requests and replies (a reply subject, or an `_INBOX.` subject)
     /// are never queued or journaled: a late answer is worse than an error.
@@ -127,14 +197,7 @@ impl Session {
             headers: publish.headers,
             payload: publish.payload,
         };
-        // Only the relay stamps chain and local-delivery headers; a client's
-        // own are removed, so nobody can forge a chain or hide a message
-        // from this relay's subscribers.
-        strip_chain_headers(&mut message.headers);
-        message
-            .headers
-            .0
-            .retain(|(name, _)| !name.eq_ignore_ascii_case(DELIVERED_LOCALLY_HEADER));
+        strip_relay_headers(&mut message);
         if is_request_traffic {
             return self
                 .publish_request_traffic(publish.ack_id, class, message)
@@ -151,23 +214,7 @@ impl Session {
                     .insert(DELIVERED_LOCALLY_HEADER, self.ctx.relay_id.clone());
             }
         }
-        let accept = Accept {
-            class,
-            message: QueuedMessage {
-                subject: message.subject,
-                headers: message.headers,
-                payload: message.payload,
-                // Stamped for the whole batch when it is handed over.
-                accepted_at_ms: 0,
-            },
-            ack: AckRequest {
-                ack_id: publish.ack_id,
-                local_deliveries,
-                // Only acked publishes are timed.
-                received: (publish.ack_id != 0).then(Instant::now),
-            },
-        };
-        self.accepts.push(accept);
+        self.queue_accept(class, message, publish.ack_id, local_deliveries);
         if self.accepts.len() >= ACCEPT_BATCH {
             self.flush_accepts().await;
         }
@@ -301,6 +348,20 @@ impl Session {
 pub const RELAY_HEADERS_ALLOWANCE: usize = 256;
 
 /// Checks a publish before anything is done with it.
+/// Only the relay stamps chain and local-delivery headers; a client's own
+/// are removed, so nobody can forge a chain or hide a message from this
+/// relay's subscribers.
+fn strip_relay_headers(message: &mut LocalMessage) {
+    if message.headers.is_empty() {
+        return;
+    }
+    strip_chain_headers(&mut message.headers);
+    message
+        .headers
+        .0
+        .retain(|(name, _)| !name.eq_ignore_ascii_case(DELIVERED_LOCALLY_HEADER));
+}
+
 fn check_publish(
     publish: &Publish,
     nats_max_payload: Option<usize>,
