@@ -33,7 +33,8 @@ use crate::messaging::forward_core::{
     SEND_BATCH,
 };
 use crate::messaging::kv_check_view::KvCheckView;
-use crate::messaging::kv_consistency::{KvCheckLimits, KvConsistencyCheck, Reset, SavedStream};
+use crate::messaging::kv_consistency::KvCheckLimits;
+use crate::messaging::kv_event_check::KvEventCheck;
 use crate::messaging::nats::link::NatsLink;
 use crate::messaging::nats::subscriber::{SubscriberState, UpstreamPublisher};
 use crate::messaging::nats_convert::{to_header_map, to_subject};
@@ -46,7 +47,7 @@ use holdfast_wire::chain::ChainStamper;
 use holdfast_wire::nats_protocol::{encode_publish, is_sendable_subject, publish_size};
 use holdfast_wire::{AckOutcome, LinkStatus, Text};
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -164,7 +165,7 @@ pub struct ForwarderView {
     /// [`ChainStamper::evictions`]).
     pub chain_evictions: AtomicU64,
     /// The Dynamo KV event check's numbers.
-    pub kv_check: KvCheckView,
+    pub kv_check: Arc<KvCheckView>,
 }
 
 /// A cheap handle sessions use.
@@ -332,11 +333,9 @@ struct Forwarder {
     /// Counts the link's comings up, so the answer of an older wait for
     /// the subscriptions is ignored.
     link_ups: u64,
-    /// Checks the Dynamo KV event streams of `kv_class` as they are sent.
-    kv_check: Option<KvConsistencyCheck>,
-    kv_class: Option<ClassId>,
-    kv_check_state: PathBuf,
-    kv_reset_log: DropLog,
+    /// Checks the Dynamo KV event streams of the `kv_events` class as they
+    /// are sent.
+    kv_check: Option<KvEventCheck>,
 }
 
 /// What the forwarder is set up with.
@@ -388,7 +387,7 @@ pub fn start(
         classes: classes.clone(),
         journal: journal.clone(),
         chain_evictions: AtomicU64::new(0),
-        kv_check: KvCheckView::new(kv_check.is_some()),
+        kv_check: Arc::new(KvCheckView::new(kv_check.is_some())),
     });
     let kv_class = classes.by_name(KV_EVENTS_CLASS);
     // Random per start, like a Dynamo publisher's own id: the relay's
@@ -422,12 +421,15 @@ pub fn start(
         class_texts,
         subscriptions_in_place: false,
         link_ups: 0,
-        kv_check: kv_check
-            .filter(|_| kv_class.is_some())
-            .map(|limits| resume_kv_check(limits, kv_publisher_id, &kv_check_state)),
-        kv_check_state,
-        kv_class,
-        kv_reset_log: DropLog::default(),
+        kv_check: kv_class.zip(kv_check).map(|(class, limits)| {
+            KvEventCheck::resume(
+                class,
+                limits,
+                kv_publisher_id,
+                kv_check_state,
+                view.kv_check.clone(),
+            )
+        }),
     };
     let task = tokio::spawn(forwarder.run(receiver, stop));
     (ForwarderHandle { commands, view }, task)
@@ -454,7 +456,9 @@ impl Forwarder {
                 biased;
                 _ = stop.cancelled() => {
                     self.persist_memory_backlog().await;
-                    self.save_kv_check();
+                    if let Some(check) = &self.kv_check {
+                        check.save();
+                    }
                     break;
                 }
                 changed = link.changed() => {
@@ -952,23 +956,16 @@ impl Forwarder {
         let max_payload = self.nats.max_payload();
         // Messages NATS can never take, by position, with the reason.
         let mut refused = Vec::new();
-        if Some(class) == self.kv_class && self.kv_check.is_some() {
-            // The check needs the forwarder mutably; the class's messages
-            // are copied out of the window for it.
-            let messages: Vec<QueuedMessage> = self.core.batch_messages(&batch).cloned().collect();
-            for (position, message) in messages.iter().enumerate() {
-                let (before, after) = self.check_kv_events(class, message);
-                encode_resets(&mut operations, &before, max_payload);
-                match encode_upstream(&mut operations, message, max_payload) {
-                    Ok(()) => encode_resets(&mut operations, &after, max_payload),
-                    Err(reason) => refused.push((position, reason)),
-                }
-            }
-        } else {
-            for (position, message) in self.core.batch_messages(&batch).enumerate() {
-                if let Err(reason) = encode_upstream(&mut operations, message, max_payload) {
-                    refused.push((position, reason));
-                }
+        let mut kv_check = self.kv_check.as_mut().filter(|check| check.watches(class));
+        for (position, message) in self.core.batch_messages(&batch).enumerate() {
+            let (before, after) = match kv_check.as_mut() {
+                Some(check) => check.check(message),
+                None => (Vec::new(), Vec::new()),
+            };
+            encode_resets(&mut operations, &before, max_payload);
+            match encode_upstream(&mut operations, message, max_payload) {
+                Ok(()) => encode_resets(&mut operations, &after, max_payload),
+                Err(reason) => refused.push((position, reason)),
             }
         }
         let handed = if operations.is_empty() {
@@ -1011,7 +1008,10 @@ impl Forwarder {
         while let Some((message, ack)) = entries.next() {
             // Core publishes on the same connection, so ahead of the
             // message; the stream captures them like any publish.
-            let (before, after) = self.check_kv_events(class, &message);
+            let (before, after) = match self.kv_check.as_mut() {
+                Some(check) if check.watches(class) => check.check(&message),
+                _ => (Vec::new(), Vec::new()),
+            };
             if hand_over_resets(&nats, nats.client(), &before)
                 .await
                 .is_err()
@@ -1086,76 +1086,6 @@ impl Forwarder {
                 confirmed,
             }
         }));
-    }
-
-    /// Leaves the check's streams for the next start (after a clean stop
-    /// only; see [`resume_kv_check`]).
-    fn save_kv_check(&self) {
-        let Some(check) = self.kv_check.as_ref() else {
-            return;
-        };
-        let saved = check.save();
-        if saved.is_empty() {
-            return;
-        }
-        let written = serde_json::to_vec(&saved)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| crate::util::atomic_file::replace(&self.kv_check_state, &bytes));
-        if let Err(error) = written {
-            warn!(%error, path = %self.kv_check_state.display(), "cannot save the KV event check's streams; the next start checks them afresh");
-        }
-    }
-
-    /// Runs a message of the KV event class through the check: the
-    /// "cleared" messages to send before and after it, as messages.
-    fn check_kv_events(
-        &mut self,
-        class: ClassId,
-        message: &QueuedMessage,
-    ) -> (Vec<QueuedMessage>, Vec<QueuedMessage>) {
-        if Some(class) != self.kv_class {
-            return (Vec::new(), Vec::new());
-        }
-        let Some(check) = self.kv_check.as_mut() else {
-            return (Vec::new(), Vec::new());
-        };
-        let now_ms = crate::util::wall_clock::unix_millis();
-        let verdict = check.observe(message.subject.as_str(), &message.payload, now_ms);
-        let mut to_message = |reset: Reset| {
-            self.note_kv_reset(message.subject.as_str(), &reset, now_ms);
-            QueuedMessage {
-                subject: message.subject.clone(),
-                headers: Default::default(),
-                payload: reset.message.into(),
-                accepted_at_ms: now_ms,
-            }
-        };
-        let before = verdict.before.into_iter().map(&mut to_message).collect();
-        let after = verdict.after.into_iter().map(&mut to_message).collect();
-        (before, after)
-    }
-
-    /// Logs a reset (the first of a burst, then a count at most every few
-    /// seconds) and shows it in `/status`.
-    fn note_kv_reset(&mut self, subject: &str, reset: &Reset, now_ms: u64) {
-        self.view.kv_check.note_reset(subject, reset, now_ms);
-        let Some(check) = self.kv_check.as_ref() else {
-            return;
-        };
-        let counts = check.counts();
-        let total = counts.gap_resets + counts.orphan_resets + counts.restart_resets;
-        if let Some(resets) = self.kv_reset_log.due(total, Instant::now()) {
-            warn!(
-                subject,
-                worker_id = reset.worker_id,
-                dp_rank = reset.dp_rank,
-                reason = reset.reason.as_str(),
-                detail = %reset.detail,
-                resets,
-                total,
-                "Dynamo KV event stream is not whole: routers are told to drop this worker's blocks (a \"cleared\" event), counted in holdfast_kv_consistency_resets_total"
-            );
-        }
     }
 
     /// NATS can never take this message (larger than its max_payload): it
@@ -1262,11 +1192,7 @@ impl Forwarder {
 
     fn publish_gauges(&self) {
         if let Some(check) = &self.kv_check {
-            self.view.kv_check.publish(
-                &check.counts(),
-                check.tracked_streams(),
-                check.tracked_blocks(),
-            );
+            check.publish_counts();
         }
         for class in 0..self.classes.len() {
             let gauges = &self.view.gauges[class];
@@ -1356,37 +1282,6 @@ fn publish<'a>(
             None => client.publish(subject, payload).await,
         }
     }
-}
-
-/// A check that picks up the streams a clean stop left (the file is read
-/// once and removed: after a crash the next start must not trust places
-/// older than what was sent since).
-fn resume_kv_check(limits: KvCheckLimits, publisher_id: u64, state: &Path) -> KvConsistencyCheck {
-    let mut check = KvConsistencyCheck::new(limits, publisher_id);
-    let saved = match std::fs::read(state) {
-        Ok(bytes) => bytes,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return check,
-        Err(error) => {
-            warn!(%error, path = %state.display(), "cannot read the KV event check's saved streams; starting afresh");
-            return check;
-        }
-    };
-    match serde_json::from_slice::<Vec<SavedStream>>(&saved) {
-        Ok(streams) => {
-            info!(
-                streams = streams.len(),
-                "KV event check resumed its streams from the last clean stop"
-            );
-            check.restore(streams);
-        }
-        Err(error) => {
-            warn!(%error, path = %state.display(), "the KV event check's saved streams are unreadable; starting afresh");
-        }
-    }
-    if let Err(error) = std::fs::remove_file(state) {
-        warn!(%error, path = %state.display(), "cannot remove the KV event check's saved streams");
-    }
-    check
 }
 
 /// Hands `message` to the NATS client, waiting for room in its command

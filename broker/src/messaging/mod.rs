@@ -9,6 +9,7 @@ pub mod forward_core;
 pub mod forwarder;
 pub mod kv_check_view;
 pub mod kv_consistency;
+pub mod kv_event_check;
 pub mod local_message;
 pub mod nats;
 pub mod nats_convert;
