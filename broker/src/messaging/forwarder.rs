@@ -320,6 +320,8 @@ struct Forwarder {
     upstream_losses: u64,
     /// Whether the upstream connection is up (core classes wait otherwise).
     upstream_up: bool,
+    /// Its server's max_payload (0 while unknown).
+    upstream_max_payload: usize,
     append_latency: metrics::Histogram,
     /// Per class: time from an acked publish's arrival to its answer.
     ack_latency: Vec<metrics::Histogram>,
@@ -409,6 +411,7 @@ pub fn start(
         upstream: nats.upstream_publisher(),
         upstream_losses: nats.subscriber_state().losses,
         upstream_up: nats.subscriber_state().server.is_some(),
+        upstream_max_payload: nats.subscriber_state().max_payload,
         nats,
         stats,
         view: view.clone(),
@@ -790,6 +793,7 @@ impl Forwarder {
             self.core.handle_link_down();
             self.give_answers();
         }
+        self.upstream_max_payload = state.max_payload;
         let up = state.server.is_some();
         if up && !self.upstream_up && self.nats.is_up() {
             self.wait_for_subscriptions();
@@ -953,7 +957,11 @@ impl Forwarder {
             .map(|message| message.subject.len() + message.payload.len() + 32)
             .sum();
         let mut operations = BytesMut::with_capacity(bytes);
-        let max_payload = self.nats.max_payload();
+        // The server this connection reached decides (a cluster's members
+        // may differ); before it says, the link's.
+        let max_payload = Some(self.upstream_max_payload)
+            .filter(|max| *max > 0)
+            .or(self.nats.max_payload());
         // Messages NATS can never take, by position, with the reason.
         let mut refused = Vec::new();
         let mut kv_check = self.kv_check.as_mut().filter(|check| check.watches(class));
@@ -1374,4 +1382,31 @@ async fn link_lost(nats: &NatsLink) {
     let _ = link
         .wait_for(|snapshot| snapshot.status != LinkStatus::Up)
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn message(subject: &str, payload: &'static [u8]) -> QueuedMessage {
+        QueuedMessage {
+            subject: Text::from(subject),
+            headers: Default::default(),
+            payload: Bytes::from_static(payload),
+            accepted_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_message_the_server_would_refuse_is_refused_here_and_not_written() {
+        let mut operations = BytesMut::new();
+        let too_big = encode_upstream(&mut operations, &message("a", b"12345"), Some(4));
+        assert!(too_big.unwrap_err().contains("max_payload of 4"));
+        let split = encode_upstream(&mut operations, &message("a b", b"x"), None);
+        assert!(split.unwrap_err().contains("invalid subject"));
+        assert!(operations.is_empty(), "nothing half-written");
+        encode_upstream(&mut operations, &message("a", b"1234"), Some(4)).unwrap();
+        assert_eq!(&operations[..], b"PUB a 4\r\n1234\r\n");
+    }
 }

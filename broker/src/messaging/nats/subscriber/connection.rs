@@ -199,9 +199,11 @@ impl ConnectionTask {
             subscriptions = self.subscriptions.len(),
             "subscriber connection to NATS up"
         );
+        let max_payload = established.info.max_payload;
         self.state.send_modify(|state| {
             state.server = Some(server.clone());
             state.last_error = None;
+            state.max_payload = max_payload;
         });
         let mut live = Live {
             connection: established,
@@ -249,6 +251,7 @@ impl ConnectionTask {
         warn!(server = %lost.server, reason = %reason, "subscriber connection to NATS lost; reconnecting");
         self.state.send_modify(|state| {
             state.server = None;
+            state.max_payload = 0;
             state.last_error = Some(reason);
             state.reconnects += 1;
             state.losses += 1;

@@ -90,6 +90,9 @@ pub struct SubscriberState {
     /// connection: whatever was handed over before a change of this count
     /// may not have reached the server and must be sent again.
     pub losses: u64,
+    /// The connected server's max_payload (0 while not connected): a
+    /// larger PUB would cost the connection, so the forwarder refuses it.
+    pub max_payload: usize,
 }
 
 enum Command {

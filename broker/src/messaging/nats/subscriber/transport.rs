@@ -35,6 +35,8 @@ pub struct UpstreamInfo {
     pub connect_urls: Vec<String>,
     /// Lame duck mode: the server is about to stop.
     pub ldm: bool,
+    /// The largest message (header block and payload) the server takes.
+    pub max_payload: usize,
 }
 
 /// An established, authenticated connection.
