@@ -22,39 +22,51 @@ pub fn encode_publish(
     headers: &Headers,
     payload: &[u8],
 ) {
-    let reply_len = reply.map_or(0, |reply| reply.len() + 1);
     if headers.is_empty() {
-        out.reserve(subject.len() + reply_len + payload.len() + 32);
-        out.put_slice(b"PUB ");
-        out.put_slice(subject);
-        if let Some(reply) = reply {
-            out.put_u8(b' ');
-            out.put_slice(reply);
-        }
-        out.put_u8(b' ');
-        put_decimal(out, payload.len());
+        put_pub(out, subject, reply, payload);
     } else {
-        let header_len = header_block_len(None, headers);
-        out.reserve(subject.len() + reply_len + header_len + payload.len() + 48);
-        out.put_slice(b"HPUB ");
-        out.put_slice(subject);
-        if let Some(reply) = reply {
-            out.put_u8(b' ');
-            out.put_slice(reply);
-        }
-        out.put_u8(b' ');
-        put_decimal(out, header_len);
-        out.put_u8(b' ');
-        put_decimal(out, header_len + payload.len());
-        out.put_slice(b"\r\n");
-        encode_header_block(None, headers, out);
-        out.put_slice(payload);
-        out.put_slice(b"\r\n");
-        return;
+        put_hpub(out, subject, reply, headers, payload);
     }
+}
+
+fn put_pub(out: &mut BytesMut, subject: &[u8], reply: Option<&[u8]>, payload: &[u8]) {
+    out.reserve(subject.len() + reply.map_or(0, <[u8]>::len) + payload.len() + 32);
+    out.put_slice(b"PUB ");
+    put_subject_and_reply(out, subject, reply);
+    put_decimal(out, payload.len());
     out.put_slice(b"\r\n");
     out.put_slice(payload);
     out.put_slice(b"\r\n");
+}
+
+fn put_hpub(
+    out: &mut BytesMut,
+    subject: &[u8],
+    reply: Option<&[u8]>,
+    headers: &Headers,
+    payload: &[u8],
+) {
+    let header_len = header_block_len(None, headers);
+    out.reserve(subject.len() + reply.map_or(0, <[u8]>::len) + header_len + payload.len() + 48);
+    out.put_slice(b"HPUB ");
+    put_subject_and_reply(out, subject, reply);
+    put_decimal(out, header_len);
+    out.put_u8(b' ');
+    put_decimal(out, header_len + payload.len());
+    out.put_slice(b"\r\n");
+    encode_header_block(None, headers, out);
+    out.put_slice(payload);
+    out.put_slice(b"\r\n");
+}
+
+/// `subject [reply] ` of a PUB or HPUB line.
+fn put_subject_and_reply(out: &mut BytesMut, subject: &[u8], reply: Option<&[u8]>) {
+    out.put_slice(subject);
+    if let Some(reply) = reply {
+        out.put_u8(b' ');
+        out.put_slice(reply);
+    }
+    out.put_u8(b' ');
 }
 
 /// The bytes a publish of these parts counts against the server's
@@ -91,42 +103,24 @@ pub fn encode_client_op(op: &ClientOp, out: &mut BytesMut) {
             subject,
             reply,
             payload,
-        } => {
-            out.reserve(subject.len() + payload.len() + 40);
-            out.put_slice(b"PUB ");
-            out.put_slice(subject.as_bytes());
-            if let Some(reply) = reply {
-                out.put_u8(b' ');
-                out.put_slice(reply.as_bytes());
-            }
-            out.put_u8(b' ');
-            put_decimal(out, payload.len());
-            out.put_slice(b"\r\n");
-            out.put_slice(payload);
-            out.put_slice(b"\r\n");
-        }
+        } => put_pub(
+            out,
+            subject.as_bytes(),
+            reply.as_ref().map(|reply| &reply.as_bytes()[..]),
+            payload,
+        ),
         ClientOp::HPub {
             subject,
             reply,
             headers,
             payload,
-        } => {
-            let header_len = header_block_len(None, headers);
-            out.put_slice(b"HPUB ");
-            out.put_slice(subject.as_bytes());
-            if let Some(reply) = reply {
-                out.put_u8(b' ');
-                out.put_slice(reply.as_bytes());
-            }
-            out.put_u8(b' ');
-            put_decimal(out, header_len);
-            out.put_u8(b' ');
-            put_decimal(out, header_len + payload.len());
-            out.put_slice(b"\r\n");
-            encode_header_block(None, headers, out);
-            out.put_slice(payload);
-            out.put_slice(b"\r\n");
-        }
+        } => put_hpub(
+            out,
+            subject.as_bytes(),
+            reply.as_ref().map(|reply| &reply.as_bytes()[..]),
+            headers,
+            payload,
+        ),
         ClientOp::Sub {
             subject,
             queue_group,
