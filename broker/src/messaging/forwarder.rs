@@ -776,8 +776,6 @@ impl Forwarder {
             .insert(Text::from_static(MESSAGE_ID_HEADER), id);
     }
 
-    /// Holds sending back until the subscriber connection has the relay's
-    /// subscriptions in place again (see `subscriptions_in_place`).
     /// Whether class traffic can go upstream: the NATS link is up, and so
     /// is the connection core publishes take.
     fn link_up(&self) -> bool {
@@ -801,6 +799,8 @@ impl Forwarder {
         self.upstream_up = up;
     }
 
+    /// Holds sending back until the subscriber connection has the relay's
+    /// subscriptions in place again (see `subscriptions_in_place`).
     fn wait_for_subscriptions(&mut self) {
         self.link_ups += 1;
         self.subscriptions_in_place = false;
