@@ -110,6 +110,10 @@ pub struct SubscriptionsConnectionStatus {
     /// Why it last failed or ended.
     pub last_error: Option<String>,
     pub reconnects: u64,
+    /// Connections lost plus publish batches handed over while there was
+    /// none: each time, everything NATS had not yet confirmed went again
+    /// (at-least-once copies).
+    pub losses: u64,
     /// Messages skipped because they could not be decoded.
     pub malformed_messages: u64,
 }
@@ -265,6 +269,7 @@ pub async fn document(ctx: &RelayContext) -> StatusDocument {
                     server: state.server,
                     last_error: state.last_error,
                     reconnects: state.reconnects,
+                    losses: state.losses,
                     malformed_messages: ctx.nats.malformed_upstream(),
                 }
             },

@@ -173,6 +173,10 @@ async fn a_cut_upstream_connection_loses_nothing_it_was_given() {
         subscriptions_connection["reconnects"].as_u64() >= Some(CUTS_AT.len() as u64),
         "every cut was seen: {status}"
     );
+    assert!(
+        subscriptions_connection["losses"].as_u64() >= Some(CUTS_AT.len() as u64),
+        "every cut counts as a loss: {status}"
+    );
     assert_eq!(
         status["nats"]["status"], "up",
         "async-nats kept its own connection: {status}"
