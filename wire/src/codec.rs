@@ -815,6 +815,13 @@ impl Reader {
     /// The next `n` bytes, sharing the frame's buffer.
     fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
         self.need(n)?;
+        if n == self.buf.len() {
+            // The frame's last field (a publish's payload) takes the rest
+            // as it is: splitting would add a reference to the read buffer
+            // here and drop the frame's own a moment later, two atomic
+            // operations on a count other threads change, per message.
+            return Ok(std::mem::take(&mut self.buf));
+        }
         Ok(self.buf.split_to(n))
     }
 
