@@ -99,10 +99,7 @@ impl Session {
     /// `on_publish` futures for each (and moving the frame into each) cost
     /// several per cent of the relay's CPU in `perf`.
     pub(super) fn plain_publish_class(&self, publish: &Publish) -> Option<ClassId> {
-        if publish.reply.is_some()
-            || publish.subject.starts_with("_INBOX.")
-            || (!self.ctx.nats.is_up() && self.ctx.router.has_local_subscribers())
-        {
+        if is_request_traffic(publish) || self.delivers_locally_now() {
             return None;
         }
         let class = self
@@ -131,6 +128,12 @@ impl Session {
         strip_relay_headers(&mut message);
         self.queue_accept(class, message, publish.ack_id, 0);
         self.accepts.len() >= ACCEPT_BATCH
+    }
+
+    /// Whether a publish goes to this node's subscribers at once: NATS is
+    /// down and somebody here listens.
+    fn delivers_locally_now(&self) -> bool {
+        !self.ctx.nats.is_up() && self.ctx.router.has_local_subscribers()
     }
 
     /// Gathers an accepted publish into the batch for the forwarder.
@@ -190,7 +193,7 @@ impl Session {
             let reason = self.denied(Operation::Publish, &publish.subject);
             return self.reject(publish.ack_id, code, reason, 0).await;
         }
-        let is_request_traffic = publish.reply.is_some() || publish.subject.starts_with("_INBOX.");
+        let is_request_traffic = is_request_traffic(&publish);
         let mut message = LocalMessage {
             subject: publish.subject,
             reply: publish.reply,
@@ -204,7 +207,7 @@ impl Session {
                 .await;
         }
         let mut local_deliveries = 0;
-        if !self.ctx.nats.is_up() && self.ctx.router.has_local_subscribers() {
+        if self.delivers_locally_now() {
             // Node-local subscribers get it now; the header keeps them from
             // getting it a second time when the replay reaches NATS.
             local_deliveries = self.ctx.router.deliver_local(message.clone()).await;
@@ -348,6 +351,11 @@ impl Session {
 pub const RELAY_HEADERS_ALLOWANCE: usize = 256;
 
 /// Checks a publish before anything is done with it.
+/// Requests and replies: a reply subject, or an `_INBOX.` subject.
+fn is_request_traffic(publish: &Publish) -> bool {
+    publish.reply.is_some() || publish.subject.starts_with("_INBOX.")
+}
+
 /// Only the relay stamps chain and local-delivery headers; a client's own
 /// are removed, so nobody can forge a chain or hide a message from this
 /// relay's subscribers.
