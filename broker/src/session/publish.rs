@@ -16,6 +16,7 @@ use crate::messaging::nats_convert::{check_headers, to_header_map, to_subject};
 use crate::ops::stats::PublishOutcome;
 use crate::session::outbox::Outbox;
 use holdfast_wire::chain::strip_chain_headers;
+use holdfast_wire::nats_protocol::header_block_len;
 use holdfast_wire::subject::validate_publish_subject;
 use holdfast_wire::{
     AckOutcome, ErrorCode, ErrorFrame, Frame, LinkStatus, Ping, Pong, PubAck, Publish, Text,
@@ -381,13 +382,9 @@ fn check_publish(
     // sent; refused now, its publisher hears so rather than the relay
     // holding, journaling and then dropping it.
     if let Some(max) = nats_max_payload {
-        // "NATS/1.0\r\n", "Name: value\r\n" per header, "\r\n".
-        let headers: usize = 12
-            + publish
-                .headers
-                .iter()
-                .map(|(name, value)| name.len() + value.len() + 4)
-                .sum::<usize>();
+        // A header block counts even when the client sent no headers: the
+        // relay's own go into one.
+        let headers = header_block_len(None, &publish.headers);
         let size = publish.payload.len() + headers + RELAY_HEADERS_ALLOWANCE;
         if size > max {
             return Some((
