@@ -398,6 +398,8 @@ pub fn start(
         &std::collections::hash_map::RandomState::new(),
         relay_id.as_str(),
     );
+    // One reading, so the three fields describe the same moment.
+    let upstream = nats.subscriber_state();
     let forwarder = Forwarder {
         core: ForwardCore::new(classes.clone(), recovered, now()),
         classes,
@@ -409,9 +411,9 @@ pub fn start(
         journal_refusal_log: DropLog::default(),
         maintenance_in_flight: false,
         upstream: nats.upstream_publisher(),
-        upstream_losses: nats.subscriber_state().losses,
-        upstream_up: nats.subscriber_state().server.is_some(),
-        upstream_max_payload: nats.subscriber_state().max_payload,
+        upstream_losses: upstream.losses,
+        upstream_up: upstream.server.is_some(),
+        upstream_max_payload: upstream.max_payload,
         nats,
         stats,
         view: view.clone(),
