@@ -82,9 +82,27 @@ impl ShortText {
         }
     }
 
+    /// The bytes written so far: what [`ShortText::as_str`] returns, without
+    /// checking again that they are UTF-8 (the journal writes several such
+    /// values per message, where that check showed in profiles).
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.spilled {
+            Some(spilled) => spilled.as_bytes(),
+            None => &self.inline[..self.len],
+        }
+    }
+
+    /// `ascii` is digits this module wrote: always UTF-8, copied unchecked.
     fn push_ascii(&mut self, ascii: &[u8]) -> &mut ShortText {
-        // Digits only: always UTF-8.
-        self.push_str(std::str::from_utf8(ascii).unwrap_or_default())
+        let end = self.len + ascii.len();
+        match &mut self.spilled {
+            None if end <= INLINE_BYTES => {
+                self.inline[self.len..end].copy_from_slice(ascii);
+                self.len = end;
+                self
+            }
+            _ => self.push_str(std::str::from_utf8(ascii).unwrap_or_default()),
+        }
     }
 
     fn as_inline_str(&self) -> &str {
@@ -137,5 +155,9 @@ mod tests {
         assert_eq!(text.as_str(), format!("{relay}.kv_events.42"));
         let short = ShortText::new().push_str("a").push_str("é").finish();
         assert_eq!(short.as_str(), "aé");
+        let mut long = ShortText::new();
+        long.push_str(&relay).push_decimal(u64::MAX).push_hex16(7);
+        assert_eq!(long.as_bytes(), long.as_str().as_bytes());
+        assert_eq!(long.as_str(), format!("{relay}{}{:016x}", u64::MAX, 7));
     }
 }
