@@ -112,12 +112,14 @@ impl AckHandle for AckTo {
 }
 
 impl AckTo {
-    pub fn answer(&self, outcome: AckOutcome) {
+    /// Gives the answer; `now` (read once for a whole run of answers, not
+    /// per answer) ends its latency sample.
+    pub fn answer(&self, outcome: AckOutcome, now: Instant) {
         let Some(answers) = &self.answers else {
             return;
         };
         if let (Some(histogram), Some(received)) = (&self.latency, self.request.received) {
-            histogram.record(received.elapsed().as_secs_f64());
+            histogram.record(now.saturating_duration_since(received).as_secs_f64());
         }
         answers.answer(&self.request, outcome);
     }
@@ -551,7 +553,9 @@ impl Forwarder {
 
     /// Gives every answer the core decided on, counting each outcome.
     fn give_answers(&mut self) {
+        let mut now = None;
         while let Some(answer) = self.core.poll_answer() {
+            let now = *now.get_or_insert_with(Instant::now);
             let class = answer.class;
             match &answer.outcome {
                 AckOutcome::Forwarded => {
@@ -563,7 +567,7 @@ impl Forwarder {
                 }
                 AckOutcome::Rejected { code, .. } => self.stats.record_rejection(class, *code),
             }
-            answer.ack.answer(answer.outcome);
+            answer.ack.answer(answer.outcome, now);
         }
     }
 

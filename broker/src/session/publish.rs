@@ -21,7 +21,6 @@ use holdfast_wire::subject::validate_publish_subject;
 use holdfast_wire::{
     AckOutcome, ErrorCode, ErrorFrame, Frame, LinkStatus, Ping, Pong, PubAck, Publish, Text,
 };
-use std::time::Instant;
 
 /// Publishes handed to the forwarder at most per hand-over.
 const ACCEPT_BATCH: usize = 1024;
@@ -158,7 +157,7 @@ impl Session {
                 ack_id,
                 local_deliveries,
                 // Only acked publishes are timed.
-                received: (ack_id != 0).then(Instant::now),
+                received: (ack_id != 0).then_some(self.received_at),
             },
         });
     }
