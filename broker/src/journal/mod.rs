@@ -52,7 +52,7 @@ pub use salvage::{salvage, SalvageReport, SalvagedMessage};
 
 use bytes::Bytes;
 use holdfast_wire::ShortText;
-use record::EncodedMessage;
+use record::EncodedBatch;
 use state::Shared;
 use std::fmt;
 use std::future::Future;
@@ -465,7 +465,7 @@ impl Journal {
         messages: Vec<NewMessage>,
     ) -> Result<PendingAppends, JournalError> {
         self.check_class(class)?;
-        let messages = EncodedMessage::encode_all(&messages);
+        let messages = EncodedBatch::encode_all(&messages);
         let (done, answer) = oneshot::channel();
         self.send(Command::AppendMany {
             class,
@@ -486,7 +486,7 @@ impl Journal {
     ) -> Result<PendingAppend, JournalError> {
         self.check_class(class)?;
         // Encoded here, on the caller's task, so the writer thread only copies.
-        let message = EncodedMessage::encode(&message);
+        let message = EncodedBatch::encode(&message);
         let (done, answer) = oneshot::channel();
         self.send(Command::Append {
             class,

@@ -59,7 +59,7 @@ fn sized(size: usize, accepted_at_ms: u64) -> NewMessage {
 }
 
 fn size_of(message: &NewMessage) -> u64 {
-    record::EncodedMessage::encode(message).size
+    record::EncodedBatch::encode(message).messages[0].size
 }
 
 async fn append_range(journal: &Journal, class: usize, range: std::ops::Range<u64>) -> Vec<u64> {
@@ -868,7 +868,7 @@ async fn submit_many_keeps_order_and_answers_each_message() {
     let dir = tempfile::tempdir().unwrap();
     // Room for about three messages: the rest of the group is refused one
     // by one, and nothing accepted is lost.
-    let size = record::EncodedMessage::encode(&msg(0)).size;
+    let size = record::EncodedBatch::encode(&msg(0)).messages[0].size;
     let (journal, _) =
         Journal::open(settings(&dir, &[("kv", size * 3, WhenFull::Reject)])).unwrap();
     let first = journal

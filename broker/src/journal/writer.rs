@@ -15,13 +15,14 @@
 use super::health::{self, JournalHealth, Refusal, SpaceGuard, REOPEN_INTERVAL, RESUME_MARGIN_MIN};
 use super::ledger::{Admission, ClassLedger};
 use super::reclaim;
-use super::record::{EncodedMessage, RowBuilder};
+use super::record::{EncodedBatch, EncodedMessage, RowBuilder};
 use super::recovery;
 use super::state::{Shared, StatCells};
 use super::store::{self, panic_message, DamagedRow, BATCHES, META};
 use super::trim::{self, Cut, HeadRemoval};
 use super::{Appended, ClassLimits, JournalError, Removed};
 use crate::util::drop_log::DropLog;
+use bytes::Bytes;
 use redb::{Durability, StorageError, Table};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -50,14 +51,15 @@ type Answer<T> = oneshot::Sender<Result<T, JournalError>>;
 pub(super) enum Command {
     Append {
         class: usize,
-        message: EncodedMessage,
+        /// One message.
+        message: EncodedBatch,
         done: Answer<Appended>,
     },
     /// Several appends of one class with one answer: one channel operation
     /// and one wake-up of this thread for a whole socket read of publishes.
     AppendMany {
         class: usize,
-        messages: Vec<EncodedMessage>,
+        messages: EncodedBatch,
         done: Answer<Vec<Result<Appended, JournalError>>>,
     },
     Confirm {
@@ -147,7 +149,7 @@ pub(super) struct Writer {
     ledgers: Vec<ClassLedger>,
     /// Per class: messages accepted in the current group, not yet in a row.
     /// Their sequences end at `next_seq - 1`.
-    pending: Vec<Vec<EncodedMessage>>,
+    pending: Vec<Pending>,
     space: SpaceGuard,
     /// False between closing a failed database and opening it again.
     db_open: bool,
@@ -161,7 +163,43 @@ pub(super) struct Writer {
     last_error: Option<String>,
 }
 
+/// A class's messages accepted in the current group and not yet written
+/// as rows, and the batch buffers holding their bytes.
+#[derive(Default)]
+struct Pending {
+    buffers: Vec<Bytes>,
+    messages: Vec<EncodedMessage>,
+}
+
+impl Pending {
+    fn clear(&mut self) {
+        self.buffers.clear();
+        self.messages.clear();
+    }
+}
+
 impl Writer {
+    /// Keeps `buffer` beside the class's other pending buffers until the
+    /// group's rows are written; returns its index (0 for an unknown class,
+    /// whose appends fail anyway).
+    fn queue_buffer_index(&mut self, class: usize, buffer: Bytes) -> usize {
+        match self.pending.get_mut(class) {
+            Some(pending) => {
+                pending.buffers.push(buffer);
+                pending.buffers.len() - 1
+            }
+            None => 0,
+        }
+    }
+
+    /// [`Writer::queue_buffer_index`] for a batch of one; its message.
+    fn queue_buffer(&mut self, class: usize, batch: EncodedBatch) -> Option<EncodedMessage> {
+        let buffer = self.queue_buffer_index(class, batch.buffer);
+        let mut message = batch.messages.into_iter().next()?;
+        message.buffer = buffer;
+        Some(message)
+    }
+
     pub(super) fn new(
         path: PathBuf,
         shared: Arc<Shared>,
@@ -170,7 +208,7 @@ impl Writer {
         ledgers: Vec<ClassLedger>,
         reserve_bytes: u64,
     ) -> Writer {
-        let pending = limits.iter().map(|_| Vec::new()).collect();
+        let pending = limits.iter().map(|_| Pending::default()).collect();
         let mut writer = Writer {
             path,
             shared,
@@ -353,7 +391,14 @@ impl Writer {
                         message,
                         done,
                     } => {
-                        let outcome = self.append(&shared, &mut batches, class, message, tally);
+                        let outcome = match self.queue_buffer(class, message) {
+                            Some(message) => {
+                                self.append(&shared, &mut batches, class, message, tally)
+                            }
+                            None => Ok(Err(JournalError::Storage(
+                                "an append without a message".into(),
+                            ))),
+                        };
                         settle(replies, |result| Reply::Appended(done, result), outcome)?;
                     }
                     Command::AppendMany {
@@ -361,9 +406,11 @@ impl Writer {
                         messages,
                         done,
                     } => {
-                        let mut results = Vec::with_capacity(messages.len());
+                        let mut results = Vec::with_capacity(messages.messages.len());
                         let mut fatal = None;
-                        for message in messages {
+                        let buffer = self.queue_buffer_index(class, messages.buffer);
+                        for mut message in messages.messages {
+                            message.buffer = buffer;
                             match self.append(&shared, &mut batches, class, message, tally) {
                                 Ok(result) => results.push(result),
                                 Err(error) => {
@@ -445,7 +492,7 @@ impl Writer {
                 }));
             }
             Admission::MakeRoom { free } => {
-                let pending = &mut self.pending[class];
+                let pending = &mut self.pending[class].messages;
                 let removal = plan(shared, batches, name, ledger, pending, Cut::FreeBytes(free))?;
                 apply(batches, name, &removal, ledger, pending)?;
                 let dropped = removal.messages - removal.damaged_messages;
@@ -455,7 +502,7 @@ impl Writer {
             }
         };
         let seq = ledger.accept(message.size, message.accepted_at_ms);
-        self.pending[class].push(message);
+        self.pending[class].messages.push(message);
         tally.dirty[class] = true;
         tally.appended += 1;
         Ok(Ok(Appended {
@@ -482,7 +529,7 @@ impl Writer {
         if ledger.messages == 0 || (through_seq <= ledger.confirmed && !damaged_known) {
             return Ok(Ok(()));
         }
-        let pending = &mut self.pending[class];
+        let pending = &mut self.pending[class].messages;
         let removal = plan(
             shared,
             batches,
@@ -520,7 +567,7 @@ impl Writer {
             return Ok(Ok(Removed::default()));
         }
         let name = &shared.classes[class].name;
-        let pending = &mut self.pending[class];
+        let pending = &mut self.pending[class].messages;
         let removal = plan(
             shared,
             batches,
@@ -547,21 +594,32 @@ impl Writer {
         batches: &mut Batches<'_>,
     ) -> Result<(), StorageError> {
         for (class, pending) in self.pending.iter_mut().enumerate() {
-            if pending.is_empty() {
+            let Pending { buffers, messages } = pending;
+            if messages.is_empty() {
+                buffers.clear();
                 continue;
             }
             let name = shared.classes[class].name.as_str();
-            let first_seq = self.ledgers[class].next_seq - pending.len() as u64;
+            let first_seq = self.ledgers[class].next_seq - messages.len() as u64;
             let mut row_first = first_seq;
             let mut row = RowBuilder::new();
-            for (seq, message) in (first_seq..).zip(pending.drain(..)) {
+            for (seq, message) in (first_seq..).zip(messages.drain(..)) {
                 if row.would_overflow(&message) {
                     let full = std::mem::replace(&mut row, RowBuilder::new()).finish();
                     batches.insert((name, row_first), full.as_slice())?;
                     row_first = seq;
                 }
-                row.push(&message);
+                let bytes = buffers
+                    .get(message.buffer)
+                    .and_then(|buffer| buffer.get(message.range.clone()))
+                    // Cannot happen: every queued message's buffer stays
+                    // until this loop. If it did, the group fails whole.
+                    .ok_or_else(|| {
+                        StorageError::Corrupted("a queued message's bytes are missing".into())
+                    })?;
+                row.push(&message, bytes);
             }
+            buffers.clear();
             batches.insert((name, row_first), row.finish().as_slice())?;
         }
         Ok(())
