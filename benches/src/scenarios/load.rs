@@ -217,6 +217,44 @@ pub async fn direct_publish(
     publish_counted(publisher, subscriber, subject, count, size).await
 }
 
+/// Like [`direct_publish`], each message carrying the four headers the relay
+/// stamps on a journaled message (chain and `Nats-Msg-Id`, values of the
+/// same length), so the subscriber parses what it parses on a replay.
+pub async fn direct_publish_stamped(
+    nats_url: &str,
+    publisher: &async_nats::Client,
+    subject: &str,
+    count: u64,
+    size: usize,
+) -> Result<Throughput> {
+    let subscriber = CountingSubscriber::start(nats_url, subject, count).await?;
+    let body = payload(size);
+    let subject = async_nats::Subject::from(subject);
+    // A relay id as holdfastd makes them (`hf` + pid + clock, in hex).
+    let relay = "hf1a2b3c4d5e6f7a8b";
+    let start = Instant::now();
+    for seq in 1..=count {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Holdfast-Relay", relay);
+        headers.insert("Holdfast-Seq", seq.to_string().as_str());
+        headers.insert(
+            "Holdfast-Chain",
+            format!("{:016x}", seq.wrapping_mul(0x9e37_79b9_7f4a_7c15)).as_str(),
+        );
+        headers.insert("Nats-Msg-Id", format!("{relay}.kv_events.{seq}").as_str());
+        publisher
+            .publish_with_headers(subject.clone(), headers, body.clone())
+            .await
+            .context("publishing directly to NATS")?;
+    }
+    publisher
+        .flush()
+        .await
+        .context("flushing the direct publisher")?;
+    let counted = subscriber.finish().await?;
+    Throughput::from_counted(start, count, counted)
+}
+
 /// `count` messages of `size` bytes from `publisher` to `subject`, timed
 /// until `subscriber` (already subscribed, and reachable from the
 /// publisher's server) counted them.
