@@ -1,10 +1,7 @@
 //! Discovery: GET and WATCH of etcd prefixes, answered from the relay's
 //! cache.
 //!
-//! One task keeps every cached prefix and every client watch, behind a
-//! mutex: a cached GET takes it and answers on the asking session's own
-//! thread instead of waking the task (a hop that was a quarter of a cached
-//! GET's latency above a bare socket round trip). Each cached
+//! One task owns every cached prefix and every client watch. Each cached
 //! prefix has one upstream etcd watch ([`upstream::follow`]) however many
 //! clients read or watch under it; a GET or WATCH of a narrower prefix is
 //! served by a cached wider one. Configured prefixes are cached at start,
@@ -41,7 +38,7 @@ use session_pins::SessionPins;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::task::{AbortHandle, JoinHandle};
@@ -128,6 +125,10 @@ impl GetTo {
 }
 
 enum Command {
+    Get {
+        prefix: Bytes,
+        to: GetTo,
+    },
     Watch {
         key: WatchKey,
         prefix: Bytes,
@@ -147,8 +148,6 @@ enum Command {
 #[derive(Clone)]
 pub struct DiscoveryHandle {
     commands: Option<mpsc::Sender<Command>>,
-    /// The task's state, for GETs answered on the caller's thread.
-    state: Option<Arc<Mutex<DiscoveryTask>>>,
     link: EtcdLink,
     pub stats: Arc<DiscoveryStats>,
 }
@@ -158,25 +157,20 @@ impl DiscoveryHandle {
     pub fn disabled() -> DiscoveryHandle {
         DiscoveryHandle {
             commands: None,
-            state: None,
             link: EtcdLink::disabled(),
             stats: Arc::default(),
         }
     }
 
-    /// Answers a GET of `prefix` from the cache, on the caller's thread
-    /// (a prefix not cached yet waits for its first listing).
+    /// Answers a GET of `prefix` from the cache.
     pub async fn get(&self, prefix: Bytes, to: GetTo) {
-        let Some(state) = &self.state else {
+        let Some(commands) = &self.commands else {
             return to.fail(ErrorCode::EtcdUnavailable, NOT_CONFIGURED);
         };
-        match state.lock() {
-            Ok(mut task) => task.on_get(prefix, to),
-            // A panic while it held the state stopped the task.
-            Err(_) => to.fail(
-                ErrorCode::Internal,
-                "discovery stopped after an internal error",
-            ),
+        if let Err(error) = commands.send(Command::Get { prefix, to }).await {
+            if let Command::Get { to, .. } = error.0 {
+                to.fail(ErrorCode::ShuttingDown, "the relay is shutting down");
+            }
         }
     }
 
@@ -313,35 +307,15 @@ pub fn start(
         stats: stats.clone(),
     };
     task.restore(&config.prefixes);
-    let state = Arc::new(Mutex::new(task));
-    let handle = tokio::spawn(DiscoveryTask::run(
-        Arc::clone(&state),
-        link.clone(),
-        receiver,
-        reports,
-        stop,
-    ));
+    let handle = tokio::spawn(task.run(receiver, reports, stop));
     (
         DiscoveryHandle {
             commands: Some(commands),
-            state: Some(state),
             link,
             stats,
         },
         Some(handle),
     )
-}
-
-/// The task's state, or `None` (logged) if a panic while it was held left
-/// it unusable: the task then stops, as it did before it shared its state.
-fn lock(state: &Mutex<DiscoveryTask>) -> Option<MutexGuard<'_, DiscoveryTask>> {
-    match state.lock() {
-        Ok(task) => Some(task),
-        Err(_) => {
-            warn!("discovery stopped: a panic left its state unusable; GETs and watches fail");
-            None
-        }
-    }
 }
 
 /// A cached prefix and who uses it.
@@ -455,16 +429,13 @@ impl DiscoveryTask {
         );
     }
 
-    /// Follows commands, etcd's reports and the link, each handled under
-    /// the state's lock (never held across an await).
     async fn run(
-        state: Arc<Mutex<DiscoveryTask>>,
-        link: EtcdLink,
+        mut self,
         mut commands: mpsc::Receiver<Command>,
         mut reports: mpsc::Receiver<Upstream>,
         stop: CancellationToken,
     ) {
-        let mut link = link.watch();
+        let mut link = self.link.watch();
         let mut save_ticker = tokio::time::interval(SAVE_INTERVAL);
         save_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut saving: Option<JoinHandle<()>> = None;
@@ -472,50 +443,37 @@ impl DiscoveryTask {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 command = commands.recv() => match command {
-                    Some(command) => {
-                        let Some(mut task) = lock(&state) else { return };
-                        task.on_command(command);
-                    }
+                    Some(command) => self.on_command(command),
                     None => break,
                 },
-                Some(report) = reports.recv() => {
-                    let Some(mut task) = lock(&state) else { return };
-                    task.on_upstream(report);
-                }
+                Some(report) = reports.recv() => self.on_upstream(report),
                 changed = link.changed() => {
                     if changed.is_err() {
                         break;
                     }
                     let up = link.borrow_and_update().link.status == LinkStatus::Up;
-                    let Some(mut task) = lock(&state) else { return };
-                    task.on_link(up);
+                    self.on_link(up);
                 }
                 _ = save_ticker.tick() => {
                     let idle = saving.as_ref().is_none_or(JoinHandle::is_finished);
-                    let Some(mut task) = lock(&state) else { return };
-                    if task.dirty && idle {
-                        saving = Some(task.save());
+                    if self.dirty && idle {
+                        saving = Some(self.save());
                     }
-                    task.expire_waiting_gets();
+                    self.expire_waiting_gets();
                 }
             }
-            let Some(task) = lock(&state) else { return };
-            task.publish_gauges();
+            self.publish_gauges();
         }
-        let last_save = {
-            let Some(mut task) = lock(&state) else { return };
-            for cached in task.caches.values() {
-                if let Some(upstream) = &cached.upstream {
-                    upstream.abort();
-                }
+        for cached in self.caches.values() {
+            if let Some(upstream) = &cached.upstream {
+                upstream.abort();
             }
-            task.dirty.then(|| task.save())
-        };
+        }
         if let Some(saving) = saving {
             let _ = saving.await;
         }
-        if let Some(last_save) = last_save {
-            let _ = last_save.await;
+        if self.dirty {
+            let _ = self.save().await;
         }
         debug!("discovery stopped");
     }
@@ -538,6 +496,7 @@ impl DiscoveryTask {
 
     fn on_command(&mut self, command: Command) {
         match command {
+            Command::Get { prefix, to } => self.on_get(prefix, to),
             Command::Watch {
                 key,
                 prefix,
