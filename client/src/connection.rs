@@ -19,6 +19,7 @@ use crate::command::{Command, NewSubscription, NewWatch, OutgoingPublish};
 use crate::discovery::Snapshot;
 use crate::error::{Error, Result};
 use crate::events::LinkEvent;
+use crate::id_hash::IdHash;
 use crate::message::{Message, Reply};
 use crate::offline_buffer::{OfflineBuffer, Refused};
 use crate::options::ConnectOptions;
@@ -87,10 +88,10 @@ pub(crate) struct Connection {
     offline: OfflineBuffer<OutgoingPublish>,
 
     // Per-connection state, failed with `ConnectionLost` when it ends.
-    pending_acks: HashMap<u64, oneshot::Sender<Result<Ack>>>,
-    pending_requests: HashMap<u64, oneshot::Sender<Result<Reply>>>,
-    pending_statuses: HashMap<u64, oneshot::Sender<Result<Bytes>>>,
-    pending_gets: HashMap<u64, oneshot::Sender<Result<Snapshot>>>,
+    pending_acks: HashMap<u64, oneshot::Sender<Result<Ack>>, IdHash>,
+    pending_requests: HashMap<u64, oneshot::Sender<Result<Reply>>, IdHash>,
+    pending_statuses: HashMap<u64, oneshot::Sender<Result<Bytes>>, IdHash>,
+    pending_gets: HashMap<u64, oneshot::Sender<Result<Snapshot>>, IdHash>,
     /// In the order sent; the relay answers pings in order.
     pending_pings: VecDeque<PendingPing>,
     /// Subscribers waiting for the PONG behind their SUBSCRIBE.
@@ -196,10 +197,10 @@ impl Connection {
             watches: Watches::default(),
             subscriptions: HashMap::new(),
             offline: OfflineBuffer::new(options.offline_policy),
-            pending_acks: HashMap::new(),
-            pending_requests: HashMap::new(),
-            pending_statuses: HashMap::new(),
-            pending_gets: HashMap::new(),
+            pending_acks: HashMap::default(),
+            pending_requests: HashMap::default(),
+            pending_statuses: HashMap::default(),
+            pending_gets: HashMap::default(),
             pending_pings: VecDeque::new(),
             unconfirmed_subscriptions: HashMap::new(),
             unconfirmed_watches: HashMap::new(),

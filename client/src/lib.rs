@@ -98,6 +98,7 @@ mod connection;
 mod discovery;
 mod error;
 mod events;
+mod id_hash;
 mod message;
 mod offline_buffer;
 mod options;
