@@ -13,6 +13,7 @@
 pub mod backoff;
 pub mod chain;
 pub mod codec;
+pub mod digits;
 mod error_code;
 mod frame;
 pub mod nats_protocol;

@@ -6,6 +6,7 @@
 //! machinery, and a `String` whose capacity is not its length costs a second
 //! allocation when it becomes a [`Text`].
 
+use crate::digits::{hex16, Decimal};
 use crate::Text;
 
 /// Bytes kept on the stack before the builder falls back to a `String`.
@@ -54,20 +55,12 @@ impl ShortText {
 
     /// `value` in canonical decimal.
     pub fn push_decimal(&mut self, value: u64) -> &mut ShortText {
-        let mut digits = [0u8; 20];
-        let digits = decimal_digits(value, &mut digits);
-        self.push_ascii(digits)
+        self.push_ascii(Decimal::new(value).as_bytes())
     }
 
     /// `value` as exactly 16 lowercase hex digits.
     pub fn push_hex16(&mut self, value: u64) -> &mut ShortText {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut digits = [0u8; 16];
-        for (index, digit) in digits.iter_mut().enumerate() {
-            let shift = 60 - 4 * index;
-            *digit = HEX[((value >> shift) & 0xf) as usize];
-        }
-        self.push_ascii(&digits)
+        self.push_ascii(&hex16(value))
     }
 
     pub fn finish(&self) -> Text {
@@ -109,21 +102,6 @@ impl ShortText {
         // Only whole `&str` pieces are ever copied in, so this never fails.
         std::str::from_utf8(&self.inline[..self.len]).unwrap_or_default()
     }
-}
-
-/// `value`'s canonical decimal digits, written into the end of `digits`.
-pub(crate) fn decimal_digits(mut value: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        // `value % 10` is a single digit, so the cast cannot truncate.
-        digits[start] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    &digits[start..]
 }
 
 #[cfg(test)]

@@ -11,8 +11,7 @@ use bytes::{BufMut, BytesMut};
 
 /// Appends `n` in decimal without allocating.
 pub(super) fn put_decimal(out: &mut BytesMut, n: usize) {
-    let mut digits = [0u8; 20];
-    out.put_slice(crate::short_text::decimal_digits(n as u64, &mut digits));
+    out.put_slice(crate::digits::Decimal::new(n as u64).as_bytes());
 }
 
 /// Writes `<op> <subject> <sid> [reply]` (without sizes or line end).
