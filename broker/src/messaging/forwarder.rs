@@ -91,6 +91,14 @@ pub trait PublishAnswers: Send + Sync {
     fn answer(&self, request: &AckRequest, outcome: AckOutcome);
 }
 
+/// `text` kept for the rest of the process, as a static text: the relay id
+/// and the class names go into the stamp of every journaled message, and
+/// cloning a static text costs no reference count (two per message before,
+/// on a count shared with the journal's thread). One of each per relay.
+fn for_process_life(text: &str) -> Text {
+    Text::from_static(Box::leak(text.to_owned().into_boxed_str()))
+}
+
 /// Where a publish's answer goes, kept while the answer waits (on a send
 /// or a commit).
 pub struct AckTo {
@@ -368,6 +376,7 @@ pub fn start(
         kv_check,
         kv_check_state,
     } = settings;
+    let relay_id = for_process_life(&relay_id);
     let (commands, receiver) = mpsc::channel(INTAKE);
     for (spec, backlog) in classes.specs().iter().zip(recovered) {
         if backlog.messages > 0 {
@@ -379,7 +388,7 @@ pub fn start(
             );
         }
     }
-    let class_texts = classes.names().map(Text::from).collect();
+    let class_texts = classes.names().map(for_process_life).collect();
     let ack_latency = classes
         .names()
         .map(|class| {
