@@ -179,27 +179,6 @@ impl Pending {
 }
 
 impl Writer {
-    /// Keeps `buffer` beside the class's other pending buffers until the
-    /// group's rows are written; returns its index (0 for an unknown class,
-    /// whose appends fail anyway).
-    fn queue_buffer_index(&mut self, class: usize, buffer: Bytes) -> usize {
-        match self.pending.get_mut(class) {
-            Some(pending) => {
-                pending.buffers.push(buffer);
-                pending.buffers.len() - 1
-            }
-            None => 0,
-        }
-    }
-
-    /// [`Writer::queue_buffer_index`] for a batch of one; its message.
-    fn queue_buffer(&mut self, class: usize, batch: EncodedBatch) -> Option<EncodedMessage> {
-        let buffer = self.queue_buffer_index(class, batch.buffer);
-        let mut message = batch.messages.into_iter().next()?;
-        message.buffer = buffer;
-        Some(message)
-    }
-
     pub(super) fn new(
         path: PathBuf,
         shared: Arc<Shared>,
@@ -463,6 +442,27 @@ impl Writer {
         }
         txn.commit()?;
         Ok(true)
+    }
+
+    /// Keeps `buffer` beside the class's other pending buffers until the
+    /// group's rows are written; returns its index (0 for an unknown class,
+    /// whose appends fail anyway).
+    fn queue_buffer_index(&mut self, class: usize, buffer: Bytes) -> usize {
+        match self.pending.get_mut(class) {
+            Some(pending) => {
+                pending.buffers.push(buffer);
+                pending.buffers.len() - 1
+            }
+            None => 0,
+        }
+    }
+
+    /// [`Writer::queue_buffer_index`] for a batch of one; its message.
+    fn queue_buffer(&mut self, class: usize, batch: EncodedBatch) -> Option<EncodedMessage> {
+        let buffer = self.queue_buffer_index(class, batch.buffer);
+        let mut message = batch.messages.into_iter().next()?;
+        message.buffer = buffer;
+        Some(message)
     }
 
     fn append(
