@@ -75,16 +75,6 @@ impl ShortText {
         }
     }
 
-    /// The bytes written so far: what [`ShortText::as_str`] returns, without
-    /// checking again that they are UTF-8 (the journal writes several such
-    /// values per message, where that check showed in profiles).
-    pub fn as_bytes(&self) -> &[u8] {
-        match &self.spilled {
-            Some(spilled) => spilled.as_bytes(),
-            None => &self.inline[..self.len],
-        }
-    }
-
     /// `ascii` is digits this module wrote: always UTF-8, copied unchecked.
     fn push_ascii(&mut self, ascii: &[u8]) -> &mut ShortText {
         let end = self.len + ascii.len();
@@ -99,7 +89,8 @@ impl ShortText {
     }
 
     fn as_inline_str(&self) -> &str {
-        // Only whole `&str` pieces are ever copied in, so this never fails.
+        // Only whole `&str` pieces and ASCII digits are ever copied in, so
+        // this never fails.
         std::str::from_utf8(&self.inline[..self.len]).unwrap_or_default()
     }
 }
@@ -135,7 +126,6 @@ mod tests {
         assert_eq!(short.as_str(), "aé");
         let mut long = ShortText::new();
         long.push_str(&relay).push_decimal(u64::MAX).push_hex16(7);
-        assert_eq!(long.as_bytes(), long.as_str().as_bytes());
         assert_eq!(long.as_str(), format!("{relay}{}{:016x}", u64::MAX, 7));
     }
 }
