@@ -204,6 +204,36 @@ impl Throughput {
     }
 }
 
+/// What a direct publisher puts on each message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectMessages {
+    /// Subject and payload only.
+    Bare,
+    /// Also the four headers the relay stamps on a journaled message
+    /// (chain and `Nats-Msg-Id`, values of the same lengths), so the
+    /// subscriber parses what it parses on a replay.
+    StampedLikeTheRelay,
+}
+
+/// A relay id as holdfastd makes them (`hf` + pid + clock, in hex).
+const RELAY_ID_LIKE: &str = "hf1a2b3c4d5e6f7a8b";
+
+/// The headers the relay would stamp on its `seq`th journaled message.
+fn relay_stamp(seq: u64) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Holdfast-Relay", RELAY_ID_LIKE);
+    headers.insert("Holdfast-Seq", seq.to_string().as_str());
+    headers.insert(
+        "Holdfast-Chain",
+        format!("{:016x}", seq.wrapping_mul(0x9e37_79b9_7f4a_7c15)).as_str(),
+    );
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("{RELAY_ID_LIKE}.kv_events.{seq}").as_str(),
+    );
+    headers
+}
+
 /// `count` messages of `size` bytes from a direct async-nats client to a
 /// plain subscriber on the same server.
 pub async fn direct_publish(
@@ -212,47 +242,10 @@ pub async fn direct_publish(
     subject: &str,
     count: u64,
     size: usize,
+    messages: DirectMessages,
 ) -> Result<Throughput> {
     let subscriber = CountingSubscriber::start(nats_url, subject, count).await?;
-    publish_counted(publisher, subscriber, subject, count, size).await
-}
-
-/// Like [`direct_publish`], each message carrying the four headers the relay
-/// stamps on a journaled message (chain and `Nats-Msg-Id`, values of the
-/// same length), so the subscriber parses what it parses on a replay.
-pub async fn direct_publish_stamped(
-    nats_url: &str,
-    publisher: &async_nats::Client,
-    subject: &str,
-    count: u64,
-    size: usize,
-) -> Result<Throughput> {
-    let subscriber = CountingSubscriber::start(nats_url, subject, count).await?;
-    let body = payload(size);
-    let subject = async_nats::Subject::from(subject);
-    // A relay id as holdfastd makes them (`hf` + pid + clock, in hex).
-    let relay = "hf1a2b3c4d5e6f7a8b";
-    let start = Instant::now();
-    for seq in 1..=count {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Holdfast-Relay", relay);
-        headers.insert("Holdfast-Seq", seq.to_string().as_str());
-        headers.insert(
-            "Holdfast-Chain",
-            format!("{:016x}", seq.wrapping_mul(0x9e37_79b9_7f4a_7c15)).as_str(),
-        );
-        headers.insert("Nats-Msg-Id", format!("{relay}.kv_events.{seq}").as_str());
-        publisher
-            .publish_with_headers(subject.clone(), headers, body.clone())
-            .await
-            .context("publishing directly to NATS")?;
-    }
-    publisher
-        .flush()
-        .await
-        .context("flushing the direct publisher")?;
-    let counted = subscriber.finish().await?;
-    Throughput::from_counted(start, count, counted)
+    publish_counted(publisher, subscriber, subject, count, size, messages).await
 }
 
 /// `count` messages of `size` bytes from `publisher` to `subject`, timed
@@ -264,16 +257,22 @@ pub async fn publish_counted(
     subject: &str,
     count: u64,
     size: usize,
+    messages: DirectMessages,
 ) -> Result<Throughput> {
     let body = payload(size);
     // Built once and shared, as a publisher at these rates would.
     let subject = async_nats::Subject::from(subject);
     let start = Instant::now();
-    for _ in 0..count {
-        publisher
-            .publish(subject.clone(), body.clone())
-            .await
-            .context("publishing directly to NATS")?;
+    for seq in 1..=count {
+        let published = match messages {
+            DirectMessages::Bare => publisher.publish(subject.clone(), body.clone()).await,
+            DirectMessages::StampedLikeTheRelay => {
+                publisher
+                    .publish_with_headers(subject.clone(), relay_stamp(seq), body.clone())
+                    .await
+            }
+        };
+        published.context("publishing directly to NATS")?;
     }
     publisher
         .flush()

@@ -10,7 +10,9 @@
 //! leaf's hub). A row gives the CPU each message costs the relay: with
 //! every process on the same cores, that is what bounds the ratio.
 
-use super::load::{direct_publish, relay_publish, relay_to_relay_publish, Throughput};
+use super::load::{
+    direct_publish, relay_publish, relay_to_relay_publish, DirectMessages, Throughput,
+};
 use super::load::{publish_counted, CountingSubscriber};
 use super::{count_words, PassThrough, Settings, RELAY_CONFIG};
 use crate::error::{Context, Result};
@@ -52,6 +54,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
         "bench.warm.direct",
         WARM_UP,
         PAYLOAD_BYTES,
+        DirectMessages::Bare,
     )
     .await?;
     relay_publish(
@@ -115,6 +118,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Row>> {
             &format!("bench.publish.direct.{rep}"),
             count,
             PAYLOAD_BYTES,
+            DirectMessages::Bare,
         )
         .await?;
         direct.push(run);
@@ -371,7 +375,15 @@ async fn leaf_publish(
 ) -> Result<Throughput> {
     let subscriber = CountingSubscriber::start(hub_url, subject, count).await?;
     wait_for_interest(&leaf.publisher, hub, subject).await?;
-    publish_counted(&leaf.publisher, subscriber, subject, count, PAYLOAD_BYTES).await
+    publish_counted(
+        &leaf.publisher,
+        subscriber,
+        subject,
+        count,
+        PAYLOAD_BYTES,
+        DirectMessages::Bare,
+    )
+    .await
 }
 
 /// CPU seconds (user + system, all threads) of the processes a publish run

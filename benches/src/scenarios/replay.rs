@@ -13,7 +13,7 @@
 //! message: the subscriber parses those on each replayed message, and that
 //! parsing, not the relay, bounded the drain on a 2-core machine.
 
-use super::load::{direct_publish, direct_publish_stamped, ingest, CountingSubscriber};
+use super::load::{direct_publish, ingest, CountingSubscriber, DirectMessages};
 use super::{count_words, Settings, RELAY_CONFIG};
 use crate::error::{BenchError, Context, Result};
 use crate::harness::{NatsServer, Relay};
@@ -51,33 +51,27 @@ async fn once(count: u64) -> Result<Drain> {
         .await
         .context("connecting to holdfastd")?;
     wait_for_nats(&client, "up", Duration::from_secs(10)).await?;
-    let direct = {
+    let (direct, direct_stamped) = {
         let publisher = async_nats::connect(nats.url())
             .await
             .context("connecting the direct publisher")?;
-        direct_publish(
-            &nats.url(),
-            &publisher,
-            "bench.replay.direct",
-            count,
-            PAYLOAD_BYTES,
-        )
-        .await?
-        .rate
-    };
-    let direct_stamped = {
-        let publisher = async_nats::connect(nats.url())
-            .await
-            .context("connecting the direct publisher")?;
-        direct_publish_stamped(
-            &nats.url(),
-            &publisher,
-            "bench.replay.stamped",
-            count,
-            PAYLOAD_BYTES,
-        )
-        .await?
-        .rate
+        let mut rates = Vec::with_capacity(2);
+        for (subject, messages) in [
+            ("bench.replay.direct", DirectMessages::Bare),
+            ("bench.replay.stamped", DirectMessages::StampedLikeTheRelay),
+        ] {
+            let run = direct_publish(
+                &nats.url(),
+                &publisher,
+                subject,
+                count,
+                PAYLOAD_BYTES,
+                messages,
+            )
+            .await?;
+            rates.push(run.rate);
+        }
+        (rates[0], rates[1])
     };
 
     nats.kill();
