@@ -107,8 +107,9 @@ struct Session {
     /// forwarder and the NATS client busy with barriers and flushes.
     published_since_barrier: bool,
     /// When the frames being handled were read (for publish ack latency):
-    /// read once per [`RECEIVED_STAMP_EVERY`] frames of a turn, not per
-    /// publish, which showed in profiles.
+    /// read once per [`RECEIVED_STAMP_EVERY`] frames of a turn and after
+    /// anything that may have waited, not per publish, which showed in
+    /// profiles.
     received_at: Instant,
     /// A publish with a reply subject went to NATS since the last PING
     /// barrier (on the subscriber connection, which the barrier must then
@@ -485,9 +486,14 @@ impl Session {
     ) -> Flow {
         let mut next = first;
         let mut handled = 0;
+        // Also after anything that may have waited (a hand-over to the
+        // forwarder, a frame's own handling): frames read after a wait must
+        // not be timed from before it.
+        let mut stamp_due = true;
         loop {
-            if handled % RECEIVED_STAMP_EVERY == 0 {
+            if stamp_due || handled % RECEIVED_STAMP_EVERY == 0 {
                 self.received_at = Instant::now();
+                stamp_due = false;
             }
             let frame = match next {
                 Some(Ok(frame)) => frame,
@@ -506,6 +512,7 @@ impl Session {
                     Some(class) => {
                         if self.accept_plain_publish(class, publish) {
                             self.flush_accepts().await;
+                            stamp_due = true;
                         }
                         None
                     }
@@ -520,6 +527,7 @@ impl Session {
                 if let Flow::Close = self.on_frame(frame).await {
                     return Flow::Close;
                 }
+                stamp_due = true;
             }
             handled += 1;
             // Checked before the next read: a frame taken off the reader
