@@ -350,7 +350,6 @@ impl Session {
 /// delivery) add to a message's size at most.
 pub const RELAY_HEADERS_ALLOWANCE: usize = 256;
 
-/// Checks a publish before anything is done with it.
 /// Requests and replies: a reply subject, or an `_INBOX.` subject.
 fn is_request_traffic(publish: &Publish) -> bool {
     publish.reply.is_some() || publish.subject.starts_with("_INBOX.")
@@ -370,6 +369,7 @@ fn strip_relay_headers(message: &mut LocalMessage) {
         .retain(|(name, _)| !name.eq_ignore_ascii_case(DELIVERED_LOCALLY_HEADER));
 }
 
+/// Checks a publish before anything is done with it.
 fn check_publish(
     publish: &Publish,
     nats_max_payload: Option<usize>,
