@@ -102,17 +102,25 @@ impl Session {
         if is_request_traffic(publish) || self.delivers_locally_now() {
             return None;
         }
+        self.admit(publish).ok()
+    }
+
+    /// The class of a publish, or why it is refused: its class, its
+    /// limits, then the access rules. Both paths take a publish through
+    /// this, so the fast one cannot let through what the other refuses.
+    fn admit(&self, publish: &Publish) -> Result<ClassId, PublishRefused> {
         let class = self
             .ctx
             .classes
             .classify(publish.class.as_deref(), &publish.subject)
-            .ok()?;
-        if check_publish(publish, self.ctx.nats.max_payload()).is_some()
-            || !self.permissions.may_publish(&publish.subject)
-        {
-            return None;
+            .map_err(PublishRefused::UnknownClass)?;
+        if let Some((code, reason)) = check_publish(publish, self.ctx.nats.max_payload()) {
+            return Err(PublishRefused::Check(class, code, reason));
         }
-        Some(class)
+        if !self.permissions.may_publish(&publish.subject) {
+            return Err(PublishRefused::Denied(class));
+        }
+        Ok(class)
     }
 
     /// Takes a publish [`Session::plain_publish_class`] gave `class`; true
@@ -167,10 +175,10 @@ impl Session {
     /// are never queued or journaled: a late answer is worse than an error.
     pub(super) async fn on_publish(&mut self, publish: Publish) -> Flow {
         self.published_since_barrier = true;
-        let classes = &self.ctx.classes;
-        let class = match classes.classify(publish.class.as_deref(), &publish.subject) {
+        let class = match self.admit(&publish) {
             Ok(class) => class,
-            Err(unknown) => {
+            Err(PublishRefused::UnknownClass(unknown)) => {
+                let classes = &self.ctx.classes;
                 let code = ErrorCode::UnknownClass;
                 self.ctx
                     .stats
@@ -182,17 +190,17 @@ impl Session {
                 );
                 return self.reject(publish.ack_id, code, reason, 0).await;
             }
+            Err(PublishRefused::Check(class, code, reason)) => {
+                self.ctx.stats.record_rejection(class, code);
+                return self.reject(publish.ack_id, code, reason, 0).await;
+            }
+            Err(PublishRefused::Denied(class)) => {
+                let code = ErrorCode::Unauthorized;
+                self.ctx.stats.record_rejection(class, code);
+                let reason = self.denied(Operation::Publish, &publish.subject);
+                return self.reject(publish.ack_id, code, reason, 0).await;
+            }
         };
-        if let Some((code, reason)) = check_publish(&publish, self.ctx.nats.max_payload()) {
-            self.ctx.stats.record_rejection(class, code);
-            return self.reject(publish.ack_id, code, reason, 0).await;
-        }
-        if !self.permissions.may_publish(&publish.subject) {
-            let code = ErrorCode::Unauthorized;
-            self.ctx.stats.record_rejection(class, code);
-            let reason = self.denied(Operation::Publish, &publish.subject);
-            return self.reject(publish.ack_id, code, reason, 0).await;
-        }
         let is_request_traffic = is_request_traffic(&publish);
         let mut message = LocalMessage {
             subject: publish.subject,
@@ -344,6 +352,16 @@ impl Session {
         };
         result.map_err(|error| (ErrorCode::NatsUnavailable, error.to_string()))
     }
+}
+
+/// Why [`Session::admit`] refused a publish.
+enum PublishRefused {
+    /// No class by the name it gave.
+    UnknownClass(String),
+    /// Its class, and what [`check_publish`] found.
+    Check(ClassId, ErrorCode, String),
+    /// Its class; the access rules do not let this client publish there.
+    Denied(ClassId),
 }
 
 /// What the relay's own headers (sequence chain, message id, local
