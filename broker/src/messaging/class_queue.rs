@@ -239,18 +239,16 @@ impl<A> ClassQueue<A> {
     /// As [`ClassQueue::take_unsent_acks`], with a copy of each message.
     #[cfg(test)]
     pub fn take_unsent(&mut self, limit: usize) -> Vec<Entry<A>> {
-        let end = (self.sent + limit).min(self.window.len());
-        let batch = self
-            .window
-            .range_mut(self.sent..end)
-            .map(|entry| Entry {
+        let (first, acks) = self.take_unsent_acks(limit);
+        self.window
+            .range(first..first + acks.len())
+            .zip(acks)
+            .map(|(entry, ack)| Entry {
                 message: entry.message.clone(),
                 journal_seq: entry.journal_seq,
-                ack: entry.ack.take(),
+                ack,
             })
-            .collect();
-        self.sent = end;
-        batch
+            .collect()
     }
 
     /// Removes the acks still waiting on unsent entries (the link dropped:
